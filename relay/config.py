@@ -1,0 +1,534 @@
+"""Parse config.toml into frozen, validated dataclasses; the only code that reads the file.
+
+A wrong config raises ConfigError naming the file, the key and the problem; the CLI
+turns that into one line on stderr and exit code 2. Relative paths are relative to
+the directory of the config file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from relay.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: tuple[HostPort, ...] = (HostPort("127.0.0.1", 2525),)
+    hostname: str = "relay.example.net"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    max_message_size: int = 26214400
+    max_recipients: int = 100
+    max_header_size: int = 102400
+    max_received_headers: int = 50
+    max_connections: int = 1000
+    max_connections_per_ip: int = 50
+    session_timeout: float = 300.0  # idle time between commands
+    max_session_time: float = 1800.0  # total time of one connection
+    max_junk_commands: int = 20  # NOOP/RSET/HELP/bad commands per session
+    min_free_space: int = 0  # bytes; 0: 1.5 x max_message_size
+    workers: int = 1  # accepting processes sharing the listen sockets (SO_REUSEPORT)
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+        ipaddress.ip_network("127.0.0.1/32"),
+    )
+    local_domains: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    path: Path = Path("var/relay.sqlite3")
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    nameservers: tuple[HostPort, ...] = ()  # empty: the system's
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    port: int = 25
+    ca_file: Path | None = None
+    connect_timeout: float = 30.0
+    attempt_timeout: float = 600.0  # total deadline of one attempt to one host
+    max_mx: int = 5
+    concurrency: int = 100  # outbound connections in all
+    concurrency_per_domain: int = 10
+    retry_first: float = 300.0  # seconds before the first retry
+    retry_max: float = 14400.0  # back-off ceiling
+    retry_jitter: float = 0.2  # +- fraction
+    queue_lifetime: float = 5 * 86400.0
+    delay_warning: float = 0.0  # seconds; 0 disables delay DSNs
+    active_window: int = 1000  # messages held in memory for delivery
+    dead_after: int = 3  # consecutive connect failures that mark a destination dead
+    dead_backoff: float = 300.0
+    source_ip: str = ""  # bind outbound connections here (optional)
+    bounce_sender: str = ""  # From of DSNs; default MAILER-DAEMON@hostname
+
+
+@dataclass(frozen=True)
+class MtaStsConfig:
+    enabled: bool = True
+    https_port: int = 443
+    fetch_timeout: float = 60.0
+    refresh_interval: float = 3600.0
+    refresh_concurrency: int = 4
+    failed_fetch_backoff: float = 300.0
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    allow_private_addresses: bool = False
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    enabled: bool = True
+    # action per result: accept | reject | quarantine
+    dmarc_reject: str = "reject"  # DMARC fail under p=reject
+    dmarc_quarantine: str = "quarantine"  # DMARC fail under p=quarantine
+    spf_fail: str = "accept"
+    authserv_id: str = ""  # default: [server] hostname
+
+
+@dataclass(frozen=True)
+class ArcConfig:
+    enabled: bool = True
+    domain: str = ""
+    selector: str = ""
+    private_key: Path | None = None
+    trusted_sealers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SrsConfig:
+    enabled: bool = True
+    domain: str = ""
+    secret: str = ""
+    max_age_days: int = 21
+
+
+@dataclass(frozen=True)
+class TlsRptConfig:
+    enabled: bool = True
+    organization: str = ""
+    contact: str = ""
+    submitter: str = ""
+    dkim_selector: str = ""
+    dkim_private_key: Path | None = None
+    max_failure_details: int = 100
+    send_delay_max: float = 3600.0  # random delay after UTC midnight
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+    format: str = "auto"  # json | console | auto (json when not a terminal)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    server: ServerConfig = field(default_factory=ServerConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    arc: ArcConfig = field(default_factory=ArcConfig)
+    srs: SrsConfig = field(default_factory=SrsConfig)
+    tlsrpt: TlsRptConfig = field(default_factory=TlsRptConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def authserv_id(self) -> str:
+        return self.auth.authserv_id or self.server.hostname
+
+
+# ---------------------------------------------------------------- parsing helpers
+
+
+class _Section:
+    """Typed access to one table of the TOML document, raising ConfigError."""
+
+    def __init__(self, path: Path, name: str, data: Any, known: set[str] | None = None) -> None:
+        self.path = path
+        self.name = name
+        if not isinstance(data, dict):
+            raise ConfigError(str(path), name, "must be a table")
+        self.data: dict[str, Any] = data
+        if known is not None:
+            for k in data:
+                if k not in known:
+                    raise ConfigError(str(path), f"{name}.{k}", "unknown key")
+
+    def err(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(str(self.path), f"{self.name}.{key}", problem)
+
+    def get(self, key: str, kind: type[T], default: T) -> T:
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if kind is int and isinstance(value, bool):
+            raise self.err(key, "must be an integer")
+        if not isinstance(value, kind):
+            raise self.err(key, f"must be {kind.__name__}, not {type(value).__name__}")
+        return value
+
+    def positive(self, key: str, kind: type[T], default: T, minimum: float = 0) -> T:
+        value = self.get(key, kind, default)
+        if isinstance(value, int | float) and value < minimum:
+            raise self.err(key, f"must be >= {minimum}")
+        return value
+
+    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.err(key, "must be a list of strings")
+        return tuple(value)
+
+    def path_value(self, key: str, default: Path | None) -> Path | None:
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        if not isinstance(value, str):
+            raise self.err(key, "must be a path string")
+        if value == "":
+            return None
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else (self.path.parent / p)
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.get(key, str, default)
+        if value not in choices:
+            raise self.err(key, f"must be one of {', '.join(choices)}; got {value!r}")
+        return value
+
+
+def parse_hostport(
+    text: str, default_port: int, on_error: Callable[[str], ConfigError]
+) -> HostPort:
+    text = text.strip()
+    host, port_s = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise on_error(f"bad address {text!r}")
+        host = text[1:end]
+        rest = text[end + 1 :]
+        if rest.startswith(":"):
+            port_s = rest[1:]
+        elif rest:
+            raise on_error(f"bad address {text!r}")
+    elif text.count(":") == 1:
+        host, port_s = text.split(":")
+    try:
+        port = int(port_s) if port_s else default_port
+    except ValueError:
+        raise on_error(f"bad port in {text!r}") from None
+    if not host or not 0 < port < 65536:
+        raise on_error(f"bad address {text!r}")
+    return HostPort(host, port)
+
+
+_ACTIONS = ("accept", "reject", "quarantine")
+
+_KNOWN = {
+    "server": {
+        "listen",
+        "hostname",
+        "tls_cert",
+        "tls_key",
+        "max_message_size",
+        "max_recipients",
+        "max_header_size",
+        "max_received_headers",
+        "max_connections",
+        "max_connections_per_ip",
+        "session_timeout",
+        "max_session_time",
+        "max_junk_commands",
+        "min_free_space",
+        "workers",
+    },
+    "relay": {"trusted_networks", "local_domains"},
+    "storage": {"path"},
+    "dns": {"nameservers", "timeout"},
+    "delivery": {
+        "port",
+        "ca_file",
+        "connect_timeout",
+        "attempt_timeout",
+        "max_mx",
+        "concurrency",
+        "concurrency_per_domain",
+        "retry_first",
+        "retry_max",
+        "retry_jitter",
+        "queue_lifetime",
+        "delay_warning",
+        "active_window",
+        "dead_after",
+        "dead_backoff",
+        "source_ip",
+        "bounce_sender",
+    },
+    "mta_sts": {
+        "enabled",
+        "https_port",
+        "fetch_timeout",
+        "refresh_interval",
+        "refresh_concurrency",
+        "failed_fetch_backoff",
+    },
+    "http": {"allow_private_addresses"},
+    "auth": {"enabled", "dmarc_reject", "dmarc_quarantine", "spf_fail", "authserv_id"},
+    "arc": {"enabled", "domain", "selector", "private_key", "trusted_sealers"},
+    "srs": {"enabled", "domain", "secret", "max_age_days"},
+    "tlsrpt": {
+        "enabled",
+        "organization",
+        "contact",
+        "submitter",
+        "dkim_selector",
+        "dkim_private_key",
+        "max_failure_details",
+        "send_delay_max",
+    },
+    "logging": {"level", "format"},
+}
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate config.toml; raise ConfigError on any problem."""
+    p = Path(path).resolve()
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(path), "-", f"cannot read: {exc.strerror}") from None
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), "-", f"not valid TOML: {exc}") from None
+    return parse_config(doc, p)
+
+
+def parse_config(doc: dict[str, Any], p: Path) -> Config:
+    known_tables = set(_KNOWN) | {"aliases"}
+    for k in doc:
+        if k not in known_tables:
+            raise ConfigError(str(p), k, "unknown section")
+
+    def sec(name: str) -> _Section:
+        return _Section(p, name, doc.get(name, {}), _KNOWN[name])
+
+    s = sec("server")
+    listen_raw = s.strings("listen", ("127.0.0.1:2525",))
+    if not listen_raw:
+        raise s.err("listen", "needs at least one address")
+    listen = tuple(parse_hostport(x, 25, lambda m: s.err("listen", m)) for x in listen_raw)
+    max_size = s.positive("max_message_size", int, 26214400, 1024)
+    server = ServerConfig(
+        listen=listen,
+        hostname=s.get("hostname", str, "relay.example.net"),
+        tls_cert=s.path_value("tls_cert", None),
+        tls_key=s.path_value("tls_key", None),
+        max_message_size=max_size,
+        max_recipients=s.positive("max_recipients", int, 100, 1),
+        max_header_size=s.positive("max_header_size", int, 102400, 1024),
+        max_received_headers=s.positive("max_received_headers", int, 50, 1),
+        max_connections=s.positive("max_connections", int, 1000, 1),
+        max_connections_per_ip=s.positive("max_connections_per_ip", int, 50, 1),
+        session_timeout=s.positive("session_timeout", float, 300.0, 0.1),
+        max_session_time=s.positive("max_session_time", float, 1800.0, 0.1),
+        max_junk_commands=s.positive("max_junk_commands", int, 20, 1),
+        min_free_space=s.positive("min_free_space", int, 0, 0),
+        workers=s.positive("workers", int, 1, 1),
+    )
+    if (server.tls_cert is None) != (server.tls_key is None):
+        raise s.err(
+            "tls_key" if server.tls_key is None else "tls_cert",
+            "tls_cert and tls_key must be set together",
+        )
+    for key in ("tls_cert", "tls_key"):
+        fp = getattr(server, key)
+        if fp is not None and not fp.is_file():
+            raise s.err(key, f"file not found: {fp}")
+
+    r = sec("relay")
+    nets = []
+    for n in r.strings("trusted_networks", ("127.0.0.1/32",)):
+        try:
+            nets.append(ipaddress.ip_network(n, strict=False))
+        except ValueError:
+            raise r.err("trusted_networks", f"not a network: {n!r}") from None
+    relay = RelayConfig(
+        trusted_networks=tuple(nets),
+        local_domains=tuple(d.lower().rstrip(".") for d in r.strings("local_domains", ())),
+    )
+
+    aliases_raw = doc.get("aliases", {})
+    if not isinstance(aliases_raw, dict):
+        raise ConfigError(str(p), "aliases", "must be a table")
+    aliases: dict[str, tuple[str, ...]] = {}
+    for k, v in aliases_raw.items():
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or not v or not all(isinstance(x, str) and "@" in x for x in v):
+            raise ConfigError(str(p), f"aliases.{k}", "must be a non-empty list of addresses")
+        if "@" not in k:
+            raise ConfigError(str(p), f"aliases.{k}", "alias must be an address local@domain")
+        local, _, dom = k.rpartition("@")
+        if dom.lower() not in relay.local_domains:
+            raise ConfigError(
+                str(p), f"aliases.{k}", f"domain {dom!r} is not in relay.local_domains"
+            )
+        aliases[f"{local}@{dom.lower()}"] = tuple(v)
+
+    st = sec("storage")
+    storage = StorageConfig(
+        path=st.path_value("path", Path("var/relay.sqlite3")) or p.parent / "var/relay.sqlite3"
+    )
+    if not storage.path.is_absolute():
+        storage = StorageConfig(path=p.parent / storage.path)
+
+    d = sec("dns")
+    dns = DnsConfig(
+        nameservers=tuple(
+            parse_hostport(x, 53, lambda m: d.err("nameservers", m))
+            for x in d.strings("nameservers", ())
+        ),
+        timeout=d.positive("timeout", float, 5.0, 0.1),
+    )
+
+    dl = sec("delivery")
+    port = dl.get("port", int, 25)
+    if not 0 < port < 65536:
+        raise dl.err("port", "must be 1..65535")
+    ca_file = dl.path_value("ca_file", None)
+    if ca_file is not None and not ca_file.is_file():
+        raise dl.err("ca_file", f"file not found: {ca_file}")
+    delivery = DeliveryConfig(
+        port=port,
+        ca_file=ca_file,
+        connect_timeout=dl.positive("connect_timeout", float, 30.0, 0.1),
+        attempt_timeout=dl.positive("attempt_timeout", float, 600.0, 0.1),
+        max_mx=dl.positive("max_mx", int, 5, 1),
+        concurrency=dl.positive("concurrency", int, 100, 1),
+        concurrency_per_domain=dl.positive("concurrency_per_domain", int, 10, 1),
+        retry_first=dl.positive("retry_first", float, 300.0, 0.0),
+        retry_max=dl.positive("retry_max", float, 14400.0, 0.0),
+        retry_jitter=dl.positive("retry_jitter", float, 0.2, 0.0),
+        queue_lifetime=dl.positive("queue_lifetime", float, 5 * 86400.0, 0.0),
+        delay_warning=dl.positive("delay_warning", float, 0.0, 0.0),
+        active_window=dl.positive("active_window", int, 1000, 1),
+        dead_after=dl.positive("dead_after", int, 3, 1),
+        dead_backoff=dl.positive("dead_backoff", float, 300.0, 0.0),
+        source_ip=dl.get("source_ip", str, ""),
+        bounce_sender=dl.get("bounce_sender", str, ""),
+    )
+    if delivery.retry_jitter >= 1:
+        raise dl.err("retry_jitter", "must be below 1")
+
+    m = sec("mta_sts")
+    mta_sts = MtaStsConfig(
+        enabled=m.get("enabled", bool, True),
+        https_port=m.positive("https_port", int, 443, 1),
+        fetch_timeout=m.positive("fetch_timeout", float, 60.0, 0.1),
+        refresh_interval=m.positive("refresh_interval", float, 3600.0, 1.0),
+        refresh_concurrency=m.positive("refresh_concurrency", int, 4, 1),
+        failed_fetch_backoff=m.positive("failed_fetch_backoff", float, 300.0, 0.0),
+    )
+
+    h = sec("http")
+    http = HttpConfig(allow_private_addresses=h.get("allow_private_addresses", bool, False))
+
+    a = sec("auth")
+    auth = AuthConfig(
+        enabled=a.get("enabled", bool, True),
+        dmarc_reject=a.choice("dmarc_reject", "reject", _ACTIONS),
+        dmarc_quarantine=a.choice("dmarc_quarantine", "quarantine", _ACTIONS),
+        spf_fail=a.choice("spf_fail", "accept", _ACTIONS),
+        authserv_id=a.get("authserv_id", str, ""),
+    )
+
+    ac = sec("arc")
+    arc = ArcConfig(
+        enabled=ac.get("enabled", bool, True),
+        domain=ac.get("domain", str, ""),
+        selector=ac.get("selector", str, ""),
+        private_key=ac.path_value("private_key", None),
+        trusted_sealers=tuple(x.lower() for x in ac.strings("trusted_sealers", ())),
+    )
+
+    sr = sec("srs")
+    srs = SrsConfig(
+        enabled=sr.get("enabled", bool, True),
+        domain=sr.get("domain", str, ""),
+        secret=sr.get("secret", str, ""),
+        max_age_days=sr.positive("max_age_days", int, 21, 1),
+    )
+
+    t = sec("tlsrpt")
+    tlsrpt = TlsRptConfig(
+        enabled=t.get("enabled", bool, True),
+        organization=t.get("organization", str, ""),
+        contact=t.get("contact", str, ""),
+        submitter=t.get("submitter", str, ""),
+        dkim_selector=t.get("dkim_selector", str, ""),
+        dkim_private_key=t.path_value("dkim_private_key", None),
+        max_failure_details=t.positive("max_failure_details", int, 100, 1),
+        send_delay_max=t.positive("send_delay_max", float, 3600.0, 0.0),
+    )
+
+    lg = sec("logging")
+    logging_cfg = LoggingConfig(
+        level=lg.choice("level", "info", ("debug", "info", "warning", "error")),
+        format=lg.choice("format", "auto", ("auto", "json", "console")),
+    )
+
+    return Config(
+        path=p,
+        server=server,
+        relay=relay,
+        aliases=aliases,
+        storage=storage,
+        dns=dns,
+        delivery=delivery,
+        mta_sts=mta_sts,
+        http=http,
+        auth=auth,
+        arc=arc,
+        srs=srs,
+        tlsrpt=tlsrpt,
+        logging=logging_cfg,
+    )

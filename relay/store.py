@@ -1,0 +1,249 @@
+"""The one storage layer under everything that persists (queue, MTA-STS cache, TLS-RPT ledger).
+
+Owns the SQLite database (WAL, synchronous=FULL so every commit is fsync'd), per-component
+schema migrations, and the group-commit writer: one thread takes every write waiting at
+that moment, runs each in its own savepoint, and commits them with one fsync. ``write``
+returns only after the commit is durable, so callers may acknowledge (SMTP 250) then.
+A failed write raises StoreError; the others in the same group are unaffected.
+Reads run on a separate connection and thread, so they never wait for a commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from relay.errors import StoreError
+
+T = TypeVar("T")
+log = structlog.get_logger("relay.store")
+
+_STOP = object()
+
+
+@dataclass
+class _Job:
+    fn: Callable[[sqlite3.Connection], Any]
+    loop: asyncio.AbstractEventLoop | None
+    future: asyncio.Future[Any] | None
+    done: threading.Event | None = None
+    result: Any = None
+    error: BaseException | None = None
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), timeout=30.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+class Store:
+    """SQLite store with a group-commit writer thread. Use ``async with Store(path)``."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._jobs: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._wconn: sqlite3.Connection | None = None
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-read")
+        self._rconn: sqlite3.Connection | None = None
+        self.commits = 0  # number of fsync'd commits (group commit makes this < writes)
+        self.writes = 0
+        self.fail_writes: Callable[[], bool] | None = None  # fault injection for tests
+
+    # -------------------------------------------------------------- lifecycle
+
+    def open(self) -> Store:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._wconn = _connect(self.path)
+            self._wconn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version "
+                "(component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open store {self.path}: {exc}") from exc
+        self._writer = threading.Thread(target=self._run_writer, name="store-writer", daemon=True)
+        self._writer.start()
+        return self
+
+    async def __aenter__(self) -> Store:
+        return self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.close)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._jobs.put(_STOP)
+            self._writer.join()
+            self._writer = None
+        self._reader.shutdown(wait=True)
+        for c in (self._wconn, self._rconn):
+            if c is not None:
+                c.close()
+        self._wconn = self._rconn = None
+
+    def migrate(self, component: str, steps: Sequence[str]) -> None:
+        """Apply the schema steps of component not applied yet (synchronously, at start)."""
+
+        def run(conn: sqlite3.Connection) -> None:
+            row = conn.execute(
+                "SELECT version FROM schema_version WHERE component=?", (component,)
+            ).fetchone()
+            have = row[0] if row else 0
+            for i, stmt in enumerate(steps[have:], start=have + 1):
+                conn.executescript(stmt) if ";" in stmt.strip().rstrip(";") else conn.execute(stmt)
+                conn.execute(
+                    "INSERT INTO schema_version(component, version) VALUES(?, ?) "
+                    "ON CONFLICT(component) DO UPDATE SET version=excluded.version",
+                    (component, i),
+                )
+
+        self.write_sync(run)
+
+    # -------------------------------------------------------------- writes
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run fn(conn) inside a group commit; return its result once durable."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._submit(_Job(fn, loop, fut))
+        return await fut
+
+    def write_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Blocking write for start-up, CLI commands and threads."""
+        job = _Job(fn, None, None, threading.Event())
+        self._submit(job)
+        assert job.done is not None
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result  # type: ignore[no-any-return]
+
+    def _submit(self, job: _Job) -> None:
+        if self._writer is None:
+            raise StoreError("store is not open")
+        self._jobs.put(job)
+
+    def _run_writer(self) -> None:
+        conn = self._wconn
+        assert conn is not None
+        while True:
+            first = self._jobs.get()
+            if first is _STOP:
+                return
+            batch: list[_Job] = [first]  # type: ignore[list-item]
+            stop = False
+            while True:
+                try:
+                    nxt = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stop = True
+                    break
+                batch.append(nxt)  # type: ignore[arg-type]
+            self._commit_batch(conn, batch)
+            if stop:
+                return
+
+    def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        try:
+            if self.fail_writes is not None and self.fail_writes():
+                raise sqlite3.OperationalError("disk I/O error (injected)")
+            conn.execute("BEGIN IMMEDIATE")
+            for i, job in enumerate(batch):
+                conn.execute(f"SAVEPOINT s{i}")
+                try:
+                    job.result = job.fn(conn)
+                    conn.execute(f"RELEASE s{i}")
+                except Exception as exc:  # the job's own error: roll back only this job
+                    conn.execute(f"ROLLBACK TO s{i}")
+                    conn.execute(f"RELEASE s{i}")
+                    job.error = exc if isinstance(exc, StoreError) else _wrap(exc)
+            conn.execute("COMMIT")
+            self.commits += 1
+            self.writes += len(batch)
+        except Exception as exc:
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            log.error("store_commit_failed", error=str(exc), batch=len(batch))
+            for job in batch:
+                job.error = StoreError(f"store commit failed: {exc}")
+        for job in batch:
+            self._finish(job)
+
+    @staticmethod
+    def _finish(job: _Job) -> None:
+        if job.done is not None:
+            job.done.set()
+            return
+        fut, loop = job.future, job.loop
+        assert fut is not None and loop is not None
+
+        def resolve() -> None:
+            if fut.cancelled():
+                return
+            if job.error is not None:
+                fut.set_exception(job.error)
+            else:
+                fut.set_result(job.result)
+
+        try:
+            loop.call_soon_threadsafe(resolve)
+        except RuntimeError:  # loop closed
+            pass
+
+    # -------------------------------------------------------------- reads
+
+    def _read_conn(self) -> sqlite3.Connection:
+        if self._rconn is None:
+            self._rconn = _connect(self.path)
+        return self._rconn
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run fn(conn) on the read connection, off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reader, self._read_job, fn)
+
+    def read_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return self._reader.submit(self._read_job, fn).result()
+
+    def _read_job(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._read_conn()
+        try:
+            conn.execute("BEGIN")
+            try:
+                return fn(conn)
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise _wrap(exc) from exc
+
+
+def _wrap(exc: BaseException) -> StoreError:
+    err = StoreError(f"{type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+def now() -> float:
+    return time.time()
