@@ -125,3 +125,51 @@ class AttemptResult:
     tls_outcomes: tuple[TlsOutcome, ...] = field(default=())
     mx_host: str = ""
     tls_version: str | None = None
+
+
+class StsMode(enum.StrEnum):
+    ENFORCE = "enforce"
+    TESTING = "testing"
+    NONE = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsPolicy:
+    """What the next hop of one recipient domain must prove (from MTA-STS; DANE later).
+
+    ``mode`` None means no policy (opportunistic TLS). ``fetch_error`` is set when
+    discovery found a policy id but no usable policy could be had (RFC 8460
+    sts-policy-fetch-error / sts-policy-invalid / sts-webpki-invalid); delivery is then
+    opportunistic and the failure is reported.
+    """
+
+    domain: str
+    mode: StsMode | None = None
+    mx_patterns: tuple[str, ...] = ()
+    max_age: int = 0
+    policy_id: str = ""
+    policy_strings: tuple[str, ...] = ()  # the policy file's lines, for TLS-RPT
+    fetch_error: TlsResultType | None = None
+    fetch_error_reason: str = ""
+
+    @property
+    def enforce(self) -> bool:
+        return self.mode is StsMode.ENFORCE
+
+    @property
+    def policy_type(self) -> PolicyType:
+        return PolicyType.STS if self.mode is not None else PolicyType.NO_POLICY_FOUND
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryJob:
+    """One destination domain's share of one queued message."""
+
+    qid: QueueId
+    domain: str
+    mail_from: str
+    recipients: tuple[str, ...]
+    data: bytes
+    message_id: str = ""
+    tls_required: bool = True  # False for mail carrying "TLS-Required: no" (RFC 8689)
+    record_tls: bool = True  # False: outcomes are not recorded in the TLS-RPT ledger

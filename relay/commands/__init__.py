@@ -1,0 +1,1 @@
+"""Subcommands of the relay CLI; each module has register(subparsers) and run handlers."""
