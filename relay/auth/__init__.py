@@ -1,0 +1,1 @@
+"""Sender authentication: SPF, DKIM, DMARC, ARC, the Authentication-Results header, sealing."""
