@@ -1,0 +1,1 @@
+"""The durable queue: spool (tables and state transitions) and scheduler (qmgr)."""
