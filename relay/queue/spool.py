@@ -132,10 +132,10 @@ class Spool:
 
     # ------------------------------------------------------------ writes
 
-    async def enqueue(self, msg: NewMessage) -> QueueId:
+    async def enqueue(self, msg: NewMessage, qid: QueueId | None = None) -> QueueId:
         """Write the message and its recipients durably; return the queue id."""
         now = self.clock()
-        qid = new_qid(now)
+        qid = qid or new_qid(now)
         mid = extract_message_id(msg.data)
         origs = msg.orig_recipients or msg.recipients
         rows = [

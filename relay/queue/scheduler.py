@@ -1,0 +1,348 @@
+"""The queue manager: picks due messages into a bounded active window, hands each
+destination domain's recipients to the courier, records per-recipient outcomes with
+exponential back-off and jitter, expires messages after the queue lifetime, and has
+DSNs (failures, optional delay warnings) generated and injected through intake.
+
+Only this module decides when a recipient is tried again; the courier only attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from relay.config import Config
+from relay.dsn import DsnRecipient, build_dsn
+from relay.errors import RelayError
+from relay.model import AttemptResult, DeliveryJob, QueueId, RecipientResult, RecipientState
+from relay.queue.spool import (
+    FLAG_NO_DSN,
+    FLAG_NO_TLS_REQUIRED,
+    NewMessage,
+    QueuedMessage,
+    QueuedRecipient,
+    RecipientUpdate,
+    Spool,
+)
+
+log = structlog.get_logger("relay.queue")
+
+
+class CourierLike(Protocol):
+    async def deliver(self, job: DeliveryJob) -> AttemptResult: ...
+
+
+InjectFn = Callable[[str, tuple[str, ...], bytes, int], Awaitable[QueueId]]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    first: float = 300.0
+    maximum: float = 14400.0
+    jitter: float = 0.2
+    lifetime: float = 5 * 86400.0
+
+    def delay(self, attempts: int, rng: Callable[[], float] = random.random) -> float:
+        """Delay before the next try after ``attempts`` failed tries (1 = first failure)."""
+        base = min(self.maximum, self.first * float(2 ** min(max(attempts - 1, 0), 40)))
+        return max(0.0, base * (1 + self.jitter * (2 * rng() - 1)))
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower().rstrip(".")
+
+
+class Scheduler:
+    """qmgr: active window, per-recipient retry, expiry, DSNs."""
+
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        courier: CourierLike,
+        inject: InjectFn,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: Callable[[], float] = random.random,
+        poll_interval: float = 1.0,
+    ) -> None:
+        d = config.delivery
+        self.config = config
+        self.spool = spool
+        self.courier = courier
+        self.inject = inject
+        self.clock = clock
+        self.rng = rng
+        self.poll_interval = poll_interval
+        self.retry = RetryPolicy(d.retry_first, d.retry_max, d.retry_jitter, d.queue_lifetime)
+        self.window = d.active_window
+        self._active: dict[QueueId, asyncio.Task[None]] = {}
+        self._fresh: dict[QueueId, tuple[QueuedMessage, bytes]] = {}
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._slot_free = asyncio.Event()
+        self.bounce_from = d.bounce_sender or f"MAILER-DAEMON@{config.server.hostname}"
+
+    # ------------------------------------------------------------ entry points
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def submit_new(self, qid: QueueId, msg: NewMessage, created: float) -> None:
+        """Fast path from intake: the message is durable; start it without reading it back."""
+        if self._stopping:
+            return
+        if len(self._active) < self.window and qid not in self._active:
+            recips = tuple(
+                QueuedRecipient(a, RecipientState.QUEUED, 0, 0.0, "", o)
+                for a, o in zip(msg.recipients, msg.orig_recipients or msg.recipients, strict=True)
+            )
+            qm = QueuedMessage(
+                id=qid,
+                mail_from=msg.mail_from,
+                size=len(msg.data),
+                message_id="",
+                created=created,
+                flags=msg.flags,
+                recipients=_dedupe_recips(recips),
+            )
+            self._start(qid, (qm, msg.data))
+        else:
+            self._wake.set()
+
+    async def run(self) -> None:
+        """Load due messages until stopped."""
+        while not self._stopping:
+            try:
+                await self._fill()
+            except Exception as exc:  # noqa: BLE001 - the loop must survive store hiccups
+                log.error("scheduler_fill_failed", error=str(exc))
+            timeout = self.poll_interval
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            self._wake.clear()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop taking messages; let attempts in flight finish for ``grace`` seconds, then
+        cancel the rest (their recipients are requeued at the next start)."""
+        self._stopping = True
+        self._wake.set()
+        tasks = list(self._active.values())
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=grace)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    # ------------------------------------------------------------ internals
+
+    async def _fill(self) -> None:
+        room = self.window - len(self._active)
+        if room <= 0:
+            return
+        now = self.clock()
+        for qid in await self.spool.due(now, room, set(self._active)):
+            if self._stopping:
+                return
+            if qid not in self._active:
+                self._start(qid, None)
+
+    def _start(self, qid: QueueId, preloaded: tuple[QueuedMessage, bytes] | None) -> None:
+        task = asyncio.get_running_loop().create_task(self._run_one(qid, preloaded))
+        self._active[qid] = task
+
+    async def _run_one(self, qid: QueueId, preloaded: tuple[QueuedMessage, bytes] | None) -> None:
+        try:
+            await self._process(qid, preloaded)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one bad message must not stop the queue
+            log.error("message_processing_failed", qid=qid, error=str(exc), exc_info=True)
+            if isinstance(exc, ValueError):
+                with contextlib.suppress(RelayError):
+                    await self.spool.mark_corrupt(qid)
+        finally:
+            self._active.pop(qid, None)
+            self._wake.set()
+
+    async def _process(self, qid: QueueId, preloaded: tuple[QueuedMessage, bytes] | None) -> None:
+        if preloaded is None:
+            loaded = await self.spool.load(qid)
+            if loaded is None:
+                return
+            msg, data = loaded
+        else:
+            msg, data = preloaded
+        now = self.clock()
+        pending = [r for r in msg.pending() if r.next_attempt <= now or preloaded is not None]
+        if not pending:
+            await self._dsn_and_finish(msg, data, ())
+            return
+        if now - msg.created >= self.retry.lifetime:
+            reply = "4.4.7 Message delivery time expired; giving up"
+            expired = [
+                RecipientUpdate(
+                    r.address,
+                    RecipientState.FAILED,
+                    f"{r.last_reply} ({reply})" if r.last_reply else reply,
+                )
+                for r in pending
+            ]
+            await self.spool.record(qid, expired)
+            log.info("expired", qid=qid, recipients=[r.address for r in pending])
+            await self._dsn_and_finish(msg, data, expired)
+            return
+
+        by_domain: dict[str, list[QueuedRecipient]] = {}
+        for r in pending:
+            by_domain.setdefault(domain_of(r.address), []).append(r)
+        await self.spool.mark_inflight(qid, [r.address for r in pending])
+        no_tls = bool(msg.flags & FLAG_NO_TLS_REQUIRED)
+        jobs = [
+            DeliveryJob(
+                qid=qid,
+                domain=dom,
+                mail_from=msg.mail_from,
+                recipients=tuple(r.address for r in rs),
+                data=data,
+                message_id=msg.message_id,
+                tls_required=not no_tls,
+                record_tls=not no_tls,
+            )
+            for dom, rs in by_domain.items()
+        ]
+        results = await asyncio.gather(*(self._deliver(j) for j in jobs))
+        attempts = {r.address: r.attempts for r in pending}
+        now = self.clock()
+        updates: list[RecipientUpdate] = []
+        for res in results:
+            for rr in res.recipients:
+                if rr.state is RecipientState.DEFERRED:
+                    nxt = now + self.retry.delay(attempts.get(rr.address, 0) + 1, self.rng)
+                    nxt = min(nxt, msg.created + self.retry.lifetime)
+                    updates.append(RecipientUpdate(rr.address, rr.state, rr.reply, nxt))
+                else:
+                    updates.append(RecipientUpdate(rr.address, rr.state, rr.reply))
+                log.info(
+                    {RecipientState.DELIVERED: "delivered", RecipientState.FAILED: "bounced"}.get(
+                        rr.state, "deferred"
+                    ),
+                    qid=qid,
+                    message_id=msg.message_id,
+                    recipient=rr.address,
+                    reply=rr.reply,
+                    remote=rr.remote_host,
+                    domain=res.domain,
+                    tls=res.tls_version,
+                )
+        await self.spool.record(qid, updates)
+        await self._maybe_delay_warning(msg, data, updates, now)
+        await self._dsn_and_finish(msg, data, updates)
+
+    async def _deliver(self, job: DeliveryJob) -> AttemptResult:
+        try:
+            return await self.courier.deliver(job)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a courier bug defers, never loses
+            log.error(
+                "courier_failed", qid=job.qid, domain=job.domain, error=str(exc), exc_info=True
+            )
+            return AttemptResult(
+                domain=job.domain,
+                recipients=tuple(
+                    RecipientResult(a, RecipientState.DEFERRED, "451 4.3.0 internal error")
+                    for a in job.recipients
+                ),
+            )
+
+    async def _dsn_and_finish(
+        self, msg: QueuedMessage, data: bytes, updates: list[RecipientUpdate] | tuple[()]
+    ) -> None:
+        """Send one DSN for every failed recipient not yet reported, then drop the message
+        when nothing is pending."""
+        current = await self.spool.get(msg.id)
+        if current is None:
+            return
+        failed = [
+            r for r in current.recipients if r.state is RecipientState.FAILED and not r.dsn_done
+        ]
+        if failed and msg.mail_from and not (msg.flags & FLAG_NO_DSN):
+            dsn = build_dsn(
+                reporting_mta=self.config.server.hostname,
+                sender=msg.mail_from,
+                from_addr=self.bounce_from,
+                recipients=[DsnRecipient(r.address, r.orig, r.last_reply) for r in failed],
+                original=data,
+                arrival=msg.created,
+                now=self.clock(),
+            )
+            dsn_qid = await self.inject("", (msg.mail_from,), dsn, FLAG_NO_DSN)
+            log.info(
+                "dsn_queued",
+                qid=msg.id,
+                dsn_qid=dsn_qid,
+                to=msg.mail_from,
+                recipients=[r.address for r in failed],
+            )
+        elif failed:
+            log.info(
+                "dsn_suppressed",
+                qid=msg.id,
+                reason="null sender or no-DSN message",
+                recipients=[r.address for r in failed],
+            )
+        removed = await self.spool.finish(msg.id, [r.address for r in failed])
+        if removed:
+            log.info("removed", qid=msg.id)
+
+    async def _maybe_delay_warning(
+        self, msg: QueuedMessage, data: bytes, updates: list[RecipientUpdate], now: float
+    ) -> None:
+        limit = self.config.delivery.delay_warning
+        if (
+            limit <= 0
+            or msg.delay_warned
+            or not msg.mail_from
+            or msg.flags & FLAG_NO_DSN
+            or now - msg.created < limit
+        ):
+            return
+        deferred = [u for u in updates if u.state is RecipientState.DEFERRED]
+        if not deferred:
+            return
+        dsn = build_dsn(
+            reporting_mta=self.config.server.hostname,
+            sender=msg.mail_from,
+            from_addr=self.bounce_from,
+            recipients=[DsnRecipient(u.address, "", u.reply) for u in deferred],
+            original=data,
+            arrival=msg.created,
+            now=now,
+            action="delayed",
+        )
+        await self.inject("", (msg.mail_from,), dsn, FLAG_NO_DSN)
+        await self.spool.set_delay_warned(msg.id)
+        log.info("delay_warning_queued", qid=msg.id, to=msg.mail_from)
+
+
+def _dedupe_recips(recips: tuple[QueuedRecipient, ...]) -> tuple[QueuedRecipient, ...]:
+    seen: set[str] = set()
+    out = []
+    for r in recips:
+        if r.address.lower() not in seen:
+            seen.add(r.address.lower())
+            out.append(r)
+    return tuple(out)
