@@ -107,7 +107,10 @@ class Store:
             ).fetchone()
             have = row[0] if row else 0
             for i, stmt in enumerate(steps[have:], start=have + 1):
-                conn.executescript(stmt) if ";" in stmt.strip().rstrip(";") else conn.execute(stmt)
+                # executescript would COMMIT the group; run each DDL statement alone
+                for part in stmt.split(";"):
+                    if part.strip():
+                        conn.execute(part)
                 conn.execute(
                     "INSERT INTO schema_version(component, version) VALUES(?, ?) "
                     "ON CONFLICT(component) DO UPDATE SET version=excluded.version",

@@ -1,0 +1,243 @@
+"""Scheduler and spool: retries with back-off, expiry, DSNs, recovery, flush (fake courier,
+real store)."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+from pathlib import Path
+
+import pytest
+
+from relay.config import parse_config
+from relay.model import AttemptResult, DeliveryJob, RecipientResult, RecipientState
+from relay.queue.scheduler import RetryPolicy, Scheduler
+from relay.queue.spool import FLAG_NO_DSN, NewMessage, Spool
+from relay.store import Store
+
+MSG = b"From: a@example.com\r\nTo: b@example.org\r\nMessage-ID: <m1@x>\r\nSubject: t\r\n\r\nhi\r\n"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class ScriptedCourier:
+    """Answers each recipient from a script: address -> list of states (consumed in order)."""
+
+    def __init__(self, script: dict[str, list[str]]) -> None:
+        self.script = script
+        self.jobs: list[DeliveryJob] = []
+
+    async def deliver(self, job: DeliveryJob) -> AttemptResult:
+        self.jobs.append(job)
+        out = []
+        for a in job.recipients:
+            step = self.script[a].pop(0) if len(self.script[a]) > 1 else self.script[a][0]
+            state = {"ok": RecipientState.DELIVERED, "tmp": RecipientState.DEFERRED,
+                     "perm": RecipientState.FAILED}[step]
+            reply = {"ok": "250 2.0.0 ok", "tmp": "451 4.3.0 try later",
+                     "perm": "550 5.1.1 no such user"}[step]
+            out.append(RecipientResult(a, state, reply))
+        return AttemptResult(domain=job.domain, recipients=tuple(out))
+
+
+class Harness:
+    def __init__(self, tmp: Path, script: dict[str, list[str]], **delivery: object) -> None:
+        doc = {"delivery": {"retry_first": 300, "retry_max": 3600, "retry_jitter": 0.0,
+                            "queue_lifetime": 5 * 86400, **delivery}}
+        self.config = parse_config(doc, tmp / "config.toml")
+        self.clock = Clock()
+        self.store = Store(tmp / "q.sqlite3").open()
+        self.spool = Spool(self.store, self.clock)
+        self.courier = ScriptedCourier(script)
+        self.injected: list[tuple[str, tuple[str, ...], bytes, int]] = []
+        self.sched = Scheduler(self.config, self.spool, self.courier, self.inject,
+                               clock=self.clock, poll_interval=0.02)
+
+    async def inject(self, mail_from: str, rcpts: tuple[str, ...], data: bytes,
+                     flags: int) -> str:
+        self.injected.append((mail_from, rcpts, data, flags))
+        return "DSN"
+
+    async def settle(self) -> None:
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if self.sched.active == 0:
+                await asyncio.sleep(0.03)
+                if self.sched.active == 0:
+                    return
+
+    def close(self) -> None:
+        self.store.close()
+
+
+@pytest.fixture
+def harness_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
+    made: list[Harness] = []
+
+    def make(script: dict[str, list[str]], **delivery: object) -> Harness:
+        h = Harness(tmp_path, script, **delivery)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()
+
+
+def test_retry_policy_grows_and_caps() -> None:
+    p = RetryPolicy(first=300, maximum=14400, jitter=0.0)
+    assert [p.delay(n) for n in (1, 2, 3, 4, 5, 6, 7, 8)] == [
+        300, 600, 1200, 2400, 4800, 9600, 14400, 14400]
+    j = RetryPolicy(first=300, maximum=14400, jitter=0.2)
+    assert j.delay(1, lambda: 0.0) == pytest.approx(240)
+    assert j.delay(1, lambda: 1.0) == pytest.approx(360)
+
+
+async def test_deferred_then_delivered_after_backoff(harness_factory) -> None:  # type: ignore[no-untyped-def]
+    h = harness_factory({"b@example.org": ["tmp", "ok"]})
+    task = asyncio.create_task(h.sched.run())
+    qid = await h.spool.enqueue(NewMessage("a@example.com", ("b@example.org",), MSG))
+    h.sched.wake()
+    await h.settle()
+    [m] = await h.spool.list()
+    [r] = m.recipients
+    assert r.state is RecipientState.DEFERRED and r.attempts == 1
+    assert r.next_attempt == pytest.approx(h.clock.t + 300)
+    assert r.last_reply.startswith("451")
+    h.clock.t += 299
+    h.sched.wake()
+    await h.settle()
+    assert len(h.courier.jobs) == 1  # not due yet
+    h.clock.t += 2
+    h.sched.wake()
+    await h.settle()
+    assert len(h.courier.jobs) == 2
+    assert await h.spool.get(qid) is None  # delivered -> removed
+    assert h.injected == []
+    await h.sched.stop()
+    task.cancel()
+
+
+async def test_one_of_two_rejected_gives_one_dsn_for_that_recipient(harness_factory) -> None:  # type: ignore[no-untyped-def]
+    h = harness_factory({"b@example.org": ["ok"], "c@example.org": ["perm"]})
+    task = asyncio.create_task(h.sched.run())
+    await h.spool.enqueue(NewMessage("a@example.com", ("b@example.org", "c@example.org"), MSG))
+    h.sched.wake()
+    await h.settle()
+    assert len(h.courier.jobs) == 1 and h.courier.jobs[0].recipients == (
+        "b@example.org", "c@example.org")  # one transaction for the domain
+    assert len(h.injected) == 1
+    mail_from, rcpts, data, flags = h.injected[0]
+    assert mail_from == "" and rcpts == ("a@example.com",) and flags & FLAG_NO_DSN
+    dsn = email.message_from_bytes(data)
+    assert dsn.get_content_type() == "multipart/report"
+    assert dsn.get_param("report-type") == "delivery-status"
+    assert dsn["Auto-Submitted"] == "auto-replied"
+    status = data.decode()
+    assert "Final-Recipient: rfc822; c@example.org" in status
+    assert "b@example.org" not in status.split("message/delivery-status")[1].split("--=_")[0]
+    assert "Status: 5.1.1" in status and "Action: failed" in status
+    assert "Message-ID: <m1@x>" in status  # original headers included
+    assert await h.spool.list() == []
+    await h.sched.stop()
+    task.cancel()
+
+
+async def test_null_sender_gets_no_dsn(harness_factory) -> None:  # type: ignore[no-untyped-def]
+    h = harness_factory({"c@example.org": ["perm"]})
+    task = asyncio.create_task(h.sched.run())
+    await h.spool.enqueue(NewMessage("", ("c@example.org",), MSG))
+    h.sched.wake()
+    await h.settle()
+    assert h.injected == [] and await h.spool.list() == []
+    await h.sched.stop()
+    task.cancel()
+
+
+async def test_expiry_after_queue_lifetime_bounces(harness_factory) -> None:  # type: ignore[no-untyped-def]
+    h = harness_factory({"b@example.org": ["tmp"]})
+    task = asyncio.create_task(h.sched.run())
+    await h.spool.enqueue(NewMessage("a@example.com", ("b@example.org",), MSG))
+    h.sched.wake()
+    await h.settle()
+    for _ in range(40):  # keep retrying as the clock runs past 5 days
+        h.clock.t += 4 * 3600
+        h.sched.wake()
+        await h.settle()
+        if h.injected:
+            break
+    assert h.injected, "no DSN after the queue lifetime"
+    text = h.injected[0][2].decode()
+    assert "4.4.7" in text and "Action: failed" in text
+    assert await h.spool.list() == []
+    attempts = len(h.courier.jobs)
+    assert 20 <= attempts <= 40  # retried within the lifetime, then gave up
+    await h.sched.stop()
+    task.cancel()
+
+
+async def test_delay_warning_once(harness_factory) -> None:  # type: ignore[no-untyped-def]
+    h = harness_factory({"b@example.org": ["tmp"]}, delay_warning=1000)
+    task = asyncio.create_task(h.sched.run())
+    await h.spool.enqueue(NewMessage("a@example.com", ("b@example.org",), MSG))
+    h.sched.wake()
+    await h.settle()
+    assert h.injected == []
+    for _ in range(4):
+        h.clock.t += 3600
+        h.sched.wake()
+        await h.settle()
+    delayed = [i for i in h.injected if b"Action: delayed" in i[2]]
+    assert len(delayed) == 1
+    await h.sched.stop()
+    task.cancel()
+
+
+async def test_recovery_requeues_inflight(tmp_path: Path) -> None:
+    clock = Clock()
+    store = Store(tmp_path / "q.sqlite3").open()
+    spool = Spool(store, clock)
+    qid = await spool.enqueue(NewMessage("a@example.com", ("b@example.org", "c@example.org"), MSG))
+    await spool.mark_inflight(qid, ["b@example.org"])
+    store.close()
+    store = Store(tmp_path / "q.sqlite3").open()
+    spool = Spool(store, clock)
+    assert spool.recover_sync() == 1
+    m = await spool.get(qid)
+    assert m is not None and {r.state for r in m.recipients} == {RecipientState.QUEUED}
+    assert await spool.due(clock.t, 10, set()) == [qid]
+    store.close()
+
+
+async def test_flush_makes_deferred_due(tmp_path: Path) -> None:
+    from relay.queue.spool import RecipientUpdate
+
+    clock = Clock()
+    store = Store(tmp_path / "q.sqlite3").open()
+    spool = Spool(store, clock)
+    qid = await spool.enqueue(NewMessage("a@example.com", ("b@example.org",), MSG))
+    await spool.record(qid, [RecipientUpdate("b@example.org", RecipientState.DEFERRED, "451 x",
+                                             clock.t + 9999)])
+    assert await spool.due(clock.t, 10, set()) == []
+    assert await spool.flush() == 1
+    assert await spool.due(clock.t, 10, set()) == [qid]
+    store.close()
+
+
+async def test_store_failure_never_acknowledges(tmp_path: Path) -> None:
+    from relay.errors import StoreError
+
+    store = Store(tmp_path / "q.sqlite3").open()
+    spool = Spool(store)
+    store.fail_writes = lambda: True
+    with pytest.raises(StoreError):
+        await spool.enqueue(NewMessage("a@example.com", ("b@example.org",), MSG))
+    store.fail_writes = None
+    assert await spool.list() == []
+    store.close()
