@@ -1,0 +1,243 @@
+"""Composition root: builds every component from Config, runs them under supervision,
+handles signals and the graceful drain.
+
+Background loops (scheduler, MTA-STS refresher, TLS-RPT ledger flush and daily sender)
+run as supervised tasks: one that fails is logged and restarted after a back-off; none
+of them can stop the SMTP service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+
+from relay.config import Config
+from relay.dns import AiodnsResolver, Resolver
+from relay.intake import Intake, Routing, Transform
+from relay.queue.scheduler import Scheduler
+from relay.queue.spool import Spool
+from relay.store import Store
+
+log = structlog.get_logger("relay.app")
+
+
+def server_ssl_context(config: Config) -> ssl.SSLContext | None:
+    s = config.server
+    if s.tls_cert is None or s.tls_key is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(s.tls_cert), str(s.tls_key))
+    return ctx
+
+
+async def supervise(name: str, factory: Callable[[], Awaitable[Any]], stop: asyncio.Event) -> None:
+    """Run factory() until stop is set; restart it with back-off when it fails."""
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            await factory()
+            if stop.is_set():
+                return
+            log.warning("task_exited", task=name)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - supervision boundary
+            log.error("task_failed", task=name, error=str(exc), exc_info=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        delay = min(delay * 2, 30.0)
+
+
+class RelayApp:
+    """The running relay: SMTP server, intake, queue, delivery, MTA-STS, TLS-RPT."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        resolver: Resolver | None = None,
+        clock: Callable[[], float] = time.time,
+        poll_interval: float = 1.0,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.resolver: Resolver = resolver or AiodnsResolver(
+            [str(ns) for ns in config.dns.nameservers], timeout=config.dns.timeout
+        )
+        self.poll_interval = poll_interval
+        self.store = Store(config.storage.path)
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+        self.server: Any = None
+        self.scheduler: Scheduler | None = None
+        self.intake: Intake | None = None
+        self.policy_manager: Any = None
+        self.ledger: Any = None
+
+    @property
+    def bound(self) -> list[tuple[str, int]]:
+        return list(self.server.bound) if self.server is not None else []
+
+    async def start(self, sockets: list[socket.socket] | None = None) -> None:
+        from relay.delivery.courier import Courier
+        from relay.smtp.rules import RelayRules
+        from relay.smtp.server import SmtpServer
+
+        cfg = self.config
+        await asyncio.to_thread(self.store.open)
+        spool = Spool(self.store, self.clock)
+        recovered = await asyncio.to_thread(spool.recover_sync)
+        if recovered:
+            log.info("recovered_inflight", recipients=recovered)
+
+        policy_lookup = None
+        if cfg.mta_sts.enabled:
+            self.policy_manager = self._build_policy_manager()
+            policy_lookup = self.policy_manager.get_policy
+        outcome_sink = None
+        if cfg.tlsrpt.enabled:
+            self.ledger = self._build_ledger()
+            outcome_sink = self.ledger.record
+
+        local = [(hp.host, hp.port) for hp in cfg.server.listen]
+        courier = Courier(
+            cfg,
+            self.resolver,
+            policy_lookup=policy_lookup,
+            outcome_sink=outcome_sink,
+            local_addresses=local,
+        )
+        self._closers.append(courier.close)
+
+        scheduler_ref: list[Scheduler] = []
+
+        def notify(qid: str, msg: Any, created: float) -> None:
+            scheduler_ref[0].submit_new(qid, msg, created)
+
+        transforms, routing, extra_check = self._build_auth()
+        self.intake = Intake(
+            cfg, spool, notify=notify, transforms=transforms, routing=routing, clock=self.clock
+        )
+        self.scheduler = Scheduler(
+            cfg,
+            spool,
+            courier,
+            self.intake.inject,
+            clock=self.clock,
+            poll_interval=self.poll_interval,
+        )
+        scheduler_ref.append(self.scheduler)
+
+        rules = RelayRules(cfg, extra_local_check=extra_check)
+        if routing.expand is Routing().expand:
+            self.intake.routing = Routing(
+                expand=rules.expand,
+                srs_forward=routing.srs_forward,
+                srs_reverse=routing.srs_reverse,
+                local_domains=cfg.relay.local_domains,
+            )
+        self.server = SmtpServer(
+            cfg, self.intake.submit, rules, ssl_context=server_ssl_context(cfg)
+        )
+        self._spawn("scheduler", self.scheduler.run)
+        if self.policy_manager is not None and hasattr(self.policy_manager, "run_refresher"):
+            pm = self.policy_manager
+            self._spawn("mta-sts-refresher", lambda: pm.run_refresher(self._stop))
+        if self.ledger is not None:
+            self._spawn("tlsrpt-ledger", self.ledger.run)
+            sender = self._build_tlsrpt_sender()
+            if sender is not None:
+                self._spawn("tlsrpt-sender", lambda: sender.run(self._stop))
+        await self.server.start(sockets)
+        log.info(
+            "started",
+            listen=[f"{h}:{p}" for h, p in self.bound],
+            hostname=cfg.server.hostname,
+            store=str(cfg.storage.path),
+        )
+
+    # ------------------------------------------------------------ optional parts
+
+    def _build_policy_manager(self) -> Any:
+        from relay.http import SafeHttpClient
+        from relay.mtasts.manager import PolicyManager
+
+        http = SafeHttpClient(
+            self.resolver,
+            ca_file=self.config.delivery.ca_file,
+            allow_private=self.config.http.allow_private_addresses,
+            timeout=self.config.mta_sts.fetch_timeout,
+        )
+        return PolicyManager(self.config, self.resolver, self.store, http, clock=self.clock)
+
+    def _build_ledger(self) -> Any:
+        from relay.tlsrpt.ledger import TlsRptLedger
+
+        return TlsRptLedger(self.store, clock=self.clock)
+
+    def _build_tlsrpt_sender(self) -> Any:
+        try:
+            from relay.http import SafeHttpClient
+            from relay.tlsrpt.sender import TlsRptSender
+        except ImportError:
+            return None
+        assert self.intake is not None
+        http = SafeHttpClient(
+            self.resolver,
+            ca_file=self.config.delivery.ca_file,
+            allow_private=self.config.http.allow_private_addresses,
+            timeout=60.0,
+        )
+        return TlsRptSender(
+            self.config, self.ledger, self.resolver, http, self.intake.inject, clock=self.clock
+        )
+
+    def _build_auth(self) -> tuple[list[Transform], Routing, Any]:
+        """Authentication verdict + ARC seal as an intake transform; SRS routing."""
+        from relay.auth.wiring import build_auth
+
+        return build_auth(self.config, self.resolver)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _spawn(self, name: str, factory: Callable[[], Awaitable[Any]]) -> None:
+        self._tasks.append(asyncio.create_task(supervise(name, factory, self._stop), name=name))
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting, let attempts in flight finish (or requeue them), close the store."""
+        log.info("stopping")
+        self._stop.set()
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self.scheduler is not None:
+            await self.scheduler.stop(grace)
+        if self.ledger is not None and hasattr(self.ledger, "close"):
+            with contextlib.suppress(Exception):
+                await self.ledger.close()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for close in self._closers:
+            with contextlib.suppress(Exception):
+                await close()
+        await asyncio.to_thread(self.store.close)
+        log.info("stopped")
+
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, done.set)
+        await self.start()
+        await done.wait()
+        await self.stop()
