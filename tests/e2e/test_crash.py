@@ -1,0 +1,118 @@
+"""Crash safety: mail acknowledged with 250 survives kill -9 of the relay process.
+
+A real `relay serve` subprocess, a real lab DNS server, a receiving MTA that is down while
+messages are accepted. The relay is killed with SIGKILL (once at rest, once in the middle
+of a stream of submissions), restarted, the receiver brought up: every message that got
+a 250 is delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+
+from relay.lab.dnsserver import LabDnsServer, Zone
+from relay.lab.mta import LabMta
+from tests.labutil import base_doc, message, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def start_relay(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "relay", "serve", "--config", str(config)],
+        stdout=log.open("ab"), stderr=subprocess.STDOUT,
+    )
+
+
+async def wait_listening(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.1)
+    raise TimeoutError("relay did not start")
+
+
+async def submit(port: int, n: int, tag: str, acked: list[str]) -> None:
+    for i in range(n):
+        mid = f"<{tag}-{i}@sender.test>"
+        try:
+            client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=5)
+            async with client:
+                await client.sendmail("alice@sender.test", ["bob@dest.test"], message(msgid=mid))
+            acked.append(mid)
+        except (aiosmtplib.SMTPException, OSError):
+            return  # the relay died under us: this message was not acknowledged
+
+
+async def test_kill_9_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    zone = Zone()
+    mx_port = free_port("127.0.0.2")
+    zone.add("dest.test", "MX", (10, "mx.dest.test"))
+    zone.add("mx.dest.test", "A", "127.0.0.2")
+    relay_port = free_port()
+    with LabDnsServer(zone) as dns:
+        doc = base_doc(tmp_path, dns.address, mx_port)
+        doc["server"]["listen"] = [f"127.0.0.1:{relay_port}"]
+        doc["delivery"].update({"retry_first": 0.5, "retry_max": 1, "retry_jitter": 0.0})
+        cfg = tmp_path / "config.toml"
+        write_config(cfg, doc)
+        log = tmp_path / "relay.log"
+        acked: list[str] = []
+
+        proc = start_relay(cfg, log)
+        try:
+            await wait_listening(relay_port)
+            await submit(relay_port, 20, "rest", acked)  # receiver down: all deferred
+            assert len(acked) == 20
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+
+            proc = start_relay(cfg, log)
+            await wait_listening(relay_port)
+            stream = asyncio.create_task(submit(relay_port, 400, "stream", acked))
+            await asyncio.sleep(0.6)  # kill in the middle of the stream
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            await asyncio.wait_for(stream, 30)
+            assert 20 < len(acked) < 420
+
+            async with LabMta("127.0.0.2", mx_port, hostname="mx.dest.test") as mx:
+                proc = start_relay(cfg, log)
+                await wait_listening(relay_port)
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    got = {m.data.split(b"Message-ID: ")[1].split(b"\r\n")[0].decode()
+                           for m in mx.messages}
+                    if set(acked) <= got:
+                        break
+                    await asyncio.sleep(0.2)
+                got = {m.data.split(b"Message-ID: ")[1].split(b"\r\n")[0].decode()
+                       for m in mx.messages}
+                missing = set(acked) - got
+                assert not missing, f"{len(missing)} acknowledged messages lost: {sorted(missing)[:5]}"
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(20) == 0  # SIGTERM drains and exits 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
