@@ -66,8 +66,15 @@ class RelayApp:
         resolver: Resolver | None = None,
         clock: Callable[[], float] = time.time,
         poll_interval: float = 1.0,
+        leader: bool = True,
+        recover: bool = True,
     ) -> None:
+        """``leader``: this process loads due mail from the store and runs the background
+        loops (one leader among worker processes); ``recover``: requeue recipients left in
+        flight by a crash (the parent does it once when there are several workers)."""
         self.config = config
+        self.leader = leader
+        self.recover = recover
         self.clock = clock
         self.resolver: Resolver = resolver or AiodnsResolver(
             [str(ns) for ns in config.dns.nameservers], timeout=config.dns.timeout
@@ -95,9 +102,10 @@ class RelayApp:
         cfg = self.config
         await asyncio.to_thread(self.store.open)
         spool = Spool(self.store, self.clock)
-        recovered = await asyncio.to_thread(spool.recover_sync)
-        if recovered:
-            log.info("recovered_inflight", recipients=recovered)
+        if self.recover:
+            recovered = await asyncio.to_thread(spool.recover_sync)
+            if recovered:
+                log.info("recovered_inflight", recipients=recovered)
 
         policy_lookup = None
         if cfg.mta_sts.enabled:
@@ -120,8 +128,14 @@ class RelayApp:
 
         scheduler_ref: list[Scheduler] = []
 
-        def notify(qid: str, msg: Any, created: float) -> None:
-            scheduler_ref[0].submit_new(qid, msg, created)
+        def notify(qid: str, msg: Any, created: float, claimed: bool) -> None:
+            scheduler_ref[0].submit_new(qid, msg, created, claimed)
+
+        def reserve() -> bool:
+            return scheduler_ref[0].reserve()
+
+        def release() -> None:
+            scheduler_ref[0].release()
 
         transforms, routing, extra_check = self._build_auth()
         self.intake = Intake(
@@ -149,12 +163,16 @@ class RelayApp:
             cfg, self.intake.submit, rules, ssl_context=server_ssl_context(cfg)
         )
         self._spawn("scheduler", self.scheduler.run)
-        if self.policy_manager is not None and hasattr(self.policy_manager, "run_refresher"):
+        if (
+            self.leader
+            and self.policy_manager is not None
+            and hasattr(self.policy_manager, "run_refresher")
+        ):
             pm = self.policy_manager
             self._spawn("mta-sts-refresher", lambda: pm.run_refresher(self._stop))
         if self.ledger is not None:
             self._spawn("tlsrpt-ledger", self.ledger.run)
-            sender = self._build_tlsrpt_sender()
+            sender = self._build_tlsrpt_sender() if self.leader else None
             if sender is not None:
                 self._spawn("tlsrpt-sender", lambda: sender.run(self._stop))
         await self.server.start(sockets)
@@ -232,12 +250,12 @@ class RelayApp:
         await asyncio.to_thread(self.store.close)
         log.info("stopped")
 
-    async def serve_forever(self) -> None:
+    async def serve_forever(self, sockets: list[socket.socket] | None = None) -> None:
         loop = asyncio.get_running_loop()
         done = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, done.set)
-        await self.start()
+        await self.start(sockets)
         await done.wait()
         await self.stop()

@@ -33,7 +33,8 @@ log = structlog.get_logger("relay.intake")
 # A transform gets the message (with our Received header) and returns the message to
 # queue; it raises SmtpReplyError to refuse it (e.g. DMARC reject).
 Transform = Callable[[ConnInfo, Envelope, bytes], Awaitable[bytes]]
-NotifyFn = Callable[[QueueId, NewMessage, float], None]
+NotifyFn = Callable[[QueueId, NewMessage, float, bool], None]
+ReserveFn = Callable[[], bool]
 
 _RECEIVED_RE = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
 _TLS_REQUIRED_NO = re.compile(rb"^tls-required:[ \t]*no[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
@@ -95,6 +96,8 @@ class Intake:
         spool: Spool,
         *,
         notify: NotifyFn | None = None,
+        reserve: ReserveFn | None = None,
+        release: Callable[[], None] | None = None,
         transforms: Sequence[Transform] = (),
         routing: Routing | None = None,
         clock: Callable[[], float] = time.time,
@@ -102,6 +105,8 @@ class Intake:
         self.config = config
         self.spool = spool
         self.notify = notify
+        self.reserve = reserve
+        self.release = release
         self.transforms = list(transforms)
         self.routing = routing or Routing(local_domains=config.relay.local_domains)
         self.clock = clock
@@ -156,13 +161,7 @@ class Intake:
         mail_from, rcpts, origs = self.route(env)
         flags = FLAG_NO_TLS_REQUIRED if tls_required_no(message) else 0
         new = NewMessage(mail_from, rcpts, message, origs, flags)
-        try:
-            await self.spool.enqueue(new, qid)
-        except StoreError as exc:
-            log.error("queue_write_failed", qid=qid, error=str(exc))
-            raise SmtpReplyError(
-                451, "4.3.0", "Temporary storage failure, try again later"
-            ) from exc
+        claimed = await self._enqueue(new, qid)
         log.info(
             "queued",
             qid=qid,
@@ -176,8 +175,22 @@ class Intake:
             message_id=_message_id(message),
         )
         if self.notify is not None:
-            self.notify(qid, new, now)
+            self.notify(qid, new, now, claimed)
         return f"2.0.0 Ok: queued as {qid}"
+
+    async def _enqueue(self, new: NewMessage, qid: QueueId) -> bool:
+        """Write durably; claim a place in the active window when there is one."""
+        claimed = self.reserve() if self.reserve is not None else False
+        try:
+            await self.spool.enqueue(new, qid, claimed=claimed)
+        except StoreError as exc:
+            if claimed and self.release is not None:
+                self.release()
+            log.error("queue_write_failed", qid=qid, error=str(exc))
+            raise SmtpReplyError(
+                451, "4.3.0", "Temporary storage failure, try again later"
+            ) from exc
+        return claimed
 
     async def inject(
         self, mail_from: str, recipients: Sequence[str], data: bytes, flags: int = 0
@@ -187,7 +200,8 @@ class Intake:
             flags |= FLAG_NO_TLS_REQUIRED
         new = NewMessage(mail_from, tuple(recipients), data, (), flags)
         now = self.clock()
-        qid = await self.spool.enqueue(new)
+        qid = new_qid(now)
+        claimed = await self._enqueue(new, qid)
         log.info(
             "injected",
             qid=qid,
@@ -197,7 +211,7 @@ class Intake:
             message_id=_message_id(data),
         )
         if self.notify is not None:
-            self.notify(qid, new, now)
+            self.notify(qid, new, now, claimed)
         return qid
 
 

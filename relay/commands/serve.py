@@ -18,6 +18,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     setup(config.logging.level, config.logging.format)
+    if config.server.workers > 1:
+        from relay.workers import run_workers
+
+        return run_workers(config)
     from relay.app import RelayApp
 
     asyncio.run(RelayApp(config).serve_forever())

@@ -30,6 +30,7 @@ from relay.queue.spool import (
     QueuedRecipient,
     RecipientUpdate,
     Spool,
+    extract_message_id,
 )
 
 log = structlog.get_logger("relay.queue")
@@ -72,6 +73,7 @@ class Scheduler:
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
         poll_interval: float = 1.0,
+        loader: bool = True,
     ) -> None:
         d = config.delivery
         self.config = config
@@ -87,6 +89,8 @@ class Scheduler:
         self._fresh: dict[QueueId, tuple[QueuedMessage, bytes]] = {}
         self._wake = asyncio.Event()
         self._stopping = False
+        self._reserved = 0
+        self.loader = loader
         self._slot_free = asyncio.Event()
         self.bounce_from = d.bounce_sender or f"MAILER-DAEMON@{config.server.hostname}"
 
@@ -95,11 +99,23 @@ class Scheduler:
     def wake(self) -> None:
         self._wake.set()
 
-    def submit_new(self, qid: QueueId, msg: NewMessage, created: float) -> None:
-        """Fast path from intake: the message is durable; start it without reading it back."""
-        if self._stopping:
-            return
-        if len(self._active) < self.window and qid not in self._active:
+    def reserve(self) -> bool:
+        """Claim a place in the active window for a message about to be queued."""
+        if self._stopping or len(self._active) + self._reserved >= self.window:
+            return False
+        self._reserved += 1
+        return True
+
+    def release(self) -> None:
+        """Give back a reservation whose message was not queued."""
+        self._reserved = max(0, self._reserved - 1)
+
+    def submit_new(self, qid: QueueId, msg: NewMessage, created: float, claimed: bool) -> None:
+        """From intake once the message is durable. A claimed message (its recipients were
+        written in flight) starts at once without being read back; others wait for the loader."""
+        if claimed:
+            self.release()
+        if claimed and qid not in self._active:
             recips = tuple(
                 QueuedRecipient(a, RecipientState.QUEUED, 0, 0.0, "", o)
                 for a, o in zip(msg.recipients, msg.orig_recipients or msg.recipients, strict=True)
@@ -108,7 +124,7 @@ class Scheduler:
                 id=qid,
                 mail_from=msg.mail_from,
                 size=len(msg.data),
-                message_id="",
+                message_id=extract_message_id(msg.data),
                 created=created,
                 flags=msg.flags,
                 recipients=_dedupe_recips(recips),
@@ -118,10 +134,11 @@ class Scheduler:
             self._wake.set()
 
     async def run(self) -> None:
-        """Load due messages until stopped."""
+        """Load due messages until stopped (only in the process that owns the loader)."""
         while not self._stopping:
             try:
-                await self._fill()
+                if self.loader:
+                    await self._fill()
             except Exception as exc:  # noqa: BLE001 - the loop must survive store hiccups
                 log.error("scheduler_fill_failed", error=str(exc))
             timeout = self.poll_interval
@@ -149,7 +166,7 @@ class Scheduler:
     # ------------------------------------------------------------ internals
 
     async def _fill(self) -> None:
-        room = self.window - len(self._active)
+        room = self.window - len(self._active) - self._reserved
         if room <= 0:
             return
         now = self.clock()
@@ -208,7 +225,8 @@ class Scheduler:
         by_domain: dict[str, list[QueuedRecipient]] = {}
         for r in pending:
             by_domain.setdefault(domain_of(r.address), []).append(r)
-        await self.spool.mark_inflight(qid, [r.address for r in pending])
+        if preloaded is None:
+            await self.spool.mark_inflight(qid, [r.address for r in pending])
         no_tls = bool(msg.flags & FLAG_NO_TLS_REQUIRED)
         jobs = [
             DeliveryJob(

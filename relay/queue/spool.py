@@ -132,14 +132,20 @@ class Spool:
 
     # ------------------------------------------------------------ writes
 
-    async def enqueue(self, msg: NewMessage, qid: QueueId | None = None) -> QueueId:
-        """Write the message and its recipients durably; return the queue id."""
+    async def enqueue(
+        self, msg: NewMessage, qid: QueueId | None = None, *, claimed: bool = False
+    ) -> QueueId:
+        """Write the message and its recipients durably; return the queue id.
+
+        ``claimed``: the caller delivers it at once, so the recipients are written in
+        flight (no other scheduler may load them; a crash requeues them at start)."""
         now = self.clock()
         qid = qid or new_qid(now)
         mid = extract_message_id(msg.data)
         origs = msg.orig_recipients or msg.recipients
+        state = RecipientState.INFLIGHT if claimed else RecipientState.QUEUED
         rows = [
-            (qid, a, o, RecipientState.QUEUED.value, now)
+            (qid, a, o, state.value, now)
             for a, o in _dedupe(zip(msg.recipients, origs, strict=True))
         ]
 
