@@ -1,0 +1,343 @@
+"""OpenSSL-speed signatures for dkimpy (RFC 6376, RFC 8463, RFC 8617 signing and verifying).
+
+dkimpy canonicalises and hashes well but signs RSA in pure Python (about 7 ms a
+signature) and needs PyNaCl for Ed25519. This module keeps dkimpy's canonicalisation and
+header hashing byte for byte and swaps only the public-key step for the ``cryptography``
+package, without touching dkimpy's globals: ``FastDKIM`` and ``FastARC`` subclass
+``dkim.DKIM`` / ``dkim.ARC`` and override the two methods that do public-key work
+(``gen_header`` to sign, ``verify_sig`` to verify). Plain ``dkim.*`` users are unaffected.
+
+RSASSA-PKCS1-v1_5 is deterministic, so a signature made here is byte-identical to the
+one dkimpy's ``dkim.crypto.RSASSA_PKCS1_v1_5_sign`` makes for the same input
+(``PurePythonRsaKey`` wraps that function for tests and the benchmark).
+
+Keys are looked up through a ``dnsfunc(name) -> tuple[str, ...]`` that raises
+``keys.KeyLookupError``: in relay it reads records prefetched by our async resolver.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import dkim
+import dkim.crypto
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
+from dkim.util import InvalidTagValueList, parse_tag_value
+
+from relay.auth.keys import KeyLookupError, KeyRecordError, PublicKey, parse_key_record
+
+DnsFunc = Callable[[str], Sequence[str]]
+
+# Time slop dkimpy allows for t= in the future and x= in the past (10 hours).
+CLOCK_SLOP = 36000
+# At most this many key records of one name are tried (RFC 6376 leaves several undefined).
+MAX_KEY_RECORDS = 3
+
+_HASHES: dict[str, hashes.HashAlgorithm] = {"sha256": hashes.SHA256(), "sha1": hashes.SHA1()}  # noqa: S303
+
+
+class KeyTooSmallError(ValueError):
+    """An RSA signing key below the minimum size."""
+
+
+class SigningKey(Protocol):
+    """A private key as the signers use it: sign a SHA-256 digest."""
+
+    @property
+    def algorithm(self) -> bytes: ...  # b"rsa-sha256" | b"ed25519-sha256"
+
+    @property
+    def bits(self) -> int: ...
+
+    def sign(self, digest: bytes) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class OpenSslKey:
+    """An RSA or Ed25519 private key signed with OpenSSL through ``cryptography``."""
+
+    key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+
+    @property
+    def algorithm(self) -> bytes:
+        return (
+            b"ed25519-sha256" if isinstance(self.key, ed25519.Ed25519PrivateKey) else b"rsa-sha256"
+        )
+
+    @property
+    def bits(self) -> int:
+        return 256 if isinstance(self.key, ed25519.Ed25519PrivateKey) else self.key.key_size
+
+    def sign(self, digest: bytes) -> bytes:
+        if isinstance(self.key, ed25519.Ed25519PrivateKey):
+            return self.key.sign(digest)  # RFC 8463: Ed25519 over the SHA-256 digest
+        return self.key.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+
+
+class _Digest:
+    """The two attributes dkimpy's EMSA-PKCS1-v1_5 encoder reads from a hash object."""
+
+    name = "sha256"
+
+    def __init__(self, value: bytes) -> None:
+        self._value = value
+
+    def digest(self) -> bytes:
+        return self._value
+
+
+@dataclass(frozen=True, slots=True)
+class PurePythonRsaKey:
+    """dkimpy's own pure-Python RSA signer, for byte-identity tests and the benchmark."""
+
+    parsed: dict[str, int]
+
+    @classmethod
+    def from_pem(cls, pem: bytes) -> PurePythonRsaKey:
+        return cls(dkim.crypto.parse_pem_private_key(pem))
+
+    @property
+    def algorithm(self) -> bytes:
+        return b"rsa-sha256"
+
+    @property
+    def bits(self) -> int:
+        return int(self.parsed["modulus"]).bit_length()
+
+    def sign(self, digest: bytes) -> bytes:
+        return bytes(dkim.crypto.RSASSA_PKCS1_v1_5_sign(_Digest(digest), self.parsed))
+
+
+def load_signing_key(data: bytes, *, min_rsa_bits: int = 2048) -> OpenSslKey:
+    """Load a PEM private key (RSA PKCS#1/PKCS#8 or Ed25519 PKCS#8), or a base64 Ed25519
+    seed (dkimpy's format). RSA keys below ``min_rsa_bits`` raise KeyTooSmallError."""
+    if b"-----BEGIN" in data:
+        key = load_pem_private_key(data, password=None)
+    else:
+        try:
+            seed = base64.b64decode(data.strip(), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError(f"not a PEM key nor a base64 Ed25519 seed: {exc}") from None
+        if len(seed) != 32:
+            raise ValueError("a base64 Ed25519 seed must be 32 bytes")
+        key = ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+    if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < min_rsa_bits:
+            raise KeyTooSmallError(
+                f"RSA key has {key.key_size} bits; at least {min_rsa_bits} are required"
+            )
+        return OpenSslKey(key)
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return OpenSslKey(key)
+    raise ValueError(f"unsupported key type {type(key).__name__}; use RSA or Ed25519")
+
+
+# ---- dkimpy subclasses ----
+
+
+class KeyUnavailable(dkim.DKIMException):  # type: ignore[misc]
+    """No usable key: DNS said there is none, or DNS failed (``temporary``)."""
+
+    def __init__(self, message: str, temporary: bool) -> None:
+        super().__init__(message)
+        self.temporary = temporary
+
+
+class StrictIdentityError(dkim.ValidationError):  # type: ignore[misc]
+    """The key has t=s but the signature's i= domain is not d= (RFC 6376 section 3.6.1)."""
+
+
+def check_times(sig: dict[bytes, bytes], now: float) -> None:
+    """dkimpy's t= / x= checks, against an injected clock instead of time.time()."""
+    t_sign = None
+    if b"t" in sig:
+        if re.match(rb"\d+$", sig[b"t"]) is None:
+            raise dkim.ValidationError(f"t= value is not a decimal integer ({sig[b't']!r})")
+        t_sign = int(sig[b"t"])
+        if t_sign > now + CLOCK_SLOP:
+            raise dkim.ValidationError(f"t= value is in the future ({sig[b't']!r})")
+    if b"x" in sig:
+        if re.match(rb"\d+$", sig[b"x"]) is None:
+            raise dkim.ValidationError(f"x= value is not a decimal integer ({sig[b'x']!r})")
+        x_sign = int(sig[b"x"])
+        if x_sign < now - CLOCK_SLOP:
+            raise dkim.ValidationError(f"signature expired (x={x_sign})")
+        if t_sign and x_sign < t_sign:
+            raise dkim.ValidationError("x= value is less than t= value")
+
+
+class _FastCrypto:
+    """Mixin over dkim.DomainSigner: public-key steps through ``cryptography``."""
+
+    identity_check = False  # DKIM checks i= against t=s keys; in ARC i= is the instance
+
+    # attributes provided by dkim.DomainSigner
+    headers: list[Any]
+    body: bytes
+    minkey: int
+    linesep: bytes
+    signed_headers: list[Any]
+    hasher: Any
+    keysize: int
+
+    def gen_header(
+        self,
+        fields: list[tuple[bytes, bytes]],
+        include_headers: Sequence[bytes],
+        canon_policy: Any,
+        header_name: bytes,
+        pk: SigningKey,
+        standardize: bool = False,
+    ) -> bytes:
+        """dkim.DomainSigner.gen_header with the signature made by ``pk.sign``."""
+        if standardize:
+            lower = [(x, y.lower().replace(b" ", b"")) for (x, y) in fields if x != b"bh"]
+            reg = [(x, y.replace(b" ", b"")) for (x, y) in fields if x == b"bh"]
+            fields = sorted(lower + reg, key=lambda x: x[0])
+        header_value = b"; ".join(b"=".join(x) for x in fields)
+        if not standardize:
+            header_value = dkim.fold(header_value, namelen=len(header_name), linesep=b"\r\n")
+        header_value = dkim.RE_BTAG.sub(b"\\1", header_value)
+        header = (header_name, b" " + header_value)
+        h = self.hasher()
+        headers = canon_policy.canonicalize_headers(self.headers)
+        self.signed_headers = dkim.hash_headers(
+            h, canon_policy, headers, include_headers, header, dict(fields)
+        )
+        signature = pk.sign(h.digest())
+        idx = [i for i in range(len(fields)) if fields[i][0] == b"b"][0]
+        fields[idx] = (b"b", base64.b64encode(signature))
+        header_value = b"; ".join(b"=".join(x) for x in fields) + self.linesep
+        if not standardize:
+            header_value = dkim.fold(header_value, namelen=len(header_name), linesep=self.linesep)
+        return bytes(header_value)
+
+    def verify_sig(
+        self,
+        sig: dict[bytes, bytes],
+        include_headers: list[bytes],
+        sig_header: tuple[bytes, bytes],
+        dnsfunc: DnsFunc,
+    ) -> bool:
+        """Look the key up through ``dnsfunc`` and verify; raises DKIMException subclasses
+        with a plain reason (KeyUnavailable, KeyFormatError, ValidationError)."""
+        name = (sig[b"s"] + b"._domainkey." + sig[b"d"]).decode("ascii", "replace")
+        try:
+            records = dnsfunc(name)
+        except KeyLookupError as exc:
+            reason = "DNS temporary failure" if exc.temporary else "key not found"
+            raise KeyUnavailable(reason, exc.temporary) from None
+        want = "ed25519" if sig[b"a"].startswith(b"ed25519") else "rsa"
+        keys: list[PublicKey] = []
+        problems: list[str] = []
+        for record in records:
+            try:
+                key = parse_key_record(record)
+            except KeyRecordError as exc:
+                problems.append(str(exc))
+                continue
+            if key.key_type == want:
+                keys.append(key)
+            else:
+                problems.append(f"key type {key.key_type} does not match a={sig[b'a'].decode()}")
+        if not keys:
+            raise dkim.KeyFormatError("; ".join(problems) or "no usable key record")
+        for key in keys[:MAX_KEY_RECORDS]:
+            if key.key_type == "rsa" and key.bits < self.minkey:
+                raise dkim.KeyFormatError(f"public key too small ({key.bits} bits)")
+            if self.identity_check and key.strict and b"i" in sig:
+                ident = sig[b"i"].rsplit(b"@", 1)[-1].lower()
+                if ident != sig[b"d"].lower():
+                    raise StrictIdentityError("key requires i= domain equal to d= (t=s)")
+            self.keysize = key.bits
+            if self._verify_with_key(sig, list(include_headers), sig_header, key):
+                return True
+        return False
+
+    def _verify_with_key(
+        self,
+        sig: dict[bytes, bytes],
+        include_headers: list[bytes],
+        sig_header: tuple[bytes, bytes],
+        key: PublicKey,
+    ) -> bool:
+        """dkim.DomainSigner.verify_sig_process with the public-key step swapped."""
+        try:
+            canon_policy = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
+        except InvalidCanonicalizationPolicyError as e:
+            raise dkim.MessageFormatError(f"invalid c= value: {e.args[0]}") from None
+        hasher = dkim.crypto.HASH_ALGORITHMS[sig[b"a"]]
+        if b"bh" in sig:
+            body = canon_policy.canonicalize_body(self.body)
+            if b"l" in sig:
+                body = body[: int(sig[b"l"])]
+            bodyhash = hasher(body).digest()
+            try:
+                bh = base64.b64decode(re.sub(rb"\s+", b"", sig[b"bh"]))
+            except (binascii.Error, ValueError) as e:
+                raise dkim.MessageFormatError(str(e)) from None
+            if bodyhash != bh:
+                raise dkim.ValidationError("body hash mismatch")
+        if b"from" in include_headers:
+            include_headers.append(b"from")  # dkimpy: any extra From breaks the signature
+        h = hasher()
+        headers = canon_policy.canonicalize_headers(self.headers)
+        self.signed_headers = dkim.hash_headers(
+            h, canon_policy, headers, include_headers, sig_header, sig
+        )
+        try:
+            signature = base64.b64decode(re.sub(rb"\s+", b"", sig[b"b"]))
+        except (binascii.Error, ValueError) as e:
+            raise dkim.MessageFormatError(str(e)) from None
+        digest = h.digest()
+        try:
+            if isinstance(key.key, ed25519.Ed25519PublicKey):
+                key.key.verify(signature, digest)
+            else:
+                algo = _HASHES[h.name.lower()]
+                key.key.verify(signature, digest, padding.PKCS1v15(), utils.Prehashed(algo))
+        except InvalidSignature:
+            return False
+        return True
+
+
+class FastDKIM(_FastCrypto, dkim.DKIM):  # type: ignore[misc]
+    """dkim.DKIM with OpenSSL crypto and an injectable clock for t= / x=."""
+
+    identity_check = True
+
+    def __init__(self, message: bytes, *, now: float | None = None, minkey: int = 1024) -> None:
+        super().__init__(message, minkey=minkey)
+        self.now = now
+
+    def verify_headerprep(self, idx: int = 0) -> Any:
+        sigheaders = [(x, y) for x, y in self.headers if x.lower() == b"dkim-signature"]
+        if len(sigheaders) <= idx:
+            return False
+        try:
+            sig = parse_tag_value(sigheaders[idx][1])
+        except InvalidTagValueList as e:
+            raise dkim.MessageFormatError(str(e)) from None
+        self.signature_fields = sig
+        timeless = {k: v for k, v in sig.items() if k not in (b"t", b"x")}
+        dkim.validate_signature_fields(timeless)
+        check_times(sig, time.time() if self.now is None else self.now)
+        self.domain = sig[b"d"]
+        self.selector = sig[b"s"]
+        include_headers = [x.lower() for x in re.split(rb"\s*:\s*", sig[b"h"])]
+        self.include_headers = tuple(include_headers)
+        return sig, include_headers, sigheaders
+
+
+class FastARC(_FastCrypto, dkim.ARC):  # type: ignore[misc]
+    """dkim.ARC with OpenSSL crypto (verification through ``ARC.verify``)."""

@@ -1,0 +1,51 @@
+"""Crypto off the event loop: a process pool for signature checks and ARC seals.
+
+RSA and canonicalisation are CPU-bound; run on the loop they would stall every SMTP
+session. ``make_crypto_pool`` builds a ProcessPoolExecutor (forkserver start method, so
+no worker inherits the loop's threads or sockets) whose workers import dkimpy and
+cryptography once. Every API that uses it takes ``executor=None`` meaning "inline": tests
+and one-off commands run without a pool. Jobs are plain top-level functions with
+picklable arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _warm_up() -> None:
+    import dkim  # noqa: F401
+    from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: F401
+
+    import relay.auth.arc  # noqa: F401
+    import relay.auth.dkim  # noqa: F401
+
+
+def make_crypto_pool(workers: int | None = None) -> ProcessPoolExecutor:
+    """A process pool sized to the CPUs (default: all of them, at least 1)."""
+    count = workers if workers is not None else max(os.cpu_count() or 1, 1)
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    return ProcessPoolExecutor(max_workers=count, mp_context=ctx, initializer=_warm_up)
+
+
+async def run_crypto(
+    executor: Executor | None, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """Run fn(*args) in the executor, or inline when executor is None."""
+    if executor is None:
+        return fn(*args, **kwargs)
+    loop = asyncio.get_running_loop()
+    if kwargs:
+        import functools
+
+        return await loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
+    return await loop.run_in_executor(executor, fn, *args)
