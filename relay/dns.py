@@ -99,7 +99,7 @@ class AiodnsResolver:
         except aiodns.error.DNSError as exc:
             code = exc.args[0] if exc.args else None
             detail = exc.args[1] if len(exc.args) > 1 else ""
-            if code in (pycares.errno.ARES_ENOTFOUND,):
+            if code in (pycares.errno.ARES_ENOTFOUND, pycares.errno.ARES_EBADNAME):
                 raise DnsNotFound(qname, rdtype, str(detail)) from None
             if code == pycares.errno.ARES_ENODATA:
                 raise DnsNoData(qname, rdtype, str(detail)) from None
@@ -145,6 +145,7 @@ class StaticResolver:
     "NXDOMAIN", "SERVFAIL", "TIMEOUT". A name with no entry of any type is NXDOMAIN;
     a name with entries of other types only gives NoData. MX values are
     (preference, host) tuples; TXT values are strings (or lists of strings, joined).
+    A (name, "CNAME") entry is followed for the other types (8 hops, then DnsTempFail).
     """
 
     def __init__(self, records: Mapping[tuple[str, str], object] | None = None) -> None:
@@ -171,6 +172,15 @@ class StaticResolver:
     def _lookup(self, name: str, rdtype: str) -> list[object]:
         qname = _norm(name)
         self.queries.append((qname, rdtype))
+        for _hop in range(8):  # follow CNAME entries, as a recursive resolver would
+            target = self.records.get((qname, "CNAME"))
+            if rdtype == "CNAME" or (qname, rdtype) in self.records:
+                break
+            if not isinstance(target, list) or not target:
+                break
+            qname = _norm(str(target[0]))
+        else:
+            raise DnsTempFail(_norm(name), rdtype, "CNAME chain too long")
         value = self.records.get((qname, rdtype))
         if value is None:
             for t in ("NXDOMAIN", "SERVFAIL", "TIMEOUT"):
