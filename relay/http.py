@@ -39,6 +39,7 @@ from pathlib import Path
 import httpx
 import structlog
 
+from relay.config import Config
 from relay.dns import Resolver, addresses
 from relay.errors import DnsError, DnsTempFail, RelayError
 
@@ -200,6 +201,19 @@ class SafeHttpClient:
         self._ssl = make_ssl_context(ca_file)
         self.requests = 0  # counters
         self.refused = 0
+
+    @classmethod
+    def from_config(
+        cls, config: Config, resolver: Resolver, *, timeout: float | None = None
+    ) -> SafeHttpClient:
+        """``[delivery] ca_file``, ``[http] allow_private_addresses`` and, by default,
+        ``[mta_sts] fetch_timeout``."""
+        return cls(
+            resolver,
+            ca_file=config.delivery.ca_file,
+            allow_private=config.http.allow_private_addresses,
+            timeout=config.mta_sts.fetch_timeout if timeout is None else timeout,
+        )
 
     async def get(
         self,

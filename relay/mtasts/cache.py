@@ -1,0 +1,223 @@
+"""Durable MTA-STS policy cache in the Store (tables ``mtasts_*``; RFC 8461 sections 3.3, 10).
+
+A restart keeps every cached policy: that is the defence against a DNS attacker who
+blocks discovery (threats row 17). Rows are untrusted on reload: the stored policy
+text is parsed again, and a row that no longer parses is ignored (and logged).
+
+Tables:
+- ``mtasts_policy``: domain, TXT id, policy text, fetched_at, checked_at (last time the
+  TXT id was seen unchanged), expires_at.
+- ``mtasts_failure``: last failed fetch per (domain, id), its RFC 8460 result type and
+  reason, for the per-id back-off.
+- ``mtasts_meta``: small key/value rows (the refresher's last run).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+import structlog
+
+from relay.errors import PolicyError
+from relay.model import TlsResultType
+from relay.mtasts.policy import StsPolicy, parse_policy
+from relay.store import Store
+
+log = structlog.get_logger("relay.mtasts.cache")
+
+MIGRATIONS = [  # one statement per step (no executescript inside the writer's transaction)
+    "CREATE TABLE mtasts_policy (domain TEXT PRIMARY KEY, policy_id TEXT NOT NULL, "
+    "policy_text TEXT NOT NULL, fetched_at REAL NOT NULL, checked_at REAL NOT NULL, "
+    "expires_at REAL NOT NULL)",
+    "CREATE INDEX mtasts_policy_checked ON mtasts_policy(checked_at)",
+    "CREATE TABLE mtasts_failure (domain TEXT NOT NULL, policy_id TEXT NOT NULL, "
+    "failed_at REAL NOT NULL, result_type TEXT NOT NULL, reason TEXT NOT NULL, "
+    "PRIMARY KEY (domain, policy_id))",
+    "CREATE TABLE mtasts_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class CachedPolicy:
+    domain: str
+    policy_id: str
+    policy: StsPolicy
+    fetched_at: float
+    checked_at: float
+    expires_at: float
+
+    def fresh(self, now: float) -> bool:
+        return now < self.expires_at
+
+
+@dataclass(frozen=True, slots=True)
+class FetchFailure:
+    domain: str
+    policy_id: str
+    failed_at: float
+    result_type: TlsResultType
+    reason: str
+
+
+class PolicyCache:
+    """Store-backed cache. ``open`` runs the migrations (synchronously, at start)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        store.migrate("mtasts", MIGRATIONS)
+
+    # -------------------------------------------------------------- policies
+
+    async def get(self, domain: str) -> CachedPolicy | None:
+        row = await self.store.read(
+            lambda c: c.execute(
+                "SELECT domain, policy_id, policy_text, fetched_at, checked_at, expires_at "
+                "FROM mtasts_policy WHERE domain=?",
+                (domain,),
+            ).fetchone()
+        )
+        return _row(row) if row else None
+
+    async def all(self) -> list[CachedPolicy]:
+        rows = await self.store.read(_all_rows)
+        return [cp for cp in (_row(r) for r in rows) if cp is not None]
+
+    def all_sync(self) -> list[CachedPolicy]:
+        return [cp for cp in (_row(r) for r in self.store.read_sync(_all_rows)) if cp is not None]
+
+    async def put(self, cp: CachedPolicy) -> None:
+        """Store a newly fetched policy; forget the failures recorded for the domain."""
+
+        def fn(c: sqlite3.Connection) -> None:
+            c.execute(
+                "INSERT INTO mtasts_policy"
+                "(domain, policy_id, policy_text, fetched_at, checked_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(domain) DO UPDATE SET "
+                "policy_id=excluded.policy_id, policy_text=excluded.policy_text, "
+                "fetched_at=excluded.fetched_at, checked_at=excluded.checked_at, "
+                "expires_at=excluded.expires_at",
+                (
+                    cp.domain,
+                    cp.policy_id,
+                    cp.policy.text,
+                    cp.fetched_at,
+                    cp.checked_at,
+                    cp.expires_at,
+                ),
+            )
+            c.execute("DELETE FROM mtasts_failure WHERE domain=?", (cp.domain,))
+
+        await self.store.write(fn)
+
+    async def extend(
+        self, domain: str, policy_id: str, checked_at: float, expires_at: float
+    ) -> bool:
+        """The TXT id was seen unchanged: push the expiry out. False if the row changed."""
+
+        def fn(c: sqlite3.Connection) -> bool:
+            cur = c.execute(
+                "UPDATE mtasts_policy SET checked_at=?, expires_at=MAX(expires_at, ?) "
+                "WHERE domain=? AND policy_id=?",
+                (checked_at, expires_at, domain, policy_id),
+            )
+            return cur.rowcount == 1
+
+        return await self.store.write(fn)
+
+    async def mark_checked(self, domain: str, checked_at: float) -> None:
+        await self.store.write(
+            lambda c: c.execute(
+                "UPDATE mtasts_policy SET checked_at=? WHERE domain=?", (checked_at, domain)
+            )
+        )
+
+    async def delete(self, domain: str) -> None:
+        def fn(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM mtasts_policy WHERE domain=?", (domain,))
+            c.execute("DELETE FROM mtasts_failure WHERE domain=?", (domain,))
+
+        await self.store.write(fn)
+
+    async def due(self, checked_before: float, expiring_before: float) -> list[str]:
+        """Domains last checked before checked_before or expiring before expiring_before."""
+        rows = await self.store.read(
+            lambda c: c.execute(
+                "SELECT domain FROM mtasts_policy WHERE checked_at<=? OR expires_at<=? "
+                "ORDER BY expires_at",
+                (checked_before, expiring_before),
+            ).fetchall()
+        )
+        return [str(r[0]) for r in rows]
+
+    # -------------------------------------------------------------- failures
+
+    async def record_failure(self, f: FetchFailure) -> None:
+        await self.store.write(
+            lambda c: c.execute(
+                "INSERT INTO mtasts_failure(domain, policy_id, failed_at, result_type, reason) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(domain, policy_id) DO UPDATE SET "
+                "failed_at=excluded.failed_at, result_type=excluded.result_type, "
+                "reason=excluded.reason",
+                (f.domain, f.policy_id, f.failed_at, str(f.result_type), f.reason),
+            )
+        )
+
+    async def last_failure(self, domain: str, policy_id: str) -> FetchFailure | None:
+        row = await self.store.read(
+            lambda c: c.execute(
+                "SELECT failed_at, result_type, reason FROM mtasts_failure "
+                "WHERE domain=? AND policy_id=?",
+                (domain, policy_id),
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        try:
+            rtype = TlsResultType(row[1])
+        except ValueError:
+            rtype = TlsResultType.STS_POLICY_FETCH_ERROR
+        return FetchFailure(domain, policy_id, float(row[0]), rtype, str(row[2]))
+
+    # -------------------------------------------------------------- meta
+
+    async def get_meta(self, key: str) -> str | None:
+        row = await self.store.read(
+            lambda c: c.execute("SELECT value FROM mtasts_meta WHERE key=?", (key,)).fetchone()
+        )
+        return None if row is None else str(row[0])
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self.store.write(
+            lambda c: c.execute(
+                "INSERT INTO mtasts_meta(key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (key, value),
+            )
+        )
+
+
+def _all_rows(c: sqlite3.Connection) -> list[tuple[object, ...]]:
+    return list(
+        c.execute(
+            "SELECT domain, policy_id, policy_text, fetched_at, checked_at, expires_at "
+            "FROM mtasts_policy ORDER BY domain"
+        ).fetchall()
+    )
+
+
+def _row(row: tuple[object, ...]) -> CachedPolicy | None:
+    domain, policy_id, text, fetched_at, checked_at, expires_at = row
+    try:
+        policy = parse_policy(str(text))
+    except PolicyError as exc:  # re-validate what comes back from disk
+        log.warning("mtasts_cache_row_invalid", domain=domain, error=str(exc))
+        return None
+    return CachedPolicy(
+        domain=str(domain),
+        policy_id=str(policy_id),
+        policy=policy,
+        fetched_at=float(fetched_at),  # type: ignore[arg-type]
+        checked_at=float(checked_at),  # type: ignore[arg-type]
+        expires_at=float(expires_at),  # type: ignore[arg-type]
+    )

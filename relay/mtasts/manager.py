@@ -1,0 +1,269 @@
+"""MTA-STS policy for a recipient domain, as delivery needs it (RFC 8461 sections 3.3, 5, 10).
+
+``PolicyManager.get_policy(domain) -> relay.model.TlsPolicy``:
+
+1. Read the cached policy (the durable cache); only an unexpired one may apply.
+2. Look up the TXT record. On a lookup failure or no record, keep using the unexpired
+   cached policy (3.3, 10: a DNS attacker must not be able to switch it off); without
+   one, there is no policy.
+3. Same id as the cached policy: use the cache (no HTTPS). A new id, or no cache:
+   fetch, unless a fetch for this id failed less than ``failed_fetch_backoff`` ago.
+4. A failed fetch keeps the unexpired cached policy; without one the result is "no
+   policy" with ``fetch_error`` set (sts-policy-fetch-error / sts-policy-invalid /
+   sts-webpki-invalid) so delivery is opportunistic and TLS-RPT hears of it.
+
+Concurrent calls for one domain share one lookup (single flight), and a refresh of a
+domain never runs at the same time as a lookup of it. ``run_refresher`` renews cached
+policies in the background (relay.mtasts.refresher).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import structlog
+
+from relay.config import Config
+from relay.dns import Resolver
+from relay.errors import PolicyError, StoreError
+from relay.http import SafeHttpClient
+from relay.model import TlsPolicy, TlsResultType
+from relay.mtasts.cache import CachedPolicy, FetchFailure, PolicyCache
+from relay.mtasts.fetch import (
+    DiscoveryStatus,
+    PolicyFetchError,
+    discover,
+    fetch_policy,
+    policy_domain,
+)
+from relay.mtasts.policy import StsPolicy
+from relay.mtasts.refresher import PolicyRefresher
+from relay.store import Store
+
+log = structlog.get_logger("relay.mtasts")
+
+
+@dataclass
+class StsCounters:
+    lookups: int = 0  # get_policy calls that did the work (not joined to another)
+    txt_failures: int = 0  # TXT lookups that failed temporarily
+    cache_hits: int = 0  # a cached policy was used
+    fetches: int = 0  # HTTPS fetches attempted
+    fetch_failures: int = 0
+    refusals: int = 0  # fetched but refused: invalid policy or certificate
+    backoff_skips: int = 0  # a fetch not tried because the last one for the id failed
+    stale_kept: int = 0  # a cached policy kept because DNS or the fetch failed
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def to_tls_policy(cp: CachedPolicy) -> TlsPolicy:
+    return policy_to_tls(cp.domain, cp.policy_id, cp.policy)
+
+
+def policy_to_tls(domain: str, policy_id: str, policy: StsPolicy) -> TlsPolicy:
+    return TlsPolicy(
+        domain=domain,
+        mode=policy.mode,
+        mx_patterns=policy.mx,
+        max_age=policy.max_age,
+        policy_id=policy_id,
+        policy_strings=policy.policy_strings,
+    )
+
+
+class PolicyManager:
+    def __init__(
+        self,
+        config: Config,
+        resolver: Resolver,
+        store: Store,
+        http_client: SafeHttpClient,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.cfg = config.mta_sts
+        self.resolver = resolver
+        self.http = http_client
+        self.clock = clock
+        self.cache = PolicyCache(store)
+        self.counters = StsCounters()
+        self._inflight: dict[str, asyncio.Task[TlsPolicy]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.refresher = PolicyRefresher(
+            self.cache,
+            self.refresh_domain,
+            interval=self.cfg.refresh_interval,
+            concurrency=self.cfg.refresh_concurrency,
+            clock=clock,
+        )
+
+    # ------------------------------------------------------------------ public
+
+    async def get_policy(self, domain: str) -> TlsPolicy:
+        """The MTA-STS policy delivery must apply to domain. Never raises for DNS, HTTP,
+        policy or store failures (they give "no policy" or the cached policy)."""
+        if not self.cfg.enabled:
+            return TlsPolicy(domain=domain)
+        try:
+            d = policy_domain(domain)
+        except PolicyError:
+            return TlsPolicy(domain=domain)
+        task = self._inflight.get(d)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._locked_lookup(d))
+            self._inflight[d] = task
+            task.add_done_callback(functools.partial(self._forget, d))
+        return await asyncio.shield(task)
+
+    async def run_refresher(self, stop: asyncio.Event) -> None:
+        """Background renewal until stop is set (see relay.mtasts.refresher)."""
+        await self.refresher.run(stop)
+
+    async def refresh_once(self) -> dict[str, int]:
+        return await self.refresher.run_once()
+
+    async def refresh_domain(self, domain: str) -> str:
+        """Renew one cached domain. Outcome: unchanged (TXT id same: expiry extended, no
+        fetch), updated (new id fetched), failed, backoff, kept (DNS gave nothing; the
+        cache stays), removed (expired and no record any more), gone (not cached)."""
+        async with self._lock(domain):
+            return await self._refresh(domain)
+
+    # ------------------------------------------------------------------ lookup
+
+    def _forget(self, d: str, t: asyncio.Task[TlsPolicy]) -> None:
+        if self._inflight.get(d) is t:
+            del self._inflight[d]
+        if not t.cancelled() and t.exception() is not None:
+            log.error("mtasts_lookup_crashed", domain=d, error=repr(t.exception()))
+
+    def _lock(self, d: str) -> asyncio.Lock:
+        lock = self._locks.get(d)
+        if lock is None:
+            lock = self._locks[d] = asyncio.Lock()
+        return lock
+
+    async def _locked_lookup(self, d: str) -> TlsPolicy:
+        async with self._lock(d):
+            return await self._lookup(d)
+
+    async def _cached(self, d: str) -> CachedPolicy | None:
+        try:
+            return await self.cache.get(d)
+        except StoreError as exc:
+            log.error("mtasts_cache_read_failed", domain=d, error=str(exc))
+            return None
+
+    def _hit(self, cp: CachedPolicy, why: str) -> TlsPolicy:
+        self.counters.cache_hits += 1
+        if why != "id-unchanged":
+            self.counters.stale_kept += 1
+        log.debug("mtasts_cache_hit", domain=cp.domain, id=cp.policy_id, why=why)
+        return to_tls_policy(cp)
+
+    async def _lookup(self, d: str) -> TlsPolicy:
+        self.counters.lookups += 1
+        now = self.clock()
+        cached = await self._cached(d)
+        live = cached if cached is not None and cached.fresh(now) else None
+        disc = await discover(self.resolver, d)
+        if disc.status is DiscoveryStatus.ERROR:
+            self.counters.txt_failures += 1
+            log.warning("mtasts_txt_failed", domain=d, reason=disc.reason, cached=live is not None)
+            return self._hit(live, "txt-failed") if live else TlsPolicy(domain=d)
+        if disc.status is DiscoveryStatus.NONE or disc.record is None:
+            if live:
+                log.warning("mtasts_txt_missing_cache_kept", domain=d, reason=disc.reason)
+                return self._hit(live, "txt-missing")
+            return TlsPolicy(domain=d)
+        rid = disc.record.id
+        if live and live.policy_id == rid:
+            return self._hit(live, "id-unchanged")
+        outcome, _ = await self._fetch(d, rid)
+        if isinstance(outcome, CachedPolicy):
+            return to_tls_policy(outcome)
+        if live:
+            return self._hit(live, "fetch-failed")
+        return TlsPolicy(
+            domain=d,
+            policy_id=rid,
+            fetch_error=outcome.result_type,
+            fetch_error_reason=outcome.reason,
+        )
+
+    async def _fetch(self, d: str, rid: str) -> tuple[CachedPolicy | FetchFailure, bool]:
+        """Fetch and cache the policy for id rid, honouring the per-id back-off.
+        The bool says whether a fetch was attempted."""
+        now = self.clock()
+        try:
+            last = await self.cache.last_failure(d, rid)
+        except StoreError as exc:
+            log.error("mtasts_cache_read_failed", domain=d, error=str(exc))
+            last = None
+        if last is not None and now - last.failed_at < self.cfg.failed_fetch_backoff:
+            self.counters.backoff_skips += 1
+            log.info("mtasts_fetch_backoff", domain=d, id=rid, failed_at=last.failed_at)
+            return last, False
+        self.counters.fetches += 1
+        try:
+            policy = await fetch_policy(
+                self.http, d, port=self.cfg.https_port, timeout=self.cfg.fetch_timeout
+            )
+        except PolicyFetchError as exc:
+            self.counters.fetch_failures += 1
+            if exc.result_type is not TlsResultType.STS_POLICY_FETCH_ERROR:
+                self.counters.refusals += 1
+            failure = FetchFailure(d, rid, self.clock(), exc.result_type, exc.reason)
+            log.warning(
+                "mtasts_fetch_failed", domain=d, id=rid, result_type=str(exc.result_type),
+                reason=exc.reason,
+            )  # fmt: skip
+            try:
+                await self.cache.record_failure(failure)
+            except StoreError as serr:
+                log.error("mtasts_cache_write_failed", domain=d, error=str(serr))
+            return failure, True
+        at = self.clock()
+        cp = CachedPolicy(
+            d, rid, policy, fetched_at=at, checked_at=at, expires_at=at + policy.max_age
+        )
+        log.info(
+            "mtasts_fetched", domain=d, id=rid, mode=str(policy.mode), mx=list(policy.mx),
+            max_age=policy.max_age,
+        )  # fmt: skip
+        try:
+            await self.cache.put(cp)
+        except StoreError as exc:
+            log.error("mtasts_cache_write_failed", domain=d, error=str(exc))
+        return cp, True
+
+    # ------------------------------------------------------------------ refresh
+
+    async def _refresh(self, d: str) -> str:
+        cached = await self.cache.get(d)
+        if cached is None:
+            return "gone"
+        now = self.clock()
+        disc = await discover(self.resolver, d)
+        if disc.status is DiscoveryStatus.FOUND and disc.record is not None:
+            rid = disc.record.id
+            if rid == cached.policy_id:
+                await self.cache.extend(d, rid, now, now + cached.policy.max_age)
+                return "unchanged"
+            outcome, attempted = await self._fetch(d, rid)
+            if isinstance(outcome, CachedPolicy):
+                return "updated"
+            await self.cache.mark_checked(d, now)
+            return "failed" if attempted else "backoff"
+        if disc.status is DiscoveryStatus.NONE and not cached.fresh(now):
+            await self.cache.delete(d)
+            log.info("mtasts_cache_removed", domain=d, reason=disc.reason)
+            return "removed"
+        await self.cache.mark_checked(d, now)
+        return "kept"
