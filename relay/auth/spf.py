@@ -201,19 +201,23 @@ def is_spf_record(text: str) -> bool:
     return _VERSION.match(text) is not None
 
 
-def valid_domain(name: str) -> bool:
-    """A name that can be queried: labels of 1..63 octets, at most 253 in all, two labels
-    or more (4.3), not a domain literal."""
-    name = name[:-1] if name.endswith(".") else name
-    if not name or len(name) > 253 or name.startswith("["):
-        return False
-    labels = name.split(".")
-    return len(labels) >= 2 and all(0 < len(label) <= 63 for label in labels)
-
-
 def _queryable(name: str) -> bool:
+    """Labels of 1..63 characters, 253 in all, and text that can be encoded (a HELO read
+    with surrogateescape must not reach the resolver's IDNA step)."""
     name = name[:-1] if name.endswith(".") else name
-    return bool(name) and len(name) <= 253 and all(0 < len(x) <= 63 for x in name.split("."))
+    if not name or len(name) > 253 or not all(0 < len(x) <= 63 for x in name.split(".")):
+        return False
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def valid_domain(name: str) -> bool:
+    """A <domain> check_host() accepts (4.3): queryable, two labels or more, not a
+    domain literal."""
+    return _queryable(name) and "." in name.rstrip(".") and not name.startswith("[")
 
 
 @dataclass(frozen=True, slots=True)

@@ -154,7 +154,7 @@ def expand(tokens: tuple[Token, ...], values: MacroValues) -> str:
             out.append(tok)
             continue
         value = _transform(str(getattr(values, tok.letter)), tok)
-        out.append(quote(value, safe="") if tok.escape else value)
+        out.append(quote(value, safe="", errors="surrogateescape") if tok.escape else value)
     return "".join(out)
 
 
