@@ -317,7 +317,10 @@ class FastDKIM(_FastCrypto, dkim.DKIM):  # type: ignore[misc]
     identity_check = True
 
     def __init__(self, message: bytes, *, now: float | None = None, minkey: int = 1024) -> None:
-        super().__init__(message, minkey=minkey)
+        try:
+            super().__init__(message, minkey=minkey)
+        except IndexError:  # dkimpy: a continuation line before the first header field
+            raise dkim.MessageFormatError("continuation line before the first header") from None
         self.now = now
 
     def verify_headerprep(self, idx: int = 0) -> Any:
@@ -341,3 +344,84 @@ class FastDKIM(_FastCrypto, dkim.DKIM):  # type: ignore[misc]
 
 class FastARC(_FastCrypto, dkim.ARC):  # type: ignore[misc]
     """dkim.ARC with OpenSSL crypto (verification through ``ARC.verify``)."""
+
+    def __init__(self, message: bytes, *, minkey: int = 1024) -> None:
+        try:
+            super().__init__(message, minkey=minkey)
+        except IndexError:
+            raise dkim.MessageFormatError("continuation line before the first header") from None
+
+    def verify_instance(
+        self, arc_headers_w_instance: list[Any], instance: int, dnsfunc: DnsFunc
+    ) -> dict[str, Any]:
+        """dkim.ARC.verify_instance, also accepting a=ed25519-sha256 (RFC 8463 keys) where
+        dkimpy accepts rsa-sha256 only; the rest follows dkimpy step by step."""
+        if instance == 0 or not arc_headers_w_instance:
+            raise dkim.ParameterError(f"request to verify instance {instance} not present")
+        values: dict[bytes, bytes] = {}
+        arc_headers = []
+        for i, arc_header in arc_headers_w_instance:
+            if i > instance:
+                continue
+            arc_headers.append(arc_header)
+            if i == instance:
+                name = arc_header[0].lower()
+                if name in values:
+                    raise dkim.MessageFormatError(f"Duplicate {name!r} for instance {instance}")
+                values[name] = arc_header[1]
+        if len(values) != 3:
+            raise dkim.MessageFormatError(f"Incomplete ARC set for instance {instance}")
+        output: dict[str, Any] = {
+            "instance": instance,
+            "aar-value": values[b"arc-authentication-results"],
+        }
+        sig = _arc_tags(values[b"arc-message-signature"])
+        _validate_arc_fields(sig, [b"i", b"a", b"b", b"bh", b"d", b"h", b"s"])
+        output["ams-domain"], output["ams-selector"] = sig[b"d"], sig[b"s"]
+        include_headers = [x.lower() for x in re.split(rb"\s*:\s*", sig[b"h"])]
+        if b"arc-seal" in include_headers:
+            raise dkim.ParameterError("The Arc-Message-Signature MUST NOT sign ARC-Seal")
+        raw_ams_header = [
+            (x, y)
+            for (x, y) in self.headers
+            if x.lower() == b"arc-message-signature" and b" i=" + sig[b"i"] + b";" in y.lower()
+        ][0]
+        sig.setdefault(b"c", b"relaxed/relaxed")
+        try:
+            output["ams-valid"] = self.verify_sig(sig, include_headers, raw_ams_header, dnsfunc)
+        except dkim.DKIMException:
+            output["ams-valid"] = False
+        sig = _arc_tags(values[b"arc-seal"])
+        _validate_arc_fields(sig, [b"i", b"a", b"b", b"cv", b"d", b"s"])
+        if b"h" in sig:
+            raise dkim.ValidationError("h= tag not permitted in ARC-Seal header field")
+        output["as-domain"], output["as-selector"], output["cv"] = sig[b"d"], sig[b"s"], sig[b"cv"]
+        as_include_headers = [x[0].lower() for x in arc_headers]
+        as_include_headers.reverse()
+        as_header = (b"ARC-Seal", b" " + values[b"arc-seal"])
+        sig.setdefault(b"c", b"relaxed/relaxed")
+        try:
+            output["as-valid"] = self.verify_sig(sig, as_include_headers[:-1], as_header, dnsfunc)
+        except dkim.DKIMException:
+            output["as-valid"] = False
+        return output
+
+
+ARC_ALGORITHMS = (b"rsa-sha256", b"ed25519-sha256")
+
+
+def _arc_tags(value: bytes) -> dict[bytes, bytes]:
+    try:
+        return dict(parse_tag_value(value))
+    except InvalidTagValueList as e:
+        raise dkim.MessageFormatError(str(e)) from None
+
+
+def _validate_arc_fields(sig: dict[bytes, bytes], mandatory: list[bytes]) -> None:
+    """dkimpy's ARC field checks, with ed25519-sha256 accepted besides rsa-sha256."""
+    if sig.get(b"a") in ARC_ALGORITHMS:
+        checked = dict(sig)
+        checked[b"a"] = b"rsa-sha256"
+        dkim.validate_signature_fields(checked, mandatory, True)
+    else:
+        dkim.validate_signature_fields(sig, mandatory, True)
