@@ -1,0 +1,659 @@
+"""Deliver one DeliveryJob (one destination domain's recipients of one message) to the
+domain's MX hosts, under the domain's TLS policy (RFC 5321, RFC 3207, RFC 8461, RFC 8460).
+
+Owns: trying the candidates in order (MX preference, then address), the MTA-STS rules
+per attempt (RFC 8461 section 5):
+- ``enforce``: an MX host not matching the policy's ``mx`` patterns is not a candidate
+  (recorded as ``validation-failure`` / ``mx-host-not-in-policy``: RFC 8460 has no
+  result type of its own for it); STARTTLS is required and the certificate must verify
+  for the MX name; a failure moves to the next candidate; when none succeeds every
+  recipient is deferred with 4.7.5, never bounced at once and never sent in clear;
+- ``testing``: a verification pass on each host (what enforce would have refused is
+  recorded), then delivery as opportunistic (a new connection when the verified
+  handshake failed);
+- ``none`` or no policy: opportunistic STARTTLS whenever offered, clear text when the
+  handshake fails (as every MTA does);
+- a policy with ``fetch_error``: delivered as its mode says, and the fetch error is
+  recorded once per attempt;
+- mail with "TLS-Required: no" (RFC 8689, ``job.tls_required`` False): enforce is
+  treated as testing.
+
+One TlsOutcome per connection (TLS session) to an MTA, handed to the outcome sink when
+``job.record_tls``; a reused connection gives no new outcome (RFC 8460 counts sessions);
+a TCP connect failure gives none (it is no TLS result).
+
+Also: connection reuse (an idle connection per (ip, port, MX name, TLS level) kept for a
+few seconds, RSET before reuse, one retry on a new connection when a reused one fails
+before MAIL is accepted), the global and per-domain concurrency limits and the
+dead-destination breaker (destinations.py), one structlog line per attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import random
+import time
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from relay.config import Config
+from relay.delivery.client import (
+    ConnectionLost,
+    SessionError,
+    SmtpSession,
+    StartTlsMissing,
+    TlsFailed,
+    Transaction,
+    enhanced_code,
+)
+from relay.delivery.destinations import Destinations
+from relay.delivery.route import MxHost, Route, mx_matches, resolve_route
+from relay.delivery.tls import MX_NOT_IN_POLICY, STARTTLS_MISSING_REASON, TlsContexts
+from relay.dns import Resolver
+from relay.model import (
+    AttemptResult,
+    DeliveryJob,
+    PolicyType,
+    RecipientResult,
+    RecipientState,
+    SmtpReply,
+    StsMode,
+    TlsOutcome,
+    TlsPolicy,
+    TlsResultType,
+)
+
+PolicyLookup = Callable[[str], Awaitable[TlsPolicy]]
+OutcomeSink = Callable[[TlsOutcome], None]
+
+log = structlog.get_logger("relay.delivery")
+
+POOL_IDLE_SECONDS = 5.0  # an idle connection is kept this long for the next job
+POOL_MAX_IDLE = 32  # idle connections kept in all
+MAX_TRANSACTIONS_PER_CONNECTION = 100
+MAX_CONNECTION_AGE = 300.0
+MAX_ADDRESSES_PER_HOST = 2
+
+
+class Mode(enum.Enum):
+    ENFORCE = "enforce"
+    TESTING = "testing"
+    OPPORTUNISTIC = "opportunistic"
+
+
+_LEVELS: dict[Mode, tuple[str, ...]] = {
+    Mode.ENFORCE: ("verified",),
+    Mode.TESTING: ("verified", "encrypted", "clear"),
+    Mode.OPPORTUNISTIC: ("verified", "encrypted", "clear"),
+}
+
+
+def effective_mode(policy: TlsPolicy | None, job: DeliveryJob) -> Mode:
+    if policy is None or policy.mode is None or policy.mode is StsMode.NONE:
+        return Mode.OPPORTUNISTIC
+    if policy.mode is StsMode.ENFORCE and job.tls_required:
+        return Mode.ENFORCE
+    return Mode.TESTING  # testing, or enforce waived by "TLS-Required: no" (RFC 8689)
+
+
+# ---------------------------------------------------------------------- connection pool
+
+
+@dataclass(slots=True)
+class _Idle:
+    session: SmtpSession
+    since: float
+    timer: asyncio.TimerHandle | None = None
+
+
+class ConnectionPool:
+    """Idle SMTP connections, keyed by (ip, port, MX name, TLS level), kept briefly."""
+
+    def __init__(
+        self,
+        idle_timeout: float = POOL_IDLE_SECONDS,
+        max_idle: int = POOL_MAX_IDLE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.idle_timeout = idle_timeout
+        self.max_idle = max_idle
+        self.clock = clock
+        self._idle: dict[tuple[str, int, str, str], list[_Idle]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._idle.values())
+
+    def take(self, ip: str, port: int, mx_host: str, levels: Sequence[str]) -> SmtpSession | None:
+        for level in levels:
+            entries = self._idle.get((ip, port, mx_host, level))
+            while entries:
+                idle = entries.pop()
+                if idle.timer is not None:
+                    idle.timer.cancel()
+                if idle.session.connected and self.clock() - idle.since < self.idle_timeout:
+                    return idle.session
+                self._quit(idle.session)
+        return None
+
+    def put(self, session: SmtpSession) -> bool:
+        if (
+            self.idle_timeout <= 0
+            or not session.connected
+            or session.transactions >= MAX_TRANSACTIONS_PER_CONNECTION
+            or time.monotonic() - session.created > MAX_CONNECTION_AGE
+            or len(self) >= self.max_idle
+        ):
+            self._quit(session)
+            return False
+        key = (session.ip, session.port, session.mx_host, session.level)
+        idle = _Idle(session, self.clock())
+        loop = asyncio.get_running_loop()
+        idle.timer = loop.call_later(self.idle_timeout, self._expire, key, idle)
+        self._idle.setdefault(key, []).append(idle)
+        return True
+
+    def _expire(self, key: tuple[str, int, str, str], idle: _Idle) -> None:
+        entries = self._idle.get(key)
+        if entries and idle in entries:
+            entries.remove(idle)
+            if not entries:
+                del self._idle[key]
+            self._quit(idle.session)
+
+    def _quit(self, session: SmtpSession) -> None:
+        if not session.connected:
+            session.close()
+            return
+        task = asyncio.get_running_loop().create_task(session.quit(timeout=2.0))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        entries = [idle for v in self._idle.values() for idle in v]
+        self._idle.clear()
+        for idle in entries:
+            if idle.timer is not None:
+                idle.timer.cancel()
+            self._quit(idle.session)
+        if self._closing:
+            await asyncio.gather(*list(self._closing), return_exceptions=True)
+
+
+# ---------------------------------------------------------------------- courier
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """Bookkeeping of one deliver() call."""
+
+    job: DeliveryJob
+    policy: TlsPolicy | None
+    mode: Mode
+    log: Any
+    outcomes: list[TlsOutcome] = field(default_factory=list)
+    tls_refusals: list[str] = field(default_factory=list)  # enforce: why a host was refused
+    connect_errors: list[str] = field(default_factory=list)
+    sessions: int = 0  # sessions that got past the SMTP handshake
+
+
+class _DeadlineInTransaction(Exception):
+    def __init__(self, host: str, ip: str) -> None:
+        self.host = host
+        self.ip = ip
+        super().__init__(f"{host}[{ip}]")
+
+
+class Courier:
+    """Delivers DeliveryJobs; never raises for delivery problems."""
+
+    def __init__(
+        self,
+        config: Config,
+        resolver: Resolver,
+        *,
+        policy_lookup: PolicyLookup | None = None,
+        outcome_sink: OutcomeSink | None = None,
+        local_addresses: Collection[tuple[str, int]] = (),
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        idle_timeout: float = POOL_IDLE_SECONDS,
+    ) -> None:
+        d = config.delivery
+        self.config = config
+        self.resolver = resolver
+        self.policy_lookup = policy_lookup
+        self.outcome_sink = outcome_sink
+        self.local_addresses = tuple(local_addresses)
+        self.clock = clock
+        self.rng = rng or random.Random()  # noqa: S311 - load spreading, not security
+        self.tls = TlsContexts(d.ca_file)
+        self.destinations = Destinations(
+            concurrency=d.concurrency,
+            per_domain=d.concurrency_per_domain,
+            dead_after=d.dead_after,
+            dead_backoff=d.dead_backoff,
+            clock=clock,
+        )
+        self.pool = ConnectionPool(idle_timeout=idle_timeout, clock=clock)
+
+    def is_dead(self, domain: str) -> bool:
+        """The destination is in its dead-destination back-off (see destinations.py)."""
+        return self.destinations.is_dead(domain)
+
+    async def close(self) -> None:
+        """Close pooled connections (QUIT)."""
+        await self.pool.close()
+
+    # ------------------------------------------------------------------ deliver
+
+    async def deliver(self, job: DeliveryJob) -> AttemptResult:
+        blog = log.bind(qid=job.qid, message_id=job.message_id, domain=job.domain)
+        try:
+            return await self._deliver(job, blog)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the courier's boundary: defer, never lose
+            blog.error("delivery_internal_error", error=f"{type(exc).__name__}: {exc}")
+            return _all(job, RecipientState.DEFERRED, "451 4.3.0 internal error in delivery")
+
+    def _dead_result(self, job: DeliveryJob, blog: Any) -> AttemptResult:
+        until = self.destinations.dead_until(job.domain) or self.clock()
+        last = self.destinations.last_error(job.domain)
+        text = (
+            f"451 4.4.1 destination {job.domain} marked dead for "
+            f"{max(0, round(until - self.clock()))}s" + (f" (last error: {last})" if last else "")
+        )
+        blog.info("destination_dead", recipients=list(job.recipients), reply=text)
+        return _all(job, RecipientState.DEFERRED, text)
+
+    async def _deliver(self, job: DeliveryJob, blog: Any) -> AttemptResult:
+        if self.destinations.is_dead(job.domain):
+            return self._dead_result(job, blog)
+        async with self.destinations.slot(job.domain):
+            if self.destinations.is_dead(job.domain):
+                return self._dead_result(job, blog)
+            # the policy lookup runs alongside the MX lookup (maddy's PrepareDomain)
+            route, policy = await asyncio.gather(
+                resolve_route(
+                    self.resolver,
+                    job.domain,
+                    port=self.config.delivery.port,
+                    local_addresses=self.local_addresses,
+                    max_mx=self.config.delivery.max_mx,
+                    rng=self.rng,
+                ),
+                self._policy(job.domain, blog),
+            )
+            if isinstance(policy, str):
+                return _all(job, RecipientState.DEFERRED, policy)
+            att = _Attempt(job, policy, effective_mode(policy, job), blog)
+            if policy is not None and policy.fetch_error is not None:
+                self._emit(
+                    att,
+                    TlsOutcome(
+                        policy_domain=job.domain,
+                        policy_type=PolicyType.STS,
+                        mx_host="",
+                        result_type=policy.fetch_error,
+                        failure_reason=policy.fetch_error_reason,
+                        policy_strings=policy.policy_strings,
+                        mx_patterns=policy.mx_patterns,
+                    ),
+                )
+            return await self._deliver_route(att, route)
+
+    async def _policy(self, domain: str, blog: Any) -> TlsPolicy | None | str:
+        """The domain's policy; a reply text (str) when the lookup itself broke."""
+        if self.policy_lookup is None:
+            return None
+        try:
+            return await self.policy_lookup(domain)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broken lookup must not downgrade
+            blog.error("policy_lookup_failed", error=f"{type(exc).__name__}: {exc}")
+            return "451 4.3.0 MTA-STS policy lookup failed; will retry"
+
+    async def _deliver_route(self, att: _Attempt, route: Route) -> AttemptResult:
+        job = att.job
+        if route.failure is not None:
+            state = RecipientState.FAILED if route.failure.permanent else RecipientState.DEFERRED
+            att.log.info(
+                "route_failed",
+                recipients=list(job.recipients),
+                reply=route.failure.reply,
+                skipped=list(route.skipped),
+                outcome=state.value,
+            )
+            return _all(job, state, route.failure.reply, tuple(att.outcomes))
+        if route.skipped:
+            att.log.info("mx_skipped", skipped=list(route.skipped))
+
+        last_host = ""
+        for host in route.hosts:
+            last_host = host.name
+            in_policy = self._in_policy(att.policy, host.name)
+            if not in_policy and att.mode is not Mode.OPPORTUNISTIC:
+                self._emit(
+                    att,
+                    self._outcome(
+                        att, host.name, "", TlsResultType.VALIDATION_FAILURE, MX_NOT_IN_POLICY
+                    ),
+                )
+                if att.mode is Mode.ENFORCE:
+                    att.tls_refusals.append(f"{host.name}: {MX_NOT_IN_POLICY}")
+                    att.log.info(
+                        "attempt", mx=host.name, outcome="tls-refused", reason=MX_NOT_IN_POLICY
+                    )
+                    continue
+            for ip in host.addresses[:MAX_ADDRESSES_PER_HOST]:
+                try:
+                    result = await self._try_address(att, host, ip, verify=in_policy)
+                except _DeadlineInTransaction as exc:
+                    text = f"451 4.4.2 {exc} attempt deadline exceeded during the transaction"
+                    return _all(job, RecipientState.DEFERRED, text, tuple(att.outcomes), host.name)
+                if result is not None:
+                    return result
+        return self._nothing_worked(att, last_host)
+
+    def _in_policy(self, policy: TlsPolicy | None, host: str) -> bool:
+        if policy is None or policy.mode is None or policy.mode is StsMode.NONE:
+            return True
+        return any(mx_matches(p, host) for p in policy.mx_patterns)
+
+    def _nothing_worked(self, att: _Attempt, last_host: str) -> AttemptResult:
+        job = att.job
+        if att.tls_refusals:
+            text = (
+                f"451 4.7.5 TLS required by MTA-STS policy of {job.domain}: "
+                + "; ".join(att.tls_refusals)
+            )[:900]
+        elif att.connect_errors:
+            text = f"451 4.4.1 {att.connect_errors[-1]}"
+        else:
+            text = f"451 4.4.1 no MX host of {job.domain} could be reached"
+        if att.connect_errors and att.sessions == 0 and not att.tls_refusals:
+            if self.destinations.record_failure(job.domain, att.connect_errors[-1]):
+                att.log.warning(
+                    "destination_marked_dead",
+                    backoff=self.config.delivery.dead_backoff,
+                    error=att.connect_errors[-1],
+                )
+        att.log.info(
+            "attempt_failed", recipients=list(job.recipients), reply=text, outcome="deferred"
+        )
+        return _all(job, RecipientState.DEFERRED, text, tuple(att.outcomes), last_host)
+
+    # ------------------------------------------------------------------ one address
+
+    async def _try_address(
+        self, att: _Attempt, host: MxHost, ip: str, *, verify: bool
+    ) -> AttemptResult | None:
+        """One attempt to one MX address under the total deadline. Returns None when the
+        next candidate should be tried."""
+        job = att.job
+        d = self.config.delivery
+        in_tx = False
+        session: SmtpSession | None = None
+        try:
+            async with asyncio.timeout(d.attempt_timeout):
+                session = await self._take_pooled(att, host, ip)
+                reused = session is not None
+                if session is None:
+                    session = await self._open(att, host, ip, verify=verify)
+                in_tx = True
+                try:
+                    tx = await session.send(job.mail_from, job.recipients, job.data)
+                except ConnectionLost as exc:
+                    if not reused:
+                        raise
+                    att.log.info("reused_connection_lost", mx=host.name, ip=ip, error=exc.detail)
+                    in_tx = False
+                    session = await self._open(att, host, ip, verify=verify)
+                    in_tx = True
+                    tx = await session.send(job.mail_from, job.recipients, job.data)
+        except TimeoutError:
+            if session is not None:
+                session.close()
+            if in_tx:
+                att.log.warning("attempt_deadline", mx=host.name, ip=ip, phase="transaction")
+                raise _DeadlineInTransaction(host.name, ip) from None
+            att.connect_errors.append(f"{host.name}[{ip}]: attempt deadline exceeded")
+            att.log.info("attempt", mx=host.name, ip=ip, outcome="timeout")
+            return None
+        except (StartTlsMissing, TlsFailed) as exc:
+            # only raised under enforce: a policy refusal, the host is alive
+            att.tls_refusals.append(f"{host.name}[{ip}]: {_tls_type(exc)}")
+            att.log.info("attempt", mx=host.name, ip=ip, outcome="tls-refused", reason=exc.detail)
+            return None
+        except SessionError as exc:
+            att.connect_errors.append(exc.detail)
+            att.log.info(
+                "attempt", mx=host.name, ip=ip, outcome="connect-failed", reason=exc.detail
+            )
+            return None
+        att.sessions += 1
+        return self._finish(att, host, session, tx, reused)
+
+    async def _take_pooled(self, att: _Attempt, host: MxHost, ip: str) -> SmtpSession | None:
+        """A pooled connection of an acceptable TLS level, RSET and ready; retries once."""
+        for _ in range(2):
+            session = self.pool.take(ip, self.config.delivery.port, host.name, _LEVELS[att.mode])
+            if session is None:
+                return None
+            if await session.reset():
+                att.log.debug("connection_reused", mx=host.name, ip=ip, tls=session.level)
+                return session
+            session.close()
+        return None
+
+    async def _open(self, att: _Attempt, host: MxHost, ip: str, *, verify: bool) -> SmtpSession:
+        """A new session at the TLS level the mode asks for; emits the TLS outcome."""
+        d = self.config.delivery
+        common: dict[str, Any] = {
+            "mx_host": host.name,
+            "ip": ip,
+            "port": d.port,
+            "helo": self.config.server.hostname,
+            "connect_timeout": d.connect_timeout,
+            "command_timeout": d.attempt_timeout,
+            "source_ip": d.source_ip,
+        }
+        if att.mode is Mode.ENFORCE:
+            try:
+                session = await SmtpSession.open(
+                    tls_context=self.tls.verifying, require_tls=True, **common
+                )
+            except (StartTlsMissing, TlsFailed) as exc:
+                self._emit(
+                    att,
+                    self._outcome(
+                        att, host.name, ip, _tls_type(exc), exc.detail, exc.local_ip, True
+                    ),
+                )
+                raise
+            self._emit(att, self._outcome(att, host.name, ip, None, "", session.local_ip))
+            return session
+        if att.mode is Mode.TESTING and verify:
+            # the verification pass: what enforce would have refused is recorded
+            try:
+                session = await SmtpSession.open(
+                    tls_context=self.tls.verifying, require_tls=False, **common
+                )
+            except TlsFailed as exc:
+                self._emit(
+                    att,
+                    self._outcome(att, host.name, ip, exc.result_type, exc.detail, exc.local_ip),
+                )
+                att.log.info(
+                    "tls_verification_failed",
+                    mx=host.name,
+                    ip=ip,
+                    reason=exc.detail,
+                    mode="testing",
+                )
+                return await self._open_opportunistic(att, host, ip, common, report=False)
+            self._report_session(att, host, ip, session)
+            return session
+        return await self._open_opportunistic(
+            att, host, ip, common, report=att.mode is Mode.OPPORTUNISTIC
+        )
+
+    async def _open_opportunistic(
+        self, att: _Attempt, host: MxHost, ip: str, common: dict[str, Any], *, report: bool
+    ) -> SmtpSession:
+        try:
+            session = await SmtpSession.open(
+                tls_context=self.tls.opportunistic, require_tls=False, **common
+            )
+        except TlsFailed as exc:
+            if report:
+                self._emit(
+                    att,
+                    self._outcome(att, host.name, ip, exc.result_type, exc.detail, exc.local_ip),
+                )
+            att.log.info("tls_failed_clear_fallback", mx=host.name, ip=ip, reason=exc.detail)
+            return await SmtpSession.open(tls_context=None, require_tls=False, **common)
+        if report:
+            self._report_session(att, host, ip, session)
+        return session
+
+    def _report_session(self, att: _Attempt, host: MxHost, ip: str, s: SmtpSession) -> None:
+        if s.tls is not None:
+            self._emit(att, self._outcome(att, host.name, ip, None, "", s.local_ip))
+        else:
+            reason = STARTTLS_MISSING_REASON if not s.starttls_offered else "STARTTLS refused"
+            self._emit(
+                att,
+                self._outcome(
+                    att, host.name, ip, TlsResultType.STARTTLS_NOT_SUPPORTED, reason, s.local_ip
+                ),
+            )
+
+    # ------------------------------------------------------------------ results
+
+    def _finish(
+        self, att: _Attempt, host: MxHost, session: SmtpSession, tx: Transaction, reused: bool
+    ) -> AttemptResult:
+        job = att.job
+        self.destinations.record_success(job.domain)
+        results = []
+        for address, reply in tx.replies:
+            results.append(_recipient(address, reply, host.name))
+        states = {r.state for r in results}
+        outcome = (
+            "delivered"
+            if states == {RecipientState.DELIVERED}
+            else "failed"
+            if states == {RecipientState.FAILED}
+            else "deferred"
+            if states == {RecipientState.DEFERRED}
+            else "partial"
+        )
+        tls = session.tls
+        att.log.info(
+            "attempt",
+            mx=host.name,
+            ip=session.ip,
+            recipients=[r.address for r in results],
+            replies=[f"{r.address}: {r.reply}" for r in results],
+            tls=session.level,
+            tls_version=tls.version if tls else None,
+            tls_cipher=tls.cipher if tls else None,
+            reused=reused,
+            outcome=outcome,
+        )
+        if tx.usable:
+            self.pool.put(session)
+        else:
+            session.close()
+        return AttemptResult(
+            domain=job.domain,
+            recipients=tuple(results),
+            tls_outcomes=tuple(att.outcomes),
+            mx_host=host.name,
+            tls_version=tls.version if tls else None,
+        )
+
+    def _outcome(
+        self,
+        att: _Attempt,
+        mx_host: str,
+        ip: str,
+        result_type: TlsResultType | None,
+        reason: str,
+        local_ip: str = "",
+        enforced: bool = False,
+    ) -> TlsOutcome:
+        policy = att.policy
+        has_policy = policy is not None and policy.mode is not None
+        return TlsOutcome(
+            policy_domain=att.job.domain,
+            policy_type=PolicyType.STS if has_policy else PolicyType.NO_POLICY_FOUND,
+            mx_host=mx_host,
+            receiving_ip=ip,
+            result_type=result_type,
+            failure_reason=reason if result_type is not None else "",
+            policy_strings=policy.policy_strings if policy is not None and has_policy else (),
+            mx_patterns=policy.mx_patterns if policy is not None and has_policy else (),
+            sending_mta_ip=local_ip or self.config.delivery.source_ip,
+            enforced=enforced,
+        )
+
+    def _emit(self, att: _Attempt, outcome: TlsOutcome) -> None:
+        att.outcomes.append(outcome)
+        att.log.info(
+            "tls_outcome",
+            mx=outcome.mx_host,
+            ip=outcome.receiving_ip,
+            policy_type=outcome.policy_type.value,
+            result=outcome.result_type.value if outcome.result_type else "success",
+            reason=outcome.failure_reason,
+            enforced=outcome.enforced,
+        )
+        if self.outcome_sink is None or not att.job.record_tls:
+            return
+        try:
+            self.outcome_sink(outcome)
+        except Exception as exc:  # noqa: BLE001 - a broken ledger must not stop delivery
+            att.log.error("outcome_sink_failed", error=f"{type(exc).__name__}: {exc}")
+
+
+def _tls_type(exc: SessionError) -> TlsResultType:
+    if isinstance(exc, TlsFailed):
+        return exc.result_type
+    return TlsResultType.STARTTLS_NOT_SUPPORTED
+
+
+def _recipient(address: str, reply: SmtpReply, remote: str) -> RecipientResult:
+    if 200 <= reply.code < 300:
+        state = RecipientState.DELIVERED
+    elif 400 <= reply.code < 500:
+        state = RecipientState.DEFERRED
+    else:
+        state = RecipientState.FAILED
+    return RecipientResult(address, state, str(reply), enhanced_code(reply), remote)
+
+
+def _all(
+    job: DeliveryJob,
+    state: RecipientState,
+    reply: str,
+    outcomes: tuple[TlsOutcome, ...] = (),
+    remote: str = "",
+) -> AttemptResult:
+    parts = reply.split(" ", 2)
+    enhanced = parts[1] if len(parts) > 1 and parts[1][:1].isdigit() and "." in parts[1] else ""
+    return AttemptResult(
+        domain=job.domain,
+        recipients=tuple(
+            RecipientResult(a, state, reply, enhanced, remote) for a in job.recipients
+        ),
+        tls_outcomes=outcomes,
+        mx_host=remote,
+    )
