@@ -1,0 +1,792 @@
+"""Inbound SMTP server: the network-facing session (RFC 5321, 1869, 6152, 6531, 2034, 3207).
+
+Built on aiosmtpd 1.4.6's ``SMTP`` protocol, which keeps the transport plumbing and the
+STARTTLS switch (with its CVE-2024-34083 fix: input buffered before TLS is dropped).
+The command loop and the DATA reader are ours, because the stock ones are not strict
+enough (see ../shared/threats.md rows 1-14):
+
+* Commands must end in CRLF; a control character anywhere in a command line -> 501.
+* DATA ends only on a line that is exactly ``.`` after CRLF. Any CR, LF or NUL outside a
+  CRLF pair -> the whole transaction is refused with 550 5.6.0 once the real end of data
+  arrives (nothing inside the bad message is ever run as a command).
+* PIPELINING is not advertised, so a client must wait for each reply. Input that is
+  already waiting when a command (or the final ``.``) is read is a protocol
+  synchronisation error: 554 5.5.0 and disconnect, the transaction is dropped (Postfix
+  ``smtpd_forbid_unauth_pipelining``). One exception: ``QUIT`` right after the final dot.
+  Input sent before the greeting gets the same treatment. This makes the "valid end of
+  data then MAIL FROM in the same write" variant yield no message at all.
+* Limits: SIZE (552 5.3.4, also checked at MAIL), line length (500 5.5.2), header block
+  (552 5.3.4), Received count (554 5.4.6), recipients (452 4.5.3), free disk (452 4.3.1),
+  connection caps (421 4.7.0), idle time per line and total session time (421 4.4.2),
+  junk commands and errors (421 4.7.0; the count resets after each accepted message).
+
+Accepted transactions go to ``submit(conn, envelope, data)``; its string is the text
+after ``250 ``; a ``SmtpReplyError`` gives that reply; anything else gives 451 4.3.0.
+The submit runs shielded: a client that disconnects does not cancel a queue write
+half-way. No Python traceback ever reaches the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from typing import AnyStr, cast
+
+import structlog
+from aiosmtpd.smtp import SMTP, TLSSetupException
+
+from relay.config import Config, HostPort
+from relay.errors import SmtpReplyError
+from relay.model import ConnInfo, Envelope
+from relay.smtp.address import AddressError, parse_params, parse_path
+from relay.smtp.limits import (
+    ConnectionLimits,
+    SessionLimits,
+    disk_free,
+    in_networks,
+    normalise_ip,
+)
+from relay.smtp.rules import RelayRules
+
+SubmitFn = Callable[[ConnInfo, Envelope, bytes], Awaitable[str]]
+
+log = structlog.get_logger("relay.smtp")
+
+LINE_LIMIT = 1001  # RFC 5321 4.5.3.1.6: 998 + CRLF + one stuffed dot
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+_HEADER_START = re.compile(rb"[!-9;-~]+[ \t]*:")
+_RECEIVED = re.compile(rb"received[ \t]*:", re.IGNORECASE)
+_REPLY_TEXT_BAD = re.compile(r"[\x00-\x1f\x7f]")
+
+SYNC_ERROR = "554 5.5.0 Error: SMTP protocol synchronization (PIPELINING is not offered)"
+INTERNAL_ERROR = "451 4.3.0 Error: internal error"
+
+
+class _NoHooks:
+    """aiosmtpd needs a handler object; every decision here lives in SmtpSession."""
+
+
+_NO_HOOKS = _NoHooks()
+
+
+def bind_sockets(listen: Sequence[HostPort], *, reuse_port: bool = False) -> list[socket.socket]:
+    """Bind listening sockets before forking worker processes that share them."""
+    out: list[socket.socket] = []
+    for hp in listen:
+        family = socket.AF_INET6 if ":" in hp.host else socket.AF_INET
+        s = socket.create_server(
+            (hp.host, hp.port), family=family, backlog=1024, reuse_port=reuse_port
+        )
+        s.setblocking(False)
+        out.append(s)
+    return out
+
+
+def _reply_from_error(exc: SmtpReplyError) -> str:
+    if not 400 <= exc.code <= 599:
+        return INTERNAL_ERROR
+    text = " ".join(p for p in (str(exc.code), exc.enhanced, exc.message) if p)
+    return _REPLY_TEXT_BAD.sub(" ", text)
+
+
+class SmtpServer:
+    """Listens, runs one ``SmtpSession`` per connection, hands messages to ``submit``."""
+
+    def __init__(
+        self,
+        config: Config,
+        submit: SubmitFn,
+        rules: RelayRules,
+        *,
+        limits: ConnectionLimits | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        free_space: Callable[[], int] | None = None,
+    ) -> None:
+        self.config = config
+        self.submit = submit
+        self.rules = rules
+        self.limits = limits if limits is not None else ConnectionLimits.from_config(config)
+        self.session_limits = SessionLimits.from_config(config.server)
+        self.ssl_context = ssl_context
+        store_path = config.storage.path
+        self.free_space: Callable[[], int] = free_space or (lambda: disk_free(store_path))
+        self._servers: list[asyncio.Server] = []
+        self._sessions: set[SmtpSession] = set()
+        self._submits: set[asyncio.Task[str]] = set()
+
+    async def start(self, sockets: list[socket.socket] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        if sockets:
+            for s in sockets:
+                self._servers.append(
+                    await loop.create_server(self._new_session, sock=s, backlog=1024)
+                )
+        else:
+            for hp in self.config.server.listen:
+                self._servers.append(
+                    await loop.create_server(
+                        self._new_session, hp.host, hp.port, backlog=1024, reuse_address=True
+                    )
+                )
+        log.info("smtp_listening", listen=[f"{h}:{p}" for h, p in self.bound])
+
+    @property
+    def bound(self) -> list[tuple[str, int]]:
+        out: list[tuple[str, int]] = []
+        for srv in self._servers:
+            for s in srv.sockets:
+                name = s.getsockname()
+                out.append((str(name[0]), int(name[1])))
+        return out
+
+    @property
+    def sessions(self) -> int:
+        return len(self._sessions)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting; idle sessions get 421 at once, sessions in DATA may finish."""
+        for srv in self._servers:
+            srv.close()
+        sessions = list(self._sessions)
+        for sess in sessions:
+            sess.request_stop()
+        waits = [asyncio.ensure_future(s.closed.wait()) for s in sessions]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=grace)
+            for w in pending:
+                w.cancel()
+        for sess in list(self._sessions):
+            sess.abort()
+        if self._submits:
+            await asyncio.wait(list(self._submits), timeout=max(grace, 1.0))
+        for srv in self._servers:
+            await srv.wait_closed()
+        self._servers.clear()
+        log.info("smtp_stopped")
+
+    # ------------------------------------------------------------ internals
+
+    def _new_session(self) -> SmtpSession:
+        return SmtpSession(self)
+
+    def _register(self, sess: SmtpSession) -> None:
+        self._sessions.add(sess)
+
+    def _unregister(self, sess: SmtpSession) -> None:
+        self._sessions.discard(sess)
+
+    def _start_submit(self, conn: ConnInfo, env: Envelope, data: bytes) -> asyncio.Task[str]:
+        async def run() -> str:
+            return await self.submit(conn, env, data)
+
+        task = asyncio.ensure_future(run())
+        self._submits.add(task)
+        task.add_done_callback(self._submit_done)
+        return task
+
+    def _submit_done(self, task: asyncio.Task[str]) -> None:
+        self._submits.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved here too, for sessions that went away meanwhile
+
+
+class _DataResult:
+    __slots__ = ("content", "reply", "close")
+
+    def __init__(self, content: bytes | None, reply: str | None, close: bool = False) -> None:
+        self.content = content
+        self.reply = reply
+        self.close = close
+
+
+class SmtpSession(SMTP):
+    """One client connection."""
+
+    def __init__(self, server: SmtpServer) -> None:
+        cfg = server.config.server
+        super().__init__(
+            _NO_HOOKS,
+            hostname=cfg.hostname,
+            ident="ESMTP",
+            tls_context=server.ssl_context,
+            enable_SMTPUTF8=True,
+            data_size_limit=cfg.max_message_size,
+            timeout=server.session_limits.idle_timeout,
+            auth_exclude_mechanism=("LOGIN", "PLAIN"),
+            loop=asyncio.get_running_loop(),
+        )
+        self._server = server
+        self._lim = server.session_limits
+        self.closed = asyncio.Event()
+        self._refused = False
+        self._counted = False
+        self._peer_ip = ""
+        self._peer_port = 0
+        self._local_ip = ""
+        self._local_port = 0
+        self._trusted = False
+        self._tls_version: str | None = None
+        self._tls_cipher: str | None = None
+        self._helo = ""
+        self._esmtp = False
+        self._junk = 0
+        self._phase = "command"  # command | data | submit
+        self._stop_requested = False
+        self._started = 0.0
+        self._last_progress = 0.0
+        self._reset_transaction()
+
+    # ------------------------------------------------------------ connection
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self._original_transport is None and self.transport is None
+        if first:
+            peer = transport.get_extra_info("peername") or ("", 0)
+            local = transport.get_extra_info("sockname") or ("", 0)
+            self._peer_ip = normalise_ip(str(peer[0]))
+            self._peer_port = int(peer[1])
+            self._local_ip = normalise_ip(str(local[0]))
+            self._local_port = int(local[1])
+            self._trusted = in_networks(self._peer_ip, self._server.config.relay.trusted_networks)
+            self._started = self._last_progress = self.loop.time()
+            refusal = self._server.limits.acquire(self._peer_ip)
+            if refusal is not None:
+                self._refused = True
+                log.info("smtp_refused", peer=self._peer_ip, reply=str(refusal))
+                cast(asyncio.Transport, transport).write(f"{refusal}\r\n".encode())
+                transport.close()
+                return
+            self._counted = True
+            self._server._register(self)
+            log.debug("smtp_connect", peer=self._peer_ip, port=self._peer_port)
+        super().connection_made(transport)
+        if not first:  # STARTTLS finished: forget everything said before (RFC 3207 4.2)
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                self._tls_version = ssl_object.version()
+                cipher = ssl_object.cipher()
+                self._tls_cipher = cipher[0] if cipher else None
+            self._helo = ""
+            self._esmtp = False
+            self._reset_transaction()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        if self._counted:
+            self._counted = False
+            self._server.limits.release(self._peer_ip)
+            self._server._unregister(self)
+        self.closed.set()
+        super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        if self._refused:
+            return False
+        result: bool | None = super().eof_received()
+        return result
+
+    def request_stop(self) -> None:
+        """Server shutdown: close now when between transactions, else after this one."""
+        self._stop_requested = True
+        if self._phase == "command" and self.transport is not None:
+            self._tx().write(f"421 4.3.2 {self.hostname} Service shutting down\r\n".encode())
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self._tx().abort()
+
+    def _tx(self) -> asyncio.Transport:
+        return cast(asyncio.Transport, self.transport)
+
+    # ------------------------------------------------------------ time limits
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd calls this on connect and after STARTTLS; our watchdog replaces its timer.
+        self._last_progress = self.loop.time()
+        self._arm_watchdog(self._due())
+
+    def _arm_watchdog(self, when: float) -> None:
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        self._timeout_handle = self.loop.call_at(when, self._timeout_cb)
+
+    def _due(self) -> float:
+        return min(
+            self._last_progress + self._lim.idle_timeout,
+            self._started + self._lim.max_session_time,
+        )
+
+    def _timeout_cb(self) -> None:
+        if self.transport is None:
+            return
+        now = self.loop.time()
+        if self._phase == "submit":  # our own time, not the client's
+            self._arm_watchdog(now + min(self._lim.idle_timeout, 1.0))
+            return
+        due = self._due()
+        if now < due:
+            self._arm_watchdog(due)
+            return
+        whole = now >= self._started + self._lim.max_session_time
+        what = "session time limit exceeded" if whole else "timeout exceeded"
+        log.info("smtp_timeout", peer=self._peer_ip, reason=what, phase=self._phase)
+        self._tx().write(f"421 4.4.2 {self.hostname} Error: {what}\r\n".encode())
+        self.transport.close()
+        self._timeout_handle = self.loop.call_later(5.0, self.abort)
+
+    # ------------------------------------------------------------ helpers
+
+    def _reset_transaction(self) -> None:
+        self._mail_from: str | None = None
+        self._rcpts: list[str] = []
+        self._smtputf8 = False
+        self._body8 = False
+
+    def conn_info(self) -> ConnInfo:
+        return ConnInfo(
+            peer_ip=self._peer_ip,
+            peer_port=self._peer_port,
+            helo=self._helo,
+            local_ip=self._local_ip,
+            local_port=self._local_port,
+            tls_version=self._tls_version,
+            tls_cipher=self._tls_cipher,
+            trusted=self._trusted,
+        )
+
+    def _pending(self) -> bytes:
+        """Client input already received but not yet read."""
+        return bytes(getattr(self._reader, "_buffer", b""))
+
+    async def push(self, status: AnyStr) -> None:
+        if status == "220 Ready to start TLS":  # aiosmtpd's text; we offer enhanced codes
+            await super().push("220 2.0.0 Ready to start TLS")
+            return
+        await super().push(status)
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    async def _error(self, reply: str) -> bool:
+        """Reply with an error and count it; False when the session was closed."""
+        await self.push(reply)
+        return await self._count_junk()
+
+    async def _count_junk(self) -> bool:
+        self._junk += 1
+        if self._junk > self._lim.max_junk_commands:
+            log.info("smtp_junk_limit", peer=self._peer_ip, count=self._junk)
+            await self.push(f"421 4.7.0 {self.hostname} Error: too many errors or junk commands")
+            self._close()
+            return False
+        return True
+
+    # ------------------------------------------------------------ command loop
+
+    async def _handle_client(self) -> None:
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            self._close()
+            raise
+        except (ConnectionError, asyncio.IncompleteReadError):
+            self._close()
+        except TLSSetupException:
+            log.info("smtp_tls_failed", peer=self._peer_ip)
+            self._close()
+        except Exception:
+            log.exception("smtp_session_error", peer=self._peer_ip)
+            if self.transport is not None:
+                self._tx().write(f"{INTERNAL_ERROR}\r\n".encode())
+            self._close()
+
+    async def _run(self) -> None:
+        if self._pending():
+            log.warning("smtp_pregreet", peer=self._peer_ip)
+            await self.push(SYNC_ERROR)
+            self._close()
+            return
+        await self.push(f"220 {self.hostname} ESMTP")
+        reader = self._reader
+        while self.transport is not None:
+            try:
+                line: bytes = await reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError as exc:
+                await self._skip_long_line(exc.consumed)
+                if not await self._error("500 5.5.2 Error: command line too long"):
+                    return
+                continue
+            self._last_progress = self.loop.time()
+            if not await self._dispatch(line):
+                return
+
+    async def _skip_long_line(self, consumed: int) -> None:
+        await self._reader.readexactly(consumed)
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as exc:
+                await self._reader.readexactly(exc.consumed)
+
+    async def _dispatch(self, line: bytes) -> bool:
+        body = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        if self._pending() and body[:4].upper() != b"QUIT":
+            log.warning("smtp_unauth_pipelining", peer=self._peer_ip, command=body[:16])
+            await self.push(SYNC_ERROR)
+            self._close()
+            return False
+        if not line.endswith(b"\r\n"):
+            return await self._error("500 5.5.2 Error: bare LF in command (use CRLF)")
+        if _CONTROL.search(body):
+            return await self._error("501 5.5.2 Error: control character in command")
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            return await self._error("500 5.5.2 Error: command is not valid UTF-8")
+        verb, _, arg = text.partition(" ")
+        verb = verb.upper()
+        arg = arg.strip(" ")
+        if verb in _JUNK_VERBS and not await self._count_junk():
+            return False
+        method = _COMMANDS.get(verb)
+        if method is None:
+            if not verb:
+                return await self._error("500 5.5.2 Error: empty command")
+            return await self._error("500 5.5.2 Error: command not recognized")
+        return await method(self, arg)
+
+    # ------------------------------------------------------------ commands
+
+    async def _cmd_helo(self, arg: str) -> bool:
+        return await self._greet(arg, esmtp=False)
+
+    async def _cmd_ehlo(self, arg: str) -> bool:
+        return await self._greet(arg, esmtp=True)
+
+    async def _greet(self, arg: str, *, esmtp: bool) -> bool:
+        verb = "EHLO" if esmtp else "HELO"
+        if not arg or " " in arg or not arg.isascii() or not arg.isprintable():
+            return await self._error(f"501 5.5.4 Syntax: {verb} hostname")
+        self._reset_transaction()
+        self._helo = arg
+        self._esmtp = esmtp
+        if not esmtp:
+            await self.push(f"250 {self.hostname}")
+            return True
+        lines = [
+            self.hostname,
+            f"SIZE {self._lim.max_message_size}",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+        ]
+        if self.tls_context is not None and self._tls_protocol is None:
+            lines.append("STARTTLS")
+        for i, item in enumerate(lines):
+            await self.push(f"250{'-' if i < len(lines) - 1 else ' '}{item}")
+        return True
+
+    async def _cmd_mail(self, arg: str) -> bool:
+        if not self._helo:
+            return await self._error("503 5.5.1 Error: send HELO/EHLO first")
+        if self._mail_from is not None:
+            return await self._error("503 5.5.1 Error: nested MAIL command")
+        if arg[:5].upper() != "FROM:":
+            return await self._error("501 5.5.4 Syntax: MAIL FROM:<address>")
+        try:
+            mbox, rest = parse_path(arg[5:], null_ok=True, enhanced="5.1.7")
+            params = parse_params(rest)
+        except AddressError as exc:
+            return await self._error(str(exc.reply))
+        if params and not self._esmtp:
+            return await self._error("501 5.5.4 Error: parameters need EHLO")
+        size, body8, utf8 = 0, False, False
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not (value.isascii() and value.isdigit()) or len(value) > 18:
+                    return await self._error("501 5.5.4 Error: bad SIZE parameter")
+                size = int(value)
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    return await self._error("501 5.5.4 Error: BODY must be 7BIT or 8BITMIME")
+                body8 = value.upper() == "8BITMIME"
+            elif key == "SMTPUTF8":
+                if value is not None:
+                    return await self._error("501 5.5.4 Error: SMTPUTF8 takes no value")
+                utf8 = True
+            else:
+                return await self._error(f"555 5.5.4 Error: MAIL parameter {key} not supported")
+        if size > self._lim.max_message_size:
+            return await self._error(
+                f"552 5.3.4 Error: message size exceeds fixed limit of "
+                f"{self._lim.max_message_size} octets"
+            )
+        if mbox is not None and mbox.utf8 and not utf8:
+            return await self._error("553 5.6.7 Error: non-ASCII address needs SMTPUTF8")
+        try:
+            free = self._server.free_space()
+        except OSError:
+            log.exception("smtp_disk_check_failed")
+            await self.push("451 4.3.0 Error: cannot check free disk space")
+            return True
+        if free < self._lim.min_free_space + size:
+            log.warning("smtp_low_disk", free=free, need=self._lim.min_free_space + size)
+            await self.push("452 4.3.1 Error: insufficient system storage")
+            return True
+        self._mail_from = mbox.address if mbox is not None else ""
+        self._smtputf8 = utf8
+        self._body8 = body8
+        await self.push("250 2.1.0 Ok")
+        return True
+
+    async def _cmd_rcpt(self, arg: str) -> bool:
+        if not self._helo:
+            return await self._error("503 5.5.1 Error: send HELO/EHLO first")
+        if self._mail_from is None:
+            return await self._error("503 5.5.1 Error: need MAIL command")
+        if arg[:3].upper() != "TO:":
+            return await self._error("501 5.5.4 Syntax: RCPT TO:<address>")
+        try:
+            mbox, rest = parse_path(arg[3:], null_ok=False, enhanced="5.1.3")
+            params = parse_params(rest)
+        except AddressError as exc:
+            return await self._error(str(exc.reply))
+        assert mbox is not None
+        if params:
+            return await self._error("555 5.5.4 Error: RCPT parameters not supported")
+        if mbox.utf8 and not self._smtputf8:
+            return await self._error("553 5.6.7 Error: non-ASCII address needs SMTPUTF8")
+        if len(self._rcpts) >= self._lim.max_recipients:
+            await self.push("452 4.5.3 Error: too many recipients")
+            return True
+        try:
+            verdict = self._server.rules.check_rcpt(self.conn_info(), mbox.path)
+        except Exception:
+            log.exception("smtp_rcpt_check_failed", peer=self._peer_ip)
+            await self.push(INTERNAL_ERROR)
+            return True
+        if verdict is not None:
+            log.info("smtp_rcpt_rejected", peer=self._peer_ip, rcpt=mbox.path, reply=str(verdict))
+            if verdict.permanent:
+                return await self._error(str(verdict))
+            await self.push(str(verdict))
+            return True
+        if mbox.address not in self._rcpts:
+            self._rcpts.append(mbox.address)
+        await self.push("250 2.1.5 Ok")
+        return True
+
+    async def _cmd_data(self, arg: str) -> bool:
+        if not self._helo:
+            return await self._error("503 5.5.1 Error: send HELO/EHLO first")
+        if self._mail_from is None:
+            return await self._error("503 5.5.1 Error: need MAIL command")
+        if not self._rcpts:
+            return await self._error("503 5.5.1 Error: need RCPT command")
+        if arg:
+            return await self._error("501 5.5.4 Syntax: DATA")
+        envelope = Envelope(
+            mail_from=self._mail_from,
+            rcpt_tos=tuple(self._rcpts),
+            smtputf8=self._smtputf8,
+            body_8bit=self._body8,
+        )
+        self._reset_transaction()
+        self._phase = "data"
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        result = await self._read_data()
+        if result.close:
+            log.warning("smtp_unauth_pipelining", peer=self._peer_ip, where="end of data")
+            assert result.reply is not None
+            await self.push(result.reply)
+            self._close()
+            return False
+        if result.reply is not None:
+            self._phase = "command"
+            log.info("smtp_data_rejected", peer=self._peer_ip, reply=result.reply)
+            if not await self._error(result.reply):
+                return False
+        else:
+            assert result.content is not None
+            reply = await self._submit(envelope, result.content)
+            self._phase = "command"
+            await self.push(reply)
+            if reply.startswith("250"):
+                self._junk = 0
+        if self._stop_requested:
+            await self.push(f"421 4.3.2 {self.hostname} Service shutting down")
+            self._close()
+            return False
+        return True
+
+    async def _submit(self, envelope: Envelope, content: bytes) -> str:
+        self._phase = "submit"
+        task = self._server._start_submit(self.conn_info(), envelope, content)
+        try:
+            text = await asyncio.shield(task)
+        except SmtpReplyError as exc:
+            return _reply_from_error(exc)
+        except Exception:
+            log.exception("smtp_submit_failed", peer=self._peer_ip)
+            return INTERNAL_ERROR
+        finally:
+            self._last_progress = self.loop.time()
+        return "250 " + _REPLY_TEXT_BAD.sub(" ", str(text))
+
+    async def _read_data(self) -> _DataResult:
+        """Read DATA up to the one valid terminator; bounded memory whatever arrives."""
+        lim = self._lim
+        reader = self._reader
+        lines: list[bytes] = []
+        size = 0
+        bad = too_long = too_big = header_big = False
+        in_headers = True
+        header_bytes = 0
+        received = 0
+        tail = False  # the next read completes an overlong line
+        while True:
+            try:
+                line: bytes = await reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as exc:
+                chunk = await reader.readexactly(exc.consumed)  # never holds a CRLF
+                if b"\r" in chunk or b"\n" in chunk or b"\x00" in chunk:
+                    bad = True
+                too_long = tail = True
+                size += len(chunk)
+                lines.clear()
+                continue
+            self._last_progress = self.loop.time()
+            n = len(line)
+            if tail:
+                tail = False
+                size += n
+                if line.count(b"\r") != 1 or line.count(b"\n") != 1 or b"\x00" in line:
+                    bad = True
+                continue
+            if n == 3 and line == b".\r\n":
+                break
+            size += n
+            if line.count(b"\r") != 1 or line.count(b"\n") != 1 or b"\x00" in line:
+                bad = True
+            if n > LINE_LIMIT:
+                too_long = True
+            if in_headers:
+                if n == 2:
+                    in_headers = False
+                elif line[0] in (32, 9):
+                    header_bytes += n
+                elif _HEADER_START.match(line):
+                    header_bytes += n
+                    if _RECEIVED.match(line):
+                        received += 1
+                else:
+                    in_headers = False
+                if header_bytes > lim.max_header_size:
+                    header_big = True
+            if size > lim.max_message_size:
+                too_big = True
+            if bad or too_long or too_big or header_big:
+                lines.clear()
+                continue
+            lines.append(line[1:] if line[0] == 46 else line)  # 46: "." (dot-unstuffing)
+        pending = self._pending()
+        if pending and pending.upper() != b"QUIT\r\n":
+            return _DataResult(None, SYNC_ERROR, close=True)
+        if bad:
+            return _DataResult(
+                None, "550 5.6.0 Error: bare CR, LF or NUL in message (line ends must be CRLF)"
+            )
+        if too_long:
+            return _DataResult(
+                None, "500 5.5.2 Error: line too long (RFC 5321 limit: 1000 octets with CRLF)"
+            )
+        if too_big:
+            return _DataResult(
+                None,
+                f"552 5.3.4 Error: message size exceeds fixed limit of "
+                f"{lim.max_message_size} octets",
+            )
+        if header_big:
+            return _DataResult(
+                None,
+                f"552 5.3.4 Error: message header section exceeds {lim.max_header_size} octets",
+            )
+        if received >= lim.max_received_headers:
+            return _DataResult(
+                None, f"554 5.4.6 Error: too many Received headers ({received}): mail loop?"
+            )
+        content = b"".join(lines)
+        crlf = content.count(b"\r\n")
+        if content.count(b"\r") != crlf or content.count(b"\n") != crlf or b"\x00" in content:
+            # unreachable by construction; kept as the last line of defence
+            return _DataResult(None, "550 5.6.0 Error: bare CR, LF or NUL in message")
+        return _DataResult(content, None)
+
+    async def _cmd_rset(self, arg: str) -> bool:
+        if arg:
+            return await self._error("501 5.5.4 Syntax: RSET")
+        self._reset_transaction()
+        await self.push("250 2.0.0 Ok")
+        return True
+
+    async def _cmd_noop(self, arg: str) -> bool:
+        await self.push("250 2.0.0 Ok")
+        return True
+
+    async def _cmd_help(self, arg: str) -> bool:
+        await self.push("214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT STARTTLS")
+        return True
+
+    async def _cmd_vrfy(self, arg: str) -> bool:
+        await self.push("252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery")
+        return True
+
+    async def _cmd_expn(self, arg: str) -> bool:
+        await self.push("502 5.5.1 Error: EXPN not available")
+        return True
+
+    async def _cmd_quit(self, arg: str) -> bool:
+        await self.push("221 2.0.0 Bye")
+        self._close()
+        return False
+
+    async def _cmd_starttls(self, arg: str) -> bool:
+        if arg:
+            return await self._error("501 5.5.4 Syntax: STARTTLS")
+        if self.tls_context is None:
+            return await self._error("502 5.5.1 Error: STARTTLS not available")
+        if self._tls_protocol is not None:
+            return await self._error("503 5.5.1 Error: TLS already active")
+        self._reset_transaction()
+        await self.smtp_STARTTLS("")
+        log.debug(
+            "smtp_tls", peer=self._peer_ip, version=self._tls_version, cipher=self._tls_cipher
+        )
+        return True
+
+
+_Command = Callable[[SmtpSession, str], Awaitable[bool]]
+_COMMANDS: dict[str, _Command] = {
+    "HELO": SmtpSession._cmd_helo,
+    "EHLO": SmtpSession._cmd_ehlo,
+    "MAIL": SmtpSession._cmd_mail,
+    "RCPT": SmtpSession._cmd_rcpt,
+    "DATA": SmtpSession._cmd_data,
+    "RSET": SmtpSession._cmd_rset,
+    "NOOP": SmtpSession._cmd_noop,
+    "HELP": SmtpSession._cmd_help,
+    "VRFY": SmtpSession._cmd_vrfy,
+    "EXPN": SmtpSession._cmd_expn,
+    "QUIT": SmtpSession._cmd_quit,
+    "STARTTLS": SmtpSession._cmd_starttls,
+}
+_JUNK_VERBS = frozenset({"NOOP", "RSET", "HELP", "VRFY", "EXPN"})
+
+__all__ = ["SmtpServer", "SmtpSession", "SubmitFn", "bind_sockets"]
