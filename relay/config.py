@@ -235,7 +235,7 @@ class _Section:
 
 
 def parse_hostport(
-    text: str, default_port: int, on_error: Callable[[str], ConfigError]
+    text: str, default_port: int, on_error: Callable[[str], ConfigError], allow_zero: bool = False
 ) -> HostPort:
     text = text.strip()
     host, port_s = text, ""
@@ -255,7 +255,7 @@ def parse_hostport(
         port = int(port_s) if port_s else default_port
     except ValueError:
         raise on_error(f"bad port in {text!r}") from None
-    if not host or not 0 < port < 65536:
+    if not host or not (0 if allow_zero else 1) <= port < 65536:
         raise on_error(f"bad address {text!r}")
     return HostPort(host, port)
 
@@ -355,7 +355,9 @@ def parse_config(doc: dict[str, Any], p: Path) -> Config:
     listen_raw = s.strings("listen", ("127.0.0.1:2525",))
     if not listen_raw:
         raise s.err("listen", "needs at least one address")
-    listen = tuple(parse_hostport(x, 25, lambda m: s.err("listen", m)) for x in listen_raw)
+    listen = tuple(
+        parse_hostport(x, 25, lambda m: s.err("listen", m), allow_zero=True) for x in listen_raw
+    )
     max_size = s.positive("max_message_size", int, 26214400, 1024)
     server = ServerConfig(
         listen=listen,
