@@ -219,6 +219,22 @@ async def validate_arc(
 # ---- sealing ----
 
 
+def _sorted_arc_headers(
+    relaxed_headers: list[tuple[bytes, bytes]],
+) -> tuple[int, list[tuple[int, tuple[bytes, bytes]]]]:
+    """dkim.ARC.sorted_arc_headers over headers that are already relaxed-canonical."""
+    found = []
+    for name, value in relaxed_headers:
+        if name.lower() in ARC_HEADERS:
+            m = dkim.ARC.INSTANCE_RE.search(value)
+            if m is not None:
+                found.append((int(m.group(1)), (name, value)))
+    if not found:
+        return 0, []
+    found.sort(key=lambda a: [a[0], a[1][0].lower(), a[1][1].lower()], reverse=True)
+    return found[0][0], found
+
+
 def _linesep(message: bytes) -> bytes:
     first = message.find(b"\n")
     return b"\r\n" if first <= 0 or message[first - 1 : first] == b"\r" else b"\n"
@@ -266,7 +282,10 @@ class ArcSealer:
         signer = FastARC(message)
         linesep = _linesep(message)
         signer.linesep = linesep
-        top, arc_with_instance = signer.sorted_arc_headers()
+        canon = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+        signer.headers = canon.canonicalize_headers(signer.headers)  # once, not per signature
+        signer.headers_relaxed = True
+        top, arc_with_instance = _sorted_arc_headers(signer.headers)
         top = max(top, chain.instances)
         if top >= MAX_INSTANCES:
             log.warning("arc_not_sealed", reason=f"chain already has {top} sets")
@@ -289,7 +308,6 @@ class ArcSealer:
         if bad:
             raise ValueError(f"header fields that must not be signed: {sorted(bad)}")
         arc_headers = [y for _, y in arc_with_instance] if cv != dkim.CV_Fail else []
-        canon = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
 
         value = auth_results_value.strip().encode("utf-8")
         value = re.sub(rb"\r?\n", linesep, value)

@@ -31,7 +31,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
+from dkim.canonicalization import (
+    CanonicalizationPolicy,
+    InvalidCanonicalizationPolicyError,
+    Relaxed,
+)
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from relay.auth.keys import KeyLookupError, KeyRecordError, PublicKey, parse_key_record
@@ -180,6 +184,7 @@ class _FastCrypto:
     """Mixin over dkim.DomainSigner: public-key steps through ``cryptography``."""
 
     identity_check = False  # DKIM checks i= against t=s keys; in ARC i= is the instance
+    headers_relaxed = False  # set by a signer that has canonicalised self.headers (relaxed)
 
     # attributes provided by dkim.DomainSigner
     headers: list[Any]
@@ -210,7 +215,10 @@ class _FastCrypto:
         header_value = dkim.RE_BTAG.sub(b"\\1", header_value)
         header = (header_name, b" " + header_value)
         h = self.hasher()
-        headers = canon_policy.canonicalize_headers(self.headers)
+        if self.headers_relaxed and canon_policy.header_algorithm is Relaxed:
+            headers = self.headers  # already canonical (relaxed is idempotent)
+        else:
+            headers = canon_policy.canonicalize_headers(self.headers)
         self.signed_headers = dkim.hash_headers(
             h, canon_policy, headers, include_headers, header, dict(fields)
         )
