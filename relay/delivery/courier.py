@@ -342,7 +342,12 @@ class Courier:
                 self._emit(
                     att,
                     self._outcome(
-                        att, host.name, "", TlsResultType.VALIDATION_FAILURE, MX_NOT_IN_POLICY
+                        att,
+                        host.name,
+                        "",
+                        TlsResultType.VALIDATION_FAILURE,
+                        MX_NOT_IN_POLICY,
+                        enforced=att.mode is Mode.ENFORCE,
                     ),
                 )
                 if att.mode is Mode.ENFORCE:
