@@ -407,6 +407,7 @@ class SmtpSession(SMTP):
             self._close()
 
     async def _run(self) -> None:
+        await asyncio.sleep(0)  # one loop turn: input already sent is read in before the check
         if self._pending():
             log.warning("smtp_pregreet", peer=self._peer_ip)
             await self.push(SYNC_ERROR)
