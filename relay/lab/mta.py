@@ -66,7 +66,7 @@ class _Handler:
         content = envelope.original_content or b""
         self.mta.messages.append(
             Received(
-                mail_from=envelope.mail_from or "",
+                mail_from="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
                 rcpt_tos=tuple(envelope.rcpt_tos),
                 data=content,
                 tls_version=tls,
