@@ -1,0 +1,156 @@
+"""Proactive refresh: skip the fetch on an unchanged id, refetch on a new one, bounded
+concurrency, last run persisted across restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from conftest import StsLab
+
+from relay.model import StsMode
+from relay.mtasts.cache import PolicyCache
+from relay.mtasts.refresher import LAST_RUN_KEY, PolicyRefresher
+from relay.store import Store
+
+
+def policy(mode: str = "enforce", max_age: int = 7200) -> str:
+    return f"version: STSv1\nmode: {mode}\nmx: mx.example.com\nmax_age: {max_age}\n"
+
+
+async def test_refresh_extends_on_unchanged_id_and_fetches_on_new(
+    lab: StsLab, store: Store
+) -> None:
+    for d in ("a.example", "b.example", "c.example"):
+        lab.publish(d, policy(), "v1")
+    m = lab.manager(store, refresh_interval=3600)
+    for d in ("a.example", "b.example", "c.example"):
+        await m.get_policy(d)
+    assert len(lab.https.seen) == 3
+
+    assert await m.refresh_once() == {}  # nothing due yet
+    lab.clock.advance(3600)
+    lab.publish("b.example", policy("testing"), "v2")
+    lab.zone.remove("_mta-sts.c.example")
+    outcomes = await m.refresh_once()
+    assert outcomes == {"unchanged": 1, "updated": 1, "kept": 1}
+    assert len(lab.https.seen) == 4  # only b.example fetched again
+    a = await m.cache.get("a.example")
+    assert a is not None and a.expires_at == lab.clock.now + 7200 and a.checked_at == lab.clock.now
+    b = await m.cache.get("b.example")
+    assert b is not None and b.policy_id == "v2" and b.policy.mode is StsMode.TESTING
+    c = await m.cache.get("c.example")
+    assert c is not None and c.expires_at == lab.clock.now - 3600 + 7200  # not extended
+
+    lab.clock.advance(3601)  # c.example has expired and has no record any more
+    outcomes = await m.refresh_once()
+    assert outcomes == {"unchanged": 2, "removed": 1}
+    assert await m.cache.get("c.example") is None
+    assert len(lab.https.seen) == 4
+
+
+async def test_refresh_failure_keeps_cached_policy(lab: StsLab, store: Store) -> None:
+    lab.publish("a.example", policy(), "v1")
+    m = lab.manager(store, refresh_interval=600, failed_fetch_backoff=300)
+    await m.get_policy("a.example")
+    lab.clock.advance(600)
+    lab.set_id("a.example", "v2")
+    lab.zone.remove("mta-sts.a.example")
+    assert await m.refresh_once() == {"failed": 1}
+    lab.clock.advance(100)
+    await store.write(lambda c: c.execute("UPDATE mtasts_policy SET checked_at=0"))
+    assert await m.refresh_once() == {"backoff": 1}
+    pol = await m.get_policy("a.example")
+    assert (pol.enforce, pol.policy_id) == (True, "v1")
+
+
+async def test_concurrency_is_bounded(store: Store) -> None:
+    cache = PolicyCache(store)
+    now = 1000.0
+    names = [f"d{i}.example" for i in range(12)]
+
+    def seed(c) -> None:  # type: ignore[no-untyped-def]
+        for n in names:
+            c.execute(
+                "INSERT INTO mtasts_policy VALUES (?, 'x', ?, 0, 0, 5000)",
+                (n, policy()),
+            )
+
+    await store.write(seed)
+    active = peak = 0
+    done: list[str] = []
+
+    async def refresh(domain: str) -> str:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        await asyncio.sleep(0.02)
+        active -= 1
+        done.append(domain)
+        return "unchanged"
+
+    r = PolicyRefresher(cache, refresh, interval=60, concurrency=3, clock=lambda: now)
+    assert await r.run_once() == {"unchanged": 12}
+    assert peak == 3 and sorted(done) == sorted(names)
+    assert float(await cache.get_meta(LAST_RUN_KEY) or 0) == now
+
+
+async def test_one_failing_domain_does_not_stop_the_run(store: Store) -> None:
+    cache = PolicyCache(store)
+    await store.write(
+        lambda c: c.executemany(
+            "INSERT INTO mtasts_policy VALUES (?, 'x', ?, 0, 0, 5000)",
+            [("bad.example", policy()), ("good.example", policy())],
+        )
+    )
+
+    async def refresh(domain: str) -> str:
+        if domain == "bad.example":
+            raise RuntimeError("boom")
+        return "unchanged"
+
+    r = PolicyRefresher(cache, refresh, interval=60, concurrency=2, clock=lambda: 1000.0)
+    assert await r.run_once() == {"error": 1, "unchanged": 1}
+
+
+async def test_loop_runs_and_last_run_survives_restart(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    runs: list[float] = []
+
+    async def refresh(domain: str) -> str:
+        return "unchanged"
+
+    store = Store(path).open()
+    try:
+        r = PolicyRefresher(PolicyCache(store), refresh, interval=0.15, concurrency=1)
+        orig = r.run_once
+
+        async def counted() -> dict[str, int]:
+            runs.append(time.time())
+            return await orig()
+
+        r.run_once = counted  # type: ignore[method-assign]
+        stop = asyncio.Event()
+        task = asyncio.create_task(r.run(stop))
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.wait_for(task, 2)
+        assert 2 <= len(runs) <= 5
+        last = await r.last_run()
+        assert abs(last - runs[-1]) < 0.1
+    finally:
+        store.close()
+
+    store = Store(path).open()  # restart: the persisted last run is honoured
+    try:
+        r2 = PolicyRefresher(PolicyCache(store), refresh, interval=3600, concurrency=1)
+        assert await r2.last_run() == last
+        stop = asyncio.Event()
+        task = asyncio.create_task(r2.run(stop))
+        await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.wait_for(task, 2)
+        assert r2.runs == 0  # not due for an hour
+    finally:
+        store.close()
