@@ -274,7 +274,7 @@ class SmtpSession(SMTP):
             self._reset_transaction()
 
     def connection_lost(self, error: Exception | None) -> None:
-        if self._refused:
+        if self._refused or self.closed.is_set():
             return
         if self._counted:
             self._counted = False
@@ -292,13 +292,24 @@ class SmtpSession(SMTP):
     def request_stop(self) -> None:
         """Server shutdown: close now when between transactions, else after this one."""
         self._stop_requested = True
-        if self._phase == "command" and self.transport is not None:
-            self._tx().write(f"421 4.3.2 {self.hostname} Service shutting down\r\n".encode())
+        if self._phase == "command":
+            self._say_and_close(f"421 4.3.2 {self.hostname} Service shutting down")
+
+    def _say_and_close(self, reply: str) -> None:
+        """Last words from a callback (not the session task), then close."""
+        if self.transport is None:
+            return
+        try:
+            self._tx().write(f"{reply}\r\n".encode())
             self.transport.close()
+        except Exception:  # a transport half torn down (failed TLS): just drop it
+            self.abort()
 
     def abort(self) -> None:
         if self.transport is not None:
             self._tx().abort()
+        if self._original_transport is not None:
+            self._original_transport.close()
 
     def _tx(self) -> asyncio.Transport:
         return cast(asyncio.Transport, self.transport)
@@ -335,8 +346,7 @@ class SmtpSession(SMTP):
         whole = now >= self._started + self._lim.max_session_time
         what = "session time limit exceeded" if whole else "timeout exceeded"
         log.info("smtp_timeout", peer=self._peer_ip, reason=what, phase=self._phase)
-        self._tx().write(f"421 4.4.2 {self.hostname} Error: {what}\r\n".encode())
-        self.transport.close()
+        self._say_and_close(f"421 4.4.2 {self.hostname} Error: {what}")
         self._timeout_handle = self.loop.call_later(5.0, self.abort)
 
     # ------------------------------------------------------------ helpers
@@ -398,8 +408,12 @@ class SmtpSession(SMTP):
         except (ConnectionError, asyncio.IncompleteReadError):
             self._close()
         except TLSSetupException:
+            # the TLS layer never reached the session, so it will not report the loss:
+            # close the TCP connection and clean up here (as aiosmtpd does)
             log.info("smtp_tls_failed", peer=self._peer_ip)
-            self._close()
+            if self._original_transport is not None:
+                self._original_transport.close()
+            self.connection_lost(None)
         except Exception:
             log.exception("smtp_session_error", peer=self._peer_ip)
             if self.transport is not None:

@@ -218,7 +218,9 @@ async def test_received_header_loop_limit(tmp_path: Path) -> None:
         await c.greet()
         for count, expect in ((49, "250 "), (50, "554 5.4.6"), (60, "554 5.4.6")):
             await c.start_mail()
-            hops = b"".join(b"Received: from h%d by h; Mon, 1 Jan 2024\r\n" % i for i in range(count))
+            hops = b"".join(
+                b"Received: from h%d by h; Mon, 1 Jan 2024\r\n" % i for i in range(count)
+            )
             reply = await c.cmd(hops + MESSAGE + b".")
             assert reply.startswith(expect), (count, reply)
         await c.start_mail()
@@ -251,7 +253,10 @@ async def test_recipient_limit(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "exc, expect",
     [
-        (SmtpReplyError(550, "5.7.1", "DMARC policy rejection"), "550 5.7.1 DMARC policy rejection"),
+        (
+            SmtpReplyError(550, "5.7.1", "DMARC policy rejection"),
+            "550 5.7.1 DMARC policy rejection",
+        ),
         (SmtpReplyError(451, "4.3.0", "store error"), "451 4.3.0 store error"),
         (SmtpReplyError(452, "4.3.1", "disk full\r\nX"), "452 4.3.1 disk full  X"),
         (SmtpReplyError(250, "2.0.0", "not an error code"), "451 4.3.0 Error: internal error"),
@@ -259,9 +264,7 @@ async def test_recipient_limit(tmp_path: Path) -> None:
         (OSError(5, "EIO"), "451 4.3.0 Error: internal error"),
     ],
 )
-async def test_submit_failures_never_give_250(
-    tmp_path: Path, exc: Exception, expect: str
-) -> None:
+async def test_submit_failures_never_give_250(tmp_path: Path, exc: Exception, expect: str) -> None:
     async def fail(_: bytes) -> str:
         raise exc
 
