@@ -28,6 +28,8 @@ class Received:
     data: bytes
     conn: int  # id of the SMTP connection that carried it
     tls_version: str | None
+    helo: str = ""
+    peer_ip: str = ""
 
 
 @dataclass
@@ -88,6 +90,8 @@ class Recorder:
                 envelope.original_content,
                 id(server),
                 tls,
+                session.host_name or "",
+                session.peer[0] if session.peer else "",
             )
         )
         return "250 2.0.0 queued"

@@ -26,7 +26,9 @@ R = TlsResultType
 MSG = b"From: a@sender.test\r\nTo: b@x\r\nSubject: t\r\n\r\nhello\r\n"
 
 
-def job(domain: str, *rcpts: str, qid: str = "Q1", record_tls: bool = True, **kw: object) -> DeliveryJob:
+def job(
+    domain: str, *rcpts: str, qid: str = "Q1", record_tls: bool = True, **kw: object
+) -> DeliveryJob:
     return DeliveryJob(
         qid=qid,
         domain=domain,
@@ -39,8 +41,16 @@ def job(domain: str, *rcpts: str, qid: str = "Q1", record_tls: bool = True, **kw
     )
 
 
-HOPS = ["good", "no-starttls", "stripped", "expired", "wrong-name", "unknown-ca", "not-in-policy",
-        "tls11"]
+HOPS = [
+    "good",
+    "no-starttls",
+    "stripped",
+    "expired",
+    "wrong-name",
+    "unknown-ca",
+    "not-in-policy",
+    "tls11",
+]
 
 
 async def build_hops(lab: MxLab) -> dict[str, MxServer]:
@@ -65,8 +75,8 @@ async def build_hops(lab: MxLab) -> dict[str, MxServer]:
 def policy_for(mode: str, domain: str) -> TlsPolicy | None:
     if mode == "no-policy":
         return None
-    patterns = ("mx.elsewhere.lab.test",) if domain.startswith("not-in-policy") else (
-        f"*.{domain}",
+    patterns = (
+        ("mx.elsewhere.lab.test",) if domain.startswith("not-in-policy") else (f"*.{domain}",)
     )
     return TlsPolicy(
         domain=domain,
@@ -74,8 +84,12 @@ def policy_for(mode: str, domain: str) -> TlsPolicy | None:
         mx_patterns=patterns,
         max_age=86400,
         policy_id="20260101",
-        policy_strings=("version: STSv1", f"mode: {mode}", *(f"mx: {p}" for p in patterns),
-                        "max_age: 86400"),
+        policy_strings=(
+            "version: STSv1",
+            f"mode: {mode}",
+            *(f"mx: {p}" for p in patterns),
+            "max_age: 86400",
+        ),
     )
 
 
@@ -134,8 +148,9 @@ async def test_policy_mode_by_next_hop(lab: MxLab, mode: str) -> None:
     async def lookup(domain: str) -> TlsPolicy:
         return policies[domain] or TlsPolicy(domain)
 
-    courier = Courier(lab.config(), lab.resolver(), policy_lookup=lookup, outcome_sink=lab.sink,
-                      idle_timeout=0)
+    courier = Courier(
+        lab.config(), lab.resolver(), policy_lookup=lookup, outcome_sink=lab.sink, idle_timeout=0
+    )
     try:
         for hop in HOPS:
             domain = f"{hop}.lab.test"
@@ -228,8 +243,9 @@ async def test_fetch_error_is_reported_once_and_delivery_is_opportunistic(lab: M
     srv = await lab.add_mx("d.lab.test", "mx.d.lab.test", "none")
 
     async def lookup(domain: str) -> TlsPolicy:
-        return TlsPolicy(domain, fetch_error=R.STS_POLICY_FETCH_ERROR,
-                         fetch_error_reason="HTTP 404")
+        return TlsPolicy(
+            domain, fetch_error=R.STS_POLICY_FETCH_ERROR, fetch_error_reason="HTTP 404"
+        )
 
     courier = Courier(lab.config(), lab.resolver(), policy_lookup=lookup, outcome_sink=lab.sink)
     res = await courier.deliver(job("d.lab.test"))
