@@ -76,9 +76,7 @@ class RelayApp:
         self.leader = leader
         self.recover = recover
         self.clock = clock
-        self.resolver: Resolver = resolver or AiodnsResolver(
-            [str(ns) for ns in config.dns.nameservers], timeout=config.dns.timeout
-        )
+        self._resolver = resolver  # the aiodns one is made in start(), inside the loop
         self.poll_interval = poll_interval
         self.store = Store(config.storage.path)
         self._stop = asyncio.Event()
@@ -100,6 +98,9 @@ class RelayApp:
         from relay.smtp.server import SmtpServer
 
         cfg = self.config
+        self.resolver: Resolver = self._resolver or AiodnsResolver(
+            [str(ns) for ns in cfg.dns.nameservers], timeout=cfg.dns.timeout
+        )
         await asyncio.to_thread(self.store.open)
         spool = Spool(self.store, self.clock)
         if self.recover:

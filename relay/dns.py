@@ -106,6 +106,8 @@ class AiodnsResolver:
             raise DnsTempFail(qname, rdtype, str(detail)) from None
         except TimeoutError:
             raise DnsTempFail(qname, rdtype, "timeout") from None
+        except (UnicodeError, ValueError) as exc:  # a name that cannot be encoded
+            raise DnsNotFound(qname, rdtype, f"invalid name: {exc}") from None
         want = getattr(pycares, f"QUERY_TYPE_{rdtype}")
         records = [r for r in result.answer if r.type == want]
         if not records:
