@@ -21,7 +21,7 @@ import structlog
 
 from relay.config import Config
 from relay.dns import AiodnsResolver, Resolver
-from relay.intake import Intake, Routing, Transform
+from relay.intake import Intake, Routing
 from relay.queue.scheduler import Scheduler
 from relay.queue.spool import Spool
 from relay.store import Store
@@ -138,7 +138,11 @@ class RelayApp:
         def release() -> None:
             scheduler_ref[0].release()
 
-        transforms, routing, extra_check = self._build_auth()
+        from relay.auth.wiring import build_auth
+
+        auth = build_auth(cfg, self.resolver)
+        self._closers.append(auth.close)
+        transforms, routing, extra_check = auth.transforms, auth.routing, auth.local_check
         self.intake = Intake(
             cfg, spool, notify=notify, transforms=transforms, routing=routing, clock=self.clock
         )
@@ -153,13 +157,13 @@ class RelayApp:
         scheduler_ref.append(self.scheduler)
 
         rules = RelayRules(cfg, extra_local_check=extra_check)
-        if routing.expand is Routing().expand:
-            self.intake.routing = Routing(
-                expand=rules.expand,
-                srs_forward=routing.srs_forward,
-                srs_reverse=routing.srs_reverse,
-                local_domains=cfg.relay.local_domains,
-            )
+        # alias expansion comes from the relay rules, SRS from the auth wiring
+        self.intake.routing = Routing(
+            expand=rules.expand,
+            srs_forward=routing.srs_forward,
+            srs_reverse=routing.srs_reverse,
+            local_domains=cfg.relay.local_domains,
+        )
         self.server = SmtpServer(
             cfg, self.intake.submit, rules, ssl_context=server_ssl_context(cfg)
         )
@@ -219,12 +223,6 @@ class RelayApp:
         return TlsRptSender(
             self.config, self.ledger, self.resolver, http, self.intake.inject, clock=self.clock
         )
-
-    def _build_auth(self) -> tuple[list[Transform], Routing, Any]:
-        """Authentication verdict + ARC seal as an intake transform; SRS routing."""
-        from relay.auth.wiring import build_auth
-
-        return build_auth(self.config, self.resolver)
 
     # ------------------------------------------------------------ lifecycle
 

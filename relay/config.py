@@ -111,6 +111,7 @@ class AuthConfig:
     dmarc_quarantine: str = "quarantine"  # DMARC fail under p=quarantine
     spf_fail: str = "accept"
     authserv_id: str = ""  # default: [server] hostname
+    crypto_workers: int = 1  # processes for DKIM/ARC crypto off the event loop; 0 = inline
 
 
 @dataclass(frozen=True)
@@ -311,7 +312,14 @@ _KNOWN = {
         "failed_fetch_backoff",
     },
     "http": {"allow_private_addresses"},
-    "auth": {"enabled", "dmarc_reject", "dmarc_quarantine", "spf_fail", "authserv_id"},
+    "auth": {
+        "enabled",
+        "dmarc_reject",
+        "dmarc_quarantine",
+        "spf_fail",
+        "authserv_id",
+        "crypto_workers",
+    },
     "arc": {"enabled", "domain", "selector", "private_key", "trusted_sealers"},
     "srs": {"enabled", "domain", "secret", "max_age_days"},
     "tlsrpt": {
@@ -481,6 +489,7 @@ def parse_config(doc: dict[str, Any], p: Path) -> Config:
         dmarc_quarantine=a.choice("dmarc_quarantine", "quarantine", _ACTIONS),
         spf_fail=a.choice("spf_fail", "accept", _ACTIONS),
         authserv_id=a.get("authserv_id", str, ""),
+        crypto_workers=a.positive("crypto_workers", int, 1, 0),
     )
 
     ac = sec("arc")
