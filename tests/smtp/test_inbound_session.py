@@ -303,3 +303,17 @@ async def test_default_disk_check_uses_the_store_directory(tmp_path: Path) -> No
         await c.greet()
         assert (await c.cmd("MAIL FROM:<a@b.test>")).startswith("250 ")
         await c.close()
+
+
+def test_aiosmtpd_internals_we_build_on() -> None:
+    """SmtpSession skips SMTP.__init__ and reuses these; re-check them on any upgrade."""
+    import aiosmtpd
+    from aiosmtpd.smtp import SMTP
+
+    assert aiosmtpd.__version__.startswith("1.4."), aiosmtpd.__version__
+    for name in ("connection_made", "connection_lost", "eof_received", "push", "smtp_STARTTLS"):
+        assert callable(getattr(SMTP, name))
+    import inspect
+
+    src = inspect.getsource(SMTP.connection_made)
+    assert "_buffer.clear()" in src  # CVE-2024-34083: pre-TLS input dropped
