@@ -1,0 +1,1 @@
+"""Benchmarks: bench/run.py (relay vs Postfix); see docs/benchmark.md."""

@@ -1,0 +1,470 @@
+"""Benchmark: our relay against a Postfix relay, same load, same sink, same run.
+
+    .venv/bin/python bench/run.py [--clients 20] [--messages 5000] [--size 4096] [--auth]
+
+On loopback: the load generator (bench/loadgen.py, C concurrent SMTP clients, one
+message per connection) sends N messages of S bytes to the system under test, which
+relays them (durable queue, fsync before every 250) to Postfix's smtp-sink. Measured for
+each system: accepted msgs/s (N / time until the last 250), delivered msgs/s (N / time
+until the sink has all N), p50/p99 accept latency (MAIL FROM to the 250 after "."),
+p50/p99 commit latency ("." to 250), CPU ms per message (user+sys of every process of the
+system), peak memory (summed RSS and PSS of its processes). Prints a table with the
+ratios relay/postfix and writes JSON to bench/out/.
+
+Addresses: sink 127.0.0.11, relay 127.0.0.12, Postfix 127.0.0.13 (ports picked free).
+The relay finds the sink through MX records of sink.test served by a lab DNS server in
+this process; Postfix sends everything to [127.0.0.11]:port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import smtplib
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.messages import SINK_DOMAIN, write_messages  # noqa: E402
+from bench.postfix import PostfixSystem  # noqa: E402
+from bench.procstat import PeakMemory, cpu_seconds  # noqa: E402
+from bench.relaysys import RelaySystem  # noqa: E402
+from bench.sink import Sink  # noqa: E402
+from relay.lab.dnsserver import LabDnsServer  # noqa: E402
+from relay.lab.postfix import POSTCONF, PostfixError, available, free_port  # noqa: E402
+
+SINK_IP = "127.0.0.11"
+RELAY_IP = "127.0.0.12"
+POSTFIX_IP = "127.0.0.13"
+PROBE_IP = "127.0.0.14"
+OUT = ROOT / "bench" / "out"
+
+
+class System(Protocol):
+    name: str
+    host: str
+    port: int
+
+    def start(self) -> None: ...
+    def pids(self) -> list[int]: ...
+    def stop(self) -> None: ...
+    def log_tail(self, n: int = 2000) -> str: ...
+
+
+def loadgen(
+    host: str, port: int, msgdir: Path, count: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "loadgen.py"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--messages",
+        str(msgdir),
+        "--clients",
+        str(args.clients),
+        "--count",
+        str(count),
+        "--per-conn",
+        str(args.per_conn),
+        "--duration",
+        str(args.duration),
+        "--rcpt-to",
+        f"user@{SINK_DOMAIN}",
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 120)
+    if r.returncode != 0:
+        raise RuntimeError(f"load generator failed: {r.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(r.stdout)
+    return result
+
+
+def measure(system: System, sink: Sink, msgdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Warm up, then one measured run of ``args.messages`` messages."""
+    print(f"[{system.name}] warm-up: {args.warmup} messages", flush=True)
+    base = sink.count
+    warm = loadgen(system.host, system.port, msgdir, args.warmup, args)
+    if warm["ok"] == 0:
+        raise RuntimeError(f"{system.name} accepted nothing in warm-up: {warm['errors']}")
+    if not sink.wait_for(base + warm["ok"], timeout=60):
+        raise RuntimeError(
+            f"{system.name}: warm-up mail not delivered ({sink.count - base}/{warm['ok']})\n"
+            + system.log_tail()
+        )
+    time.sleep(0.5)
+    base = sink.count
+    print(f"[{system.name}] measured: {args.messages} messages, {args.clients} clients", flush=True)
+    profiler = start_profiler(system, args) if args.profile else None
+    cpu0 = cpu_seconds(system.pids())
+    with PeakMemory(system.pids) as mem:
+        gen = loadgen(system.host, system.port, msgdir, args.messages, args)
+        complete = sink.wait_for(base + gen["ok"], timeout=args.drain_timeout)
+        t_delivered = sink.last_change
+        cpu1 = cpu_seconds(system.pids())
+    time.sleep(0.5)  # late duplicates would show now
+    delivered = sink.count - base
+    profile = stop_profiler(profiler, args) if profiler else None
+    ok = gen["ok"]
+    accept_s = max(1e-9, gen["t_last_ok"] - gen["t_start"])
+    deliver_s = max(1e-9, t_delivered - gen["t_start"])
+    cpu = cpu1 - cpu0
+    result: dict[str, Any] = {
+        "system": system.name,
+        "accepted": ok,
+        "failed": gen["failed"],
+        "errors": gen["errors"],
+        "delivered": delivered,
+        "duplicates": max(0, delivered - ok),
+        "complete": complete,
+        "accept_seconds": round(accept_s, 3),
+        "deliver_seconds": round(deliver_s, 3),
+        "accepted_per_s": round(ok / accept_s, 1),
+        "delivered_per_s": round(min(delivered, ok) / deliver_s, 1),
+        "latency_ms": gen["latency_ms"],
+        "commit_ms": gen["commit_ms"],
+        "cpu_seconds": round(cpu, 3),
+        "cpu_ms_per_msg": round(cpu * 1000 / max(1, ok), 3),
+        "peak_rss_mib": round(mem.peak_rss_kib / 1024, 1),
+        "peak_pss_mib": round(mem.peak_pss_kib / 1024, 1),
+        "peak_processes": mem.peak_processes,
+        "generator_cpu_seconds": round(gen["cpu_s"], 3),
+        "message_bytes": gen["message_bytes"],
+    }
+    if profile is not None:
+        result["profile"] = profile
+    if not complete:
+        print(f"[{system.name}] NOT all delivered: {delivered}/{ok}\n{system.log_tail()}")
+    return result
+
+
+# ------------------------------------------------------------------ profiling (py-spy)
+
+
+def start_profiler(system: System, args: argparse.Namespace) -> subprocess.Popen[bytes] | None:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    pids = system.pids()
+    if not os.path.exists(spy) or not pids or system.name != "relay":
+        return None
+    OUT.mkdir(parents=True, exist_ok=True)
+    cmd = [spy, "record", "--pid", str(pids[0]), "--subprocesses", "--rate", "200"]
+    cmd += ["--format", "raw", "--output", str(OUT / "relay-profile.txt"), "--nonblocking"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    return proc
+
+
+def stop_profiler(proc: subprocess.Popen[bytes], args: argparse.Namespace) -> dict[str, Any]:
+    proc.send_signal(signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(30)
+    path = OUT / "relay-profile.txt"
+    return summarize_profile(path, args.profile_top) if path.exists() else {}
+
+
+def summarize_profile(path: Path, top: int) -> dict[str, Any]:
+    """Self and inclusive sample shares per function from py-spy's collapsed stacks."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, n_s = line.rpartition(" ")
+        if not n_s.isdigit():
+            continue
+        n = int(n_s)
+        frames = [f for f in stack.split(";") if f and not f.startswith("process ")]
+        if not frames:
+            continue
+        total += n
+        names = [_frame_name(f) for f in frames]
+        own[names[-1]] = own.get(names[-1], 0) + n
+        for name in set(names):
+            incl[name] = incl.get(name, 0) + n
+
+    def top_of(d: dict[str, int]) -> list[tuple[str, float]]:
+        ranked = sorted(d.items(), key=lambda kv: -kv[1])[:top]
+        return [(k, round(100.0 * v / max(1, total), 1)) for k, v in ranked]
+
+    return {"samples": total, "self_pct": top_of(own), "inclusive_pct": top_of(incl)}
+
+
+def _frame_name(frame: str) -> str:
+    # py-spy raw frames: "function (path/file.py:line)"
+    fn, _, where = frame.partition(" (")
+    where = where.rstrip(")")
+    file = where.rsplit(":", 1)[0]
+    for marker in ("/site-packages/", "/lib/python3.11/", str(ROOT) + "/"):
+        if marker in file:
+            file = file.split(marker, 1)[1]
+            break
+    return f"{file}:{fn}"
+
+
+# ------------------------------------------------------------------ auth probe
+
+
+def auth_probe(relay: RelaySystem, dns: LabDnsServer, msgdir: Path) -> dict[str, Any]:
+    """Send one signed message through the relay to a dumping smtp-sink and report which
+    authentication headers the relay added (shows whether auth/ARC really ran)."""
+    dump = Path(tempfile.mkdtemp(prefix="bench-probe-"))
+    dump.chmod(0o777)
+    dns.zone.add("probe.test", "MX", (10, "mx.probe.test"))
+    dns.zone.add("mx.probe.test", "A", PROBE_IP)
+    # The relay delivers to [delivery] port for every MX; the probe sink listens there too.
+    sink = subprocess.Popen(
+        ["/usr/sbin/smtp-sink", "-u", "postfix", "-D", str(dump / "probe.mbox")]
+        + [f"{PROBE_IP}:{relay_delivery_port(relay)}", "16"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.3)
+        raw = sorted(msgdir.glob("*.eml"))[0].read_bytes()
+        with smtplib.SMTP(relay.host, relay.port, timeout=30) as s:
+            s.sendmail("bench@sender.test", ["user@probe.test"], raw)
+        deadline = time.monotonic() + 30
+        text = ""
+        while time.monotonic() < deadline:
+            f = dump / "probe.mbox"
+            if f.exists() and f.stat().st_size > len(raw) // 2:
+                time.sleep(0.2)
+                text = f.read_text(errors="replace")
+                break
+            time.sleep(0.1)
+        heads = text.split("\n\n", 1)[0].split("\n") if text else []
+        names = [h.split(":", 1)[0].lower() for h in heads if h and not h[0].isspace()]
+        ar = [h for h in heads if h.lower().startswith("authentication-results:")]
+        return {
+            "delivered": bool(text),
+            "arc_seal": names.count("arc-seal"),
+            "arc_message_signature": names.count("arc-message-signature"),
+            "authentication_results": names.count("authentication-results"),
+            "authentication_results_first": ar[0][:300] if ar else "",
+        }
+    finally:
+        sink.terminate()
+        sink.wait(5)
+        shutil.rmtree(dump, ignore_errors=True)
+
+
+def relay_delivery_port(relay: RelaySystem) -> int:
+    from relay.config import load_config
+
+    return load_config(relay.config_path).delivery.port
+
+
+# ------------------------------------------------------------------ report
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    rows = [
+        ("accepted msgs/s", "accepted_per_s", "{:.0f}"),
+        ("delivered msgs/s", "delivered_per_s", "{:.0f}"),
+        ("accept latency p50 ms", ("latency_ms", "p50"), "{:.1f}"),
+        ("accept latency p99 ms", ("latency_ms", "p99"), "{:.1f}"),
+        ("commit latency p50 ms", ("commit_ms", "p50"), "{:.1f}"),
+        ("commit latency p99 ms", ("commit_ms", "p99"), "{:.1f}"),
+        ("CPU ms / message", "cpu_ms_per_msg", "{:.2f}"),
+        ("peak RSS MiB (sum)", "peak_rss_mib", "{:.0f}"),
+        ("peak PSS MiB (sum)", "peak_pss_mib", "{:.0f}"),
+        ("processes (peak)", "peak_processes", "{:d}"),
+        ("accepted / delivered", None, ""),
+        ("failed", "failed", "{:d}"),
+        ("duplicates delivered", "duplicates", "{:d}"),
+    ]
+    names = list(results)
+    head = f"{'':26}" + "".join(f"{n:>12}" for n in names)
+    if len(names) == 2:
+        head += f"{names[0] + '/' + names[1]:>18}"
+    lines = [head]
+
+    def get(r: dict[str, Any], key: Any) -> Any:
+        if isinstance(key, tuple):
+            return r[key[0]][key[1]]
+        return r[key]
+
+    for label, key, fmt in rows:
+        if key is None:
+            cells = [f"{r['accepted']}/{r['delivered']}" for r in results.values()]
+            lines.append(f"{label:26}" + "".join(f"{c:>12}" for c in cells))
+            continue
+        vals = [get(r, key) for r in results.values()]
+        line = f"{label:26}" + "".join(f"{fmt.format(v):>12}" for v in vals)
+        if len(vals) == 2 and isinstance(vals[1], int | float) and vals[1]:
+            line += f"{vals[0] / vals[1]:>17.2f}x"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, Any]:
+    def out(cmd: list[str]) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {
+        "postfix": out([POSTCONF, "-h", "mail_version"]),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "commit": out(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
+    }
+
+
+# ------------------------------------------------------------------ main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="relay vs Postfix benchmark on loopback")
+    p.add_argument("--clients", type=int, default=20, help="concurrent SMTP clients (20)")
+    p.add_argument("--messages", type=int, default=5000, help="messages per system (5000)")
+    p.add_argument("--size", type=int, default=4096, help="message size in bytes (4096)")
+    p.add_argument("--per-conn", type=int, default=1, help="messages per connection (1)")
+    p.add_argument("--warmup", type=int, default=200, help="unmeasured messages first (200)")
+    p.add_argument("--duration", type=float, default=90.0, help="cap on sending, seconds (90)")
+    p.add_argument("--drain-timeout", type=float, default=90.0, help="cap on delivery wait")
+    p.add_argument("--auth", action="store_true", help="DKIM-signed mail; relay auth+ARC on")
+    p.add_argument(
+        "--workers", type=int, default=None, help="relay [server] workers (the relay's default)"
+    )
+    p.add_argument("--only", choices=("relay", "postfix"), help="measure one system")
+    p.add_argument("--relay-log-level", default="info", help="relay [logging] level (info)")
+    p.add_argument(
+        "--relay-set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a relay config key (repeatable)",
+    )
+    p.add_argument(
+        "--postfix-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a Postfix main.cf parameter (repeatable)",
+    )
+    p.add_argument("--profile", action="store_true", help="py-spy the relay (skews figures)")
+    p.add_argument("--profile-top", type=int, default=25)
+    p.add_argument("--distinct", type=int, default=200, help="distinct messages, used in turn")
+    p.add_argument("--json", type=Path, help="JSON output path (default bench/out/...)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not available():
+        print("needs Debian's postfix package and root (see docs/benchmark.md)", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+    work.chmod(0o755)
+    msgdir = work / "messages"
+    size, zone = write_messages(msgdir, args.distinct, args.size, signed=args.auth)
+    zone.add(SINK_DOMAIN, "MX", (10, f"mx.{SINK_DOMAIN}"))
+    zone.add(f"mx.{SINK_DOMAIN}", "A", SINK_IP)
+    dns = LabDnsServer(zone).start()
+    results: dict[str, dict[str, Any]] = {}
+    probe: dict[str, Any] | None = None
+    order = ["relay", "postfix"] if args.only is None else [args.only]
+    try:
+        for name in order:
+            sink = Sink(SINK_IP, free_port(SINK_IP)).start()
+            system: System
+            try:
+                if name == "relay":
+                    relay = RelaySystem(
+                        RELAY_IP,
+                        work / "relay",
+                        dns.address,
+                        sink.port,
+                        workers=args.workers,
+                        auth=args.auth,
+                        log_level=args.relay_log_level,
+                        overrides=args.relay_set,
+                    )
+                    if relay.arc_record:
+                        zone.add("arc._domainkey.relay.bench.test", "TXT", relay.arc_record)
+                    system = relay
+                else:
+                    extra = dict(kv.split("=", 1) for kv in args.postfix_set)
+                    system = PostfixSystem(POSTFIX_IP, (SINK_IP, sink.port), extra)
+                print(f"[{name}] starting", flush=True)
+                system.start()
+                try:
+                    if name == "relay" and args.auth:
+                        probe = auth_probe(relay, dns, msgdir)
+                        print(f"[relay] auth probe: {probe}", flush=True)
+                    results[name] = measure(system, sink, msgdir, args)
+                finally:
+                    system.stop()
+            finally:
+                sink.stop()
+    except PostfixError as exc:
+        print(f"Postfix failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        dns.stop()
+        if os.environ.get("BENCH_KEEP"):
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print()
+    print(
+        f"{args.messages} messages of {size} bytes, {args.clients} clients, "
+        f"{args.per_conn} per connection, auth={'on' if args.auth else 'off'}, "
+        f"relay workers={args.workers or 'default'}"
+    )
+    print(table(results))
+    for r in results.values():
+        if r["errors"]:
+            print(f"{r['system']} errors: {r['errors']}")
+        if "profile" in r:
+            print("\nrelay profile, self time (% of samples):")
+            for fn, pct in r["profile"].get("self_pct", []):
+                print(f"  {pct:5.1f}  {fn}")
+            print("relay profile, inclusive (% of samples):")
+            for fn, pct in r["profile"].get("inclusive_pct", []):
+                print(f"  {pct:5.1f}  {fn}")
+    report = {
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "message_bytes": size,
+        "environment": environment(),
+        "results": results,
+        "auth_probe": probe,
+        "wall_seconds": round(time.monotonic() - started, 1),
+    }
+    if len(results) == 2:
+        r, p = results["relay"], results["postfix"]
+        report["ratio_delivered"] = round(r["delivered_per_s"] / max(1e-9, p["delivered_per_s"]), 3)
+        report["ratio_accepted"] = round(r["accepted_per_s"] / max(1e-9, p["accepted_per_s"]), 3)
+        print(f"\ndelivered msgs/s ratio relay/postfix: {report['ratio_delivered']:.2f}")
+    path = args.json
+    if path is None:
+        OUT.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = OUT / f"bench-{stamp}{'-auth' if args.auth else ''}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"JSON: {path}  (wall {report['wall_seconds']} s)")
+    ok = all(r["complete"] and r["failed"] == 0 and r["duplicates"] == 0 for r in results.values())
+    if not ok:
+        print("FAILED: a system lost, refused or duplicated mail (see the table)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
