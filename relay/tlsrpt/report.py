@@ -407,12 +407,13 @@ def parse_report(data: bytes | str | Mapping[str, Any]) -> TlsReport:
 
 def report_attachments(message: bytes) -> list[tuple[str, str, bytes]]:
     """The report parts of a TLS-RPT mail (section 5.3): (content type, filename, JSON
-    bytes, gunzipped) of every ``application/tlsrpt+gzip`` or ``+json`` part."""
+    bytes, gunzipped) of every ``application/tlsrpt+gzip`` or ``+json`` part (and the
+    ``application/tlsrpt`` some senders write)."""
     msg = message_from_bytes(message)
     out: list[tuple[str, str, bytes]] = []
     for part in msg.walk():
         ctype = part.get_content_type()
-        if ctype not in (MEDIA_TYPE_GZIP, MEDIA_TYPE_JSON):
+        if ctype not in (MEDIA_TYPE_GZIP, MEDIA_TYPE_JSON, "application/tlsrpt"):
             continue
         payload = _payload(part)
         if ctype == MEDIA_TYPE_GZIP or payload[:2] == b"\x1f\x8b":
