@@ -1,0 +1,293 @@
+"""The authentication verdict of one message: checks, DMARC, the A-R header, the action.
+
+``Authenticator.evaluate`` first removes incoming Authentication-Results fields that claim
+our authserv-id (RFC 8601 section 5), then runs SPF (client IP from ConnInfo.peer_ip,
+Envelope.mail_from, ConnInfo.helo), DKIM and ARC validation concurrently, then DMARC on
+the merged results, and builds one A-R header (relay.auth.results) prepended to the
+message. Checks are injected (defaults: relay.auth.spf/dkim/arc, imported lazily), so
+tests hand in fixed results.
+
+Actions (``[auth]`` dmarc_reject, dmarc_quarantine, spf_fail: accept | reject |
+quarantine; quarantine = header only, ``X-Relay-Quarantine: <reason>``): the strongest
+wins. A DMARC fail under ``p=reject`` is refused with 550 5.7.1 by default, unless the ARC
+override applies:
+
+- the chain validates (cv=pass), the latest sealer (i=N, who handed us the message) is
+  listed in ``[arc] trusted_sealers``, and the oldest AAR of the unbroken run of trusted
+  sealers ending at N says ``dmarc=pass`` (when every sealer is trusted, that is the
+  AAR of i=1). An untrusted sealer's claims are never believed: an attacker could seal
+  a spoofed message saying dmarc=pass and then pass it through a trusted list.
+
+An override is recorded in the A-R: ``dmarc=fail (p=reject dis=none arc-sealer=<d>)
+header.from=... policy.override=trusted_forwarder`` (RFC 7489 Appendix C override type)
+and ``AuthResults.dmarc_override`` holds the trusted sealer domain whose AAR was used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Literal
+
+import structlog
+
+from relay.auth.dmarc import DmarcEvaluation, check_dmarc
+from relay.auth.results import (
+    aar_dmarc,
+    format_header,
+    format_value,
+    resinfos,
+    split_header,
+    strip_ours,
+)
+from relay.auth.types import (
+    ArcCv,
+    ArcResult,
+    AuthResults,
+    DkimResult,
+    DmarcResultCode,
+    SpfResult,
+    SpfResultCode,
+)
+from relay.config import Config
+from relay.dns import Resolver
+from relay.errors import SmtpReplyError
+from relay.model import ConnInfo, Envelope
+
+log = structlog.get_logger("relay.auth.pipeline")
+
+Action = Literal["accept", "reject", "quarantine"]
+SpfCheck = Callable[[str, str, str], Awaitable[SpfResult]]  # (client ip, mail from, helo)
+DkimCheck = Callable[[bytes], Awaitable[tuple[DkimResult, ...]]]
+ArcCheck = Callable[[bytes], Awaitable[ArcResult]]
+SealFn = Callable[[bytes, str, ArcResult], Awaitable[bytes]]  # (message, A-R value, chain)
+
+QUARANTINE_HEADER = "X-Relay-Quarantine"
+CHECK_TIMEOUT = 30.0
+_RANK = {"accept": 0, "quarantine": 1, "reject": 2}
+_DISPOSITION = {"accept": "none", "quarantine": "quarantine", "reject": "reject"}
+_AAR_I = re.compile(r"^\s*i\s*=\s*([0-9]+)\s*;")
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    results: AuthResults
+    header: str  # "Authentication-Results: ...\r\n", folded ("" when [auth] is disabled)
+    message: bytes  # forged A-R removed, our A-R (and a quarantine mark) prepended
+    action: Action
+    reply: str | None  # "550 5.7.1 ..." when rejected
+    reason: str = ""  # why the action is not accept, plain words
+    ar_value: str = ""  # the A-R value on one line (authserv-id; resinfos) for the AAR
+    dmarc: DmarcEvaluation | None = None  # how DMARC came out (for relay diagnose)
+    removed: int = 0  # forged A-R fields removed
+
+
+def aar_by_instance(message: bytes) -> dict[int, str]:
+    """ARC-Authentication-Results values by instance (first of each instance)."""
+    fields, _ = split_header(message)
+    out: dict[int, str] = {}
+    for f in fields:
+        if f.name.lower() == "arc-authentication-results":
+            m = _AAR_I.match(f.value)
+            if m is not None:
+                out.setdefault(int(m.group(1)), f.value)
+    return out
+
+
+def arc_override(arc: ArcResult | None, message: bytes, trusted: tuple[str, ...]) -> str:
+    """The trusted sealer whose AAR vouches for dmarc=pass, or "" (see module docstring)."""
+    if arc is None or arc.cv is not ArcCv.PASS or not arc.sealers or not trusted:
+        return ""
+    trusted_set = {t.strip().lower().rstrip(".") for t in trusted}
+    sealers = [s.lower().rstrip(".") for s in arc.sealers]
+    if sealers[-1] not in trusted_set:
+        return ""
+    first = len(sealers)
+    while first > 1 and sealers[first - 2] in trusted_set:
+        first -= 1
+    aar = aar_by_instance(message).get(first, "")
+    return sealers[first - 1] if aar_dmarc(aar) == "pass" else ""
+
+
+class Authenticator:
+    """Evaluates SPF, DKIM, ARC and DMARC for one message and decides what to do."""
+
+    def __init__(
+        self,
+        config: Config,
+        resolver: Resolver,
+        executor: Executor | None = None,
+        *,
+        spf_check: SpfCheck | None = None,
+        dkim_check: DkimCheck | None = None,
+        arc_check: ArcCheck | None = None,
+        rng: Callable[[], float] = random.random,
+        seal: SealFn | None = None,
+        timeout: float = CHECK_TIMEOUT,
+    ) -> None:
+        self.config = config
+        self.resolver = resolver
+        self.executor = executor
+        self.authserv_id = config.authserv_id
+        self.rng = rng
+        self.seal = seal
+        self.timeout = timeout
+        self._spf = spf_check or self._default_spf
+        self._dkim = dkim_check
+        self._arc = arc_check
+
+    # ---- default checks (imported lazily) ----
+
+    async def _default_spf(self, ip: str, mail_from: str, helo: str) -> SpfResult:
+        from relay.auth.spf import check_spf
+
+        return await check_spf(self.resolver, ip, mail_from, helo, receiver=self.authserv_id)
+
+    async def _dkim_and_arc(self, message: bytes) -> tuple[tuple[DkimResult, ...], ArcResult]:
+        if self._dkim is None and self._arc is None:
+            from relay.auth.arc import verify_dkim_and_arc
+
+            return await verify_dkim_and_arc(self.resolver, message, executor=self.executor)
+        if self._dkim is None:
+            from relay.auth.dkim import verify_dkim
+
+            dkim_task: Awaitable[tuple[DkimResult, ...]] = verify_dkim(
+                self.resolver, message, executor=self.executor
+            )
+        else:
+            dkim_task = self._dkim(message)
+        if self._arc is None:
+            from relay.auth.arc import validate_arc
+
+            arc_task: Awaitable[ArcResult] = validate_arc(
+                self.resolver, message, executor=self.executor
+            )
+        else:
+            arc_task = self._arc(message)
+        dkim, arc = await asyncio.gather(dkim_task, arc_task)
+        return dkim, arc
+
+    async def _checks(
+        self, conn: ConnInfo, env: Envelope, message: bytes
+    ) -> tuple[SpfResult, tuple[DkimResult, ...], ArcResult]:
+        helo = conn.helo.strip()
+        mail_from = env.mail_from
+        spf_domain = mail_from.rpartition("@")[2] if mail_from else helo
+        spf_identity = "mailfrom" if mail_from else "helo"
+        spf_r, both = await asyncio.gather(
+            asyncio.wait_for(self._spf(conn.peer_ip, mail_from, helo), self.timeout),
+            asyncio.wait_for(self._dkim_and_arc(message), self.timeout),
+            return_exceptions=True,
+        )
+        if isinstance(spf_r, BaseException):
+            if not isinstance(spf_r, Exception):
+                raise spf_r
+            log.warning("spf_check_error", error=repr(spf_r), client=conn.peer_ip)
+            spf_r = SpfResult(
+                SpfResultCode.TEMPERROR, spf_domain, spf_identity, f"SPF check failed: {spf_r!r}"
+            )
+        if isinstance(both, BaseException):
+            if not isinstance(both, Exception):
+                raise both
+            log.warning("dkim_arc_check_error", error=repr(both), client=conn.peer_ip)
+            dkim: tuple[DkimResult, ...] = (
+                DkimResult("temperror", reason=f"DKIM check failed: {both!r}"),
+            )
+            arc = ArcResult(ArcCv.FAIL, reason=f"ARC check failed: {both!r}")
+        else:
+            dkim, arc = both
+        return spf_r, dkim, arc
+
+    # ---- the verdict ----
+
+    def _action_for(self, results: AuthResults) -> tuple[Action, str, str | None]:
+        cfg = self.config.auth
+        action: Action = "accept"
+        reason = ""
+        reply: str | None = None
+        d = results.dmarc
+        if d is not None and d.result is DmarcResultCode.FAIL and not results.dmarc_override:
+            chosen = {"reject": cfg.dmarc_reject, "quarantine": cfg.dmarc_quarantine}.get(
+                d.policy, "accept"
+            )
+            if chosen != "accept":
+                action = _as_action(chosen)
+                reason = f"dmarc=fail policy={d.policy} from={d.header_from}"
+                reply = (
+                    f"550 5.7.1 Message rejected: {d.header_from} publishes a DMARC reject "
+                    "policy and this message failed DMARC authentication"
+                )
+        spf = results.spf
+        if spf is not None and spf.result is SpfResultCode.FAIL and cfg.spf_fail != "accept":
+            spf_action = _as_action(cfg.spf_fail)
+            if _RANK[spf_action] > _RANK[action]:
+                action = spf_action
+                reason = f"spf=fail domain={spf.domain}"
+                reply = f"550 5.7.23 SPF validation failed for {spf.domain}"
+        if action != "reject":
+            reply = None
+        return action, reason, reply
+
+    async def evaluate(self, conn: ConnInfo, env: Envelope, message: bytes) -> Verdict:
+        stripped, removed = strip_ours(message, self.authserv_id)
+        if removed:
+            log.warning("forged_auth_results_removed", count=removed, client=conn.peer_ip)
+        if not self.config.auth.enabled:
+            empty = AuthResults(None, (), None, None)
+            return Verdict(empty, "", stripped, "accept", None, removed=removed)
+        spf, dkim, arc = await self._checks(conn, env, stripped)
+        dmarc = await check_dmarc(self.resolver, stripped, spf, dkim, rng=self.rng)
+        override = ""
+        if dmarc.result.result is DmarcResultCode.FAIL:
+            override = arc_override(arc, stripped, self.config.arc.trusted_sealers)
+        results = AuthResults(spf, dkim, dmarc.result, arc, dmarc_override=override)
+        action, reason, reply = self._action_for(results)
+        infos = resinfos(
+            results,
+            mail_from=env.mail_from,
+            helo=conn.helo,
+            client_ip=conn.peer_ip,
+            disposition=_DISPOSITION[action] if dmarc.result.record_policy else "",
+        )
+        header = format_header(self.authserv_id, infos)
+        value = format_value(self.authserv_id, infos)
+        extra = b""
+        if action == "quarantine":
+            extra = f"{QUARANTINE_HEADER}: {reason}\r\n".encode("ascii", "replace")
+        out = header.encode("ascii") + extra + stripped
+        log.info(
+            "auth_verdict",
+            client=conn.peer_ip,
+            spf=str(spf.result),
+            dkim=[d.result for d in dkim],
+            dmarc=str(dmarc.result.result),
+            dmarc_policy=dmarc.result.policy,
+            header_from=dmarc.result.header_from,
+            arc=str(arc.cv),
+            override=override,
+            action=action,
+        )
+        return Verdict(results, header, out, action, reply, reason, value, dmarc, removed)
+
+    async def transform(self, conn: ConnInfo, env: Envelope, message: bytes) -> bytes:
+        """An intake Transform: the verdict applied (SmtpReplyError 550 on reject), then the
+        ARC seal when a seal function was given."""
+        verdict = await self.evaluate(conn, env, message)
+        if verdict.action == "reject":
+            code, enhanced, text = (verdict.reply or "550 5.7.1 Rejected").split(" ", 2)
+            raise SmtpReplyError(int(code), enhanced, text)
+        if self.seal is not None and verdict.results.arc is not None:
+            return await self.seal(verdict.message, verdict.ar_value, verdict.results.arc)
+        return verdict.message
+
+
+def _as_action(value: str) -> Action:
+    if value == "reject":
+        return "reject"
+    if value == "quarantine":
+        return "quarantine"
+    return "accept"
