@@ -432,7 +432,13 @@ class Courier:
             att.log.info("attempt", mx=host.name, ip=ip, outcome="timeout")
             return None
         except (StartTlsMissing, TlsFailed) as exc:
-            # only raised under enforce: a policy refusal, the host is alive
+            if att.mode is not Mode.ENFORCE:  # e.g. 421 to STARTTLS: the host gave up
+                att.connect_errors.append(exc.detail)
+                att.log.info(
+                    "attempt", mx=host.name, ip=ip, outcome="connect-failed", reason=exc.detail
+                )
+                return None
+            # a policy refusal under enforce: the host is alive, try the next one
             att.tls_refusals.append(f"{host.name}[{ip}]: {_tls_type(exc)}")
             att.log.info("attempt", mx=host.name, ip=ip, outcome="tls-refused", reason=exc.detail)
             return None

@@ -5,6 +5,7 @@ preferences), implicit MX (the domain's own A/AAAA) only when the domain has no 
 (never after an MX lookup *error*), null MX (RFC 7505: fail at once with 5.1.10), the
 refusal of IP-literal MX names and of MX hosts that resolve to one of our own listen
 (ip, port) pairs (a mail loop, 5.4.6), and the cap on the number of MX hosts tried.
+``mx_matches`` (RFC 8461 section 4.1) is relay.mtasts.policy's, re-exported here.
 
 The result is a frozen ``Route``: either candidate hosts with their addresses, or a
 ``RouteFailure`` carrying the reply that every recipient of the domain gets.
@@ -20,8 +21,11 @@ from dataclasses import dataclass
 
 from relay.dns import MxRecord, Resolver, addresses
 from relay.errors import DnsError, DnsNoData, DnsNotFound, DnsTempFail
+from relay.mtasts.policy import mx_matches
 
 DEFAULT_MAX_MX = 5
+
+__all__ = ["MxHost", "Route", "RouteFailure", "mx_matches", "resolve_route"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,22 +61,6 @@ class Route:
     hosts: tuple[MxHost, ...] = ()
     failure: RouteFailure | None = None
     skipped: tuple[str, ...] = ()  # "host: reason" for each MX left out (for the log)
-
-
-def mx_matches(pattern: str, host: str) -> bool:
-    """RFC 8461 section 4.1: does an MTA-STS ``mx`` pattern match an MX host name?
-
-    Case-insensitive, trailing dots ignored; a leading ``*.`` matches exactly one label
-    (``*.example.com`` matches ``mx.example.com``, not ``example.com`` nor ``a.b.example.com``).
-    """
-    p = pattern.strip().rstrip(".").lower()
-    h = host.strip().rstrip(".").lower()
-    if not p or not h:
-        return False
-    if p.startswith("*."):
-        first, dot, rest = h.partition(".")
-        return bool(first) and bool(dot) and rest == p[2:] and "*" not in first
-    return p == h
 
 
 def is_ip_literal(name: str) -> bool:

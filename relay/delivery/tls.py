@@ -93,6 +93,8 @@ def classify_tls_error(exc: BaseException) -> tuple[TlsResultType, str]:
     if isinstance(exc, ssl.SSLError):
         reason = exc.reason or str(exc)
         return TlsResultType.VALIDATION_FAILURE, f"TLS handshake failed: {reason}"
+    if isinstance(exc, ConnectionError) and not str(exc):
+        return TlsResultType.VALIDATION_FAILURE, "connection reset during the TLS handshake"
     cause = exc.__cause__ if exc.__cause__ is not None else exc
     if cause is not exc:
         return classify_tls_error(cause)

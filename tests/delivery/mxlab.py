@@ -156,12 +156,21 @@ class MxLab:
         self.ca_file = tmp / "lab-ca.pem"
         self.ca.cert_pem.write_to_path(str(self.ca_file))
         self.zone = Zone()
-        self.dns = LabDnsServer(self.zone).start()
+        self.dns = self._dns_server()
         self.port = free_port()
         self.servers: list[MxServer] = []
         self._next_ip = 2
         self.outcomes: list[TlsOutcome] = []
         self.closers: list[Any] = []
+
+    def _dns_server(self) -> LabDnsServer:
+        # UDP gets an ephemeral port and TCP must bind the same one: retry on a clash
+        for _ in range(10):
+            try:
+                return LabDnsServer(self.zone).start()
+            except OSError:
+                continue
+        return LabDnsServer(self.zone).start()
 
     def next_ip(self) -> str:
         ip = f"127.0.0.{self._next_ip}"
@@ -173,7 +182,7 @@ class MxLab:
         if cert == "none":
             return None
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         if cert == "good":
             leaf = self.ca.issue_cert(name)
         elif cert == "expired":
@@ -228,8 +237,8 @@ class MxLab:
             delivery=DeliveryConfig(**opts),
         )
 
-    def resolver(self) -> AiodnsResolver:
-        return AiodnsResolver([self.dns.address], timeout=1.0, tries=1)
+    def resolver(self, timeout: float = 3.0, tries: int = 2) -> AiodnsResolver:
+        return AiodnsResolver([self.dns.address], timeout=timeout, tries=tries)
 
     def sink(self, outcome: TlsOutcome) -> None:
         self.outcomes.append(outcome)
