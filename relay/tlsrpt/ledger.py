@@ -363,10 +363,18 @@ class TlsRptLedger:
         await self.store.write(run)
 
     async def save_report(
-        self, day: str, domain: str, report_id: str, report_json: bytes, uris: Sequence[str]
+        self,
+        day: str,
+        domain: str,
+        report_id: str,
+        report_json: bytes,
+        uris: Sequence[str],
+        *,
+        next_attempt: float = 0.0,
     ) -> ReportRecord:
-        """Store a built report and one pending delivery per URI (state SENDING).
-        Idempotent: a report already built for (day, domain) is kept and returned."""
+        """Store a built report and one pending delivery per URI (state SENDING), due at
+        next_attempt. Idempotent: a report already built for (day, domain) is kept and
+        returned."""
         now = self.clock()
         dom = domain.lower()
 
@@ -383,8 +391,8 @@ class TlsRptLedger:
             )
             conn.executemany(
                 "INSERT OR IGNORE INTO tlsrpt_deliveries(day, policy_domain, uri, status, "
-                "updated) VALUES(?,?,?,?,?)",
-                [(day, dom, u, DeliveryStatus.PENDING.value, now) for u in uris],
+                "next_attempt, updated) VALUES(?,?,?,?,?,?)",
+                [(day, dom, u, DeliveryStatus.PENDING.value, next_attempt, now) for u in uris],
             )
             rec = _load_report(conn, day, dom)
             assert rec is not None

@@ -78,6 +78,7 @@ RETRY_MAX = 3600.0
 MIN_DELAY = 10.0  # after midnight, so the last outcomes of the day are flushed
 CATCH_UP_DAYS = 7  # days missed while the relay was down are still reported
 KEEP_DAYS = 14  # ledger rows older than this are pruned
+CLI_HOLD = 300.0  # deliveries the send command tries itself are not due elsewhere before
 POST_TIMEOUT = 60.0
 MAX_RESPONSE = 64 * 1024
 REPORT_MAIL_FROM = ""  # the null reverse-path: reports never bounce
@@ -266,6 +267,10 @@ class TlsRptSender:
 
     # ---------------------------------------------------------------- the daily loop
 
+    def wake(self) -> None:
+        """Make the loop look at the clock and the store again now."""
+        self._wake.set()
+
     def send_time(self, day: str) -> float:
         """When the reports of the days before ``day`` go out: its midnight plus a
         random delay drawn once per day."""
@@ -332,21 +337,24 @@ class TlsRptSender:
     # ---------------------------------------------------------------- preparing
 
     async def prepare_day(
-        self, day: str, *, domain: str | None = None, force: bool = False
+        self, day: str, *, domain: str | None = None, force: bool = False, hold: float = 0.0
     ) -> list[ReportRecord]:
         """Discover and build the reports of day (one domain, or every domain that had
-        sessions). ``force``: retry a discovery now even when not due."""
+        sessions). ``force``: retry a discovery now even when not due; ``hold``: new
+        deliveries are due that many seconds from now."""
         domains = await self.ledger.domains(day)
         if domain is not None:
             domains = [d for d in domains if d == domain.rstrip(".").lower()]
         out = []
         for d in domains:
-            rec = await self.prepare(day, d, force=force)
+            rec = await self.prepare(day, d, force=force, hold=hold)
             if rec is not None:
                 out.append(rec)
         return out
 
-    async def prepare(self, day: str, domain: str, *, force: bool = False) -> ReportRecord | None:
+    async def prepare(
+        self, day: str, domain: str, *, force: bool = False, hold: float = 0.0
+    ) -> ReportRecord | None:
         """Discovery plus build for one (day, domain); idempotent."""
         now = self.clock()
         rec = await self.ledger.report(day, domain)
@@ -379,10 +387,10 @@ class TlsRptSender:
             log.info("tlsrpt_no_record", day=day, domain=domain)
             await self.ledger.set_report_state(day, domain, ReportState.NO_RECORD)
             return await self.ledger.report(day, domain)
-        return await self._build_and_save(day, domain, record)
+        return await self._build_and_save(day, domain, record, now + hold if hold else 0.0)
 
     async def _build_and_save(
-        self, day: str, domain: str, record: TlsRptRecord
+        self, day: str, domain: str, record: TlsRptRecord, due: float
     ) -> ReportRecord | None:
         rows = await self.ledger.counts(day, domain)
         if not any(r.count > 0 for r in rows):
@@ -394,8 +402,9 @@ class TlsRptSender:
         if problems:  # a bug of ours: log it, still send what we have
             log.error("tlsrpt_report_invalid", day=day, domain=domain, problems=problems)
         saved = await self.ledger.save_report(
-            day, domain, report_id, report.to_json(), [str(r) for r in record.rua]
-        )
+            day, domain, report_id, report.to_json(), [str(r) for r in record.rua],
+            next_attempt=due,
+        )  # fmt: skip
         log.info(
             "tlsrpt_report_built",
             day=day,
@@ -431,7 +440,7 @@ class TlsRptSender:
         deliveries of that day are tried at once, whatever their back-off."""
         with contextlib.suppress(Exception):
             await self.ledger.flush()
-        recs = await self.prepare_day(day, domain=domain, force=True)
+        recs = await self.prepare_day(day, domain=domain, force=True, hold=CLI_HOLD)
         for rec in recs:
             for d in rec.deliveries:
                 if d.status is DeliveryStatus.PENDING:

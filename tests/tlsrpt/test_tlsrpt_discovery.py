@@ -99,8 +99,11 @@ async def test_discover_static() -> None:
 
 async def test_discover_over_lab_dns() -> None:
     zone = Zone()
-    zone.add("_smtp._tls.lab.test", "TXT",
-             ["v=TLSRPTv1; rua=mailto:tls@reports.lab.test,", "https://c.lab.test/v1"])
+    zone.add(
+        "_smtp._tls.lab.test",
+        "TXT",
+        ["v=TLSRPTv1; rua=mailto:tls@reports.lab.test,", "https://c.lab.test/v1"],
+    )
     zone.add("_smtp._tls.two.test", "TXT", "v=TLSRPTv1; rua=mailto:a@two.test")
     zone.add("_smtp._tls.two.test", "TXT", "v=TLSRPTv1; rua=mailto:b@two.test")
     zone.add("nodata.test", "A", "192.0.2.1")
@@ -110,8 +113,7 @@ async def test_discover_over_lab_dns() -> None:
         rec = await discover(res, "lab.test")
         assert rec is not None
         # one record split in two character-strings, joined without spaces
-        assert [str(r) for r in rec.rua] == ["mailto:tls@reports.lab.test",
-                                             "https://c.lab.test/v1"]
+        assert [str(r) for r in rec.rua] == ["mailto:tls@reports.lab.test", "https://c.lab.test/v1"]
         assert await discover(res, "two.test") is None
         assert await discover(res, "nodata.test") is None
         assert await discover(res, "absent.test") is None

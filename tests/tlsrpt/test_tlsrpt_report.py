@@ -236,30 +236,46 @@ def _good() -> dict[str, Any]:
         (lambda o: o.pop("organization-name"), "organization-name"),
         (lambda o: o.update({"report-id": 5}), "report-id"),
         (lambda o: o.pop("contact-info"), "contact-info"),
-        (lambda o: o["date-range"].update({"start-datetime": "2026-11-22 00:00"}),
-         "start-datetime"),
-        (lambda o: o["date-range"].update({"start-datetime": "2026-11-23T00:00:00Z"}),
-         "after end-datetime"),
+        (
+            lambda o: o["date-range"].update({"start-datetime": "2026-11-22 00:00"}),
+            "start-datetime",
+        ),
+        (
+            lambda o: o["date-range"].update({"start-datetime": "2026-11-23T00:00:00Z"}),
+            "after end-datetime",
+        ),
         (lambda o: o.update({"policies": {}}), "policies"),
         (lambda o: o["policies"][0].pop("policy"), "policy: missing"),
         (lambda o: o["policies"][0]["policy"].pop("policy-type"), "policy-type"),
         (lambda o: o["policies"][0]["policy"].update({"policy-string": "x"}), "policy-string"),
         (lambda o: o["policies"][0]["policy"].update({"mx-host": 3}), "mx-host"),
-        (lambda o: o["policies"][0]["summary"].update({"total-successful-session-count": -1}),
-         "total-successful-session-count"),
-        (lambda o: o["policies"][0]["summary"].update({"total-failure-session-count": True}),
-         "total-failure-session-count"),
+        (
+            lambda o: o["policies"][0]["summary"].update({"total-successful-session-count": -1}),
+            "total-successful-session-count",
+        ),
+        (
+            lambda o: o["policies"][0]["summary"].update({"total-failure-session-count": True}),
+            "total-failure-session-count",
+        ),
         (lambda o: o["policies"][0].pop("summary"), "summary"),
         (lambda o: o["policies"][0].update({"failure-details": {}}), "failure-details"),
         (lambda o: o["policies"][0]["failure-details"][0].pop("result-type"), "result-type"),
-        (lambda o: o["policies"][0]["failure-details"][0].update({"failed-session-count": "1"}),
-         "failed-session-count"),
-        (lambda o: o["policies"][0]["failure-details"][0].update({"sending-mta-ip": "x"}),
-         "sending-mta-ip"),
-        (lambda o: o["policies"][0]["failure-details"][0].update({"receiving-ip": "1.2.3"}),
-         "receiving-ip"),
-        (lambda o: o["policies"][0]["failure-details"][0].update({"failure-reason-code": 1}),
-         "failure-reason-code"),
+        (
+            lambda o: o["policies"][0]["failure-details"][0].update({"failed-session-count": "1"}),
+            "failed-session-count",
+        ),
+        (
+            lambda o: o["policies"][0]["failure-details"][0].update({"sending-mta-ip": "x"}),
+            "sending-mta-ip",
+        ),
+        (
+            lambda o: o["policies"][0]["failure-details"][0].update({"receiving-ip": "1.2.3"}),
+            "receiving-ip",
+        ),
+        (
+            lambda o: o["policies"][0]["failure-details"][0].update({"failure-reason-code": 1}),
+            "failure-reason-code",
+        ),
     ],
 )
 def test_validator_catches_each_field(mutate: Any, expect: str) -> None:
@@ -274,15 +290,21 @@ def test_validator_catches_each_field(mutate: Any, expect: str) -> None:
 @pytest.mark.parametrize(
     ("mutate", "expect"),
     [
-        (lambda o: o["date-range"].update({"end-datetime": "2026-11-23T00:00:00Z"}),
-         "full UTC day"),
+        (
+            lambda o: o["date-range"].update({"end-datetime": "2026-11-23T00:00:00Z"}),
+            "full UTC day",
+        ),
         (lambda o: o.update({"contact-info": "Reports Team"}), "addr-spec"),
         (lambda o: o["policies"][0]["policy"].update({"policy-type": "dane"}), "unknown"),
         (lambda o: o["policies"][0]["policy"].pop("policy-domain"), "policy-domain"),
-        (lambda o: o["policies"][0]["failure-details"][0].update({"result-type": "oops"}),
-         "unknown"),
-        (lambda o: o["policies"][0]["failure-details"][0].update({"failed-session-count": 9}),
-         "failure-details count"),
+        (
+            lambda o: o["policies"][0]["failure-details"][0].update({"result-type": "oops"}),
+            "unknown",
+        ),
+        (
+            lambda o: o["policies"][0]["failure-details"][0].update({"failed-session-count": 9}),
+            "failure-details count",
+        ),
         (lambda o: o.update({"policies": []}), "empty"),
     ],
 )
@@ -294,9 +316,11 @@ def test_strict_only_checks(mutate: Any, expect: str) -> None:
 
 
 def test_parse_gzip_and_round_trip() -> None:
-    rep = build_report(META, "2026-11-22", "dest.test",
-                       [row(count=3), row(result="certificate-not-trusted", mx="m.dest.test",
-                                          rip="192.0.2.3", reason="self signed")], "rt")  # fmt: skip
+    rows = [
+        row(count=3),
+        row(result="certificate-not-trusted", mx="m.dest.test", rip="192.0.2.3", reason="self"),
+    ]
+    rep = build_report(META, "2026-11-22", "dest.test", rows, "rt")
     gz = rep.to_gzip()
     assert gz[:2] == b"\x1f\x8b"
     assert gz == rep.to_gzip()  # stable bytes (mtime 0)
