@@ -239,7 +239,7 @@ class Courier:
             dead_backoff=d.dead_backoff,
             clock=clock,
         )
-        self.pool = ConnectionPool(idle_timeout=idle_timeout, clock=clock)
+        self.pool = ConnectionPool(idle_timeout=idle_timeout)  # real time, like its timers
 
     def is_dead(self, domain: str) -> bool:
         """The destination is in its dead-destination back-off (see destinations.py)."""
