@@ -146,32 +146,48 @@ class LabDnsServer:
         self.zone = zone or Zone()
         self.host = host
         self._resolver = _ZoneResolver(self.zone)
-        self._udp = DNSServer(
-            self._resolver, address=host, port=port, logger=_QuietLogger(), handler=_Handler
-        )
-        self.port: int = self._udp.server.server_address[1]
-        self._tcp = DNSServer(
-            self._resolver,
-            address=host,
-            port=self.port,
-            tcp=True,
-            logger=_QuietLogger(),
-            handler=_Handler,
-        )
+        # UDP and TCP on the same port: with an ephemeral port the TCP bind can collide
+        # with another process; try again with a new port then.
+        for attempt in range(20):
+            udp = DNSServer(
+                self._resolver, address=host, port=port, logger=_QuietLogger(), handler=_Handler
+            )
+            udp_port: int = udp.server.server_address[1]
+            try:
+                tcp = DNSServer(
+                    self._resolver,
+                    address=host,
+                    port=udp_port,
+                    tcp=True,
+                    logger=_QuietLogger(),
+                    handler=_Handler,
+                )
+            except OSError:
+                udp.server.server_close()
+                if port != 0 or attempt == 19:
+                    raise
+                continue
+            break
+        self._udp, self._tcp, self.port = udp, tcp, udp_port
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
     def start(self) -> LabDnsServer:
-        self._udp.start_thread()
-        self._tcp.start_thread()
+        for srv in (self._udp, self._tcp):
+            # a short poll interval so that stop() returns quickly
+            thread = threading.Thread(
+                target=srv.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+            )
+            thread.start()
+            srv.thread = thread
         return self
 
     def stop(self) -> None:
-        for s in (self._udp, self._tcp):
-            s.server.shutdown()
-            s.server.server_close()
+        for srv in (self._udp, self._tcp):
+            srv.server.shutdown()
+            srv.server.server_close()
 
     def __enter__(self) -> LabDnsServer:
         return self.start()
