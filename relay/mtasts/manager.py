@@ -151,7 +151,14 @@ class PolicyManager:
 
     async def _locked_lookup(self, d: str) -> TlsPolicy:
         async with self._lock(d):
-            return await self._lookup(d)
+            try:
+                return await self._lookup(d)
+            except Exception as exc:  # a bug or an unexpected resolver error
+                log.error("mtasts_lookup_failed", domain=d, error=repr(exc))
+                cached = await self._cached(d)
+                if cached is not None and cached.fresh(self.clock()):
+                    return self._hit(cached, "lookup-failed")
+                return TlsPolicy(domain=d)
 
     async def _cached(self, d: str) -> CachedPolicy | None:
         try:

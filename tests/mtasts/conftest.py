@@ -138,9 +138,21 @@ def ca() -> trustme.CA:
 async def lab(ca: trustme.CA, tmp_path: Path) -> AsyncIterator[StsLab]:
     ca_file = tmp_path / "lab-ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
-    with LabDnsServer(Zone()) as dns:
+    with lab_dns_server() as dns:
         async with HttpsServer(ca, POLICY_HOST_IP) as https:
             yield StsLab(dns, https, ca_file, tmp_path)
+
+
+def lab_dns_server() -> LabDnsServer:
+    """LabDnsServer picks a free UDP port, then binds TCP to the same number, which
+    another process may hold: try a few times."""
+    for attempt in range(20):
+        try:
+            return LabDnsServer(Zone())
+        except OSError:
+            if attempt == 19:
+                raise
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture

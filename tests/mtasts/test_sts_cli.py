@@ -6,20 +6,31 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from conftest import StsLab
 from sts_https_server import Answer
 
 from relay.cli import main
 from relay.store import Store
 
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """The CLI points structlog at the (captured) stderr; put the defaults back."""
+    yield
+    structlog.reset_defaults()
+
+
 POLICY = "version: STSv1\nmode: enforce\nmx: *.mail.example.com\nmax_age: 86400\n"
 
 
 async def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    capsys.readouterr()  # drop what the test itself logged
     code = await asyncio.to_thread(main, list(argv))
     return code, capsys.readouterr().out
 
