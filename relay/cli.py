@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from relay.logs import setup
+
+    setup("warning", "auto", sys.stderr)  # stdout is for command output only
     try:
         code = args.func(args)
     except ConfigError as exc:
