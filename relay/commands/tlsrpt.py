@@ -54,8 +54,17 @@ def _day(arg: str | None, now: float) -> str:
     return day.isoformat()
 
 
+def _setup(path: str) -> Config:
+    """The config, and logs (JSON lines) on standard error: standard output is the result."""
+    from relay import logs
+
+    config = load_config(path)
+    logs.setup(config.logging.level, config.logging.format, stream=sys.stderr)
+    return config
+
+
 def run_preview(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = _setup(args.config)
     day = _day(args.day, time.time())
     return asyncio.run(_preview(config, day, args.domain, args.indent))
 
@@ -96,7 +105,7 @@ class _NoSigner:
 
 
 def run_send(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = _setup(args.config)
     day = _day(args.day, time.time())
     return asyncio.run(_send(config, day, args.domain))
 
