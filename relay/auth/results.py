@@ -319,7 +319,6 @@ def _domain(text: str) -> str | None:
 
 def _mailbox(address: str) -> str | None:
     """local@domain as a pvalue; the domain alone when the local part cannot be kept."""
-    address = address.strip()
     if address.startswith("<") and address.endswith(">"):
         address = address[1:-1]
     local, at, dom = address.rpartition("@")
