@@ -296,7 +296,7 @@ class TlsRptSender:
             nxt = await self.ledger.next_due()
             if nxt is not None:
                 wake = min(wake, nxt)
-            timeout = min(max(wake - self.clock(), 0.05), 60.0)
+            timeout = min(max(wake - self.clock(), 0.5), 60.0)  # never a busy loop
             self._wake.clear()
             stop_wait = asyncio.ensure_future(stop.wait())
             wake_wait = asyncio.ensure_future(self._wake.wait())
