@@ -205,7 +205,8 @@ class Scheduler:
         now = self.clock()
         pending = [r for r in msg.pending() if r.next_attempt <= now or preloaded is not None]
         if not pending:
-            await self._dsn_and_finish(msg, data, ())
+            removed, failed = await self.spool.record(qid, ())
+            await self._dsn_and_finish(msg, data, removed, failed)
             return
         if now - msg.created >= self.retry.lifetime:
             reply = "4.4.7 Message delivery time expired; giving up"
@@ -217,9 +218,9 @@ class Scheduler:
                 )
                 for r in pending
             ]
-            await self.spool.record(qid, expired)
+            removed, failed = await self.spool.record(qid, expired)
             log.info("expired", qid=qid, recipients=[r.address for r in pending])
-            await self._dsn_and_finish(msg, data, expired)
+            await self._dsn_and_finish(msg, data, removed, failed)
             return
 
         by_domain: dict[str, list[QueuedRecipient]] = {}
@@ -265,9 +266,9 @@ class Scheduler:
                     domain=res.domain,
                     tls=res.tls_version,
                 )
-        await self.spool.record(qid, updates)
+        removed, failed = await self.spool.record(qid, updates)
         await self._maybe_delay_warning(msg, data, updates, now)
-        await self._dsn_and_finish(msg, data, updates)
+        await self._dsn_and_finish(msg, data, removed, failed)
 
     async def _deliver(self, job: DeliveryJob) -> AttemptResult:
         try:
@@ -287,16 +288,15 @@ class Scheduler:
             )
 
     async def _dsn_and_finish(
-        self, msg: QueuedMessage, data: bytes, updates: list[RecipientUpdate] | tuple[()]
+        self, msg: QueuedMessage, data: bytes, removed: bool, failed: tuple[QueuedRecipient, ...]
     ) -> None:
         """Send one DSN for every failed recipient not yet reported, then drop the message
         when nothing is pending."""
-        current = await self.spool.get(msg.id)
-        if current is None:
+        if removed:
+            log.info("removed", qid=msg.id)
             return
-        failed = [
-            r for r in current.recipients if r.state is RecipientState.FAILED and not r.dsn_done
-        ]
+        if not failed:
+            return
         if failed and msg.mail_from and not (msg.flags & FLAG_NO_DSN):
             dsn = build_dsn(
                 reporting_mta=self.config.server.hostname,

@@ -175,11 +175,15 @@ class Spool:
 
         await self.store.write(run)
 
-    async def record(self, qid: QueueId, updates: Sequence[RecipientUpdate]) -> None:
-        """Store the outcome of an attempt (one attempt more for each recipient)."""
+    async def record(
+        self, qid: QueueId, updates: Sequence[RecipientUpdate]
+    ) -> tuple[bool, tuple[QueuedRecipient, ...]]:
+        """Store the outcome of an attempt (one attempt more for each recipient), in one
+        write: the message is deleted when nothing is pending and no failure awaits its
+        DSN. Returns (removed, failed recipients whose DSN is still to be sent)."""
         now = self.clock()
 
-        def run(conn: sqlite3.Connection) -> None:
+        def run(conn: sqlite3.Connection) -> tuple[bool, tuple[QueuedRecipient, ...]]:
             conn.executemany(
                 "UPDATE queue_recipients SET state=?, attempts=attempts+1, next_attempt=?,"
                 " last_reply=?, updated=? WHERE qid=? AND address=?",
@@ -188,28 +192,17 @@ class Spool:
                     for u in updates
                 ],
             )
+            return _settle(conn, qid, ())
 
-        await self.store.write(run)
+        return await self.store.write(run)
 
     async def finish(self, qid: QueueId, dsn_addresses: Iterable[str] = ()) -> bool:
         """Mark DSNs done for addresses; delete the message when nothing is left to do.
         Returns True when the message was removed."""
-        addrs = list(dsn_addresses)
+        addrs = tuple(dsn_addresses)
 
         def run(conn: sqlite3.Connection) -> bool:
-            conn.executemany(
-                "UPDATE queue_recipients SET dsn_done=1 WHERE qid=? AND address=?",
-                [(qid, a) for a in addrs],
-            )
-            left = conn.execute(
-                "SELECT COUNT(*) FROM queue_recipients WHERE qid=? AND (state IN (?,?,?)"
-                " OR (state=? AND dsn_done=0))",
-                (qid, *[s.value for s in PENDING_STATES], RecipientState.FAILED.value),
-            ).fetchone()[0]
-            if left == 0:
-                conn.execute("DELETE FROM queue_messages WHERE id=?", (qid,))
-                return True
-            return False
+            return _settle(conn, qid, addrs)[0]
 
         return await self.store.write(run)
 
@@ -282,6 +275,22 @@ class Spool:
 
     async def list(self) -> list[QueuedMessage]:
         return await self.store.read(_list)
+
+
+def _settle(
+    conn: sqlite3.Connection, qid: str, dsn_done: Sequence[str]
+) -> tuple[bool, tuple[QueuedRecipient, ...]]:
+    conn.executemany(
+        "UPDATE queue_recipients SET dsn_done=1 WHERE qid=? AND address=?",
+        [(qid, a) for a in dsn_done],
+    )
+    rcpts = _recipients(conn, qid)
+    pending = [r for r in rcpts if r.state in PENDING_STATES]
+    failed = tuple(r for r in rcpts if r.state is RecipientState.FAILED and not r.dsn_done)
+    if not pending and not failed:
+        conn.execute("DELETE FROM queue_messages WHERE id=?", (qid,))
+        return True, ()
+    return False, failed
 
 
 def _flush(conn: sqlite3.Connection) -> int:
