@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import email
 import json
 import os
 import platform
 import shutil
 import signal
 import smtplib
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,7 +44,7 @@ from bench.postfix import PostfixSystem  # noqa: E402
 from bench.procstat import PeakMemory, cpu_seconds  # noqa: E402
 from bench.relaysys import RelaySystem  # noqa: E402
 from bench.sink import Sink  # noqa: E402
-from relay.lab.dnsserver import LabDnsServer  # noqa: E402
+from relay.lab.dnsserver import LabDnsServer, Zone  # noqa: E402
 from relay.lab.postfix import POSTCONF, PostfixError, available, free_port  # noqa: E402
 
 SINK_IP = "127.0.0.11"
@@ -162,6 +164,8 @@ def start_profiler(system: System, args: argparse.Namespace) -> subprocess.Popen
     OUT.mkdir(parents=True, exist_ok=True)
     cmd = [spy, "record", "--pid", str(pids[0]), "--subprocesses", "--rate", "200"]
     cmd += ["--format", "raw", "--output", str(OUT / "relay-profile.txt"), "--nonblocking"]
+    if args.profile_gil:
+        cmd.append("--gil")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)
     return proc
@@ -244,15 +248,17 @@ def auth_probe(relay: RelaySystem, dns: LabDnsServer, msgdir: Path) -> dict[str,
                 text = f.read_text(errors="replace")
                 break
             time.sleep(0.1)
-        heads = text.split("\n\n", 1)[0].split("\n") if text else []
-        names = [h.split(":", 1)[0].lower() for h in heads if h and not h[0].isspace()]
-        ar = [h for h in heads if h.lower().startswith("authentication-results:")]
+        msg = email.message_from_string(text) if text else None
+
+        def values(name: str) -> list[str]:
+            found = msg.get_all(name, []) if msg is not None else []
+            return [" ".join(str(v).split()) for v in found]
+
         return {
             "delivered": bool(text),
-            "arc_seal": names.count("arc-seal"),
-            "arc_message_signature": names.count("arc-message-signature"),
-            "authentication_results": names.count("authentication-results"),
-            "authentication_results_first": ar[0][:300] if ar else "",
+            "arc_seal": values("ARC-Seal"),
+            "arc_message_signature": len(values("ARC-Message-Signature")),
+            "authentication_results": values("Authentication-Results"),
         }
     finally:
         sink.terminate()
@@ -280,7 +286,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         ("CPU ms / message", "cpu_ms_per_msg", "{:.2f}"),
         ("peak RSS MiB (sum)", "peak_rss_mib", "{:.0f}"),
         ("peak PSS MiB (sum)", "peak_pss_mib", "{:.0f}"),
-        ("processes (peak)", "peak_processes", "{:d}"),
+        ("processes (peak)", "peak_processes", "{:.0f}"),
         ("accepted / delivered", None, ""),
         ("failed", "failed", "{:d}"),
         ("duplicates delivered", "duplicates", "{:d}"),
@@ -328,6 +334,79 @@ def environment() -> dict[str, Any]:
 # ------------------------------------------------------------------ main
 
 
+def run_system(
+    name: str,
+    rnd: int,
+    args: argparse.Namespace,
+    work: Path,
+    msgdir: Path,
+    dns: LabDnsServer,
+    zone: Zone,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Start a fresh sink and a fresh system, measure, stop both."""
+    probe = None
+    sink = Sink(SINK_IP, free_port(SINK_IP)).start()
+    try:
+        system: System
+        if name == "relay":
+            relay = RelaySystem(
+                RELAY_IP,
+                work / f"relay-{rnd}",
+                dns.address,
+                sink.port,
+                workers=args.workers,
+                auth=args.auth,
+                log_level=args.relay_log_level,
+                overrides=args.relay_set,
+            )
+            if relay.arc_record:
+                zone.set("arc._domainkey.relay.bench.test", "TXT", [relay.arc_record])
+            system = relay
+        else:
+            extra = dict(kv.split("=", 1) for kv in args.postfix_set)
+            system = PostfixSystem(POSTFIX_IP, (SINK_IP, sink.port), extra)
+        print(f"[{name}] starting", flush=True)
+        system.start()
+        try:
+            if name == "relay" and args.auth and rnd == 0:
+                probe = auth_probe(relay, dns, msgdir)
+                print(f"[relay] auth probe: {probe}", flush=True)
+            return measure(system, sink, msgdir, args), probe
+        finally:
+            system.stop()
+    finally:
+        sink.stop()
+
+
+_TOTALS = ("accepted", "failed", "delivered", "duplicates")
+
+
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several rounds: counts summed, figures as medians."""
+    if len(runs) == 1:
+        return runs[0]
+    out: dict[str, Any] = {"system": runs[0]["system"], "rounds": len(runs)}
+    for key, first in runs[0].items():
+        values = [r[key] for r in runs if key in r]
+        if key in _TOTALS:
+            out[key] = sum(values)
+        elif key == "complete":
+            out[key] = all(values)
+        elif key == "errors":
+            merged: dict[str, int] = {}
+            for v in values:
+                for k, n in v.items():
+                    merged[k] = merged.get(k, 0) + n
+            out[key] = merged
+        elif isinstance(first, bool) or key in ("system", "profile"):
+            out[key] = first
+        elif isinstance(first, int | float):
+            out[key] = statistics.median(values)
+        elif isinstance(first, dict):
+            out[key] = {k: statistics.median(v[k] for v in values) for k in first}
+    return out
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="relay vs Postfix benchmark on loopback")
     p.add_argument("--clients", type=int, default=20, help="concurrent SMTP clients (20)")
@@ -337,6 +416,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=200, help="unmeasured messages first (200)")
     p.add_argument("--duration", type=float, default=90.0, help="cap on sending, seconds (90)")
     p.add_argument("--drain-timeout", type=float, default=90.0, help="cap on delivery wait")
+    p.add_argument("--rounds", type=int, default=1, help="alternating rounds, medians (1)")
     p.add_argument("--auth", action="store_true", help="DKIM-signed mail; relay auth+ARC on")
     p.add_argument(
         "--workers", type=int, default=None, help="relay [server] workers (the relay's default)"
@@ -358,7 +438,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="set a Postfix main.cf parameter (repeatable)",
     )
     p.add_argument("--profile", action="store_true", help="py-spy the relay (skews figures)")
-    p.add_argument("--profile-top", type=int, default=25)
+    p.add_argument("--profile-top", type=int, default=25, help="functions listed (25)")
+    p.add_argument("--profile-gil", action="store_true", help="only samples holding the GIL")
     p.add_argument("--distinct", type=int, default=200, help="distinct messages, used in turn")
     p.add_argument("--json", type=Path, help="JSON output path (default bench/out/...)")
     return p.parse_args(argv)
@@ -377,42 +458,18 @@ def main(argv: list[str] | None = None) -> int:
     zone.add(SINK_DOMAIN, "MX", (10, f"mx.{SINK_DOMAIN}"))
     zone.add(f"mx.{SINK_DOMAIN}", "A", SINK_IP)
     dns = LabDnsServer(zone).start()
-    results: dict[str, dict[str, Any]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
     probe: dict[str, Any] | None = None
-    order = ["relay", "postfix"] if args.only is None else [args.only]
+    names = ["relay", "postfix"] if args.only is None else [args.only]
     try:
-        for name in order:
-            sink = Sink(SINK_IP, free_port(SINK_IP)).start()
-            system: System
-            try:
-                if name == "relay":
-                    relay = RelaySystem(
-                        RELAY_IP,
-                        work / "relay",
-                        dns.address,
-                        sink.port,
-                        workers=args.workers,
-                        auth=args.auth,
-                        log_level=args.relay_log_level,
-                        overrides=args.relay_set,
-                    )
-                    if relay.arc_record:
-                        zone.add("arc._domainkey.relay.bench.test", "TXT", relay.arc_record)
-                    system = relay
-                else:
-                    extra = dict(kv.split("=", 1) for kv in args.postfix_set)
-                    system = PostfixSystem(POSTFIX_IP, (SINK_IP, sink.port), extra)
-                print(f"[{name}] starting", flush=True)
-                system.start()
-                try:
-                    if name == "relay" and args.auth:
-                        probe = auth_probe(relay, dns, msgdir)
-                        print(f"[relay] auth probe: {probe}", flush=True)
-                    results[name] = measure(system, sink, msgdir, args)
-                finally:
-                    system.stop()
-            finally:
-                sink.stop()
+        for rnd in range(args.rounds):
+            # Alternate who goes first, so a drift in the machine's load hits both.
+            order = names if rnd % 2 == 0 else names[::-1]
+            for name in order:
+                print(f"--- round {rnd + 1}/{args.rounds}: {name}", flush=True)
+                result, got_probe = run_system(name, rnd, args, work, msgdir, dns, zone)
+                runs.setdefault(name, []).append(result)
+                probe = got_probe or probe
     except PostfixError as exc:
         print(f"Postfix failed: {exc}", file=sys.stderr)
         return 1
@@ -423,7 +480,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
 
+    results = {name: combine(rs) for name, rs in runs.items()}
     print()
+    if args.rounds > 1:
+        print(f"median of {args.rounds} rounds (counts are totals)")
     print(
         f"{args.messages} messages of {size} bytes, {args.clients} clients, "
         f"{args.per_conn} per connection, auth={'on' if args.auth else 'off'}, "
@@ -445,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         "message_bytes": size,
         "environment": environment(),
         "results": results,
+        "runs": runs,
         "auth_probe": probe,
         "wall_seconds": round(time.monotonic() - started, 1),
     }

@@ -158,3 +158,27 @@ async def test_postfix_to_relay_to_postfix_over_starttls(tmp_path: Path) -> None
         await sink.stop()
         dns.stop()
         shutil.rmtree(certs, ignore_errors=True)
+
+
+def test_benchmark_runs_both_systems_without_loss(tmp_path: Path) -> None:
+    """bench/run.py end to end with a tiny load: both systems accept and deliver every
+    message exactly once, and the JSON report has the figures the docs quote."""
+    import json
+
+    from bench.run import main as bench_main
+
+    out = tmp_path / "bench.json"
+    code = bench_main(
+        ["--messages", "60", "--warmup", "10", "--clients", "5", "--distinct", "5"]
+        + ["--relay-log-level", "warning", "--json", str(out)]
+    )
+    report = json.loads(out.read_text())
+    assert code == 0, report
+    for name in ("relay", "postfix"):
+        r = report["results"][name]
+        assert (r["accepted"], r["delivered"], r["failed"], r["duplicates"]) == (60, 60, 0, 0)
+        assert r["delivered_per_s"] > 0 and r["cpu_ms_per_msg"] > 0
+        assert r["latency_ms"]["p99"] >= r["latency_ms"]["p50"] > 0
+        assert r["peak_rss_mib"] > 0
+    assert report["results"]["postfix"]["peak_processes"] > 3  # master, qmgr, smtpd, ...
+    assert report["ratio_delivered"] > 0
