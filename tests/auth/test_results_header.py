@@ -202,8 +202,10 @@ def test_formatting_never_injects_and_parses_back(
     assert parsed.authserv_id == ID
     spf = parsed.results[0]
     got = spf.prop("smtp.mailfrom")
-    dom = mf_domain.lower().rstrip(".")
-    assert got in ("", f"{local}@{dom}", dom, mf_domain.strip())
+    loc, _, raw_dom = mail_from.rpartition("@")
+    dom = raw_dom.strip().lower().rstrip(".")
+    spf_dom = mf_domain.strip()
+    assert got in ("", f"{loc}@{dom}", dom, raw_dom.strip(), spf_dom, spf_dom.lower().rstrip("."))
     for res in parsed.results:
         for _k, v in res.properties:
             assert "\r" not in v and "\n" not in v
