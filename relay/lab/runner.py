@@ -143,7 +143,8 @@ class CellResult:
                 word = self.tls_version.replace("TLSv", "TLS")
             if self.attacker:
                 word = "EVIL:" + word
-        return f"{word} {'ok' if self.ok else 'MISMATCH'}"
+        mark = "*" if self.expected.note.startswith("TOFU") else ""
+        return f"{word} {'ok' if self.ok else 'MISMATCH'}{mark}"
 
     def to_dict(self) -> dict[str, Any]:
         e = self.expected
@@ -640,6 +641,11 @@ def format_matrix(run: LabRun) -> str:
         "TLS/CLEAR: delivered over TLS or in clear text; held: deferred, not delivered; "
         "EVIL: delivered to the attacker; ok: as RFC 8461/8460 require"
     )
+    if any(c.expected.note.startswith("TOFU") for c in run.cells):
+        lines.append(
+            "*: the trust-on-first-use gap: with no policy ever fetched, RFC 8461 (3.3, 10) "
+            "lets the sender go on as without MTA-STS"
+        )
     lines.append("")
     head = f"{'scenario':<{w}}{'mode':<11}{'outcome':<20}{'TLS-RPT result types recorded':<52}RFC"
     lines.append(head)
