@@ -45,7 +45,7 @@ import trustme
 
 from relay.app import RelayApp
 from relay.config import Config, load_config
-from relay.lab.attacks import InjectionMta, legacy_tls_context
+from relay.lab.attacks import InjectionMta, legacy_tls_context, legacy_tls_supported
 from relay.lab.dnsserver import LabDnsServer, Zone
 from relay.lab.mta import LabMta, Received
 from relay.lab.policyhost import PolicyHost, Site, SiteMode
@@ -176,6 +176,7 @@ class LabRun:
     reports: tuple[TlsReport, ...]
     submitter: str
     seconds: float
+    skipped: tuple[str, ...] = ()  # "scenario: why", when this machine cannot play it
 
     @property
     def ok(self) -> bool:
@@ -193,6 +194,7 @@ class LabRun:
             "cells": [c.to_dict() for c in self.cells],
             "mismatches": sum(1 for c in self.cells if not c.ok),
             "seconds": round(self.seconds, 2),
+            "skipped": list(self.skipped),
             "tlsrpt_reports": [r.to_dict() for r in self.reports],
         }
 
@@ -490,6 +492,10 @@ async def run_lab(
     say = progress or (lambda _m: None)
     t0 = time.monotonic()
     chosen = list(scenarios) if scenarios is not None else list(SCENARIOS)
+    skipped: list[str] = []
+    if any(s.target is Target.LEGACY_TLS for s in chosen) and not legacy_tls_supported():
+        chosen = [s for s in chosen if s.target is not Target.LEGACY_TLS]
+        skipped.append("legacy-tls: this OpenSSL cannot speak TLS 1.0/1.1 any more")
     cells = [Cell(s, m) for s in chosen for m in MODES]
     tmp = None
     if workdir is None:
@@ -544,7 +550,13 @@ async def run_lab(
             _result(lab, c, states.get(f"victim@{c.domain}"), prime_problems.get(c.id))
             for c in cells
         )
-        return LabRun(results, reports, report_meta(config).submitter, time.monotonic() - t0)
+        return LabRun(
+            results,
+            reports,
+            report_meta(config).submitter,
+            time.monotonic() - t0,
+            tuple(skipped),
+        )
     finally:
         if app is not None:
             await app.stop(grace=2)
@@ -658,6 +670,7 @@ def format_matrix(run: LabRun) -> str:
         lines.append(line)
     bad = sum(1 for c in run.cells if not c.ok)
     lines.append("")
+    lines += [f"skipped {s}" for s in run.skipped]
     lines.append(
         f"{len(run.cells) - bad}/{len(run.cells)} cells match RFC 8461/8460 ({run.seconds:.1f} s)"
     )

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from relay.lab.attacks import legacy_tls_supported
 from relay.lab.runner import CellResult, LabRun, compare, format_matrix, run_lab
 from relay.lab.scenarios import MODES, SCENARIOS, Expect, Mode, clear, held, tls
 from relay.tlsrpt.report import parse_report, validate_report
@@ -22,7 +23,10 @@ async def test_every_cell_of_the_matrix_matches_the_rfcs() -> None:
     run = await run_lab()
     elapsed = time.monotonic() - t0
     assert elapsed < 60, f"the matrix took {elapsed:.1f} s"
-    assert len(run.cells) == len(SCENARIOS) * len(MODES) >= 15 * 4
+    # an OpenSSL that still speaks TLS 1.1 (this machine's does) plays every scenario
+    legacy = legacy_tls_supported()
+    assert run.skipped == (() if legacy else (run.skipped[0],))
+    assert len(run.cells) == (len(SCENARIOS) - (0 if legacy else 1)) * len(MODES) >= 15 * 4
     bad = [(c.scenario, c.mode.value, c.problems) for c in run.cells if not c.ok]
     assert bad == [], format_matrix(run)
 
@@ -49,12 +53,15 @@ async def test_every_cell_of_the_matrix_matches_the_rfcs() -> None:
         ("unknown-ca", "certificate-not-trusted"),
         ("legacy-tls", "validation-failure"),
     ):
+        if s == "legacy-tls" and not legacy:
+            continue
         assert cell(s, Mode.NONE).results == ("success",)
         t = cell(s, Mode.TESTING)
         assert t.delivered and t.transport == "tls" and t.results == (rt,)
         e = cell(s, Mode.ENFORCE)
         assert not e.delivered and e.results == (rt,) and "4.7.5" in e.reply
-    assert cell("legacy-tls", Mode.NO_POLICY).tls_version == "TLSv1.1"
+    if legacy:
+        assert cell("legacy-tls", Mode.NO_POLICY).tls_version == "TLSv1.1"
 
     # STARTTLS reply injection: delivered inside TLS, the injected line never used
     for m in MODES:
