@@ -41,6 +41,9 @@ class SrsError(SmtpReplyError):
         self.problem = problem
         super().__init__(550, "5.1.1", f"Invalid SRS address: {problem}")
 
+    def __str__(self) -> str:
+        return self.problem  # .reply has the whole SMTP reply
+
 
 def _is_tagged(local: str, tag: str) -> bool:
     return len(local) > 4 and local[:4].upper() == tag and local[4] in SEPARATORS
@@ -66,6 +69,11 @@ class SrsRewriter:
         self.secret = secret.encode("utf-8") if isinstance(secret, str) else secret
         self.max_age_days = max_age_days
         self.now = now
+
+    @staticmethod
+    def is_srs(address: str) -> bool:
+        """True when the local part is an SRS0 or SRS1 address (any domain)."""
+        return is_srs(address)
 
     # ---- pieces ----
 

@@ -171,3 +171,12 @@ def test_round_trip(local: str, domain: str, age: int) -> None:
         assert original.endswith(f"@{domain}") or original.startswith("SRS0")
     else:
         assert original == address
+
+
+def test_error_text_and_method_form() -> None:
+    rw = _rw()
+    assert rw.is_srs("SRS0=a=b=c=d@e.example") and not rw.is_srs("a@e.example")
+    with pytest.raises(SrsError) as exc:
+        rw.reverse("SRS0=AAAA=RA=example.com=x@fwd.example.net")
+    assert str(exc.value) == "bad hash"
+    assert exc.value.reply == "550 5.1.1 Invalid SRS address: bad hash"
