@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from relay.logs import setup
 
-    setup("warning", "auto", sys.stderr)  # stdout is for command output only
+    setup("warning", "auto")  # on stderr: stdout is for command output only
     try:
         code = args.func(args)
     except ConfigError as exc:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import trustme
-from sts_https_server import Answer, HttpsServer
+from tests.mtasts.sts_https_server import Answer, HttpsServer
 
 from relay.config import Config, parse_config
 from relay.dns import AiodnsResolver, MxRecord

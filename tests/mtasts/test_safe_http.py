@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import trustme
-from sts_https_server import Answer, HttpsServer
+from tests.mtasts.sts_https_server import Answer, HttpsServer
 
 from relay.dns import StaticResolver
 from relay.http import (

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from conftest import StsLab
-from sts_https_server import Answer
+from tests.mtasts.conftest import StsLab
+from tests.mtasts.sts_https_server import Answer
 
 from relay.model import StsMode, TlsResultType
 from relay.mtasts.cache import PolicyCache

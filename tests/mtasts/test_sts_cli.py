@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 import structlog
-from conftest import StsLab
-from sts_https_server import Answer
+from tests.mtasts.conftest import StsLab
+from tests.mtasts.sts_https_server import Answer
 
 from relay.cli import main
 from relay.store import Store

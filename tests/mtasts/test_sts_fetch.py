@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import trustme
 import yaml
-from conftest import StsLab
-from sts_https_server import Answer
+from tests.mtasts.conftest import StsLab
+from tests.mtasts.sts_https_server import Answer
 
 from relay.http import HttpErrorKind, SafeHttpClient
 from relay.model import StsMode, TlsResultType

@@ -7,7 +7,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from conftest import StsLab
+from tests.mtasts.conftest import StsLab
 
 from relay.model import StsMode
 from relay.mtasts.cache import PolicyCache

@@ -6,7 +6,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from test_inbound_harness import MESSAGE, UNTRUSTED, RawClient, Recorder, make_config, running
+from tests.smtp.test_inbound_harness import MESSAGE, UNTRUSTED, RawClient, Recorder, make_config, running
 
 from relay.smtp.limits import ConnectionLimits
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
-from test_inbound_harness import MESSAGE, RawClient, Recorder, make_config, running
+from tests.smtp.test_inbound_harness import MESSAGE, RawClient, Recorder, make_config, running
 
 from relay.errors import SmtpReplyError
 

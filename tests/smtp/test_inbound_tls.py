@@ -9,7 +9,7 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 import trustme
-from test_inbound_harness import MESSAGE, RawClient, make_config, running
+from tests.smtp.test_inbound_harness import MESSAGE, RawClient, make_config, running
 
 
 @pytest.fixture(scope="module")

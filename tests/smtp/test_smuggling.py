@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from test_inbound_harness import MESSAGE, RawClient, make_config, running
+from tests.smtp.test_inbound_harness import MESSAGE, RawClient, make_config, running
 
 VECTORS = Path(__file__).parent.parent / "vectors" / "smuggling"
 SEQUENCES: list[dict[str, Any]] = yaml.safe_load((VECTORS / "smuggling.yml").read_text())
