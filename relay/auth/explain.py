@@ -153,6 +153,8 @@ def advice(results: AuthResults, ev: DmarcEvaluation | None, facts: Facts) -> li
     from_dom = d.header_from if d is not None and d.header_from else "the From domain"
     if d is not None and d.result is DmarcResultCode.PERMERROR and not d.header_from:
         out.append(f"Fix the From header field: {d.reason}.")
+    if d is not None and d.result is DmarcResultCode.TEMPERROR:
+        out.append(f"DMARC could not be decided now: {d.reason}. A later retry may differ.")
     if d is not None and d.result is DmarcResultCode.NONE and d.header_from:
         out.append(
             f"{from_dom} publishes no DMARC policy: publish a TXT record at "
