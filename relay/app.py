@@ -144,7 +144,14 @@ class RelayApp:
         self._closers.append(auth.close)
         transforms, routing, extra_check = auth.transforms, auth.routing, auth.local_check
         self.intake = Intake(
-            cfg, spool, notify=notify, transforms=transforms, routing=routing, clock=self.clock
+            cfg,
+            spool,
+            notify=notify,
+            reserve=reserve,
+            release=release,
+            transforms=transforms,
+            routing=routing,
+            clock=self.clock,
         )
         self.scheduler = Scheduler(
             cfg,
@@ -153,6 +160,7 @@ class RelayApp:
             self.intake.inject,
             clock=self.clock,
             poll_interval=self.poll_interval,
+            loader=self.leader,
         )
         scheduler_ref.append(self.scheduler)
 

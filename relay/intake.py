@@ -173,6 +173,7 @@ class Intake:
             size=len(message),
             tls=conn.tls_version,
             message_id=_message_id(message),
+            claimed=claimed,
         )
         if self.notify is not None:
             self.notify(qid, new, now, claimed)

@@ -35,14 +35,20 @@ def write_config(path: Path, doc: dict[str, dict[str, Any]]) -> Config:
     return load_config(path)
 
 
-def base_doc(tmp: Path, dns: str, mx_port: int, **over: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def base_doc(
+    tmp: Path, dns: str, mx_port: int, **over: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
     doc: dict[str, dict[str, Any]] = {
         "server": {"listen": ["127.0.0.1:0"], "hostname": "relay.lab.test"},
         "relay": {"trusted_networks": ["127.0.0.1/32"], "local_domains": ["lists.lab.test"]},
         "storage": {"path": str(tmp / "relay.sqlite3")},
         "dns": {"nameservers": [dns], "timeout": 2},
-        "delivery": {"port": mx_port, "retry_first": 300, "connect_timeout": 5,
-                     "attempt_timeout": 20},
+        "delivery": {
+            "port": mx_port,
+            "retry_first": 300,
+            "connect_timeout": 5,
+            "attempt_timeout": 20,
+        },
         "mta_sts": {"enabled": False},
         "tlsrpt": {"enabled": False},
         "auth": {"enabled": False},
@@ -55,17 +61,28 @@ def base_doc(tmp: Path, dns: str, mx_port: int, **over: dict[str, Any]) -> dict[
     return doc
 
 
-async def send(host: str, port: int, mail_from: str, rcpts: list[str], data: bytes,
-               source: str | None = None) -> tuple[dict[str, Any], str]:
-    client = aiosmtplib.SMTP(hostname=host, port=port, start_tls=False, timeout=10,
-                             source_address=(source, 0) if source else None)
+async def send(
+    host: str, port: int, mail_from: str, rcpts: list[str], data: bytes, source: str | None = None
+) -> tuple[dict[str, Any], str]:
+    client = aiosmtplib.SMTP(
+        hostname=host,
+        port=port,
+        start_tls=False,
+        timeout=10,
+        source_address=(source, 0) if source else None,
+    )
     async with client:
         errors, reply = await client.sendmail(mail_from, rcpts, data)
     return dict(errors), reply
 
 
-def message(subject: str = "hello", body: str = "hi there", frm: str = "alice@sender.test",
-            to: str = "bob@dest.test", msgid: str = "<m1@sender.test>") -> bytes:
+def message(
+    subject: str = "hello",
+    body: str = "hi there",
+    frm: str = "alice@sender.test",
+    to: str = "bob@dest.test",
+    msgid: str = "<m1@sender.test>",
+) -> bytes:
     return (
         f"From: {frm}\r\nTo: {to}\r\nSubject: {subject}\r\nMessage-ID: {msgid}\r\n"
         f"Date: Mon, 23 Nov 2026 10:00:00 +0000\r\n\r\n{body}\r\n"

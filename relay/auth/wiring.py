@@ -50,12 +50,6 @@ def _reply_error(reply: str) -> SmtpReplyError:
     return SmtpReplyError(code, f"{code // 100}.7.1", " ".join(parts[1:]))
 
 
-def _header_value(header: str) -> str:
-    """'Authentication-Results: v\\r\\n\\tmore' -> 'v more' (unfolded)."""
-    _, _, value = header.partition(":")
-    return " ".join(value.split())
-
-
 def build_auth(config: Config, resolver: Resolver) -> AuthWiring:
     wiring = AuthWiring(routing=Routing(local_domains=config.relay.local_domains))
     if config.auth.enabled or config.arc.enabled:
@@ -120,7 +114,7 @@ def _build_transform(
                 )
                 raise _reply_error(verdict.reply or "550 5.7.1 Message rejected by policy")
             message = verdict.message
-            ar_value = _header_value(verdict.header)
+            ar_value = verdict.ar_value
             if verdict.results.arc is not None:
                 chain = verdict.results.arc
         elif spec is not None:

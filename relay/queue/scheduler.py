@@ -174,6 +174,7 @@ class Scheduler:
             if self._stopping:
                 return
             if qid not in self._active:
+                log.debug("loaded", qid=qid)
                 self._start(qid, None)
 
     def _start(self, qid: QueueId, preloaded: tuple[QueuedMessage, bytes] | None) -> None:

@@ -117,16 +117,23 @@ async def test_alias_forwarded_from_anyone_and_open_relay_refused(lab: Lab) -> N
     lab.domain("other.test", "mx.other.test", "127.0.0.3")
     await lab.start_relay(aliases={"info@lists.lab.test": ["x@dest.test", "y@other.test"]})
     host, port = lab.relay_addr
-    errors, _ = await send(host, port, "s@sender.test", ["info@lists.lab.test"],
-                           message(to="info@lists.lab.test"), source="127.0.0.9")
+    errors, _ = await send(
+        host,
+        port,
+        "s@sender.test",
+        ["info@lists.lab.test"],
+        message(to="info@lists.lab.test"),
+        source="127.0.0.9",
+    )
     assert errors == {}
     [a] = await mx1.wait_for(1)
     [b] = await mx2.wait_for(1)
     assert a.rcpt_tos == ("x@dest.test",) and b.rcpt_tos == ("y@other.test",)
     assert a.tls_version is not None and b.tls_version is None  # clear only where no STARTTLS
     # an untrusted client may not relay elsewhere, nor reach unknown local users
-    client = aiosmtplib.SMTP(hostname=host, port=port, start_tls=False,
-                             source_address=("127.0.0.9", 0))
+    client = aiosmtplib.SMTP(
+        hostname=host, port=port, start_tls=False, source_address=("127.0.0.9", 0)
+    )
     async with client:
         await client.ehlo()
         await client.mail("s@sender.test")
@@ -150,8 +157,7 @@ async def test_tempfail_then_delivered_after_queue_flush(lab: Lab) -> None:
     [(_, _, last)] = await queue_state(lab)
     assert last.startswith("451") and mx.messages == []
     mx.script.rcpt_replies.clear()
-    rc = await asyncio.to_thread(
-        cli_main, ["queue", "flush", "--config", str(app.config.path)])
+    rc = await asyncio.to_thread(cli_main, ["queue", "flush", "--config", str(app.config.path)])
     assert rc == 0
     [got] = await mx.wait_for(1)
     assert got.rcpt_tos == ("bob@dest.test",)
@@ -166,9 +172,16 @@ async def test_permanent_failure_and_null_mx_give_one_dsn_each(lab: Lab) -> None
     mx.refuse_rcpt("gone@dest.test", "550 5.1.1 no such user")
     await lab.start_relay()
     host, port = lab.relay_addr
-    await send(host, port, "alice@sender.test", ["bob@dest.test", "gone@dest.test"],
-               message(msgid="<p1@sender.test>"))
-    await send(host, port, "alice@sender.test", ["x@nullmx.test"], message(msgid="<p2@sender.test>"))
+    await send(
+        host,
+        port,
+        "alice@sender.test",
+        ["bob@dest.test", "gone@dest.test"],
+        message(msgid="<p1@sender.test>"),
+    )
+    await send(
+        host, port, "alice@sender.test", ["x@nullmx.test"], message(msgid="<p2@sender.test>")
+    )
     dsns = await sender_mx.wait_for(2)
     await asyncio.sleep(0.3)
     assert len(sender_mx.messages) == 2  # exactly one DSN per failed message

@@ -36,7 +36,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 def start_relay(config: Path, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "relay", "serve", "--config", str(config)],
-        stdout=log.open("ab"), stderr=subprocess.STDOUT,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -101,15 +102,20 @@ async def test_kill_9_loses_nothing_acknowledged(tmp_path: Path) -> None:
                 await wait_listening(relay_port)
                 deadline = time.monotonic() + 60
                 while time.monotonic() < deadline:
-                    got = {m.data.split(b"Message-ID: ")[1].split(b"\r\n")[0].decode()
-                           for m in mx.messages}
+                    got = {
+                        m.data.split(b"Message-ID: ")[1].split(b"\r\n")[0].decode()
+                        for m in mx.messages
+                    }
                     if set(acked) <= got:
                         break
                     await asyncio.sleep(0.2)
-                got = {m.data.split(b"Message-ID: ")[1].split(b"\r\n")[0].decode()
-                       for m in mx.messages}
+                got = {
+                    m.data.split(b"Message-ID: ")[1].split(b"\r\n")[0].decode() for m in mx.messages
+                }
                 missing = set(acked) - got
-                assert not missing, f"{len(missing)} acknowledged messages lost: {sorted(missing)[:5]}"
+                assert not missing, (
+                    f"{len(missing)} acknowledged messages lost: {sorted(missing)[:5]}"
+                )
                 proc.send_signal(signal.SIGTERM)
                 assert proc.wait(20) == 0  # SIGTERM drains and exits 0
         finally:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import trustme
-from tests.mtasts.sts_https_server import Answer, HttpsServer
 
 from relay.config import Config, parse_config
 from relay.dns import AiodnsResolver, MxRecord
@@ -18,6 +17,7 @@ from relay.http import SafeHttpClient
 from relay.lab.dnsserver import LabDnsServer, Zone
 from relay.mtasts.manager import PolicyManager
 from relay.store import Store
+from tests.mtasts.sts_https_server import Answer, HttpsServer
 
 POLICY_HOST_IP = "127.0.0.2"
 WELL_KNOWN = "/.well-known/mta-sts.txt"

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import trustme
-from tests.mtasts.sts_https_server import Answer, HttpsServer
 
 from relay.dns import StaticResolver
 from relay.http import (
@@ -17,6 +16,7 @@ from relay.http import (
     address_refusal,
     content_type_is,
 )
+from tests.mtasts.sts_https_server import Answer, HttpsServer
 
 HOST = "mta-sts.example.com"
 PATH = "/.well-known/mta-sts.txt"

@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from tests.mtasts.conftest import StsLab
-from tests.mtasts.sts_https_server import Answer
-
 from relay.model import StsMode, TlsResultType
 from relay.mtasts.cache import PolicyCache
 from relay.store import Store
+from tests.mtasts.conftest import StsLab
+from tests.mtasts.sts_https_server import Answer
 
 
 def policy(mode: str = "enforce", mx: str = "mx.example.com", max_age: int = 86400) -> str:

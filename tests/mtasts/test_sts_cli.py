@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 import structlog
-from tests.mtasts.conftest import StsLab
-from tests.mtasts.sts_https_server import Answer
 
 from relay.cli import main
 from relay.store import Store
+from tests.mtasts.conftest import StsLab
+from tests.mtasts.sts_https_server import Answer
 
 
 @pytest.fixture(autouse=True)

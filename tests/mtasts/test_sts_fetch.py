@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 import trustme
 import yaml
-from tests.mtasts.conftest import StsLab
-from tests.mtasts.sts_https_server import Answer
 
 from relay.http import HttpErrorKind, SafeHttpClient
 from relay.model import StsMode, TlsResultType
 from relay.mtasts.fetch import DiscoveryStatus, PolicyFetchError, discover, fetch_policy
 from relay.store import Store
+from tests.mtasts.conftest import StsLab
+from tests.mtasts.sts_https_server import Answer
 
 GOOD = (
     "version: STSv1\r\nmode: enforce\r\nmx: mx1.example.com\r\nmx: *.mail.example.com\r\n"

@@ -7,12 +7,11 @@ import asyncio
 import time
 from pathlib import Path
 
-from tests.mtasts.conftest import StsLab
-
 from relay.model import StsMode
 from relay.mtasts.cache import PolicyCache
 from relay.mtasts.refresher import LAST_RUN_KEY, PolicyRefresher
 from relay.store import Store
+from tests.mtasts.conftest import StsLab
 
 
 def policy(mode: str = "enforce", max_age: int = 7200) -> str:

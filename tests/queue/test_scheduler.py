@@ -38,29 +38,42 @@ class ScriptedCourier:
         out = []
         for a in job.recipients:
             step = self.script[a].pop(0) if len(self.script[a]) > 1 else self.script[a][0]
-            state = {"ok": RecipientState.DELIVERED, "tmp": RecipientState.DEFERRED,
-                     "perm": RecipientState.FAILED}[step]
-            reply = {"ok": "250 2.0.0 ok", "tmp": "451 4.3.0 try later",
-                     "perm": "550 5.1.1 no such user"}[step]
+            state = {
+                "ok": RecipientState.DELIVERED,
+                "tmp": RecipientState.DEFERRED,
+                "perm": RecipientState.FAILED,
+            }[step]
+            reply = {
+                "ok": "250 2.0.0 ok",
+                "tmp": "451 4.3.0 try later",
+                "perm": "550 5.1.1 no such user",
+            }[step]
             out.append(RecipientResult(a, state, reply))
         return AttemptResult(domain=job.domain, recipients=tuple(out))
 
 
 class Harness:
     def __init__(self, tmp: Path, script: dict[str, list[str]], **delivery: object) -> None:
-        doc = {"delivery": {"retry_first": 300, "retry_max": 3600, "retry_jitter": 0.0,
-                            "queue_lifetime": 5 * 86400, **delivery}}
+        doc = {
+            "delivery": {
+                "retry_first": 300,
+                "retry_max": 3600,
+                "retry_jitter": 0.0,
+                "queue_lifetime": 5 * 86400,
+                **delivery,
+            }
+        }
         self.config = parse_config(doc, tmp / "config.toml")
         self.clock = Clock()
         self.store = Store(tmp / "q.sqlite3").open()
         self.spool = Spool(self.store, self.clock)
         self.courier = ScriptedCourier(script)
         self.injected: list[tuple[str, tuple[str, ...], bytes, int]] = []
-        self.sched = Scheduler(self.config, self.spool, self.courier, self.inject,
-                               clock=self.clock, poll_interval=0.02)
+        self.sched = Scheduler(
+            self.config, self.spool, self.courier, self.inject, clock=self.clock, poll_interval=0.02
+        )
 
-    async def inject(self, mail_from: str, rcpts: tuple[str, ...], data: bytes,
-                     flags: int) -> str:
+    async def inject(self, mail_from: str, rcpts: tuple[str, ...], data: bytes, flags: int) -> str:
         self.injected.append((mail_from, rcpts, data, flags))
         return "DSN"
 
@@ -93,7 +106,15 @@ def harness_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
 def test_retry_policy_grows_and_caps() -> None:
     p = RetryPolicy(first=300, maximum=14400, jitter=0.0)
     assert [p.delay(n) for n in (1, 2, 3, 4, 5, 6, 7, 8)] == [
-        300, 600, 1200, 2400, 4800, 9600, 14400, 14400]
+        300,
+        600,
+        1200,
+        2400,
+        4800,
+        9600,
+        14400,
+        14400,
+    ]
     j = RetryPolicy(first=300, maximum=14400, jitter=0.2)
     assert j.delay(1, lambda: 0.0) == pytest.approx(240)
     assert j.delay(1, lambda: 1.0) == pytest.approx(360)
@@ -131,7 +152,9 @@ async def test_one_of_two_rejected_gives_one_dsn_for_that_recipient(harness_fact
     h.sched.wake()
     await h.settle()
     assert len(h.courier.jobs) == 1 and h.courier.jobs[0].recipients == (
-        "b@example.org", "c@example.org")  # one transaction for the domain
+        "b@example.org",
+        "c@example.org",
+    )  # one transaction for the domain
     assert len(h.injected) == 1
     mail_from, rcpts, data, flags = h.injected[0]
     assert mail_from == "" and rcpts == ("a@example.com",) and flags & FLAG_NO_DSN
@@ -222,8 +245,9 @@ async def test_flush_makes_deferred_due(tmp_path: Path) -> None:
     store = Store(tmp_path / "q.sqlite3").open()
     spool = Spool(store, clock)
     qid = await spool.enqueue(NewMessage("a@example.com", ("b@example.org",), MSG))
-    await spool.record(qid, [RecipientUpdate("b@example.org", RecipientState.DEFERRED, "451 x",
-                                             clock.t + 9999)])
+    await spool.record(
+        qid, [RecipientUpdate("b@example.org", RecipientState.DEFERRED, "451 x", clock.t + 9999)]
+    )
     assert await spool.due(clock.t, 10, set()) == []
     assert await spool.flush() == 1
     assert await spool.due(clock.t, 10, set()) == [qid]

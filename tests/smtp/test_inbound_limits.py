@@ -6,9 +6,15 @@ import asyncio
 import time
 from pathlib import Path
 
-from tests.smtp.test_inbound_harness import MESSAGE, UNTRUSTED, RawClient, Recorder, make_config, running
-
 from relay.smtp.limits import ConnectionLimits
+from tests.smtp.test_inbound_harness import (
+    MESSAGE,
+    UNTRUSTED,
+    RawClient,
+    Recorder,
+    make_config,
+    running,
+)
 
 
 async def _wait_sessions(server: object, n: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from tests.smtp.test_inbound_harness import MESSAGE, UNTRUSTED, RawClient, make_config, running
 
 

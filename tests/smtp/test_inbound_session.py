@@ -6,9 +6,9 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
-from tests.smtp.test_inbound_harness import MESSAGE, RawClient, Recorder, make_config, running
 
 from relay.errors import SmtpReplyError
+from tests.smtp.test_inbound_harness import MESSAGE, RawClient, Recorder, make_config, running
 
 
 async def test_ehlo_advertises_extensions_and_not_pipelining(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 import trustme
+
 from tests.smtp.test_inbound_harness import MESSAGE, RawClient, make_config, running
 
 

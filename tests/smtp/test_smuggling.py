@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from tests.smtp.test_inbound_harness import MESSAGE, RawClient, make_config, running
 
 VECTORS = Path(__file__).parent.parent / "vectors" / "smuggling"
