@@ -1,0 +1,207 @@
+"""Issue 3 end to end: authentication verdicts, ARC sealing and SRS through running relays.
+
+Lab DNS with SPF, DKIM, DMARC and ARC key records; clients bind 127.0.0.x source addresses
+so SPF sees them; the next hop records the exact bytes, which dkimpy verifies.
+"""
+
+from __future__ import annotations
+
+import email
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import dkim
+import pytest
+
+from relay.app import RelayApp
+from relay.auth.dkim import DkimSigner
+from relay.commands.keygen import generate
+from relay.lab.dnsserver import LabDnsServer, Zone
+from relay.lab.mta import LabMta
+from tests.labutil import base_doc, message, send, write_config
+
+SENDER_IP = "127.0.0.5"
+
+
+class AuthLab:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.zone = Zone()
+        self.dns = LabDnsServer(self.zone).start()
+        self.keys: dict[str, bytes] = {}
+        self.port = 0
+        self.apps: list[RelayApp] = []
+        self.mtas: list[LabMta] = []
+        z = self.zone
+        z.add("sender.test", "TXT", f"v=spf1 ip4:{SENDER_IP} -all")
+        z.add("_dmarc.sender.test", "TXT", "v=DMARC1; p=reject")
+        z.add("sender.test", "MX", (10, "mx.sender.test"))
+        z.add("mx.sender.test", "A", "127.0.0.4")
+        z.add("dest.test", "MX", (10, "mx.dest.test"))
+        z.add("mx.dest.test", "A", "127.0.0.2")
+        z.add("lists2.lab.test", "MX", (10, "relay2.lab.test"))
+        z.add("relay2.lab.test", "A", "127.0.0.3")
+        self.dkim_key = self.publish("s1", "sender.test")
+
+    def publish(self, selector: str, domain: str) -> bytes:
+        key = generate("rsa", 2048)
+        self.zone.add(f"{selector}._domainkey.{domain}", "TXT", key.record())
+        return key.private_pem
+
+    def txt(self, name: bytes, timeout: int = 5) -> bytes | None:
+        recs = self.zone.records.get(name.decode().rstrip(".").lower(), [])
+        vals = [v for t, v in recs if t == "TXT"]
+        return str(vals[0]).encode() if vals else None
+
+    async def mta(self, ip: str) -> LabMta:
+        m = await LabMta(ip, self.port).start()
+        self.port = m.port
+        self.mtas.append(m)
+        return m
+
+    async def relay(self, name: str, listen: str, **over: dict[str, Any]) -> RelayApp:
+        work = self.tmp / name
+        work.mkdir()
+        key = work / "arc.pem"
+        key.write_bytes(self.publish("arc", f"{name}.lab.test"))
+        doc = base_doc(work, self.dns.address, self.port, **over)
+        doc["server"].update({"listen": [listen], "hostname": f"{name}.lab.test"})
+        doc["auth"] = {"enabled": True, "crypto_workers": 0}
+        doc["arc"] = {
+            "enabled": True,
+            "domain": f"{name}.lab.test",
+            "selector": "arc",
+            "private_key": str(key),
+        }
+        doc["srs"] = {
+            "enabled": True,
+            "domain": "srs.lab.test",
+            "secret": "s3cret",
+            **over.get("srs", {}),
+        }
+        app = RelayApp(write_config(work / "config.toml", doc), poll_interval=0.05)
+        await app.start()
+        self.apps.append(app)
+        return app
+
+    def signed(self, **kw: str) -> bytes:
+        return DkimSigner("sender.test", "s1", self.dkim_key).sign(message(**kw))
+
+    async def close(self) -> None:
+        for app in self.apps:
+            await app.stop(grace=2)
+        for m in self.mtas:
+            await m.stop()
+        self.dns.stop()
+
+
+@pytest.fixture
+async def lab(tmp_path: Path) -> AsyncIterator[AuthLab]:
+    lab = AuthLab(tmp_path)
+    yield lab
+    await lab.close()
+
+
+def headers(data: bytes, name: str) -> list[str]:
+    return email.message_from_bytes(data).get_all(name) or []
+
+
+async def test_signed_message_relayed_with_verdict_seal_and_srs(lab: AuthLab) -> None:
+    mx = await lab.mta("127.0.0.2")
+    app = await lab.relay(
+        "relay1", "127.0.0.1:0", aliases={"info@lists.lab.test": ["bob@dest.test"]}
+    )
+    host, port = app.bound[0]
+    forged = b"Authentication-Results: relay1.lab.test; dmarc=pass header.from=evil.test\r\n"
+    data = forged + lab.signed(frm="alice@sender.test", to="info@lists.lab.test")
+    errors, _ = await send(
+        host, port, "alice@sender.test", ["info@lists.lab.test"], data, source=SENDER_IP
+    )
+    assert errors == {}
+    [got] = await mx.wait_for(1)
+    ar = [h for h in headers(got.data, "Authentication-Results") if "relay1.lab.test" in h]
+    assert len(ar) == 1, ar  # the forged one claiming our authserv-id is gone
+    text = " ".join(ar[0].split())
+    assert "spf=pass" in text and "smtp.mailfrom=alice@sender.test" in text
+    assert "dkim=pass" in text and "header.d=sender.test" in text and "header.s=s1" in text
+    assert "dmarc=pass" in text and "header.from=sender.test" in text
+    assert "arc=none" in text
+    assert [" ".join(h.split()).startswith("i=1;") for h in headers(got.data, "ARC-Seal")] == [True]
+    cv, _results, reason = dkim.arc_verify(got.data, dnsfunc=lab.txt)
+    assert cv == dkim.CV_Pass, reason
+    # SRS: the forwarded copy's reverse-path is ours, and reverses to the sender
+    assert got.mail_from.startswith("SRS0=") and got.mail_from.endswith("@srs.lab.test")
+    assert got.mail_from.split("=", 4)[3:] == ["sender.test", "alice@srs.lab.test"]
+
+
+async def test_spoofed_p_reject_message_refused(lab: AuthLab) -> None:
+    mx = await lab.mta("127.0.0.2")
+    app = await lab.relay(
+        "relay1", "127.0.0.1:0", aliases={"info@lists.lab.test": ["bob@dest.test"]}
+    )
+    host, port = app.bound[0]
+    spoof = message(frm="ceo@sender.test", to="info@lists.lab.test")
+    with pytest.raises(aiosmtplib.SMTPDataError) as exc:
+        await send(
+            host, port, "ceo@sender.test", ["info@lists.lab.test"], spoof, source="127.0.0.6"
+        )
+    assert exc.value.code == 550 and "5.7.1" in exc.value.message
+    assert mx.messages == []
+
+
+async def test_two_relays_chain_i1_and_i2_verify(lab: AuthLab) -> None:
+    mx = await lab.mta("127.0.0.2")
+    await lab.relay(
+        "relay2",
+        f"127.0.0.3:{lab.port}",
+        relay={"local_domains": ["lists2.lab.test"]},
+        aliases={"x@lists2.lab.test": ["bob@dest.test"]},
+        srs={"domain": "srs2.lab.test"},
+    )
+    app1 = await lab.relay(
+        "relay1", "127.0.0.1:0", aliases={"info@lists.lab.test": ["x@lists2.lab.test"]}
+    )
+    host, port = app1.bound[0]
+    data = lab.signed(frm="alice@sender.test", to="info@lists.lab.test")
+    await send(host, port, "alice@sender.test", ["info@lists.lab.test"], data, source=SENDER_IP)
+    [got] = await mx.wait_for(1)
+    seals = sorted(" ".join(h.split())[:4] for h in headers(got.data, "ARC-Seal"))
+    assert seals == ["i=1;", "i=2;"]
+    cv, _results, reason = dkim.arc_verify(got.data, dnsfunc=lab.txt)
+    assert cv == dkim.CV_Pass, reason
+    ar2 = [h for h in headers(got.data, "Authentication-Results") if "relay2.lab.test" in h]
+    assert "arc=pass" in " ".join(ar2[0].split())
+    # relay2 rewrote relay1's SRS0 reverse-path into SRS1 in its own SRS domain (libsrs2)
+    assert got.mail_from.startswith("SRS1=") and got.mail_from.endswith("@srs2.lab.test")
+    assert "=srs.lab.test==" in got.mail_from  # names the first forwarder's SRS domain
+
+
+async def test_srs_bounce_round_trip_and_forged_srs_refused(lab: AuthLab) -> None:
+    mx = await lab.mta("127.0.0.2")
+    sender_mx = await lab.mta("127.0.0.4")
+    app = await lab.relay(
+        "relay1", "127.0.0.1:0", aliases={"info@lists.lab.test": ["bob@dest.test"]}
+    )
+    host, port = app.bound[0]
+    data = lab.signed(frm="alice@sender.test", to="info@lists.lab.test")
+    await send(host, port, "alice@sender.test", ["info@lists.lab.test"], data, source=SENDER_IP)
+    [fwd] = await mx.wait_for(1)
+    srs_address = fwd.mail_from
+    # the next hop bounces to the SRS address later: the relay takes it back
+    bounce = message(
+        frm="MAILER-DAEMON@dest.test", to=srs_address, subject="bounce", msgid="<b1@dest.test>"
+    )
+    errors, _ = await send(host, port, "", [srs_address], bounce, source="127.0.0.7")
+    assert errors == {}
+    [back] = await sender_mx.wait_for(1)
+    assert back.rcpt_tos == ("alice@sender.test",) and back.mail_from == ""
+    forged = "SRS0=XXXX=AB=sender.test=alice@srs.lab.test"
+    client = aiosmtplib.SMTP(hostname=host, port=port, source_address=("127.0.0.7", 0))
+    async with client:
+        await client.ehlo()
+        await client.mail("")
+        with pytest.raises(aiosmtplib.SMTPRecipientRefused) as exc:
+            await client.rcpt(forged)
+        assert exc.value.code == 550
