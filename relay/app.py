@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from relay.config import Config
-from relay.dns import AiodnsResolver, Resolver
+from relay.dns import AiodnsResolver, CachingResolver, Resolver
 from relay.intake import Intake, Routing
 from relay.queue.scheduler import Scheduler
 from relay.queue.spool import Spool
@@ -98,9 +98,19 @@ class RelayApp:
         from relay.smtp.server import SmtpServer
 
         cfg = self.config
-        self.resolver: Resolver = self._resolver or AiodnsResolver(
-            [str(ns) for ns in cfg.dns.nameservers], timeout=cfg.dns.timeout
-        )
+        self.resolver: Resolver
+        if self._resolver is not None:
+            self.resolver = self._resolver
+        else:
+            self.resolver = AiodnsResolver(
+                [str(ns) for ns in cfg.dns.nameservers], timeout=cfg.dns.timeout
+            )
+            if cfg.dns.cache_max_ttl > 0:
+                self.resolver = CachingResolver(
+                    self.resolver,
+                    max_ttl=cfg.dns.cache_max_ttl,
+                    negative_ttl=cfg.dns.cache_negative_ttl,
+                )
         await asyncio.to_thread(self.store.open)
         spool = Spool(self.store, self.clock)
         if self.recover:

@@ -65,6 +65,8 @@ class StorageConfig:
 class DnsConfig:
     nameservers: tuple[HostPort, ...] = ()  # empty: the system's
     timeout: float = 5.0
+    cache_max_ttl: float = 300.0  # answers kept for their TTL, at most this; 0 = no cache
+    cache_negative_ttl: float = 30.0  # NXDOMAIN / no records kept this long; 0 = not kept
 
 
 @dataclass(frozen=True)
@@ -283,7 +285,7 @@ _KNOWN = {
     },
     "relay": {"trusted_networks", "local_domains"},
     "storage": {"path"},
-    "dns": {"nameservers", "timeout"},
+    "dns": {"nameservers", "timeout", "cache_max_ttl", "cache_negative_ttl"},
     "delivery": {
         "port",
         "ca_file",
@@ -438,6 +440,8 @@ def parse_config(doc: dict[str, Any], p: Path) -> Config:
             for x in d.strings("nameservers", ())
         ),
         timeout=d.positive("timeout", float, 5.0, 0.1),
+        cache_max_ttl=d.positive("cache_max_ttl", float, 300.0, 0.0),
+        cache_negative_ttl=d.positive("cache_negative_ttl", float, 30.0, 0.0),
     )
 
     dl = sec("delivery")

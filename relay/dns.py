@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import aiodns
 import pycares
@@ -114,30 +115,155 @@ class AiodnsResolver:
             raise DnsNoData(qname, rdtype)
         return records
 
+    async def lookup_ttl(self, rdtype: str, name: str) -> tuple[list[Any], int]:
+        """The typed answer of one query (as the method of that type gives it) and the
+        smallest TTL among its records."""
+        if rdtype == "PTR":
+            recs = await self._query(reverse_name(name), "PTR")
+        else:
+            recs = await self._query(name, rdtype)
+        ttl = min(int(getattr(r, "ttl", 0)) for r in recs)
+        return _convert(rdtype, recs), ttl
+
     async def mx(self, name: str) -> list[MxRecord]:
-        recs = await self._query(name, "MX")
+        return cast(list[MxRecord], _convert("MX", await self._query(name, "MX")))
+
+    async def txt(self, name: str) -> list[str]:
+        return cast(list[str], _convert("TXT", await self._query(name, "TXT")))
+
+    async def a(self, name: str) -> list[str]:
+        return cast(list[str], _convert("A", await self._query(name, "A")))
+
+    async def aaaa(self, name: str) -> list[str]:
+        return cast(list[str], _convert("AAAA", await self._query(name, "AAAA")))
+
+    async def ptr(self, ip: str) -> list[str]:
+        return cast(list[str], _convert("PTR", await self._query(reverse_name(ip), "PTR")))
+
+
+def _convert(rdtype: str, recs: list[pycares.DNSRecord]) -> list[Any]:
+    if rdtype == "MX":
         return [
             MxRecord(int(getattr(r.data, "priority")), _norm(str(getattr(r.data, "exchange"))))  # noqa: B009
             for r in recs
         ]
-
-    async def txt(self, name: str) -> list[str]:
-        recs = await self._query(name, "TXT")
+    if rdtype == "TXT":
         out = []
         for r in recs:
             data = getattr(r.data, "data")  # noqa: B009
             out.append(data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data))
         return out
+    if rdtype == "PTR":
+        return [_norm(str(getattr(r.data, "dname"))) for r in recs]  # noqa: B009
+    return [str(getattr(r.data, "addr")) for r in recs]  # noqa: B009
+
+
+class CachingResolver:
+    """A TTL-bounded cache in front of another Resolver (what a local recursive resolver
+    gives Postfix for free), so routing one message does not cost three queries.
+
+    Answers are kept for their records' smallest TTL (when the inner resolver tells it,
+    through ``lookup_ttl``; else ``max_ttl``), capped at ``max_ttl``; NXDOMAIN and
+    "no records of the type" for ``negative_ttl`` (RFC 2308 caching without the SOA);
+    temporary failures (SERVFAIL, timeout) are never kept. Concurrent identical queries
+    share one lookup. Callers get their own copy of the list.
+    """
+
+    def __init__(
+        self,
+        inner: Resolver,
+        *,
+        max_ttl: float = 300.0,
+        negative_ttl: float = 30.0,
+        max_entries: int = 10000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.inner = inner
+        self.max_ttl = max_ttl
+        self.negative_ttl = negative_ttl
+        self.max_entries = max_entries
+        self.clock = clock
+        self._cache: dict[tuple[str, str], tuple[float, list[Any] | DnsError]] = {}
+        self._inflight: dict[tuple[str, str], asyncio.Task[list[Any]]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    async def _get(self, rdtype: str, name: str) -> list[Any]:
+        key = (rdtype, _norm(name))
+        entry = self._cache.get(key)
+        if entry is not None:
+            expires, value = entry
+            if self.clock() < expires:
+                self.hits += 1
+                if isinstance(value, DnsError):
+                    raise value.with_traceback(None)
+                return list(value)
+            del self._cache[key]
+        task = self._inflight.get(key)
+        if task is None:
+            self.misses += 1
+            task = asyncio.get_running_loop().create_task(self._fetch_and_store(key, rdtype, name))
+            self._inflight[key] = task
+            task.add_done_callback(lambda t: self._done(key, t))
+        else:
+            self.hits += 1
+        # shielded: one caller giving up does not cancel the lookup the others wait for
+        return list(await asyncio.shield(task))
+
+    def _done(self, key: tuple[str, str], task: asyncio.Task[list[Any]]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved, even when every caller went away
+
+    async def _fetch_and_store(self, key: tuple[str, str], rdtype: str, name: str) -> list[Any]:
+        try:
+            value, ttl = await self._fetch(rdtype, name)
+        except (DnsNotFound, DnsNoData) as exc:
+            if self.negative_ttl > 0:
+                self._store(key, exc, self.negative_ttl)
+            raise
+        ttl = min(ttl, self.max_ttl)
+        if ttl > 0:
+            self._store(key, value, ttl)
+        return value
+
+    def _store(self, key: tuple[str, str], value: list[Any] | DnsError, ttl: float) -> None:
+        if len(self._cache) >= self.max_entries:
+            now = self.clock()
+            for k in [k for k, (exp, _) in self._cache.items() if exp <= now]:
+                del self._cache[k]
+            if len(self._cache) >= self.max_entries:
+                self._cache.clear()
+        self._cache[key] = (self.clock() + ttl, value)
+
+    async def _fetch(self, rdtype: str, name: str) -> tuple[list[Any], float]:
+        lookup_ttl = getattr(self.inner, "lookup_ttl", None)
+        if lookup_ttl is not None:
+            value, ttl = await cast(
+                Callable[[str, str], Awaitable[tuple[list[Any], int]]], lookup_ttl
+            )(rdtype, name)
+            return value, float(ttl)
+        method = cast(Callable[[str], Awaitable[list[Any]]], getattr(self.inner, rdtype.lower()))
+        return await method(name), self.max_ttl
+
+    async def mx(self, name: str) -> list[MxRecord]:
+        return cast(list[MxRecord], await self._get("MX", name))
+
+    async def txt(self, name: str) -> list[str]:
+        return cast(list[str], await self._get("TXT", name))
 
     async def a(self, name: str) -> list[str]:
-        return [str(getattr(r.data, "addr")) for r in await self._query(name, "A")]  # noqa: B009
+        return cast(list[str], await self._get("A", name))
 
     async def aaaa(self, name: str) -> list[str]:
-        return [str(getattr(r.data, "addr")) for r in await self._query(name, "AAAA")]  # noqa: B009
+        return cast(list[str], await self._get("AAAA", name))
 
     async def ptr(self, ip: str) -> list[str]:
-        recs = await self._query(reverse_name(ip), "PTR")
-        return [_norm(str(getattr(r.data, "dname"))) for r in recs]  # noqa: B009
+        return cast(list[str], await self._get("PTR", ip))
 
 
 class StaticResolver:
