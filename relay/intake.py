@@ -14,8 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-import structlog
-
+from relay import logs
 from relay.config import Config
 from relay.errors import SmtpReplyError, StoreError
 from relay.model import ConnInfo, Envelope, QueueId
@@ -28,7 +27,7 @@ from relay.queue.spool import (
     new_qid,
 )
 
-log = structlog.get_logger("relay.intake")
+log = logs.get("relay.intake")
 
 # A transform gets the message (with our Received header) and returns the message to
 # queue; it raises SmtpReplyError to refuse it (e.g. DMARC reject).

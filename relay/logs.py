@@ -1,6 +1,11 @@
 """structlog set-up (JSON lines in production, pretty on a terminal) and mail-event helpers.
 
 Every line about a message carries its queue id (``qid``).
+
+``get(name)`` gives a logger that builds its structlog logger once per ``setup()`` (not
+at every call, as structlog's lazy proxy does when loggers are not cached), so a hot path
+pays for its log lines only; ``enabled(logger, level)`` lets a caller skip building the
+fields of a line that would be dropped.
 """
 
 from __future__ import annotations
@@ -32,7 +37,12 @@ class _Stderr:
         return sys.stderr.isatty()
 
 
+_generation = 0  # bumped by setup(): cached loggers are rebuilt after a reconfiguration
+
+
 def setup(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
+    global _generation
+    _generation += 1
     stream = stream or _Stderr()
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer: Any = (
@@ -52,5 +62,37 @@ def setup(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     )
 
 
-def get(name: str) -> Any:
-    return structlog.get_logger(name)
+class Logger:
+    """A structlog logger for ``name``, resolved once per configuration."""
+
+    __slots__ = ("_name", "_gen", "_logger")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._gen = -1
+        self._logger: Any = None
+
+    def _get(self) -> Any:
+        if self._gen != _generation:
+            self._logger = structlog.get_logger(self._name).bind()
+            self._gen = _generation
+        return self._logger
+
+    def __getattr__(self, item: str) -> Any:
+        return getattr(self._get(), item)
+
+    def bind(self, **kw: Any) -> Any:
+        return self._get().bind(**kw)
+
+    def is_enabled_for(self, level: int) -> bool:
+        return enabled(self._get(), level)
+
+
+def enabled(logger: Any, level: int) -> bool:
+    """Would ``logger`` emit a line at ``level`` (a logging.* number)?"""
+    check = getattr(logger, "is_enabled_for", None)
+    return True if check is None else bool(check(level))
+
+
+def get(name: str) -> Logger:
+    return Logger(name)

@@ -22,12 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import structlog
-
+from relay import logs
 from relay.errors import StoreError
 
 T = TypeVar("T")
-log = structlog.get_logger("relay.store")
+log = logs.get("relay.store")
 
 _STOP = object()
 

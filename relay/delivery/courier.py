@@ -25,21 +25,22 @@ a TCP connect failure gives none (it is no TLS result).
 Also: connection reuse (an idle connection per (ip, port, MX name, TLS level) kept for a
 few seconds, RSET before reuse, one retry on a new connection when a reused one fails
 before MAIL is accepted), the global and per-domain concurrency limits and the
-dead-destination breaker (destinations.py), one structlog line per attempt.
+dead-destination breaker (destinations.py), one structlog line per failed attempt
+(a successful one is logged at debug: the scheduler logs each recipient's outcome).
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
-
+from relay import logs
 from relay.config import Config
 from relay.delivery.client import (
     ConnectionLost,
@@ -70,7 +71,7 @@ from relay.model import (
 PolicyLookup = Callable[[str], Awaitable[TlsPolicy]]
 OutcomeSink = Callable[[TlsOutcome], None]
 
-log = structlog.get_logger("relay.delivery")
+log = logs.get("relay.delivery")
 
 POOL_IDLE_SECONDS = 5.0  # an idle connection is kept this long for the next job
 POOL_MAX_IDLE = 32  # idle connections kept in all
@@ -567,18 +568,20 @@ class Courier:
             else "partial"
         )
         tls = session.tls
-        att.log.info(
-            "attempt",
-            mx=host.name,
-            ip=session.ip,
-            recipients=[r.address for r in results],
-            replies=[f"{r.address}: {r.reply}" for r in results],
-            tls=session.level,
-            tls_version=tls.version if tls else None,
-            tls_cipher=tls.cipher if tls else None,
-            reused=reused,
-            outcome=outcome,
-        )
+        # the scheduler logs each recipient's outcome at info (with the reply and TLS)
+        if logs.enabled(att.log, logging.DEBUG):
+            att.log.debug(
+                "attempt",
+                mx=host.name,
+                ip=session.ip,
+                recipients=[r.address for r in results],
+                replies=[f"{r.address}: {r.reply}" for r in results],
+                tls=session.level,
+                tls_version=tls.version if tls else None,
+                tls_cipher=tls.cipher if tls else None,
+                reused=reused,
+                outcome=outcome,
+            )
         if tx.usable:
             self.pool.put(session)
         else:
@@ -618,15 +621,18 @@ class Courier:
 
     def _emit(self, att: _Attempt, outcome: TlsOutcome) -> None:
         att.outcomes.append(outcome)
-        att.log.info(
-            "tls_outcome",
-            mx=outcome.mx_host,
-            ip=outcome.receiving_ip,
-            policy_type=outcome.policy_type.value,
-            result=outcome.result_type.value if outcome.result_type else "success",
-            reason=outcome.failure_reason,
-            enforced=outcome.enforced,
-        )
+        # a failure is worth an info line; a success shows in the delivery line's TLS
+        failed = outcome.result_type is not None
+        if failed or logs.enabled(att.log, logging.DEBUG):
+            (att.log.info if failed else att.log.debug)(
+                "tls_outcome",
+                mx=outcome.mx_host,
+                ip=outcome.receiving_ip,
+                policy_type=outcome.policy_type.value,
+                result=outcome.result_type.value if outcome.result_type else "success",
+                reason=outcome.failure_reason,
+                enforced=outcome.enforced,
+            )
         if self.outcome_sink is None or not att.job.record_tls:
             return
         try:

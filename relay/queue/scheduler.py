@@ -16,8 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-import structlog
-
+from relay import logs
 from relay.config import Config
 from relay.dsn import DsnRecipient, build_dsn
 from relay.errors import RelayError
@@ -33,7 +32,7 @@ from relay.queue.spool import (
     extract_message_id,
 )
 
-log = structlog.get_logger("relay.queue")
+log = logs.get("relay.queue")
 
 
 class CourierLike(Protocol):
@@ -294,7 +293,7 @@ class Scheduler:
         """Send one DSN for every failed recipient not yet reported, then drop the message
         when nothing is pending."""
         if removed:
-            log.info("removed", qid=msg.id)
+            log.debug("removed", qid=msg.id)
             return
         if not failed:
             return
@@ -325,7 +324,7 @@ class Scheduler:
             )
         removed = await self.spool.finish(msg.id, [r.address for r in failed])
         if removed:
-            log.info("removed", qid=msg.id)
+            log.debug("removed", qid=msg.id)
 
     async def _maybe_delay_warning(
         self, msg: QueuedMessage, data: bytes, updates: list[RecipientUpdate], now: float

@@ -35,9 +35,9 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import AnyStr, cast
 
-import structlog
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
+from relay import logs
 from relay.config import Config, HostPort
 from relay.errors import SmtpReplyError
 from relay.model import ConnInfo, Envelope
@@ -53,7 +53,7 @@ from relay.smtp.rules import RelayRules
 
 SubmitFn = Callable[[ConnInfo, Envelope, bytes], Awaitable[str]]
 
-log = structlog.get_logger("relay.smtp")
+log = logs.get("relay.smtp")
 
 LINE_LIMIT = 1001  # RFC 5321 4.5.3.1.6: 998 + CRLF + one stuffed dot
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
