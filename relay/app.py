@@ -56,6 +56,14 @@ async def supervise(name: str, factory: Callable[[], Awaitable[Any]], stop: asyn
         delay = min(delay * 2, 30.0)
 
 
+def _bounce_to(srs_reverse: Callable[[str], str | None] | None) -> Callable[[str], str]:
+    """DSNs for forwarded mail go to the original sender, not to our SRS address."""
+    if srs_reverse is None:
+        return lambda address: address
+    reverse = srs_reverse
+    return lambda address: reverse(address) or address
+
+
 class RelayApp:
     """The running relay: SMTP server, intake, queue, delivery, MTA-STS, TLS-RPT."""
 
@@ -171,6 +179,7 @@ class RelayApp:
             clock=self.clock,
             poll_interval=self.poll_interval,
             loader=self.leader,
+            bounce_to=_bounce_to(routing.srs_reverse),
         )
         scheduler_ref.append(self.scheduler)
 

@@ -73,7 +73,10 @@ class Scheduler:
         rng: Callable[[], float] = random.random,
         poll_interval: float = 1.0,
         loader: bool = True,
+        bounce_to: Callable[[str], str] | None = None,
     ) -> None:
+        """``bounce_to`` maps a reverse-path to the address a DSN goes to (SRS: our own
+        rewritten sender is reversed to the original one)."""
         d = config.delivery
         self.config = config
         self.spool = spool
@@ -90,12 +93,17 @@ class Scheduler:
         self._stopping = False
         self._reserved = 0
         self.loader = loader
+        self.bounce_to = bounce_to or (lambda address: address)
         self._slot_free = asyncio.Event()
+        # the store may hold due messages beyond the active window: a finished message
+        # then wakes the loader (else its next poll or an explicit wake() is enough)
+        self._backlog = True
         self.bounce_from = d.bounce_sender or f"MAILER-DAEMON@{config.server.hostname}"
 
     # ------------------------------------------------------------ entry points
 
     def wake(self) -> None:
+        self._backlog = True
         self._wake.set()
 
     def reserve(self) -> bool:
@@ -130,6 +138,7 @@ class Scheduler:
             )
             self._start(qid, (qm, msg.data))
         else:
+            self._backlog = True
             self._wake.set()
 
     async def run(self) -> None:
@@ -167,9 +176,12 @@ class Scheduler:
     async def _fill(self) -> None:
         room = self.window - len(self._active) - self._reserved
         if room <= 0:
+            self._backlog = True
             return
         now = self.clock()
-        for qid in await self.spool.due(now, room, set(self._active)):
+        due = await self.spool.due(now, room, set(self._active))
+        self._backlog = len(due) >= room
+        for qid in due:
             if self._stopping:
                 return
             if qid not in self._active:
@@ -192,7 +204,8 @@ class Scheduler:
                     await self.spool.mark_corrupt(qid)
         finally:
             self._active.pop(qid, None)
-            self._wake.set()
+            if self._backlog and self.loader:
+                self._wake.set()
 
     async def _process(self, qid: QueueId, preloaded: tuple[QueuedMessage, bytes] | None) -> None:
         if preloaded is None:
@@ -298,21 +311,22 @@ class Scheduler:
         if not failed:
             return
         if failed and msg.mail_from and not (msg.flags & FLAG_NO_DSN):
+            to = self.bounce_to(msg.mail_from)
             dsn = build_dsn(
                 reporting_mta=self.config.server.hostname,
-                sender=msg.mail_from,
+                sender=to,
                 from_addr=self.bounce_from,
                 recipients=[DsnRecipient(r.address, r.orig, r.last_reply) for r in failed],
                 original=data,
                 arrival=msg.created,
                 now=self.clock(),
             )
-            dsn_qid = await self.inject("", (msg.mail_from,), dsn, FLAG_NO_DSN)
+            dsn_qid = await self.inject("", (to,), dsn, FLAG_NO_DSN)
             log.info(
                 "dsn_queued",
                 qid=msg.id,
                 dsn_qid=dsn_qid,
-                to=msg.mail_from,
+                to=to,
                 recipients=[r.address for r in failed],
             )
         elif failed:
@@ -343,7 +357,7 @@ class Scheduler:
             return
         dsn = build_dsn(
             reporting_mta=self.config.server.hostname,
-            sender=msg.mail_from,
+            sender=self.bounce_to(msg.mail_from),
             from_addr=self.bounce_from,
             recipients=[DsnRecipient(u.address, "", u.reply) for u in deferred],
             original=data,
@@ -351,7 +365,7 @@ class Scheduler:
             now=now,
             action="delayed",
         )
-        await self.inject("", (msg.mail_from,), dsn, FLAG_NO_DSN)
+        await self.inject("", (self.bounce_to(msg.mail_from),), dsn, FLAG_NO_DSN)
         await self.spool.set_delay_warned(msg.id)
         log.info("delay_warning_queued", qid=msg.id, to=msg.mail_from)
 

@@ -205,3 +205,19 @@ async def test_srs_bounce_round_trip_and_forged_srs_refused(lab: AuthLab) -> Non
         with pytest.raises(aiosmtplib.SMTPRecipientRefused) as exc:
             await client.rcpt(forged)
         assert exc.value.code == 550
+
+
+async def test_dsn_for_forwarded_mail_goes_to_the_original_sender(lab: AuthLab) -> None:
+    mx = await lab.mta("127.0.0.2")
+    sender_mx = await lab.mta("127.0.0.4")
+    mx.refuse_rcpt("bob@dest.test", "550 5.1.1 no such user")
+    app = await lab.relay(
+        "relay1", "127.0.0.1:0", aliases={"info@lists.lab.test": ["bob@dest.test"]}
+    )
+    host, port = app.bound[0]
+    data = lab.signed(frm="alice@sender.test", to="info@lists.lab.test")
+    await send(host, port, "alice@sender.test", ["info@lists.lab.test"], data, source=SENDER_IP)
+    [dsn] = await sender_mx.wait_for(1)
+    assert dsn.rcpt_tos == ("alice@sender.test",) and dsn.mail_from == ""
+    assert b"Final-Recipient: rfc822; bob@dest.test" in dsn.data
+    assert b"Original-Recipient: rfc822; info@lists.lab.test" in dsn.data
