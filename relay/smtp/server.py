@@ -403,10 +403,16 @@ class SmtpSession(SMTP):
         return bytes(getattr(self._reader, "_buffer", b""))
 
     async def push(self, status: AnyStr) -> None:
-        if status == "220 Ready to start TLS":  # aiosmtpd's text; we offer enhanced codes
-            await super().push("220 2.0.0 Ready to start TLS")
-            return
-        await super().push(status)
+        # aiosmtpd's push, without its per-reply debug logging call
+        if isinstance(status, str):
+            if status == "220 Ready to start TLS":  # aiosmtpd's text; we offer enhanced codes
+                status = "220 2.0.0 Ready to start TLS"
+            data = status.encode("utf-8")
+        else:
+            data = bytes(status)
+        writer = self._writer
+        writer.write(data + b"\r\n")
+        await writer.drain()
 
     def _close(self) -> None:
         if self.transport is not None:
@@ -533,8 +539,11 @@ class SmtpSession(SMTP):
         ]
         if self.tls_context is not None and self._tls_protocol is None:
             lines.append("STARTTLS")
-        for i, item in enumerate(lines):
-            await self.push(f"250{'-' if i < len(lines) - 1 else ' '}{item}")
+        last = len(lines) - 1
+        # one write for the whole multi-line reply
+        await self.push(
+            "\r\n".join(f"250{'-' if i < last else ' '}{x}" for i, x in enumerate(lines))
+        )
         return True
 
     async def _cmd_mail(self, arg: str) -> bool:
