@@ -23,12 +23,14 @@ import aiosmtplib
 from aiosmtplib import (
     SMTPConnectError,
     SMTPConnectResponseError,
+    SMTPDataError,
     SMTPException,
     SMTPHeloError,
     SMTPResponseException,
     SMTPServerDisconnected,
     SMTPTimeoutError,
 )
+from aiosmtplib.protocol import normalize_message_line_endings
 
 from relay.delivery.tls import STARTTLS_MISSING_REASON, TlsInfo, classify_tls_error, tls_info
 from relay.model import SmtpReply, TlsResultType
@@ -306,7 +308,7 @@ class SmtpSession:
         data_sent = False
         if accepted and lost is None:
             try:
-                resp = await smtp.data(data)
+                resp = await _data(smtp, data)
                 final = reply_of(resp.code, resp.message)
                 data_sent = True
             except SMTPResponseException as exc:
@@ -330,6 +332,47 @@ class SmtpSession:
             await self._smtp.rset()
         except (SMTPException, OSError):
             self.close()
+
+
+def data_payload(data: bytes) -> bytes:
+    """What follows DATA on the wire: CRLF lines, dot-stuffed (RFC 5321 4.5.2), then the
+    terminator; byte for byte what aiosmtplib sends. Queued mail is strict CRLF already
+    (intake refuses anything else), so the normalisation regex runs only when it is not."""
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") != crlf or data.count(b"\n") != crlf or not data.endswith(b"\r\n"):
+        data = normalize_message_line_endings(data)
+    stuffed = data.replace(b"\r\n.", b"\r\n..")
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    return stuffed + b".\r\n"
+
+
+async def _data(smtp: aiosmtplib.SMTP, data: bytes) -> aiosmtplib.SMTPResponse:
+    """``smtp.data(data)`` without aiosmtplib's per-message regex passes: the same steps
+    as its ``execute_data_command`` (aiosmtplib 5.x), with our payload."""
+    protocol = smtp.protocol
+    if protocol is None or not hasattr(protocol, "_response_pending"):
+        return await smtp.data(data)
+    lock = getattr(protocol, "_command_lock", None)
+    if lock is None:
+        raise SMTPServerDisconnected("Server not connected")
+    payload = data_payload(data)
+    try:
+        async with lock:
+            protocol._response_pending = True
+            protocol.write(b"DATA\r\n")
+            start = await protocol.read_response(timeout=smtp.timeout)
+            if start.code != 354:
+                raise SMTPDataError(start.code, start.message)
+            protocol._response_pending = True
+            protocol.write(payload)
+            resp = await protocol.read_response(timeout=smtp.timeout)
+            if resp.code != 250:
+                raise SMTPDataError(resp.code, resp.message)
+            return resp
+    except (SMTPServerDisconnected, SMTPTimeoutError):
+        smtp.close()
+        raise
 
 
 async def _quit_quietly(smtp: aiosmtplib.SMTP, timeout: float = 2.0) -> None:
