@@ -27,7 +27,7 @@ import structlog
 from dkim.canonicalization import CanonicalizationPolicy
 
 from relay.auth.dkim import MAX_SIGNATURES, verify_dkim_sync
-from relay.auth.fastrsa import FastARC, SigningKey, load_signing_key
+from relay.auth.fastrsa import FastARC, SigningKey, canonical_body, load_signing_key
 from relay.auth.keys import (
     KeyRecords,
     fetch_keys,
@@ -315,7 +315,7 @@ class ArcSealer:
         arc_headers.insert(0, (b"ARC-Authentication-Results", aar))
         signer.headers = canon.canonicalize_headers(arc_headers[:1]) + signer.headers
 
-        bodyhash = base64.b64encode(signer.hasher(canon.canonicalize_body(signer.body)).digest())
+        bodyhash = base64.b64encode(signer.hasher(canonical_body(canon, signer.body)).digest())
         timestamp = str(int(self.clock())).encode("ascii")
         ams_fields = [
             (b"i", str(instance).encode("ascii")),
