@@ -384,7 +384,7 @@ def parse_config(doc: dict[str, Any], p: Path) -> Config:
         max_session_time=s.positive("max_session_time", float, 1800.0, 0.1),
         max_junk_commands=s.positive("max_junk_commands", int, 20, 1),
         min_free_space=s.positive("min_free_space", int, 0, 0),
-        workers=s.positive("workers", int, 1, 1),
+        workers=s.positive("workers", int, 1, 0) or (os.cpu_count() or 1),  # 0 = one per CPU
     )
     if (server.tls_cert is None) != (server.tls_key is None):
         raise s.err(
