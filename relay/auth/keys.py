@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import enum
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -200,8 +201,11 @@ def parse_tag_list(record: str) -> dict[str, str]:
     return tags
 
 
+@functools.lru_cache(maxsize=256)
 def parse_key_record(record: str) -> PublicKey:
-    """Parse one DKIM key TXT record into a public key, or raise KeyRecordError."""
+    """Parse one DKIM key TXT record into a public key, or raise KeyRecordError. Results
+    are remembered by record text (keys are immutable; a sender's key is seen on every
+    message of that sender), failures are not."""
     tags = parse_tag_list(record)
     if "v" in tags and tags["v"] != "DKIM1":
         raise KeyRecordError("bad version (v= is not DKIM1)")

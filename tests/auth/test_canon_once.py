@@ -1,10 +1,13 @@
-"""canonical_body: dkimpy's body canonicalisation, remembered for the same body."""
+"""Work done once a message (or once a key): body canonicalisation, key record parsing."""
 
 from __future__ import annotations
 
+import pytest
 from dkim.canonicalization import CanonicalizationPolicy
 
 from relay.auth.fastrsa import canonical_body
+from relay.auth.keys import KeyRecordError, parse_key_record
+from relay.commands.keygen import generate
 
 RELAXED = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
 SIMPLE = CanonicalizationPolicy.from_c_value(b"simple/simple")
@@ -22,3 +25,13 @@ def test_a_different_body_is_not_served_the_last_result() -> None:
     other = BODY.replace(b"world", b"there")
     assert canonical_body(RELAXED, other) == RELAXED.canonicalize_body(other) != first
     assert canonical_body(RELAXED, b"") == RELAXED.canonicalize_body(b"")
+
+
+def test_a_key_record_is_parsed_once_and_failures_are_not_remembered() -> None:
+    record = generate("rsa", 2048).record()
+    first = parse_key_record(record)
+    assert parse_key_record(record) is first
+    assert first.key_type == "rsa" and first.bits == 2048
+    for _ in range(2):
+        with pytest.raises(KeyRecordError):
+            parse_key_record("v=DKIM1; k=rsa; p=")
