@@ -45,7 +45,7 @@ class ServerConfig:
     max_session_time: float = 1800.0  # total time of one connection
     max_junk_commands: int = 20  # NOOP/RSET/HELP/bad commands per session
     min_free_space: int = 0  # bytes; 0: 1.5 x max_message_size
-    workers: int = 1  # accepting processes sharing the listen sockets (SO_REUSEPORT)
+    workers: int = 1  # processes sharing the listen sockets; config default 0 = one per CPU
 
 
 @dataclass(frozen=True)
@@ -384,7 +384,7 @@ def parse_config(doc: dict[str, Any], p: Path) -> Config:
         max_session_time=s.positive("max_session_time", float, 1800.0, 0.1),
         max_junk_commands=s.positive("max_junk_commands", int, 20, 1),
         min_free_space=s.positive("min_free_space", int, 0, 0),
-        workers=s.positive("workers", int, 1, 0) or (os.cpu_count() or 1),  # 0 = one per CPU
+        workers=s.positive("workers", int, 0, 0) or (os.cpu_count() or 1),  # 0 = one per CPU
     )
     if (server.tls_cert is None) != (server.tls_key is None):
         raise s.err(

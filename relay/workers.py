@@ -10,6 +10,8 @@ parent stops the others, requeues, and starts them all again. SIGTERM is passed 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import os
 import signal
 import socket
@@ -22,6 +24,8 @@ from relay.queue.spool import Spool
 from relay.store import Store
 
 log = structlog.get_logger("relay.workers")
+
+PR_SET_PDEATHSIG = 1
 
 
 def bind(hp: HostPort) -> socket.socket:
@@ -42,8 +46,22 @@ def recover(config: Config) -> int:
         store.close()
 
 
-def _child(config: Config, index: int, sockets: list[socket.socket]) -> int:
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel kills this worker when the parent dies (even by kill -9), so no
+    orphan keeps delivering while a restarted relay requeues its mail in flight."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the parent's SIGTERM path still works
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _child(config: Config, index: int, sockets: list[socket.socket], parent: int) -> int:
     from relay.app import RelayApp
+
+    _die_with_parent(parent)
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -53,6 +71,8 @@ def _child(config: Config, index: int, sockets: list[socket.socket]) -> int:
 
 
 def run_workers(config: Config) -> int:
+    import relay.app  # noqa: F401 - imported once here, not in every worker after fork
+
     n = config.server.workers
     sockets = [bind(hp) for hp in config.server.listen]
     stopping = False
@@ -73,12 +93,13 @@ def run_workers(config: Config) -> int:
         n_rec = recover(config)
         if n_rec:
             log.info("recovered_inflight", recipients=n_rec)
+        parent = os.getpid()
         for i in range(n):
             pid = os.fork()
             if pid == 0:
                 code = 1
                 try:
-                    code = _child(config, i, sockets)
+                    code = _child(config, i, sockets, parent)
                 finally:
                     os._exit(code)
             children[pid] = i

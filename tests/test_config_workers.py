@@ -1,4 +1,4 @@
-"""[server] workers: 0 means one process per CPU; the default stays one."""
+"""[server] workers: 0 (the default) means one process per CPU."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ def test_workers_auto_and_default(tmp_path: Path) -> None:
     cfg.write_text("[server]\nworkers = 0\n")
     assert load_config(cfg).server.workers == (os.cpu_count() or 1)
     cfg.write_text("")
+    assert load_config(cfg).server.workers == (os.cpu_count() or 1)
+    cfg.write_text("[server]\nworkers = 1\n")
     assert load_config(cfg).server.workers == 1
     cfg.write_text("[server]\nworkers = -1\n")
     with pytest.raises(ConfigError):

@@ -42,14 +42,20 @@ def start_relay(config: Path, log: Path) -> subprocess.Popen[bytes]:
 
 
 async def wait_listening(port: int, timeout: float = 20) -> None:
+    """Until the relay answers with its 220 banner (not just a bound socket)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            _r, w = await asyncio.open_connection("127.0.0.1", port)
-            w.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.1)
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                banner = await asyncio.wait_for(r.readline(), 2)
+            finally:
+                w.close()
+            if banner.startswith(b"220"):
+                return
+        except (OSError, TimeoutError):
+            pass
+        await asyncio.sleep(0.1)
     raise TimeoutError("relay did not start")
 
 
@@ -91,7 +97,7 @@ async def test_kill_9_loses_nothing_acknowledged(tmp_path: Path) -> None:
             proc = start_relay(cfg, log)
             await wait_listening(relay_port)
             stream = asyncio.create_task(submit(relay_port, 400, "stream", acked))
-            await asyncio.sleep(0.6)  # kill in the middle of the stream
+            await asyncio.sleep(1.0)  # kill in the middle of the stream
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(10)
             await asyncio.wait_for(stream, 30)
