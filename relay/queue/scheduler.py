@@ -34,6 +34,8 @@ from relay.queue.spool import (
 
 log = logs.get("relay.queue")
 
+LOADED_SHARE = 0.75  # share of the active window that mail loaded from the store may use
+
 
 class CourierLike(Protocol):
     async def deliver(self, job: DeliveryJob) -> AttemptResult: ...
@@ -92,6 +94,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._stopping = False
         self._reserved = 0
+        self._loaded: set[QueueId] = set()
         self.loader = loader
         self.bounce_to = bounce_to or (lambda address: address)
         self._slot_free = asyncio.Event()
@@ -174,7 +177,13 @@ class Scheduler:
     # ------------------------------------------------------------ internals
 
     async def _fill(self) -> None:
-        room = self.window - len(self._active) - self._reserved
+        # Mail loaded from the store (retries, recovery, a backlog) may fill at most
+        # LOADED_SHARE of the window, so new mail always finds room at once (Postfix keeps
+        # the incoming and deferred queues apart for the same reason).
+        room = min(
+            self.window - len(self._active) - self._reserved,
+            max(1, int(self.window * LOADED_SHARE)) - len(self._loaded),
+        )
         if room <= 0:
             self._backlog = True
             return
@@ -186,6 +195,7 @@ class Scheduler:
                 return
             if qid not in self._active:
                 log.debug("loaded", qid=qid)
+                self._loaded.add(qid)
                 self._start(qid, None)
 
     def _start(self, qid: QueueId, preloaded: tuple[QueuedMessage, bytes] | None) -> None:
@@ -204,6 +214,7 @@ class Scheduler:
                     await self.spool.mark_corrupt(qid)
         finally:
             self._active.pop(qid, None)
+            self._loaded.discard(qid)
             if self._backlog and self.loader:
                 self._wake.set()
 

@@ -265,3 +265,60 @@ async def test_store_failure_never_acknowledges(tmp_path: Path) -> None:
     store.fail_writes = None
     assert await spool.list() == []
     store.close()
+
+
+class BlockingCourier:
+    """Holds every delivery until released, recording which messages were started."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.release = asyncio.Event()
+
+    async def deliver(self, job: DeliveryJob) -> AttemptResult:
+        self.started.append(job.qid)
+        await self.release.wait()
+        return AttemptResult(
+            domain=job.domain,
+            recipients=tuple(
+                RecipientResult(a, RecipientState.DELIVERED, "250 ok") for a in job.recipients
+            ),
+        )
+
+
+async def test_backlog_never_takes_the_whole_active_window(tmp_path: Path) -> None:
+    config = parse_config({"delivery": {"active_window": 8}}, tmp_path / "config.toml")
+    clock = Clock()
+    store = Store(tmp_path / "q.sqlite3").open()
+    spool = Spool(store, clock)
+    courier = BlockingCourier()
+
+    async def inject(*_a: object) -> str:
+        return "x"
+
+    sched = Scheduler(config, spool, courier, inject, clock=clock, poll_interval=0.02)
+    for i in range(50):  # a backlog of due mail in the store
+        await spool.enqueue(NewMessage("a@example.com", (f"r{i}@example.org",), MSG))
+    task = asyncio.create_task(sched.run())
+    sched.wake()
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if len(courier.started) >= 6:
+            break
+    await asyncio.sleep(0.1)
+    assert len(courier.started) == 6  # 75 % of the window: the backlog waits in the store
+    # new mail is claimed and started at once, ahead of the backlog
+    assert sched.reserve()
+    new = NewMessage("a@example.com", ("fresh@example.org",), MSG)
+    qid = await spool.enqueue(new, claimed=True)
+    sched.submit_new(qid, new, clock.t, True)
+    await asyncio.sleep(0.05)
+    assert courier.started[-1] == qid
+    courier.release.set()
+    for _ in range(300):
+        await asyncio.sleep(0.02)
+        if not await spool.list():
+            break
+    assert await spool.list() == [] and len(courier.started) == 51
+    await sched.stop()
+    task.cancel()
+    store.close()
