@@ -174,6 +174,29 @@ def canonical_body(canon_policy: Any, body: bytes) -> bytes:
     return out
 
 
+# ---- message parsing ----
+
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+_LINE_END = re.compile(rb"\r?\n")
+
+
+def rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
+    """``dkim.rfc822_parse`` with the same result, without splitting the body into lines:
+    dkimpy splits the whole message on ``\r?\n`` and joins the body again with CRLF; here
+    only the header block is handed to dkimpy and the body is taken as it is (its bare LFs
+    made CRLF). Unusual messages (no empty line, or one at the very start) go to dkimpy."""
+    if message[:1] in (b"\r", b"\n"):
+        return dkim.rfc822_parse(message)  # type: ignore[no-any-return]
+    m = _BLANK_LINE.search(message)
+    if m is None:
+        return dkim.rfc822_parse(message)  # type: ignore[no-any-return]
+    headers, _ = dkim.rfc822_parse(message[: m.start() + 1])
+    body = message[m.end() :]
+    if body.count(b"\n") != body.count(b"\r\n"):
+        body = _LINE_END.sub(b"\r\n", body)
+    return headers, body
+
+
 # ---- dkimpy subclasses ----
 
 
@@ -213,6 +236,12 @@ class _FastCrypto:
 
     identity_check = False  # DKIM checks i= against t=s keys; in ARC i= is the instance
     headers_relaxed = False  # set by a signer that has canonicalised self.headers (relaxed)
+
+    def set_message(self, message: bytes) -> None:
+        """dkim.DomainSigner.set_message, parsing with our ``rfc822_parse``."""
+        super().set_message(b"")  # type: ignore[misc]
+        if message:
+            self.headers, self.body = rfc822_parse(message)
 
     # attributes provided by dkim.DomainSigner
     headers: list[Any]

@@ -1,13 +1,14 @@
-"""Work done once a message (or once a key): body canonicalisation, key record parsing."""
+"""Work saved per message: body canonicalisation, key record parsing, message parsing."""
 
 from __future__ import annotations
 
+import dkim
 import pytest
 from dkim.canonicalization import CanonicalizationPolicy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.auth.fastrsa import canonical_body
+from relay.auth.fastrsa import canonical_body, rfc822_parse
 from relay.auth.keys import KeyRecordError, parse_key_record
 from relay.commands.keygen import generate
 
@@ -45,3 +46,30 @@ def test_relaxed_fast_path_is_byte_identical_to_dkimpy(parts: list[bytes]) -> No
     body = b"".join(parts)
     for policy in (RELAXED, SIMPLE):
         assert canonical_body(policy, body) == policy.canonicalize_body(body)
+
+
+_PARTS = [b"A: b", b"Sub: x y", b" folded", b"\tfolded", b"\r\n", b"\n", b"\r", b"body", b"", b"x:"]
+
+
+def _dkimpy_parse(message: bytes) -> object:
+    try:
+        return dkim.rfc822_parse(message)
+    except (dkim.MessageFormatError, IndexError) as exc:
+        return type(exc)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_PARTS), max_size=30))
+def test_rfc822_parse_gives_dkimpys_result(parts: list[bytes]) -> None:
+    message = b"".join(parts)
+    try:
+        ours: object = rfc822_parse(message)
+    except (dkim.MessageFormatError, IndexError) as exc:
+        ours = type(exc)
+    assert ours == _dkimpy_parse(message)
+
+
+def test_rfc822_parse_of_a_message_with_bare_lf_in_the_body() -> None:
+    message = b"From: a@example.com\r\nTo: b@example.net\r\n\r\nline 1\nline 2\r\nline 3\n"
+    assert rfc822_parse(message) == dkim.rfc822_parse(message)
+    assert rfc822_parse(message)[1] == b"line 1\r\nline 2\r\nline 3\r\n"
