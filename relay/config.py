@@ -113,7 +113,9 @@ class AuthConfig:
     dmarc_quarantine: str = "quarantine"  # DMARC fail under p=quarantine
     spf_fail: str = "accept"
     authserv_id: str = ""  # default: [server] hostname
-    crypto_workers: int = 1  # processes for DKIM/ARC crypto off the event loop; 0 = inline
+    # crypto process pool when the relay runs one worker; 0 = inline. With several
+    # workers, crypto runs inline in each (measured faster than a pool on 2 cores).
+    crypto_workers: int = 1
 
 
 @dataclass(frozen=True)
