@@ -24,6 +24,7 @@ import ssl
 import warnings
 
 from relay.lab.mta import Received
+from relay.lab.tcpserver import LabServer
 
 DEFAULT_INJECTION = b"250 injected\r\n"
 DESYNC_WAIT = 0.2  # seconds the EHLO reply after TLS is held back
@@ -82,7 +83,7 @@ def legacy_tls_supported() -> bool:
     return False
 
 
-class InjectionMta:
+class InjectionMta(LabServer):
     """SMTP server on host:port that injects plaintext after its STARTTLS ``220``."""
 
     def __init__(
@@ -94,8 +95,7 @@ class InjectionMta:
         hostname: str = "mx.lab.test",
         injection: bytes = DEFAULT_INJECTION,
     ) -> None:
-        self.host = host
-        self.port = port
+        super().__init__((host, port))
         self.tls_context = tls_context
         self.hostname = hostname
         self.injection = injection
@@ -103,35 +103,8 @@ class InjectionMta:
         self.connections = 0
         self.injected = 0  # STARTTLS replies that carried the injection
         self.desynced = 0  # clients that acted on the injected reply
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> InjectionMta:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-        return self
-
-    async def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.close()
-        for t in list(self._tasks):
-            t.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-        self._server = None
-
-    async def __aenter__(self) -> InjectionMta:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
         self.connections += 1
         try:
             await self._session(reader, writer)
@@ -146,8 +119,6 @@ class InjectionMta:
         except asyncio.CancelledError:
             pass  # stop(): the top of a connection handler
         finally:
-            if task is not None:
-                self._tasks.discard(task)
             writer.close()
             with contextlib.suppress(OSError, ssl.SSLError, asyncio.CancelledError):
                 await writer.wait_closed()

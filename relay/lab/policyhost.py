@@ -27,6 +27,9 @@ import enum
 import re
 import ssl
 from dataclasses import dataclass
+from typing import Any
+
+from relay.lab.tcpserver import LabServer
 
 WELL_KNOWN = "/.well-known/mta-sts.txt"
 OVERSIZE_BYTES = 70 * 1024  # over the 64 KiB limit of relay.mtasts
@@ -96,7 +99,7 @@ def response_for(site: Site | None, path: str) -> tuple[int, str, str, bytes, li
     return 200, "OK", "text/plain", site.policy.encode(), []
 
 
-class PolicyHost:
+class PolicyHost(LabServer):
     """HTTPS listener on (host, port) serving ``sites`` (name -> Site).
 
     ``default``: the site served for a Host name not in ``sites`` (None: 404)."""
@@ -109,13 +112,11 @@ class PolicyHost:
         sites: dict[str, Site] | None = None,
         default: Site | None = None,
     ) -> None:
+        super().__init__(listen)
         self.ssl_context = ssl_context
-        self.listen = listen
         self.sites: dict[str, Site] = {k.lower().rstrip("."): v for k, v in (sites or {}).items()}
         self.default = default
         self.served: list[Served] = []
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
         ssl_context.sni_callback = self._sni
 
     # ------------------------------------------------------------ sites
@@ -133,46 +134,8 @@ class PolicyHost:
 
     # ------------------------------------------------------------ lifecycle
 
-    @property
-    def host(self) -> str:
-        return self.listen[0]
-
-    @property
-    def port(self) -> int:
-        if self._server is None or not self._server.sockets:
-            return self.listen[1]
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def start(self) -> PolicyHost:
-        self._server = await asyncio.start_server(
-            self._handle, self.listen[0], self.listen[1], ssl=self.ssl_context,
-            ssl_handshake_timeout=READ_TIMEOUT,
-        )  # fmt: skip
-        self.listen = (self.listen[0], self.port)
-        return self
-
-    async def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.close()
-        for t in list(self._tasks):
-            t.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-        self._server = None
-
-    async def serve_forever(self) -> None:
-        if self._server is None:
-            await self.start()
-        assert self._server is not None
-        await self._server.serve_forever()
-
-    async def __aenter__(self) -> PolicyHost:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
+    def _server_options(self) -> dict[str, Any]:
+        return {"ssl": self.ssl_context, "ssl_handshake_timeout": READ_TIMEOUT}
 
     # ------------------------------------------------------------ serving
 
@@ -184,9 +147,6 @@ class PolicyHost:
         return None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
         try:
             await asyncio.wait_for(self._serve(reader, writer), READ_TIMEOUT)
         except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError, ssl.SSLError):
@@ -194,8 +154,6 @@ class PolicyHost:
         except asyncio.CancelledError:
             pass  # stop(): the top of a connection handler
         finally:
-            if task is not None:
-                self._tasks.discard(task)
             writer.close()
             with contextlib.suppress(OSError, ssl.SSLError, asyncio.CancelledError):
                 await writer.wait_closed()

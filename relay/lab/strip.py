@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import re
 
+from relay.lab.tcpserver import LabServer
+
 _EHLO_STARTTLS = re.compile(rb"^(250[ -])STARTTLS(\s*)$", re.IGNORECASE)
 _CMD_STARTTLS = re.compile(rb"^STARTTLS(\s*)$", re.IGNORECASE)
 REPLACEMENT = b"XXXXXXXA"
@@ -24,7 +26,7 @@ MAX_LINE = 65536
 assert len(REPLACEMENT) == len(b"STARTTLS")
 
 
-class StripProxy:
+class StripProxy(LabServer):
     """Listen on (host, port), forward every connection to ``upstream``, strip STARTTLS."""
 
     def __init__(
@@ -34,49 +36,13 @@ class StripProxy:
         *,
         connect_timeout: float = 10.0,
     ) -> None:
+        super().__init__(listen)
         self.upstream = upstream
-        self.listen = listen
         self.connect_timeout = connect_timeout
         self.connections = 0
         self.stripped = 0  # STARTTLS occurrences rewritten, both directions
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def host(self) -> str:
-        return self.listen[0]
-
-    @property
-    def port(self) -> int:
-        if self._server is None or not self._server.sockets:
-            return self.listen[1]
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def start(self) -> StripProxy:
-        self._server = await asyncio.start_server(self._handle, self.listen[0], self.listen[1])
-        return self
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for t in list(self._tasks):
-            t.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
-
-    async def __aenter__(self) -> StripProxy:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def _handle(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
         self.connections += 1
         u_writer: asyncio.StreamWriter | None = None
         try:
@@ -98,8 +64,6 @@ class StripProxy:
                     w.close()
                     with contextlib.suppress(OSError, asyncio.CancelledError):
                         await w.wait_closed()
-            if task is not None:
-                self._tasks.discard(task)
 
     async def _pump(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, server_side: bool
