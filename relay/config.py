@@ -8,6 +8,7 @@ the directory of the config file.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import tomllib
 from collections.abc import Callable
@@ -46,6 +47,7 @@ class ServerConfig:
     max_junk_commands: int = 20  # NOOP/RSET/HELP/bad commands per session
     min_free_space: int = 0  # bytes; 0: 1.5 x max_message_size
     workers: int = 1  # processes sharing the listen sockets; config default 0 = one per CPU
+    event_loop: str = "auto"  # "auto" (uvloop when importable) | "uvloop" | "asyncio"
 
 
 @dataclass(frozen=True)
@@ -266,6 +268,7 @@ def parse_hostport(
 
 
 _ACTIONS = ("accept", "reject", "quarantine")
+_EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 _KNOWN = {
     "server": {
@@ -284,6 +287,7 @@ _KNOWN = {
         "max_junk_commands",
         "min_free_space",
         "workers",
+        "event_loop",
     },
     "relay": {"trusted_networks", "local_domains"},
     "storage": {"path"},
@@ -387,6 +391,7 @@ def parse_config(doc: dict[str, Any], p: Path) -> Config:
         max_junk_commands=s.positive("max_junk_commands", int, 20, 1),
         min_free_space=s.positive("min_free_space", int, 0, 0),
         workers=s.positive("workers", int, 0, 0) or (os.cpu_count() or 1),  # 0 = one per CPU
+        event_loop=s.choice("event_loop", "auto", _EVENT_LOOPS),
     )
     if (server.tls_cert is None) != (server.tls_key is None):
         raise s.err(
@@ -549,3 +554,36 @@ def parse_config(doc: dict[str, Any], p: Path) -> Config:
         tlsrpt=tlsrpt,
         logging=logging_cfg,
     )
+
+
+# ---------------------------------------------------------------- writing (labs, tests)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def dump_toml(doc: dict[str, dict[str, Any]]) -> str:
+    """The subset of TOML a config needs: tables of scalars and lists."""
+    lines = []
+    for section, table in doc.items():
+        lines.append(f"[{section}]")
+        for k, v in table.items():
+            key = k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
+            lines.append(f"{key} = {_toml_value(v)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_config(path: Path, doc: dict[str, dict[str, Any]]) -> Config:
+    """Write doc as a config file at path and load it the ordinary way (labs, tests)."""
+    path.write_text(dump_toml(doc))
+    return load_config(path)

@@ -2,37 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import aiosmtplib
 
-from relay.config import Config, load_config
+from relay.config import write_config
 
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {v!r} as TOML")
-
-
-def write_config(path: Path, doc: dict[str, dict[str, Any]]) -> Config:
-    lines = []
-    for section, table in doc.items():
-        lines.append(f"[{section}]")
-        for k, v in table.items():
-            key = json.dumps(k) if not k.replace("_", "").isalnum() else k
-            lines.append(f"{key} = {_toml_value(v)}")
-        lines.append("")
-    path.write_text("\n".join(lines))
-    return load_config(path)
+__all__ = ["base_doc", "message", "send", "write_config"]
 
 
 def base_doc(

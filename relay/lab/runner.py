@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import logging
 import ssl
 import tempfile
@@ -44,7 +43,7 @@ import aiosmtplib
 import trustme
 
 from relay.app import RelayApp
-from relay.config import Config, load_config
+from relay.config import Config, write_config
 from relay.lab.attacks import InjectionMta, legacy_tls_context, legacy_tls_supported
 from relay.lab.dnsserver import LabDnsServer, Zone
 from relay.lab.mta import LabMta, Received
@@ -242,29 +241,6 @@ class LabRelayApp(RelayApp):
 
     def _build_ledger(self) -> Any:
         return TappedLedger(self.store, self.clock, self.tap)
-
-
-def _toml(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    raise TypeError(f"cannot write {v!r} as TOML")
-
-
-def write_config(path: Path, doc: dict[str, dict[str, Any]]) -> Config:
-    """Write doc as config.toml at path and load it the ordinary way."""
-    lines = []
-    for section, table in doc.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml(v)}" for k, v in table.items()]
-        lines.append("")
-    path.write_text("\n".join(lines))
-    return load_config(path)
 
 
 # ---------------------------------------------------------------------- the lab
