@@ -14,19 +14,46 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import structlog
 
 from relay.config import Config
 from relay.dns import AiodnsResolver, CachingResolver, Resolver
+from relay.errors import ConfigError
 from relay.intake import Intake, Routing
 from relay.queue.scheduler import Scheduler
 from relay.queue.spool import Spool
 from relay.store import Store
 
 log = structlog.get_logger("relay.app")
+
+
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+
+def loop_factory(config: Config, config_path: str = "config") -> LoopFactory | None:
+    """The event loop `[server] event_loop` asks for: uvloop's (auto: when importable),
+    or None for asyncio's default loop. Raises ConfigError when uvloop is required but
+    missing."""
+    choice = config.server.event_loop
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError(config_path, "server.event_loop", "uvloop is not installed") from None
+        return None
+    factory: LoopFactory = uvloop.new_event_loop
+    return factory
+
+
+def run_loop(main: Coroutine[Any, Any, None], factory: LoopFactory | None) -> None:
+    """asyncio.run(main) on a loop made by factory (None: asyncio's default)."""
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)
 
 
 def server_ssl_context(config: Config) -> ssl.SSLContext | None:
@@ -213,6 +240,7 @@ class RelayApp:
             listen=[f"{h}:{p}" for h, p in self.bound],
             hostname=cfg.server.hostname,
             store=str(cfg.storage.path),
+            event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
 
     # ------------------------------------------------------------ optional parts

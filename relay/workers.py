@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 
 import structlog
 
@@ -58,19 +59,30 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _child(config: Config, index: int, sockets: list[socket.socket], parent: int) -> int:
-    from relay.app import RelayApp
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+
+def _child(
+    config: Config,
+    index: int,
+    sockets: list[socket.socket],
+    parent: int,
+    factory: LoopFactory | None,
+) -> int:
+    from relay.app import RelayApp, run_loop
 
     _die_with_parent(parent)
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     app = RelayApp(config, leader=index == 0, recover=False)
-    asyncio.run(app.serve_forever(sockets))
+    run_loop(app.serve_forever(sockets), factory)
     return 0
 
 
-def run_workers(config: Config) -> int:
+def run_workers(config: Config, factory: LoopFactory | None = None) -> int:
+    """Fork config.server.workers workers, each running its loop made by factory
+    (None: asyncio's default loop)."""
     import relay.app  # noqa: F401 - imported once here, not in every worker after fork
 
     n = config.server.workers
@@ -99,7 +111,7 @@ def run_workers(config: Config) -> int:
             if pid == 0:
                 code = 1
                 try:
-                    code = _child(config, i, sockets, parent)
+                    code = _child(config, i, sockets, parent, factory)
                 finally:
                     os._exit(code)
             children[pid] = i

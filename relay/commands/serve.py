@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 from relay.config import load_config
 from relay.logs import setup
@@ -18,11 +17,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     setup(config.logging.level, config.logging.format)
+    from relay.app import RelayApp, loop_factory, run_loop
+
+    factory = loop_factory(config, args.config)
     if config.server.workers > 1:
         from relay.workers import run_workers
 
-        return run_workers(config)
-    from relay.app import RelayApp
-
-    asyncio.run(RelayApp(config).serve_forever())
+        return run_workers(config, factory)
+    run_loop(RelayApp(config).serve_forever(), factory)
     return 0
