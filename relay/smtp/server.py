@@ -56,6 +56,14 @@ SubmitFn = Callable[[ConnInfo, Envelope, bytes], Awaitable[str]]
 log = logs.get("relay.smtp")
 
 LINE_LIMIT = 1001  # RFC 5321 4.5.3.1.6: 998 + CRLF + one stuffed dot
+_DATA_CHUNK = 65536  # bytes asked of the reader at a time in DATA
+
+
+def _bare_cr_lf_nul(without_crlf: bytes) -> bool:
+    """Any CR, LF or NUL in bytes from which every CRLF pair was removed."""
+    return b"\r" in without_crlf or b"\n" in without_crlf or b"\x00" in without_crlf
+
+
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 _HEADER_START = re.compile(rb"[!-9;-~]+[ \t]*:")
 _RECEIVED = re.compile(rb"received[ \t]*:", re.IGNORECASE)
@@ -694,61 +702,95 @@ class SmtpSession(SMTP):
         return "250 " + _REPLY_TEXT_BAD.sub(" ", str(text))
 
     async def _read_data(self) -> _DataResult:
-        """Read DATA up to the one valid terminator; bounded memory whatever arrives."""
+        """Read DATA up to the one valid terminator; bounded memory whatever arrives.
+
+        Reads whatever the socket has (not a line at a time) and checks each run of whole
+        lines at once. The rules are those of CRLF-separated lines: the terminator is the
+        first line that is exactly ".<CRLF>"; a CR, LF or NUL outside a CRLF pair, a line
+        longer than LINE_LIMIT with its CRLF, the size and header limits are errors. At
+        most one incomplete line (LINE_LIMIT bytes) is held; an overlong line is checked
+        and dropped as it arrives, and nothing is kept once the message is refused.
+        """
         lim = self._lim
         reader = self._reader
-        lines: list[bytes] = []
+        blocks: list[bytes] = []
         size = 0
         bad = too_long = too_big = header_big = False
         in_headers = True
         header_bytes = 0
         received = 0
-        tail = False  # the next read completes an overlong line
+        carry = b""  # the current line so far (without a CRLF)
+        overlong = False  # the current line is overlong: carry holds at most its last CR
         while True:
-            try:
-                line: bytes = await reader.readuntil(b"\r\n")
-            except asyncio.LimitOverrunError as exc:
-                chunk = await reader.readexactly(exc.consumed)  # never holds a CRLF
-                if b"\r" in chunk or b"\n" in chunk or b"\x00" in chunk:
-                    bad = True
-                too_long = tail = True
-                size += len(chunk)
-                lines.clear()
-                continue
-            self._last_progress = self.loop.time()
-            n = len(line)
-            if tail:
-                tail = False
-                size += n
-                if line.count(b"\r") != 1 or line.count(b"\n") != 1 or b"\x00" in line:
-                    bad = True
-                continue
-            if n == 3 and line == b".\r\n":
-                break
-            size += n
-            if line.count(b"\r") != 1 or line.count(b"\n") != 1 or b"\x00" in line:
-                bad = True
-            if n > LINE_LIMIT:
-                too_long = True
-            if in_headers:
-                if n == 2:
-                    in_headers = False
-                elif line[0] in (32, 9):
-                    header_bytes += n
-                elif _HEADER_START.match(line):
-                    header_bytes += n
-                    if _RECEIVED.match(line):
-                        received += 1
+            data = await reader.read(_DATA_CHUNK)
+            if not data:
+                raise asyncio.IncompleteReadError(carry, None)
+            buf = carry + data if carry else data
+            if not overlong and buf[:3] == b".\r\n":
+                cut, rest = 0, buf[3:]
+            else:
+                i = buf.find(b"\r\n.\r\n")
+                if i >= 0:
+                    cut, rest = i + 2, buf[i + 5 :]
                 else:
-                    in_headers = False
-                if header_bytes > lim.max_header_size:
-                    header_big = True
-            if size > lim.max_message_size:
-                too_big = True
-            if bad or too_long or too_big or header_big:
-                lines.clear()
-                continue
-            lines.append(line[1:] if line[0] == 46 else line)  # 46: "." (dot-unstuffing)
+                    j = buf.rfind(b"\r\n")
+                    cut, rest = (j + 2 if j >= 0 else 0), None
+            block = buf[:cut]
+            carry = buf[cut:] if rest is None else b""
+            if block or rest is not None:  # a whole line came
+                self._last_progress = self.loop.time()
+            if block:
+                if overlong:  # the end of an overlong line
+                    j = block.index(b"\r\n") + 2
+                    tail = block[:j]
+                    if tail.count(b"\r") != 1 or tail.count(b"\n") != 1 or b"\x00" in tail:
+                        bad = True
+                    size += j
+                    block = block[j:]
+                    overlong = False
+            if block:
+                size += len(block)
+                lines = block.split(b"\r\n")
+                if _bare_cr_lf_nul(b"".join(lines)):  # a CR or LF left is outside a CRLF
+                    bad = True
+                if len(max(lines, key=len)) + 2 > LINE_LIMIT:
+                    too_long = True
+                if in_headers:
+                    for line in lines[:-1]:
+                        n = len(line) + 2
+                        if n == 2:
+                            in_headers = False
+                        elif line[0] in (32, 9):
+                            header_bytes += n
+                        elif _HEADER_START.match(line):
+                            header_bytes += n
+                            if line[0] in (82, 114) and _RECEIVED.match(line):  # R, r
+                                received += 1
+                        else:
+                            in_headers = False
+                        if header_bytes > lim.max_header_size:
+                            header_big = True
+                        if not in_headers:
+                            break
+                if size > lim.max_message_size:
+                    too_big = True
+                if bad or too_long or too_big or header_big:
+                    blocks.clear()
+                else:
+                    blocks.append(block)
+            if rest is not None:
+                if rest:  # pipelined input after the terminator: back for the command reader
+                    reader._buffer[0:0] = rest  # type: ignore[attr-defined]
+                break
+            if len(carry) > LINE_LIMIT:  # an overlong line: check what came, keep a last CR
+                keep = 1 if carry[-1] == 13 else 0
+                done = carry[: len(carry) - keep]
+                if b"\r" in done or b"\n" in done or b"\x00" in done:
+                    bad = True
+                size += len(done)
+                carry = carry[len(carry) - keep :]
+                too_long = overlong = True
+                blocks.clear()
         pending = self._pending()
         if pending and pending.upper() != b"QUIT\r\n":
             return _DataResult(None, SYNC_ERROR, close=True)
@@ -775,9 +817,12 @@ class SmtpSession(SMTP):
             return _DataResult(
                 None, f"554 5.4.6 Error: too many Received headers ({received}): mail loop?"
             )
-        content = b"".join(lines)
-        crlf = content.count(b"\r\n")
-        if content.count(b"\r") != crlf or content.count(b"\n") != crlf or b"\x00" in content:
+        content = b"".join(blocks)
+        if content[:1] == b".":  # dot-unstuffing (RFC 5321 4.5.2)
+            content = content[1:]
+        if b"\r\n." in content:
+            content = content.replace(b"\r\n.", b"\r\n")
+        if _bare_cr_lf_nul(content.replace(b"\r\n", b"")):
             # unreachable by construction; kept as the last line of defence
             return _DataResult(None, "550 5.6.0 Error: bare CR, LF or NUL in message")
         return _DataResult(content, None)
