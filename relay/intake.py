@@ -159,7 +159,8 @@ class Intake:
             message = await transform(conn, env, message)
         mail_from, rcpts, origs = self.route(env)
         flags = FLAG_NO_TLS_REQUIRED if tls_required_no(message) else 0
-        new = NewMessage(mail_from, rcpts, message, origs, flags)
+        mid = _message_id(message)
+        new = NewMessage(mail_from, rcpts, message, origs, flags, mid)
         claimed = await self._enqueue(new, qid)
         log.info(
             "queued",
@@ -171,7 +172,7 @@ class Intake:
             recipients=list(rcpts),
             size=len(message),
             tls=conn.tls_version,
-            message_id=_message_id(message),
+            message_id=mid,
             claimed=claimed,
         )
         if self.notify is not None:

@@ -190,29 +190,23 @@ class Store:
             log.error("store_commit_failed", error=str(exc), batch=len(batch))
             for job in batch:
                 job.error = StoreError(f"store commit failed: {exc}")
-        for job in batch:
-            self._finish(job)
+        self._finish_batch(batch)
 
     @staticmethod
-    def _finish(job: _Job) -> None:
-        if job.done is not None:
-            job.done.set()
-            return
-        fut, loop = job.future, job.loop
-        assert fut is not None and loop is not None
-
-        def resolve() -> None:
-            if fut.cancelled():
-                return
-            if job.error is not None:
-                fut.set_exception(job.error)
+    def _finish_batch(batch: list[_Job]) -> None:
+        """Wake the waiters: threads by their event, each event loop once for the group."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
+        for job in batch:
+            if job.done is not None:
+                job.done.set()
             else:
-                fut.set_result(job.result)
-
-        try:
-            loop.call_soon_threadsafe(resolve)
-        except RuntimeError:  # loop closed
-            pass
+                assert job.loop is not None
+                by_loop.setdefault(job.loop, []).append(job)
+        for loop, jobs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, jobs)
+            except RuntimeError:  # loop closed
+                pass
 
     # -------------------------------------------------------------- reads
 
@@ -239,6 +233,19 @@ class Store:
                 conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise _wrap(exc) from exc
+
+
+def _resolve(jobs: list[_Job]) -> None:
+    """On the loop: settle the futures of a commit group's jobs."""
+    for job in jobs:
+        fut = job.future
+        assert fut is not None
+        if fut.cancelled():
+            continue
+        if job.error is not None:
+            fut.set_exception(job.error)
+        else:
+            fut.set_result(job.result)
 
 
 def _wrap(exc: BaseException) -> StoreError:

@@ -29,7 +29,6 @@ from relay.queue.spool import (
     QueuedRecipient,
     RecipientUpdate,
     Spool,
-    extract_message_id,
 )
 
 log = logs.get("relay.queue")
@@ -134,7 +133,7 @@ class Scheduler:
                 id=qid,
                 mail_from=msg.mail_from,
                 size=len(msg.data),
-                message_id=extract_message_id(msg.data),
+                message_id=msg.msgid(),
                 created=created,
                 flags=msg.flags,
                 recipients=_dedupe_recips(recips),

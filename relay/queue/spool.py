@@ -86,6 +86,11 @@ class NewMessage:
     data: bytes
     orig_recipients: tuple[str, ...] = ()  # the address given at RCPT, per recipient
     flags: int = 0
+    message_id: str | None = None  # None: taken from data's header when needed
+
+    def msgid(self) -> str:
+        """The Message-ID field's value ("" when none), computed once by whoever built it."""
+        return self.message_id if self.message_id is not None else extract_message_id(self.data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +146,7 @@ class Spool:
         flight (no other scheduler may load them; a crash requeues them at start)."""
         now = self.clock()
         qid = qid or new_qid(now)
-        mid = extract_message_id(msg.data)
+        mid = msg.msgid()
         origs = msg.orig_recipients or msg.recipients
         state = RecipientState.INFLIGHT if claimed else RecipientState.QUEUED
         rows = [
