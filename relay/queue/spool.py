@@ -56,6 +56,7 @@ FLAG_NO_DSN = 2  # never generate a DSN (NOTIFY=NEVER, or the message is itself 
 
 PENDING_STATES = (RecipientState.QUEUED, RecipientState.DEFERRED, RecipientState.INFLIGHT)
 _QID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXZ"
+_QID_TAILS = len(_QID_ALPHABET) ** 6
 
 
 def new_qid(now: float | None = None) -> QueueId:
@@ -65,7 +66,11 @@ def new_qid(now: float | None = None) -> QueueId:
     for _ in range(9):
         t, r = divmod(t, len(_QID_ALPHABET))
         head = _QID_ALPHABET[r] + head
-    tail = "".join(secrets.choice(_QID_ALPHABET) for _ in range(6))
+    r = secrets.randbelow(_QID_TAILS)  # one draw from the OS (not one per character)
+    tail = ""
+    for _ in range(6):
+        r, d = divmod(r, len(_QID_ALPHABET))
+        tail += _QID_ALPHABET[d]
     return head + tail
 
 
