@@ -265,7 +265,10 @@ class Scheduler:
             )
             for dom, rs in by_domain.items()
         ]
-        results = await asyncio.gather(*(self._deliver(j) for j in jobs))
+        if len(jobs) == 1:  # the usual case: no task and gathering future for one domain
+            results = [await self._deliver(jobs[0])]
+        else:
+            results = await asyncio.gather(*(self._deliver(j) for j in jobs))
         attempts = {r.address: r.attempts for r in pending}
         now = self.clock()
         updates: list[RecipientUpdate] = []
