@@ -27,7 +27,13 @@ import structlog
 from dkim.canonicalization import CanonicalizationPolicy
 
 from relay.auth.dkim import MAX_SIGNATURES, verify_dkim_sync
-from relay.auth.fastrsa import FastARC, SigningKey, canonical_body, load_signing_key
+from relay.auth.fastrsa import (
+    FastARC,
+    SigningKey,
+    canonical_body,
+    canonicalize_headers,
+    load_signing_key,
+)
 from relay.auth.keys import (
     KeyRecords,
     fetch_keys,
@@ -283,7 +289,7 @@ class ArcSealer:
         linesep = _linesep(message)
         signer.linesep = linesep
         canon = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
-        signer.headers = canon.canonicalize_headers(signer.headers)  # once, not per signature
+        signer.headers = canonicalize_headers(canon, signer.headers)  # once, not per signature
         signer.headers_relaxed = True
         top, arc_with_instance = _sorted_arc_headers(signer.headers)
         top = max(top, chain.instances)
@@ -313,7 +319,7 @@ class ArcSealer:
         value = re.sub(rb"\r?\n", linesep, value)
         aar = b"i=%d; " % instance + value + linesep
         arc_headers.insert(0, (b"ARC-Authentication-Results", aar))
-        signer.headers = canon.canonicalize_headers(arc_headers[:1]) + signer.headers
+        signer.headers = canonicalize_headers(canon, arc_headers[:1]) + signer.headers
 
         bodyhash = base64.b64encode(signer.hasher(canonical_body(canon, signer.body)).digest())
         timestamp = str(int(self.clock())).encode("ascii")
@@ -332,7 +338,7 @@ class ArcSealer:
             ams_fields, include, canon, b"ARC-Message-Signature", self.key, self.standardize
         )
         arc_headers.insert(0, (b"ARC-Message-Signature", ams))
-        signer.headers = canon.canonicalize_headers(arc_headers[:1]) + signer.headers
+        signer.headers = canonicalize_headers(canon, arc_headers[:1]) + signer.headers
 
         as_fields = [
             (b"i", str(instance).encode("ascii")),

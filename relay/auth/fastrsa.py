@@ -174,6 +174,65 @@ def canonical_body(canon_policy: Any, body: bytes) -> bytes:
     return out
 
 
+# ---- header canonicalisation, once per header field ----
+
+_HEADER_MEMO: dict[tuple[bytes, bytes], tuple[bytes, bytes]] = {}
+_HEADER_MEMO_MAX = 4096  # fields remembered; cleared when full (a message has a few dozen)
+_WSP_RUN = re.compile(rb"[\t ]+")
+
+
+def relaxed_header(field: tuple[bytes, bytes]) -> tuple[bytes, bytes]:
+    """dkimpy's relaxed canonicalisation of one header field (``Relaxed.canonicalize_headers``
+    on ``[field]``), with the same bytes: name lower-cased and right-stripped; value
+    unfolded (every LF removed, and a CR right before it), runs of WSP made one space,
+    stripped, CRLF appended. Remembered per field: within one message the DKIM check, the
+    ARC validation and the seal canonicalise the same fields again."""
+    out = _HEADER_MEMO.get(field)
+    if out is not None:
+        return out
+    name, value = field
+    if b"\n" in value:
+        value = value.replace(b"\r\n", b"").replace(b"\n", b"")
+    if b"\t" in value or b"  " in value:
+        value = _WSP_RUN.sub(b" ", value)
+    out = (name.lower().rstrip(), value.strip() + b"\r\n")
+    if len(_HEADER_MEMO) >= _HEADER_MEMO_MAX:
+        _HEADER_MEMO.clear()
+    _HEADER_MEMO[field] = out
+    return out
+
+
+def canonicalize_headers(canon_policy: Any, headers: list[Any]) -> list[Any]:
+    """``canon_policy.canonicalize_headers(headers)``, relaxed through ``relaxed_header``."""
+    if canon_policy.header_algorithm is Relaxed:
+        return [relaxed_header((f[0], f[1])) for f in headers]
+    return canon_policy.canonicalize_headers(headers)  # type: ignore[no-any-return]
+
+
+def hash_headers(
+    hasher: Any,
+    canon_policy: Any,
+    headers: list[Any],
+    include_headers: Sequence[bytes],
+    sigheader: tuple[bytes, bytes],
+) -> list[Any]:
+    """``dkim.hash_headers`` (same bytes hashed), the signature field canonicalised through
+    ``canonicalize_headers``."""
+    sign_headers = dkim.select_headers(headers, include_headers)
+    cheaders = canonicalize_headers(
+        canon_policy, [(sigheader[0], dkim.RE_BTAG.sub(b"\\1", sigheader[1]))]
+    )
+    for x, y in sign_headers:
+        hasher.update(x)
+        hasher.update(b":")
+        hasher.update(y)
+    for x, y in cheaders:
+        hasher.update(x)
+        hasher.update(b":")
+        hasher.update(y.rstrip())
+    return sign_headers  # type: ignore[no-any-return]
+
+
 # ---- message parsing ----
 
 _BLANK_LINE = re.compile(rb"\n\r?\n")
@@ -275,10 +334,8 @@ class _FastCrypto:
         if self.headers_relaxed and canon_policy.header_algorithm is Relaxed:
             headers = self.headers  # already canonical (relaxed is idempotent)
         else:
-            headers = canon_policy.canonicalize_headers(self.headers)
-        self.signed_headers = dkim.hash_headers(
-            h, canon_policy, headers, include_headers, header, dict(fields)
-        )
+            headers = canonicalize_headers(canon_policy, self.headers)
+        self.signed_headers = hash_headers(h, canon_policy, headers, include_headers, header)
         signature = pk.sign(h.digest())
         idx = [i for i in range(len(fields)) if fields[i][0] == b"b"][0]
         fields[idx] = (b"b", base64.b64encode(signature))
@@ -356,10 +413,8 @@ class _FastCrypto:
         if b"from" in include_headers:
             include_headers.append(b"from")  # dkimpy: any extra From breaks the signature
         h = hasher()
-        headers = canon_policy.canonicalize_headers(self.headers)
-        self.signed_headers = dkim.hash_headers(
-            h, canon_policy, headers, include_headers, sig_header, sig
-        )
+        headers = canonicalize_headers(canon_policy, self.headers)
+        self.signed_headers = hash_headers(h, canon_policy, headers, include_headers, sig_header)
         try:
             signature = base64.b64decode(re.sub(rb"\s+", b"", sig[b"b"]))
         except (binascii.Error, ValueError) as e:
