@@ -31,6 +31,7 @@ KEYED_HEADERS = (b"dkim-signature", b"arc-message-signature", b"arc-seal")
 MAX_KEY_NAMES = 32
 
 _HEADER_RE = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:", re.MULTILINE)
+_WSP = re.compile(rb"\s+")
 _TAG_RE = re.compile(rb"(?:^|;)\s*([a-zA-Z][a-zA-Z0-9_]*)\s*=\s*([^;]*)")
 
 
@@ -90,9 +91,24 @@ def normalise_name(name: str | bytes) -> str:
     return name.strip().rstrip(".").lower()
 
 
+_last_values: tuple[bytes, frozenset[bytes], tuple[tuple[bytes, bytes], ...]] | None = None
+
+
 def header_values(message: bytes, wanted: Iterable[bytes]) -> list[tuple[bytes, bytes]]:
-    """(lower-case name, unfolded value) of the header fields in ``wanted``."""
-    want = set(wanted)
+    """(lower-case name, unfolded value) of the header fields in ``wanted``. The last
+    result is remembered: the DKIM key prefetch and the ARC structure check read the same
+    message's header fields one after the other."""
+    global _last_values
+    want = frozenset(wanted)
+    last = _last_values
+    if last is not None and last[1] == want and (last[0] is message or last[0] == message):
+        return list(last[2])
+    out = _header_values(message, want)
+    _last_values = (message, want, tuple(out))
+    return out
+
+
+def _header_values(message: bytes, want: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
     end = message.find(b"\r\n\r\n")
     end_lf = message.find(b"\n\n")
     cut = min(x for x in (end, end_lf, len(message)) if x >= 0)
@@ -118,11 +134,17 @@ def header_values(message: bytes, wanted: Iterable[bytes]) -> list[tuple[bytes, 
 
 
 def signature_tags(value: bytes) -> dict[bytes, bytes]:
-    """Loose tag=value parse of a signature header value (first occurrence wins)."""
+    """Loose tag=value parse of a signature header value (first occurrence wins); the
+    same value is parsed once (key prefetch, then the DKIM or ARC check)."""
+    return dict(_signature_tags(value))
+
+
+@functools.lru_cache(maxsize=256)
+def _signature_tags(value: bytes) -> tuple[tuple[bytes, bytes], ...]:
     tags: dict[bytes, bytes] = {}
     for m in _TAG_RE.finditer(value):
-        tags.setdefault(m.group(1).lower(), re.sub(rb"\s+", b"", m.group(2)))
-    return tags
+        tags.setdefault(m.group(1).lower(), _WSP.sub(b"", m.group(2)))
+    return tuple(tags.items())
 
 
 def key_name(selector: bytes, domain: bytes) -> str:
