@@ -55,8 +55,23 @@ class RawField:
         return v.decode("utf-8", "replace").rstrip("\r\n")
 
 
+_last_split: tuple[bytes, tuple[RawField, ...], bytes] | None = None
+
+
 def split_header(message: bytes) -> tuple[list[RawField], bytes]:
-    """(header fields, the rest: empty line and body). Tolerates LF-only line ends."""
+    """(header fields, the rest: empty line and body). Tolerates LF-only line ends. The
+    last message's split is remembered: stripping forged A-R fields and DMARC's From
+    lookup read the same message one after the other."""
+    global _last_split
+    last = _last_split
+    if last is not None and (last[0] is message or last[0] == message):
+        return list(last[1]), last[2]
+    fields, rest = _split_header(message)
+    _last_split = (message, tuple(fields), rest)
+    return fields, rest
+
+
+def _split_header(message: bytes) -> tuple[list[RawField], bytes]:
     if message.startswith((b"\r\n", b"\n")):
         return [], message
     m = _HEADER_END.search(message)

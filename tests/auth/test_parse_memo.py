@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from relay.auth import keys
 from relay.auth.keys import header_values, signature_tags
+from relay.auth.results import _split_header, split_header
 
 LINES = [
     b"DKIM-Signature: v=1; d=a.test; s=s1;\r\n\tb=AB CD",
@@ -43,3 +44,17 @@ def test_signature_tags_memo_matches_a_fresh_parse(parts: list[bytes]) -> None:
     assert first == fresh
     first[b"zz"] = b"changed"
     assert signature_tags(value) == fresh
+
+
+FIELD_LINES = [b"From: a@b.test\r\n", b"\tfolded\r\n", b"Bad line\r\n", b"To: c\n", b"\r\n", b"x"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(FIELD_LINES), max_size=6), max_size=4))
+def test_split_header_memo_matches_a_fresh_split(messages: list[list[bytes]]) -> None:
+    for lines in messages:
+        message = b"".join(lines)
+        for _ in range(2):  # the second call is served from the memo
+            fields, rest = split_header(message)
+            assert (fields, rest) == _split_header(message)
+            fields.clear()  # a caller's change does not reach the memo
