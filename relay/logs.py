@@ -37,6 +37,21 @@ class _Stderr:
         return sys.stderr.isatty()
 
 
+class _LineLogger:
+    """Writes each rendered line, newline included, in ONE write call, so that worker
+    processes sharing stderr never interleave halves of their lines (print() writes the
+    text and the newline separately)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def msg(self, message: str) -> None:
+        self._stream.write(message + "\n")
+        self._stream.flush()
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
 _generation = 0  # bumped by setup(): cached loggers are rebuilt after a reconfiguration
 
 
@@ -57,7 +72,7 @@ def setup(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        logger_factory=lambda *_args: _LineLogger(stream),
         cache_logger_on_first_use=False,
     )
 
