@@ -417,6 +417,9 @@ async def check_dmarc(
     authors = author_domains(message)
     if authors.error:
         return DmarcEvaluation(DmarcResult(DmarcResultCode.PERMERROR, reason=authors.error))
-    discoveries = await asyncio.gather(*(discover(resolver, d) for d in authors.domains))
+    if len(authors.domains) == 1:  # the usual case: no task and gathering future
+        discoveries = [await discover(resolver, authors.domains[0])]
+    else:
+        discoveries = await asyncio.gather(*(discover(resolver, d) for d in authors.domains))
     evals = [evaluate(d, spf, dkim, rng=rng) for d in discoveries]
     return dataclasses.replace(_worst(evals), author_domains=authors.domains)

@@ -91,24 +91,26 @@ def normalise_name(name: str | bytes) -> str:
     return name.strip().rstrip(".").lower()
 
 
-_last_values: tuple[bytes, frozenset[bytes], tuple[tuple[bytes, bytes], ...]] | None = None
+_last_values: tuple[bytes, tuple[tuple[bytes, bytes], ...]] | None = None
 
 
 def header_values(message: bytes, wanted: Iterable[bytes]) -> list[tuple[bytes, bytes]]:
     """(lower-case name, unfolded value) of the header fields in ``wanted``. The last
-    result is remembered: the DKIM key prefetch and the ARC structure check read the same
-    message's header fields one after the other."""
+    message's fields are remembered: the DKIM key prefetch and the ARC structure check
+    read the same message's header fields one after the other."""
     global _last_values
     want = frozenset(wanted)
     last = _last_values
-    if last is not None and last[1] == want and (last[0] is message or last[0] == message):
-        return list(last[2])
-    out = _header_values(message, want)
-    _last_values = (message, want, tuple(out))
-    return out
+    if last is not None and (last[0] is message or last[0] == message):
+        every = last[1]
+    else:
+        every = tuple(_header_values(message, None))
+        _last_values = (message, every)
+    return [f for f in every if f[0] in want]
 
 
-def _header_values(message: bytes, want: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
+def _header_values(message: bytes, want: frozenset[bytes] | None) -> list[tuple[bytes, bytes]]:
+    """The fields named in ``want`` (every field when None), scanned afresh."""
     end = message.find(b"\r\n\r\n")
     end_lf = message.find(b"\n\n")
     cut = min(x for x in (end, end_lf, len(message)) if x >= 0)
@@ -125,7 +127,7 @@ def _header_values(message: bytes, want: frozenset[bytes]) -> list[tuple[bytes, 
             out.append((name, b" ".join(current)))
             current = None
         m = _HEADER_RE.match(line)
-        if m and m.group(1).lower() in want:
+        if m and (want is None or m.group(1).lower() in want):
             name = m.group(1).lower()
             current = [line[m.end() :]]
     if current is not None:
@@ -185,6 +187,8 @@ async def _fetch_one(resolver: Resolver, name: str) -> KeyLookup:
 async def fetch_keys(resolver: Resolver, names: Iterable[str]) -> KeyRecords:
     """Fetch every key name concurrently (at most MAX_KEY_NAMES of them)."""
     unique = list(dict.fromkeys(normalise_name(n) for n in names))[:MAX_KEY_NAMES]
+    if len(unique) == 1:  # the usual case: no task and gathering future for one name
+        return KeyRecords((await _fetch_one(resolver, unique[0]),))
     lookups = await asyncio.gather(*(_fetch_one(resolver, n) for n in unique))
     return KeyRecords(tuple(lookups))
 

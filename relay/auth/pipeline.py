@@ -31,7 +31,7 @@ import re
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import structlog
 
@@ -60,6 +60,7 @@ from relay.model import ConnInfo, Envelope
 
 log = structlog.get_logger("relay.auth.pipeline")
 
+T = TypeVar("T")
 Action = Literal["accept", "reject", "quarantine"]
 SpfCheck = Callable[[str, str, str], Awaitable[SpfResult]]  # (client ip, mail from, helo)
 DkimCheck = Callable[[bytes], Awaitable[tuple[DkimResult, ...]]]
@@ -179,8 +180,8 @@ class Authenticator:
         spf_domain = mail_from.rpartition("@")[2] if mail_from else helo
         spf_identity = "mailfrom" if mail_from else "helo"
         spf_r, both = await asyncio.gather(
-            asyncio.wait_for(self._spf(conn.peer_ip, mail_from, helo), self.timeout),
-            asyncio.wait_for(self._dkim_and_arc(message), self.timeout),
+            _within(self._spf(conn.peer_ip, mail_from, helo), self.timeout),
+            _within(self._dkim_and_arc(message), self.timeout),
             return_exceptions=True,
         )
         if isinstance(spf_r, BaseException):
@@ -283,6 +284,12 @@ class Authenticator:
         if self.seal is not None and verdict.results.arc is not None:
             return await self.seal(verdict.message, verdict.ar_value, verdict.results.arc)
         return verdict.message
+
+
+async def _within(aw: Awaitable[T], timeout: float) -> T:
+    """``asyncio.wait_for(aw, timeout)`` without its extra task (TimeoutError alike)."""
+    async with asyncio.timeout(timeout):
+        return await aw
 
 
 def _as_action(value: str) -> Action:
