@@ -249,11 +249,42 @@ def rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
     m = _BLANK_LINE.search(message)
     if m is None:
         return dkim.rfc822_parse(message)  # type: ignore[no-any-return]
-    headers, _ = dkim.rfc822_parse(message[: m.start() + 1])
+    headers = _parse_head(message[: m.start() + 1])
     body = message[m.end() :]
     if body.count(b"\n") != body.count(b"\r\n"):
         body = _LINE_END.sub(b"\r\n", body)
     return headers, body
+
+
+_last_head: tuple[bytes, tuple[tuple[bytes, bytes], ...]] | None = None
+
+
+def _parse_head(head: bytes) -> list[list[bytes]]:
+    """dkimpy's header list for a header block (no empty line in it), remembering the last
+    block: the seal parses the verified message again with our A-R field (and the new ARC
+    fields) prepended, so only the prepended lines are parsed afresh. Fresh lists each call
+    (dkimpy's fields are mutable)."""
+    global _last_head
+    last = _last_head
+    if last is not None:
+        if head == last[0]:
+            return [[n, v] for n, v in last[1]]
+        known = last[0]
+        cut = len(head) - len(known)
+        if (
+            cut > 0
+            and head.endswith(known)
+            and head[cut - 1 : cut] == b"\n"
+            and known[:1] not in (b" ", b"\t")
+        ):
+            # a prefix of whole lines before a field start: parsed apart, the same fields
+            prefix, _ = dkim.rfc822_parse(head[:cut])
+            fields = tuple((f[0], f[1]) for f in prefix) + last[1]
+            _last_head = (head, fields)
+            return [[n, v] for n, v in fields]
+    parsed, _ = dkim.rfc822_parse(head)
+    _last_head = (head, tuple((f[0], f[1]) for f in parsed))
+    return parsed  # type: ignore[no-any-return]
 
 
 # ---- dkimpy subclasses ----
