@@ -313,6 +313,32 @@ class Scheduler:
                 ),
             )
 
+    async def _send_dsn(
+        self, msg: QueuedMessage, data: bytes, recipients: list[DsnRecipient], action: str
+    ) -> str:
+        """Build one DSN about ``recipients`` and queue it with a null reverse-path to the
+        sender (the original one for forwarded mail)."""
+        to = self.bounce_to(msg.mail_from)
+        dsn = build_dsn(
+            reporting_mta=self.config.server.hostname,
+            sender=to,
+            from_addr=self.bounce_from,
+            recipients=recipients,
+            original=data,
+            arrival=msg.created,
+            now=self.clock(),
+            action=action,
+        )
+        dsn_qid = await self.inject("", (to,), dsn, FLAG_NO_DSN)
+        log.info(
+            "dsn_queued" if action == "failed" else "delay_warning_queued",
+            qid=msg.id,
+            dsn_qid=dsn_qid,
+            to=to,
+            recipients=[r.address for r in recipients],
+        )
+        return dsn_qid
+
     async def _dsn_and_finish(
         self, msg: QueuedMessage, data: bytes, removed: bool, failed: tuple[QueuedRecipient, ...]
     ) -> None:
@@ -323,34 +349,17 @@ class Scheduler:
             return
         if not failed:
             return
-        if failed and msg.mail_from and not (msg.flags & FLAG_NO_DSN):
-            to = self.bounce_to(msg.mail_from)
-            dsn = build_dsn(
-                reporting_mta=self.config.server.hostname,
-                sender=to,
-                from_addr=self.bounce_from,
-                recipients=[DsnRecipient(r.address, r.orig, r.last_reply) for r in failed],
-                original=data,
-                arrival=msg.created,
-                now=self.clock(),
-            )
-            dsn_qid = await self.inject("", (to,), dsn, FLAG_NO_DSN)
-            log.info(
-                "dsn_queued",
-                qid=msg.id,
-                dsn_qid=dsn_qid,
-                to=to,
-                recipients=[r.address for r in failed],
-            )
-        elif failed:
+        if msg.mail_from and not (msg.flags & FLAG_NO_DSN):
+            dsn_recipients = [DsnRecipient(r.address, r.orig, r.last_reply) for r in failed]
+            await self._send_dsn(msg, data, dsn_recipients, "failed")
+        else:
             log.info(
                 "dsn_suppressed",
                 qid=msg.id,
                 reason="null sender or no-DSN message",
                 recipients=[r.address for r in failed],
             )
-        removed = await self.spool.finish(msg.id, [r.address for r in failed])
-        if removed:
+        if await self.spool.finish(msg.id, [r.address for r in failed]):
             log.debug("removed", qid=msg.id)
 
     async def _maybe_delay_warning(
@@ -365,22 +374,14 @@ class Scheduler:
             or now - msg.created < limit
         ):
             return
-        deferred = [u for u in updates if u.state is RecipientState.DEFERRED]
-        if not deferred:
-            return
-        dsn = build_dsn(
-            reporting_mta=self.config.server.hostname,
-            sender=self.bounce_to(msg.mail_from),
-            from_addr=self.bounce_from,
-            recipients=[DsnRecipient(u.address, "", u.reply) for u in deferred],
-            original=data,
-            arrival=msg.created,
-            now=now,
-            action="delayed",
-        )
-        await self.inject("", (self.bounce_to(msg.mail_from),), dsn, FLAG_NO_DSN)
-        await self.spool.set_delay_warned(msg.id)
-        log.info("delay_warning_queued", qid=msg.id, to=msg.mail_from)
+        deferred = [
+            DsnRecipient(u.address, "", u.reply)
+            for u in updates
+            if u.state is RecipientState.DEFERRED
+        ]
+        if deferred:
+            await self._send_dsn(msg, data, deferred, "delayed")
+            await self.spool.set_delay_warned(msg.id)
 
 
 def _dedupe_recips(recips: tuple[QueuedRecipient, ...]) -> tuple[QueuedRecipient, ...]:
