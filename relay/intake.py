@@ -23,7 +23,6 @@ from relay.queue.spool import (
     NewMessage,
     Spool,
     extract_message_id,
-    free_space,
     new_qid,
 )
 
@@ -109,20 +108,6 @@ class Intake:
         self.transforms = list(transforms)
         self.routing = routing or Routing(local_domains=config.relay.local_domains)
         self.clock = clock
-        self.min_free = config.server.min_free_space or int(1.5 * config.server.max_message_size)
-        self._space_checked = 0.0
-        self._space_ok = True
-
-    def _check_space(self) -> None:
-        now = self.clock()
-        if now - self._space_checked > 1.0:
-            self._space_checked = now
-            try:
-                self._space_ok = free_space(str(self.spool.store.path.parent)) >= self.min_free
-            except OSError:
-                self._space_ok = True
-        if not self._space_ok:
-            raise SmtpReplyError(452, "4.3.1", "Insufficient system storage")
 
     def route(self, env: Envelope) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
         """Expand aliases and apply SRS: (reverse-path, recipients, original recipients)."""
@@ -149,7 +134,6 @@ class Intake:
 
     async def submit(self, conn: ConnInfo, env: Envelope, data: bytes) -> str:
         """Queue one accepted transaction durably; return the text after '250 '."""
-        self._check_space()
         if count_received(data) >= self.config.server.max_received_headers:
             raise SmtpReplyError(554, "5.4.6", "Too many hops (mail loop detected)")
         now = self.clock()

@@ -9,7 +9,6 @@ to the corrupt state rather than crashing the scheduler.
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import sqlite3
@@ -375,8 +374,3 @@ def _load(
 def _list(conn: sqlite3.Connection) -> list[QueuedMessage]:
     rows = conn.execute(f"SELECT {_MSG_COLS} FROM queue_messages ORDER BY created").fetchall()
     return [_msg(conn, r) for r in rows]
-
-
-def free_space(path: str) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
