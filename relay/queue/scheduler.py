@@ -127,7 +127,7 @@ class Scheduler:
         if claimed and qid not in self._active:
             recips = tuple(
                 QueuedRecipient(a, RecipientState.QUEUED, 0, 0.0, "", o)
-                for a, o in zip(msg.recipients, msg.orig_recipients or msg.recipients, strict=True)
+                for a, o in msg.recipient_pairs()
             )
             qm = QueuedMessage(
                 id=qid,
@@ -136,7 +136,7 @@ class Scheduler:
                 message_id=msg.msgid(),
                 created=created,
                 flags=msg.flags,
-                recipients=_dedupe_recips(recips),
+                recipients=recips,
             )
             self._start(qid, (qm, msg.data))
         else:
@@ -382,13 +382,3 @@ class Scheduler:
         if deferred:
             await self._send_dsn(msg, data, deferred, "delayed")
             await self.spool.set_delay_warned(msg.id)
-
-
-def _dedupe_recips(recips: tuple[QueuedRecipient, ...]) -> tuple[QueuedRecipient, ...]:
-    seen: set[str] = set()
-    out = []
-    for r in recips:
-        if r.address.lower() not in seen:
-            seen.add(r.address.lower())
-            out.append(r)
-    return tuple(out)

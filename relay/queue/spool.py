@@ -96,6 +96,10 @@ class NewMessage:
         """The Message-ID field's value ("" when none), computed once by whoever built it."""
         return self.message_id if self.message_id is not None else extract_message_id(self.data)
 
+    def recipient_pairs(self) -> list[tuple[str, str]]:
+        """(address, original address) per recipient, the first of each address only."""
+        return _dedupe(zip(self.recipients, self.orig_recipients or self.recipients, strict=True))
+
 
 @dataclass(frozen=True, slots=True)
 class QueuedRecipient:
@@ -151,12 +155,8 @@ class Spool:
         now = self.clock()
         qid = qid or new_qid(now)
         mid = msg.msgid()
-        origs = msg.orig_recipients or msg.recipients
         state = RecipientState.INFLIGHT if claimed else RecipientState.QUEUED
-        rows = [
-            (qid, a, o, state.value, now)
-            for a, o in _dedupe(zip(msg.recipients, origs, strict=True))
-        ]
+        rows = [(qid, a, o, state.value, now) for a, o in msg.recipient_pairs()]
 
         def run(conn: sqlite3.Connection) -> None:
             conn.execute(
