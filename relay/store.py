@@ -15,7 +15,6 @@ import os
 import queue
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -252,7 +251,3 @@ def _wrap(exc: BaseException) -> StoreError:
     err = StoreError(f"{type(exc).__name__}: {exc}")
     err.__cause__ = exc
     return err
-
-
-def now() -> float:
-    return time.time()

@@ -89,14 +89,12 @@ class Scheduler:
         self.retry = RetryPolicy(d.retry_first, d.retry_max, d.retry_jitter, d.queue_lifetime)
         self.window = d.active_window
         self._active: dict[QueueId, asyncio.Task[None]] = {}
-        self._fresh: dict[QueueId, tuple[QueuedMessage, bytes]] = {}
         self._wake = asyncio.Event()
         self._stopping = False
         self._reserved = 0
         self._loaded: set[QueueId] = set()
         self.loader = loader
         self.bounce_to = bounce_to or (lambda address: address)
-        self._slot_free = asyncio.Event()
         # the store may hold due messages beyond the active window: a finished message
         # then wakes the loader (else its next poll or an explicit wake() is enough)
         self._backlog = True
