@@ -216,7 +216,6 @@ class RelayApp:
             expand=rules.expand,
             srs_forward=routing.srs_forward,
             srs_reverse=routing.srs_reverse,
-            local_domains=cfg.relay.local_domains,
         )
         self.server = SmtpServer(
             cfg, self.intake.submit, rules, ssl_context=server_ssl_context(cfg)

@@ -84,7 +84,6 @@ class Routing:
     srs_forward: Callable[[str], str] | None = None
     # SRS reverse: an SRS address in our SRS domain -> the original sender, else None
     srs_reverse: Callable[[str], str | None] | None = None
-    local_domains: tuple[str, ...] = ()
 
 
 class Intake:
@@ -106,7 +105,7 @@ class Intake:
         self.reserve = reserve
         self.release = release
         self.transforms = list(transforms)
-        self.routing = routing or Routing(local_domains=config.relay.local_domains)
+        self.routing = routing or Routing()
         self.clock = clock
 
     def route(self, env: Envelope) -> tuple[str, tuple[str, ...], tuple[str, ...]]:

@@ -64,7 +64,7 @@ def crypto_pool_size(config: Config) -> int:
 
 
 def build_auth(config: Config, resolver: Resolver) -> AuthWiring:
-    wiring = AuthWiring(routing=Routing(local_domains=config.relay.local_domains))
+    wiring = AuthWiring(routing=Routing())
     if config.auth.enabled or config.arc.enabled:
         pool_size = crypto_pool_size(config)
         if pool_size > 0:
@@ -182,7 +182,5 @@ def _build_srs(config: Config, wiring: AuthWiring) -> None:
             log.warning("srs_forward_failed", address=address, error=str(exc))
             return address
 
-    wiring.routing = Routing(
-        srs_forward=forward, srs_reverse=reverse, local_domains=config.relay.local_domains
-    )
+    wiring.routing = Routing(srs_forward=forward, srs_reverse=reverse)
     wiring.local_check = local_check
