@@ -185,7 +185,7 @@ class RelayApp:
 
         from relay.auth.wiring import build_auth
 
-        auth = build_auth(cfg, self.resolver)
+        auth = build_auth(cfg, self.resolver, self.store)
         self._closers.append(auth.close)
         transforms, routing, extra_check = auth.transforms, auth.routing, auth.local_check
         self.intake = Intake(

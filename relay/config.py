@@ -127,6 +127,12 @@ class ArcConfig:
     selector: str = ""
     private_key: Path | None = None
     trusted_sealers: tuple[str, ...] = ()
+    # ARC replay guard (RFC 8617 section 9.5: a sealed message can be replayed): recipients
+    # one seal may carry under a DMARC override within override_window seconds (0 = no
+    # limit), and overrides a trusted sealer may earn per hour (0 = no limit)
+    override_max_recipients: int = 50
+    override_window: float = 7 * 86400.0
+    override_per_sealer_hour: int = 0
 
 
 @dataclass(frozen=True)
@@ -328,7 +334,16 @@ _KNOWN = {
         "authserv_id",
         "crypto_workers",
     },
-    "arc": {"enabled", "domain", "selector", "private_key", "trusted_sealers"},
+    "arc": {
+        "enabled",
+        "domain",
+        "selector",
+        "private_key",
+        "trusted_sealers",
+        "override_max_recipients",
+        "override_window",
+        "override_per_sealer_hour",
+    },
     "srs": {"enabled", "domain", "secret", "max_age_days"},
     "tlsrpt": {
         "enabled",
@@ -510,6 +525,9 @@ def parse_config(doc: dict[str, Any], p: Path) -> Config:
         selector=ac.get("selector", str, ""),
         private_key=ac.path_value("private_key", None),
         trusted_sealers=tuple(x.lower() for x in ac.strings("trusted_sealers", ())),
+        override_max_recipients=ac.positive("override_max_recipients", int, 50, 0),
+        override_window=ac.positive("override_window", float, 7 * 86400.0, 1.0),
+        override_per_sealer_hour=ac.positive("override_per_sealer_hour", int, 0, 0),
     )
 
     sr = sec("srs")

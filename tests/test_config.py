@@ -17,6 +17,7 @@ def test_shipped_config_loads() -> None:
     assert cfg.storage.path == cfg.path.parent / "var/relay.sqlite3"
     assert cfg.aliases["info@example.org"] == ("alice@example.com", "bob@example.net")
     assert cfg.delivery.queue_lifetime == 5 * 86400
+    assert cfg.arc.override_max_recipients == 50 and cfg.arc.override_per_sealer_hour == 0
 
 
 @pytest.mark.parametrize(
@@ -32,6 +33,8 @@ def test_shipped_config_loads() -> None:
         ('[aliases]\n"info@other.org" = ["a@b.c"]\n', "aliases.info@other.org", "local_domains"),
         ('[server]\ntls_cert = "nope.pem"\ntls_key = "nope.key"\n', "server.tls_cert", "not found"),
         ("[delivery\n", "-", "not valid TOML"),
+        ("[arc]\noverride_max_recipients = -1\n", "arc.override_max_recipients", ">= 0"),
+        ("[arc]\noverride_window = 0\n", "arc.override_window", ">= 1"),
     ],
 )
 def test_config_errors_name_file_key_and_problem(

@@ -21,6 +21,11 @@ override applies:
 An override is recorded in the A-R: ``dmarc=fail (p=reject dis=none arc-sealer=<d>)
 header.from=... policy.override=trusted_forwarder`` (RFC 7489 Appendix C override type)
 and ``AuthResults.dmarc_override`` holds the trusted sealer domain whose AAR was used.
+
+A replayed seal earns no override: with a replay guard (relay.auth.replay) each override
+is counted per seal and per sealer, and past ``[arc] override_max_recipients`` /
+``override_per_sealer_hour`` the DMARC policy applies as if no chain were there (the
+refusal says why).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -36,6 +42,7 @@ from typing import Literal, TypeVar
 import structlog
 
 from relay.auth.dmarc import DmarcEvaluation, check_dmarc
+from relay.auth.replay import ArcReplayGuard, seal_fingerprint
 from relay.auth.results import (
     aar_dmarc,
     format_header,
@@ -129,6 +136,8 @@ class Authenticator:
         rng: Callable[[], float] = random.random,
         seal: SealFn | None = None,
         timeout: float = CHECK_TIMEOUT,
+        replay_guard: ArcReplayGuard | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.resolver = resolver
@@ -137,6 +146,8 @@ class Authenticator:
         self.rng = rng
         self.seal = seal
         self.timeout = timeout
+        self.replay_guard = replay_guard
+        self.clock = clock
         self._spf = spf_check or self._default_spf
         self._dkim = dkim_check
         self._arc = arc_check
@@ -243,10 +254,27 @@ class Authenticator:
         spf, dkim, arc = await self._checks(conn, env, stripped)
         dmarc = await check_dmarc(self.resolver, stripped, spf, dkim, rng=self.rng)
         override = ""
+        replay = ""
         if dmarc.result.result is DmarcResultCode.FAIL:
             override = arc_override(arc, stripped, self.config.arc.trusted_sealers)
+            if override and self.replay_guard is not None:
+                replay = await self.replay_guard.admit(
+                    override,
+                    seal_fingerprint(stripped, len(arc.sealers)),
+                    len(env.rcpt_tos),
+                    self.clock(),
+                )
+                if replay:
+                    log.warning(
+                        "arc_override_refused", sealer=override, reason=replay, client=conn.peer_ip
+                    )
+                    override = ""
         results = AuthResults(spf, dkim, dmarc.result, arc, dmarc_override=override)
         action, reason, reply = self._action_for(results)
+        if replay and action != "accept":
+            reason = f"{reason} (ARC override refused: {replay})"
+            if reply is not None:
+                reply = f"{reply} (ARC override refused: {replay})"
         infos = resinfos(
             results,
             mail_from=env.mail_from,

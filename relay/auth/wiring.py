@@ -19,6 +19,7 @@ import contextlib
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -27,6 +28,10 @@ from relay.dns import Resolver
 from relay.errors import ConfigError, SmtpReplyError
 from relay.intake import Routing, Transform
 from relay.model import ConnInfo, Envelope, SmtpReply
+from relay.store import Store
+
+if TYPE_CHECKING:
+    from relay.auth.replay import ArcReplayGuard
 
 log = structlog.get_logger("relay.auth")
 
@@ -63,7 +68,8 @@ def crypto_pool_size(config: Config) -> int:
     return max(config.auth.crypto_workers, 0)
 
 
-def build_auth(config: Config, resolver: Resolver) -> AuthWiring:
+def build_auth(config: Config, resolver: Resolver, store: Store | None = None) -> AuthWiring:
+    """The auth wiring; with a store, ARC overrides are counted there (relay.auth.replay)."""
     wiring = AuthWiring(routing=Routing())
     if config.auth.enabled or config.arc.enabled:
         pool_size = crypto_pool_size(config)
@@ -72,20 +78,22 @@ def build_auth(config: Config, resolver: Resolver) -> AuthWiring:
 
             wiring.executor = make_crypto_pool(pool_size)
     _build_srs(config, wiring)
-    transform = _build_transform(config, resolver, wiring.executor)
+    transform = _build_transform(config, resolver, wiring.executor, store)
     if transform is not None:
         wiring.transforms.append(transform)
     return wiring
 
 
 def _build_transform(
-    config: Config, resolver: Resolver, executor: Executor | None
+    config: Config, resolver: Resolver, executor: Executor | None, store: Store | None
 ) -> Transform | None:
     authenticator = None
     if config.auth.enabled:
         from relay.auth.pipeline import Authenticator
 
-        authenticator = Authenticator(config, resolver, executor=executor)
+        authenticator = Authenticator(
+            config, resolver, executor=executor, replay_guard=_replay_guard(config, store)
+        )
     spec = None
     if config.arc.enabled:
         from relay.auth.arc import ArcSealer, SealerSpec
@@ -138,6 +146,18 @@ def _build_transform(
         return message
 
     return transform
+
+
+def _replay_guard(config: Config, store: Store | None) -> ArcReplayGuard | None:
+    a = config.arc
+    if store is None or not a.trusted_sealers:
+        return None
+    if not a.override_max_recipients and not a.override_per_sealer_hour:
+        return None
+    from relay.auth.replay import ArcReplayGuard, ReplayLimits
+
+    limits = ReplayLimits(a.override_max_recipients, a.override_window, a.override_per_sealer_hour)
+    return ArcReplayGuard(store, limits)
 
 
 def _build_srs(config: Config, wiring: AuthWiring) -> None:

@@ -16,7 +16,9 @@ import dkim
 import pytest
 
 from relay.app import RelayApp
+from relay.auth.arc import ArcSealer
 from relay.auth.dkim import DkimSigner
+from relay.auth.types import ArcCv, ArcResult
 from relay.commands.keygen import generate
 from relay.lab.dnsserver import LabDnsServer, Zone
 from relay.lab.mta import LabMta
@@ -74,6 +76,7 @@ class AuthLab:
             "domain": f"{name}.lab.test",
             "selector": "arc",
             "private_key": str(key),
+            **over.get("arc", {}),
         }
         doc["srs"] = {
             "enabled": True,
@@ -221,3 +224,49 @@ async def test_dsn_for_forwarded_mail_goes_to_the_original_sender(lab: AuthLab) 
     assert dsn.rcpt_tos == ("alice@sender.test",) and dsn.mail_from == ""
     assert b"Final-Recipient: rfc822; bob@dest.test" in dsn.data
     assert b"Original-Recipient: rfc822; info@lists.lab.test" in dsn.data
+
+
+async def test_replayed_trusted_seal_stops_earning_the_dmarc_override(lab: AuthLab) -> None:
+    """threats.md row 22: one message sealed by a trusted list, replayed to 100 recipients
+    in turn, earns the override for [arc] override_max_recipients (50) of them only; a
+    relay that does not trust the sealer never overrides."""
+    mx = await lab.mta("127.0.0.2")
+    list_key = lab.publish("arc", "list.lab.test")
+    lab.zone.add("list.lab.test", "TXT", "v=spf1 ip4:127.0.0.7 -all")
+    users = {f"u{i}@lists.lab.test": [f"u{i}@dest.test"] for i in range(100)}
+    app = await lab.relay(
+        "relay1", "127.0.0.1:0", aliases=users, arc={"trusted_sealers": ["list.lab.test"]}
+    )
+    host, port = app.bound[0]
+    # the list broke the author's DKIM signature (footer) and sealed what it saw
+    post = lab.signed(frm="ceo@sender.test", to="all@list.lab.test") + b"-- \r\nfooter\r\n"
+    ar = "list.lab.test; dkim=pass header.d=sender.test; dmarc=pass header.from=sender.test"
+    sealed = ArcSealer("list.lab.test", "arc", list_key, "list.lab.test").seal(
+        post, ar, ArcResult(ArcCv.NONE)
+    )
+    rcpts = list(users)
+
+    async def replay(batch: list[str]) -> int:
+        try:
+            await send(host, port, "bounces@list.lab.test", batch, sealed, source="127.0.0.7")
+        except aiosmtplib.SMTPDataError as exc:
+            assert exc.code == 550 and "ARC override refused" in exc.message, exc.message
+            return 0
+        return len(batch)
+
+    accepted = [await replay(rcpts[i : i + 20]) for i in range(0, 100, 20)]
+    assert accepted == [20, 20, 0, 0, 0]  # 40 carried; 40 + 20 would pass the 50
+    assert await replay(rcpts[40:50]) == 10  # exactly up to the limit
+    assert await replay(rcpts[50:51]) == 0
+    got = await mx.wait_for(3)
+    assert sorted(len(m.rcpt_tos) for m in got) == [10, 20, 20]
+    for m in got:
+        ar_headers = " ".join(headers(m.data, "Authentication-Results"))
+        assert "policy.override=trusted_forwarder" in " ".join(ar_headers.split())
+
+    # the same copy at a relay that does not trust the list: refused, no override
+    other = await lab.relay("relay2", "127.0.0.1:0", aliases=users)
+    ohost, oport = other.bound[0]
+    with pytest.raises(aiosmtplib.SMTPDataError) as exc:
+        await send(ohost, oport, "bounces@list.lab.test", rcpts[:1], sealed, source="127.0.0.7")
+    assert exc.value.code == 550 and "ARC override refused" not in exc.value.message
