@@ -43,9 +43,9 @@ from relay.errors import SmtpReplyError
 from relay.model import ConnInfo, Envelope
 from relay.smtp.address import AddressError, parse_params, parse_path
 from relay.smtp.limits import (
+    CachedDiskFree,
     ConnectionLimits,
     SessionLimits,
-    disk_free,
     in_networks,
     normalise_ip,
 )
@@ -120,7 +120,7 @@ class SmtpServer:
         self.session_limits = SessionLimits.from_config(config.server)
         self.ssl_context = ssl_context
         store_path = config.storage.path
-        self.free_space: Callable[[], int] = free_space or (lambda: disk_free(store_path))
+        self.free_space: Callable[[], int] = free_space or CachedDiskFree(store_path)
         self._servers: list[asyncio.Server] = []
         self._sessions: set[SmtpSession] = set()
         self._submits: set[asyncio.Task[str]] = set()
