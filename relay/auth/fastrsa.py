@@ -41,6 +41,7 @@ from dkim.canonicalization import (
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from relay.auth.keys import KeyLookupError, KeyRecordError, PublicKey, parse_key_record
+from relay.auth.results import head_end
 
 DnsFunc = Callable[[str], Sequence[str]]
 
@@ -209,6 +210,20 @@ def canonicalize_headers(canon_policy: Any, headers: list[Any]) -> list[Any]:
     return canon_policy.canonicalize_headers(headers)  # type: ignore[no-any-return]
 
 
+# dkimpy's RE_BTAG, ``([;\s]b FWS =)(?:FWS [a-zA-Z0-9+/=])*(?:\r?\n\Z)?`` with FWS =
+# ``(?:(?:\s*\r?\n)?\s+)?``, which matches any run of whitespace (empty too): the same
+# matches, as a character run backed off to its last base64 character, instead of one
+# group iteration a character (about 20 times faster on a 2048-bit b= value).
+_BTAG = re.compile(rb"([;\s]b\s*=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z)?")
+
+
+def strip_b_value(value: bytes) -> bytes:
+    """``dkim.RE_BTAG.sub(b"\\1", value)``: the b= tag's value removed, byte for byte."""
+    if b"b" not in value:
+        return value
+    return _BTAG.sub(b"\\1", value)
+
+
 def hash_headers(
     hasher: Any,
     canon_policy: Any,
@@ -219,9 +234,7 @@ def hash_headers(
     """``dkim.hash_headers`` (same bytes hashed), the signature field canonicalised through
     ``canonicalize_headers``."""
     sign_headers = dkim.select_headers(headers, include_headers)
-    cheaders = canonicalize_headers(
-        canon_policy, [(sigheader[0], dkim.RE_BTAG.sub(b"\\1", sigheader[1]))]
-    )
+    cheaders = canonicalize_headers(canon_policy, [(sigheader[0], strip_b_value(sigheader[1]))])
     for x, y in sign_headers:
         hasher.update(x)
         hasher.update(b":")
@@ -235,25 +248,44 @@ def hash_headers(
 
 # ---- message parsing ----
 
-_BLANK_LINE = re.compile(rb"\n\r?\n")
 _LINE_END = re.compile(rb"\r?\n")
+_DKIM_FIELD = re.compile(rb"([\x21-\x7e]+?):")
 
 
 def rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
     """``dkim.rfc822_parse`` with the same result, without splitting the body into lines:
     dkimpy splits the whole message on ``\r?\n`` and joins the body again with CRLF; here
-    only the header block is handed to dkimpy and the body is taken as it is (its bare LFs
-    made CRLF). Unusual messages (no empty line, or one at the very start) go to dkimpy."""
+    only the header block is parsed and the body is taken as it is (its bare LFs made
+    CRLF). Unusual messages (no empty line, or one at the very start) go to dkimpy."""
     if message[:1] in (b"\r", b"\n"):
         return dkim.rfc822_parse(message)  # type: ignore[no-any-return]
-    m = _BLANK_LINE.search(message)
-    if m is None:
+    end = head_end(message)
+    if end < 0:
         return dkim.rfc822_parse(message)  # type: ignore[no-any-return]
-    headers = _parse_head(message[: m.start() + 1])
-    body = message[m.end() :]
+    headers = _parse_head(message[: end + 1])
+    body = message[end + (2 if message[end + 1 : end + 2] == b"\n" else 3) :]
     if body.count(b"\n") != body.count(b"\r\n"):
         body = _LINE_END.sub(b"\r\n", body)
     return headers, body
+
+
+def parse_head(head: bytes) -> list[list[bytes]]:
+    """``dkim.rfc822_parse(head)[0]``, the same fields and the same exceptions
+    (MessageFormatError for a line that is no field, IndexError for a continuation line
+    before the first field), with precompiled patterns."""
+    headers: list[list[bytes]] = []
+    for line in _LINE_END.split(head):
+        if not line:
+            break  # the end of the header block
+        if line[0] in (0x09, 0x20):
+            headers[-1][1] += line + b"\r\n"
+            continue
+        m = _DKIM_FIELD.match(line)
+        if m is not None:
+            headers.append([m.group(1), line[m.end() :] + b"\r\n"])
+        elif not line.startswith(b"From "):
+            raise dkim.MessageFormatError(f"Unexpected characters in RFC822 header: {line!r}")
+    return headers
 
 
 _last_head: tuple[bytes, tuple[tuple[bytes, bytes], ...]] | None = None
@@ -278,13 +310,13 @@ def _parse_head(head: bytes) -> list[list[bytes]]:
             and known[:1] not in (b" ", b"\t")
         ):
             # a prefix of whole lines before a field start: parsed apart, the same fields
-            prefix, _ = dkim.rfc822_parse(head[:cut])
+            prefix = parse_head(head[:cut])
             fields = tuple((f[0], f[1]) for f in prefix) + last[1]
             _last_head = (head, fields)
             return [[n, v] for n, v in fields]
-    parsed, _ = dkim.rfc822_parse(head)
+    parsed = parse_head(head)
     _last_head = (head, tuple((f[0], f[1]) for f in parsed))
-    return parsed  # type: ignore[no-any-return]
+    return parsed
 
 
 # ---- dkimpy subclasses ----
@@ -359,7 +391,7 @@ class _FastCrypto:
         header_value = b"; ".join(b"=".join(x) for x in fields)
         if not standardize:
             header_value = dkim.fold(header_value, namelen=len(header_name), linesep=b"\r\n")
-        header_value = dkim.RE_BTAG.sub(b"\\1", header_value)
+        header_value = strip_b_value(header_value)
         header = (header_name, b" " + header_value)
         h = self.hasher()
         if self.headers_relaxed and canon_policy.header_algorithm is Relaxed:

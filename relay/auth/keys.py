@@ -32,6 +32,7 @@ MAX_KEY_NAMES = 32
 
 _HEADER_RE = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:", re.MULTILINE)
 _WSP = re.compile(rb"\s+")
+_LINE_END = re.compile(rb"\r?\n")
 _TAG_RE = re.compile(rb"(?:^|;)\s*([a-zA-Z][a-zA-Z0-9_]*)\s*=\s*([^;]*)")
 
 
@@ -112,13 +113,15 @@ def header_values(message: bytes, wanted: Iterable[bytes]) -> list[tuple[bytes, 
 def _header_values(message: bytes, want: frozenset[bytes] | None) -> list[tuple[bytes, bytes]]:
     """The fields named in ``want`` (every field when None), scanned afresh."""
     end = message.find(b"\r\n\r\n")
-    end_lf = message.find(b"\n\n")
+    # a bare "\n\n" only counts before the first CRLF CRLF (a search of the whole body
+    # for it costs more than the rest of this function)
+    end_lf = message.find(b"\n\n", 0, len(message) if end < 0 else end + 1)
     cut = min(x for x in (end, end_lf, len(message)) if x >= 0)
     head = message[:cut]
     out: list[tuple[bytes, bytes]] = []
     current: list[bytes] | None = None
     name = b""
-    for line in re.split(rb"\r?\n", head):
+    for line in _LINE_END.split(head):
         if line[:1] in (b" ", b"\t"):
             if current is not None:
                 current.append(line)

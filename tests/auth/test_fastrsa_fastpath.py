@@ -1,0 +1,105 @@
+"""relay.auth.fastrsa's fast paths give dkimpy's results byte for byte: the b= tag removal
+(dkim.RE_BTAG), the header block parse (dkim.rfc822_parse, errors included) and the end
+of the header block."""
+
+from __future__ import annotations
+
+import re
+
+import dkim
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay.auth.fastrsa import parse_head, rfc822_parse, strip_b_value
+from relay.auth.results import head_end
+
+# ---- b= removal ----
+
+B_PIECES = [b"b", b"=", b" ", b"\t", b"\r\n", b"\n", b"\r", b";", b"a", b"Z", b"+", b"/"]
+B_PIECES += [b"0", b"bh", b"\x0b", b"\x0c", b"-", b"B", b"==", b"; b=", b"\r\n\t", b"\xff"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(B_PIECES), max_size=30).map(b"".join))
+def test_strip_b_value_is_dkimpys_re_btag(value: bytes) -> None:
+    assert strip_b_value(value) == dkim.RE_BTAG.sub(b"\\1", value)
+
+
+def _signature_value(tags: list[tuple[str, str]], fold: bool) -> bytes:
+    value = "; ".join(f"{k}={v}" for k, v in tags).encode()
+    return dkim.fold(value, namelen=16) if fold else value
+
+
+signature_values = st.builds(
+    _signature_value,
+    st.lists(
+        st.tuples(
+            st.sampled_from(["v", "a", "b", "bh", "d", "s", "h", " b ", "b\t"]),
+            st.text(alphabet="ab+/=019 \t\r\n", max_size=120),
+        ),
+        max_size=8,
+    ),
+    st.booleans(),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(signature_values)
+def test_strip_b_value_on_signature_like_values(value: bytes) -> None:
+    assert strip_b_value(value) == dkim.RE_BTAG.sub(b"\\1", value)
+
+
+def test_strip_b_value_on_a_real_folded_signature() -> None:
+    b64 = b"UO2zYwHDN9d1ItLYm17VjIBC2+Bhhwc4udv/GZmv/++0oyPgITGJIoOP0UiVIVV539zvg" * 5
+    value = dkim.fold(b"v=1; a=rsa-sha256; d=x.test; s=s; bh=AAAA=; b=" + b64 + b"==", 16)
+    value = b" " + value + b"\r\n"
+    assert strip_b_value(value) == dkim.RE_BTAG.sub(b"\\1", value)
+    assert strip_b_value(value).endswith(b"b=")
+
+
+# ---- the header block ----
+
+HEAD_LINES = [b"From: a@b.test", b"\tcont", b" x", b"Subject:s", b"bad line", b"From x"]
+HEAD_LINES += [b"To:", b"", b"\r", b"X-\x7f: y", b":empty", b"a b: c", b"X:\r", b"\xc3\xa9: u"]
+HEAD_LINES += [b"k:v:w", b"Date: 1 2 3 12:00:00"]
+ENDS = [b"\r\n", b"\n", b"\r\r\n", b""]
+lines = st.lists(st.tuples(st.sampled_from(HEAD_LINES), st.sampled_from(ENDS)).map(b"".join))
+
+
+def _outcome(fn: object, data: bytes) -> object:
+    try:
+        return fn(data)  # type: ignore[operator]
+    except (dkim.MessageFormatError, IndexError) as exc:
+        return (type(exc), str(exc))
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines.map(b"".join))
+def test_parse_head_is_dkimpys_rfc822_parse(head: bytes) -> None:
+    want = _outcome(lambda h: dkim.rfc822_parse(h)[0], head)
+    assert _outcome(parse_head, head) == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines.map(b"".join), st.sampled_from([b"", b"body\r\n", b"a\nb\r\n", b"\r\n\r\n"]))
+def test_rfc822_parse_is_dkimpys(head: bytes, body: bytes) -> None:
+    message = head + body
+    assert _outcome(rfc822_parse, message) == _outcome(dkim.rfc822_parse, message)
+
+
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+
+
+def _head_end_by_regex(message: bytes) -> int:
+    """The end the regex searches found before (results, fastrsa)."""
+    m = _HEADER_END.search(message)
+    return -1 if m is None else message.index(b"\n", m.start())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b"\r", b"\n", b"\r\n", b" "]), max_size=20).map(b"".join))
+def test_head_end_is_the_regex_search(message: bytes) -> None:
+    assert head_end(message) == _head_end_by_regex(message)
+    if head_end(message) >= 0:
+        found = re.search(rb"\n\r?\n", message)
+        assert found is not None and found.start() == head_end(message)
