@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import email.utils
+import functools
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -90,7 +91,24 @@ def _uris(value: str) -> tuple[ReportUri, ...]:
 def parse_record(text: str) -> DmarcRecord:
     """Parse one DMARC TXT record. Raises DmarcRecordError when it is not a DMARC record,
     or has no valid ``p=`` (or an invalid ``sp=``) and no valid ``rua=`` (6.6.3 step 6).
-    Other syntax errors are ignored in favour of defaults (6.3)."""
+    Other syntax errors are ignored in favour of defaults (6.3). Remembered by record text
+    (a domain's record is seen on every message from it; the record is immutable)."""
+    parsed = _parse_cached(text)
+    if isinstance(parsed, str):
+        raise DmarcRecordError(parsed)
+    return parsed
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_cached(text: str) -> DmarcRecord | str:
+    """The record, or why it is not one (the DmarcRecordError text)."""
+    try:
+        return _parse_record(text)
+    except DmarcRecordError as exc:
+        return str(exc)
+
+
+def _parse_record(text: str) -> DmarcRecord:
     if not is_dmarc_record(text):
         raise DmarcRecordError("record does not start with v=DMARC1")
     tags: dict[str, str] = {}
@@ -231,6 +249,24 @@ def _domain_ok(domain: str) -> str | None:
     return domain
 
 
+# The usual From values, which email.utils.getaddresses reads as exactly the address
+# written: ``local@domain`` or ``Display Name <local@domain>`` with the display name made
+# of atoms (no quotes, comments, dots or other specials) and nothing but atoms and dots in
+# the address. Anything else goes to getaddresses.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_ADDR_SPEC = rf"{_ATEXT}(?:\.{_ATEXT})*@{_ATEXT}(?:\.{_ATEXT})*"
+_PLAIN_FROM = re.compile(rf"(?:{_ATEXT}(?:[ \t]+{_ATEXT})*[ \t]*)?<({_ADDR_SPEC})>|({_ADDR_SPEC})")
+_LINE_END = re.compile(r"\r?\n")
+
+
+def _addresses(text: str) -> list[str]:
+    """The addresses of a From value as ``email.utils.getaddresses([text])`` gives them."""
+    m = _PLAIN_FROM.fullmatch(text)
+    if m is not None:
+        return [m.group(1) or m.group(2)]
+    return [addr for _name, addr in email.utils.getaddresses([text])]
+
+
 def author_domains(message: bytes) -> AuthorDomains:
     """The RFC5322.From domain(s) of message (distinct, in order)."""
     values = [v for n, v in header_fields(message) if n.lower() == "from"]
@@ -238,10 +274,10 @@ def author_domains(message: bytes) -> AuthorDomains:
         return AuthorDomains(error="the message has no From header field")
     if len(values) > 1:
         return AuthorDomains(error="the message has more than one From header field")
-    text = re.sub(r"\r?\n", "", values[0]).strip()
+    text = _LINE_END.sub("", values[0]).strip()
     shown = text if len(text) <= 80 else text[:77] + "..."
     found: list[str] = []
-    for _name, addr in email.utils.getaddresses([text]):
+    for addr in _addresses(text):
         _local, at, dom = addr.rpartition("@")
         domain = _domain_ok(dom) if at else None
         if domain is None:
