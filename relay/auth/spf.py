@@ -246,23 +246,11 @@ class _Evaluation:
         self.ip = ip
         self.sender = sender
         self.helo = helo
+        self.receiver = receiver
+        self.timestamp = str(int(now()))
         self.dns_terms = 0
         self.voids = 0
-        local, _, sdomain = sender.rpartition("@")
-        i, v, c = ip_values(ip)
-        self.values = MacroValues(
-            s=sender,
-            l=local or "postmaster",
-            o=sdomain,
-            d="",
-            i=i,
-            p="",
-            v=v,
-            h=helo,
-            c=c,
-            r=receiver,
-            t=str(int(now())),
-        )
+        self._values: MacroValues | None = None  # built when a macro is first expanded
         self._ptr: list[str] | DnsError | None = None
         self._validated: list[str] | None = None
 
@@ -333,6 +321,27 @@ class _Evaluation:
                 if isinstance(r, list) and self.ip in r
             ]
         return self._validated
+
+    @property
+    def values(self) -> MacroValues:
+        """The macro values of this evaluation (section 7.2), ``d`` left empty."""
+        if self._values is None:
+            local, _, sdomain = self.sender.rpartition("@")
+            i, v, c = ip_values(self.ip)
+            self._values = MacroValues(
+                s=self.sender,
+                l=local or "postmaster",
+                o=sdomain,
+                d="",
+                i=i,
+                p="",
+                v=v,
+                h=self.helo,
+                c=c,
+                r=self.receiver,
+                t=self.timestamp,
+            )
+        return self._values
 
     async def expand(self, tokens: tuple[Token, ...], domain: str) -> str:
         values = dataclasses.replace(self.values, d=domain)
@@ -504,8 +513,10 @@ def _parse_ips(values: list[str]) -> list[IPAddress]:
     return out
 
 
+@functools.lru_cache(maxsize=1024)
 def client_address(ip: str) -> IPAddress:
-    """The client address, an IPv4-mapped IPv6 address taken as IPv4 (section 5)."""
+    """The client address, an IPv4-mapped IPv6 address taken as IPv4 (section 5);
+    remembered (a client sends many messages; addresses are immutable)."""
     addr = ipaddress.ip_address(ip.strip().strip("[]"))
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return addr.ipv4_mapped
