@@ -7,10 +7,18 @@ from __future__ import annotations
 import re
 
 import dkim
+from dkim.util import InvalidTagValueList, parse_tag_value
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.auth.fastrsa import parse_head, rfc822_parse, strip_b_value
+from relay.auth.fastrsa import (
+    _no_space,
+    parse_head,
+    rfc822_parse,
+    select_headers,
+    strip_b_value,
+    tag_value,
+)
 from relay.auth.results import head_end
 
 # ---- b= removal ----
@@ -103,3 +111,56 @@ def test_head_end_is_the_regex_search(message: bytes) -> None:
     if head_end(message) >= 0:
         found = re.search(rb"\n\r?\n", message)
         assert found is not None and found.start() == head_end(message)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(B_PIECES), max_size=30).map(b"".join))
+def test_strip_b_value_twice_changes_nothing_unless_the_value_starts_with_b(value: bytes) -> None:
+    once = strip_b_value(value)
+    assert strip_b_value(once) == once
+    if not once.startswith(b"b"):  # gen_header's condition for skipping the second removal
+        assert strip_b_value(b" " + once) == b" " + once
+
+
+# ---- header selection ----
+
+NAMES = [b"From", b"from", b"FROM", b"To", b"Subject", b"x-a", b"ARC-Seal", b"arc-seal"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from(NAMES), st.binary(max_size=3)), max_size=10),
+    st.lists(st.sampled_from([n.lower() for n in NAMES] + [b"cc"]), max_size=8),
+)
+def test_select_headers_is_dkimpys(
+    headers: list[tuple[bytes, bytes]], include: list[bytes]
+) -> None:
+    got = select_headers(headers, include)
+    want = dkim.select_headers(headers, include)
+    assert got == want
+    assert all(a is b for a, b in zip(got, want, strict=True))  # the same field objects
+
+
+# ---- tag=value lists ----
+
+TAG_PIECES = [b"v", b"=", b"1", b";", b" ", b"\t", b"\r\n ", b"b", b"bh", b"_x", b"9a", b"a_1"]
+TAG_PIECES += [b"\xc3\xa9", b"==", b";;", b"d=x.test", b"h=from : to", b"\x0b", b"A"]
+
+
+def _tags_outcome(fn: object, value: bytes) -> object:
+    try:
+        return fn(value)  # type: ignore[operator]
+    except InvalidTagValueList as exc:
+        return (type(exc), exc.args)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(TAG_PIECES), max_size=16).map(b"".join))
+def test_tag_value_is_dkimpys_parse_tag_value(value: bytes) -> None:
+    assert _tags_outcome(tag_value, value) == _tags_outcome(parse_tag_value, value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=40))
+def test_no_space_is_the_regex_removal(value: bytes) -> None:
+    assert _no_space(value) == re.sub(rb"\s+", b"", value)
