@@ -40,7 +40,13 @@ from dkim.canonicalization import (
 )
 from dkim.util import DuplicateTag, InvalidTagSpec, InvalidTagValueList
 
-from relay.auth.keys import KeyLookupError, KeyRecordError, PublicKey, parse_key_record
+from relay.auth.keys import (
+    KeyLookupError,
+    KeyRecordError,
+    PublicKey,
+    parse_key_record,
+    split_lines,
+)
 from relay.auth.results import head_end
 
 DnsFunc = Callable[[str], Sequence[str]]
@@ -301,7 +307,7 @@ def parse_head(head: bytes) -> list[list[bytes]]:
     (MessageFormatError for a line that is no field, IndexError for a continuation line
     before the first field), with precompiled patterns."""
     headers: list[list[bytes]] = []
-    for line in _LINE_END.split(head):
+    for line in split_lines(head):
         if not line:
             break  # the end of the header block
         if line[0] in (0x09, 0x20):

@@ -32,7 +32,6 @@ MAX_KEY_NAMES = 32
 
 _HEADER_RE = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:", re.MULTILINE)
 _WSP = re.compile(rb"\s+")
-_LINE_END = re.compile(rb"\r?\n")
 _TAG_RE = re.compile(rb"(?:^|;)\s*([a-zA-Z][a-zA-Z0-9_]*)\s*=\s*([^;]*)")
 
 
@@ -121,7 +120,7 @@ def _header_values(message: bytes, want: frozenset[bytes] | None) -> list[tuple[
     out: list[tuple[bytes, bytes]] = []
     current: list[bytes] | None = None
     name = b""
-    for line in _LINE_END.split(head):
+    for line in split_lines(head):
         if line[:1] in (b" ", b"\t"):
             if current is not None:
                 current.append(line)
@@ -136,6 +135,12 @@ def _header_values(message: bytes, want: frozenset[bytes] | None) -> list[tuple[
     if current is not None:
         out.append((name, b" ".join(current)))
     return out
+
+
+def split_lines(data: bytes) -> list[bytes]:
+    """``re.split(rb"\\r?\\n", data)``: every LF ends a line, with the CR right before it
+    (CRLF pairs never overlap, so replacing them first gives the same pieces, faster)."""
+    return data.replace(b"\r\n", b"\n").split(b"\n")
 
 
 def signature_tags(value: bytes) -> dict[bytes, bytes]:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.auth import keys
-from relay.auth.keys import _HEADER_RE
+from relay.auth.keys import _HEADER_RE, split_lines
 from relay.auth.results import RawField, _split_header
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
@@ -97,3 +97,10 @@ def test_a_folded_field_and_the_body_split_apart() -> None:
         (b"dkim-signature", b" v=1; \tb=AB  CD"),
         (b"from", b" a@b.test"),
     ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b"\r", b"\n", b"\r\n", b" ", b"\r\r\n"]), max_size=16))
+def test_split_lines_is_the_regex_split(pieces: list[bytes]) -> None:
+    data = b"".join(pieces)
+    assert split_lines(data) == re.split(rb"\r?\n", data)
