@@ -7,6 +7,11 @@ control (``start_tls=False`` at connect; we look at the EHLO reply ourselves and
 check use the MX name although we connect by address), and one mail transaction with
 per-recipient outcomes.
 
+When the server advertises PIPELINING (RFC 2920), a transaction is one write of
+``[RSET] MAIL RCPT... DATA`` (DATA last in the group, section 3.1), every reply read in
+order, and then the message content: two round trips instead of one per command. A RSET
+before reusing a pooled connection is deferred into that write (``pending_rset``).
+
 aiosmtplib's exceptions are translated here, once, into the typed ``SessionError``
 family below or into ``SmtpReply`` values; nothing above this module sees aiosmtplib.
 """
@@ -30,7 +35,13 @@ from aiosmtplib import (
     SMTPServerDisconnected,
     SMTPTimeoutError,
 )
-from aiosmtplib.protocol import normalize_message_line_endings
+from aiosmtplib.email import quote_address
+from aiosmtplib.protocol import (
+    COMMAND_INJECTION_REGEX,
+    MAX_RESPONSE_LENGTH,
+    SMTPProtocol,
+    normalize_message_line_endings,
+)
 
 from relay.delivery.tls import STARTTLS_MISSING_REASON, TlsInfo, classify_tls_error, tls_info
 from relay.model import SmtpReply, TlsResultType
@@ -117,6 +128,8 @@ class SmtpSession:
         self.local_ip = _local_ip(smtp)
         self.created = time.monotonic()
         self.transactions = 0
+        # RSET owed before the next MAIL; with PIPELINING it goes out in the same write
+        self.pending_rset = False
 
     # ------------------------------------------------------------------ opening
 
@@ -234,8 +247,14 @@ class SmtpSession:
             return "clear"
         return "verified" if self.tls.verified else "encrypted"
 
+    @property
+    def pipelining(self) -> bool:
+        """The server advertised PIPELINING (RFC 2920) in its last EHLO reply."""
+        return self._smtp.supports_extension("pipelining") and _can_pipeline(self._smtp.protocol)
+
     async def reset(self) -> bool:
         """RSET before reusing the connection; False when it is no longer usable."""
+        self.pending_rset = False
         try:
             resp = await self._smtp.rset()
         except (SMTPException, OSError):
@@ -252,10 +271,12 @@ class SmtpSession:
     # ------------------------------------------------------------------ transaction
 
     async def send(self, mail_from: str, recipients: Sequence[str], data: bytes) -> Transaction:
-        """One transaction: MAIL, RCPT for each recipient, DATA once for all accepted.
+        """One transaction: MAIL, RCPT for each recipient, DATA once for all accepted
+        (pipelined when the server offers PIPELINING); a ``pending_rset`` goes first.
 
-        Raises ConnectionLost only when the connection failed before MAIL was accepted
-        (safe to retry on a new connection); afterwards every recipient gets a reply.
+        Raises ConnectionLost only when the connection failed (or the pending RSET was
+        refused) before MAIL was accepted and before any content was sent (safe to retry on
+        a new connection); afterwards every recipient gets a reply.
         """
         smtp = self._smtp
         where = f"{self.mx_host}[{self.ip}]"
@@ -272,6 +293,11 @@ class SmtpSession:
             options.append("SMTPUTF8")
         encoding = "utf-8" if utf8 else "ascii"
         self.transactions += 1
+        if self.pipelining:
+            return await self._send_pipelined(mail_from, recipients, data, options, encoding)
+        if self.pending_rset and not await self.reset():
+            self.close()
+            raise ConnectionLost(f"{where} RSET before reuse failed")
 
         try:
             await smtp.mail(mail_from, options=options, encoding=encoding)
@@ -327,11 +353,222 @@ class SmtpSession:
             await self._rset_quietly()
         return Transaction(tuple((r, replies[r]) for r in recipients), data_sent, smtp.is_connected)
 
+    async def _send_pipelined(
+        self,
+        mail_from: str,
+        recipients: Sequence[str],
+        data: bytes,
+        options: list[str],
+        encoding: str,
+    ) -> Transaction:
+        """``send`` over PIPELINING (RFC 2920 3.1): one write of [RSET] MAIL RCPT... DATA,
+        the replies read in order; the content follows only when DATA got 354 and some
+        recipient was accepted. When DATA got 354 but no recipient was, a lone "." ends the
+        transaction (its reply is read and ignored)."""
+        smtp = self._smtp
+        where = f"{self.mx_host}[{self.ip}]"
+        batch = [
+            _command(
+                b"MAIL",
+                b"FROM:" + quote_address(mail_from).encode(encoding),
+                *(o.encode("ascii") for o in options),
+            )
+        ]
+        batch.extend(
+            _command(b"RCPT", b"TO:" + quote_address(r).encode(encoding)) for r in recipients
+        )
+        batch.append(b"DATA\r\n")
+        rset = self.pending_rset
+        if rset:
+            batch.insert(0, b"RSET\r\n")
+        self.pending_rset = False
+        protocol = smtp.protocol
+        lock = protocol._command_lock if protocol is not None else None
+        if protocol is None or lock is None:
+            self.close()
+            raise ConnectionLost(f"{where} MAIL FROM: Server not connected")
+        async with lock, _Replies(smtp, protocol, len(batch)) as replies:
+            phase = "RSET" if rset else "MAIL FROM"
+            try:
+                protocol.write(b"".join(batch))
+                if rset:
+                    resp = await replies.next()
+                    if resp.code != 250:
+                        self.close()
+                        reply = reply_of(resp.code, resp.message)
+                        raise ConnectionLost(f"{where} RSET: {reply}", reply)
+                    phase = "MAIL FROM"
+                resp = await replies.next()
+            except (SMTPException, OSError) as exc:
+                self.close()
+                raise ConnectionLost(f"{where} {phase}: {_why(exc)}") from None
+            mail = reply_of(resp.code, resp.message)
+            if resp.code != 250:
+                if resp.code == 421 or not smtp.is_connected:
+                    self.close()
+                    raise ConnectionLost(f"{where} MAIL FROM: {mail}", mail)
+                await self._drain_refused(replies, len(recipients))
+                return Transaction(tuple((r, mail) for r in recipients), False, smtp.is_connected)
+            return await self._rcpt_and_data(replies, recipients, data, where)
+
+    async def _drain_refused(self, replies: _Replies, count: int) -> None:
+        """MAIL was refused: read the replies to the RCPTs and the DATA sent with it."""
+        try:
+            for _ in range(count):
+                if (await replies.next()).code == 421:
+                    return
+            if (await replies.next()).code == 354:  # a server that takes DATA regardless
+                await replies.send(b".\r\n")
+        except (SMTPException, OSError):
+            self.close()
+
+    async def _rcpt_and_data(
+        self, replies: _Replies, recipients: Sequence[str], data: bytes, where: str
+    ) -> Transaction:
+        """MAIL was accepted: the RCPT replies, the DATA reply, then content or a lone dot."""
+        smtp = self._smtp
+        answers: dict[str, SmtpReply] = {}
+        accepted: list[str] = []
+        lost: SmtpReply | None = None
+        for rcpt in recipients:
+            if lost is not None:
+                answers[rcpt] = lost
+                continue
+            try:
+                resp = await replies.next()
+            except (SMTPException, OSError) as exc:
+                self.close()
+                lost = _local_reply(451, "4.4.2", f"{where} connection lost at RCPT: {_why(exc)}")
+                answers[rcpt] = lost
+                continue
+            answers[rcpt] = reply_of(resp.code, resp.message)
+            if resp.code in (250, 251):
+                accepted.append(rcpt)
+            elif resp.code == 421:
+                lost = answers[rcpt]
+
+        data_sent = False
+        if lost is not None:
+            for rcpt in accepted:
+                answers[rcpt] = lost
+        else:
+            final: SmtpReply | None = None
+            try:
+                resp = await replies.next()
+                if resp.code != 354:
+                    final = reply_of(resp.code, resp.message)
+                    self.pending_rset = smtp.is_connected  # the server may hold the envelope
+                elif accepted:
+                    resp = await replies.send(data_payload(data))
+                    final = reply_of(resp.code, resp.message)
+                    data_sent = resp.code == 250
+                else:  # RFC 2920 3.1: DATA accepted without recipients: end it with "."
+                    await replies.send(b".\r\n")
+            except (SMTPException, OSError) as exc:
+                self.close()
+                final = _local_reply(
+                    451, "4.4.2", f"{where} connection lost during DATA: {_why(exc)}"
+                )
+            if final is not None:
+                for rcpt in accepted:
+                    answers[rcpt] = final
+        return Transaction(tuple((r, answers[r]) for r in recipients), data_sent, smtp.is_connected)
+
     async def _rset_quietly(self) -> None:
         try:
             await self._smtp.rset()
         except (SMTPException, OSError):
             self.close()
+
+
+class _Replies:
+    """Reads the replies to a group of pipelined commands, in order, off aiosmtplib's
+    protocol (5.x internals; the caller holds its command lock).
+
+    ``SMTPProtocol.read_response`` expects one reply per write: replies that arrive
+    together stay unparsed in its buffer, and bytes arriving while a parsed reply awaits
+    pickup are dropped. While the group is read, ``data_received`` keeps every byte
+    (bounded) and ``next`` parses what is buffered before waiting for more.
+    """
+
+    _PROTOCOL_PARTS = (
+        "_command_lock",
+        "_response_pending",
+        "_response_waiter",
+        "_buffer",
+        "_read_response_from_buffer",
+        "_set_response_exception",
+    )
+
+    def __init__(self, smtp: aiosmtplib.SMTP, protocol: SMTPProtocol, commands: int) -> None:
+        self._smtp = smtp
+        self._protocol = protocol
+        self._limit = MAX_RESPONSE_LENGTH * min(commands + 1, 32)
+
+    async def __aenter__(self) -> _Replies:
+        self._protocol.__dict__["data_received"] = self._data_received
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        protocol = self._protocol
+        protocol.__dict__.pop("data_received", None)
+        protocol._response_pending = False
+        del protocol._buffer[:]  # anything left over was not asked for
+
+    async def next(self) -> aiosmtplib.SMTPResponse:
+        """The next reply; a 421 closes the connection (as aiosmtplib does)."""
+        protocol = self._protocol
+        resp = protocol._read_response_from_buffer()
+        if resp is None:
+            protocol._response_pending = True
+            resp = await protocol.read_response(timeout=self._smtp.timeout)
+        if resp.code == 421:
+            self._smtp.close()
+        return resp
+
+    async def send(self, payload: bytes) -> aiosmtplib.SMTPResponse:
+        """Write ``payload`` (the content after 354, or a lone dot) and read its reply."""
+        self._protocol._response_pending = True
+        self._protocol.write(payload)
+        return await self.next()
+
+    def _data_received(self, data: bytes) -> None:
+        protocol = self._protocol
+        waiter = protocol._response_waiter
+        if waiter is None:
+            return
+        buffer = protocol._buffer
+        buffer.extend(data)
+        if len(buffer) > self._limit:
+            del buffer[:]
+            if not waiter.done():
+                protocol._set_response_exception(
+                    waiter, SMTPResponseException(-1, "Response too long")
+                )
+            if protocol.transport is not None:
+                protocol.transport.close()
+            return
+        if waiter.done():
+            return  # a parsed reply awaits pickup; next() parses this from the buffer
+        try:
+            resp = protocol._read_response_from_buffer()
+        except SMTPResponseException as exc:
+            protocol._set_response_exception(waiter, exc)
+        else:
+            if resp is not None:
+                waiter.set_result(resp)
+
+
+def _can_pipeline(protocol: SMTPProtocol | None) -> bool:
+    return protocol is not None and all(hasattr(protocol, a) for a in _Replies._PROTOCOL_PARTS)
+
+
+def _command(*args: bytes) -> bytes:
+    """One command line, refused like aiosmtplib refuses it (no control characters)."""
+    for arg in args:
+        if COMMAND_INJECTION_REGEX.search(arg):
+            raise ValueError("Command arg contains a prohibited control character")
+    return b" ".join(args) + b"\r\n"
 
 
 def data_payload(data: bytes) -> bytes:

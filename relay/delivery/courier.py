@@ -453,11 +453,17 @@ class Courier:
         return self._finish(att, host, session, tx, reused)
 
     async def _take_pooled(self, att: _Attempt, host: MxHost, ip: str) -> SmtpSession | None:
-        """A pooled connection of an acceptable TLS level, RSET and ready; retries once."""
+        """A pooled connection of an acceptable TLS level, RSET and ready; retries once.
+        Over PIPELINING the RSET goes out with the next MAIL (RFC 2920): a connection that
+        died idle then shows as ConnectionLost from send(), retried on a new connection."""
         for _ in range(2):
             session = self.pool.take(ip, self.config.delivery.port, host.name, _LEVELS[att.mode])
             if session is None:
                 return None
+            if session.pipelining:
+                session.pending_rset = True
+                att.log.debug("connection_reused", mx=host.name, ip=ip, tls=session.level)
+                return session
             if await session.reset():
                 att.log.debug("connection_reused", mx=host.name, ip=ip, tls=session.level)
                 return session
