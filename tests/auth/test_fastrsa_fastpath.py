@@ -5,6 +5,7 @@ of the header block."""
 from __future__ import annotations
 
 import re
+import time
 
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
@@ -18,6 +19,7 @@ from relay.auth.fastrsa import (
     select_headers,
     strip_b_value,
     tag_value,
+    validate_signature_fields,
 )
 from relay.auth.results import head_end
 
@@ -164,3 +166,87 @@ def test_tag_value_is_dkimpys_parse_tag_value(value: bytes) -> None:
 @given(st.binary(max_size=40))
 def test_no_space_is_the_regex_removal(value: bytes) -> None:
     assert _no_space(value) == re.sub(rb"\s+", b"", value)
+
+
+# ---- signature field checks ----
+
+NOW = int(time.time())  # t= and x= values well inside dkimpy's 10 hours of slop
+FIELD_VALUES = {
+    b"v": [b"1", b"2"],
+    b"a": [b"rsa-sha256", b"rsa-sha1", b"ed25519-sha256", b"hmac"],
+    b"b": [b"QUJD", b"QUJ", b"QU JD\r\n ==", b"=QUJD", b"QUJD==", b"QU=JD", b"", b"Q!JD"],
+    b"bh": [b"QUJD", b"QUJ", b"QUJD==", b"", b"Q U J D"],
+    b"d": [b"x.test", b"x.Test", b"a@b", b"\xc3\xa9.test", b"(x)", b""],
+    b"i": [b"@x.test", b"u@sub.x.test", b"x.test", b"u@X.TEST", b"u@other.test", b"ux.test"],
+    b"h": [b"from"],
+    b"s": [b"sel"],
+    b"l": [b"10", b"x", b"1" * 80, b""],
+    b"q": [b"dns/txt", b"dns"],
+    b"t": [b"1", b"x", b"99999999999", b"", b"%d" % (NOW - 100)],
+    b"x": [b"1", b"x", b"99999999999", b"2", b"%d" % (NOW - 200), b"%d" % (NOW + 100)],
+    b"cv": [b"pass", b"fail", b"none", b"maybe"],
+}
+sig_dicts = st.lists(
+    st.sampled_from(sorted(FIELD_VALUES)).flatmap(
+        lambda k: st.tuples(st.just(k), st.sampled_from(FIELD_VALUES[k]))
+    ),
+    max_size=12,
+).map(dict)
+
+
+def _check_outcome(
+    fn: object, sig: dict[bytes, bytes], mandatory: list[bytes], arc: bool
+) -> object:
+    try:
+        fn(dict(sig), mandatory, arc)  # type: ignore[operator]
+    except (dkim.ValidationError, KeyError, IndexError) as exc:
+        return (type(exc), str(exc))
+    return None
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    sig_dicts,
+    st.sampled_from(
+        [
+            [b"v", b"a", b"b", b"bh", b"d", b"h", b"s"],
+            [b"i", b"a", b"b", b"bh", b"d", b"h", b"s"],
+            [b"i", b"a", b"b", b"cv", b"d", b"s"],
+            [],
+        ]
+    ),
+    st.booleans(),
+)
+def test_validate_signature_fields_is_dkimpys(
+    sig: dict[bytes, bytes], mandatory: list[bytes], arc: bool
+) -> None:
+    ours = _check_outcome(validate_signature_fields, sig, mandatory, arc)
+    assert ours == _check_outcome(dkim.validate_signature_fields, sig, mandatory, arc)
+
+
+def test_validate_signature_fields_default_mandatory_list_is_dkimpys() -> None:
+    sig = {b"v": b"1", b"a": b"rsa-sha256", b"b": b"QUJD", b"d": b"x.test", b"h": b"from"}
+    for fn in (validate_signature_fields, dkim.validate_signature_fields):
+        try:
+            fn(sig)
+        except dkim.ValidationError as exc:
+            assert str(exc) == "missing b'bh'="
+        else:
+            raise AssertionError("bh= is mandatory")
+
+
+def test_validate_signature_fields_time_checks_are_dkimpys() -> None:
+    base = {b"v": b"1", b"a": b"rsa-sha256", b"b": b"QUJD", b"bh": b"QUJD", b"d": b"x.test"}
+    base |= {b"h": b"from", b"s": b"sel", b"i": b"@x.test"}
+    outcomes = set()
+    for t in [None, *FIELD_VALUES[b"t"]]:
+        for x in [None, *FIELD_VALUES[b"x"]]:
+            sig = dict(base)
+            if t is not None:
+                sig[b"t"] = t
+            if x is not None:
+                sig[b"x"] = x
+            ours = _check_outcome(validate_signature_fields, sig, [], False)
+            assert ours == _check_outcome(dkim.validate_signature_fields, sig, [], False)
+            outcomes.add("ok" if ours is None else str(ours[1]).split("(")[0])  # type: ignore[index]
+    assert len(outcomes) >= 6  # passes, and each time check fails somewhere
