@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from relay.auth.psl import org_domain
-from relay.auth.results import header_fields
+from relay.auth.results import split_header
 from relay.auth.types import DkimResult, DmarcResult, DmarcResultCode, SpfResult, SpfResultCode
 from relay.dns import Resolver
 from relay.errors import DnsError, DnsNoData, DnsNotFound, DnsTempFail
@@ -232,7 +232,10 @@ class AuthorDomains:
     error: str = ""  # set when no usable RFC5322.From domain could be had (permerror)
 
 
+@functools.lru_cache(maxsize=1024)
 def _domain_ok(domain: str) -> str | None:
+    """The From domain lower-cased (A-labels) when it is a usable domain name, else None;
+    remembered by text (a sender's domain is seen on all its messages)."""
     domain = domain.strip().lower()
     if domain.endswith("."):
         domain = domain[:-1]
@@ -269,7 +272,8 @@ def _addresses(text: str) -> list[str]:
 
 def author_domains(message: bytes) -> AuthorDomains:
     """The RFC5322.From domain(s) of message (distinct, in order)."""
-    values = [v for n, v in header_fields(message) if n.lower() == "from"]
+    fields, _ = split_header(message)  # shared with the forged A-R removal before
+    values = [f.value for f in fields if f.name.lower() == "from"]
     if not values:
         return AuthorDomains(error="the message has no From header field")
     if len(values) > 1:

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -491,7 +492,9 @@ def resinfos(
     return out
 
 
+@functools.lru_cache(maxsize=64)
 def _authserv(authserv_id: str) -> str:
+    """Our authserv-id as written in the header (the same id on every message)."""
     v = _domain(authserv_id) or _value(authserv_id)
     if v is None:
         raise ValueError(f"authserv-id {authserv_id!r} cannot be written in a header")

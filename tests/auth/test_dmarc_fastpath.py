@@ -146,3 +146,13 @@ def test_the_record_cache_is_bounded_and_keyed_by_text() -> None:
         parse_record("v=DMARC1; p=bogus")
     with pytest.raises(DmarcRecordError, match="no valid p= tag"):
         parse_record("v=DMARC1; p=bogus")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.sampled_from(["a", "B", ".", "-", "_", "é", " ", "xn--", "1", ".."]), max_size=12)
+)
+def test_remembered_domain_check_matches_a_fresh_check(pieces: list[str]) -> None:
+    domain = "".join(pieces)
+    for _ in range(2):
+        assert _domain_ok(domain) == _domain_ok.__wrapped__(domain)
