@@ -20,7 +20,6 @@ Choices where RFC 7489 leaves room, all listed in docs/tests:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import email.utils
 import functools
 import random
@@ -371,8 +370,10 @@ def evaluate(
     dkim: Sequence[DkimResult],
     *,
     rng: Callable[[], float] = random.random,
+    author_domains: tuple[str, ...] = (),
 ) -> DmarcEvaluation:
-    """The DMARC result for one author domain, given its discovery and the checks."""
+    """The DMARC result for one author domain, given its discovery and the checks;
+    ``author_domains`` (every From domain of the message) is recorded as it is."""
     author = discovery.author_domain
     record = discovery.record
     if record is None:
@@ -384,6 +385,7 @@ def evaluate(
                 reason=discovery.error,
             ),
             author_domain=author,
+            author_domains=author_domains,
         )
     subdomain = discovery.record_domain != author
     published = record.sp if subdomain else record.p
@@ -422,6 +424,7 @@ def evaluate(
         record_domain=discovery.record_domain,
         alignments=found,
         sampled_out=sampled_out,
+        author_domains=author_domains,
     )
 
 
@@ -461,5 +464,5 @@ async def check_dmarc(
         discoveries = [await discover(resolver, authors.domains[0])]
     else:
         discoveries = await asyncio.gather(*(discover(resolver, d) for d in authors.domains))
-    evals = [evaluate(d, spf, dkim, rng=rng) for d in discoveries]
-    return dataclasses.replace(_worst(evals), author_domains=authors.domains)
+    domains = authors.domains
+    return _worst([evaluate(d, spf, dkim, rng=rng, author_domains=domains) for d in discoveries])

@@ -4,6 +4,7 @@ and the remembered record parse what a fresh parse gives (errors included)."""
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import re
 
@@ -20,10 +21,16 @@ from relay.auth.dmarc import (
     _addresses,
     _domain_ok,
     _parse_record,
+    _worst,
     author_domains,
+    check_dmarc,
+    discover,
+    evaluate,
     parse_record,
 )
 from relay.auth.results import header_fields
+from relay.auth.types import DkimResult, SpfResult, SpfResultCode
+from relay.dns import StaticResolver
 
 
 def reference_author_domains(message: bytes) -> AuthorDomains:
@@ -156,3 +163,24 @@ def test_remembered_domain_check_matches_a_fresh_check(pieces: list[str]) -> Non
     domain = "".join(pieces)
     for _ in range(2):
         assert _domain_ok(domain) == _domain_ok.__wrapped__(domain)
+
+
+@pytest.mark.parametrize(
+    "from_value",
+    ["a@one.test", "a@one.test, b@two.test", "a@two.test, b@one.test, c@none.test", "x"],
+)
+async def test_check_dmarc_records_the_author_domains_as_replace_did(from_value: str) -> None:
+    resolver = StaticResolver()
+    resolver.add("_dmarc.one.test", "TXT", "v=DMARC1; p=reject")
+    resolver.add("_dmarc.two.test", "TXT", "v=DMARC1; p=quarantine; pct=50")
+    message = f"From: {from_value}\r\nSubject: s\r\n\r\nbody\r\n".encode()
+    spf = SpfResult(SpfResultCode.PASS, "one.test", "mailfrom")
+    dkim = (DkimResult("pass", domain="two.test", selector="s"),)
+    got = await check_dmarc(resolver, message, spf, dkim, rng=lambda: 0.9)
+    authors = author_domains(message)
+    if authors.error:
+        assert got.author_domains == ()
+        return
+    discoveries = [await discover(resolver, d) for d in authors.domains]
+    evals = [evaluate(d, spf, dkim, rng=lambda: 0.9) for d in discoveries]
+    assert got == dataclasses.replace(_worst(evals), author_domains=authors.domains)
