@@ -507,11 +507,13 @@ class _Replies:
 
     async def __aenter__(self) -> _Replies:
         self._protocol.__dict__["data_received"] = self._data_received
+        _rebind(self._protocol)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         protocol = self._protocol
         protocol.__dict__.pop("data_received", None)
+        _rebind(protocol)
         protocol._response_pending = False
         del protocol._buffer[:]  # anything left over was not asked for
 
@@ -557,6 +559,16 @@ class _Replies:
         else:
             if resp is not None:
                 waiter.set_result(resp)
+
+
+def _rebind(protocol: SMTPProtocol) -> None:
+    """Make the transport see the protocol's current ``data_received``: uvloop's TCP
+    transport keeps the bound method it found at ``set_protocol`` (asyncio's looks it up
+    at every read), so setting the protocol again refreshes it."""
+    transport = protocol.transport
+    if transport is not None and not transport.is_closing():
+        if transport.get_protocol() is protocol:
+            transport.set_protocol(protocol)
 
 
 def _can_pipeline(protocol: SMTPProtocol | None) -> bool:

@@ -520,3 +520,53 @@ async def test_reused_connection_dead_at_rset_is_retried_once(
     assert mx.chunks[1][1] == commands(f"b@{D}")
     assert mx.chunks[1][3] == commands(f"c@{D}", rset=True)
     assert not courier.is_dead(D)
+
+
+def test_early_reply_kept_under_uvloop() -> None:
+    """uvloop's TCP transport keeps the protocol's data_received bound at set_protocol:
+    the pipelined reply reader must still see bytes that arrive while a parsed reply
+    awaits pickup (the state is set up by hand; the bytes come over the real socket)."""
+    import uvloop
+
+    from relay.delivery.client import _Replies
+
+    async def scenario() -> bytes:
+        got_ehlo = asyncio.Event()
+        writers: list[asyncio.StreamWriter] = []
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writers.append(writer)
+            writer.write(b"220 mx ready\r\n")
+            await reader.readline()
+            writer.write(b"250-mx\r\n250 PIPELINING\r\n")
+            got_ehlo.set()
+            await reader.read()  # until the client closes
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            s = await open_session("127.0.0.1", port)
+            await got_ehlo.wait()
+            protocol = s._smtp.protocol
+            assert protocol is not None
+            async with _Replies(s._smtp, protocol, 2):
+                # a parsed reply awaits pickup: aiosmtplib's own handler drops new bytes
+                done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                done.set_result(None)
+                protocol._response_waiter = done  # type: ignore[assignment]
+                writers[0].write(b"250 2.1.5 early\r\n")
+                for _ in range(50):
+                    await asyncio.sleep(0.01)
+                    if protocol._buffer:
+                        break
+                kept = bytes(protocol._buffer)
+            s.close()
+            return kept
+        finally:
+            for w in writers:
+                w.close()
+            server.close()
+            await server.wait_closed()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(scenario()) == b"250 2.1.5 early\r\n"
