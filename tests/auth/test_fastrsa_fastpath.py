@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from relay.auth.fastrsa import (
     _no_space,
+    fold,
     parse_head,
     rfc822_parse,
     select_headers,
@@ -250,3 +251,31 @@ def test_validate_signature_fields_time_checks_are_dkimpys() -> None:
             assert ours == _check_outcome(dkim.validate_signature_fields, sig, [], False)
             outcomes.add("ok" if ours is None else str(ours[1]).split("(")[0])  # type: ignore[index]
     assert len(outcomes) >= 6  # passes, and each time check fails somewhere
+
+
+# ---- folding ----
+
+FOLD_PIECES = [
+    b"a",
+    b"bb",
+    b" ",
+    b"\r\n ",
+    b"\r\n",
+    b";",
+    b"xyz" * 5,
+    b"  ",
+    b"\n",
+    b"b=" + b"A" * 40,
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from(FOLD_PIECES), max_size=40).map(b"".join),
+    st.sampled_from([0, 5, 14, 21, 22, 60, 71, 72, 73, 80]),
+    st.sampled_from([b"\r\n", b"\n"]),
+)
+def test_fold_is_dkimpys(header: bytes, namelen: int, linesep: bytes) -> None:
+    assert fold(header, namelen=namelen, linesep=linesep) == dkim.fold(
+        header, namelen=namelen, linesep=linesep
+    )
