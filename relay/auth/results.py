@@ -345,8 +345,14 @@ def aar_dmarc(aar_value: str) -> str:
 # ---- building ours ----
 
 
+def _printable(text: str) -> bool:
+    """Every character is printable ASCII (0x20-0x7E), what a per-character check of
+    ``0x20 <= ord(c) < 0x7F`` says, in two C calls."""
+    return text.isascii() and text.isprintable()
+
+
 def _quoted(text: str) -> str | None:
-    if len(text) > MAX_VALUE or not all(0x20 <= ord(c) < 0x7F for c in text):
+    if len(text) > MAX_VALUE or not _printable(text):
         return None
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -384,7 +390,10 @@ def _mailbox(address: str) -> str | None:
 
 
 def _comment(text: str) -> str:
-    clean = "".join(c for c in text if 0x20 <= ord(c) < 0x7F and c not in "()\\")
+    if _printable(text) and "(" not in text and ")" not in text and "\\" not in text:
+        clean = text  # nothing to drop
+    else:
+        clean = "".join(c for c in text if 0x20 <= ord(c) < 0x7F and c not in "()\\")
     return f"({clean.strip()})" if clean.strip() else ""
 
 
@@ -414,7 +423,10 @@ def _spf(spf: SpfResult, mail_from: str, helo: str) -> ResInfoText:
 
 
 def _reason(text: str) -> str:
-    clean = "".join(c for c in text if 0x20 <= ord(c) < 0x7F)[:REASON_MAX]
+    if _printable(text):
+        clean = text[:REASON_MAX]
+    else:
+        clean = "".join(c for c in text if 0x20 <= ord(c) < 0x7F)[:REASON_MAX]
     q = _quoted(clean)
     return f"reason={q}" if clean and q else ""
 
