@@ -27,9 +27,6 @@ from relay.auth.fastrsa import PurePythonRsaKey, load_signing_key
 from relay.auth.keys import KeyLookup, KeyRecords, LookupOutcome
 from relay.auth.types import ArcCv, ArcResult
 from relay.commands.keygen import generate
-from relay.config import load_config
-from relay.dns import StaticResolver
-from relay.model import ConnInfo, Envelope
 
 HEAD = (
     b"From: Alice <alice@example.com>\r\nTo: list@lists.example.org\r\n"
@@ -100,48 +97,17 @@ def main() -> None:
 
 
 def transform_ms(n: int) -> float:
-    """CPU ms per message of the auth intake transform, inline, DNS from memory."""
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    with tempfile.TemporaryDirectory(prefix="seal-bench-") as tmp:
-        return _transform_ms(n, Path(tmp))
-
-
-def _transform_ms(n: int, work: Path) -> float:
+    """CPU ms per message of the auth intake transform, inline, DNS from memory
+    (bench/auth_profile.py --seal, best of 3)."""
     root = str(Path(__file__).resolve().parent.parent)
     if root not in sys.path:
         sys.path.insert(0, root)
-    from bench.messages import write_messages
-    from relay.auth.wiring import build_auth
+    from bench.auth_profile import build, measure
 
-    _, zone = write_messages(work / "msgs", 64, 4096, signed=True)
-    signed = [p.read_bytes() for p in sorted((work / "msgs").glob("*.eml"))]
-    resolver = StaticResolver()
-    for name, records in zone.records.items():
-        for rdtype, value in records:
-            resolver.add(name, rdtype, value)
-    (work / "arc.pem").write_bytes(generate("rsa", 2048).private_pem)
-    (work / "relay.toml").write_text(
-        '[server]\nhostname = "relay.bench.test"\nworkers = 2\n[srs]\nenabled = false\n'
-        '[arc]\nenabled = true\ndomain = "relay.bench.test"\nselector = "arc"\n'
-        f'private_key = "{work / "arc.pem"}"\n'
-    )
-    wiring = build_auth(load_config(work / "relay.toml"), resolver)
-    transform = wiring.transforms[0]
-    conn = ConnInfo("127.0.0.5", 40000, helo="client.sender.test")
-    env = Envelope("bench@sender.test", ("user@sink.test",))
-
-    async def run() -> float:
-        await transform(conn, env, signed[-1])
-        best = float("inf")
-        for _ in range(3):
-            start = time.process_time()
-            for i in range(n):
-                await transform(conn, env, signed[i % len(signed)])
-            best = min(best, (time.process_time() - start) / n * 1000)
-        await wiring.close()
-        return best
-
-    return asyncio.run(run())
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    with tempfile.TemporaryDirectory(prefix="seal-bench-") as tmp:
+        transform, signed = build(Path(tmp), seal=True)
+        return asyncio.run(measure(transform, signed, n, 3))
 
 
 if __name__ == "__main__":
