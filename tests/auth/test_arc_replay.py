@@ -17,10 +17,10 @@ from relay.auth.replay import ArcReplayGuard, ReplayLimits, seal_fingerprint
 from relay.auth.types import ArcCv, ArcResult
 from relay.commands.keygen import generate
 from relay.config import ArcConfig, Config, ServerConfig
-from relay.dns import StaticResolver
 from relay.errors import SmtpReplyError
 from relay.model import ConnInfo, Envelope
 from relay.store import Store
+from tests.auth.test_pipeline_real import _resolver
 
 ID = "relay.example.net"
 MESSAGE = (
@@ -32,7 +32,7 @@ LIST_CONN = ConnInfo(peer_ip="198.51.100.7", peer_port=1, helo="mx.lists.test")
 
 @pytest.fixture(scope="module")
 def keys() -> dict[str, Any]:
-    return {"dkim": generate("rsa"), "list": generate("rsa")}
+    return {"dkim": generate("rsa"), "list": generate("rsa"), "ours": generate("rsa")}
 
 
 @pytest.fixture
@@ -41,16 +41,6 @@ def store(tmp_path: Path) -> Iterator[Store]:
     s.open()
     yield s
     s.close()
-
-
-def _resolver(keys: dict[str, Any]) -> StaticResolver:
-    r = StaticResolver()
-    r.add("example.com", "TXT", ["v=spf1 ip4:192.0.2.1 -all"])
-    r.add("_dmarc.example.com", "TXT", ["v=DMARC1; p=reject"])
-    r.add("s1._domainkey.example.com", "TXT", [keys["dkim"].record()])
-    r.add("lists.test", "TXT", ["v=spf1 ip4:198.51.100.7 -all"])
-    r.add("arc._domainkey.lists.test", "TXT", [keys["list"].record()])
-    return r
 
 
 def _list_copy(keys: dict[str, Any], subject: bytes = b"plan") -> bytes:
