@@ -157,27 +157,32 @@ def load_signing_key(data: bytes, *, min_rsa_bits: int = 2048) -> OpenSslKey:
 
 # ---- body canonicalisation, once per message ----
 
-_last_body: tuple[object, bytes, bytes] | None = None  # (body algorithm, body, canonical)
+# (body algorithm, body) -> canonical body, for the last few bodies: with crypto threads two
+# messages may be between their DKIM check and their seal at once
+_BODY_MEMO: dict[tuple[object, bytes], bytes] = {}
+_BODY_MEMO_MAX = 8
 
 
 def canonical_body(canon_policy: Any, body: bytes) -> bytes:
     """``canon_policy.canonicalize_body(body)``, remembering the last result: the relay
     canonicalises the same body for the DKIM check and again for the AMS it seals (relaxed
-    body canonicalisation of 4 KB costs about 0.2 ms). The last body of this process is
-    kept until the next one replaces it. A body with no tab, no two spaces in a row and no
-    space before CRLF skips dkimpy's whitespace regexes, which would leave it unchanged."""
-    global _last_body
+    body canonicalisation of 4 KB costs about 0.2 ms). The last few bodies are kept. A
+    body with no tab, no two spaces in a row and no space before CRLF skips dkimpy's
+    whitespace regexes, which would leave it unchanged."""
     algorithm = canon_policy.body_algorithm
-    last = _last_body
-    if last is not None and last[0] is algorithm and last[1] == body:
-        return last[2]
+    key = (algorithm, body)
+    known = _BODY_MEMO.get(key)
+    if known is not None:
+        return known
     if algorithm is Relaxed and b"\t" not in body and b"  " not in body and b" \r\n" not in body:
         # no run of whitespace to compress and none before a line end: relaxed body
         # canonicalisation reduces to simple's (dkimpy's regexes would change nothing)
         out = bytes(correct_empty_body(strip_trailing_lines(body)))
     else:
         out = bytes(algorithm.canonicalize_body(body))
-    _last_body = (algorithm, body, out)
+    if len(_BODY_MEMO) >= _BODY_MEMO_MAX:
+        _BODY_MEMO.clear()
+    _BODY_MEMO[key] = out
     return out
 
 

@@ -1,11 +1,13 @@
-"""Crypto off the event loop: a process pool for signature checks and ARC seals.
+"""Crypto off the event loop: signature checks and ARC seals in an executor.
 
 RSA and canonicalisation are CPU-bound; run on the loop they would stall every SMTP
-session. ``make_crypto_pool`` builds a ProcessPoolExecutor (forkserver start method, so
-no worker inherits the loop's threads or sockets) whose workers import dkimpy and
-cryptography once. Every API that uses it takes ``executor=None`` meaning "inline": tests
-and one-off commands run without a pool. Jobs are plain top-level functions with
-picklable arguments.
+session. The executor is a thread pool in each relay worker (OpenSSL releases the GIL
+while it signs and hashes) or, with one relay worker, ``make_crypto_pool``'s
+ProcessPoolExecutor (forkserver start method, so no worker inherits the loop's threads or
+sockets) whose workers import dkimpy and cryptography once; relay.auth.wiring chooses.
+Every API that uses it takes ``executor=None`` meaning "inline": tests and one-off
+commands run without one. Jobs are plain top-level functions with picklable arguments,
+safe to run in several threads at once (their caches are bounded dicts and lru_caches).
 """
 
 from __future__ import annotations

@@ -5,19 +5,21 @@ The transform runs the verdict (SPF, DKIM, DMARC, ARC validation → one
 Authentication-Results header; reject/quarantine actions), then seals an ARC set over the
 result, once, at intake; the sealed bytes are what the queue stores and sends.
 
-Where the crypto runs (``crypto_pool_size``): with one relay process (``[server] workers =
-1``) in a process pool of ``[auth] crypto_workers`` processes, so it never holds the event
-loop and a second core does the signing; with several relay processes inline, in each
-relay process. The worker processes already use every core, and measured on 2 cores with
-2 workers (docs/benchmark.md) the pool only added its round trips: 12.3 CPU ms a message
-through the pool against 8.9 inline. ``crypto_workers = 0`` is inline in every case.
+Where the crypto runs (``crypto_executor``), never on the event loop unless asked: with
+one relay process (``[server] workers = 1``) in a process pool of ``[auth]
+crypto_workers`` processes, so a second core does the signing and the Python around it;
+with several relay processes in a pool of ``[auth] crypto_threads`` threads in each.
+OpenSSL (``cryptography``) releases the GIL while it signs, verifies and hashes, so the
+RSA work runs beside the loop at the cost of a thread hand-off, where a process pool
+would add pickling and pipes for no gain (the worker processes already use every core;
+docs/benchmark.md). ``0`` for the setting in use means inline.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -46,7 +48,7 @@ class AuthWiring:
     executor: Executor | None = None
 
     async def close(self) -> None:
-        if isinstance(self.executor, ProcessPoolExecutor):
+        if self.executor is not None:
             self.executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -62,21 +64,37 @@ def _reply_error(reply: str) -> SmtpReplyError:
 
 
 def crypto_pool_size(config: Config) -> int:
-    """Processes of the crypto pool; 0 = inline (see the module docstring)."""
+    """Processes of the crypto pool: with one relay worker only; 0 = none."""
     if config.server.workers > 1:
         return 0
     return max(config.auth.crypto_workers, 0)
+
+
+def crypto_thread_count(config: Config) -> int:
+    """Crypto threads in each relay worker: with several relay workers only; 0 = none."""
+    if config.server.workers > 1:
+        return max(config.auth.crypto_threads, 0)
+    return 0
+
+
+def crypto_executor(config: Config) -> Executor | None:
+    """Where DKIM/ARC crypto runs (see the module docstring); None = inline."""
+    processes = crypto_pool_size(config)
+    if processes > 0:
+        from relay.auth.offload import make_crypto_pool
+
+        return make_crypto_pool(processes)
+    threads = crypto_thread_count(config)
+    if threads > 0:
+        return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="relay-crypto")
+    return None
 
 
 def build_auth(config: Config, resolver: Resolver, store: Store | None = None) -> AuthWiring:
     """The auth wiring; with a store, ARC overrides are counted there (relay.auth.replay)."""
     wiring = AuthWiring(routing=Routing())
     if config.auth.enabled or config.arc.enabled:
-        pool_size = crypto_pool_size(config)
-        if pool_size > 0:
-            from relay.auth.offload import make_crypto_pool
-
-            wiring.executor = make_crypto_pool(pool_size)
+        wiring.executor = crypto_executor(config)
     _build_srs(config, wiring)
     transform = _build_transform(config, resolver, wiring.executor, store)
     if transform is not None:
