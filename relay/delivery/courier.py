@@ -453,22 +453,14 @@ class Courier:
         return self._finish(att, host, session, tx, reused)
 
     async def _take_pooled(self, att: _Attempt, host: MxHost, ip: str) -> SmtpSession | None:
-        """A pooled connection of an acceptable TLS level, RSET and ready; retries once.
-        Over PIPELINING the RSET goes out with the next MAIL (RFC 2920): a connection that
-        died idle then shows as ConnectionLost from send(), retried on a new connection."""
-        for _ in range(2):
-            session = self.pool.take(ip, self.config.delivery.port, host.name, _LEVELS[att.mode])
-            if session is None:
-                return None
-            if session.pipelining:
-                session.pending_rset = True
-                att.log.debug("connection_reused", mx=host.name, ip=ip, tls=session.level)
-                return session
-            if await session.reset():
-                att.log.debug("connection_reused", mx=host.name, ip=ip, tls=session.level)
-                return session
-            session.close()
-        return None
+        """A pooled connection of an acceptable TLS level, with a RSET owed: send() sends
+        it first (with PIPELINING in the same write as MAIL). A connection that died idle
+        shows as ConnectionLost from send(), and the message goes on a new connection."""
+        session = self.pool.take(ip, self.config.delivery.port, host.name, _LEVELS[att.mode])
+        if session is not None:
+            session.pending_rset = True
+            att.log.debug("connection_reused", mx=host.name, ip=ip, tls=session.level)
+        return session
 
     async def _open(self, att: _Attempt, host: MxHost, ip: str, *, verify: bool) -> SmtpSession:
         """A new session at the TLS level the mode asks for; emits the TLS outcome."""
