@@ -21,11 +21,10 @@ allowance of the genuine copies.
 from __future__ import annotations
 
 import hashlib
-import re
 import sqlite3
 from dataclasses import dataclass
 
-from relay.auth.results import split_header
+from relay.auth.keys import signature_tags
 from relay.store import Store
 
 MIGRATIONS = [
@@ -38,25 +37,16 @@ MIGRATIONS = [
     " PRIMARY KEY (sealer, hour))",
 ]
 
-_TAG_I = re.compile(r"(?:^|;)\s*i\s*=\s*([0-9]+)\s*(?:;|$)")
-_TAG_B = re.compile(r"(?:^|;)\s*b\s*=([^;]*)")
-_WSP = re.compile(r"\s+")
-
 
 def seal_fingerprint(message: bytes, instance: int) -> str:
     """sha256 (hex) of the b= value of the ARC-Seal with i=instance, whitespace removed;
     "" when the message has no such seal."""
-    fields, _ = split_header(message)
-    for f in fields:
-        if f.name.lower() != "arc-seal":
-            continue
-        m = _TAG_I.search(f.value)
-        if m is None or int(m.group(1)) != instance:
-            continue
-        b = _TAG_B.search(f.value)
-        if b is None:
-            return ""
-        return hashlib.sha256(_WSP.sub("", b.group(1)).encode("ascii", "replace")).hexdigest()
+    from relay.auth.arc import arc_structure
+
+    for arc_set in arc_structure(message).sets:
+        if arc_set.instance == instance:
+            b = signature_tags(arc_set.seal).get(b"b", b"")
+            return hashlib.sha256(b).hexdigest() if b else ""
     return ""
 
 
