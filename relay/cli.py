@@ -2,7 +2,9 @@
 
 Each subcommand lives in relay.commands.<name> with a ``register(subparsers)`` function
 that adds its parser and sets ``func``; a handler returns the exit code. A config error
-exits 2 with one line naming the file, the key and the problem.
+exits 2 with one line naming the file, the key and the problem; a start-up problem
+(the store held by another relay, a listen address in use, a store that does not exist)
+exits 2 with one line naming it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from relay.errors import ConfigError
+from relay.errors import ConfigError, StartupError
 
 COMMAND_MODULES = (
     "relay.commands.serve",
@@ -49,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = args.func(args)
     except ConfigError as exc:
         print(f"relay: config error: {exc}", file=sys.stderr)
+        return 2
+    except StartupError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -2,6 +2,7 @@
 
     RelayError
     ├── ConfigError                 config file, key and problem
+    ├── StartupError                the relay cannot start (store locked, address in use)
     ├── SmtpReplyError              carries an SMTP reply (code, enhanced code, text)
     ├── DnsError
     │   ├── DnsNotFound             NXDOMAIN
@@ -31,6 +32,10 @@ class ConfigError(RelayError):
         self.key = key
         self.problem = problem
         super().__init__(f"{path}: {key}: {problem}")
+
+
+class StartupError(RelayError):
+    """The relay (or a command) cannot start: one line for the operator, exit code 2."""
 
 
 class SmtpReplyError(RelayError):

@@ -1,10 +1,22 @@
 """Several worker processes sharing the listen sockets, so the relay uses every core.
 
-The parent binds the sockets, requeues what a crash left in flight, then forks the
-workers. Each runs a whole RelayApp on the shared store (SQLite serialises the writers);
-new mail is delivered by the worker that accepted it, and only worker 0 (the leader)
-loads due mail from the store and runs the background loops. If a worker dies, the
-parent stops the others, requeues, and starts them all again. SIGTERM is passed on.
+The parent (``relay serve``, which already holds the store lock and has bound the
+sockets) requeues what a crash left in flight, then forks the workers. Each runs a whole
+RelayApp on the shared store (SQLite serialises the writers); new mail is delivered by
+the worker that accepted it, and only worker 0 (the leader) loads due mail from the store
+and runs the background loops.
+
+Supervision:
+
+* If a worker dies, the parent logs why (exit code or signal), stops the others,
+  requeues, and starts them all again after a back-off that doubles with each death in
+  a row (1 s up to 30 s) and resets once the workers have run for a while, so a poison
+  message cannot crash-loop every worker once a second.
+* SIGTERM / SIGINT stop the relay whatever the parent is doing: waiting, stopping the
+  others after a death, sleeping before a restart or forking. They are blocked while a
+  worker is forked, so no worker starts unaware of a stop.
+* A worker that stops on a configuration or start-up error exits 2; the parent does not
+  restart it but stops and exits 2 (the parent's checks make this rare).
 """
 
 from __future__ import annotations
@@ -17,26 +29,27 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
 from relay.config import Config, HostPort
+from relay.errors import ConfigError, StartupError
 from relay.queue.spool import Spool
 from relay.store import Store
 
 log = structlog.get_logger("relay.workers")
 
 PR_SET_PDEATHSIG = 1
+EXIT_FATAL = 2  # a worker's config / start-up error: restarting cannot help
+STOP_GRACE = 30.0  # seconds a worker gets to drain after SIGTERM before SIGKILL
+_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def bind(hp: HostPort) -> socket.socket:
-    family = socket.AF_INET6 if ":" in hp.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((hp.host, hp.port))
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
+    from relay.preflight import bind_listeners
+
+    return bind_listeners((hp,))[0]
 
 
 def recover(config: Config) -> int:
@@ -45,6 +58,34 @@ def recover(config: Config) -> int:
         return Spool(store).recover_sync()
     finally:
         store.close()
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Delay before restarting the workers after a death: doubles with each death in a
+    row (initial, 2 x initial, ... up to cap); a run of at least ``stable`` seconds
+    counts as healthy and starts the series again."""
+
+    initial: float = 1.0
+    cap: float = 30.0
+    stable: float = 60.0
+
+    def next(self, previous: float | None, ran: float) -> float:
+        if previous is None or ran >= self.stable:
+            return self.initial
+        return min(previous * 2, self.cap)
+
+
+def describe_exit(code: int) -> dict[str, object]:
+    """Log fields saying why a process ended: its exit code, or the signal that killed it
+    (os.waitstatus_to_exitcode gives -signum for those)."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = str(-code)
+        return {"signal": name}
+    return {"exit_code": code}
 
 
 def _die_with_parent(parent: int) -> None:
@@ -69,71 +110,152 @@ def _child(
     parent: int,
     factory: LoopFactory | None,
 ) -> int:
-    from relay.app import RelayApp, run_loop
-
-    _die_with_parent(parent)
-
+    """A worker's life; returns its exit code and logs why it stops early."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    app = RelayApp(config, leader=index == 0, recover=False)
-    run_loop(app.serve_forever(sockets), factory)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+    _die_with_parent(parent)
+    try:
+        from relay.app import RelayApp, run_loop
+
+        app = RelayApp(config, leader=index == 0, recover=False)
+        run_loop(app.serve_forever(sockets), factory)
+    except (ConfigError, StartupError) as exc:
+        log.error("worker_config_error", worker=index, error=str(exc))
+        return EXIT_FATAL
+    except BaseException:
+        log.exception("worker_crashed", worker=index)
+        return 1
     return 0
 
 
-def run_workers(config: Config, factory: LoopFactory | None = None) -> int:
-    """Fork config.server.workers workers, each running its loop made by factory
-    (None: asyncio's default loop)."""
-    import relay.app  # noqa: F401 - imported once here, not in every worker after fork
+class _Supervisor:
+    def __init__(
+        self,
+        config: Config,
+        sockets: list[socket.socket],
+        factory: LoopFactory | None,
+        backoff: Backoff,
+    ) -> None:
+        self.config = config
+        self.sockets = sockets
+        self.factory = factory
+        self.backoff = backoff
+        self.children: dict[int, int] = {}  # pid -> worker index
+        self.shutdown = False  # a real SIGTERM/SIGINT: set only by on_signal
 
-    n = config.server.workers
-    sockets = [bind(hp) for hp in config.server.listen]
-    stopping = False
+    def on_signal(self, signum: int, _frame: object) -> None:
+        if not self.shutdown:
+            log.info("stopping", signal=signal.Signals(signum).name)
+        self.shutdown = True
+        self.terminate()
 
-    def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in list(children):
+    def terminate(self, sig: int = signal.SIGTERM) -> None:
+        for pid in list(self.children):
             try:
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, sig)
             except ProcessLookupError:
                 pass
 
-    children: dict[int, int] = {}
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    while True:
-        n_rec = recover(config)
-        if n_rec:
-            log.info("recovered_inflight", recipients=n_rec)
+    def start_workers(self) -> None:
         parent = os.getpid()
-        for i in range(n):
-            pid = os.fork()
-            if pid == 0:
-                code = 1
-                try:
-                    code = _child(config, i, sockets, parent, factory)
-                finally:
-                    os._exit(code)
-            children[pid] = i
-        log.info("workers_started", workers=n, pids=list(children))
-        failed = False
-        while children:
+        for i in range(self.config.server.workers):
+            if self.shutdown:
+                return
+            signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
             try:
-                pid, status = os.wait()
+                pid = os.fork()
+                if pid == 0:
+                    code = 1
+                    try:
+                        code = _child(self.config, i, self.sockets, parent, self.factory)
+                    finally:
+                        os._exit(code)
+                self.children[pid] = i
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)  # pending ones run now
+        log.info("workers_started", workers=len(self.children), pids=list(self.children))
+
+    def reap(self, block: bool = True) -> tuple[int, int, int] | None:
+        """One ended worker as (pid, index, exit code), or None (nothing ended yet when
+        not blocking; no workers left)."""
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
             except ChildProcessError:
+                self.children.clear()
+                return None
+            if pid == 0:
+                return None
+            index = self.children.pop(pid, None)
+            if index is not None:
+                return pid, index, os.waitstatus_to_exitcode(status)
+        return None
+
+    def stop_all(self, grace: float = STOP_GRACE) -> None:
+        """SIGTERM every worker, SIGKILL what is left after grace; wait for them all."""
+        self.terminate()
+        deadline = time.monotonic() + grace
+        while self.children:
+            if self.reap(block=False) is None and self.children:
+                if time.monotonic() >= deadline:
+                    log.warning("workers_killed", pids=list(self.children))
+                    self.terminate(signal.SIGKILL)
+                    deadline = float("inf")
+                time.sleep(0.05)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep before a restart; a stop signal ends it at once."""
+        end = time.monotonic() + seconds
+        while not self.shutdown and time.monotonic() < end:
+            time.sleep(min(0.05, max(end - time.monotonic(), 0.0)))
+
+    def run(self) -> int:
+        delay: float | None = None
+        while not self.shutdown:
+            n_rec = recover(self.config)
+            if n_rec:
+                log.info("recovered_inflight", recipients=n_rec)
+            started = time.monotonic()
+            self.start_workers()
+            if self.shutdown:
                 break
-            except InterruptedError:
-                continue
-            index = children.pop(pid, None)
-            if index is None:
-                continue
-            code = os.waitstatus_to_exitcode(status)
-            if not stopping:
-                log.error("worker_died", worker=index, pid=pid, code=code)
-                failed = True
-                on_signal(signal.SIGTERM, None)
-        if stopping and not failed:
-            return 0
-        # a worker died: everything is stopped now; requeue and start again
-        stopping = False
-        time.sleep(1.0)
+            ended = self.reap()
+            if ended is None or self.shutdown:
+                break
+            pid, index, code = ended
+            ran = time.monotonic() - started
+            why = describe_exit(code)
+            log.error("worker_died", worker=index, pid=pid, ran=round(ran, 1), **why)
+            self.stop_all()
+            if code == EXIT_FATAL:
+                log.error("workers_fatal", reason="a worker could not start; see above")
+                return EXIT_FATAL
+            if self.shutdown:
+                break
+            delay = self.backoff.next(delay, ran)
+            log.info("workers_restart", delay=delay)
+            self.sleep(delay)
+        self.stop_all()
+        return 0
+
+
+def run_workers(
+    config: Config,
+    factory: LoopFactory | None = None,
+    sockets: list[socket.socket] | None = None,
+    backoff: Backoff | None = None,
+) -> int:
+    """Fork config.server.workers workers, each running its loop made by factory
+    (None: asyncio's default loop), on sockets (None: bound here). Returns the exit code:
+    0 after SIGTERM/SIGINT, 2 when a worker cannot start."""
+    import relay.app  # noqa: F401 - imported once here, not in every worker after fork
+
+    if sockets is None:
+        from relay.preflight import bind_listeners
+
+        sockets = bind_listeners(config.server.listen)
+    sup = _Supervisor(config, sockets, factory, backoff or Backoff())
+    signal.signal(signal.SIGTERM, sup.on_signal)
+    signal.signal(signal.SIGINT, sup.on_signal)
+    return sup.run()

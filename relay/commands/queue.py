@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Any
 
+from relay.commands import open_existing_store
 from relay.config import load_config
 from relay.queue.spool import QueuedMessage, Spool
 from relay.store import Store
@@ -42,7 +43,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _open(path: str) -> tuple[Store, Spool]:
     config = load_config(path)
-    store = Store(config.storage.path).open()
+    store = open_existing_store(config)
     return store, Spool(store)
 
 

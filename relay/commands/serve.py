@@ -1,4 +1,10 @@
-"""`relay serve --config PATH`: run the relay in the foreground until SIGTERM."""
+"""`relay serve --config PATH`: run the relay in the foreground until SIGTERM.
+
+Before anything starts: the config is read, every file and address it names is checked
+(relay.preflight), the store is locked for this process (relay.storelock: one store,
+one running relay) and the listen sockets are bound. Any problem there is one line on
+stderr and exit code 2; only then do the workers (or the one in-process relay) start.
+"""
 
 from __future__ import annotations
 
@@ -15,14 +21,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from relay import preflight
+    from relay.storelock import StoreLock
+
     config = load_config(args.config)
     setup(config.logging.level, config.logging.format)
     from relay.app import RelayApp, loop_factory, run_loop
 
     factory = loop_factory(config, args.config)
-    if config.server.workers > 1:
-        from relay.workers import run_workers
+    preflight.check(config)
+    lock = StoreLock(config.storage.path).acquire()
+    try:
+        sockets = preflight.bind_listeners(config.server.listen)
+        if config.server.workers > 1:
+            from relay.workers import run_workers
 
-        return run_workers(config, factory)
-    run_loop(RelayApp(config).serve_forever(), factory)
-    return 0
+            return run_workers(config, factory, sockets)
+        run_loop(RelayApp(config).serve_forever(sockets), factory)
+        return 0
+    finally:
+        lock.release()

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from relay import logs
+from relay.commands import open_existing_store
 from relay.config import Config, load_config
 from relay.dns import AiodnsResolver, MxRecord
 from relay.errors import DnsError, DnsNoData, DnsNotFound, PolicyError
@@ -40,7 +41,6 @@ from relay.mtasts.fetch import (
     policy_url,
 )
 from relay.mtasts.policy import StsPolicy, policy_allows
-from relay.store import Store
 
 EXIT_POLICY, EXIT_NONE, EXIT_ERROR = 0, 1, 2
 
@@ -198,7 +198,7 @@ def run_check(args: argparse.Namespace) -> int:
 def run_cache(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     _quiet_logs()
-    store = Store(config.storage.path).open()
+    store = open_existing_store(config)
     try:
         entries = PolicyCache(store).all_sync()
     finally:
