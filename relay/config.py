@@ -90,6 +90,9 @@ class DeliveryConfig:
     dead_backoff: float = 300.0
     source_ip: str = ""  # bind outbound connections here (optional)
     bounce_sender: str = ""  # From of DSNs; default MAILER-DAEMON@hostname
+    # whose "TLS-Required: No" (RFC 8689) is honoured: trusted (trusted networks and
+    # authenticated senders) | all | never
+    tls_required_no: str = "trusted"
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,8 @@ class ArcConfig:
 class SrsConfig:
     enabled: bool = True
     domain: str = ""
-    secret: str = ""
+    secret: str = ""  # the secret itself, or read from secret_file
+    secret_file: Path | None = None
     max_age_days: int = 21
 
 
@@ -250,8 +254,12 @@ class _Section:
 
 
 def parse_hostport(
-    text: str, default_port: int, on_error: Callable[[str], ConfigError], allow_zero: bool = False
+    text: str,
+    default_port: int | None,
+    on_error: Callable[[str], ConfigError],
+    allow_zero: bool = False,
 ) -> HostPort:
+    """host:port, [v6]:port or (with a default_port) a bare host; None: a port is needed."""
     text = text.strip()
     host, port_s = text, ""
     if text.startswith("["):
@@ -266,8 +274,10 @@ def parse_hostport(
             raise on_error(f"bad address {text!r}")
     elif text.count(":") == 1:
         host, port_s = text.split(":")
+    if not port_s and default_port is None:
+        raise on_error(f"{text!r} needs a port (host:port, [v6]:port)")
     try:
-        port = int(port_s) if port_s else default_port
+        port = int(port_s) if port_s else int(default_port or 0)
     except ValueError:
         raise on_error(f"bad port in {text!r}") from None
     if not host or not (0 if allow_zero else 1) <= port < 65536:
@@ -276,6 +286,7 @@ def parse_hostport(
 
 
 _ACTIONS = ("accept", "reject", "quarantine")
+TLS_REQUIRED_NO = ("trusted", "all", "never")
 _EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 _KNOWN = {
@@ -318,6 +329,7 @@ _KNOWN = {
         "dead_backoff",
         "source_ip",
         "bounce_sender",
+        "tls_required_no",
     },
     "mta_sts": {
         "enabled",
@@ -347,7 +359,7 @@ _KNOWN = {
         "override_window",
         "override_per_sealer_hour",
     },
-    "srs": {"enabled", "domain", "secret", "max_age_days"},
+    "srs": {"enabled", "domain", "secret", "secret_file", "max_age_days"},
     "tlsrpt": {
         "enabled",
         "organization",
@@ -377,6 +389,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 
 def parse_config(doc: dict[str, Any], p: Path) -> Config:
+    """Validate a TOML document read from p: one reader per section, in dependency order
+    (aliases need relay.local_domains)."""
     known_tables = set(_KNOWN) | {"aliases"}
     for k in doc:
         if k not in known_tables:
@@ -385,20 +399,39 @@ def parse_config(doc: dict[str, Any], p: Path) -> Config:
     def sec(name: str) -> _Section:
         return _Section(p, name, doc.get(name, {}), _KNOWN[name])
 
-    s = sec("server")
+    relay = read_relay(sec("relay"))
+    return Config(
+        path=p,
+        server=read_server(sec("server")),
+        relay=relay,
+        aliases=read_aliases(p, doc.get("aliases", {}), relay),
+        storage=read_storage(sec("storage")),
+        dns=read_dns(sec("dns")),
+        delivery=read_delivery(sec("delivery")),
+        mta_sts=read_mta_sts(sec("mta_sts")),
+        http=read_http(sec("http")),
+        auth=read_auth(sec("auth")),
+        arc=read_arc(sec("arc")),
+        srs=read_srs(sec("srs")),
+        tlsrpt=read_tlsrpt(sec("tlsrpt")),
+        logging=read_logging(sec("logging")),
+    )
+
+
+def read_server(s: _Section) -> ServerConfig:
     listen_raw = s.strings("listen", ("127.0.0.1:2525",))
     if not listen_raw:
         raise s.err("listen", "needs at least one address")
+    # no default port: a bare "127.0.0.1" silently meaning port 25 surprised operators
     listen = tuple(
-        parse_hostport(x, 25, lambda m: s.err("listen", m), allow_zero=True) for x in listen_raw
+        parse_hostport(x, None, lambda m: s.err("listen", m), allow_zero=True) for x in listen_raw
     )
-    max_size = s.positive("max_message_size", int, 26214400, 1024)
     server = ServerConfig(
         listen=listen,
         hostname=s.get("hostname", str, "relay.example.net"),
         tls_cert=s.path_value("tls_cert", None),
         tls_key=s.path_value("tls_key", None),
-        max_message_size=max_size,
+        max_message_size=s.positive("max_message_size", int, 26214400, 1024),
         max_recipients=s.positive("max_recipients", int, 100, 1),
         max_header_size=s.positive("max_header_size", int, 102400, 1024),
         max_received_headers=s.positive("max_received_headers", int, 50, 1),
@@ -420,20 +453,23 @@ def parse_config(doc: dict[str, Any], p: Path) -> Config:
         fp = getattr(server, key)
         if fp is not None and not fp.is_file():
             raise s.err(key, f"file not found: {fp}")
+    return server
 
-    r = sec("relay")
+
+def read_relay(r: _Section) -> RelayConfig:
     nets = []
     for n in r.strings("trusted_networks", ("127.0.0.1/32",)):
         try:
             nets.append(ipaddress.ip_network(n, strict=False))
         except ValueError:
             raise r.err("trusted_networks", f"not a network: {n!r}") from None
-    relay = RelayConfig(
+    return RelayConfig(
         trusted_networks=tuple(nets),
         local_domains=tuple(d.lower().rstrip(".") for d in r.strings("local_domains", ())),
     )
 
-    aliases_raw = doc.get("aliases", {})
+
+def read_aliases(p: Path, aliases_raw: Any, relay: RelayConfig) -> dict[str, tuple[str, ...]]:
     if not isinstance(aliases_raw, dict):
         raise ConfigError(str(p), "aliases", "must be a table")
     aliases: dict[str, tuple[str, ...]] = {}
@@ -450,16 +486,16 @@ def parse_config(doc: dict[str, Any], p: Path) -> Config:
                 str(p), f"aliases.{k}", f"domain {dom!r} is not in relay.local_domains"
             )
         aliases[f"{local}@{dom.lower()}"] = tuple(v)
+    return aliases
 
-    st = sec("storage")
-    storage = StorageConfig(
-        path=st.path_value("path", Path("var/relay.sqlite3")) or p.parent / "var/relay.sqlite3"
-    )
-    if not storage.path.is_absolute():
-        storage = StorageConfig(path=p.parent / storage.path)
 
-    d = sec("dns")
-    dns = DnsConfig(
+def read_storage(st: _Section) -> StorageConfig:
+    path = st.path_value("path", Path("var/relay.sqlite3")) or Path("var/relay.sqlite3")
+    return StorageConfig(path=path if path.is_absolute() else st.path.parent / path)
+
+
+def read_dns(d: _Section) -> DnsConfig:
+    return DnsConfig(
         nameservers=tuple(
             parse_hostport(x, 53, lambda m: d.err("nameservers", m))
             for x in d.strings("nameservers", ())
@@ -469,7 +505,8 @@ def parse_config(doc: dict[str, Any], p: Path) -> Config:
         cache_negative_ttl=d.positive("cache_negative_ttl", float, 30.0, 0.0),
     )
 
-    dl = sec("delivery")
+
+def read_delivery(dl: _Section) -> DeliveryConfig:
     port = dl.get("port", int, 25)
     if not 0 < port < 65536:
         raise dl.err("port", "must be 1..65535")
@@ -494,12 +531,15 @@ def parse_config(doc: dict[str, Any], p: Path) -> Config:
         dead_backoff=dl.positive("dead_backoff", float, 300.0, 0.0),
         source_ip=dl.get("source_ip", str, ""),
         bounce_sender=dl.get("bounce_sender", str, ""),
+        tls_required_no=dl.choice("tls_required_no", "trusted", TLS_REQUIRED_NO),
     )
     if delivery.retry_jitter >= 1:
         raise dl.err("retry_jitter", "must be below 1")
+    return delivery
 
-    m = sec("mta_sts")
-    mta_sts = MtaStsConfig(
+
+def read_mta_sts(m: _Section) -> MtaStsConfig:
+    return MtaStsConfig(
         enabled=m.get("enabled", bool, True),
         https_port=m.positive("https_port", int, 443, 1),
         fetch_timeout=m.positive("fetch_timeout", float, 60.0, 0.1),
@@ -508,11 +548,13 @@ def parse_config(doc: dict[str, Any], p: Path) -> Config:
         failed_fetch_backoff=m.positive("failed_fetch_backoff", float, 300.0, 0.0),
     )
 
-    h = sec("http")
-    http = HttpConfig(allow_private_addresses=h.get("allow_private_addresses", bool, False))
 
-    a = sec("auth")
-    auth = AuthConfig(
+def read_http(h: _Section) -> HttpConfig:
+    return HttpConfig(allow_private_addresses=h.get("allow_private_addresses", bool, False))
+
+
+def read_auth(a: _Section) -> AuthConfig:
+    return AuthConfig(
         enabled=a.get("enabled", bool, True),
         dmarc_reject=a.choice("dmarc_reject", "reject", _ACTIONS),
         dmarc_quarantine=a.choice("dmarc_quarantine", "quarantine", _ACTIONS),
@@ -522,8 +564,9 @@ def parse_config(doc: dict[str, Any], p: Path) -> Config:
         crypto_threads=a.positive("crypto_threads", int, 2, 0),
     )
 
-    ac = sec("arc")
-    arc = ArcConfig(
+
+def read_arc(ac: _Section) -> ArcConfig:
+    return ArcConfig(
         enabled=ac.get("enabled", bool, True),
         domain=ac.get("domain", str, ""),
         selector=ac.get("selector", str, ""),
@@ -534,16 +577,30 @@ def parse_config(doc: dict[str, Any], p: Path) -> Config:
         override_per_sealer_hour=ac.positive("override_per_sealer_hour", int, 0, 0),
     )
 
-    sr = sec("srs")
-    srs = SrsConfig(
+
+def read_srs(sr: _Section) -> SrsConfig:
+    secret = sr.get("secret", str, "")
+    secret_file = sr.path_value("secret_file", None)
+    if secret and secret_file is not None:
+        raise sr.err("secret_file", "set secret or secret_file, not both")
+    if secret_file is not None:
+        try:  # a missing file leaves the secret empty: `relay serve` refuses that
+            secret = secret_file.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            secret = ""
+        except (OSError, UnicodeDecodeError) as exc:
+            raise sr.err("secret_file", f"cannot read {secret_file}: {exc}") from None
+    return SrsConfig(
         enabled=sr.get("enabled", bool, True),
         domain=sr.get("domain", str, ""),
-        secret=sr.get("secret", str, ""),
+        secret=secret,
+        secret_file=secret_file,
         max_age_days=sr.positive("max_age_days", int, 21, 1),
     )
 
-    t = sec("tlsrpt")
-    tlsrpt = TlsRptConfig(
+
+def read_tlsrpt(t: _Section) -> TlsRptConfig:
+    return TlsRptConfig(
         enabled=t.get("enabled", bool, True),
         organization=t.get("organization", str, ""),
         contact=t.get("contact", str, ""),
@@ -554,27 +611,11 @@ def parse_config(doc: dict[str, Any], p: Path) -> Config:
         send_delay_max=t.positive("send_delay_max", float, 3600.0, 0.0),
     )
 
-    lg = sec("logging")
-    logging_cfg = LoggingConfig(
+
+def read_logging(lg: _Section) -> LoggingConfig:
+    return LoggingConfig(
         level=lg.choice("level", "info", ("debug", "info", "warning", "error")),
         format=lg.choice("format", "auto", ("auto", "json", "console")),
-    )
-
-    return Config(
-        path=p,
-        server=server,
-        relay=relay,
-        aliases=aliases,
-        storage=storage,
-        dns=dns,
-        delivery=delivery,
-        mta_sts=mta_sts,
-        http=http,
-        auth=auth,
-        arc=arc,
-        srs=srs,
-        tlsrpt=tlsrpt,
-        logging=logging_cfg,
     )
 
 

@@ -43,6 +43,12 @@ def check_srs(config: Config) -> None:
         return
     if not s.domain:
         raise _err(config, "srs.domain", "SRS needs a domain (or set srs.enabled = false)")
+    if not s.secret and s.secret_file is not None:
+        raise _err(
+            config,
+            "srs.secret_file",
+            f"missing or empty: {s.secret_file} (scripts/serve writes a random one)",
+        )
     if not s.secret:
         raise _err(config, "srs.secret", "SRS needs a secret (scripts/serve writes a random one)")
     if s.secret in SHIPPED_SRS_SECRETS:
