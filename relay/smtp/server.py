@@ -3,7 +3,7 @@
 Built on aiosmtpd 1.4.6's ``SMTP`` protocol, which keeps the transport plumbing and the
 STARTTLS switch (with its CVE-2024-34083 fix: input buffered before TLS is dropped).
 The command loop and the DATA reader are ours, because the stock ones are not strict
-enough (see ../shared/threats.md rows 1-14):
+enough (see shared/threats.md rows 1-14):
 
 * Commands must end in CRLF; a control character anywhere in a command line -> 501.
 * DATA ends only on a line that is exactly ``.`` after CRLF. Any CR, LF or NUL outside a
@@ -23,7 +23,14 @@ enough (see ../shared/threats.md rows 1-14):
 Accepted transactions go to ``submit(conn, envelope, data)``; its string is the text
 after ``250 ``; a ``SmtpReplyError`` gives that reply; anything else gives 451 4.3.0.
 The submit runs shielded: a client that disconnects does not cancel a queue write
-half-way. No Python traceback ever reaches the client.
+half-way. A submit that has not answered within the session timeout (a stalled store
+writer) gets the client ``421 4.3.0`` and the connection closes: the submit watchdog.
+No Python traceback ever reaches the client.
+
+Command lines are limited to 512 octets with CRLF (RFC 5321 4.5.3.1.4; MAIL gets the
+extra octets of SIZE, BODY and SMTPUTF8): ``500 5.5.2 Line too long``. ``HELP`` lists
+only what is offered (STARTTLS only with a certificate, before TLS). The DATA reader
+(the smuggling guard) is relay.smtp.data_reader.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from relay.config import Config, HostPort
 from relay.errors import SmtpReplyError
 from relay.model import ConnInfo, Envelope
 from relay.smtp.address import AddressError, parse_params, parse_path
+from relay.smtp.data_reader import LINE_LIMIT, SYNC_ERROR, DataResult, read_data
 from relay.smtp.limits import (
     CachedDiskFree,
     ConnectionLimits,
@@ -55,22 +63,19 @@ SubmitFn = Callable[[ConnInfo, Envelope, bytes], Awaitable[str]]
 
 log = logs.get("relay.smtp")
 
-LINE_LIMIT = 1001  # RFC 5321 4.5.3.1.6: 998 + CRLF + one stuffed dot
-_DATA_CHUNK = 65536  # bytes asked of the reader at a time in DATA
-
-
-def _bare_cr_lf_nul(without_crlf: bytes) -> bool:
-    """Any CR, LF or NUL in bytes from which every CRLF pair was removed."""
-    return b"\r" in without_crlf or b"\n" in without_crlf or b"\x00" in without_crlf
 
 
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
-_HEADER_START = re.compile(rb"[!-9;-~]+[ \t]*:")
-_RECEIVED = re.compile(rb"received[ \t]*:", re.IGNORECASE)
 _REPLY_TEXT_BAD = re.compile(r"[\x00-\x1f\x7f]")
 
-SYNC_ERROR = "554 5.5.0 Error: SMTP protocol synchronization (PIPELINING is not offered)"
 INTERNAL_ERROR = "451 4.3.0 Error: internal error"
+
+# RFC 5321 4.5.3.1.4: a command line is at most 512 octets with its CRLF; extensions may
+# raise it, and those we offer raise MAIL's: SIZE by 26 (RFC 1870 3), BODY by 16 (RFC 6152
+# 2) and SMTPUTF8 by 10 (RFC 6531 3.4).
+COMMAND_LIMIT = 512
+MAIL_LIMIT = COMMAND_LIMIT + 26 + 16 + 10
+LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 limit: 512 octets with CRLF)"
 
 
 class _NoHooks:
@@ -91,6 +96,11 @@ def bind_sockets(listen: Sequence[HostPort], *, reuse_port: bool = False) -> lis
         s.setblocking(False)
         out.append(s)
     return out
+
+
+def _fits_mail_limit(line: bytes) -> bool:
+    """A MAIL command gets the extra octets of the extensions it may carry."""
+    return len(line) <= MAIL_LIMIT and line[:5].upper() == b"MAIL "
 
 
 def _reply_from_error(exc: SmtpReplyError) -> str:
@@ -199,15 +209,6 @@ class SmtpServer:
         self._submits.discard(task)
         if not task.cancelled():
             task.exception()  # retrieved here too, for sessions that went away meanwhile
-
-
-class _DataResult:
-    __slots__ = ("content", "reply", "close")
-
-    def __init__(self, content: bytes | None, reply: str | None, close: bool = False) -> None:
-        self.content = content
-        self.reply = reply
-        self.close = close
 
 
 class SmtpSession(SMTP):
@@ -477,10 +478,14 @@ class SmtpSession(SMTP):
                 line: bytes = await reader.readuntil(b"\n")
             except asyncio.LimitOverrunError as exc:
                 await self._skip_long_line(exc.consumed)
-                if not await self._error("500 5.5.2 Error: command line too long"):
+                if not await self._error(LINE_TOO_LONG):
                     return
                 continue
             self._last_progress = self.loop.time()
+            if len(line) > COMMAND_LIMIT and not _fits_mail_limit(line):
+                if not await self._error(LINE_TOO_LONG):
+                    return
+                continue
             if not await self._dispatch(line):
                 return
 
@@ -679,6 +684,9 @@ class SmtpSession(SMTP):
             reply = await self._submit(envelope, result.content)
             self._phase = "command"
             await self.push(reply)
+            if reply.startswith("421"):  # closing the channel (RFC 5321 3.8)
+                self._close()
+                return False
             if reply.startswith("250"):
                 self._junk = 0
         if self._stop_requested:
@@ -691,7 +699,15 @@ class SmtpSession(SMTP):
         self._phase = "submit"
         task = self._server._start_submit(self.conn_info(), envelope, content)
         try:
-            text = await asyncio.shield(task)
+            # the submit watchdog: a store writer stalled past the session timeout gets
+            # the client a 421 (RFC 5321 4.5.3.2.6: it waits 10 minutes for this reply,
+            # and must not hang); the write itself goes on, shielded
+            text = await asyncio.wait_for(asyncio.shield(task), self._lim.idle_timeout)
+        except TimeoutError:
+            log.error(
+                "smtp_submit_stalled", peer=self._peer_ip, waited=self._lim.idle_timeout
+            )
+            return f"421 4.3.0 {self.hostname} Error: queue write timed out, try again later"
         except SmtpReplyError as exc:
             return _reply_from_error(exc)
         except Exception:
@@ -701,131 +717,14 @@ class SmtpSession(SMTP):
             self._last_progress = self.loop.time()
         return "250 " + _REPLY_TEXT_BAD.sub(" ", str(text))
 
-    async def _read_data(self) -> _DataResult:
-        """Read DATA up to the one valid terminator; bounded memory whatever arrives.
+    async def _read_data(self) -> DataResult:
+        """The DATA reader (relay.smtp.data_reader: the smuggling guard) on this session's
+        stream; a whole line read counts as client progress for the idle timeout."""
 
-        Reads whatever the socket has (not a line at a time) and checks each run of whole
-        lines at once. The rules are those of CRLF-separated lines: the terminator is the
-        first line that is exactly ".<CRLF>"; a CR, LF or NUL outside a CRLF pair, a line
-        longer than LINE_LIMIT with its CRLF, the size and header limits are errors. At
-        most one incomplete line (LINE_LIMIT bytes) is held; an overlong line is checked
-        and dropped as it arrives, and nothing is kept once the message is refused.
-        """
-        lim = self._lim
-        reader = self._reader
-        blocks: list[bytes] = []
-        size = 0
-        bad = too_long = too_big = header_big = False
-        in_headers = True
-        header_bytes = 0
-        received = 0
-        carry = b""  # the current line so far (without a CRLF)
-        overlong = False  # the current line is overlong: carry holds at most its last CR
-        while True:
-            data = await reader.read(_DATA_CHUNK)
-            if not data:
-                raise asyncio.IncompleteReadError(carry, None)
-            buf = carry + data if carry else data
-            if not overlong and buf[:3] == b".\r\n":
-                cut, rest = 0, buf[3:]
-            else:
-                i = buf.find(b"\r\n.\r\n")
-                if i >= 0:
-                    cut, rest = i + 2, buf[i + 5 :]
-                else:
-                    j = buf.rfind(b"\r\n")
-                    cut, rest = (j + 2 if j >= 0 else 0), None
-            block = buf[:cut]
-            carry = buf[cut:] if rest is None else b""
-            if block or rest is not None:  # a whole line came
-                self._last_progress = self.loop.time()
-            if block:
-                if overlong:  # the end of an overlong line
-                    j = block.index(b"\r\n") + 2
-                    tail = block[:j]
-                    if tail.count(b"\r") != 1 or tail.count(b"\n") != 1 or b"\x00" in tail:
-                        bad = True
-                    size += j
-                    block = block[j:]
-                    overlong = False
-            if block:
-                size += len(block)
-                lines = block.split(b"\r\n")
-                if _bare_cr_lf_nul(b"".join(lines)):  # a CR or LF left is outside a CRLF
-                    bad = True
-                if len(max(lines, key=len)) + 2 > LINE_LIMIT:
-                    too_long = True
-                if in_headers:
-                    for line in lines[:-1]:
-                        n = len(line) + 2
-                        if n == 2:
-                            in_headers = False
-                        elif line[0] in (32, 9):
-                            header_bytes += n
-                        elif _HEADER_START.match(line):
-                            header_bytes += n
-                            if line[0] in (82, 114) and _RECEIVED.match(line):  # R, r
-                                received += 1
-                        else:
-                            in_headers = False
-                        if header_bytes > lim.max_header_size:
-                            header_big = True
-                        if not in_headers:
-                            break
-                if size > lim.max_message_size:
-                    too_big = True
-                if bad or too_long or too_big or header_big:
-                    blocks.clear()
-                else:
-                    blocks.append(block)
-            if rest is not None:
-                if rest:  # pipelined input after the terminator: back for the command reader
-                    reader._buffer[0:0] = rest  # type: ignore[attr-defined]
-                break
-            if len(carry) > LINE_LIMIT:  # an overlong line: check what came, keep a last CR
-                keep = 1 if carry[-1] == 13 else 0
-                done = carry[: len(carry) - keep]
-                if b"\r" in done or b"\n" in done or b"\x00" in done:
-                    bad = True
-                size += len(done)
-                carry = carry[len(carry) - keep :]
-                too_long = overlong = True
-                blocks.clear()
-        pending = self._pending()
-        if pending and pending.upper() != b"QUIT\r\n":
-            return _DataResult(None, SYNC_ERROR, close=True)
-        if bad:
-            return _DataResult(
-                None, "550 5.6.0 Error: bare CR, LF or NUL in message (line ends must be CRLF)"
-            )
-        if too_long:
-            return _DataResult(
-                None, "500 5.5.2 Error: line too long (RFC 5321 limit: 1000 octets with CRLF)"
-            )
-        if too_big:
-            return _DataResult(
-                None,
-                f"552 5.3.4 Error: message size exceeds fixed limit of "
-                f"{lim.max_message_size} octets",
-            )
-        if header_big:
-            return _DataResult(
-                None,
-                f"552 5.3.4 Error: message header section exceeds {lim.max_header_size} octets",
-            )
-        if received >= lim.max_received_headers:
-            return _DataResult(
-                None, f"554 5.4.6 Error: too many Received headers ({received}): mail loop?"
-            )
-        content = b"".join(blocks)
-        if content[:1] == b".":  # dot-unstuffing (RFC 5321 4.5.2)
-            content = content[1:]
-        if b"\r\n." in content:
-            content = content.replace(b"\r\n.", b"\r\n")
-        if _bare_cr_lf_nul(content.replace(b"\r\n", b"")):
-            # unreachable by construction; kept as the last line of defence
-            return _DataResult(None, "550 5.6.0 Error: bare CR, LF or NUL in message")
-        return _DataResult(content, None)
+        def progress() -> None:
+            self._last_progress = self.loop.time()
+
+        return await read_data(self._reader, self._lim, progress, self._pending)
 
     async def _cmd_rset(self, arg: str) -> bool:
         if arg:
@@ -839,7 +738,11 @@ class SmtpSession(SMTP):
         return True
 
     async def _cmd_help(self, arg: str) -> bool:
-        await self.push("214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT STARTTLS")
+        # only what is offered here and now: STARTTLS with a certificate, before TLS
+        offered = "EHLO HELO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT"
+        if self.tls_context is not None and self._tls_protocol is None:
+            offered += " STARTTLS"
+        await self.push(f"214 2.0.0 Commands: {offered}")
         return True
 
     async def _cmd_vrfy(self, arg: str) -> bool:

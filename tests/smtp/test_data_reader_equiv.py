@@ -1,4 +1,4 @@
-"""The bulk DATA reader (SmtpSession._read_data) decides exactly as the line-at-a-time
+"""The bulk DATA reader (relay.smtp.data_reader.read_data) decides exactly as the line-at-a-time
 reader it replaced: same content (dot-unstuffed), same reply, same pipelining verdict
 and the same input left for the command reader, whatever the bytes and however the
 network splits them. The reference below is the previous implementation, kept verbatim
@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-from types import SimpleNamespace
 from typing import Any
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from relay.smtp.data_reader import LINE_LIMIT, SYNC_ERROR, read_data
 from relay.smtp.limits import SessionLimits
-from relay.smtp.server import LINE_LIMIT, SYNC_ERROR, SmtpSession
 
 _HEADER_START = re.compile(rb"[!-9;-~]+[ \t]*:")
 _RECEIVED = re.compile(rb"received[ \t]*:", re.IGNORECASE)
@@ -186,14 +185,12 @@ def test_bulk_reader_matches_line_reader(tokens: list[bytes], end: bytes, cuts: 
     chunks = [c for c in chunks if c]
 
     async def new(reader: asyncio.StreamReader) -> tuple[bytes | None, str | None, bool]:
-        fake = SimpleNamespace(
-            _lim=LIM,
-            _reader=reader,
-            loop=asyncio.get_running_loop(),
-            _last_progress=0.0,
-            _pending=lambda: bytes(reader._buffer),  # type: ignore[attr-defined]
+        r = await read_data(
+            reader,
+            LIM,
+            lambda: None,
+            lambda: bytes(reader._buffer),  # type: ignore[attr-defined]
         )
-        r = await SmtpSession._read_data(fake)  # type: ignore[arg-type]
         return r.content, _kind(r.reply), r.close
 
     async def both() -> None:
