@@ -49,10 +49,11 @@ def _one_line(err: str) -> str:
     return lines[0]
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_second_serve_on_the_same_store_exits_2_naming_store_and_pid(
-    tmp_path: Path,
+    tmp_path: Path, workers: int
 ) -> None:
-    first_cfg = _config(tmp_path)
+    first_cfg = _config(tmp_path, server={"workers": workers})
     # the second instance listens elsewhere but names the same store
     second_cfg = _config(tmp_path, "second.toml")
     proc = subprocess.Popen(
@@ -151,3 +152,26 @@ def test_commands_that_read_a_store_refuse_a_missing_one(
     line = _one_line(res.stderr)
     assert "does not exist" in line and "nothere" in line, line
     assert not (tmp_path / "nothere").exists()
+
+
+async def test_a_killed_relay_leaves_no_lock_behind(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    port = int(_listen(cfg).rsplit(":", 1)[1])
+    argv = [sys.executable, "-m", "relay", "serve", "--config", str(cfg)]
+    first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await wait_listening(port)
+        first.kill()  # kill -9: no clean-up runs; the kernel drops the flock
+        first.wait(10)
+        assert lock_path(tmp_path / "relay.sqlite3").read_text().strip() == str(first.pid)
+        second = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            await wait_listening(port)
+            assert lock_path(tmp_path / "relay.sqlite3").read_text().strip() == str(second.pid)
+        finally:
+            second.terminate()
+            assert second.wait(20) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
