@@ -3,6 +3,7 @@ checked in the parent before a worker starts; one line and exit 2 for each probl
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -161,8 +162,17 @@ async def test_a_killed_relay_leaves_no_lock_behind(tmp_path: Path) -> None:
     first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         await wait_listening(port)
+        workers = subprocess.run(
+            ["pgrep", "-P", str(first.pid)], capture_output=True, text=True
+        ).stdout.split()
         first.kill()  # kill -9: no clean-up runs; the kernel drops the flock
         first.wait(10)
+        # the workers hold the lock too (an orphan still delivering must block a new
+        # relay); they die with the parent (PR_SET_PDEATHSIG)
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{w}").exists() for w in workers):
+            assert time.monotonic() < deadline, "workers outlived the parent"
+            await asyncio.sleep(0.05)
         assert lock_path(tmp_path / "relay.sqlite3").read_text().strip() == str(first.pid)
         second = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
