@@ -93,6 +93,15 @@ def test_missing_arc_key_with_several_workers_is_one_line_exit_2(tmp_path: Path)
     assert not lock_path(tmp_path / "relay.sqlite3").exists() or not _locked(tmp_path)
 
 
+def _alive(pid: str) -> bool:
+    """Running (a zombie holds no files any more)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
 def _locked(tmp_path: Path) -> bool:
     import fcntl
 
@@ -170,7 +179,7 @@ async def test_a_killed_relay_leaves_no_lock_behind(tmp_path: Path) -> None:
         # the workers hold the lock too (an orphan still delivering must block a new
         # relay); they die with the parent (PR_SET_PDEATHSIG)
         deadline = time.monotonic() + 10
-        while any(Path(f"/proc/{w}").exists() for w in workers):
+        while any(_alive(w) for w in workers):
             assert time.monotonic() < deadline, "workers outlived the parent"
             await asyncio.sleep(0.05)
         assert lock_path(tmp_path / "relay.sqlite3").read_text().strip() == str(first.pid)
