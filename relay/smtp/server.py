@@ -25,6 +25,8 @@ after ``250 ``; a ``SmtpReplyError`` gives that reply; anything else gives 451 4
 The submit runs shielded: a client that disconnects does not cancel a queue write
 half-way. A submit that has not answered within the session timeout (a stalled store
 writer) gets the client ``421 4.3.0`` and the connection closes: the submit watchdog.
+The write goes on and may still commit; the client, told 421, sends again: at worst a
+duplicate, never a loss.
 No Python traceback ever reaches the client.
 
 Command lines are limited to 512 octets with CRLF (RFC 5321 4.5.3.1.4; MAIL gets the
