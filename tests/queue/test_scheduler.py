@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import email
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,7 +63,13 @@ class ScriptedCourier:
 
 
 class Harness:
-    def __init__(self, tmp: Path, script: dict[str, list[str]], **delivery: object) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        script: dict[str, list[str]],
+        sched: dict[str, Any] | None = None,
+        **delivery: object,
+    ) -> None:
         doc = {
             "delivery": {
                 "retry_first": 300,
@@ -78,7 +85,13 @@ class Harness:
         self.spool = Spool(self.store, self.clock)
         self.courier = ScriptedCourier(script)
         self.sched = Scheduler(
-            self.config, self.spool, self.courier, self.inject, clock=self.clock, poll_interval=0.02
+            self.config,
+            self.spool,
+            self.courier,
+            self.inject,
+            clock=self.clock,
+            poll_interval=0.02,
+            **(sched or {}),
         )
 
     async def inject(self, mail_from: str, rcpts: tuple[str, ...], data: bytes, flags: int) -> str:
@@ -105,8 +118,10 @@ class Harness:
 def harness_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
     made: list[Harness] = []
 
-    def make(script: dict[str, list[str]], **delivery: object) -> Harness:
-        h = Harness(tmp_path, script, **delivery)
+    def make(
+        script: dict[str, list[str]], sched: dict[str, Any] | None = None, **delivery: object
+    ) -> Harness:
+        h = Harness(tmp_path, script, sched, **delivery)
         made.append(h)
         return h
 
