@@ -117,7 +117,6 @@ class Scheduler:
         self.bounce_from = d.bounce_sender or f"MAILER-DAEMON@{config.server.hostname}"
         self._sweep_interval = sweep_interval
         self.lease = lease
-        self._next_sweep = 0.0  # scheduler clock; the first sweep runs at once
 
     @property
     def lease(self) -> float:
@@ -129,6 +128,7 @@ class Scheduler:
             raise ValueError("lease must be positive")
         self.spool.lease = seconds
         self.sweep_interval = self._sweep_interval or seconds / 3
+        self._next_sweep = 0.0  # scheduler clock: the next round runs at once
 
     # ------------------------------------------------------------ entry points
 
