@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -293,3 +294,39 @@ def test_an_old_store_is_upgraded_and_its_inflight_rows_recovered(tmp_path: Path
         conn.close()
     finally:
         store.close()
+
+
+async def test_queue_list_json_keeps_its_keys_and_shows_the_states(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from relay.cli import main as cli_main
+    from tests.labutil import base_doc, write_config
+
+    doc = base_doc(tmp_path, "127.0.0.1", 25)
+    write_config(tmp_path / "config.toml", doc)
+    store = Store(doc["storage"]["path"]).open()
+    try:
+        spool = Spool(store)
+        qid = await spool.enqueue(NewMessage("a@x.test", ("b@y.test", "c@y.test"), MSG))
+        await spool.claim(qid, ["b@y.test", "c@y.test"])
+        await spool.record(qid, [RecipientUpdate("c@y.test", RecipientState.FAILED, "550")])
+    finally:
+        store.close()
+    capsys.readouterr()
+    rc = await asyncio.to_thread(
+        cli_main, ["queue", "list", "--json", "--config", str(tmp_path / "config.toml")]
+    )
+    assert rc == 0
+    [m] = json.loads(capsys.readouterr().out)
+    assert set(m) == {"id", "mail_from", "size", "message_id", "created", "recipients"}
+    assert [(r["address"], r["state"]) for r in m["recipients"]] == [
+        ("b@y.test", "inflight"),
+        ("c@y.test", "failed"),
+    ]
+    assert set(m["recipients"][0]) == {
+        "address",
+        "state",
+        "attempts",
+        "next_attempt",
+        "last_reply",
+    }
