@@ -32,7 +32,6 @@ dead-destination breaker (destinations.py), one structlog line per failed attemp
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import random
 import time
@@ -42,6 +41,7 @@ from typing import Any
 
 from relay import logs
 from relay.config import Config
+from relay.delivery import tlspolicy
 from relay.delivery.client import (
     ConnectionLost,
     SessionError,
@@ -53,7 +53,8 @@ from relay.delivery.client import (
 )
 from relay.delivery.destinations import Destinations
 from relay.delivery.route import MxHost, Route, mx_matches, resolve_route
-from relay.delivery.tls import MX_NOT_IN_POLICY, STARTTLS_MISSING_REASON, TlsContexts
+from relay.delivery.tls import TlsContexts
+from relay.delivery.tlspolicy import Action, Mode, Offer, PolicyMode, TlsDecision, TlsInputs
 from relay.dns import Resolver
 from relay.model import (
     AttemptResult,
@@ -62,7 +63,6 @@ from relay.model import (
     RecipientResult,
     RecipientState,
     SmtpReply,
-    StsMode,
     TlsOutcome,
     TlsPolicy,
     TlsResultType,
@@ -80,25 +80,8 @@ MAX_CONNECTION_AGE = 300.0
 MAX_ADDRESSES_PER_HOST = 2
 
 
-class Mode(enum.Enum):
-    ENFORCE = "enforce"
-    TESTING = "testing"
-    OPPORTUNISTIC = "opportunistic"
-
-
-_LEVELS: dict[Mode, tuple[str, ...]] = {
-    Mode.ENFORCE: ("verified",),
-    Mode.TESTING: ("verified", "encrypted", "clear"),
-    Mode.OPPORTUNISTIC: ("verified", "encrypted", "clear"),
-}
-
-
 def effective_mode(policy: TlsPolicy | None, job: DeliveryJob) -> Mode:
-    if policy is None or policy.mode is None or policy.mode is StsMode.NONE:
-        return Mode.OPPORTUNISTIC
-    if policy.mode is StsMode.ENFORCE and job.tls_required:
-        return Mode.ENFORCE
-    return Mode.TESTING  # testing, or enforce waived by "TLS-Required: no" (RFC 8689)
+    return tlspolicy.effective_mode(tlspolicy.policy_mode(policy), not job.tls_required)
 
 
 # ---------------------------------------------------------------------- connection pool
@@ -194,12 +177,44 @@ class _Attempt:
 
     job: DeliveryJob
     policy: TlsPolicy | None
-    mode: Mode
+    plan: TlsDecision  # the job-level TLS decision (tlspolicy.decide)
     log: Any
     outcomes: list[TlsOutcome] = field(default_factory=list)
     tls_refusals: list[str] = field(default_factory=list)  # enforce: why a host was refused
     connect_errors: list[str] = field(default_factory=list)
     sessions: int = 0  # sessions that got past the SMTP handshake
+
+    @property
+    def mode(self) -> Mode:
+        return self.plan.mode
+
+    def decide(
+        self,
+        *,
+        mx_in_policy: bool,
+        offer: Offer = Offer.UNKNOWN,
+        verifying: bool = False,
+        failure: TlsResultType | None = None,
+        reason: str = "",
+    ) -> TlsDecision:
+        return tlspolicy.decide(
+            TlsInputs(
+                tlspolicy.policy_mode(self.policy),
+                tls_required_no=not self.job.tls_required,
+                mx_in_policy=mx_in_policy,
+                offer=offer,
+                verifying=verifying,
+                failure=failure,
+                reason=reason,
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Unavailable:
+    """The policy lookup could not say what the policy is."""
+
+    reason: str
 
 
 class _DeadlineInTransaction(Exception):
@@ -290,9 +305,12 @@ class Courier:
                 ),
                 self._policy(job.domain, blog),
             )
-            if isinstance(policy, str):
-                return _all(job, RecipientState.DEFERRED, policy)
-            att = _Attempt(job, policy, effective_mode(policy, job), blog)
+            if isinstance(policy, _Unavailable):
+                return self._unavailable(job, policy, blog)
+            plan = tlspolicy.decide(
+                TlsInputs(tlspolicy.policy_mode(policy), tls_required_no=not job.tls_required)
+            )
+            att = _Attempt(job, policy, plan, blog)
             if policy is not None and policy.fetch_error is not None:
                 self._emit(
                     att,
@@ -308,8 +326,9 @@ class Courier:
                 )
             return await self._deliver_route(att, route)
 
-    async def _policy(self, domain: str, blog: Any) -> TlsPolicy | None | str:
-        """The domain's policy; a reply text (str) when the lookup itself broke."""
+    async def _policy(self, domain: str, blog: Any) -> TlsPolicy | None | _Unavailable:
+        """The domain's policy; _Unavailable when the lookup could not say (the policy
+        cache unreadable, or the lookup itself broke)."""
         if self.policy_lookup is None:
             return None
         try:
@@ -318,7 +337,22 @@ class Courier:
             raise
         except Exception as exc:  # noqa: BLE001 - a broken lookup must not downgrade
             blog.error("policy_lookup_failed", error=f"{type(exc).__name__}: {exc}")
-            return "451 4.3.0 MTA-STS policy lookup failed; will retry"
+            return _Unavailable(str(exc) or type(exc).__name__)
+
+    def _unavailable(self, job: DeliveryJob, why: _Unavailable, blog: Any) -> AttemptResult:
+        # RFC 8461 section 5 (fail closed, see tlspolicy.decide): an unknown policy is
+        # never read as "no policy"; nothing is sent, every recipient is deferred
+        d = tlspolicy.decide(TlsInputs(PolicyMode.UNAVAILABLE, reason=why.reason))
+        assert d.action is Action.DEFER
+        text = f"451 4.7.0 TLS policy of {job.domain} unavailable, not sent: {d.reason}"[:900]
+        blog.warning(
+            "tls_policy_unavailable",
+            recipients=list(job.recipients),
+            reply=text,
+            outcome="deferred",
+            rfc=d.rfc,
+        )
+        return _all(job, RecipientState.DEFERRED, text)
 
     async def _deliver_route(self, att: _Attempt, route: Route) -> AttemptResult:
         job = att.job
@@ -339,27 +373,21 @@ class Courier:
         for host in route.hosts:
             last_host = host.name
             in_policy = self._in_policy(att.policy, host.name)
-            if not in_policy and att.mode is not Mode.OPPORTUNISTIC:
+            plan = att.decide(mx_in_policy=in_policy)
+            if plan.report and plan.result_type is not None:
                 self._emit(
                     att,
                     self._outcome(
-                        att,
-                        host.name,
-                        "",
-                        TlsResultType.VALIDATION_FAILURE,
-                        MX_NOT_IN_POLICY,
-                        enforced=att.mode is Mode.ENFORCE,
+                        att, host.name, "", plan.result_type, plan.reason, enforced=plan.enforced
                     ),
                 )
-                if att.mode is Mode.ENFORCE:
-                    att.tls_refusals.append(f"{host.name}: {MX_NOT_IN_POLICY}")
-                    att.log.info(
-                        "attempt", mx=host.name, outcome="tls-refused", reason=MX_NOT_IN_POLICY
-                    )
-                    continue
+            if plan.action is Action.REFUSE_HOST:
+                att.tls_refusals.append(f"{host.name}: {plan.reason}")
+                att.log.info("attempt", mx=host.name, outcome="tls-refused", reason=plan.reason)
+                continue
             for ip in host.addresses[:MAX_ADDRESSES_PER_HOST]:
                 try:
-                    result = await self._try_address(att, host, ip, verify=in_policy)
+                    result = await self._try_address(att, host, ip, plan, in_policy)
                 except _DeadlineInTransaction as exc:
                     text = f"451 4.4.2 {exc} attempt deadline exceeded during the transaction"
                     return _all(job, RecipientState.DEFERRED, text, tuple(att.outcomes), host.name)
@@ -368,7 +396,7 @@ class Courier:
         return self._nothing_worked(att, last_host)
 
     def _in_policy(self, policy: TlsPolicy | None, host: str) -> bool:
-        if policy is None or policy.mode is None or policy.mode is StsMode.NONE:
+        if tlspolicy.policy_mode(policy) is PolicyMode.NONE or policy is None:
             return True
         return any(mx_matches(p, host) for p in policy.mx_patterns)
 
@@ -398,7 +426,7 @@ class Courier:
     # ------------------------------------------------------------------ one address
 
     async def _try_address(
-        self, att: _Attempt, host: MxHost, ip: str, *, verify: bool
+        self, att: _Attempt, host: MxHost, ip: str, plan: TlsDecision, in_policy: bool
     ) -> AttemptResult | None:
         """One attempt to one MX address under the total deadline. Returns None when the
         next candidate should be tried."""
@@ -411,7 +439,7 @@ class Courier:
                 session = await self._take_pooled(att, host, ip)
                 reused = session is not None
                 if session is None:
-                    session = await self._open(att, host, ip, verify=verify)
+                    session = await self._open(att, host, ip, plan, in_policy)
                 in_tx = True
                 try:
                     tx = await session.send(job.mail_from, job.recipients, job.data)
@@ -420,7 +448,7 @@ class Courier:
                         raise
                     att.log.info("reused_connection_lost", mx=host.name, ip=ip, error=exc.detail)
                     in_tx = False
-                    session = await self._open(att, host, ip, verify=verify)
+                    session = await self._open(att, host, ip, plan, in_policy)
                     in_tx = True
                     tx = await session.send(job.mail_from, job.recipients, job.data)
         except TimeoutError:
@@ -433,7 +461,7 @@ class Courier:
             att.log.info("attempt", mx=host.name, ip=ip, outcome="timeout")
             return None
         except (StartTlsMissing, TlsFailed) as exc:
-            if att.mode is not Mode.ENFORCE:  # e.g. 421 to STARTTLS: the host gave up
+            if plan.action is not Action.REQUIRE_TLS:  # e.g. 421 to STARTTLS: it gave up
                 att.connect_errors.append(exc.detail)
                 att.log.info(
                     "attempt", mx=host.name, ip=ip, outcome="connect-failed", reason=exc.detail
@@ -456,14 +484,16 @@ class Courier:
         """A pooled connection of an acceptable TLS level, with a RSET owed: send() sends
         it first (with PIPELINING in the same write as MAIL). A connection that died idle
         shows as ConnectionLost from send(), and the message goes on a new connection."""
-        session = self.pool.take(ip, self.config.delivery.port, host.name, _LEVELS[att.mode])
+        session = self.pool.take(ip, self.config.delivery.port, host.name, att.plan.levels)
         if session is not None:
             session.pending_rset = True
             att.log.debug("connection_reused", mx=host.name, ip=ip, tls=session.level)
         return session
 
-    async def _open(self, att: _Attempt, host: MxHost, ip: str, *, verify: bool) -> SmtpSession:
-        """A new session at the TLS level the mode asks for; emits the TLS outcome."""
+    async def _open(
+        self, att: _Attempt, host: MxHost, ip: str, plan: TlsDecision, in_policy: bool
+    ) -> SmtpSession:
+        """A new session as the host's TLS decision says; emits the TLS outcome."""
         d = self.config.delivery
         common: dict[str, Any] = {
             "mx_host": host.name,
@@ -474,32 +504,47 @@ class Courier:
             "command_timeout": d.attempt_timeout,
             "source_ip": d.source_ip,
         }
-        if att.mode is Mode.ENFORCE:
+        if plan.action is Action.REQUIRE_TLS:
             try:
                 session = await SmtpSession.open(
                     tls_context=self.tls.verifying, require_tls=True, **common
                 )
             except (StartTlsMissing, TlsFailed) as exc:
-                self._emit(
-                    att,
-                    self._outcome(
-                        att, host.name, ip, _tls_type(exc), exc.detail, exc.local_ip, True
-                    ),
+                offer = Offer.FAILED if isinstance(exc, TlsFailed) else Offer.NOT_OFFERED
+                done = att.decide(
+                    mx_in_policy=in_policy,
+                    offer=offer,
+                    verifying=True,
+                    failure=_tls_type(exc),
+                    reason=exc.detail,
                 )
+                self._report(att, host.name, ip, done, exc.local_ip)
                 raise
-            self._emit(att, self._outcome(att, host.name, ip, None, "", session.local_ip))
+            done = att.decide(mx_in_policy=in_policy, offer=_offer(session), verifying=True)
+            if done.action is not Action.SEND:  # the client let through what enforce refuses
+                self._report(att, host.name, ip, done, session.local_ip)
+                session.close()
+                raise TlsFailed(
+                    done.result_type or TlsResultType.VALIDATION_FAILURE,
+                    f"{host.name}[{ip}]: {done.reason}",
+                )
+            self._report(att, host.name, ip, done, session.local_ip)
             return session
-        if att.mode is Mode.TESTING and verify:
+        if plan.action is Action.VERIFY:
             # the verification pass: what enforce would have refused is recorded
             try:
                 session = await SmtpSession.open(
                     tls_context=self.tls.verifying, require_tls=False, **common
                 )
             except TlsFailed as exc:
-                self._emit(
-                    att,
-                    self._outcome(att, host.name, ip, exc.result_type, exc.detail, exc.local_ip),
+                done = att.decide(
+                    mx_in_policy=in_policy,
+                    offer=Offer.FAILED,
+                    verifying=True,
+                    failure=exc.result_type,
+                    reason=exc.detail,
                 )
+                self._report(att, host.name, ip, done, exc.local_ip)
                 att.log.info(
                     "tls_verification_failed",
                     mx=host.name,
@@ -507,41 +552,47 @@ class Courier:
                     reason=exc.detail,
                     mode="testing",
                 )
-                return await self._open_opportunistic(att, host, ip, common, report=False)
-            self._report_session(att, host, ip, session)
+                return await self._open_opportunistic(att, host, ip, common, in_policy)
+            done = att.decide(
+                mx_in_policy=in_policy,
+                offer=_offer(session),
+                verifying=True,
+                reason=_offer_reason(session),
+            )
+            self._report(att, host.name, ip, done, session.local_ip)
             return session
-        return await self._open_opportunistic(
-            att, host, ip, common, report=att.mode is Mode.OPPORTUNISTIC
-        )
+        return await self._open_opportunistic(att, host, ip, common, in_policy)
 
     async def _open_opportunistic(
-        self, att: _Attempt, host: MxHost, ip: str, common: dict[str, Any], *, report: bool
+        self, att: _Attempt, host: MxHost, ip: str, common: dict[str, Any], in_policy: bool
     ) -> SmtpSession:
         try:
             session = await SmtpSession.open(
                 tls_context=self.tls.opportunistic, require_tls=False, **common
             )
         except TlsFailed as exc:
-            if report:
-                self._emit(
-                    att,
-                    self._outcome(att, host.name, ip, exc.result_type, exc.detail, exc.local_ip),
-                )
+            done = att.decide(
+                mx_in_policy=in_policy,
+                offer=Offer.FAILED,
+                failure=exc.result_type,
+                reason=exc.detail,
+            )
+            self._report(att, host.name, ip, done, exc.local_ip)
             att.log.info("tls_failed_clear_fallback", mx=host.name, ip=ip, reason=exc.detail)
             return await SmtpSession.open(tls_context=None, require_tls=False, **common)
-        if report:
-            self._report_session(att, host, ip, session)
+        done = att.decide(
+            mx_in_policy=in_policy, offer=_offer(session), reason=_offer_reason(session)
+        )
+        self._report(att, host.name, ip, done, session.local_ip)
         return session
 
-    def _report_session(self, att: _Attempt, host: MxHost, ip: str, s: SmtpSession) -> None:
-        if s.tls is not None:
-            self._emit(att, self._outcome(att, host.name, ip, None, "", s.local_ip))
-        else:
-            reason = STARTTLS_MISSING_REASON if not s.starttls_offered else "STARTTLS refused"
+    def _report(self, att: _Attempt, host: str, ip: str, done: TlsDecision, local_ip: str) -> None:
+        """One TLS outcome for a session, when the decision says it is to be recorded."""
+        if done.report:
             self._emit(
                 att,
                 self._outcome(
-                    att, host.name, ip, TlsResultType.STARTTLS_NOT_SUPPORTED, reason, s.local_ip
+                    att, host, ip, done.result_type, done.reason, local_ip, done.enforced
                 ),
             )
 
@@ -637,6 +688,16 @@ class Courier:
             self.outcome_sink(outcome)
         except Exception as exc:  # noqa: BLE001 - a broken ledger must not stop delivery
             att.log.error("outcome_sink_failed", error=f"{type(exc).__name__}: {exc}")
+
+
+def _offer(s: SmtpSession) -> Offer:
+    if s.tls is None:
+        return Offer.NOT_OFFERED
+    return Offer.VERIFIED if s.tls.verified else Offer.ENCRYPTED
+
+
+def _offer_reason(s: SmtpSession) -> str:
+    return "STARTTLS refused" if s.tls is None and s.starttls_offered else ""
 
 
 def _tls_type(exc: SessionError) -> TlsResultType:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from relay.errors import PolicyError
+from relay.errors import PolicyError, RelayError
 from relay.model import TlsResultType
 from relay.mtasts.policy import StsPolicy, parse_policy
 from relay.store import Store
@@ -36,6 +36,17 @@ MIGRATIONS = [  # one statement per step (no executescript inside the writer's t
     "PRIMARY KEY (domain, policy_id))",
     "CREATE TABLE mtasts_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
 ]
+
+
+class CacheUnavailable(RelayError):
+    """The policy cache could not be read (SQLITE_BUSY past the timeout, an I/O error):
+    whether the domain has a cached policy is unknown. Delivery must not read this as
+    "no policy" (RFC 8461 section 5: fail closed); it defers the recipients."""
+
+    def __init__(self, domain: str, reason: str) -> None:
+        self.domain = domain
+        self.reason = reason
+        super().__init__(f"MTA-STS policy cache unreadable for {domain}: {reason}")
 
 
 @dataclass(frozen=True, slots=True)
