@@ -12,7 +12,6 @@ import pytest
 from relay.delivery.courier import Courier
 from relay.delivery.tls import MX_NOT_IN_POLICY
 from relay.lab.strip import StripProxy
-from relay.mtasts.cache import CacheUnavailable
 from relay.model import (
     DeliveryJob,
     PolicyType,
@@ -21,6 +20,7 @@ from relay.model import (
     TlsPolicy,
     TlsResultType,
 )
+from relay.mtasts.cache import CacheUnavailable
 from tests.delivery.mxlab import MxLab, MxServer
 
 R = TlsResultType

@@ -23,47 +23,125 @@ from relay.delivery.tlspolicy import (
 )
 from relay.model import StsMode, TlsPolicy, TlsResultType
 
-P, O, A, M, R = PolicyMode, Offer, Action, Mode, TlsResultType
+P, OF, A, M, R = PolicyMode, Offer, Action, Mode, TlsResultType
 EXP = R.CERTIFICATE_EXPIRED
 
 # (policy, tls_required_no, mx_in_policy, offer, verifying, failure)
 #   -> (action, mode, result_type, report, enforced, fallback)
 TABLE: list[tuple[tuple[object, ...], tuple[object, ...]]] = [
     # the policy could not be read: defer, whatever else is known (RFC 8461 5)
-    ((P.UNAVAILABLE, False, None, O.UNKNOWN, False, None), (A.DEFER, M.ENFORCE, None, False, True, "")),
-    ((P.UNAVAILABLE, True, True, O.VERIFIED, True, None), (A.DEFER, M.ENFORCE, None, False, True, "")),
+    (
+        (P.UNAVAILABLE, False, None, OF.UNKNOWN, False, None),
+        (A.DEFER, M.ENFORCE, None, False, True, ""),
+    ),
+    (
+        (P.UNAVAILABLE, True, True, OF.VERIFIED, True, None),
+        (A.DEFER, M.ENFORCE, None, False, True, ""),
+    ),
     # job level (mx_in_policy None)
-    ((P.ENFORCE, False, None, O.UNKNOWN, False, None), (A.REQUIRE_TLS, M.ENFORCE, None, False, False, "")),
-    ((P.ENFORCE, True, None, O.UNKNOWN, False, None), (A.VERIFY, M.TESTING, None, False, False, "")),
-    ((P.TESTING, False, None, O.UNKNOWN, False, None), (A.VERIFY, M.TESTING, None, False, False, "")),
-    ((P.NONE, False, None, O.UNKNOWN, False, None), (A.OPPORTUNISTIC, M.OPPORTUNISTIC, None, False, False, "")),
+    (
+        (P.ENFORCE, False, None, OF.UNKNOWN, False, None),
+        (A.REQUIRE_TLS, M.ENFORCE, None, False, False, ""),
+    ),
+    (
+        (P.ENFORCE, True, None, OF.UNKNOWN, False, None),
+        (A.VERIFY, M.TESTING, None, False, False, ""),
+    ),
+    (
+        (P.TESTING, False, None, OF.UNKNOWN, False, None),
+        (A.VERIFY, M.TESTING, None, False, False, ""),
+    ),
+    (
+        (P.NONE, False, None, OF.UNKNOWN, False, None),
+        (A.OPPORTUNISTIC, M.OPPORTUNISTIC, None, False, False, ""),
+    ),
     # host level (RFC 8461 4.1)
-    ((P.ENFORCE, False, False, O.UNKNOWN, False, None), (A.REFUSE_HOST, M.ENFORCE, R.VALIDATION_FAILURE, True, True, "")),
-    ((P.ENFORCE, False, True, O.UNKNOWN, False, None), (A.REQUIRE_TLS, M.ENFORCE, None, False, False, "")),
-    ((P.ENFORCE, True, False, O.UNKNOWN, False, None), (A.OPPORTUNISTIC, M.TESTING, R.VALIDATION_FAILURE, True, False, "")),
-    ((P.TESTING, False, False, O.UNKNOWN, False, None), (A.OPPORTUNISTIC, M.TESTING, R.VALIDATION_FAILURE, True, False, "")),
-    ((P.TESTING, False, True, O.UNKNOWN, False, None), (A.VERIFY, M.TESTING, None, False, False, "")),
-    ((P.NONE, False, True, O.UNKNOWN, False, None), (A.OPPORTUNISTIC, M.OPPORTUNISTIC, None, False, False, "")),
+    (
+        (P.ENFORCE, False, False, OF.UNKNOWN, False, None),
+        (A.REFUSE_HOST, M.ENFORCE, R.VALIDATION_FAILURE, True, True, ""),
+    ),
+    (
+        (P.ENFORCE, False, True, OF.UNKNOWN, False, None),
+        (A.REQUIRE_TLS, M.ENFORCE, None, False, False, ""),
+    ),
+    (
+        (P.ENFORCE, True, False, OF.UNKNOWN, False, None),
+        (A.OPPORTUNISTIC, M.TESTING, R.VALIDATION_FAILURE, True, False, ""),
+    ),
+    (
+        (P.TESTING, False, False, OF.UNKNOWN, False, None),
+        (A.OPPORTUNISTIC, M.TESTING, R.VALIDATION_FAILURE, True, False, ""),
+    ),
+    (
+        (P.TESTING, False, True, OF.UNKNOWN, False, None),
+        (A.VERIFY, M.TESTING, None, False, False, ""),
+    ),
+    (
+        (P.NONE, False, True, OF.UNKNOWN, False, None),
+        (A.OPPORTUNISTIC, M.OPPORTUNISTIC, None, False, False, ""),
+    ),
     # after the handshake, enforce (RFC 8461 4.2, 5)
-    ((P.ENFORCE, False, True, O.VERIFIED, True, None), (A.SEND, M.ENFORCE, None, True, False, "")),
-    ((P.ENFORCE, False, True, O.NOT_OFFERED, True, None), (A.REFUSE_HOST, M.ENFORCE, R.STARTTLS_NOT_SUPPORTED, True, True, "")),
-    ((P.ENFORCE, False, True, O.FAILED, True, EXP), (A.REFUSE_HOST, M.ENFORCE, EXP, True, True, "")),
-    ((P.ENFORCE, False, True, O.FAILED, True, None), (A.REFUSE_HOST, M.ENFORCE, R.VALIDATION_FAILURE, True, True, "")),
-    ((P.ENFORCE, False, True, O.ENCRYPTED, False, None), (A.REFUSE_HOST, M.ENFORCE, R.VALIDATION_FAILURE, True, True, "")),
+    ((P.ENFORCE, False, True, OF.VERIFIED, True, None), (A.SEND, M.ENFORCE, None, True, False, "")),
+    (
+        (P.ENFORCE, False, True, OF.NOT_OFFERED, True, None),
+        (A.REFUSE_HOST, M.ENFORCE, R.STARTTLS_NOT_SUPPORTED, True, True, ""),
+    ),
+    (
+        (P.ENFORCE, False, True, OF.FAILED, True, EXP),
+        (A.REFUSE_HOST, M.ENFORCE, EXP, True, True, ""),
+    ),
+    (
+        (P.ENFORCE, False, True, OF.FAILED, True, None),
+        (A.REFUSE_HOST, M.ENFORCE, R.VALIDATION_FAILURE, True, True, ""),
+    ),
+    (
+        (P.ENFORCE, False, True, OF.ENCRYPTED, False, None),
+        (A.REFUSE_HOST, M.ENFORCE, R.VALIDATION_FAILURE, True, True, ""),
+    ),
     # after the handshake, testing: the verification pass reports, the retry does not
-    ((P.TESTING, False, True, O.VERIFIED, True, None), (A.SEND, M.TESTING, None, True, False, "")),
-    ((P.TESTING, False, True, O.NOT_OFFERED, True, None), (A.SEND, M.TESTING, R.STARTTLS_NOT_SUPPORTED, True, False, "")),
-    ((P.TESTING, False, True, O.FAILED, True, EXP), (A.FALL_BACK, M.TESTING, EXP, True, False, "encrypted")),
-    ((P.TESTING, False, True, O.FAILED, False, EXP), (A.FALL_BACK, M.TESTING, EXP, False, False, "clear")),
-    ((P.TESTING, False, False, O.ENCRYPTED, False, None), (A.SEND, M.TESTING, None, False, False, "")),
-    ((P.TESTING, False, False, O.NOT_OFFERED, False, None), (A.SEND, M.TESTING, R.STARTTLS_NOT_SUPPORTED, False, False, "")),
-    ((P.ENFORCE, True, True, O.NOT_OFFERED, True, None), (A.SEND, M.TESTING, R.STARTTLS_NOT_SUPPORTED, True, False, "")),
+    ((P.TESTING, False, True, OF.VERIFIED, True, None), (A.SEND, M.TESTING, None, True, False, "")),
+    (
+        (P.TESTING, False, True, OF.NOT_OFFERED, True, None),
+        (A.SEND, M.TESTING, R.STARTTLS_NOT_SUPPORTED, True, False, ""),
+    ),
+    (
+        (P.TESTING, False, True, OF.FAILED, True, EXP),
+        (A.FALL_BACK, M.TESTING, EXP, True, False, "encrypted"),
+    ),
+    (
+        (P.TESTING, False, True, OF.FAILED, False, EXP),
+        (A.FALL_BACK, M.TESTING, EXP, False, False, "clear"),
+    ),
+    (
+        (P.TESTING, False, False, OF.ENCRYPTED, False, None),
+        (A.SEND, M.TESTING, None, False, False, ""),
+    ),
+    (
+        (P.TESTING, False, False, OF.NOT_OFFERED, False, None),
+        (A.SEND, M.TESTING, R.STARTTLS_NOT_SUPPORTED, False, False, ""),
+    ),
+    (
+        (P.ENFORCE, True, True, OF.NOT_OFFERED, True, None),
+        (A.SEND, M.TESTING, R.STARTTLS_NOT_SUPPORTED, True, False, ""),
+    ),
     # after the handshake, no policy (RFC 3207, RFC 7435)
-    ((P.NONE, False, True, O.VERIFIED, False, None), (A.SEND, M.OPPORTUNISTIC, None, True, False, "")),
-    ((P.NONE, False, True, O.ENCRYPTED, False, None), (A.SEND, M.OPPORTUNISTIC, None, True, False, "")),
-    ((P.NONE, False, True, O.NOT_OFFERED, False, None), (A.SEND, M.OPPORTUNISTIC, R.STARTTLS_NOT_SUPPORTED, True, False, "")),
-    ((P.NONE, False, True, O.FAILED, False, EXP), (A.FALL_BACK, M.OPPORTUNISTIC, EXP, True, False, "clear")),
-]  # fmt: skip
+    (
+        (P.NONE, False, True, OF.VERIFIED, False, None),
+        (A.SEND, M.OPPORTUNISTIC, None, True, False, ""),
+    ),
+    (
+        (P.NONE, False, True, OF.ENCRYPTED, False, None),
+        (A.SEND, M.OPPORTUNISTIC, None, True, False, ""),
+    ),
+    (
+        (P.NONE, False, True, OF.NOT_OFFERED, False, None),
+        (A.SEND, M.OPPORTUNISTIC, R.STARTTLS_NOT_SUPPORTED, True, False, ""),
+    ),
+    (
+        (P.NONE, False, True, OF.FAILED, False, EXP),
+        (A.FALL_BACK, M.OPPORTUNISTIC, EXP, True, False, "clear"),
+    ),
+]
 
 
 @pytest.mark.parametrize(("inputs", "want"), TABLE, ids=lambda v: "-".join(map(str, v)))
@@ -96,10 +174,10 @@ def test_reasons() -> None:
     d = decide(TlsInputs(P.UNAVAILABLE, reason="cache unreadable: database is locked"))
     assert d.reason == "cache unreadable: database is locked"
     assert decide(TlsInputs(P.ENFORCE, mx_in_policy=False)).reason == MX_NOT_IN_POLICY
-    stripped = decide(TlsInputs(P.ENFORCE, mx_in_policy=True, offer=O.NOT_OFFERED))
+    stripped = decide(TlsInputs(P.ENFORCE, mx_in_policy=True, offer=OF.NOT_OFFERED))
     assert stripped.reason == STARTTLS_MISSING_REASON
     refused = decide(
-        TlsInputs(P.NONE, mx_in_policy=True, offer=O.NOT_OFFERED, reason="STARTTLS refused")
+        TlsInputs(P.NONE, mx_in_policy=True, offer=OF.NOT_OFFERED, reason="STARTTLS refused")
     )
     assert refused.reason == "STARTTLS refused"
     with pytest.raises(FrozenInstanceError):
