@@ -6,7 +6,8 @@ text is parsed again, and a row that no longer parses is ignored (and logged).
 
 Tables:
 - ``mtasts_policy``: domain, TXT id, policy text, fetched_at, checked_at (last time the
-  TXT id was seen unchanged), expires_at.
+  TXT id was seen unchanged), expires_at (= fetched_at + max_age: only a fetch sets it,
+  RFC 8461 section 3.2; a TXT id seen unchanged moves checked_at alone).
 - ``mtasts_failure``: last failed fetch per (domain, id), its RFC 8460 result type and
   reason, for the per-id back-off.
 - ``mtasts_meta``: small key/value rows (the refresher's last run).
@@ -120,21 +121,6 @@ class PolicyCache:
             c.execute("DELETE FROM mtasts_failure WHERE domain=?", (cp.domain,))
 
         await self.store.write(fn)
-
-    async def extend(
-        self, domain: str, policy_id: str, checked_at: float, expires_at: float
-    ) -> bool:
-        """The TXT id was seen unchanged: push the expiry out. False if the row changed."""
-
-        def fn(c: sqlite3.Connection) -> bool:
-            cur = c.execute(
-                "UPDATE mtasts_policy SET checked_at=?, expires_at=MAX(expires_at, ?) "
-                "WHERE domain=? AND policy_id=?",
-                (checked_at, expires_at, domain, policy_id),
-            )
-            return cur.rowcount == 1
-
-        return await self.store.write(fn)
 
     async def mark_checked(self, domain: str, checked_at: float) -> None:
         await self.store.write(

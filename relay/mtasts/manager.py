@@ -137,9 +137,12 @@ class PolicyManager:
         return await self.refresher.run_once()
 
     async def refresh_domain(self, domain: str) -> str:
-        """Renew one cached domain. Outcome: unchanged (TXT id same: expiry extended, no
-        fetch), updated (new id fetched), failed, backoff, kept (DNS gave nothing; the
-        cache stays), removed (expired and no record any more), gone (not cached)."""
+        """Renew one cached domain. Outcome: unchanged (TXT id same, no fetch: only
+        checked_at moves, the expiry stays fetched_at + max_age, RFC 8461 section 3.2),
+        refetched (same id, but the policy would expire before the next run: fetched
+        again, the only way to renew it), updated (new id fetched), failed, backoff,
+        kept (DNS gave nothing; the cache stays), removed (expired and no record any
+        more), gone (not cached)."""
         async with self._lock(domain):
             return await self._refresh(domain)
 
@@ -296,12 +299,18 @@ class PolicyManager:
         disc = await discover(self.resolver, d)
         if disc.status is DiscoveryStatus.FOUND and disc.record is not None:
             rid = disc.record.id
-            if rid == cached.policy_id:
-                await self.cache.extend(d, rid, now, now + cached.policy.max_age)
+            if rid == cached.policy_id and cached.expires_at - now > self.cfg.refresh_interval:
+                # RFC 8461 section 3.2: max_age counts "from the last policy fetch time".
+                # An unchanged id says the policy did not change; it is no fetch, so the
+                # expiry stays where the fetch put it (only checked_at moves)
+                await self.cache.mark_checked(d, now)
                 return "unchanged"
+            # a new id (section 3.3: fetch it), or the same id expiring before the next
+            # run: refetch it, since only a fetch may renew max_age (3.2), and the
+            # cached policy is refreshed proactively before it lapses (3.3, 10.2)
             outcome, attempted = await self._fetch(d, rid)
             if isinstance(outcome, CachedPolicy):
-                return "updated"
+                return "updated" if rid != cached.policy_id else "refetched"
             await self.cache.mark_checked(d, now)
             return "failed" if attempted else "backoff"
         if disc.status is DiscoveryStatus.NONE and not cached.fresh(now):
