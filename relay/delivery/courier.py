@@ -32,6 +32,7 @@ dead-destination breaker (destinations.py), one structlog line per failed attemp
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -41,7 +42,7 @@ from typing import Any
 
 from relay import logs
 from relay.config import Config
-from relay.delivery import tlspolicy
+from relay.delivery import guard, tlspolicy
 from relay.delivery.client import (
     ConnectionLost,
     SessionError,
@@ -238,6 +239,7 @@ class Courier:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         idle_timeout: float = POOL_IDLE_SECONDS,
+        allow_loopback: bool | None = None,
     ) -> None:
         d = config.delivery
         self.config = config
@@ -256,6 +258,14 @@ class Courier:
             clock=clock,
         )
         self.pool = ConnectionPool(idle_timeout=idle_timeout)  # real time, like its timers
+        # MX addresses on loopback that are not ours (threats row 30): refused, unless
+        # allowed. ``[delivery] allow_loopback_mx`` when the config has it; without it,
+        # allowed only when delivery.port is not 25 (SMTP delivery is always port 25:
+        # another port is the lab, which runs every receiving MTA on 127.0.0.x)
+        if allow_loopback is None:
+            configured = getattr(d, "allow_loopback_mx", None)
+            allow_loopback = d.port != 25 if configured is None else bool(configured)
+        self.allow_loopback = allow_loopback
 
     def is_dead(self, domain: str) -> bool:
         """The destination is in its dead-destination back-off (see destinations.py)."""
@@ -269,6 +279,26 @@ class Courier:
 
     async def deliver(self, job: DeliveryJob) -> AttemptResult:
         blog = log.bind(qid=job.qid, message_id=job.message_id, domain=job.domain)
+        refused = _guard(job)
+        if refused:
+            # threats row 3: an address that cannot go on the wire as written is a
+            # permanent failure for it; nothing about it is written anywhere
+            blog.warning(
+                "address_refused",
+                recipients=[repr(a) for a in refused],
+                reply=next(iter(refused.values())).reply,
+                outcome="failed",
+            )
+            if len(refused) == len(set(job.recipients)):
+                return AttemptResult(job.domain, tuple(refused[a] for a in job.recipients))
+            sendable = tuple(a for a in job.recipients if a not in refused)
+            res = await self._deliver_guarded(dataclasses.replace(job, recipients=sendable), blog)
+            got = {r.address: r for r in res.recipients}
+            merged = tuple(refused.get(a) or got[a] for a in job.recipients)
+            return dataclasses.replace(res, recipients=merged)
+        return await self._deliver_guarded(job, blog)
+
+    async def _deliver_guarded(self, job: DeliveryJob, blog: Any) -> AttemptResult:
         try:
             return await self._deliver(job, blog)
         except asyncio.CancelledError:
@@ -302,6 +332,7 @@ class Courier:
                     local_addresses=self.local_addresses,
                     max_mx=self.config.delivery.max_mx,
                     rng=self.rng,
+                    allow_loopback=self.allow_loopback,
                 ),
                 self._policy(job.domain, blog),
             )
@@ -688,6 +719,23 @@ class Courier:
             self.outcome_sink(outcome)
         except Exception as exc:  # noqa: BLE001 - a broken ledger must not stop delivery
             att.log.error("outcome_sink_failed", error=f"{type(exc).__name__}: {exc}")
+
+
+def _guard(job: DeliveryJob) -> dict[str, RecipientResult]:
+    """The recipients the outbound command guard refuses (all of them for a bad sender)."""
+    problem = guard.address_problem(job.mail_from)
+    if problem is not None:
+        reply = guard.sender_reply(problem)
+        return {
+            a: RecipientResult(a, RecipientState.FAILED, reply, "5.1.7") for a in job.recipients
+        }
+    out: dict[str, RecipientResult] = {}
+    for a in job.recipients:
+        problem = guard.address_problem(a)
+        if problem is not None:
+            reply = guard.recipient_reply(problem)
+            out[a] = RecipientResult(a, RecipientState.FAILED, reply, "5.1.3")
+    return out
 
 
 def _offer(s: SmtpSession) -> Offer:
