@@ -1,8 +1,10 @@
 """Deliver one DeliveryJob (one destination domain's recipients of one message) to the
 domain's MX hosts, under the domain's TLS policy (RFC 5321, RFC 3207, RFC 8461, RFC 8460).
 
-Owns: trying the candidates in order (MX preference, then address), the MTA-STS rules
-per attempt (RFC 8461 section 5):
+Owns: trying the candidates in order (MX preference, then address) and doing what the
+TLS decision says at each step. The decision itself (mode, in-policy check, level,
+fail-closed) is ``relay.delivery.tlspolicy.decide``, a pure function with the RFC
+section beside each branch; what it amounts to (RFC 8461 section 5):
 - ``enforce``: an MX host not matching the policy's ``mx`` patterns is not a candidate
   (recorded as ``validation-failure`` / ``mx-host-not-in-policy``: RFC 8460 has no
   result type of its own for it); STARTTLS is required and the certificate must verify
@@ -16,7 +18,15 @@ per attempt (RFC 8461 section 5):
 - a policy with ``fetch_error``: delivered as its mode says, and the fetch error is
   recorded once per attempt;
 - mail with "TLS-Required: no" (RFC 8689, ``job.tls_required`` False): enforce is
-  treated as testing.
+  treated as testing;
+- the policy lookup fails (the MTA-STS cache unreadable: ``CacheUnavailable``, or any
+  other error): every recipient is deferred with 451 4.7.0 and the reason, before any
+  connection -- an unknown policy is never read as "no policy" (fail closed).
+
+Before anything else, the outbound command guard (``guard.py``, threats row 3) fails
+the recipients whose address cannot go on the wire as written (553 5.1.3; a bad sender:
+553 5.1.7 for all). MX addresses on loopback that are not ours are refused unless
+``allow_loopback`` (route.py; the lab).
 
 One TlsOutcome per connection (TLS session) to an MTA, handed to the outcome sink when
 ``job.record_tls``; a reused connection gives no new outcome (RFC 8460 counts sessions);
