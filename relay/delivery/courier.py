@@ -385,7 +385,8 @@ class Courier:
         # never read as "no policy"; nothing is sent, every recipient is deferred
         d = tlspolicy.decide(TlsInputs(PolicyMode.UNAVAILABLE, reason=why.reason))
         assert d.action is Action.DEFER
-        text = f"451 4.7.0 TLS policy of {job.domain} unavailable, not sent: {d.reason}"[:900]
+        reason = " ".join(d.reason.split())  # one line, whatever the error said
+        text = f"451 4.7.0 TLS policy of {job.domain} unavailable, not sent: {reason}"[:900]
         blog.warning(
             "tls_policy_unavailable",
             recipients=list(job.recipients),
