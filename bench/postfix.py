@@ -5,8 +5,9 @@ everything to the sink. Postfix's defaults otherwise (queue files fsync'd before
 connection caching, 20 parallel deliveries per destination, in_flow_delay 1s).
 
 ``probe``: mail for the domain ``probe.test`` goes to that ``(ip, port)`` instead (an
-``inline:`` transport table; the rest goes to the relayhost, the sink), so that a few copies can be caught
-by a dumping sink and checked (bench/sealcheck.py) without slowing the measured sink.
+``inline:`` transport table; the rest goes to the relayhost, the sink), so that a few
+copies can be caught by a dumping sink and checked (bench/sealcheck.py) without slowing
+the measured sink.
 """
 
 from __future__ import annotations

@@ -277,8 +277,5 @@ class PostfixRspamdSystem:
 
     def log_tail(self, n: int = 2000) -> str:
         return (
-            "--- postfix\n"
-            + self.postfix.log_tail(n)
-            + "\n--- rspamd\n"
-            + self.rspamd.log_tail(n)
+            "--- postfix\n" + self.postfix.log_tail(n) + "\n--- rspamd\n" + self.rspamd.log_tail(n)
         )

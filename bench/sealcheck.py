@@ -97,9 +97,7 @@ def check_copy(raw: bytes, zone: Zone) -> CopyCheck:
         return [" ".join(str(v).split()) for v in headers.get_all(name, [])]
 
     seals = values("ARC-Seal")
-    newest = max(
-        seals, key=lambda s: int(m.group(1)) if (m := _TAG_I.search(s)) else 0, default=""
-    )
+    newest = max(seals, key=lambda s: int(m.group(1)) if (m := _TAG_I.search(s)) else 0, default="")
     d = _TAG_D.search(newest)
     i = _TAG_I.search(newest)
     cv, _results, reason = dkim.arc_verify(raw, dnsfunc=txt_lookup(zone))
