@@ -131,6 +131,7 @@ def measure(system: System, sink: Sink, msgdir: Path, args: argparse.Namespace) 
     print(f"[{system.name}] measured: {args.messages} messages, {args.clients} clients", flush=True)
     profiler = start_profiler(system, args) if args.profile else None
     cpu0 = cpu_seconds(system.pids())
+    own0 = time.process_time()  # this process: the lab DNS server's threads, the sink reader
     parts = getattr(system, "parts", None)  # name -> pids, for a system of several
     parts0 = {k: cpu_seconds(p) for k, p in parts().items()} if parts else {}
     with PeakMemory(system.pids) as mem:
@@ -138,6 +139,7 @@ def measure(system: System, sink: Sink, msgdir: Path, args: argparse.Namespace) 
         complete = sink.wait_for(base + gen["ok"], timeout=args.drain_timeout)
         t_delivered = sink.last_change
         cpu1 = cpu_seconds(system.pids())
+        own1 = time.process_time()
         parts1 = {k: cpu_seconds(p) for k, p in parts().items()} if parts else {}
     time.sleep(0.5)  # late duplicates would show now
     delivered = sink.count - base
@@ -166,6 +168,7 @@ def measure(system: System, sink: Sink, msgdir: Path, args: argparse.Namespace) 
         "peak_pss_mib": round(mem.peak_pss_kib / 1024, 1),
         "peak_processes": mem.peak_processes,
         "generator_cpu_seconds": round(gen["cpu_s"], 3),
+        "bench_process_cpu_ms_per_msg": round((own1 - own0) * 1000 / max(1, ok), 3),
         "message_bytes": gen["message_bytes"],
     }
     if parts1:
