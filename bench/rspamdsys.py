@@ -16,13 +16,15 @@ work and nothing else:
   no redis (nothing configured needs it: no DMARC reports, no keys in redis, no history),
   and every action threshold out of reach (nothing is rejected, greylisted or tagged).
 
-DNS goes to the bench's lab DNS server (``options { dns { nameserver } }``), so rspamd
-finds the same SPF, DKIM and DMARC records as the relay does.
+DNS goes through a caching forwarder (bench/dnscache.py, its own process: the local
+resolver rspamd is deployed with; the relay caches in process) to the bench's lab DNS
+server (``options { dns { nameserver } }``), so rspamd finds the same SPF, DKIM and DMARC
+records as the relay does.
 
 The Postfix under test is the bare baseline's instance (bench/postfix.py) with
 ``smtpd_milters = inet:ADDR`` and ``milter_default_action = tempfail``: a milter that
 fails or times out shows as refused mail, not as mail that silently skipped the work.
-CPU and memory are those of both process trees (Postfix's and rspamd's).
+CPU and memory are those of all three (Postfix's tree, rspamd's tree, the forwarder).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -134,6 +137,51 @@ worker "rspamd_proxy" {{
   }}
 }}
 """
+
+
+class DnsCache:
+    """bench/dnscache.py as a subprocess on ``host`` (a free port), asking ``upstream``."""
+
+    def __init__(self, host: str, upstream: str) -> None:
+        self.host = host
+        self.port = free_port(host)
+        self.upstream = upstream
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> None:
+        script = Path(__file__).resolve().parent / "dnscache.py"
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), "--listen", self.address, "--upstream", self.upstream],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != b"ready":
+            err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+            self.stop()
+            raise PostfixError(f"DNS cache did not start on {self.address}: {err[-1000:]}")
+
+    def pids(self) -> list[int]:
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        return [self.proc.pid]
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
 
 
 class Rspamd:
@@ -245,7 +293,8 @@ class PostfixRspamdSystem:
         workers: int,
         probe: tuple[str, int] | None = None,
     ) -> None:
-        self.rspamd = Rspamd(milter_host, dns, workers)
+        self.dns_cache = DnsCache(milter_host, dns)
+        self.rspamd = Rspamd(milter_host, self.dns_cache.address, workers)
         milter = {
             "smtpd_milters": f"inet:{milter_host}:{self.rspamd.port}",
             "non_smtpd_milters": "",
@@ -259,25 +308,33 @@ class PostfixRspamdSystem:
         self.arc_record = self.rspamd.arc_record
 
     def start(self) -> None:
-        self.rspamd.start()
+        self.dns_cache.start()
         try:
+            self.rspamd.start()
             self.postfix.start()
         except BaseException:
-            self.rspamd.stop()
+            self.stop()
             raise
 
     def pids(self) -> list[int]:
-        return self.postfix.pids() + self.rspamd.pids()
+        return self.postfix.pids() + self.rspamd.pids() + self.dns_cache.pids()
 
     def parts(self) -> dict[str, list[int]]:
-        """The two process trees apart (CPU per message of each, in the report)."""
-        return {"postfix": self.postfix.pids(), "rspamd": self.rspamd.pids()}
+        """The parts apart (CPU per message of each, in the report)."""
+        return {
+            "postfix": self.postfix.pids(),
+            "rspamd": self.rspamd.pids(),
+            "dns cache": self.dns_cache.pids(),
+        }
 
     def stop(self) -> None:
         try:
             self.postfix.stop()
         finally:
-            self.rspamd.stop()
+            try:
+                self.rspamd.stop()
+            finally:
+                self.dns_cache.stop()
 
     def log_tail(self, n: int = 2000) -> str:
         return (

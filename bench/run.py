@@ -472,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     if not available():
         print("needs Debian's postfix package and root (see docs/benchmark.md)", file=sys.stderr)
         return 2
-    names = args.only or ([RELAY, POSTFIX, RSPAMD] if args.auth else [RELAY, POSTFIX])
+    everything = [RELAY, POSTFIX, RSPAMD] if args.auth else [RELAY, POSTFIX]
+    names = [n for n in (RELAY, POSTFIX, RSPAMD) if n in args.only] if args.only else everything
     if RSPAMD in names and not rspamd_available():
         print("postfix+rspamd needs Debian's rspamd package", file=sys.stderr)
         return 2
