@@ -314,7 +314,8 @@ def environment() -> dict[str, Any]:
             return ""
 
     return {
-        "postfix": out([POSTCONF, "-h", "mail_version"]),
+        "postfix": out([POSTCONF, "-d", "-h", "mail_version"]),  # -d: no main.cf needed
+        "rspamd": out(["/usr/bin/rspamd", "--version"]).removeprefix("Rspamd daemon version "),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "kernel": platform.release(),
