@@ -7,9 +7,9 @@ Memory: a sampler thread records the peak of the summed RSS and of the summed PS
 (proportional set size: shared pages divided among the processes that map them, the
 fairer figure for Postfix's many small processes). RSS comes from /proc/PID/statm every
 half second (cheap); PSS from /proc/PID/smaps_rollup only every 5 s and at the end,
-because the kernel walks every page of a process to sum it: for rspamd's three processes
-(~1 GB mapped) one such read cost ~60 ms of CPU, which at four samples a second took a
-quarter of a core from the system being measured on this 2-core machine.
+because the kernel walks every page of a process to sum it: for rspamd's three
+processes (about 500 MB resident) one such read cost ~60 ms of CPU, which at four
+samples a second took a quarter of a core from the system being measured here.
 """
 
 from __future__ import annotations
