@@ -40,6 +40,7 @@ from dkim.canonicalization import (
 )
 from dkim.util import DuplicateTag, InvalidTagSpec, InvalidTagValueList
 
+from relay.auth.arcfields import AMS, arc_instance, sorted_arc_headers
 from relay.auth.keys import (
     KeyLookupError,
     KeyRecordError,
@@ -395,6 +396,7 @@ def _parse_head(head: bytes) -> list[list[bytes]]:
 
 
 _DIGITS = re.compile(rb"\d+$")
+_RELAXED = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
 _H_SPLIT = re.compile(rb"\s*:\s*")
 
 
@@ -712,6 +714,11 @@ class FastARC(_FastCrypto, dkim.ARC):  # type: ignore[misc]
         except IndexError:
             raise dkim.MessageFormatError("continuation line before the first header") from None
 
+    def sorted_arc_headers(self) -> tuple[int, list[tuple[int, tuple[bytes, bytes]]]]:
+        """dkim.ARC.sorted_arc_headers with the instance read by ``arcfields.arc_instance``
+        (dkimpy's ARC.verify groups the sets through this method)."""
+        return sorted_arc_headers(canonicalize_headers(_RELAXED, self.headers))
+
     def verify_instance(
         self, arc_headers_w_instance: list[Any], instance: int, dnsfunc: DnsFunc
     ) -> dict[str, Any]:
@@ -742,11 +749,18 @@ class FastARC(_FastCrypto, dkim.ARC):  # type: ignore[misc]
         include_headers = [x.lower() for x in _H_SPLIT.split(sig[b"h"])]
         if b"arc-seal" in include_headers:
             raise dkim.ParameterError("The Arc-Message-Signature MUST NOT sign ARC-Seal")
-        raw_ams_header = [
-            (x, y)
-            for (x, y) in self.headers
-            if x.lower() == b"arc-message-signature" and b" i=" + sig[b"i"] + b";" in y.lower()
-        ][0]
+        # the AMS field of this instance as it stands (its own c= canonicalises it), the
+        # instance read by the one i= reader wherever the tag stands (RFC 8617 4.1.2)
+        raw_ams_header = next(
+            (
+                (x, y)
+                for (x, y) in self.headers
+                if x.lower() == AMS and arc_instance(x, y) == instance
+            ),
+            None,
+        )
+        if raw_ams_header is None:
+            raise dkim.MessageFormatError(f"ARC-Message-Signature i={instance} not found")
         sig.setdefault(b"c", b"relaxed/relaxed")
         try:
             output["ams-valid"] = self.verify_sig(sig, include_headers, raw_ams_header, dnsfunc)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
@@ -41,10 +40,10 @@ from typing import Literal, TypeVar
 
 import structlog
 
+from relay.auth.arcfields import AAR, aar_dmarc, arc_instance
 from relay.auth.dmarc import DmarcEvaluation, check_dmarc
 from relay.auth.replay import ArcReplayGuard, seal_fingerprint
 from relay.auth.results import (
-    aar_dmarc,
     format_header,
     format_value,
     resinfos,
@@ -78,7 +77,6 @@ QUARANTINE_HEADER = "X-Relay-Quarantine"
 CHECK_TIMEOUT = 30.0
 _RANK = {"accept": 0, "quarantine": 1, "reject": 2}
 _DISPOSITION = {"accept": "none", "quarantine": "quarantine", "reject": "reject"}
-_AAR_I = re.compile(r"^\s*i\s*=\s*([0-9]+)\s*;")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,9 +98,9 @@ def aar_by_instance(message: bytes) -> dict[int, str]:
     out: dict[int, str] = {}
     for f in fields:
         if f.name.lower() == "arc-authentication-results":
-            m = _AAR_I.match(f.value)
-            if m is not None:
-                out.setdefault(int(m.group(1)), f.value)
+            inst = arc_instance(AAR, f.value.encode("utf-8", "surrogateescape"))
+            if inst is not None:
+                out.setdefault(inst, f.value)
     return out
 
 
@@ -180,7 +178,7 @@ class Authenticator:
             )
         else:
             arc_task = self._arc(message)
-        dkim, arc = await asyncio.gather(dkim_task, arc_task)
+        dkim, arc = await asyncio.gather(dkim_task, _arc_or_fail(arc_task))
         return dkim, arc
 
     async def _checks(
@@ -312,6 +310,16 @@ class Authenticator:
         if self.seal is not None and verdict.results.arc is not None:
             return await self.seal(verdict.message, verdict.ar_value, verdict.results.arc)
         return verdict.message
+
+
+async def _arc_or_fail(aw: Awaitable[ArcResult]) -> ArcResult:
+    """An ARC check's result; its error makes the chain fail (RFC 8617 section 5.2) and
+    never reaches the DKIM results gathered beside it."""
+    try:
+        return await aw
+    except Exception as exc:  # noqa: BLE001 - ARC and DKIM verdicts are independent
+        log.warning("arc_check_error", error=repr(exc))
+        return ArcResult(ArcCv.FAIL, reason=f"ARC check failed: {exc!r}")
 
 
 async def _within(aw: Awaitable[T], timeout: float) -> T:

@@ -12,8 +12,8 @@
   header line or a result.
 - ``strip_ours`` removes incoming A-R fields, and only those, whose authserv-id is ours
   (section 5: they are forgeries), before anything is evaluated.
-- ``parse_value`` reads an A-R (or ARC-Authentication-Results) value back into resinfos;
-  ``aar_dmarc`` gives the dmarc= result of an AAR for the ARC override.
+- ``parse_value`` reads an A-R value (or an AAR's payload, ``relay.auth.arcfields``)
+  back into resinfos.
 """
 
 from __future__ import annotations
@@ -324,22 +324,6 @@ def strip_ours(message: bytes, authserv_id: str) -> tuple[bytes, int]:
     if not removed:
         return message, 0
     return b"".join(kept) + rest, removed
-
-
-_AAR_PREFIX = re.compile(r"^\s*i\s*=\s*[0-9]+\s*;")
-
-
-def aar_dmarc(aar_value: str) -> str:
-    """The dmarc= result recorded in an ARC-Authentication-Results value ("" if none)."""
-    text = _AAR_PREFIX.sub("", aar_value, count=1)
-    try:
-        parsed = parse_value(text)
-    except AuthResultsSyntaxError:
-        return ""
-    for res in parsed.results:
-        if res.method == "dmarc":
-            return res.result
-    return ""
 
 
 # ---- building ours ----

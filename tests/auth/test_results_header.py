@@ -7,8 +7,8 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relay.auth.arcfields import aar_dmarc
 from relay.auth.results import (
-    aar_dmarc,
     authserv_id_of,
     format_header,
     format_value,
