@@ -52,6 +52,25 @@ def tls_required_no(data: bytes) -> bool:
     return _TLS_REQUIRED_NO.search(header_block(data)) is not None
 
 
+def honour_tls_required_no(setting: str, conn: ConnInfo) -> bool:
+    """Whether a "TLS-Required: No" field from this client relaxes the TLS policy.
+
+    RFC 8689 section 5 lets the operator choose whether the field is honoured, and the
+    field is a sender's request, not ours to trust from anyone: under MTA-STS enforce
+    it turns a refusal into clear text (section 5, security considerations section 8).
+    ``delivery.tls_required_no``:
+    - "all": honoured from every client (section 5, as the RFC describes it);
+    - "never": never honoured (section 5: the operator may ignore it);
+    - "trusted" (the default): honoured only from clients in the trusted networks,
+      who may relay anyway; an untrusted sender's field is kept but not honoured.
+    """
+    if setting == "all":
+        return True
+    if setting == "never":
+        return False
+    return conn.trusted
+
+
 def _clean(text: str) -> str:
     return re.sub(r"[^\x21-\x7e]", "?", text)[:255]
 
@@ -141,7 +160,19 @@ class Intake:
         for transform in self.transforms:
             message = await transform(conn, env, message)
         mail_from, rcpts, origs = self.route(env)
-        flags = FLAG_NO_TLS_REQUIRED if tls_required_no(message) else 0
+        flags = 0
+        if tls_required_no(message):
+            setting = getattr(self.config.delivery, "tls_required_no", "trusted")
+            if honour_tls_required_no(setting, conn):
+                flags |= FLAG_NO_TLS_REQUIRED
+            else:
+                log.info(
+                    "tls_required_no_ignored",
+                    qid=qid,
+                    client=conn.peer_ip,
+                    setting=setting,
+                    reason="RFC 8689 field kept but not honoured for this client",
+                )
         mid = _message_id(message)
         new = NewMessage(mail_from, rcpts, message, origs, flags, mid)
         claimed = await self._enqueue(new, qid)
