@@ -90,6 +90,12 @@ def _verify_one(verifier: FastDKIM, idx: int, keys: KeyRecords, base: dict[str, 
         return DkimResult("permerror", reason=f"unusable key record: {exc}", **base)
     except dkim.DKIMException as exc:
         return DkimResult("permerror", reason=str(exc), **base)
+    if ok and verifier.covered is not None:
+        # RFC 6376 sections 3.5 and 8.2: l= lets anyone append unsigned content, so a
+        # signature covering less than the body is no pass for DMARC alignment (RFC 7489
+        # section 4.2 counts only passing signatures) nor for the ARC override
+        signed, total = verifier.covered
+        return DkimResult("policy", reason=f"l= covers {signed} of {total} body octets", **base)
     if ok:
         return DkimResult("pass", **base)
     return DkimResult("fail", reason="signature did not verify", **base)

@@ -533,6 +533,9 @@ class _FastCrypto:
 
     identity_check = False  # DKIM checks i= against t=s keys; in ARC i= is the instance
     headers_relaxed = False  # set by a signer that has canonicalised self.headers (relaxed)
+    # (octets the last verified signature's l= covers, canonical body octets) when l= is
+    # shorter than the body, else None: content after l= is signed by nobody
+    covered: tuple[int, int] | None = None
 
     def set_message(self, message: bytes) -> None:
         """dkim.DomainSigner.set_message, parsing with our ``rfc822_parse``."""
@@ -642,10 +645,14 @@ class _FastCrypto:
         except InvalidCanonicalizationPolicyError as e:
             raise dkim.MessageFormatError(f"invalid c= value: {e.args[0]}") from None
         hasher = dkim.crypto.HASH_ALGORITHMS[sig[b"a"]]
+        self.covered = None
         if b"bh" in sig:
             body = canonical_body(canon_policy, self.body)
             if b"l" in sig:
-                body = body[: int(sig[b"l"])]
+                signed = int(sig[b"l"])
+                if signed < len(body):
+                    self.covered = (signed, len(body))  # RFC 6376 section 8.2
+                body = body[:signed]
             bodyhash = hasher(body).digest()
             try:
                 bh = base64.b64decode(_no_space(sig[b"bh"]))
@@ -766,6 +773,11 @@ class FastARC(_FastCrypto, dkim.ARC):  # type: ignore[misc]
             output["ams-valid"] = self.verify_sig(sig, include_headers, raw_ams_header, dnsfunc)
         except dkim.DKIMException:
             output["ams-valid"] = False
+        if output["ams-valid"] and self.covered is not None:
+            # an AMS whose l= leaves body content unsigned vouches for none of it: it does
+            # not validate for the chain, so no override rests on it (RFC 6376 section 8.2)
+            output["ams-valid"] = False
+            output["ams-reason"] = "l= covers {} of {} body octets".format(*self.covered)
         sig = _arc_tags(values[b"arc-seal"])
         _validate_arc_fields(sig, [b"i", b"a", b"b", b"cv", b"d", b"s"])
         if b"h" in sig:

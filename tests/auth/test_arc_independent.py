@@ -51,7 +51,7 @@ def _config() -> Config:
     return Config(path=Path("/nonexistent/config.toml"), server=ServerConfig(hostname=ID))
 
 
-def seal_with_i_last(message: bytes, pem: bytes, ar: str) -> bytes:
+def seal_with_i_last(message: bytes, pem: bytes, ar: str, *, length: bool = False) -> bytes:
     """An i=1 ARC set as a sealer that writes the AMS's i= tag last would (RFC 8617
     allows any tag order): relaxed/relaxed, rsa-sha256, made with dkimpy's steps."""
     key = load_signing_key(pem)
@@ -63,7 +63,8 @@ def seal_with_i_last(message: bytes, pem: bytes, ar: str) -> bytes:
     arc_headers: list[tuple[bytes, bytes]] = [(b"ARC-Authentication-Results", aar)]
     signer.headers = [*arc_headers, *signer.headers]
     include = [b"from", b"to", b"subject", b"message-id"]
-    bodyhash = base64.b64encode(signer.hasher(canonical_body(canon, signer.body)).digest())
+    body = canonical_body(canon, signer.body)
+    bodyhash = base64.b64encode(signer.hasher(body).digest())
     ams_fields = [
         (b"a", b"rsa-sha256"),
         (b"c", b"relaxed/relaxed"),
@@ -75,6 +76,8 @@ def seal_with_i_last(message: bytes, pem: bytes, ar: str) -> bytes:
         (b"b", b"0" * 60),
         (b"i", b"1"),
     ]
+    if length:  # l=: the signed body length (RFC 6376 section 3.5)
+        ams_fields.insert(-2, (b"l", str(len(body)).encode()))
     ams = signer.gen_header(ams_fields, include, canon, b"ARC-Message-Signature", key)
     arc_headers.insert(0, (b"ARC-Message-Signature", ams))
     signer.headers = [arc_headers[0], *signer.headers]
