@@ -54,6 +54,7 @@ from relay.auth.keys import (
 from relay.auth.offload import run_crypto
 from relay.auth.types import ArcCv, ArcResult, DkimResult
 from relay.dns import Resolver
+from relay.message import Message, ParsedMessage, as_parsed
 
 log = structlog.get_logger("relay.auth.arc")
 
@@ -83,7 +84,7 @@ class ArcStructure:
     failure: str = ""  # non-empty: the chain is structurally broken (cv=fail)
 
 
-def arc_structure(message: bytes) -> ArcStructure:
+def arc_structure(message: Message) -> ArcStructure:
     """Check the chain's structure (RFC 8617 sections 4.2.1, 5.2 steps 1-3) without crypto."""
     fields = header_values(message, ARC_HEADERS)
     if not fields:
@@ -175,9 +176,10 @@ def _result(structure: ArcStructure, cv: ArcCv, reason: str, oldest: int = 0) ->
 
 
 def validate_arc_sync(
-    message: bytes, keys: KeyRecords, structure: ArcStructure | None = None
+    message: Message, keys: KeyRecords, structure: ArcStructure | None = None
 ) -> ArcResult:
     """Validate the chain against prefetched keys (CPU only, no I/O)."""
+    message = as_parsed(message)
     structure = structure or arc_structure(message)
     if structure.failure:
         return _result(structure, ArcCv.FAIL, structure.failure)
@@ -200,10 +202,11 @@ def validate_arc_sync(
 
 
 async def validate_arc(
-    resolver: Resolver, message: bytes, *, executor: Executor | None = None
+    resolver: Resolver, message: Message, *, executor: Executor | None = None
 ) -> ArcResult:
     """RFC 8617 chain validation: structure first, then keys fetched concurrently through
     resolver, then crypto in executor (inline when None)."""
+    message = as_parsed(message)
     structure = arc_structure(message)
     if structure.failure or not structure.sets:
         return validate_arc_sync(message, KeyRecords(), structure)
@@ -249,18 +252,20 @@ class ArcSealer:
         self.clock = clock
         self.standardize = standardize
 
-    def seal(self, message: bytes, auth_results_value: str, chain: ArcResult) -> bytes:
+    def seal(self, message: Message, auth_results_value: str, chain: ArcResult) -> bytes:
         """message with a new ARC set prepended: AAR (``i=N+1; `` + auth_results_value),
         AMS and AS (cv from ``chain``). Unchanged when the chain already has 50 sets."""
-        headers = self.seal_headers(message, auth_results_value, chain)
-        return b"".join(headers) + message
+        pm = as_parsed(message)
+        return pm.prepend(*self.seal_headers(pm, auth_results_value, chain)).raw
 
     def seal_headers(
-        self, message: bytes, auth_results_value: str, chain: ArcResult
+        self, message: Message, auth_results_value: str, chain: ArcResult
     ) -> tuple[bytes, ...]:
-        """The new (ARC-Seal, ARC-Message-Signature, ARC-Authentication-Results) lines."""
+        """The new (ARC-Seal, ARC-Message-Signature, ARC-Authentication-Results) lines;
+        () when no set is to be added."""
+        message = as_parsed(message)
         signer = FastARC(message)
-        linesep = _linesep(message)
+        linesep = _linesep(message.raw)
         signer.linesep = linesep
         canon = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
         signer.headers = canonicalize_headers(canon, signer.headers)  # once, not per signature
@@ -359,7 +364,7 @@ class SealerSpec:
 _WORKER_SEALERS: dict[SealerSpec, ArcSealer] = {}
 
 
-def _seal_job(spec: SealerSpec, message: bytes, ar_value: str, chain: ArcResult) -> bytes:
+def _sealer(spec: SealerSpec) -> ArcSealer:
     sealer = _WORKER_SEALERS.get(spec)
     if sealer is None:
         sealer = ArcSealer(
@@ -370,26 +375,35 @@ def _seal_job(spec: SealerSpec, message: bytes, ar_value: str, chain: ArcResult)
             min_rsa_bits=spec.min_rsa_bits,
         )
         _WORKER_SEALERS[spec] = sealer
-    return sealer.seal(message, ar_value, chain)
+    return sealer
+
+
+def _seal_job(
+    spec: SealerSpec, message: ParsedMessage, ar_value: str, chain: ArcResult
+) -> tuple[bytes, ...]:
+    return _sealer(spec).seal_headers(message, ar_value, chain)
 
 
 async def seal_async(
     spec: SealerSpec,
-    message: bytes,
+    message: Message,
     auth_results_value: str,
     chain: ArcResult,
     *,
     executor: Executor | None = None,
-) -> bytes:
-    """ArcSealer(spec).seal(...) in executor (each worker loads the key once)."""
-    return await run_crypto(executor, _seal_job, spec, message, auth_results_value, chain)
+) -> ParsedMessage:
+    """ArcSealer(spec).seal(...) in executor (each worker loads the key once): the
+    message with the new set prepended (only the new fields parsed)."""
+    pm = as_parsed(message)
+    headers = await run_crypto(executor, _seal_job, spec, pm, auth_results_value, chain)
+    return pm.prepend(*headers)
 
 
 # ---- DKIM and ARC together: one key prefetch, one trip to the worker ----
 
 
 def _verify_both_job(
-    message: bytes, keys: KeyRecords, structure: ArcStructure, now: float | None
+    message: Message, keys: KeyRecords, structure: ArcStructure, now: float | None
 ) -> tuple[tuple[DkimResult, ...], ArcResult]:
     """Both verdicts, each on its own: DKIM results stand whatever the ARC chain holds
     (an AMS is no DKIM-Signature, RFC 8617 section 4.1.2), so an error while validating
@@ -397,7 +411,7 @@ def _verify_both_job(
     return verify_dkim_sync(message, keys, now), arc_or_fail(message, keys, structure)
 
 
-def arc_or_fail(message: bytes, keys: KeyRecords, structure: ArcStructure) -> ArcResult:
+def arc_or_fail(message: Message, keys: KeyRecords, structure: ArcStructure) -> ArcResult:
     """validate_arc_sync, any error in it giving cv=fail with the error as the reason:
     RFC 8617 section 5.2, a chain that cannot be validated is not a passing chain."""
     try:
@@ -409,12 +423,13 @@ def arc_or_fail(message: bytes, keys: KeyRecords, structure: ArcStructure) -> Ar
 
 async def verify_dkim_and_arc(
     resolver: Resolver,
-    message: bytes,
+    message: Message,
     *,
     executor: Executor | None = None,
     now: float | None = None,
 ) -> tuple[tuple[DkimResult, ...], ArcResult]:
     """verify_dkim and validate_arc in one go: all keys fetched concurrently, then one job."""
+    message = as_parsed(message)
     structure = arc_structure(message)
     names = list(key_names(message, (b"dkim-signature",), limit=MAX_SIGNATURES))
     if not structure.failure:

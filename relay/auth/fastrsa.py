@@ -48,7 +48,7 @@ from relay.auth.keys import (
     parse_key_record,
     split_lines,
 )
-from relay.auth.results import head_end
+from relay.message import Message, ParsedMessage
 
 DnsFunc = Callable[[str], Sequence[str]]
 
@@ -326,17 +326,36 @@ _DKIM_FIELD = re.compile(rb"([\x21-\x7e]+?):")
 
 
 def rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
-    """``dkim.rfc822_parse`` with the same result, without splitting the body into lines:
-    dkimpy splits the whole message on ``\r?\n`` and joins the body again with CRLF; here
-    only the header block is parsed and the body is taken as it is (its bare LFs made
-    CRLF). Unusual messages (no empty line, or one at the very start) go to dkimpy."""
-    if message[:1] in (b"\r", b"\n"):
-        return dkim.rfc822_parse(message)  # type: ignore[no-any-return]
-    end = head_end(message)
-    if end < 0:
-        return dkim.rfc822_parse(message)  # type: ignore[no-any-return]
-    headers = _parse_head(message[: end + 1])
-    body = message[end + (2 if message[end + 1 : end + 2] == b"\n" else 3) :]
+    """``dkim.rfc822_parse`` with the same result (and the same errors), through the one
+    header parse of ``relay.message.ParsedMessage`` (see ``dkim_view``)."""
+    return dkim_view(ParsedMessage.parse(message))
+
+
+def dkim_view(message: ParsedMessage) -> tuple[list[list[bytes]], bytes]:
+    """dkimpy's (headers, body) of a parsed message, what ``dkim.rfc822_parse`` gives for
+    its bytes: each field ``[name, value]`` with every line ended by CRLF, the body with
+    bare LFs made CRLF. Built from the message's fields (no second parse of the header
+    block); a block with a line dkimpy treats apart (no field name, a ``From `` line, a
+    space before the colon) goes through ``parse_head``, and unusual messages (no empty
+    line, or one at the very start) to dkimpy itself. Fresh lists each call (dkimpy's
+    fields are mutable)."""
+    raw = message.raw
+    if not message.fields or not message.has_empty_line or raw[:1] in (b"\r", b"\n"):
+        return dkim.rfc822_parse(raw)  # type: ignore[no-any-return]
+    headers: list[list[bytes]] = []
+    for f in message.fields:
+        lines = split_lines(f.raw)
+        if lines[-1] == b"":
+            lines.pop()
+        m = _DKIM_FIELD.match(lines[0]) if f.name else None
+        if m is None:
+            headers = parse_head(message.header_block() + b"\n")
+            break
+        value = lines[0][m.end() :] + b"\r\n"
+        if len(lines) > 1:
+            value += b"".join(line + b"\r\n" for line in lines[1:])
+        headers.append([m.group(1), value])
+    body = message.body()
     if body.count(b"\n") != body.count(b"\r\n"):
         body = _LINE_END.sub(b"\r\n", body)
     return headers, body
@@ -359,37 +378,6 @@ def parse_head(head: bytes) -> list[list[bytes]]:
         elif not line.startswith(b"From "):
             raise dkim.MessageFormatError(f"Unexpected characters in RFC822 header: {line!r}")
     return headers
-
-
-_last_head: tuple[bytes, tuple[tuple[bytes, bytes], ...]] | None = None
-
-
-def _parse_head(head: bytes) -> list[list[bytes]]:
-    """dkimpy's header list for a header block (no empty line in it), remembering the last
-    block: the seal parses the verified message again with our A-R field (and the new ARC
-    fields) prepended, so only the prepended lines are parsed afresh. Fresh lists each call
-    (dkimpy's fields are mutable)."""
-    global _last_head
-    last = _last_head
-    if last is not None:
-        if head == last[0]:
-            return [[n, v] for n, v in last[1]]
-        known = last[0]
-        cut = len(head) - len(known)
-        if (
-            cut > 0
-            and head.endswith(known)
-            and head[cut - 1 : cut] == b"\n"
-            and known[:1] not in (b" ", b"\t")
-        ):
-            # a prefix of whole lines before a field start: parsed apart, the same fields
-            prefix = parse_head(head[:cut])
-            fields = tuple((f[0], f[1]) for f in prefix) + last[1]
-            _last_head = (head, fields)
-            return [[n, v] for n, v in fields]
-    parsed = parse_head(head)
-    _last_head = (head, tuple((f[0], f[1]) for f in parsed))
-    return parsed
 
 
 # ---- dkimpy subclasses ----
@@ -537,10 +525,13 @@ class _FastCrypto:
     # shorter than the body, else None: content after l= is signed by nobody
     covered: tuple[int, int] | None = None
 
-    def set_message(self, message: bytes) -> None:
-        """dkim.DomainSigner.set_message, parsing with our ``rfc822_parse``."""
+    def set_message(self, message: Message) -> None:
+        """dkim.DomainSigner.set_message over a parsed message (``dkim_view``), or bytes
+        (parsed here)."""
         super().set_message(b"")  # type: ignore[misc]
-        if message:
+        if isinstance(message, ParsedMessage):
+            self.headers, self.body = dkim_view(message)
+        elif message:
             self.headers, self.body = rfc822_parse(message)
 
     # attributes provided by dkim.DomainSigner
@@ -686,7 +677,7 @@ class FastDKIM(_FastCrypto, dkim.DKIM):  # type: ignore[misc]
 
     identity_check = True
 
-    def __init__(self, message: bytes, *, now: float | None = None, minkey: int = 1024) -> None:
+    def __init__(self, message: Message, *, now: float | None = None, minkey: int = 1024) -> None:
         try:
             super().__init__(message, minkey=minkey)
         except IndexError:  # dkimpy: a continuation line before the first header field
@@ -715,7 +706,7 @@ class FastDKIM(_FastCrypto, dkim.DKIM):  # type: ignore[misc]
 class FastARC(_FastCrypto, dkim.ARC):  # type: ignore[misc]
     """dkim.ARC with OpenSSL crypto (verification through ``ARC.verify``)."""
 
-    def __init__(self, message: bytes, *, minkey: int = 1024) -> None:
+    def __init__(self, message: Message, *, minkey: int = 1024) -> None:
         try:
             super().__init__(message, minkey=minkey)
         except IndexError:
