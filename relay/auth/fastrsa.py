@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -158,18 +159,42 @@ def load_signing_key(data: bytes, *, min_rsa_bits: int = 2048) -> OpenSslKey:
 
 # ---- body canonicalisation, once per message ----
 
-# (body algorithm, body) -> canonical body, for the last few bodies: with crypto threads two
-# messages may be between their DKIM check and their seal at once
+# (body algorithm, body) -> canonical body, oldest first: with crypto threads two messages
+# may be between their DKIM check and their seal at once. Bounded by the bytes it holds
+# (each body and its canonical form), not by entries: eight 25 MB bodies would be 400 MB.
 _BODY_MEMO: dict[tuple[object, bytes], bytes] = {}
-_BODY_MEMO_MAX = 8
+_BODY_MEMO_BYTES = 8 * 1024 * 1024
+_body_memo_held = 0
+_body_memo_lock = threading.Lock()
+
+
+def body_memo_bytes() -> int:
+    """Bytes the canonical-body memo holds now (bodies and canonical bodies)."""
+    return _body_memo_held
+
+
+def _remember_body(key: tuple[object, bytes], out: bytes) -> None:
+    global _body_memo_held
+    cost = len(key[1]) + len(out)
+    if cost > _BODY_MEMO_BYTES:
+        return  # larger than the whole memo: canonicalised again when asked again
+    with _body_memo_lock:
+        if key in _BODY_MEMO:
+            return
+        while _BODY_MEMO and _body_memo_held + cost > _BODY_MEMO_BYTES:
+            old_key = next(iter(_BODY_MEMO))  # the oldest entry
+            _body_memo_held -= len(old_key[1]) + len(_BODY_MEMO.pop(old_key))
+        _BODY_MEMO[key] = out
+        _body_memo_held += cost
 
 
 def canonical_body(canon_policy: Any, body: bytes) -> bytes:
-    """``canon_policy.canonicalize_body(body)``, remembering the last result: the relay
+    """``canon_policy.canonicalize_body(body)``, remembering recent results: the relay
     canonicalises the same body for the DKIM check and again for the AMS it seals (relaxed
-    body canonicalisation of 4 KB costs about 0.2 ms). The last few bodies are kept. A
-    body with no tab, no two spaces in a row and no space before CRLF skips dkimpy's
-    whitespace regexes, which would leave it unchanged."""
+    body canonicalisation of 4 KB costs about 0.2 ms). At most ``_BODY_MEMO_BYTES`` are
+    kept, the oldest entries dropped first. A body with no tab, no two spaces in a row
+    and no space before CRLF skips dkimpy's whitespace regexes, which would leave it
+    unchanged."""
     algorithm = canon_policy.body_algorithm
     key = (algorithm, body)
     known = _BODY_MEMO.get(key)
@@ -181,9 +206,7 @@ def canonical_body(canon_policy: Any, body: bytes) -> bytes:
         out = bytes(correct_empty_body(strip_trailing_lines(body)))
     else:
         out = bytes(algorithm.canonicalize_body(body))
-    if len(_BODY_MEMO) >= _BODY_MEMO_MAX:
-        _BODY_MEMO.clear()
-    _BODY_MEMO[key] = out
+    _remember_body(key, out)
     return out
 
 
