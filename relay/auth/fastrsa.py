@@ -1,24 +1,49 @@
-"""OpenSSL-speed signatures for dkimpy (RFC 6376, RFC 8463, RFC 8617 signing and verifying).
+"""DKIM and ARC signing and verifying over dkimpy, with OpenSSL crypto (RFC 6376, RFC 8463,
+RFC 8617), against one pinned dkimpy.
 
-dkimpy canonicalises and hashes well but signs RSA in pure Python (about 7 ms a
-signature) and needs PyNaCl for Ed25519. This module keeps dkimpy's canonicalisation and
-header hashing byte for byte and swaps only the public-key step for the ``cryptography``
-package, without touching dkimpy's globals: ``FastDKIM`` and ``FastARC`` subclass
-``dkim.DKIM`` / ``dkim.ARC`` and override the two methods that do public-key work
-(``gen_header`` to sign, ``verify_sig`` to verify). Plain ``dkim.*`` users are unaffected.
+The choice (docs/design.md, "dkimpy"): the relay keeps these re-implementations, each
+proven byte for byte against dkimpy by hypothesis tests and the DKIM/ARC vectors, and
+pins dkimpy exactly (pyproject.toml ``dkimpy==DKIMPY_VERSION``); importing this module
+with another dkimpy raises ImportError naming both versions, because the subclasses
+below override dkimpy internals whose behaviour is only proven for that version.
+
+What this module replaces in dkimpy (``FastDKIM`` / ``FastARC`` subclass ``dkim.DKIM``
+/ ``dkim.ARC``; plain ``dkim.*`` users are unaffected, no dkimpy global is touched):
+
+- parsing: ``rfc822_parse`` (``dkim_view``: dkimpy's header list built from the one
+  ``relay.message.ParsedMessage``), ``parse_tag_value`` (``tag_value``),
+  ``validate_signature_fields``, ``DKIM.verify_headerprep`` (with an injectable clock,
+  ``check_times``), ``ARC.sorted_arc_headers`` and ``ARC.verify_instance`` (the one i=
+  reader of ``relay.auth.arcfields``, i= anywhere in the tag list, ed25519-sha256 in
+  ARC, l= coverage);
+- hashing: ``select_headers``, ``hash_headers``, the b= removal (``strip_b_value``),
+  relaxed header canonicalisation (``relaxed_header``), ``fold``, and a fast path of
+  relaxed body canonicalisation (``canonical_body``, with a memo bounded by bytes);
+- public-key work: ``DomainSigner.gen_header`` (signing with ``cryptography``;
+  dkimpy signs RSA in pure Python, about 7 ms a signature, and needs PyNaCl for
+  Ed25519), ``verify_sig`` / ``verify_sig_process`` (keys from records prefetched by
+  our async resolver through ``dnsfunc(name) -> tuple[str, ...]`` raising
+  ``keys.KeyLookupError``, parsed by ``keys.parse_key_record``), private key loading
+  (``load_signing_key``).
+
+What it still takes from dkimpy: the ``DomainSigner`` object and its message state
+(``set_message``, ``default_sign_headers``, ``should_not_sign``), ``DKIM.verify`` and
+``ARC.verify`` (the loops over signatures and over the chain's sets), the
+canonicalisation policies (``CanonicalizationPolicy``, simple header canonicalisation,
+body canonicalisation other than the fast path), the hash constructors
+(``dkim.crypto.HASH_ALGORITHMS``), the exception types, the cv constants, and
+``dkim.rfc822_parse`` / ``dkim.fold`` for the unusual inputs they are handed.
 
 RSASSA-PKCS1-v1_5 is deterministic, so a signature made here is byte-identical to the
 one dkimpy's ``dkim.crypto.RSASSA_PKCS1_v1_5_sign`` makes for the same input
 (``PurePythonRsaKey`` wraps that function for tests and the benchmark).
-
-Keys are looked up through a ``dnsfunc(name) -> tuple[str, ...]`` that raises
-``keys.KeyLookupError``: in relay it reads records prefetched by our async resolver.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import importlib.metadata
 import re
 import threading
 import time
@@ -50,6 +75,20 @@ from relay.auth.keys import (
     split_lines,
 )
 from relay.message import Message, ParsedMessage
+
+# The one dkimpy release the overrides here are proven against (pyproject.toml pins it).
+DKIMPY_VERSION = "1.1.8"
+
+
+def _check_dkimpy(installed: str) -> None:
+    if installed != DKIMPY_VERSION:
+        raise ImportError(
+            f"relay.auth.fastrsa is proven against dkimpy {DKIMPY_VERSION}, but dkimpy "
+            f"{installed} is installed: install dkimpy=={DKIMPY_VERSION}"
+        )
+
+
+_check_dkimpy(importlib.metadata.version("dkimpy"))
 
 DnsFunc = Callable[[str], Sequence[str]]
 
