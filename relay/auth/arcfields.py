@@ -33,12 +33,12 @@ _WSP = re.compile(rb"[ \t\r\n]+")
 
 def _tag_instance(value: bytes) -> int | None:
     """The ``i=`` tag of a tag-list (RFC 6376 section 3.2: ``tag-spec *( ";" tag-spec )``,
-    FWS around names and values), wherever it stands; None when missing, duplicated, or
-    not a decimal number."""
+    FWS around names and values, names case-sensitive), wherever it stands; None when
+    missing, duplicated, or not a decimal number."""
     found: int | None = None
     for spec in value.split(b";"):
         name, eq, raw = spec.partition(b"=")
-        if not eq or _WSP.sub(b"", name).lower() != b"i":
+        if not eq or _WSP.sub(b"", name) != b"i":  # tag names are case-sensitive
             continue
         if found is not None:
             return None  # a duplicated tag makes the tag-list invalid (section 3.2)
