@@ -21,6 +21,7 @@ from relay.auth.types import ArcCv, ArcResult
 from relay.commands.keygen import generate
 from relay.config import Config, ServerConfig
 from relay.dns import StaticResolver
+from relay.message import ParsedMessage
 from relay.model import ConnInfo, Envelope
 
 ID = "relay.example.net"
@@ -131,6 +132,9 @@ async def test_ams_with_i_last_validates_and_dkim_passes(keys: dict[str, Any]) -
     assert v.results.dmarc is not None and v.results.dmarc.result == "pass"
     assert v.results.dmarc.aligned_dkim and not v.results.dmarc.aligned_spf
     assert v.action == "accept" and v.reply is None
+    auth = Authenticator(_config(), _resolver(keys))
+    judged = await auth.judge(FWD_CONN, FWD_ENV, ParsedMessage.parse(forwarded))  # no 550
+    assert judged.chain.cv is ArcCv.PASS
 
 
 JUNK_SETS = [
@@ -158,6 +162,9 @@ async def test_junk_arc_headers_leave_dkim_pass_and_dmarc_pass(
     assert v.results.arc is not None and v.results.arc.cv is ArcCv.FAIL
     assert v.results.dmarc is not None and v.results.dmarc.result == "pass"
     assert v.action == "accept" and v.reply is None
+    auth = Authenticator(_config(), _resolver(keys))
+    judged = await auth.judge(FWD_CONN, FWD_ENV, ParsedMessage.parse(message))  # no 550
+    assert judged.chain.cv is ArcCv.FAIL
 
 
 async def test_arc_check_error_keeps_injected_dkim_results(keys: dict[str, Any]) -> None:
