@@ -98,3 +98,14 @@ def test_signature_tags_cache_matches_a_fresh_parse(parts: list[bytes]) -> None:
     assert first == fresh
     first[b"zz"] = b"changed"
     assert signature_tags(value) == fresh
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=80), st.lists(st.sampled_from(LINES), max_size=5))
+def test_parse_keeps_every_byte(noise: bytes, lines: list[bytes]) -> None:
+    for raw in (noise, b"".join(lines) + noise, b"".join(lines) + b"\r\n" + noise):
+        message = ParsedMessage.parse(raw)
+        assert b"".join(f.raw for f in message.fields) == message.header_block()
+        assert message.header_block() + message.rest() == raw
+        assert raw.endswith(message.body()) and message.head_len <= message.body_offset
+        assert all(f.name == "" or b":" in f.raw for f in message.fields)
