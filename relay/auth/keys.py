@@ -222,7 +222,7 @@ def parse_key_record(record: str) -> PublicKey:
         raw = base64.b64decode(tags["p"], validate=True)
     except (binascii.Error, ValueError) as exc:
         raise KeyRecordError(f"p= is not base64 ({exc})") from None
-    k = tags.get("k", "rsa").lower()
+    k = tags.get("k", "rsa")  # case-sensitive (RFC 6376 3.2): "RSA" is no known type
     if k == "ed25519":
         if len(raw) != 32:
             raise KeyRecordError("ed25519 key is not 32 bytes")
