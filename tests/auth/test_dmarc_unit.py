@@ -105,7 +105,11 @@ async def test_pct_is_ignored_the_full_policy_applies(draw: float) -> None:
     res = _resolver(_dmarc__example__com="v=DMARC1; p=reject; pct=25")
     ev = await check_dmarc(res, _msg("From: a@example.com"), SPF_FAIL, NO_DKIM, rng=lambda: draw)
     assert ev.result.result is DmarcResultCode.FAIL
-    assert (ev.result.policy, ev.result.record_policy, ev.sampled_out) == ("reject", "reject", False)
+    assert (ev.result.policy, ev.result.record_policy, ev.sampled_out) == (
+        "reject",
+        "reject",
+        False,
+    )
     assert ev.record is not None and ev.record.removed == ("pct=25",)
 
 
