@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "relay.commands.lab",
     "relay.commands.diagnose",
     "relay.commands.keygen",
+    "relay.commands.check",
 )
 
 
