@@ -125,6 +125,9 @@ class AttemptResult:
     tls_outcomes: tuple[TlsOutcome, ...] = field(default=())
     mx_host: str = ""
     tls_version: str | None = None
+    # the transport policy the last attempt ran under: "dane" (RFC 7672), "sts" (RFC 8461)
+    # or "none" (opportunistic)
+    tls_policy: str = ""
 
 
 class StsMode(enum.StrEnum):
@@ -172,4 +175,5 @@ class DeliveryJob:
     data: bytes
     message_id: str = ""
     tls_required: bool = True  # False for mail carrying "TLS-Required: no" (RFC 8689)
+    requiretls: bool = False  # MAIL FROM ... REQUIRETLS was given (RFC 8689 section 4)
     record_tls: bool = True  # False: outcomes are not recorded in the TLS-RPT ledger

@@ -148,6 +148,7 @@ class SmtpSession:
         self.transactions = 0
         # RSET owed before the next MAIL; with PIPELINING it goes out in the same write
         self.pending_rset = False
+        self.dane = False  # set by the courier once the chain matched TLSA (RFC 7672 3)
 
     # ------------------------------------------------------------------ opening
 
@@ -260,9 +261,12 @@ class SmtpSession:
 
     @property
     def level(self) -> str:
-        """ "verified", "encrypted" or "clear"."""
+        """ "dane" (the chain matched the host's TLSA records), "verified", "encrypted"
+        or "clear"."""
         if self.tls is None:
             return "clear"
+        if self.dane:
+            return "dane"
         return "verified" if self.tls.verified else "encrypted"
 
     @property
