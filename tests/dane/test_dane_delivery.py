@@ -4,7 +4,9 @@ on 127.0.0.x with trustme certificates. Each test names the RFC 7672 rule it sho
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -264,3 +266,51 @@ async def test_dane_takes_precedence_over_mta_sts(dane_lab: DaneLab) -> None:
     assert res.recipients[0].state is RecipientState.DELIVERED, res
     assert res.tls_policy == "dane"
     assert [o.policy_type for o in dane_lab.outcomes] == [PolicyType.TLSA]
+
+
+# ---------------------------------------------------------------- relay dane check
+
+
+async def _dane_check(
+    lab: DaneLab, domain: str, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, dict[str, object]]:
+    from relay.cli import main
+
+    cfg = lab.tmp / "dane-check.toml"
+    cfg.write_text(
+        f'[dns]\nnameservers = ["{lab.unbound.address}"]\ntimeout = 3\n'
+        f"[delivery]\nport = {lab.port}\nconnect_timeout = 2\n"
+    )
+    capsys.readouterr()
+    code = await asyncio.to_thread(main, ["dane", "check", domain, "--config", str(cfg), "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+async def test_dane_check_match(dane_lab: DaneLab, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = await _dane_check(dane_lab, "ee-ok.dane.test", capsys)
+    assert code == 0 and out["verdict"] == "dane" and out["mx_secure"] is True
+    assert set(out) >= {"domain", "mx_secure", "hosts", "verdict"}
+    (host,) = out["hosts"]  # type: ignore[misc]
+    assert host["host"] == "mx.ee-ok.dane.test" and host["address_secure"] is True
+    assert host["tlsa"][0]["usage"] == 3 and host["tlsa"][0]["usable"] is True
+    assert set(host["tlsa"][0]) == {"usage", "selector", "mtype", "data", "usable"}
+    assert host["probe"] == {"starttls": True, "matched": True, "error": None}
+
+
+async def test_dane_check_mismatch_stripped_bogus_are_failures(
+    dane_lab: DaneLab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out = await _dane_check(dane_lab, "ee-bad.dane.test", capsys)
+    assert (code, out["verdict"]) == (2, "dane-failure")
+    assert out["hosts"][0]["probe"]["matched"] is False  # type: ignore[index]
+    code, out = await _dane_check(dane_lab, "stripped.dane.test", capsys)
+    assert code == 2 and out["hosts"][0]["probe"]["starttls"] is False  # type: ignore[index]
+    code, out = await _dane_check(dane_lab, "bogus.dane.test", capsys)
+    assert code == 2 and out["hosts"][0]["state"] == "defer"  # type: ignore[index]
+
+
+async def test_dane_check_insecure_zone_is_no_dane(
+    dane_lab: DaneLab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out = await _dane_check(dane_lab, "insecure.test", capsys)
+    assert (code, out["verdict"], out["mx_secure"]) == (1, "no-dane", False)
