@@ -20,6 +20,7 @@ from relay.errors import SmtpReplyError, StoreError
 from relay.model import ConnInfo, Envelope, QueueId
 from relay.queue.spool import (
     FLAG_NO_TLS_REQUIRED,
+    FLAG_REQUIRETLS,
     NewMessage,
     Spool,
     extract_message_id,
@@ -142,6 +143,9 @@ class Intake:
             message = await transform(conn, env, message)
         mail_from, rcpts, origs = self.route(env)
         flags = FLAG_NO_TLS_REQUIRED if tls_required_no(message) else 0
+        if env.requiretls:
+            # RFC 8689 section 4.1: with REQUIRETLS a "TLS-Required: No" header is ignored
+            flags = FLAG_REQUIRETLS
         mid = _message_id(message)
         new = NewMessage(mail_from, rcpts, message, origs, flags, mid)
         claimed = await self._enqueue(new, qid)

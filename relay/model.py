@@ -30,6 +30,7 @@ class Envelope:
     rcpt_tos: tuple[str, ...]
     smtputf8: bool = False
     body_8bit: bool = False
+    requiretls: bool = False  # MAIL FROM ... REQUIRETLS over TLS (RFC 8689 section 4.1)
 
 
 class RecipientState(enum.StrEnum):

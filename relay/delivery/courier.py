@@ -56,7 +56,7 @@ from relay.dane import policy as danepolicy
 from relay.dane.lookup import DaneHost, route_dane
 from relay.dane.policy import DaneState
 from relay.dane.tlsa import match_chain
-from relay.delivery import guard, tlspolicy
+from relay.delivery import guard, requiretls, tlspolicy
 from relay.delivery.client import (
     ConnectionLost,
     SessionError,
@@ -200,6 +200,7 @@ class _Attempt:
     sessions: int = 0  # sessions that got past the SMTP handshake
     dane: dict[str, DaneHost] = field(default_factory=dict)  # per MX host (RFC 7672)
     dane_refusals: list[str] = field(default_factory=list)  # why a DANE host was refused
+    requiretls_refusals: list[str] = field(default_factory=list)  # RFC 8689 4.2.1 refusals
 
     @property
     def mode(self) -> Mode:
@@ -216,7 +217,7 @@ class _Attempt:
     ) -> TlsDecision:
         return tlspolicy.decide(
             TlsInputs(
-                tlspolicy.policy_mode(self.policy),
+                _sts_mode(self.policy, self.job),
                 tls_required_no=not self.job.tls_required,
                 mx_in_policy=mx_in_policy,
                 offer=offer,
@@ -359,7 +360,7 @@ class Courier:
             if isinstance(policy, _Unavailable):
                 return self._unavailable(job, policy, blog)
             plan = tlspolicy.decide(
-                TlsInputs(tlspolicy.policy_mode(policy), tls_required_no=not job.tls_required)
+                TlsInputs(_sts_mode(policy, job), tls_required_no=not job.tls_required)
             )
             att = _Attempt(job, policy, plan, blog)
             if policy is not None and policy.fetch_error is not None:
@@ -433,6 +434,19 @@ class Courier:
                 self._dane_deferred(att, host, dane)
                 continue
             in_policy = self._in_policy(att.policy, host.name)
+            if job.requiretls:
+                gate = requiretls.host_gate(
+                    dane=dane is not None and dane.state is DaneState.DANE,
+                    sts_mode=_sts_name(att.policy),
+                    in_sts_policy=in_policy and att.policy is not None,
+                )
+                if not gate.allowed:
+                    att.requiretls_refusals.append(f"{host.name}: {gate.reason}")
+                    att.log.info(
+                        "attempt", mx=host.name, outcome="requiretls-refused",
+                        reason=gate.reason, rfc=gate.rfc,
+                    )  # fmt: skip
+                    continue
             if _dane_applies(dane):
                 in_policy = True  # DANE replaces the MTA-STS "mx" check for this host
             plan = att.decide(mx_in_policy=in_policy)
@@ -464,6 +478,16 @@ class Courier:
 
     def _nothing_worked(self, att: _Attempt, last_host: str) -> AttemptResult:
         job = att.job
+        refusals = att.requiretls_refusals + att.dane_refusals + att.tls_refusals
+        if job.requiretls and refusals and not att.connect_errors:
+            # RFC 8689 section 5: no MX host gave a path REQUIRETLS accepts: 5.7.30
+            text = requiretls.failure_reply(job.domain, refusals)
+            att.log.info(
+                "attempt_failed", recipients=list(job.recipients), reply=text,
+                outcome="failed", policy=_policy_name(att, last_host),
+            )  # fmt: skip
+            res = _all(job, RecipientState.FAILED, text, tuple(att.outcomes), last_host)
+            return dataclasses.replace(res, tls_policy=_policy_name(att, last_host))
         if att.dane_refusals:
             # RFC 7672 section 2.2: never clear text to a DANE host; deferred, 4.7.5
             text = (
@@ -513,17 +537,25 @@ class Courier:
                 reused = session is not None
                 if session is None:
                     session = await self._open(att, host, ip, plan, in_policy)
+                if job.requiretls and not self._requiretls_session(att, host, session):
+                    return None
                 in_tx = True
                 try:
-                    tx = await session.send(job.mail_from, job.recipients, job.data)
+                    tx = await session.send(
+                        job.mail_from, job.recipients, job.data, requiretls=job.requiretls
+                    )
                 except ConnectionLost as exc:
                     if not reused:
                         raise
                     att.log.info("reused_connection_lost", mx=host.name, ip=ip, error=exc.detail)
                     in_tx = False
                     session = await self._open(att, host, ip, plan, in_policy)
+                    if job.requiretls and not self._requiretls_session(att, host, session):
+                        return None
                     in_tx = True
-                    tx = await session.send(job.mail_from, job.recipients, job.data)
+                    tx = await session.send(
+                        job.mail_from, job.recipients, job.data, requiretls=job.requiretls
+                    )
         except TimeoutError:
             if session is not None:
                 session.close()
@@ -567,7 +599,11 @@ class Courier:
         shows as ConnectionLost from send(), and the message goes on a new connection."""
         levels = att.plan.levels
         dane = att.dane.get(host.name)
-        if _dane_applies(dane):
+        if att.job.requiretls:
+            # RFC 8689 4.2.1: a pooled session made at a weaker level is never reused
+            dane_host = dane is not None and dane.state is DaneState.DANE
+            levels = ("dane",) if dane_host else ("verified",)
+        elif _dane_applies(dane):
             # a pooled session made at a weaker level is never used for a DANE host
             levels = ("dane",) if dane and dane.state is DaneState.DANE else _ENCRYPTED
         session = self.pool.take(ip, self.config.delivery.port, host.name, levels)
@@ -735,6 +771,25 @@ class Courier:
             tls_policy=policy,
         )
 
+    # ------------------------------------------------------------------ REQUIRETLS
+
+    def _requiretls_session(self, att: _Attempt, host: MxHost, session: SmtpSession) -> bool:
+        """RFC 8689 4.2.1 items 3-4 on an open session; False: the host is refused (the
+        session goes back to the pool for other mail)."""
+        gate = requiretls.session_gate(
+            verified=session.level in ("dane", "verified"),
+            advertises=session.supports("requiretls"),
+        )
+        if gate.allowed:
+            return True
+        att.requiretls_refusals.append(f"{host.name}: {gate.reason}")
+        att.log.info(
+            "attempt", mx=host.name, ip=session.ip, outcome="requiretls-refused",
+            reason=gate.reason, rfc=gate.rfc,
+        )  # fmt: skip
+        self.pool.put(session)
+        return False
+
     # ------------------------------------------------------------------ DANE (RFC 7672)
 
     def _dane_deferred(self, att: _Attempt, host: MxHost, dane: DaneHost) -> None:
@@ -861,6 +916,20 @@ class Courier:
 
 
 _ENCRYPTED = ("dane", "verified", "encrypted")
+
+
+def _sts_mode(policy: TlsPolicy | None, job: DeliveryJob) -> PolicyMode:
+    mode = tlspolicy.policy_mode(policy)
+    if job.requiretls and mode is PolicyMode.TESTING:
+        # RFC 8689 4.2.1 item 3: a REQUIRETLS message needs the verified session that a
+        # testing policy only checks: testing is applied as enforce for it
+        return PolicyMode.ENFORCE
+    return mode
+
+
+def _sts_name(policy: TlsPolicy | None) -> str | None:
+    mode = tlspolicy.policy_mode(policy)
+    return mode.value if mode in (PolicyMode.ENFORCE, PolicyMode.TESTING) else None
 
 
 def _dane_applies(dane: DaneHost | None) -> bool:

@@ -33,6 +33,7 @@ from relay.model import (
     TlsPolicy,
 )
 from tests.delivery.mxlab import MxServer, Recorder, free_port
+from tests.smtp.test_inbound_harness import make_config, running
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -61,21 +62,27 @@ class DaneLab:
     servers: dict[str, MxServer] = field(default_factory=dict)
     outcomes: list[TlsOutcome] = field(default_factory=list)
 
-    def config(self) -> Config:
+    rt_ctx: ssl.SSLContext | None = None  # the REQUIRETLS-capable hop (relay's own server)
+
+    def config(self, port: int | None = None) -> Config:
+        ca_file = self.tmp / "lab-ca.pem"
+        self.ca.cert_pem.write_to_path(str(ca_file))
         return Config(
             path=self.tmp / "config.toml",
             server=ServerConfig(hostname="relay.lab.test"),
-            delivery=DeliveryConfig(port=self.port, connect_timeout=2.0, attempt_timeout=10.0),
+            delivery=DeliveryConfig(
+                port=port or self.port, ca_file=ca_file, connect_timeout=2.0, attempt_timeout=10.0
+            ),
         )
 
-    def courier(self, policy: TlsPolicy | None = None) -> Courier:
+    def courier(self, policy: TlsPolicy | None = None, port: int | None = None) -> Courier:
         resolver = CachingResolver(DnspythonResolver([self.unbound.address], timeout=3))
 
         async def lookup(domain: str) -> TlsPolicy:
             return policy or TlsPolicy(domain)
 
         return Courier(
-            self.config(),
+            self.config(port),
             resolver,
             policy_lookup=lookup,
             outcome_sink=self.outcomes.append,
@@ -152,21 +159,40 @@ async def dane_lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Da
     insecure = SignedZone("insecure.test", signed=False)
     insecure.add("@", "MX", "10 mx.insecure.test.").add("mx", "A", ins.ip)
     insecure.add("_25._tcp.mx", "TLSA", "3 1 1 " + "00" * 32)
+    # the REQUIRETLS-capable hop: relay's own SMTP server on 127.0.0.1 (its own port),
+    # reached through DANE (rt.dane.test) or through MTA-STS (rt.insecure.test)
+    rt_leaf = ca.issue_cert("mx.rt.dane.test", "mx.rt.insecure.test")
+    rt_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    rt_leaf.configure_cert(rt_ctx)
+    zone.add("rt.dane.test.", "MX", "10 mx.rt.dane.test.").add("mx.rt.dane.test.", "A", "127.0.0.1")
+    spki = _spki_sha256(rt_leaf.cert_chain_pems[0].bytes())
+    zone.add("_25._tcp.mx.rt.dane.test.", "TLSA", f"3 1 1 {spki}")
+    insecure.add("rt", "MX", "10 mx.rt.insecure.test.").add("mx.rt", "A", "127.0.0.1")
     with ValidatingResolver([zone, insecure]) as unbound:
-        yield DaneLab(tmp, port, ca, unbound, servers)
+        yield DaneLab(tmp, port, ca, unbound, servers, rt_ctx=rt_ctx)
     for s in servers.values():
         await s.stop()
 
 
-def _job(domain: str) -> DeliveryJob:
-    return DeliveryJob("Q1", domain, "alice@sender.test", (f"bob@{domain}",), DATA, "<m@x>")
+def _job(domain: str, requiretls: bool = False) -> DeliveryJob:
+    return DeliveryJob(
+        "Q1", domain, "alice@sender.test", (f"bob@{domain}",), DATA, "<m@x>",
+        requiretls=requiretls,
+    )  # fmt: skip
 
 
-async def _deliver(lab: DaneLab, domain: str, policy: TlsPolicy | None = None) -> AttemptResult:
-    courier = lab.courier(policy)
+async def _deliver(
+    lab: DaneLab,
+    domain: str,
+    policy: TlsPolicy | None = None,
+    *,
+    requiretls: bool = False,
+    port: int | None = None,
+) -> AttemptResult:
+    courier = lab.courier(policy, port)
     lab.outcomes.clear()
     try:
-        return await courier.deliver(_job(domain))
+        return await courier.deliver(_job(domain, requiretls))
     finally:
         await courier.close()
 
@@ -314,3 +340,49 @@ async def test_dane_check_insecure_zone_is_no_dane(
 ) -> None:
     code, out = await _dane_check(dane_lab, "insecure.test", capsys)
     assert (code, out["verdict"], out["mx_secure"]) == (1, "no-dane", False)
+
+
+# ---------------------------------------------------------------- REQUIRETLS (RFC 8689)
+
+
+async def test_requiretls_to_a_dane_hop_without_requiretls_fails_5_7_30(dane_lab: DaneLab) -> None:
+    """RFC 8689 4.2.1 item 4: the next hop must advertise REQUIRETLS."""
+    before = _got(dane_lab, "mx.ee-ok")
+    res = await _deliver(dane_lab, "ee-ok.dane.test", requiretls=True)
+    r = res.recipients[0]
+    assert r.state is RecipientState.FAILED and r.reply.startswith("550 5.7.30"), r
+    assert "does not advertise REQUIRETLS" in r.reply
+    assert _got(dane_lab, "mx.ee-ok") == before
+
+
+async def test_requiretls_with_only_opportunistic_tls_fails_5_7_30(dane_lab: DaneLab) -> None:
+    """RFC 8689 4.2.1 items 1-2: no DANE, no MTA-STS: not even a connection."""
+    conns = dane_lab.servers["insecure"].connections
+    res = await _deliver(dane_lab, "insecure.test", requiretls=True)
+    r = res.recipients[0]
+    assert r.state is RecipientState.FAILED and r.reply.startswith("550 5.7.30"), r
+    assert dane_lab.servers["insecure"].connections == conns
+
+
+async def test_requiretls_over_dane_to_a_requiretls_hop(dane_lab: DaneLab) -> None:
+    """RFC 8689 4.2.1: secure MX + DANE match + REQUIRETLS on MAIL FROM: delivered."""
+    async with running(make_config(dane_lab.tmp), ssl_context=dane_lab.rt_ctx) as (_, rec, port):
+        res = await _deliver(dane_lab, "rt.dane.test", requiretls=True, port=port)
+        assert res.recipients[0].state is RecipientState.DELIVERED, res
+        assert res.tls_policy == "dane"
+        (_conn, env, _data) = rec.calls[-1]
+        assert env.requiretls is True  # the next hop got MAIL FROM ... REQUIRETLS
+
+
+async def test_requiretls_over_mta_sts_testing_needs_a_verified_session(dane_lab: DaneLab) -> None:
+    """RFC 8689 4.2.1 items 2-3: an MTA-STS policy (testing is enough) listing the MX and a
+    WebPKI-verified session; without the policy the same hop is refused."""
+    policy = TlsPolicy(
+        "rt.insecure.test", StsMode.TESTING, ("mx.rt.insecure.test",), 86400, "id1", ()
+    )
+    async with running(make_config(dane_lab.tmp), ssl_context=dane_lab.rt_ctx) as (_, rec, port):
+        res = await _deliver(dane_lab, "rt.insecure.test", policy, requiretls=True, port=port)
+        assert res.recipients[0].state is RecipientState.DELIVERED, res
+        assert res.tls_policy == "sts" and rec.calls[-1][1].requiretls is True
+        res = await _deliver(dane_lab, "rt.insecure.test", requiretls=True, port=port)
+        assert res.recipients[0].reply.startswith("550 5.7.30")
