@@ -42,3 +42,31 @@ async def test_requiretls_wins_over_tls_required_no(tmp_path: Path) -> None:
 async def test_plain_message_has_no_requiretls_flag(tmp_path: Path) -> None:
     env = Envelope("a@b.test", ("r@example.org",))
     assert not await _flags(tmp_path, env, MSG) & FLAG_REQUIRETLS
+
+
+async def test_requiretls_job_and_its_dsn_carry_requiretls_headers_only(tmp_path: Path) -> None:
+    """RFC 8689 section 5: the DSN of a REQUIRETLS message is sent with REQUIRETLS and
+    holds no content beyond the original's headers."""
+    import asyncio
+
+    from relay.queue.spool import NewMessage
+    from tests.queue.test_scheduler import MSG as SMSG
+    from tests.queue.test_scheduler import Harness
+
+    h = Harness(tmp_path, {"c@example.org": ["perm"]})
+    task = asyncio.create_task(h.sched.run())
+    try:
+        body = SMSG + b"SECRET-BODY-LINE\r\n"
+        await h.spool.enqueue(
+            NewMessage("a@example.com", ("c@example.org",), body, (), FLAG_REQUIRETLS)
+        )
+        h.sched.wake()
+        await h.settle()
+        assert [j.requiretls for j in h.courier.jobs] == [True]
+        [dsn] = h.courier.dsns
+        assert dsn.requiretls is True
+        assert b"SECRET-BODY-LINE" not in dsn.data and b"text/rfc822-headers" in dsn.data
+    finally:
+        await h.sched.stop()
+        task.cancel()
+        h.close()
