@@ -79,10 +79,15 @@ def hostport(text: str) -> tuple[str, int]:
 
 
 def run_lab(args: argparse.Namespace) -> int:
-    from relay.lab import runner
+    import dataclasses
 
+    from relay.lab import dane, runner
+
+    names = args.scenario or []
+    dane_names = [n for n in names if n in dane.DANE_NAMES]
+    other = [n for n in names if n not in dane.DANE_NAMES]
     try:
-        scenarios = runner.select(args.scenario)
+        scenarios = runner.select(other) if other or not names else []
     except KeyError as exc:
         print(f"relay lab: unknown scenario: {exc.args[0]} (see relay lab list)", file=sys.stderr)
         return 2
@@ -92,14 +97,29 @@ def run_lab(args: argparse.Namespace) -> int:
         if not args.json:
             print(msg, file=sys.stderr, flush=True)
 
-    result = asyncio.run(runner.run_lab(scenarios, progress=progress))
+    if scenarios:
+        result = asyncio.run(runner.run_lab(scenarios, progress=progress))
+    else:
+        result = runner.LabRun((), (), "", 0.0)
+    # the DANE and REQUIRETLS cells (relay.lab.dane): a validating unbound in front of
+    # signed lab zones; skipped, naming the package, when unbound is missing
+    wanted = dane.select(dane_names) if dane_names or not names else []
+    progress(f"DANE/REQUIRETLS cells: {len(wanted)}")
+    dane_cells, dane_skipped = asyncio.run(dane.run_dane_lab(wanted))
+    result = dataclasses.replace(
+        result, dane_cells=tuple(dane_cells), skipped=result.skipped + tuple(dane_skipped)
+    )
     written: list[Path] = []
     if args.out:
         written = runner.write_reports(result, Path(args.out))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        print(runner.format_matrix(result))
+        if result.cells or not result.dane_cells:
+            print(runner.format_matrix(result))
+        if result.dane_cells:
+            print()
+            print(dane.format_cells(result.dane_cells))
         print()
         print(runner.format_reports(result))
         if args.out:
