@@ -214,32 +214,57 @@ async def run_dane_lab(
         return await _run(chosen, Path(d)), []
 
 
-async def _run(chosen: list[DaneScenario], tmp: Path) -> list[DaneCellResult]:
+@dataclass
+class DaneLabSetup:
+    """The built lab: signed and insecure zones, one MTA per cell, the relay config."""
+
+    signed: SignedZone
+    insecure: SignedZone
+    mtas: dict[str, LabMta]
+    port: int
+    config: Config
+
+    async def stop(self) -> None:
+        for m in self.mtas.values():
+            await m.stop()
+
+
+async def build_lab(
+    chosen: Sequence[DaneScenario], tmp: Path, *, tlsa_ports: Sequence[int] = (25,)
+) -> DaneLabSetup:
+    """Certificates, MTAs on 127.0.0.3x (one port for all) and the zones of the cells;
+    TLSA records at ``_<port>._tcp.<mx>`` for each of ``tlsa_ports`` and the MTAs' port
+    (Postfix looks them up at the port it connects to)."""
     ca = trustme.CA()
     ca_file = tmp / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     signed, insecure = SignedZone(ZONE), SignedZone(INSECURE_ZONE, signed=False)
     mtas: dict[str, LabMta] = {}
     port = 0
+    pems: dict[str, bytes] = {}
     for i, s in enumerate(chosen):
         zone = signed if s.zone == "signed" else insecure
-        domain = f"{s.name}.{zone.origin}"
-        mx = f"mx.{domain}"
-        ctx, pem = _tls(ca, mx, s.cert, tmp)
+        mx = f"mx.{s.name}.{zone.origin}"
+        ctx, pems[s.name] = _tls(ca, mx, s.cert, tmp)
         mta = LabMta(f"127.0.0.{30 + i}", port, tls_context=ctx, hostname=mx)
         await mta.start()
         port = mta.port  # every MTA on the same port ([delivery] port)
         mtas[s.name] = mta
-        zone.add(f"{domain}.", "MX", f"10 {mx}.").add(f"{mx}.", "A", mta.host)
-        owner = f"_25._tcp.{mx}."
-        if s.tlsa == "ee":
-            zone.add(owner, "TLSA", f"3 1 1 {_spki(pem)}")
-        elif s.tlsa == "ee-wrong":
-            zone.add(owner, "TLSA", "3 1 1 " + "00" * 32)
-        elif s.tlsa == "ta":
-            zone.add(owner, "TLSA", f"2 0 1 {_cert_digest(ca.cert_pem.bytes())}")
-        if s.bogus:
-            signed.bogus.add((owner, "TLSA"))
+    for s in chosen:
+        zone = signed if s.zone == "signed" else insecure
+        domain = f"{s.name}.{zone.origin}"
+        mx = f"mx.{domain}"
+        zone.add(f"{domain}.", "MX", f"10 {mx}.").add(f"{mx}.", "A", mtas[s.name].host)
+        for p in dict.fromkeys([*tlsa_ports, port]):
+            owner = f"_{p}._tcp.{mx}."
+            if s.tlsa == "ee":
+                zone.add(owner, "TLSA", f"3 1 1 {_spki(pems[s.name])}")
+            elif s.tlsa == "ee-wrong":
+                zone.add(owner, "TLSA", "3 1 1 " + "00" * 32)
+            elif s.tlsa == "ta":
+                zone.add(owner, "TLSA", f"2 0 1 {_cert_digest(ca.cert_pem.bytes())}")
+            if s.bogus:
+                signed.bogus.add((owner, "TLSA"))
     config = Config(
         path=tmp / "config.toml",
         server=ServerConfig(hostname="relay.lab.test"),
@@ -247,14 +272,18 @@ async def _run(chosen: list[DaneScenario], tmp: Path) -> list[DaneCellResult]:
             port=port, ca_file=ca_file, connect_timeout=2.0, attempt_timeout=10.0
         ),
     )
+    return DaneLabSetup(signed, insecure, mtas, port, config)
+
+
+async def _run(chosen: list[DaneScenario], tmp: Path) -> list[DaneCellResult]:
+    lab = await build_lab(chosen, tmp)
     results: list[DaneCellResult] = []
     try:
-        with ValidatingResolver([signed, insecure]) as unbound:
+        with ValidatingResolver([lab.signed, lab.insecure]) as unbound:
             for s in chosen:
-                results.append(await _cell(s, config, unbound, mtas[s.name], tmp))
+                results.append(await _cell(s, lab.config, unbound, lab.mtas[s.name], tmp))
     finally:
-        for m in mtas.values():
-            await m.stop()
+        await lab.stop()
     return results
 
 

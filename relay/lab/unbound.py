@@ -44,14 +44,15 @@ def _free_port(host: str) -> int:
 class ValidatingResolver:
     """unbound validating the lab zones (served by a SignedAuthServer it starts)."""
 
-    def __init__(self, zones: Sequence[SignedZone], host: str = "127.0.0.1") -> None:
+    def __init__(self, zones: Sequence[SignedZone], host: str = "127.0.0.1", port: int = 0) -> None:
         self.zones = list(zones)
         for z in self.zones:
             if z.zone is None:
                 z.build()
         self.host = host
         self.auth = SignedAuthServer(self.zones, host)
-        self.port = 0
+        self.fixed_port = port  # 0: a free one
+        self.port = port
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -101,7 +102,7 @@ class ValidatingResolver:
         directory = Path(self._tmp.name)
         last = ""
         for _attempt in range(5):
-            self.port = _free_port(self.host)
+            self.port = self.fixed_port or _free_port(self.host)
             conf = directory / "unbound.conf"
             conf.write_text(self.config_text(directory))
             self._proc = subprocess.Popen(
