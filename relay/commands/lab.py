@@ -1,10 +1,12 @@
 """``relay lab``: the downgrade lab (RFC 8461, RFC 8460) from the shell.
 
-- ``run [--scenario NAME]... [--json] [--out DIR]``: build the whole lab on loopback in
-  this process (relay.lab.runner), play every scenario under every policy mode, print
-  the matrix and the TLS-RPT reports the relay would send (``--out``: write them, as
-  RFC 8460 gzip attachments and readable JSON). Exit 0 when every cell matches what
-  the RFCs require, 1 on any mismatch, 2 on a usage error.
+- ``run [--scenario NAME]... [--json] [--out DIR] [--html FILE]``: build the whole lab
+  on loopback in this process (relay.lab.runner), play every scenario under every policy
+  mode, then the DANE and REQUIRETLS cells (relay.lab.dane), print the matrix and the
+  TLS-RPT reports the relay would send (``--out``: write them, as RFC 8460 gzip
+  attachments and readable JSON; ``--html``: the matrix as one page, relay.lab.html).
+  Exit 0 when every cell matches what the RFCs require, 1 on any mismatch, 2 on a usage
+  error.
 - ``list [--json]``: each scenario in a sentence: the attack, what RFC 8461 says a
   sender must do, what a sender without MTA-STS does.
 - ``strip --listen HOST:PORT --upstream HOST:PORT``: the STARTTLS-stripping proxy
@@ -40,6 +42,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--scenario", action="append", metavar="NAME", help="only this scenario")
     run.add_argument("--json", action="store_true", help="print one JSON object")
     run.add_argument("--out", metavar="DIR", help="write the TLS-RPT reports here")
+    run.add_argument("--html", metavar="FILE", help="write the matrix as one HTML page")
     run.set_defaults(func=run_lab)
 
     lst = ls.add_parser("list", help="describe each scenario")
@@ -110,6 +113,10 @@ def run_lab(args: argparse.Namespace) -> int:
         result, dane_cells=tuple(dane_cells), skipped=result.skipped + tuple(dane_skipped)
     )
     written: list[Path] = []
+    if args.html:
+        from relay.lab.html import render
+
+        Path(args.html).write_text(render(result), encoding="utf-8")
     if args.out:
         written = runner.write_reports(result, Path(args.out))
     if args.json:

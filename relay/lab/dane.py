@@ -109,6 +109,8 @@ class DaneCellResult:
     results: tuple[str, ...]
     reply: str
     problems: tuple[str, ...]
+    # the TLS-RPT outcomes of the attempt, RFC 8460 section 4.4 field names
+    outcomes: tuple[dict[str, Any], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -142,7 +144,19 @@ class DaneCellResult:
             "rfc": s.rfc,
             "matches_rfc": self.ok,
             "problems": list(self.problems),
+            "tlsrpt_outcomes": list(self.outcomes),
         }
+
+
+def _outcome_dict(o: TlsOutcome) -> dict[str, Any]:
+    return {
+        "policy-type": o.policy_type.value,
+        "policy-string": list(o.policy_strings),
+        "receiving-mx-hostname": o.mx_host,
+        "receiving-ip": o.receiving_ip,
+        "result-type": o.result_type.value if o.result_type else "success",
+        "failure-reason-code": o.failure_reason,
+    }
 
 
 def select(names: Sequence[str] | None) -> list[DaneScenario]:
@@ -338,6 +352,7 @@ async def _cell(
     return DaneCellResult(
         s, domain, delivered, transport, got.tls_version if got else None,
         res.tls_policy or s.policy, seen, "" if delivered else r.reply, tuple(problems),
+        tuple(_outcome_dict(o) for o in outcomes),
     )  # fmt: skip
 
 
