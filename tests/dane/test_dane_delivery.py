@@ -75,7 +75,9 @@ class DaneLab:
             ),
         )
 
-    def courier(self, policy: TlsPolicy | None = None, port: int | None = None) -> Courier:
+    def courier(
+        self, policy: TlsPolicy | None = None, port: int | None = None, idle: float = 0
+    ) -> Courier:
         resolver = CachingResolver(DnspythonResolver([self.unbound.address], timeout=3))
 
         async def lookup(domain: str) -> TlsPolicy:
@@ -86,7 +88,7 @@ class DaneLab:
             resolver,
             policy_lookup=lookup,
             outcome_sink=self.outcomes.append,
-            idle_timeout=0,
+            idle_timeout=idle,
         )
 
 
@@ -386,3 +388,33 @@ async def test_requiretls_over_mta_sts_testing_needs_a_verified_session(dane_lab
         assert res.tls_policy == "sts" and rec.calls[-1][1].requiretls is True
         res = await _deliver(dane_lab, "rt.insecure.test", requiretls=True, port=port)
         assert res.recipients[0].reply.startswith("550 5.7.30")
+
+
+async def test_requiretls_never_reuses_a_weaker_pooled_connection(dane_lab: DaneLab) -> None:
+    """RFC 8689 4.2.1: an opportunistic (unverified) session to the hop is pooled; the
+    REQUIRETLS message after it goes on a new, verified connection."""
+    policy = TlsPolicy(
+        "rt.insecure.test", StsMode.TESTING, ("mx.rt.insecure.test",), 86400, "id1", ()
+    )
+    async with running(make_config(dane_lab.tmp), ssl_context=dane_lab.rt_ctx) as (_, rec, port):
+        plain = dane_lab.courier(None, port, idle=5.0)
+        try:
+            first = await plain.deliver(_job("rt.insecure.test"))
+            again = await plain.deliver(_job("rt.insecure.test"))
+            assert first.recipients[0].state is RecipientState.DELIVERED
+            assert again.recipients[0].state is RecipientState.DELIVERED
+            assert rec.calls[-1][0].peer_port == rec.calls[-2][0].peer_port  # pooled
+            plain.policy_lookup = _fixed(policy)
+            res = await plain.deliver(_job("rt.insecure.test", requiretls=True))
+        finally:
+            await plain.close()
+        assert res.recipients[0].state is RecipientState.DELIVERED, res
+        assert rec.calls[-1][1].requiretls is True
+        assert rec.calls[-1][0].peer_port != rec.calls[-2][0].peer_port  # a new connection
+
+
+def _fixed(policy: TlsPolicy):  # type: ignore[no-untyped-def]
+    async def lookup(domain: str) -> TlsPolicy:
+        return policy
+
+    return lookup
