@@ -314,6 +314,12 @@ async def _dane_check(
     return code, json.loads(capsys.readouterr().out)
 
 
+def main_text(argv: list[str]) -> int:
+    from relay.cli import main
+
+    return main(argv)
+
+
 async def test_dane_check_match(dane_lab: DaneLab, capsys: pytest.CaptureFixture[str]) -> None:
     code, out = await _dane_check(dane_lab, "ee-ok.dane.test", capsys)
     assert code == 0 and out["verdict"] == "dane" and out["mx_secure"] is True
@@ -323,6 +329,12 @@ async def test_dane_check_match(dane_lab: DaneLab, capsys: pytest.CaptureFixture
     assert host["tlsa"][0]["usage"] == 3 and host["tlsa"][0]["usable"] is True
     assert set(host["tlsa"][0]) == {"usage", "selector", "mtype", "data", "usable"}
     assert host["probe"] == {"starttls": True, "matched": True, "error": None}
+    code = await asyncio.to_thread(
+        main_text,
+        ["dane", "check", "ee-ok.dane.test", "--config", str(dane_lab.tmp / "dane-check.toml")],
+    )
+    text = capsys.readouterr().out
+    assert code == 0 and "verdict: dane" in text and "TLSA 3 1 1" in text, text
 
 
 async def test_dane_check_mismatch_stripped_bogus_are_failures(
