@@ -14,7 +14,10 @@ there:
 - 4.10.2 the Organizational Domain: the walk stops at a record with ``psd=n`` (that name
   is the Organizational Domain) or, above the start name, ``psd=y`` (the name one label
   below it is); otherwise the name with the fewest labels that had a record; with no
-  record at all, the start name itself.
+  record at all, the start name itself. Our choice where the RFC is silent: once a
+  record has been found, a lookup that fails above it counts as "no record" (a TLD that
+  SERVFAILs ``_dmarc`` queries must not turn every verdict into temperror); a failure
+  before any record is found is temperror.
 
 ``Walker`` keeps every answer it got for one message, so the author domain's walk and
 the walks for the SPF and DKIM identifiers share their queries.
@@ -68,6 +71,7 @@ class Walker:
 
     resolver: Resolver
     asked: list[str] = field(default_factory=list)  # _dmarc names, in the order asked
+    failed_above: list[str] = field(default_factory=list)  # failures taken as "no record"
     _steps: dict[str, Step | WalkError] = field(default_factory=dict)
 
     async def step(self, name: str) -> Step:
@@ -120,7 +124,15 @@ class Walker:
         labels = start.split(".")
         fewest = ""
         for name in names:
-            s = await self.step(name)
+            try:
+                s = await self.step(name)
+            except WalkError:
+                if not fewest:
+                    raise
+                # our choice (the RFC is silent): once a record is found, a failed lookup
+                # above it (a TLD that does not answer _dmarc queries) counts as no record
+                self.failed_above.append(f"_dmarc.{name}")
+                continue
             r = s.record
             if r is None:
                 continue

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import cast
 
 from relay.auth.dmarc_record import is_dmarc_record
 from relay.auth.spf import is_spf_record
 from relay.auth.treewalk import Walker, WalkError
-from relay.check import Finding
+from relay.check import ERROR, Finding
 from relay.check.bimi import check_bimi
 from relay.check.dane import check_dane
 from relay.check.dkim import check_dkim
@@ -20,8 +22,10 @@ from relay.check.probe import probe_mx
 from relay.check.spf import _target, _terms
 from relay.check.spf import check_spf as spf_findings
 from relay.check.tlsrpt import check_tlsrpt
-from relay.dns import Resolver
-from relay.errors import DnsError, DnsNoData, DnsNotFound, DnsTempFail
+from relay.dane.lookup import mx_status, route_dane, supports_dnssec
+from relay.dane.policy import Lookup
+from relay.dns import DnssecResolver, Resolver, addresses
+from relay.errors import DnsBogus, DnsError, DnsNoData, DnsNotFound, DnsTempFail
 from relay.http import SafeHttpClient
 from relay.mtasts.fetch import PolicyFetchError, discover, fetch_policy
 
@@ -39,6 +43,26 @@ async def _txt(resolver: Resolver, name: str) -> list[str] | None:
         raise CannotCheck(f"DNS lookup of {name} failed: {exc}") from None
     except DnsError:
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Host:
+    name: str
+
+
+async def _addresses(resolver: Resolver, host: str) -> tuple[list[str], str]:
+    """The A/AAAA addresses of host and its canonical name (host itself unless the name
+    is a CNAME, which a resolver with ``answer`` tells)."""
+    found = await addresses(resolver, host)
+    answer = getattr(resolver, "answer", None)
+    canonical = host
+    if answer is not None:
+        try:
+            got = await cast(DnssecResolver, resolver).answer(host, "A")
+            canonical = got.canonical or host
+        except DnsError:
+            pass
+    return found, canonical.rstrip(".").lower()
 
 
 async def _spf_tree(resolver: Resolver, domain: str) -> dict[str, list[str] | None]:
@@ -67,22 +91,39 @@ async def run_checks(
     ctx: ssl.SSLContext | None = None,
 ) -> list[Finding]:
     out: list[Finding] = []
+    bogus = ""
     try:
         mx_recs = await resolver.mx(domain)
         mx = [(r.preference, r.host) for r in mx_recs]
     except (DnsNotFound, DnsNoData):
         mx = []
+    except DnsBogus as exc:  # a validating resolver refused the answer: say so, go on
+        mx, bogus = [], str(exc)
     except DnsTempFail as exc:
         raise CannotCheck(f"DNS lookup of MX {domain} failed: {exc}") from None
     addresses: dict[str, list[str]] = {}
+    cnames: set[str] = set()
     for _p, host in mx:
         if not host:
             continue
         try:
-            addresses[host] = await resolver.a(host)
+            addresses[host], canonical = await _addresses(resolver, host)
         except DnsError:
-            addresses[host] = []
-    out += check_mx(domain, mx, addresses, set())
+            addresses[host], canonical = [], host
+        if canonical != host:
+            cnames.add(host)
+    if bogus:
+        out.append(
+            Finding(
+                "MX",
+                "mx.dnssec_bogus",
+                ERROR,
+                bogus,
+                "fix the zone's DNSSEC signatures: validating senders cannot find your MX",
+            )
+        )
+    else:
+        out += check_mx(domain, mx, addresses, cnames)
     out += spf_findings(domain, await _spf_tree(resolver, domain))
     walker = Walker(resolver)
     try:
@@ -114,7 +155,11 @@ async def run_checks(
     hosts = [h for _p, h in mx if h]
     out += check_mtasts(domain, str(disc.status), disc.reason, policy, fetch_error, hosts)
     out += check_tlsrpt(domain, await _txt(resolver, f"_smtp._tls.{domain}"))
-    out += check_dane()
+    mx_lookup = await mx_status(resolver, domain)
+    dane_hosts = await route_dane(resolver, domain, [_Host(h) for h in hosts])
+    if not supports_dnssec(resolver):
+        mx_lookup = Lookup.INSECURE
+    out += check_dane(domain, mx_lookup, dane_hosts)
     out += check_bimi(domain, await _txt(resolver, f"default._bimi.{domain}"), record)
     if probe and ctx is not None:
         results = await asyncio.gather(

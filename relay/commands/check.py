@@ -19,7 +19,7 @@ from typing import Any
 from relay.check import ERROR, OK, WARN, Finding
 from relay.check.fetch import CannotCheck, run_checks
 from relay.config import Config, load_config
-from relay.dns import AiodnsResolver
+from relay.dns import DnspythonResolver
 from relay.http import SafeHttpClient, make_ssl_context
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
@@ -76,7 +76,7 @@ def to_text(domain: str, findings: list[Finding], colour: bool) -> str:
 
 
 async def check(config: Config, domain: str, selectors: list[str], probe: bool) -> list[Finding]:
-    resolver = AiodnsResolver([str(h) for h in config.dns.nameservers], timeout=config.dns.timeout)
+    resolver = DnspythonResolver.from_config(config.dns)  # DNSSEC status for DANE
     http = SafeHttpClient.from_config(config, resolver, timeout=config.mta_sts.fetch_timeout)
     return await run_checks(
         resolver,

@@ -166,3 +166,15 @@ async def test_servfail_on_the_walk_is_temperror(lab: LabDnsServer) -> None:
     lab.zone.failures["_dmarc.example.com"] = "SERVFAIL"
     ev = await check_dmarc(_resolver(lab), _msg("a.example.com"), SPF_FAIL, ())
     assert (ev.result.result, ev.result.policy) == (DmarcResultCode.TEMPERROR, "none")
+
+
+async def test_failure_above_a_found_record_counts_as_no_record(lab: LabDnsServer) -> None:
+    """Our choice (RFC 9989 is silent): a TLD that SERVFAILs _dmarc queries after the
+    record was found does not make the verdict temperror; before any record it does."""
+    lab.zone.add("_dmarc.example.com", "TXT", "v=DMARC1; p=reject")
+    lab.zone.failures["_dmarc.com"] = "SERVFAIL"
+    ok = SpfResult(SpfResultCode.PASS, "mail.example.com", "mailfrom")
+    ev = await check_dmarc(_resolver(lab), _msg("example.com"), ok, ())
+    assert (ev.result.result, ev.org_domain) == (DmarcResultCode.PASS, "example.com")
+    ev = await check_dmarc(_resolver(lab), _msg("other.com"), SPF_FAIL, ())
+    assert ev.result.result is DmarcResultCode.TEMPERROR
