@@ -27,6 +27,7 @@ from relay.dane.policy import Lookup
 from relay.dns import DnssecResolver, Resolver, addresses
 from relay.errors import DnsBogus, DnsError, DnsNoData, DnsNotFound, DnsTempFail
 from relay.http import SafeHttpClient
+from relay.model import TlsResultType
 from relay.mtasts.fetch import PolicyFetchError, discover, fetch_policy
 
 
@@ -146,14 +147,17 @@ async def run_checks(
     for sel in selectors:
         out += check_dkim(domain, sel, await _txt(resolver, f"{sel}._domainkey.{domain}"))
     disc = await discover(resolver, domain)
-    policy, fetch_error = None, ""
+    policy, fetch_error, fetch_cert = None, "", False
     if disc.record is not None and http is not None:
         try:
             policy = await fetch_policy(http, domain, port=https_port)
         except PolicyFetchError as exc:
             fetch_error = exc.reason
+            fetch_cert = exc.result_type is TlsResultType.STS_WEBPKI_INVALID
     hosts = [h for _p, h in mx if h]
-    out += check_mtasts(domain, str(disc.status), disc.reason, policy, fetch_error, hosts)
+    out += check_mtasts(
+        domain, str(disc.status), disc.reason, policy, fetch_error, hosts, fetch_cert
+    )
     out += check_tlsrpt(domain, await _txt(resolver, f"_smtp._tls.{domain}"))
     mx_lookup = await mx_status(resolver, domain)
     dane_hosts = await route_dane(resolver, domain, [_Host(h) for h in hosts])

@@ -18,7 +18,9 @@ def check_mtasts(
     policy: StsPolicy | None,
     fetch_error: str,
     mx_hosts: list[str],
+    fetch_cert: bool = False,
 ) -> list[Finding]:
+    """fetch_cert: the fetch failed on the policy host's certificate (sts-webpki-invalid)."""
     a = "MTA-STS"
     if txt_status == "none":
         return [
@@ -32,6 +34,17 @@ def check_mtasts(
         ]
     if txt_status == "error":
         return [Finding(a, "mtasts.txt_error", ERROR, txt_reason, "fix the _mta-sts record")]
+    if policy is None and fetch_cert:
+        return [
+            Finding(
+                a,
+                "mtasts.certificate",
+                ERROR,
+                f"policy host certificate: {fetch_error}",
+                f"serve https://mta-sts.{domain} with a certificate valid for that name "
+                "from a public CA (RFC 8461 3.3)",
+            )
+        ]
     if policy is None:
         return [
             Finding(

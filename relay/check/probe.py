@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 
 from relay.check import ERROR, OK, WARN, Finding
+
+EXPIRY_WARN_DAYS = 14
 
 
 async def _reply(reader: asyncio.StreamReader) -> tuple[int, list[str]]:
@@ -78,6 +81,19 @@ async def _probe(host: str, address: str, port: int, ctx: ssl.SSLContext) -> lis
         sslobj = writer.get_extra_info("ssl_object")
         version = sslobj.version() if sslobj is not None else ""
         out: list[Finding] = []
+        cert = sslobj.getpeercert() if sslobj is not None else None
+        if cert and cert.get("notAfter"):
+            left = ssl.cert_time_to_seconds(str(cert["notAfter"])) - time.time()
+            if left < EXPIRY_WARN_DAYS * 86400:
+                out.append(
+                    Finding(
+                        a,
+                        "probe.cert_expiring",
+                        WARN,
+                        f"{host}: certificate expires in {max(0, int(left // 86400))} days",
+                        "renew the certificate",
+                    )
+                )
         if version in ("TLSv1", "TLSv1.1"):
             out.append(Finding(a, "probe.old_tls", WARN, f"{host}: {version}", "offer TLS 1.2+"))
         writer.write(b"EHLO relay-check.invalid\r\n")
