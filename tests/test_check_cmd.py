@@ -60,6 +60,48 @@ def lab() -> Iterator[LabDnsServer]:
     z.add("old._domainkey.weak.test", "TXT", "v=DKIM1; p=")
     _domain(z, "bimi.test", dmarc="v=DMARC1; p=none; rua=mailto:d@bimi.test")
     z.add("default._bimi.bimi.test", "TXT", "v=BIMI1; l=http://bimi.test/logo.svg")
+    z.add("nomx.test", "A", "127.0.0.2")
+    z.add("nullmx.test", "MX", (0, ""))
+    z.add("nullmixed.test", "MX", (0, ""))
+    z.add("nullmixed.test", "MX", (10, "mx.good.test"))
+    _domain(z, "noaddr.test")
+    z.remove("mx.noaddr.test")
+    _domain(z, "manymx.test")
+    for n in range(11):
+        z.add("manymx.test", "MX", (20 + n, "mx.good.test"))
+    _domain(z, "cnamemx.test")
+    z.remove("mx.cnamemx.test")
+    z.add("mx.cnamemx.test", "CNAME", "mx.good.test")
+    _domain(z, "nospf.test")
+    z.remove("nospf.test", "TXT")
+    _domain(z, "twospf.test")
+    z.add("twospf.test", "TXT", "v=spf1 -all")
+    _domain(
+        z, "longspf.test", spf="v=spf1 " + " ".join(f"ip4:192.0.2.{n}" for n in range(40)) + " -all"
+    )
+    _domain(z, "neutral.test", spf="v=spf1 mx ?all")
+    _domain(z, "ptr.test", spf="v=spf1 ptr -all")
+    _domain(z, "nop.test", dmarc="v=DMARC1; rua=mailto:d@nop.test")
+    _domain(z, "testing.test", dmarc="v=DMARC1; p=reject; t=y; rua=mailto:d@testing.test")
+    _domain(z, "spnone.test", dmarc="v=DMARC1; p=reject; sp=none; rua=mailto:d@spnone.test")
+    _domain(z, "keys.test")
+    z.add("two._domainkey.keys.test", "TXT", "v=DKIM1; p=AAAA")
+    z.add("two._domainkey.keys.test", "TXT", "v=DKIM1; p=BBBB")
+    z.add("bad._domainkey.keys.test", "TXT", "v=DKIM1; k=rsa; p=!!!")
+    tiny = rsa.RSAPublicNumbers(65537, (1 << 511) | 12345).public_key()
+    der = tiny.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    z.add("tiny._domainkey.keys.test", "TXT", "v=DKIM1; p=" + base64.b64encode(der).decode())
+    z.add("test._domainkey.keys.test", "TXT", generate("rsa", 2048).record() + "; t=y")
+    _domain(z, "notlsrpt.test")
+    z.remove("_smtp._tls.notlsrpt.test")
+    _domain(z, "twotlsrpt.test")
+    z.add("_smtp._tls.twotlsrpt.test", "TXT", "v=TLSRPTv1; rua=mailto:b@twotlsrpt.test")
+    _domain(z, "badtlsrpt.test")
+    z.set("_smtp._tls.badtlsrpt.test", "TXT", ["v=TLSRPTv1; rua=ftp://x.test/r"])
+    _domain(z, "ststxt.test")
+    z.failures["_mta-sts.ststxt.test"] = "SERVFAIL"
     z.add("broken.test", "MX", (10, "mx.broken.test"))
     z.failures["_dmarc.broken.test"] = "SERVFAIL"
     with LabDnsServer(z) as server:
@@ -112,6 +154,30 @@ def test_good_domain_has_no_errors(capsys: pytest.CaptureFixture[str], cfg: Path
         ("bimi.test", "error", "bimi.dmarc_not_enforced", ()),
         ("bimi.test", "error", "bimi.logo_not_https", ()),
         ("good.test", "warn", "mtasts.missing", ()),
+        ("good.test", "ok", "bimi.missing", ()),
+        ("good.test", "ok", "dmarc.np_advice", ()),
+        ("nomx.test", "warn", "mx.none", ()),
+        ("nullmx.test", "ok", "mx.null", ()),
+        ("nullmixed.test", "error", "mx.null_mixed", ()),
+        ("noaddr.test", "error", "mx.no_address", ()),
+        ("manymx.test", "warn", "mx.many", ()),
+        ("cnamemx.test", "warn", "mx.cname", ()),
+        ("nospf.test", "error", "spf.missing", ()),
+        ("twospf.test", "error", "spf.multiple", ()),
+        ("longspf.test", "warn", "spf.too_long", ()),
+        ("neutral.test", "warn", "spf.neutral_all", ()),
+        ("ptr.test", "warn", "spf.ptr", ()),
+        ("nop.test", "warn", "dmarc.no_p", ()),
+        ("testing.test", "warn", "dmarc.testing", ()),
+        ("spnone.test", "warn", "dmarc.sp_none", ()),
+        ("keys.test", "error", "dkim.multiple", ("two",)),
+        ("keys.test", "error", "dkim.syntax", ("bad",)),
+        ("keys.test", "error", "dkim.rsa_broken", ("tiny",)),
+        ("keys.test", "warn", "dkim.testing", ("test",)),
+        ("notlsrpt.test", "warn", "tlsrpt.missing", ()),
+        ("twotlsrpt.test", "error", "tlsrpt.multiple", ()),
+        ("badtlsrpt.test", "error", "tlsrpt.syntax", ()),
+        ("ststxt.test", "error", "mtasts.txt_error", ()),
         ("good.test", "warn", "dane.no_dnssec", ()),  # AD not trusted: dnssec = "off"
     ],
 )

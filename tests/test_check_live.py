@@ -5,6 +5,7 @@ finding id, and sts.test that gives no error at all."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import ssl
 from collections.abc import AsyncIterator
@@ -43,6 +44,8 @@ class Live:
         await self.mta("127.0.0.2", "mx.sts.test")
         await self.mta("127.0.0.3", None)
         await self.mta("127.0.0.4", "someone-else.test")
+        soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=3)
+        await self.mta("127.0.0.5", "mx.expiring.test", not_after=soon)
         self.config.write_text(
             f'[dns]\nnameservers = ["{self.dns.address}"]\ntimeout = 1\ndnssec = "off"\n'
             f'[delivery]\nport = {self.port}\nca_file = "{self.ca_file}"\n'
@@ -50,11 +53,13 @@ class Live:
             "[http]\nallow_private_addresses = true\n"
         )
 
-    async def mta(self, ip: str, cert_name: str | None) -> None:
+    async def mta(
+        self, ip: str, cert_name: str | None, not_after: datetime.datetime | None = None
+    ) -> None:
         ctx = None
         if cert_name is not None:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            self.ca.issue_cert(cert_name).configure_cert(ctx)
+            self.ca.issue_cert(cert_name, not_after=not_after).configure_cert(ctx)
         m = await LabMta(ip, self.port, tls_context=ctx, hostname=cert_name or "plain.test").start()
         self.port = m.port
         self.mtas.append(m)
@@ -99,6 +104,8 @@ async def live(tmp_path: Path) -> AsyncIterator[Live]:
     lab.sts("uncovered.test", POLICY.format(mode="enforce", mx="mx.other.test", age=604800))
     lab.domain("shortage.test", mx="mx.sts.test")
     lab.sts("shortage.test", POLICY.format(mode="enforce", mx="mx.sts.test", age=60))
+    lab.domain("stsnone.test", mx="mx.sts.test")
+    lab.sts("stsnone.test", POLICY.format(mode="none", mx="mx.sts.test", age=604800))
     lab.domain("nopolicy.test", mx="mx.sts.test")
     lab.sts("nopolicy.test", None)  # the host answers 404
     lab.domain("stscert.test", mx="mx.sts.test")
@@ -106,6 +113,25 @@ async def live(tmp_path: Path) -> AsyncIterator[Live]:
     lab.domain("plain.test", mx_ip="127.0.0.3")
     lab.domain("wrongname.test", mx_ip="127.0.0.4")
     lab.domain("down.test", mx_ip="127.0.0.9")  # nothing listens there
+    lab.domain("expiring.test", mx_ip="127.0.0.5")
+    tiny = b'<svg xmlns="http://www.w3.org/2000/svg" version="1.2" baseProfile="tiny-ps">'
+    logos = {
+        "bimiok": tiny + b"<title>ok</title></svg>",
+        "bimiscript": tiny + b"<script>alert(1)</script></svg>",
+        "bimiplain": b'<svg xmlns="http://www.w3.org/2000/svg"><title>x</title></svg>',
+        "bimibig": tiny + b"<desc>" + b"x" * 40000 + b"</desc></svg>",
+    }
+    for name in [*logos, "bimifetch"]:
+        d = f"{name}.test"
+        lab.domain(d, mx="mx.sts.test")
+        url = f"https://logo.{d}:{lab.https.port}/logo.svg"
+        vmc = "" if name == "bimiplain" else f"; a=https://logo.{d}/vmc.pem"
+        lab.zone.add(f"default._bimi.{d}", "TXT", f"v=BIMI1; l={url}{vmc}")
+        lab.zone.add(f"logo.{d}", "A", "127.0.0.1")
+        if name in logos:
+            lab.https.route(f"logo.{d}", "/logo.svg", Answer(200, logos[name], "image/svg+xml"))
+        else:
+            lab.https.cert_for(f"logo.{d}")
     yield lab
     await lab.close()
 
@@ -128,11 +154,20 @@ async def test_the_good_domain_passes_live(live: Live) -> None:
         ("ststest.test", "warn", "mtasts.testing"),
         ("uncovered.test", "error", "mtasts.mx_uncovered"),
         ("shortage.test", "warn", "mtasts.max_age"),
+        ("stsnone.test", "warn", "mtasts.mode_none"),
         ("nopolicy.test", "error", "mtasts.fetch"),
         ("stscert.test", "error", "mtasts.certificate"),
         ("plain.test", "error", "probe.no_starttls"),
         ("wrongname.test", "error", "probe.certificate"),
         ("down.test", "error", "probe.connect"),
+        ("expiring.test", "warn", "probe.cert_expiring"),
+        ("bimiok.test", "ok", "bimi.ok"),
+        ("bimiok.test", "ok", "bimi.svg_ok"),
+        ("bimiscript.test", "error", "bimi.svg_script"),
+        ("bimiplain.test", "error", "bimi.svg_not_tiny_ps"),
+        ("bimiplain.test", "warn", "bimi.no_authority"),
+        ("bimibig.test", "warn", "bimi.svg_too_large"),
+        ("bimifetch.test", "error", "bimi.svg_fetch"),
     ],
 )
 async def test_live_findings(live: Live, domain: str, severity: str, check_id: str) -> None:

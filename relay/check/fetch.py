@@ -12,7 +12,7 @@ from relay.auth.dmarc_record import is_dmarc_record
 from relay.auth.spf import is_spf_record
 from relay.auth.treewalk import Walker, WalkError
 from relay.check import ERROR, Finding
-from relay.check.bimi import check_bimi
+from relay.check.bimi import MAX_SVG_BYTES, Logo, check_bimi, check_logo, logo_url
 from relay.check.dane import check_dane
 from relay.check.dkim import check_dkim
 from relay.check.dmarc import check_dmarc, external_destinations
@@ -26,7 +26,7 @@ from relay.dane.lookup import mx_status, route_dane, supports_dnssec
 from relay.dane.policy import Lookup
 from relay.dns import DnssecResolver, Resolver, addresses
 from relay.errors import DnsBogus, DnsError, DnsNoData, DnsNotFound, DnsTempFail
-from relay.http import SafeHttpClient
+from relay.http import HttpFetchError, SafeHttpClient
 from relay.model import TlsResultType
 from relay.mtasts.fetch import PolicyFetchError, discover, fetch_policy
 
@@ -164,7 +164,15 @@ async def run_checks(
     if not supports_dnssec(resolver):
         mx_lookup = Lookup.INSECURE
     out += check_dane(domain, mx_lookup, dane_hosts)
-    out += check_bimi(domain, await _txt(resolver, f"default._bimi.{domain}"), record)
+    bimi = await _txt(resolver, f"default._bimi.{domain}")
+    out += check_bimi(domain, bimi, record)
+    url = logo_url(bimi)
+    if url.lower().startswith("https://") and http is not None:
+        try:
+            resp = await http.get(url, max_bytes=4 * MAX_SVG_BYTES, accept="image/svg+xml")
+            out += check_logo(url, Logo(resp.body, resp.content_type))
+        except HttpFetchError as exc:
+            out += check_logo(url, Logo(error=exc.message))
     if probe and ctx is not None:
         results = await asyncio.gather(
             *(probe_mx(h, addresses[h][0], smtp_port, ctx) for h in hosts if addresses.get(h))

@@ -151,5 +151,5 @@ def check_spf(domain: str, records: Mapping[str, list[str] | None]) -> list[Find
             )
         )
     if not out:
-        out.append(Finding(a, "spf.ok", OK, f"SPF: {text} ({lookups} lookups)"))
+        out.append(Finding(a, "spf.ok", OK, f"SPF: {text} ({lookups} DNS lookup(s))"))
     return out
