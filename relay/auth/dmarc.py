@@ -26,6 +26,7 @@ Choices where the RFC leaves room, all listed in docs/tests:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import functools
 import random
@@ -523,20 +524,7 @@ async def _one(
     orgs = await identifier_orgs(walker, d, spf, dkim)
     ev = evaluate(d, spf, dkim, author_domains=domains, orgs=orgs)
     if len(walker.asked) > len(ev.walk):  # the identifiers' walks asked more names
-        return DmarcEvaluation(
-            ev.result,
-            ev.author_domain,
-            ev.record,
-            ev.record_domain,
-            ev.alignments,
-            ev.sampled_out,
-            ev.author_domains,
-            ev.org_domain,
-            tuple(walker.asked),
-            ev.testing,
-            ev.discovery,
-            ev.author_exists,
-        )
+        return dataclasses.replace(ev, walk=tuple(walker.asked))
     return ev
 
 
