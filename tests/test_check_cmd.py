@@ -39,8 +39,8 @@ def lab() -> Iterator[LabDnsServer]:
     _domain(z, "many.test", spf="v=spf1 " + " ".join(f"include:i{n}.many.test" for n in range(6)))
     for n in range(6):
         z.add(f"i{n}.many.test", "TXT", "v=spf1 a mx -all")
-    _domain(z, "void.test", spf="v=spf1 include:gone1.void.test include:gone2.void.test "
-            "include:gone3.void.test -all")  # fmt: skip
+    _domain(z, "void.test", spf="v=spf1 include:gone1.void.test a:gone2.void.test "
+            "mx:gone3.void.test -all")  # fmt: skip  # RFC 7208 4.6.4: 3 void lookups
     _domain(z, "pct.test", dmarc="v=DMARC1; p=reject; pct=50; rua=mailto:d@pct.test")
     _domain(z, "ext.test", dmarc="v=DMARC1; p=reject; rua=mailto:d@reports.example")
     _domain(z, "extok.test", dmarc="v=DMARC1; p=reject; rua=mailto:d@reports2.example")

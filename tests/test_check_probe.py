@@ -57,3 +57,16 @@ async def test_scripted_replies(server: int, check_id: str) -> None:
 def test_dane_mx_lookup_failed_is_an_error() -> None:
     [f] = check_dane("x.test", Lookup.FAILED, {})
     assert (f.severity, f.id) == ("error", "dane.dns_failed")
+
+
+def test_report_text_colour_only_when_asked_and_spf_macros_not_followed() -> None:
+    from relay.check import Finding
+    from relay.check.spf import count_lookups
+    from relay.commands.check import to_text
+
+    findings = [Finding("SPF", "spf.ptr", "warn", "ptr", "replace ptr")]
+    assert "\033[33m⚠\033[0m [spf.ptr]" in to_text("x.test", findings, colour=True)
+    plain = to_text("x.test", findings, colour=False)
+    assert "\033[" not in plain and "⚠ [spf.ptr] ptr" in plain and "→ replace ptr" in plain
+    records = {"x.test": ["v=spf1 include:%{d}.spf.test include:a.test -all"], "a.test": None}
+    assert count_lookups("x.test", records) == (2, 1, ())

@@ -19,7 +19,7 @@ from relay.check.dmarc import check_dmarc, external_destinations
 from relay.check.mtasts import check_mtasts
 from relay.check.mx import check_mx
 from relay.check.probe import probe_mx
-from relay.check.spf import _target, _terms
+from relay.check.spf import _target, _terms, host_target
 from relay.check.spf import check_spf as spf_findings
 from relay.check.tlsrpt import check_tlsrpt
 from relay.dane.lookup import mx_status, route_dane, supports_dnssec
@@ -75,9 +75,29 @@ async def _spf_tree(resolver: Resolver, domain: str) -> dict[str, list[str] | No
             continue
         records[name] = await _txt(resolver, name)
         for t in records[name] or []:
-            if is_spf_record(t):
-                todo.extend(x for term in _terms(t) if (x := _target(term)))
+            if not is_spf_record(t):
+                continue
+            for term in _terms(t):
+                target = _target(term)
+                if target and "%" not in target:
+                    todo.append(target)
+                host = host_target(term)
+                if host is not None and host not in records:
+                    records[host] = await _host_answer(resolver, host)
     return records
+
+
+async def _host_answer(resolver: Resolver, key: str) -> list[str] | None:
+    """The answer for an a:/mx:/exists: term's domain; None when void (NXDOMAIN/NODATA)."""
+    kind, _, name = key.partition(":")
+    try:
+        if kind == "mx":
+            return [r.host for r in await resolver.mx(name)]
+        return await addresses(resolver, name)
+    except (DnsNotFound, DnsNoData):
+        return None
+    except DnsError:
+        return []
 
 
 async def run_checks(

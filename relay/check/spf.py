@@ -31,12 +31,27 @@ def _target(term: str) -> str | None:
     return None
 
 
+def host_target(term: str) -> str | None:
+    """``a:<d>``, ``mx:<d>`` or ``exists:<d>`` (no macro) as the key under which the
+    fetched answer is kept: ``"a:<d>"`` (exists asks A too) or ``"mx:<d>"``."""
+    t = term.lstrip("+-~?").lower()
+    kind, colon, rest = t.partition(":")
+    if not colon or kind not in ("a", "mx", "exists"):
+        return None
+    name = rest.split("/", 1)[0].rstrip(".")
+    if not name or "%" in name:
+        return None
+    return f"{'mx' if kind == 'mx' else 'a'}:{name}"
+
+
 def count_lookups(
     domain: str, records: Mapping[str, list[str] | None], path: tuple[str, ...] = ()
 ) -> tuple[int, int, tuple[str, ...]]:
     """(DNS lookups, void lookups, the include path where the count first passed a limit)
     for domain's SPF record, through include: and redirect=. records: domain -> its TXT
-    records, None when the name gave no records (a void lookup)."""
+    records, None when the name gave no records (a void lookup); ``"a:<d>"``/``"mx:<d>"``
+    keys hold the answers for a:/exists:/mx: terms naming another domain (None: void,
+    RFC 7208 4.6.4)."""
     path = (*path, domain)
     texts = records.get(domain)
     spf = [t for t in texts or [] if is_spf_record(t)]
@@ -48,8 +63,11 @@ def count_lookups(
         if not _is_lookup(term):
             continue
         lookups += 1
+        host = host_target(term)
+        if host is not None and host in records and records[host] is None:
+            voids += 1
         target = _target(term)
-        if target is None:
+        if target is None or "%" in target:  # a macro names no fixed domain: not followed
             continue
         if records.get(target) is None:
             voids += 1
