@@ -1,7 +1,14 @@
-"""The queue manager: picks due messages into a bounded active window, hands each
-destination domain's recipients to the courier, records per-recipient outcomes with
-exponential back-off and jitter, expires messages after the queue lifetime, and has
-DSNs (failures, optional delay warnings) generated and injected through intake.
+"""The queue manager: picks due messages into a bounded active window, claims their due
+recipients under this process's lease, hands each destination domain's recipients to the
+courier, records each domain's outcome as soon as it is known, with exponential back-off
+and jitter, expires messages after the queue lifetime, and queues DSNs (failures, optional
+delay warnings) in the same transaction that marks them sent.
+
+A maintenance task beside the loader renews the leases of the attempts running here and
+sweeps the store: recipients whose lease expired (a crashed or stuck owner, a lost outcome
+write) are queued again, and failed recipients whose DSN is still owed get it. Every one of
+those writes is conditional on the rows' state and lease, so several schedulers (worker
+processes, later several nodes) may sweep one store. docs/queue.md has the state machine.
 
 Only this module decides when a recipient is tried again; the courier only attempts.
 """
@@ -21,7 +28,9 @@ from relay.config import Config
 from relay.dsn import DsnRecipient, build_dsn
 from relay.errors import RelayError
 from relay.model import AttemptResult, DeliveryJob, QueueId, RecipientResult, RecipientState
+from relay.queue.faults import AFTER_FAIL_COMMIT, crash_point
 from relay.queue.spool import (
+    DEFAULT_LEASE,
     FLAG_NO_DSN,
     FLAG_NO_TLS_REQUIRED,
     NewMessage,
@@ -29,6 +38,7 @@ from relay.queue.spool import (
     QueuedRecipient,
     RecipientUpdate,
     Spool,
+    new_qid,
 )
 
 log = logs.get("relay.queue")
@@ -61,7 +71,7 @@ def domain_of(address: str) -> str:
 
 
 class Scheduler:
-    """qmgr: active window, per-recipient retry, expiry, DSNs."""
+    """qmgr: active window, leases, per-recipient retry, expiry, DSNs, the sweeper."""
 
     def __init__(
         self,
@@ -75,9 +85,15 @@ class Scheduler:
         poll_interval: float = 1.0,
         loader: bool = True,
         bounce_to: Callable[[str], str] | None = None,
+        lease: float = DEFAULT_LEASE,
+        sweep_interval: float | None = None,
     ) -> None:
         """``bounce_to`` maps a reverse-path to the address a DSN goes to (SRS: our own
-        rewritten sender is reversed to the original one)."""
+        rewritten sender is reversed to the original one). ``lease``: seconds a claimed
+        recipient stays ours without renewal (also used by intake's claimed writes through
+        the shared spool); ``sweep_interval``: how often leases are renewed and the store
+        swept (default lease / 3). ``inject`` is kept for the callers' signature: DSNs are
+        written by the spool together with the marks that say they were sent."""
         d = config.delivery
         self.config = config
         self.spool = spool
@@ -99,6 +115,20 @@ class Scheduler:
         # then wakes the loader (else its next poll or an explicit wake() is enough)
         self._backlog = True
         self.bounce_from = d.bounce_sender or f"MAILER-DAEMON@{config.server.hostname}"
+        self._sweep_interval = sweep_interval
+        self.lease = lease
+
+    @property
+    def lease(self) -> float:
+        return self.spool.lease
+
+    @lease.setter
+    def lease(self, seconds: float) -> None:
+        if seconds <= 0:
+            raise ValueError("lease must be positive")
+        self.spool.lease = seconds
+        self.sweep_interval = self._sweep_interval or seconds / 3
+        self._next_sweep = 0.0  # scheduler clock: the next round runs at once
 
     # ------------------------------------------------------------ entry points
 
@@ -119,7 +149,8 @@ class Scheduler:
 
     def submit_new(self, qid: QueueId, msg: NewMessage, created: float, claimed: bool) -> None:
         """From intake once the message is durable. A claimed message (its recipients were
-        written in flight) starts at once without being read back; others wait for the loader."""
+        written in flight under our lease) starts at once without being read back; others
+        wait for the loader."""
         if claimed:
             self.release()
         if claimed and qid not in self._active:
@@ -142,36 +173,81 @@ class Scheduler:
             self._wake.set()
 
     async def run(self) -> None:
-        """Load due messages until stopped (only in the process that owns the loader)."""
-        while not self._stopping:
-            try:
-                if self.loader:
-                    await self._fill()
-            except Exception as exc:  # noqa: BLE001 - the loop must survive store hiccups
-                log.error("scheduler_fill_failed", error=str(exc))
-            timeout = self.poll_interval
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            self._wake.clear()
+        """Load due messages (only in the process that owns the loader) until stopped; the
+        lease maintenance task runs beside it in every process."""
+        maintenance = asyncio.get_running_loop().create_task(self._maintenance())
+        try:
+            while not self._stopping:
+                try:
+                    if self.loader:
+                        await self._fill()
+                except Exception as exc:  # noqa: BLE001 - the loop must survive store hiccups
+                    log.error("scheduler_fill_failed", error=str(exc))
+                timeout = self.poll_interval
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                self._wake.clear()
+        finally:
+            maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await maintenance
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop taking messages; let attempts in flight finish for ``grace`` seconds, then
-        cancel the rest (their recipients are requeued at the next start)."""
+        cancel the rest and give their leases back (their recipients are queued again; if
+        that write fails too, the leases expire)."""
         self._stopping = True
         self._wake.set()
         tasks = list(self._active.values())
         if tasks:
             _done, pending = await asyncio.wait(tasks, timeout=grace)
+            cancelled = [q for q, t in self._active.items() if t in pending]
             for t in pending:
                 t.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
+                try:
+                    await self.spool.release(cancelled)
+                except RelayError as exc:
+                    log.error("lease_release_failed", error=str(exc), qids=cancelled)
 
     @property
     def active(self) -> int:
         return len(self._active)
 
+    async def maintain(self) -> None:
+        """One maintenance round: renew the leases of the attempts running here, return
+        expired leases (of any owner) to the queue, and start the messages whose DSN is
+        owed. Safe with several owners on one store: each step is a conditional write."""
+        running = set(self._active)
+        if running:
+            await self.spool.renew(running)
+        expired = await self.spool.expire_leases(keep=running)
+        if expired:
+            log.warning("leases_expired", recipients=expired)
+            self.wake()
+        if self._stopping:
+            return
+        room = max(0, self.window - len(self._active) - self._reserved)
+        if room:
+            for qid in await self.spool.unreported(room, set(self._active)):
+                if qid not in self._active and not self._stopping:
+                    log.info("dsn_owed", qid=qid)
+                    self._start(qid, None)
+
     # ------------------------------------------------------------ internals
+
+    async def _maintenance(self) -> None:
+        """Every sweep_interval of the scheduler's clock (checked each poll interval)."""
+        while not self._stopping:
+            now = self.clock()
+            if now >= self._next_sweep:
+                self._next_sweep = now + self.sweep_interval
+                try:
+                    await self.maintain()
+                except Exception as exc:  # noqa: BLE001 - retried at the next round
+                    log.error("lease_maintenance_failed", error=str(exc))
+            await asyncio.sleep(min(self.poll_interval, self.sweep_interval))
 
     async def _fill(self) -> None:
         # Mail loaded from the store (retries, recovery, a backlog) may fill at most
@@ -205,6 +281,7 @@ class Scheduler:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - one bad message must not stop the queue
+            # a store error leaves our leases on the rows: they expire and are swept
             log.error("message_processing_failed", qid=qid, error=str(exc), exc_info=True)
             if isinstance(exc, ValueError):
                 with contextlib.suppress(RelayError):
@@ -221,13 +298,22 @@ class Scheduler:
             if loaded is None:
                 return
             msg, data = loaded
+            now = self.clock()
+            due = [
+                r.address
+                for r in msg.recipients
+                if r.state in (RecipientState.QUEUED, RecipientState.DEFERRED)
+                and r.next_attempt <= now
+            ]
+            claimed = set(await self.spool.claim(qid, due)) if due else set()
+            pending = [r for r in msg.recipients if r.address in claimed]
         else:
             msg, data = preloaded
+            pending = list(msg.pending())  # written in flight under our lease by intake
         now = self.clock()
-        pending = [r for r in msg.pending() if r.next_attempt <= now or preloaded is not None]
         if not pending:
-            removed, failed = await self.spool.record(qid, ())
-            await self._dsn_and_finish(msg, data, removed, failed)
+            removed, failed = await self.spool.settle(qid)
+            await self._report(msg, data, removed, failed)
             return
         if now - msg.created >= self.retry.lifetime:
             reply = "4.4.7 Message delivery time expired; giving up"
@@ -241,14 +327,13 @@ class Scheduler:
             ]
             removed, failed = await self.spool.record(qid, expired)
             log.info("expired", qid=qid, recipients=[r.address for r in pending])
-            await self._dsn_and_finish(msg, data, removed, failed)
+            self._failures_committed(msg, expired, failed)
+            await self._report(msg, data, removed, failed)
             return
 
         by_domain: dict[str, list[QueuedRecipient]] = {}
         for r in pending:
             by_domain.setdefault(domain_of(r.address), []).append(r)
-        if preloaded is None:
-            await self.spool.mark_inflight(qid, [r.address for r in pending])
         no_tls = bool(msg.flags & FLAG_NO_TLS_REQUIRED)
         jobs = [
             DeliveryJob(
@@ -263,36 +348,78 @@ class Scheduler:
             )
             for dom, rs in by_domain.items()
         ]
-        if len(jobs) == 1:  # the usual case: no task and gathering future for one domain
-            results = [await self._deliver(jobs[0])]
-        else:
-            results = await asyncio.gather(*(self._deliver(j) for j in jobs))
         attempts = {r.address: r.attempts for r in pending}
+        if len(jobs) == 1:  # the usual case: one domain, one write for outcome and settle
+            res = await self._deliver(jobs[0])
+            updates = self._updates(msg, res, attempts)
+            removed, failed = await self.spool.record(qid, updates)
+        else:
+            # each domain's outcome is written as soon as it is known, so a crash while
+            # another domain's server stalls never sends the finished ones again
+            outcomes = await asyncio.gather(
+                *(self._attempt(msg, j, attempts) for j in jobs), return_exceptions=True
+            )
+            errors = [o for o in outcomes if isinstance(o, BaseException)]
+            if errors:
+                raise errors[0]
+            updates = [u for o in outcomes if not isinstance(o, BaseException) for u in o]
+            removed, failed = await self.spool.settle(qid)
+        self._failures_committed(msg, updates, failed)
+        await self._maybe_delay_warning(msg, data, updates, self.clock())
+        await self._report(msg, data, removed, failed)
+
+    async def _attempt(
+        self, msg: QueuedMessage, job: DeliveryJob, attempts: dict[str, int]
+    ) -> list[RecipientUpdate]:
+        """One domain of a message with several: deliver, then write its outcome alone."""
+        updates = self._updates(msg, await self._deliver(job), attempts)
+        await self.spool.record(msg.id, updates, settle=False)
+        return updates
+
+    def _updates(
+        self, msg: QueuedMessage, res: AttemptResult, attempts: dict[str, int]
+    ) -> list[RecipientUpdate]:
         now = self.clock()
         updates: list[RecipientUpdate] = []
-        for res in results:
-            for rr in res.recipients:
-                if rr.state is RecipientState.DEFERRED:
-                    nxt = now + self.retry.delay(attempts.get(rr.address, 0) + 1, self.rng)
-                    nxt = min(nxt, msg.created + self.retry.lifetime)
-                    updates.append(RecipientUpdate(rr.address, rr.state, rr.reply, nxt))
-                else:
-                    updates.append(RecipientUpdate(rr.address, rr.state, rr.reply))
+        for rr in res.recipients:
+            if rr.state is RecipientState.DEFERRED:
+                nxt = now + self.retry.delay(attempts.get(rr.address, 0) + 1, self.rng)
+                nxt = min(nxt, msg.created + self.retry.lifetime)
+                updates.append(RecipientUpdate(rr.address, rr.state, rr.reply, nxt))
+            else:
+                updates.append(RecipientUpdate(rr.address, rr.state, rr.reply))
+            log.info(
+                {RecipientState.DELIVERED: "delivered", RecipientState.FAILED: "bounced"}.get(
+                    rr.state, "deferred"
+                ),
+                qid=msg.id,
+                message_id=msg.message_id,
+                recipient=rr.address,
+                reply=rr.reply,
+                remote=rr.remote_host,
+                domain=res.domain,
+                tls=res.tls_version,
+            )
+        return updates
+
+    def _failures_committed(
+        self,
+        msg: QueuedMessage,
+        updates: list[RecipientUpdate],
+        failed: tuple[QueuedRecipient, ...],
+    ) -> None:
+        """Failures are durable, their DSN not yet: the window the kill -9 test aims at."""
+        if failed:
+            crash_point(AFTER_FAIL_COMMIT, qid=msg.id)
+        elif not msg.mail_from or msg.flags & FLAG_NO_DSN:
+            bounced = [u.address for u in updates if u.state is RecipientState.FAILED]
+            if bounced:
                 log.info(
-                    {RecipientState.DELIVERED: "delivered", RecipientState.FAILED: "bounced"}.get(
-                        rr.state, "deferred"
-                    ),
-                    qid=qid,
-                    message_id=msg.message_id,
-                    recipient=rr.address,
-                    reply=rr.reply,
-                    remote=rr.remote_host,
-                    domain=res.domain,
-                    tls=res.tls_version,
+                    "dsn_suppressed",
+                    qid=msg.id,
+                    reason="null sender or no-DSN message",
+                    recipients=bounced,
                 )
-        removed, failed = await self.spool.record(qid, updates)
-        await self._maybe_delay_warning(msg, data, updates, now)
-        await self._dsn_and_finish(msg, data, removed, failed)
 
     async def _deliver(self, job: DeliveryJob) -> AttemptResult:
         try:
@@ -311,12 +438,19 @@ class Scheduler:
                 ),
             )
 
-    async def _send_dsn(
-        self, msg: QueuedMessage, data: bytes, recipients: list[DsnRecipient], action: str
-    ) -> str:
+    async def _queue_dsn(
+        self,
+        msg: QueuedMessage,
+        data: bytes,
+        recipients: list[DsnRecipient],
+        action: str,
+    ) -> bool | None:
         """Build one DSN about ``recipients`` and queue it with a null reverse-path to the
-        sender (the original one for forwarded mail)."""
+        sender (the original one for forwarded mail), in the transaction that marks the
+        failed recipients reported (or the message delay-warned). Returns what
+        ``Spool.enqueue_report`` returns: None when another owner had already done it."""
         to = self.bounce_to(msg.mail_from)
+        now = self.clock()
         dsn = build_dsn(
             reporting_mta=self.config.server.hostname,
             sender=to,
@@ -324,10 +458,30 @@ class Scheduler:
             recipients=recipients,
             original=data,
             arrival=msg.created,
-            now=self.clock(),
+            now=now,
             action=action,
         )
-        dsn_qid = await self.inject("", (to,), dsn, FLAG_NO_DSN)
+        new = NewMessage("", (to,), dsn, (), FLAG_NO_DSN)
+        dsn_qid = new_qid(now)
+        claimed = self.reserve()
+        try:
+            result = await self.spool.enqueue_report(
+                new,
+                dsn_qid,
+                about=msg.id,
+                failed=[r.address for r in recipients] if action == "failed" else (),
+                delay_warning=action != "failed",
+                claimed=claimed,
+            )
+        except BaseException:
+            if claimed:
+                self.release()
+            raise
+        if result is None:
+            if claimed:
+                self.release()
+            log.info("dsn_already_queued", qid=msg.id, action=action)
+            return None
         log.info(
             "dsn_queued" if action == "failed" else "delay_warning_queued",
             qid=msg.id,
@@ -335,29 +489,25 @@ class Scheduler:
             to=to,
             recipients=[r.address for r in recipients],
         )
-        return dsn_qid
+        self.submit_new(dsn_qid, new, now, claimed)
+        return result
 
-    async def _dsn_and_finish(
+    async def _report(
         self, msg: QueuedMessage, data: bytes, removed: bool, failed: tuple[QueuedRecipient, ...]
     ) -> None:
-        """Send one DSN for every failed recipient not yet reported, then drop the message
-        when nothing is pending."""
+        """Queue one DSN for the failed recipients whose DSN we now owe (the spool has
+        already marked the failures of <> and NO_DSN mail reported and dropped the message
+        when nothing is left). If this fails, our lease on those rows expires and the
+        sweeper queues the DSN then, once."""
         if removed:
             log.debug("removed", qid=msg.id)
             return
         if not failed:
             return
-        if msg.mail_from and not (msg.flags & FLAG_NO_DSN):
-            dsn_recipients = [DsnRecipient(r.address, r.orig, r.last_reply) for r in failed]
-            await self._send_dsn(msg, data, dsn_recipients, "failed")
-        else:
-            log.info(
-                "dsn_suppressed",
-                qid=msg.id,
-                reason="null sender or no-DSN message",
-                recipients=[r.address for r in failed],
-            )
-        if await self.spool.finish(msg.id, [r.address for r in failed]):
+        if not msg.mail_from or msg.flags & FLAG_NO_DSN:  # a row read before the spool did
+            return
+        dsn_recipients = [DsnRecipient(r.address, r.orig, r.last_reply) for r in failed]
+        if await self._queue_dsn(msg, data, dsn_recipients, "failed"):
             log.debug("removed", qid=msg.id)
 
     async def _maybe_delay_warning(
@@ -378,5 +528,4 @@ class Scheduler:
             if u.state is RecipientState.DEFERRED
         ]
         if deferred:
-            await self._send_dsn(msg, data, deferred, "delayed")
-            await self.spool.set_delay_warned(msg.id)
+            await self._queue_dsn(msg, data, deferred, "delayed")

@@ -1,16 +1,37 @@
 """The queue's tables in the store, and every state transition of a message and its recipients.
 
 A message row holds the sealed bytes exactly as they will be sent; each recipient row holds
-its own state (queued, inflight, deferred, delivered, failed), attempt count, next attempt
-time and last reply. ``enqueue`` returns only once the rows are fsync'd (group commit), so
-the SMTP 250 may follow. Rows read back are re-validated; an unreadable message is moved
-to the corrupt state rather than crashing the scheduler.
+its own state, attempt count, next attempt time, last reply, its lease and whether its DSN
+has been queued. ``enqueue`` returns only once the rows are fsync'd (group commit), so the
+SMTP 250 may follow. Rows read back are re-validated; an unreadable message is moved to the
+corrupt state rather than crashing the scheduler. docs/queue.md is the operator's account.
+
+Recipient states and transitions (every arrow is one store transaction):
+
+    queued | deferred (due) --claim--> inflight [lease: owner, expiry]
+    new mail, claimed at intake ------> inflight [lease]
+    inflight --outcome--> delivered | deferred (next_attempt) | failed [lease kept, dsn_done=0]
+    inflight, lease expired --sweep---> queued (due now)
+    failed, dsn_done=0 --DSN queued---> failed, dsn_done=1 (the DSN message is inserted in
+                                        the same transaction; no DSN for <> or NO_DSN mail)
+    nothing pending and no DSN owed --> the message is deleted (in the outcome's transaction)
+
+A lease says "this owner (one process: host:pid:random) is working on the row until expiry";
+a running attempt renews it, the outcome clears it (a failed row keeps it until its DSN is
+queued). Every claim and every write of an outcome is conditional on the row's state and
+lease, so several owners on one store never both claim a recipient and an owner whose lease
+was taken over cannot overwrite the new owner's work. A crash leaves leases that expire:
+``expire_leases`` (the sweeper) returns such rows to the queue, ``unreported`` finds failed
+rows whose DSN is still owed, and at start ``recover_sync`` expires every other owner's lease
+at once (one relay holds a SQLite store).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
+import socket
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -46,6 +67,12 @@ MIGRATIONS = [
         PRIMARY KEY (qid, address)
     );
     CREATE INDEX queue_recipients_due ON queue_recipients(state, next_attempt);
+    """,
+    # 2: leases (owner, expiry) instead of "inflight until the next start"
+    """
+    ALTER TABLE queue_recipients ADD COLUMN lease_owner TEXT NOT NULL DEFAULT '';
+    ALTER TABLE queue_recipients ADD COLUMN lease_expiry REAL NOT NULL DEFAULT 0;
+    CREATE INDEX queue_recipients_lease ON queue_recipients(state, lease_expiry);
     """,
 ]
 
@@ -110,6 +137,8 @@ class QueuedRecipient:
     last_reply: str
     orig: str = ""
     dsn_done: bool = False
+    lease_owner: str = ""  # "" when nobody holds the row
+    lease_expiry: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,12 +164,36 @@ class RecipientUpdate:
     next_attempt: float = 0.0
 
 
-class Spool:
-    """Queue tables over a Store."""
+def new_owner() -> str:
+    """This process's lease owner id: host:pid:random (a restarted pid is another owner)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
-    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+
+DEFAULT_LEASE = 60.0
+_CHUNK = 500  # ids per IN (...) list
+_Q, _I, _D, _F = (
+    RecipientState.QUEUED.value,
+    RecipientState.INFLIGHT.value,
+    RecipientState.DEFERRED.value,
+    RecipientState.FAILED.value,
+)
+
+
+class Spool:
+    """Queue tables over a Store, seen by one lease owner (one per process)."""
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Callable[[], float] = time.time,
+        *,
+        owner: str | None = None,
+        lease: float = DEFAULT_LEASE,
+    ) -> None:
         self.store = store
         self.clock = clock
+        self.owner = owner or new_owner()
+        self.lease = lease  # seconds a claim holds without renewal
         store.migrate("queue", MIGRATIONS)
 
     # ------------------------------------------------------------ writes
@@ -151,67 +204,160 @@ class Spool:
         """Write the message and its recipients durably; return the queue id.
 
         ``claimed``: the caller delivers it at once, so the recipients are written in
-        flight (no other scheduler may load them; a crash requeues them at start)."""
+        flight under this owner's lease (no other scheduler loads them; if the attempt
+        never starts or never ends, the lease expires and the sweeper queues them)."""
         now = self.clock()
         qid = qid or new_qid(now)
-        mid = msg.msgid()
-        state = RecipientState.INFLIGHT if claimed else RecipientState.QUEUED
-        rows = [(qid, a, o, state.value, now) for a, o in msg.recipient_pairs()]
-
-        def run(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO queue_messages(id, mail_from, data, size, message_id, created, flags)"
-                " VALUES(?,?,?,?,?,?,?)",
-                (qid, msg.mail_from, msg.data, len(msg.data), mid, now, msg.flags),
-            )
-            conn.executemany(
-                "INSERT INTO queue_recipients(qid, address, orig, state, next_attempt)"
-                " VALUES(?,?,?,?,?)",
-                rows,
-            )
-
-        await self.store.write(run)
+        write = _insert(qid, msg, now, self.owner if claimed else "", now + self.lease)
+        await self.store.write(write)
         return qid
 
-    async def mark_inflight(self, qid: QueueId, addresses: Sequence[str]) -> None:
+    async def claim(self, qid: QueueId, addresses: Sequence[str]) -> tuple[str, ...]:
+        """Take the lease of those recipients that are still queued or deferred and due;
+        return the addresses claimed (another owner may have taken the others)."""
         now = self.clock()
+        owner, until = self.owner, now + self.lease
 
-        def run(conn: sqlite3.Connection) -> None:
-            conn.executemany(
-                "UPDATE queue_recipients SET state=?, updated=? WHERE qid=? AND address=?",
-                [(RecipientState.INFLIGHT.value, now, qid, a) for a in addresses],
-            )
+        def run(conn: sqlite3.Connection) -> tuple[str, ...]:
+            got = []
+            for a in addresses:
+                cur = conn.execute(
+                    "UPDATE queue_recipients SET state=?, updated=?, lease_owner=?,"
+                    " lease_expiry=? WHERE qid=? AND address=? AND state IN (?,?)"
+                    " AND next_attempt<=?",
+                    (_I, now, owner, until, qid, a, _Q, _D, now),
+                )
+                if cur.rowcount:
+                    got.append(a)
+            return tuple(got)
 
-        await self.store.write(run)
+        return await self.store.write(run)
+
+    async def mark_inflight(self, qid: QueueId, addresses: Sequence[str]) -> tuple[str, ...]:
+        """Former name of ``claim``."""
+        return await self.claim(qid, addresses)
+
+    async def renew(self, qids: Iterable[QueueId]) -> int:
+        """Push the expiry of this owner's leases on those messages (attempts running)."""
+        ids = list(qids)
+        if not ids:
+            return 0
+        until = self.clock() + self.lease
+        owner = self.owner
+
+        def run(conn: sqlite3.Connection) -> int:
+            n = 0
+            for part in _chunks(ids):
+                n += conn.execute(
+                    "UPDATE queue_recipients SET lease_expiry=? WHERE lease_owner=?"
+                    f" AND qid IN ({','.join('?' * len(part))})",
+                    (until, owner, *part),
+                ).rowcount
+            return n
+
+        return await self.store.write(run)
 
     async def record(
-        self, qid: QueueId, updates: Sequence[RecipientUpdate]
+        self, qid: QueueId, updates: Sequence[RecipientUpdate], *, settle: bool = True
     ) -> tuple[bool, tuple[QueuedRecipient, ...]]:
-        """Store the outcome of an attempt (one attempt more for each recipient), in one
-        write: the message is deleted when nothing is pending and no failure awaits its
-        DSN. Returns (removed, failed recipients whose DSN is still to be sent)."""
+        """Store the outcome of an attempt (one attempt more for each recipient) and clear
+        its leases, in one write. A row whose lease another owner holds is left alone. A
+        failed row keeps this owner's lease until its DSN is queued (``enqueue_report``).
+
+        With ``settle``, in the same write: the message is deleted when nothing is
+        pending and no DSN is owed. Returns (removed, failed recipients whose DSN this
+        owner must now queue)."""
         now = self.clock()
+        owner, until = self.owner, now + self.lease
+        rows = []
+        for u in updates:
+            held = u.state is RecipientState.FAILED
+            rows.append(
+                (
+                    u.state.value,
+                    u.next_attempt,
+                    u.reply[:1000],
+                    now,
+                    owner if held else "",
+                    until if held else 0.0,
+                    qid,
+                    u.address,
+                    owner,
+                    _Q,
+                    _D,
+                    _I,
+                )
+            )
 
         def run(conn: sqlite3.Connection) -> tuple[bool, tuple[QueuedRecipient, ...]]:
             conn.executemany(
                 "UPDATE queue_recipients SET state=?, attempts=attempts+1, next_attempt=?,"
-                " last_reply=?, updated=? WHERE qid=? AND address=?",
-                [
-                    (u.state.value, u.next_attempt, u.reply[:1000], now, qid, u.address)
-                    for u in updates
-                ],
+                " last_reply=?, updated=?, lease_owner=?, lease_expiry=?"
+                " WHERE qid=? AND address=? AND (lease_owner=?"
+                " OR (lease_owner='' AND state IN (?,?,?)))",
+                rows,
             )
-            return _settle(conn, qid, ())
+            if not settle:
+                return False, ()
+            return _settle(conn, qid, owner, now, until)
 
         return await self.store.write(run)
 
-    async def finish(self, qid: QueueId, dsn_addresses: Iterable[str] = ()) -> bool:
-        """Mark DSNs done for addresses; delete the message when nothing is left to do.
-        Returns True when the message was removed."""
-        addrs = tuple(dsn_addresses)
+    async def settle(self, qid: QueueId) -> tuple[bool, tuple[QueuedRecipient, ...]]:
+        """``record`` with no outcome: delete the message if done, else claim the DSNs owed."""
+        return await self.record(qid, ())
 
-        def run(conn: sqlite3.Connection) -> bool:
-            return _settle(conn, qid, addrs)[0]
+    async def enqueue_report(
+        self,
+        report: NewMessage,
+        qid: QueueId,
+        *,
+        about: QueueId,
+        failed: Sequence[str] = (),
+        delay_warning: bool = False,
+        claimed: bool = False,
+    ) -> bool | None:
+        """Queue a DSN about message ``about`` and, in the same transaction, mark its
+        ``failed`` recipients reported (dsn_done=1, lease cleared) or the message delay-
+        warned; then delete ``about`` if nothing is left to do. A crash before the commit
+        leaves both undone, after it both done: the DSN is sent once.
+
+        Returns None (and writes nothing) when the rows are no longer this owner's to
+        report (another owner did it), else whether ``about`` was removed."""
+        now = self.clock()
+        owner = self.owner
+        insert = _insert(qid, report, now, owner if claimed else "", now + self.lease)
+        addrs = tuple(failed)
+
+        def run(conn: sqlite3.Connection) -> bool | None:
+            # check every condition before changing anything (the write lock is held)
+            if delay_warning:
+                row = conn.execute(
+                    "SELECT delay_warned FROM queue_messages WHERE id=?", (about,)
+                ).fetchone()
+                if row is None or row[0]:
+                    return None
+            for a in addrs:
+                if (
+                    conn.execute(
+                        "SELECT 1 FROM queue_recipients WHERE qid=? AND address=? AND state=?"
+                        " AND dsn_done=0 AND lease_owner=?",
+                        (about, a, _F, owner),
+                    ).fetchone()
+                    is None
+                ):
+                    return None
+            if delay_warning:
+                conn.execute("UPDATE queue_messages SET delay_warned=1 WHERE id=?", (about,))
+            conn.executemany(
+                "UPDATE queue_recipients SET dsn_done=1, lease_owner='', lease_expiry=0"
+                " WHERE qid=? AND address=?",
+                [(about, a) for a in addrs],
+            )
+            insert(conn)
+            if not addrs:
+                return False
+            return _settle(conn, about, owner, now, now + self.lease)[0]
 
         return await self.store.write(run)
 
@@ -225,17 +371,77 @@ class Spool:
             lambda c: c.execute("UPDATE queue_messages SET corrupt=1 WHERE id=?", (qid,))
         )
 
+    async def expire_leases(self, keep: Iterable[QueueId] = ()) -> int:
+        """The sweeper: every recipient in flight whose lease has expired (its owner
+        crashed, hung, or lost a write) is queued again, due now. Rows of ``keep`` (this
+        owner's attempts still running) are left alone. Returns how many."""
+        now = self.clock()
+        kept = set(keep)
+
+        def run(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(
+                "SELECT rowid, qid, lease_owner FROM queue_recipients"
+                " WHERE state=? AND lease_expiry<=?",
+                (_I, now),
+            ).fetchall()
+            ids = [r[0] for r in rows if not (r[2] == self.owner and r[1] in kept)]
+            for part in _chunks(ids):
+                conn.execute(
+                    "UPDATE queue_recipients SET state=?, next_attempt=0, lease_owner='',"
+                    f" lease_expiry=0 WHERE rowid IN ({','.join('?' * len(part))})"
+                    " AND state=?",
+                    (_Q, *part, _I),
+                )
+            return len(ids)
+
+        return await self.store.write(run)
+
     def recover_sync(self) -> int:
-        """At start: every recipient left in flight by a crash is queued again."""
+        """At start: the leases of every other owner are stale (one relay holds a SQLite
+        store), so every recipient they held in flight is queued again, due now, and
+        every failed one awaiting its DSN is released for the sweeper. Returns how many
+        recipients were requeued."""
 
         def run(conn: sqlite3.Connection) -> int:
             cur = conn.execute(
-                "UPDATE queue_recipients SET state=?, next_attempt=0 WHERE state=?",
-                (RecipientState.QUEUED.value, RecipientState.INFLIGHT.value),
+                "UPDATE queue_recipients SET state=?, next_attempt=0, lease_owner='',"
+                " lease_expiry=0 WHERE state=? AND lease_owner!=?",
+                (_Q, _I, self.owner),
+            )
+            conn.execute(
+                "UPDATE queue_recipients SET lease_owner='', lease_expiry=0"
+                " WHERE state=? AND dsn_done=0 AND lease_owner!='' AND lease_owner!=?",
+                (_F, self.owner),
             )
             return cur.rowcount
 
         return self.store.write_sync(run)
+
+    async def release(self, qids: Iterable[QueueId]) -> int:
+        """Give up this owner's leases on those messages at once (attempts cancelled at
+        stop): their in-flight recipients are queued, due now."""
+        ids = list(qids)
+        if not ids:
+            return 0
+        owner = self.owner
+
+        def run(conn: sqlite3.Connection) -> int:
+            n = 0
+            for part in _chunks(ids):
+                marks = ",".join("?" * len(part))
+                n += conn.execute(
+                    "UPDATE queue_recipients SET state=?, next_attempt=0, lease_owner='',"
+                    f" lease_expiry=0 WHERE state=? AND lease_owner=? AND qid IN ({marks})",
+                    (_Q, _I, owner, *part),
+                ).rowcount
+                conn.execute(
+                    "UPDATE queue_recipients SET lease_expiry=0"
+                    f" WHERE state=? AND lease_owner=? AND qid IN ({marks})",
+                    (_F, owner, *part),
+                )
+            return n
+
+        return await self.store.write(run)
 
     async def flush(self) -> int:
         """Make every deferred recipient due now."""
@@ -254,12 +460,23 @@ class Spool:
                 "SELECT DISTINCT r.qid FROM queue_recipients r JOIN queue_messages m"
                 " ON m.id=r.qid WHERE r.state IN (?,?) AND r.next_attempt<=? AND m.corrupt=0"
                 " ORDER BY r.next_attempt LIMIT ?",
-                (
-                    RecipientState.QUEUED.value,
-                    RecipientState.DEFERRED.value,
-                    now,
-                    limit + len(exclude),
-                ),
+                (_Q, _D, now, limit + len(exclude)),
+            ).fetchall()
+            return [r[0] for r in rows if r[0] not in exclude][:limit]
+
+        return await self.store.read(run)
+
+    async def unreported(self, limit: int, exclude: set[QueueId]) -> list[QueueId]:
+        """Messages with a failed recipient whose DSN is owed and whose lease is free or
+        expired (a crash or a store error came between the failure and its DSN)."""
+        now = self.clock()
+
+        def run(conn: sqlite3.Connection) -> list[QueueId]:
+            rows = conn.execute(
+                "SELECT DISTINCT r.qid FROM queue_recipients r JOIN queue_messages m"
+                " ON m.id=r.qid WHERE r.state=? AND r.dsn_done=0 AND r.lease_expiry<=?"
+                " AND m.corrupt=0 LIMIT ?",
+                (_F, now, limit + len(exclude)),
             ).fetchall()
             return [r[0] for r in rows if r[0] not in exclude][:limit]
 
@@ -269,7 +486,7 @@ class Spool:
         def run(conn: sqlite3.Connection) -> float | None:
             row = conn.execute(
                 "SELECT MIN(next_attempt) FROM queue_recipients WHERE state IN (?,?)",
-                (RecipientState.QUEUED.value, RecipientState.DEFERRED.value),
+                (_Q, _D),
             ).fetchone()
             return None if row is None or row[0] is None else float(row[0])
 
@@ -286,26 +503,70 @@ class Spool:
         return await self.store.read(_list)
 
 
+def _insert(
+    qid: QueueId, msg: NewMessage, now: float, owner: str, until: float
+) -> Callable[[sqlite3.Connection], None]:
+    """The write that inserts a message; its recipients in flight under owner's lease
+    when owner is given, else queued."""
+    mid = msg.msgid()
+    state, expiry = (_I, until) if owner else (_Q, 0.0)
+    rows = [(qid, a, o, state, now, owner, expiry) for a, o in msg.recipient_pairs()]
+
+    def run(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO queue_messages(id, mail_from, data, size, message_id, created, flags)"
+            " VALUES(?,?,?,?,?,?,?)",
+            (qid, msg.mail_from, msg.data, len(msg.data), mid, now, msg.flags),
+        )
+        conn.executemany(
+            "INSERT INTO queue_recipients(qid, address, orig, state, next_attempt,"
+            " lease_owner, lease_expiry) VALUES(?,?,?,?,?,?,?)",
+            rows,
+        )
+
+    return run
+
+
 def _settle(
-    conn: sqlite3.Connection, qid: str, dsn_done: Sequence[str]
+    conn: sqlite3.Connection, qid: str, owner: str, now: float, until: float
 ) -> tuple[bool, tuple[QueuedRecipient, ...]]:
-    conn.executemany(
-        "UPDATE queue_recipients SET dsn_done=1 WHERE qid=? AND address=?",
-        [(qid, a) for a in dsn_done],
-    )
+    """Delete the message when nothing is pending and no DSN is owed; else take the lease
+    of the failed recipients whose DSN is owed and free (or expired, or ours) and return
+    them. Mail with the null reverse-path or NO_DSN owes none (RFC 3461 NOTIFY=NEVER,
+    RFC 5321 6.1: never a DSN to <>), so its failures are marked reported here."""
     rcpts = _recipients(conn, qid)
-    pending = [r for r in rcpts if r.state in PENDING_STATES]
-    failed = tuple(r for r in rcpts if r.state is RecipientState.FAILED and not r.dsn_done)
-    if not pending and not failed:
+    owed = [r for r in rcpts if r.state is RecipientState.FAILED and not r.dsn_done]
+    if owed:
+        row = conn.execute(
+            "SELECT mail_from, flags FROM queue_messages WHERE id=?", (qid,)
+        ).fetchone()
+        if row is not None and (not row[0] or row[1] & FLAG_NO_DSN):
+            conn.execute(
+                "UPDATE queue_recipients SET dsn_done=1, lease_owner='', lease_expiry=0"
+                " WHERE qid=? AND state=? AND dsn_done=0",
+                (qid, _F),
+            )
+            owed = []
+    if not owed and not any(r.state in PENDING_STATES for r in rcpts):
         conn.execute("DELETE FROM queue_messages WHERE id=?", (qid,))
         return True, ()
-    return False, failed
+    mine = [r for r in owed if r.lease_owner in ("", owner) or r.lease_expiry <= now]
+    conn.executemany(
+        "UPDATE queue_recipients SET lease_owner=?, lease_expiry=? WHERE qid=? AND address=?",
+        [(owner, until, qid, r.address) for r in mine],
+    )
+    return False, tuple(mine)
+
+
+def _chunks(ids: Sequence[Any]) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(ids), _CHUNK):
+        yield ids[i : i + _CHUNK]
 
 
 def _flush(conn: sqlite3.Connection) -> int:
     return conn.execute(
         "UPDATE queue_recipients SET next_attempt=0 WHERE state IN (?,?)",
-        (RecipientState.DEFERRED.value, RecipientState.QUEUED.value),
+        (_D, _Q),
     ).rowcount
 
 
@@ -322,8 +583,8 @@ def _dedupe(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
 
 def _recipients(conn: sqlite3.Connection, qid: str) -> tuple[QueuedRecipient, ...]:
     rows = conn.execute(
-        "SELECT address, state, attempts, next_attempt, last_reply, orig, dsn_done"
-        " FROM queue_recipients WHERE qid=? ORDER BY rowid",
+        "SELECT address, state, attempts, next_attempt, last_reply, orig, dsn_done,"
+        " lease_owner, lease_expiry FROM queue_recipients WHERE qid=? ORDER BY rowid",
         (qid,),
     ).fetchall()
     return tuple(
@@ -335,6 +596,8 @@ def _recipients(conn: sqlite3.Connection, qid: str) -> tuple[QueuedRecipient, ..
             last_reply=r[4],
             orig=r[5],
             dsn_done=bool(r[6]),
+            lease_owner=r[7],
+            lease_expiry=r[8],
         )
         for r in rows
     )

@@ -1,0 +1,334 @@
+"""Leases on claimed recipients (fake clock, real store): expiry returns a row to the queue,
+renewal keeps it, two owners on one store never both claim a recipient, and a lost outcome
+write or a lost notify no longer strands a row until a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from relay.config import parse_config
+from relay.model import AttemptResult, DeliveryJob, RecipientResult, RecipientState
+from relay.queue.scheduler import Scheduler
+from relay.queue.spool import MIGRATIONS, NewMessage, RecipientUpdate, Spool
+from relay.store import Store
+from tests.queue.test_scheduler import MSG, Clock, Harness
+
+INFLIGHT, QUEUED = RecipientState.INFLIGHT, RecipientState.QUEUED
+
+
+async def no_inject(*_a: object) -> str:
+    raise AssertionError("not used")
+
+
+class CountingCourier:
+    """Delivers everything after ``delay`` seconds, counting each recipient it was given."""
+
+    def __init__(self, delay: float = 0.0, state: RecipientState = RecipientState.DELIVERED):
+        self.delay = delay
+        self.state = state
+        self.count: collections.Counter[str] = collections.Counter()
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.release.set()
+
+    async def deliver(self, job: DeliveryJob) -> AttemptResult:
+        self.count.update(job.recipients)
+        self.started.set()
+        await self.release.wait()
+        await asyncio.sleep(self.delay)
+        return AttemptResult(
+            domain=job.domain,
+            recipients=tuple(RecipientResult(a, self.state, "250 ok") for a in job.recipients),
+        )
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = Store(tmp_path / "q.sqlite3").open()
+    yield s
+    s.close()
+
+
+async def until(cond: Callable[[], object], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.01)
+
+
+def scheduler(tmp: Path, spool: Spool, courier: object, clock: Clock, **kw: object) -> Scheduler:
+    config = parse_config({"delivery": {"retry_jitter": 0.0}}, tmp / "config.toml")
+    return Scheduler(
+        config,
+        spool,
+        courier,
+        no_inject,
+        clock=clock,
+        poll_interval=0.02,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def test_claim_takes_a_lease_and_its_expiry_returns_the_row(store: Store) -> None:
+    clock = Clock()
+    spool = Spool(store, clock, lease=30)
+    qid = await spool.enqueue(NewMessage("a@example.com", ("b@example.org",), MSG))
+    assert await spool.claim(qid, ["b@example.org"]) == ("b@example.org",)
+    [r] = (await spool.get(qid)).recipients  # type: ignore[union-attr]
+    assert r.state is INFLIGHT and r.lease_owner == spool.owner
+    assert r.lease_expiry == clock.t + 30
+    assert await spool.claim(qid, ["b@example.org"]) == ()  # not twice
+    clock.t += 29
+    assert await spool.expire_leases() == 0
+    assert await spool.due(clock.t, 10, set()) == []
+    clock.t += 2
+    assert await spool.expire_leases() == 1
+    [r] = (await spool.get(qid)).recipients  # type: ignore[union-attr]
+    assert (r.state, r.lease_owner, r.lease_expiry, r.next_attempt) == (QUEUED, "", 0.0, 0.0)
+    assert await spool.due(clock.t, 10, set()) == [qid]  # due now
+
+
+async def test_a_running_attempt_renews_its_lease(tmp_path: Path, store: Store) -> None:
+    clock = Clock()
+    spool = Spool(store, clock)
+    courier = CountingCourier()
+    courier.release.clear()
+    sched = scheduler(tmp_path, spool, courier, clock, lease=30)
+    assert sched.sweep_interval == 10
+    task = asyncio.create_task(sched.run())
+    qid = await spool.enqueue(NewMessage("a@example.com", ("b@example.org",), MSG))
+    sched.wake()
+    await asyncio.wait_for(courier.started.wait(), 5)
+    other = Spool(Store(store.path).open(), clock)  # another owner sweeping the same store
+    try:
+        for _ in range(6):  # 60 s of a stalled attempt: twice the lease
+            clock.t += 10
+            async with asyncio.timeout(5):  # the maintenance task renews (every 10 s)
+                while (await spool.get(qid)).recipients[0].lease_expiry < clock.t + 30:  # type: ignore[union-attr]
+                    await asyncio.sleep(0.01)
+            assert await other.expire_leases() == 0
+        [r] = (await spool.get(qid)).recipients  # type: ignore[union-attr]
+        assert r.state is INFLIGHT and r.lease_owner == spool.owner
+        assert r.lease_expiry > clock.t
+        courier.release.set()
+        await until(lambda: sched.active == 0)
+        assert await spool.get(qid) is None and courier.count["b@example.org"] == 1
+    finally:
+        other.store.close()
+        await sched.stop()
+        task.cancel()
+
+
+async def test_two_owners_on_one_store_never_claim_the_same_recipient(
+    tmp_path: Path, store: Store
+) -> None:
+    clock = Clock()
+    a = Spool(store, clock)
+    b = Spool(Store(store.path).open(), clock)
+    try:
+        assert a.owner != b.owner
+        rcpts = tuple(f"r{i}@example.org" for i in range(20))
+        qid = await a.enqueue(NewMessage("a@example.com", rcpts, MSG))
+        got_a, got_b = await asyncio.gather(a.claim(qid, rcpts), b.claim(qid, rcpts[::-1]))
+        assert not set(got_a) & set(got_b) and set(got_a) | set(got_b) == set(rcpts)
+        # neither can write an outcome over the other's lease
+        for mine, other in ((got_a, b), (got_b, a)):
+            if mine:
+                await other.record(qid, [RecipientUpdate(mine[0], RecipientState.DELIVERED, "")])
+                m = await a.get(qid)
+                assert m is not None
+                assert {r.address: r.state for r in m.recipients}[mine[0]] is INFLIGHT
+    finally:
+        b.store.close()
+
+
+async def test_two_schedulers_on_one_store_deliver_each_recipient_once(
+    tmp_path: Path, store: Store
+) -> None:
+    clock = Clock()
+    courier = CountingCourier(delay=0.01)
+    spools = [Spool(store, clock), Spool(Store(store.path).open(), clock)]
+    scheds = [scheduler(tmp_path, s, courier, clock, lease=60) for s in spools]
+    rcpts = []
+    for i in range(30):
+        mine = (f"r{i}@a.example", f"r{i}@b.example")
+        rcpts += mine
+        await spools[0].enqueue(NewMessage("a@example.com", mine, MSG))
+    tasks = [asyncio.create_task(s.run()) for s in scheds]
+    try:
+        await until(lambda: sum(courier.count.values()) >= len(rcpts), 10)
+        for _ in range(8):  # both sweep while attempts run: a claim is never taken twice
+            clock.t += 5
+            await asyncio.sleep(0.05)
+        await until(lambda: all(s.active == 0 for s in scheds))
+        assert await spools[0].list() == []
+        assert set(courier.count) == set(rcpts) and max(courier.count.values()) == 1
+    finally:
+        for s, t in zip(scheds, tasks, strict=True):
+            await s.stop()
+            t.cancel()
+        spools[1].store.close()
+
+
+async def test_lost_outcome_write_expires_and_the_recipient_is_retried(
+    tmp_path: Path,
+) -> None:
+    h = Harness(tmp_path, {"b@example.org": ["tmp", "ok"]}, {"lease": 30})
+    fired = []
+
+    def fail_once() -> bool:
+        if h.courier.jobs and not fired:
+            fired.append(True)
+            return True  # the write of the first attempt's outcome
+        return False
+
+    h.store.fail_writes = fail_once
+    task = asyncio.create_task(h.sched.run())
+    try:
+        qid = await h.spool.enqueue(NewMessage("a@example.com", ("b@example.org",), MSG))
+        h.sched.wake()
+        await h.settle()
+        assert fired and len(h.courier.jobs) == 1
+        [r] = (await h.spool.get(qid)).recipients  # type: ignore[union-attr]
+        assert r.state is INFLIGHT and r.attempts == 0  # the outcome was lost
+        h.clock.t += 29
+        await asyncio.sleep(0.1)
+        assert len(h.courier.jobs) == 1  # the lease still holds
+        h.clock.t += 12  # past the lease and the next sweep (every lease / 3)
+        await until(lambda: len(h.courier.jobs) == 2)  # swept, loaded, tried: no restart
+        await h.settle()
+        assert await h.spool.get(qid) is None
+    finally:
+        await h.sched.stop()
+        task.cancel()
+        h.close()
+
+
+async def test_claimed_mail_whose_notify_was_lost_is_delivered_after_the_lease(
+    tmp_path: Path,
+) -> None:
+    h = Harness(tmp_path, {"b@example.org": ["ok"]}, {"lease": 30})
+    task = asyncio.create_task(h.sched.run())
+    try:
+        assert h.sched.reserve()
+        new = NewMessage("a@example.com", ("b@example.org",), MSG)
+        qid = await h.spool.enqueue(new, claimed=True)
+        h.sched.release()  # intake's notify never reached submit_new
+        h.sched.wake()
+        await asyncio.sleep(0.1)
+        assert h.courier.jobs == []  # in flight under our lease: the loader leaves it
+        h.clock.t += 31
+        await until(lambda: len(h.courier.jobs) == 1)
+        await h.settle()
+        assert await h.spool.get(qid) is None
+    finally:
+        await h.sched.stop()
+        task.cancel()
+        h.close()
+
+
+async def test_stop_gives_back_the_leases_of_cancelled_attempts(
+    tmp_path: Path, store: Store
+) -> None:
+    clock = Clock()
+    spool = Spool(store, clock)
+    courier = CountingCourier()
+    courier.release.clear()
+    sched = scheduler(tmp_path, spool, courier, clock)
+    task = asyncio.create_task(sched.run())
+    qid = await spool.enqueue(NewMessage("a@example.com", ("b@example.org",), MSG))
+    sched.wake()
+    await asyncio.wait_for(courier.started.wait(), 5)
+    await sched.stop(grace=0.05)
+    task.cancel()
+    [r] = (await spool.get(qid)).recipients  # type: ignore[union-attr]
+    assert (r.state, r.lease_owner) == (QUEUED, "")
+    assert await spool.due(clock.t, 10, set()) == [qid]
+
+
+async def test_recovery_at_start_expires_every_other_owner(store: Store) -> None:
+    clock = Clock()
+    old = Spool(store, clock)
+    qid = await old.enqueue(NewMessage("a@example.com", ("b@x.org", "c@x.org"), MSG), claimed=True)
+    fresh = Spool(store, clock)  # the next start: another owner
+    assert fresh.recover_sync() == 2
+    m = await fresh.get(qid)
+    assert m is not None and {(r.state, r.lease_owner) for r in m.recipients} == {(QUEUED, "")}
+
+
+def test_an_old_store_is_upgraded_and_its_inflight_rows_recovered(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    store = Store(path).open()
+    store.migrate("queue", MIGRATIONS[:1])  # the schema before leases
+    store.write_sync(
+        lambda c: (
+            c.execute(
+                "INSERT INTO queue_messages(id, mail_from, data, size, created)"
+                " VALUES('Q1', 'a@x', ?, ?, 1)",
+                (MSG, len(MSG)),
+            ),
+            c.execute(
+                "INSERT INTO queue_recipients(qid, address, state) VALUES('Q1', 'b@y', 'inflight')"
+            ),
+        )
+    )
+    store.close()
+    store = Store(path).open()
+    try:
+        spool = Spool(store)
+        version = store.read_sync(
+            lambda c: c.execute(
+                "SELECT version FROM schema_version WHERE component='queue'"
+            ).fetchone()[0]
+        )
+        assert version == len(MIGRATIONS) == 2
+        assert spool.recover_sync() == 1
+        conn = sqlite3.connect(path)
+        assert conn.execute(
+            "SELECT state, lease_owner, lease_expiry FROM queue_recipients"
+        ).fetchall() == [("queued", "", 0.0)]
+        conn.close()
+    finally:
+        store.close()
+
+
+async def test_queue_list_json_keeps_its_keys_and_shows_the_states(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from relay.cli import main as cli_main
+    from tests.labutil import base_doc, write_config
+
+    doc = base_doc(tmp_path, "127.0.0.1", 25)
+    write_config(tmp_path / "config.toml", doc)
+    store = Store(doc["storage"]["path"]).open()
+    try:
+        spool = Spool(store)
+        qid = await spool.enqueue(NewMessage("a@x.test", ("b@y.test", "c@y.test"), MSG))
+        await spool.claim(qid, ["b@y.test", "c@y.test"])
+        await spool.record(qid, [RecipientUpdate("c@y.test", RecipientState.FAILED, "550")])
+    finally:
+        store.close()
+    capsys.readouterr()
+    rc = await asyncio.to_thread(
+        cli_main, ["queue", "list", "--json", "--config", str(tmp_path / "config.toml")]
+    )
+    assert rc == 0
+    [m] = json.loads(capsys.readouterr().out)
+    assert set(m) == {"id", "mail_from", "size", "message_id", "created", "recipients"}
+    assert [(r["address"], r["state"]) for r in m["recipients"]] == [
+        ("b@y.test", "inflight"),
+        ("c@y.test", "failed"),
+    ]
+    assert set(m["recipients"][0]) == {
+        "address",
+        "state",
+        "attempts",
+        "next_attempt",
+        "last_reply",
+    }
