@@ -312,6 +312,14 @@ def fanout_todo(conn: sqlite3.Connection, post_id: str, limit: int) -> list[tupl
     return [(str(r[0]), str(r[1] or "")) for r in rows]
 
 
+def claim_recipient(conn: sqlite3.Connection, post_id: str, address: str) -> bool:
+    """Mark one recipient done; False when it already was (its copy is queued)."""
+    cur = conn.execute(
+        "UPDATE list_fanout SET done=1 WHERE post=? AND address=? AND done=0", (post_id, address)
+    )
+    return cur.rowcount > 0
+
+
 def mark_done(conn: sqlite3.Connection, post_id: str, addresses: Sequence[str]) -> None:
     conn.executemany(
         "UPDATE list_fanout SET done=1 WHERE post=? AND address=?",

@@ -103,6 +103,14 @@ class CopyMaker:
         return [(a, t, self.copy(cfg, distributed, t, ar, chain)) for a, t in rcpts if t]
 
 
+def build_sealer(config: Config) -> ArcSealer | None:
+    """The relay's ARC key ([arc]) for sealing list copies; None when sealing is off."""
+    a = config.arc
+    if not a.enabled or a.private_key is None or not a.domain or not a.selector:
+        return None
+    return ArcSealer(a.domain, a.selector, a.private_key.read_bytes(), config.authserv_id)
+
+
 class ListService:
     def __init__(
         self,
@@ -480,7 +488,10 @@ class ListService:
         c: sqlite3.Connection,
     ) -> list[tuple[QueueId, NewMessage]]:
         """One batch: its copies queued and its recipients marked done, one transaction."""
-        queued = [self._queue(c, o, now, flags=0) for _, o in outs]
+        queued = []
+        for address, out in outs:  # only copies not queued by another fan-out of the post
+            if db.claim_recipient(c, post_id, address):
+                queued.append(self._queue(c, out, now, flags=0))
         db.mark_done(c, post_id, done)
         return queued
 
