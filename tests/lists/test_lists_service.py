@@ -204,12 +204,12 @@ async def test_subscribe_by_mail_reply_confirms(env: Any) -> None:
 
 
 DSN = (
-    "From: MAILER-DAEMON@one.test\r\nSubject: Undelivered\r\nMIME-Version: 1.0\r\n"
-    "Content-Type: multipart/report; report-type=delivery-status; boundary=b\r\n\r\n"
-    "--b\r\nContent-Type: text/plain\r\n\r\nfailed\r\n"
-    "--b\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; one.test\r\n\r\n"
-    "Final-Recipient: rfc822; b@one.test\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n--b--\r\n"
-).encode()
+    b"From: MAILER-DAEMON@one.test\r\nSubject: Undelivered\r\nMIME-Version: 1.0\r\n"
+    b"Content-Type: multipart/report; report-type=delivery-status; boundary=b\r\n\r\n"
+    b"--b\r\nContent-Type: text/plain\r\n\r\nfailed\r\n"
+    b"--b\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; one.test\r\n\r\n"
+    b"Final-Recipient: rfc822; b@one.test\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n--b--\r\n"
+)
 
 
 async def test_five_hard_bounces_disable_then_removed(env: Any) -> None:
@@ -236,11 +236,11 @@ async def test_arf_removes_and_a_stranger_is_dropped(env: Any) -> None:
     await add(store, "b@one.test")
     m = await store.read(lambda c: db.get_member(c, LIST, "b@one.test"))
     arf = (
-        "From: fbl@one.test\r\nMIME-Version: 1.0\r\nContent-Type: multipart/report; "
-        "report-type=feedback-report; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\n"
-        "report\r\n--b\r\nContent-Type: message/feedback-report\r\n\r\nFeedback-Type: abuse\r\n"
-        "Version: 1\r\n\r\n--b--\r\n"
-    ).encode()
+        b"From: fbl@one.test\r\nMIME-Version: 1.0\r\nContent-Type: multipart/report; "
+        b"report-type=feedback-report; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\n"
+        b"report\r\n--b\r\nContent-Type: message/feedback-report\r\n\r\nFeedback-Type: abuse\r\n"
+        b"Version: 1\r\n\r\n--b--\r\n"
+    )
     stranger = "dev-bounces+" + "0" * 32 + "@lists.example.org"
     with structlog.testing.capture_logs() as logs:
         await svc.receive(E("", stranger), stranger, arf, "S1")
