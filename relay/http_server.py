@@ -68,6 +68,16 @@ def _button(action: str, label: str, hidden: str = "") -> str:
     )
 
 
+async def _one_click(request: web.Request) -> bool:
+    """The body says List-Unsubscribe=One-Click: as a form (the types RFC 8058 section 3.1
+    names), or as the bare text some senders post without a form type."""
+    if request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        form = await request.post()
+        return form.get("List-Unsubscribe") == "One-Click"
+    body = await request.read()
+    return body.strip() == ONE_CLICK.encode()
+
+
 class ListsHttp:
     """The /lists/ routes over a ListService."""
 
@@ -107,8 +117,7 @@ class ListsHttp:
         token = self._token(request)
         if token is None:
             return not_found()
-        form = await request.post()
-        if form.get("List-Unsubscribe") != "One-Click":
+        if not await _one_click(request):
             return web.Response(
                 text=f"Bad request: the body must be {ONE_CLICK}.\n", status=400, headers=_HEADERS
             )
