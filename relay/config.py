@@ -849,16 +849,36 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
+
+
 def dump_toml(doc: dict[str, dict[str, Any]]) -> str:
-    """The subset of TOML a config needs: tables of scalars and lists."""
+    """The subset of TOML a config needs: tables of scalars and lists; a table value that
+    is a table is a sub-table (``[lists."dev@x"]``), one that is a list of tables an array
+    of tables (``[[dkim.sign]]``)."""
     lines = []
     for section, table in doc.items():
-        lines.append(f"[{section}]")
+        scalars = {k: v for k, v in table.items() if not _is_tables(v)}
+        if scalars or not table:
+            lines.append(f"[{section}]")
+            lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in scalars.items())
+            lines.append("")
         for k, v in table.items():
-            key = k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
-            lines.append(f"{key} = {_toml_value(v)}")
-        lines.append("")
+            if isinstance(v, dict):
+                lines.append(dump_toml({f"{section}.{_toml_key(k)}": v}))
+            elif _is_tables(v):
+                for entry in v:
+                    lines.append(f"[[{section}.{_toml_key(k)}]]")
+                    lines.extend(f"{_toml_key(a)} = {_toml_value(b)}" for a, b in entry.items())
+                    lines.append("")
     return "\n".join(lines)
+
+
+def _is_tables(v: Any) -> bool:
+    return isinstance(v, dict) or (
+        isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+    )
 
 
 def write_config(path: Path, doc: dict[str, dict[str, Any]]) -> Config:
