@@ -38,7 +38,7 @@ from relay.lists import notices, policy, transform
 from relay.lists.addresses import ListAddress, address_of, parse_list_address
 from relay.lists.bounces import read_bounce
 from relay.model import Envelope, QueueId, SmtpReply
-from relay.queue.spool import FLAG_NO_DSN, NewMessage, new_qid, queue_insert
+from relay.queue.spool import FLAG_NO_DSN, NewMessage, Spool, new_qid, queue_insert
 from relay.store import Store
 
 log = logs.get("relay.lists")
@@ -136,6 +136,7 @@ class ListService:
         self.base_url = config.lists_http.base_url
         self._running: dict[str, asyncio.Task[int]] = {}
         db.open_tables(store)
+        Spool(store)  # the queue's tables: copies and notices are written into them
 
     # ------------------------------------------------------------ RCPT
 
@@ -444,7 +445,9 @@ class ListService:
     def start_fan_out(self, post_id: str) -> None:
         if post_id in self._running and not self._running[post_id].done():
             return
-        self._running[post_id] = asyncio.create_task(self.fan_out(post_id))
+        task = asyncio.create_task(self.fan_out(post_id))
+        task.add_done_callback(functools.partial(_fan_out_done, post_id))
+        self._running[post_id] = task
 
     async def fan_out(self, post_id: str) -> int:
         """Queue every remaining member copy of a post; returns how many were queued."""
@@ -557,6 +560,16 @@ class ListService:
             return
         for qid, new in queued:
             self.notify(qid, new, now, False)
+
+
+def _fan_out_done(post_id: str, task: asyncio.Task[int]) -> None:
+    """A fan-out that failed is logged; its post stays unfinished and the next sweep
+    (or restart) resumes it."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("list_fanout_failed", qid=post_id, error=repr(exc), exc_info=exc)
 
 
 def _subject(message: bytes) -> str:
