@@ -288,9 +288,12 @@ def active_addresses(conn: sqlite3.Connection, lst: str) -> list[str]:
     return [str(r[0]) for r in rows]
 
 
-def unfinished_posts(conn: sqlite3.Connection) -> list[str]:
+def unfinished_posts(conn: sqlite3.Connection, before: float | None = None) -> list[str]:
+    """Posts with recipients still to get their copy (stored before ``before`` if given)."""
     rows = conn.execute(
-        "SELECT DISTINCT post FROM list_fanout WHERE done=0 ORDER BY post"
+        "SELECT DISTINCT f.post FROM list_fanout f JOIN list_posts p ON p.id=f.post "
+        "WHERE f.done=0 AND p.created<? ORDER BY f.post",
+        (float("inf") if before is None else before,),
     ).fetchall()
     return [str(r[0]) for r in rows]
 

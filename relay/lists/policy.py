@@ -76,3 +76,15 @@ def score_bounce(
         return Scored(score, False, False)
     new = score + (HARD_SCORE if kind == "hard" else SOFT_SCORE)
     return Scored(new, True, not disabled and new >= threshold)
+
+
+def sender_authenticated(ar_value: str, authserv_id: str) -> bool:
+    """Whether mail asking to unsubscribe its sender may be believed: our verdict (the
+    Authentication-Results we added) shows an SPF, DKIM or DMARC pass; with [auth] off
+    there is no verdict and the sender's word is taken (as Mailman 2 did). A forged
+    unsubscribe request from an unauthenticated stranger is ignored."""
+    if not ar_value:
+        return True
+    if ar_value.split(";", 1)[0].strip().lower() != authserv_id.lower():
+        return True  # not our header: no verdict of ours to go by
+    return re.search(r"\b(?:spf|dkim|dmarc)=pass\b", ar_value, re.IGNORECASE) is not None

@@ -45,6 +45,7 @@ log = logs.get("relay.lists")
 
 NotifyFn = Callable[[QueueId, NewMessage, float, bool], None]
 BATCH = 50  # member copies per commit of the fan-out
+RESUME_AFTER = 300.0  # the periodic sweep resumes fan-outs stalled this long
 
 _ARC_SEAL_CV = re.compile(rb"(?:^|;)\s*cv\s*=\s*([a-z]+)", re.IGNORECASE)
 _ARC_I = re.compile(rb"(?:^|;)\s*i\s*=\s*([0-9]+)")
@@ -327,6 +328,10 @@ class ListService:
     ) -> None:
         address = self._sender(env, message)
         cfg = la.list
+        ar, _ = chain_of(message)
+        if not policy.sender_authenticated(ar, self.config.authserv_id):
+            log.info("list_unsubscribe_unauthenticated", qid=qid, list=cfg.address)
+            return
         gone = await self.store.write(lambda c: db.remove_member(c, cfg.address, address))
         log.info("list_unsubscribe_mail", qid=qid, list=cfg.address, removed=gone)
 
@@ -498,8 +503,13 @@ class ListService:
         db.mark_done(c, post_id, done)
         return queued
 
-    async def resume(self) -> int:
-        posts = await self.store.read(db.unfinished_posts)
+    async def resume(self, older_than: float | None = None) -> int:
+        """Start the fan-out of every unfinished post (at start: all of them; from the
+        periodic sweep only those older than ``older_than`` seconds, so a post another
+        worker process is fanning out right now is left to it; were both to run, no copy
+        would be doubled, each recipient being claimed in the write of its copy)."""
+        before = None if older_than is None else self.clock() - older_than
+        posts = await self.store.read(lambda c: db.unfinished_posts(c, before))
         for p in posts:
             self.start_fan_out(p)
         return len(posts)
@@ -529,9 +539,10 @@ class ListService:
 
         queued = await self.store.write(run)
         self._notify(queued, now)
-        await self.resume()
+        await self.resume(older_than=RESUME_AFTER)
 
     async def run(self, stop: asyncio.Event, interval: float = 60.0) -> None:
+        await self.resume()  # a crash left these: their 250 was given
         while not stop.is_set():
             await self.sweep()
             try:

@@ -250,3 +250,18 @@ async def test_arf_removes_and_a_stranger_is_dropped(env: Any) -> None:
     await svc.receive(E("", verp), verp, arf, "S2")
     assert await store.read(lambda c: db.get_member(c, LIST, "b@one.test")) is None
     assert await queued(spool) == []  # a bounce never goes to the list
+
+
+async def test_unsubscribe_by_mail_needs_an_authenticated_sender(env: Any) -> None:
+    """A forged unsubscribe request (our verdict: nothing passed) is ignored; one whose
+    SPF passed is honoured."""
+    svc, store, _, _ = env
+    await add(store, "b@one.test")
+    unsub = "dev-unsubscribe@lists.example.org"
+    me = svc.config.authserv_id
+    forged = f"Authentication-Results: {me}; spf=fail smtp.mailfrom=b@one.test\r\n".encode()
+    await svc.receive(E("b@one.test", unsub), unsub, forged + b"Subject: x\r\n\r\n", "U1")
+    assert await store.read(lambda c: db.get_member(c, LIST, "b@one.test")) is not None
+    real = f"Authentication-Results: {me}; spf=pass smtp.mailfrom=b@one.test\r\n".encode()
+    await svc.receive(E("b@one.test", unsub), unsub, real + b"Subject: x\r\n\r\n", "U2")
+    assert await store.read(lambda c: db.get_member(c, LIST, "b@one.test")) is None
