@@ -250,16 +250,16 @@ class RelayApp:
 
     def _build_lists(self, queue: QueueLink) -> ListsStage | None:
         """The mailing lists (relay.lists) when any is configured. Copies are signed and
-        sealed in two threads of their own (OpenSSL releases the GIL); new copies are
+        sealed in a pool of two processes of their own (the Python around each signature
+        costs as much as the RSA, so threads would share one core); new copies are
         announced to the scheduler through the queue link."""
         if not self.config.lists:
             return None
-        from concurrent.futures import ThreadPoolExecutor
-
-        from relay.lists.service import ListService, build_sealer
+        from relay.auth.offload import make_crypto_pool
+        from relay.lists.service import PARALLEL, ListService, build_sealer
         from relay.lists.stage import ListsStage
 
-        pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="relay-lists")
+        pool = make_crypto_pool(PARALLEL)
 
         async def close_pool() -> None:
             pool.shutdown(wait=False, cancel_futures=True)

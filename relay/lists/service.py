@@ -23,7 +23,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 
 from relay import logs
@@ -45,6 +45,7 @@ log = logs.get("relay.lists")
 
 NotifyFn = Callable[[QueueId, NewMessage, float, bool], None]
 BATCH = 50  # member copies per commit of the fan-out
+PARALLEL = 2  # slices of a batch signed at once (the app gives the lists two threads)
 RESUME_AFTER = 300.0  # the periodic sweep resumes fan-outs stalled this long
 
 _ARC_SEAL_CV = re.compile(rb"(?:^|;)\s*cv\s*=\s*([a-z]+)", re.IGNORECASE)
@@ -102,6 +103,21 @@ class CopyMaker:
     ) -> list[tuple[str, str, bytes]]:
         ar, chain = chain_of(distributed)
         return [(a, t, self.copy(cfg, distributed, t, ar, chain)) for a, t in rcpts if t]
+
+
+_MAKERS: dict[tuple[object, ...], CopyMaker] = {}
+
+
+def make_copies(
+    config: Config, cfg: ListConfig, distributed: bytes, rcpts: Sequence[tuple[str, str]]
+) -> list[tuple[str, str, bytes]]:
+    """CopyMaker.batch in a worker process: the keys are loaded once per process."""
+    key = (str(config.path), config.arc, config.dkim_sign, config.authserv_id)
+    maker = _MAKERS.get(key)
+    if maker is None:
+        maker = CopyMaker(config, OutboundSigner.from_config(config), build_sealer(config))
+        _MAKERS[key] = maker
+    return maker.batch(cfg, distributed, rcpts)
 
 
 def build_sealer(config: Config) -> ArcSealer | None:
@@ -470,9 +486,20 @@ class ListService:
             todo = await self.store.read(lambda c: db.fanout_todo(c, post_id, BATCH))
             if not todo:
                 break
-            copies = await loop.run_in_executor(
-                self.executor, self.maker.batch, cfg, distributed, todo
+            # the batch in PARALLEL slices, one per signing thread (OpenSSL signs
+            # without the GIL)
+            slices = [todo[i::PARALLEL] for i in range(PARALLEL) if todo[i::PARALLEL]]
+            job: Callable[
+                [ListConfig, bytes, Sequence[tuple[str, str]]], list[tuple[str, str, bytes]]
+            ]
+            if isinstance(self.executor, ProcessPoolExecutor):
+                job = functools.partial(make_copies, self.config)
+            else:
+                job = self.maker.batch
+            made = await asyncio.gather(
+                *(loop.run_in_executor(self.executor, job, cfg, distributed, p) for p in slices)
             )
+            copies = [c for part in made for c in part]
             now = self.clock()
             outs = [
                 (a, Outgoing(address_of(cfg, "bounces", t), (a,), data)) for a, t, data in copies
