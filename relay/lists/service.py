@@ -45,7 +45,7 @@ log = logs.get("relay.lists")
 
 NotifyFn = Callable[[QueueId, NewMessage, float, bool], None]
 BATCH = 50  # member copies per commit of the fan-out
-PARALLEL = 2  # slices of a batch signed at once (the app gives the lists two threads)
+PARALLEL = 2  # slices of a batch signed at once (the app gives the lists two processes)
 RESUME_AFTER = 300.0  # the periodic sweep resumes fan-outs stalled this long
 
 _ARC_SEAL_CV = re.compile(rb"(?:^|;)\s*cv\s*=\s*([a-z]+)", re.IGNORECASE)
