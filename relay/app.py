@@ -96,6 +96,13 @@ def _bounce_to(srs_reverse: Callable[[str], str | None] | None) -> Callable[[str
     return lambda address: reverse(address) or address
 
 
+def _lists_local(courier: Any, lists: ListsStage) -> Any:
+    """Queued mail for a list domain (the DSNs of list copies) is delivered to the lists."""
+    from relay.lists.local import ListsLocal
+
+    return ListsLocal(courier, lists)
+
+
 class RelayApp:
     """The running relay: SMTP server, intake, queue, delivery, MTA-STS, TLS-RPT."""
 
@@ -209,7 +216,7 @@ class RelayApp:
         self.scheduler = Scheduler(
             cfg,
             spool,
-            courier,
+            courier if lists is None else _lists_local(courier, lists),
             self.intake.inject,
             clock=self.clock,
             poll_interval=self.poll_interval,

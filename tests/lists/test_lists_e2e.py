@@ -277,3 +277,20 @@ async def test_five_hard_bounces_disable_and_arf_removes(world: dict[str, Any]) 
     verp_c = f"dev-bounces+{ms['c@two.test'].token}@lists.lab.test"
     await send(host, port, "", [verp_c], ARF, source="127.0.0.3")
     assert "c@two.test" not in await members(w)
+
+
+async def test_a_refused_copy_scores_its_member_through_our_own_dsn(world: dict[str, Any]) -> None:
+    """The member's MX refuses the copy (550 5.1.1): the relay's DSN goes to the copy's
+    VERP address, comes back to the list through intake, and scores that member hard."""
+    w = world
+    w["mtas"]["one.test"].refuse_rcpt("b@one.test", "550 5.1.1 <b@one.test>: no such user")
+    host, port = w["smtp"]
+    await send(
+        host, port, "alice@author.test", [LIST], post("alice@author.test", LIST), source=AUTHOR_IP
+    )
+    async with asyncio.timeout(20):
+        while (await members(w))["b@one.test"].score < 1.0:
+            await asyncio.sleep(0.05)
+    ms = await members(w)
+    assert ms["b@one.test"].score == 1.0 and ms["c@two.test"].score == 0.0
+    assert not [r for r in w["mtas"]["one.test"].messages if b"Undelivered" in r.data]
