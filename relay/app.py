@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from relay.config import Config
-from relay.dns import AiodnsResolver, CachingResolver, Resolver
+from relay.dns import Resolver, resolver_from_config
 from relay.errors import ConfigError
 from relay.intake import Intake, Router
 from relay.queue.scheduler import Scheduler
@@ -123,7 +123,7 @@ class RelayApp:
         self.leader = leader
         self.recover = recover
         self.clock = clock
-        self._resolver = resolver  # the aiodns one is made in start(), inside the loop
+        self._resolver = resolver  # the dnspython one is made in start()
         self.poll_interval = poll_interval
         self.store = Store(config.storage.path)
         self._stop = asyncio.Event()
@@ -151,15 +151,7 @@ class RelayApp:
         if self._resolver is not None:
             self.resolver = self._resolver
         else:
-            self.resolver = AiodnsResolver(
-                [str(ns) for ns in cfg.dns.nameservers], timeout=cfg.dns.timeout
-            )
-            if cfg.dns.cache_max_ttl > 0:
-                self.resolver = CachingResolver(
-                    self.resolver,
-                    max_ttl=cfg.dns.cache_max_ttl,
-                    negative_ttl=cfg.dns.cache_negative_ttl,
-                )
+            self.resolver = resolver_from_config(cfg.dns)
         await asyncio.to_thread(self.store.open)
         spool = Spool(self.store, self.clock)
         if self.recover:

@@ -71,6 +71,10 @@ class DnsConfig:
     timeout: float = 5.0
     cache_max_ttl: float = 300.0  # answers kept for their TTL, at most this; 0 = no cache
     cache_negative_ttl: float = 30.0  # NXDOMAIN / no records kept this long; 0 = not kept
+    # DNSSEC: "off" | "trust-ad" (trust the AD bit of the resolver); None = "trust-ad"
+    # when every nameserver is on loopback, else "off"
+    dnssec: str | None = None
+    dnssec_trusted: bool = False  # trust AD from non-loopback nameservers too
 
 
 @dataclass(frozen=True)
@@ -371,7 +375,14 @@ _KNOWN = {
     },
     "relay": {"trusted_networks", "local_domains"},
     "storage": {"path"},
-    "dns": {"nameservers", "timeout", "cache_max_ttl", "cache_negative_ttl"},
+    "dns": {
+        "nameservers",
+        "timeout",
+        "cache_max_ttl",
+        "cache_negative_ttl",
+        "dnssec",
+        "dnssec_trusted",
+    },
     "delivery": {
         "port",
         "ca_file",
@@ -590,15 +601,37 @@ def read_storage(st: _Section) -> StorageConfig:
 
 
 def read_dns(d: _Section) -> DnsConfig:
+    nameservers = tuple(
+        parse_hostport(x, 53, lambda m: d.err("nameservers", m))
+        for x in d.strings("nameservers", ())
+    )
+    dnssec = d.choice("dnssec", "", ("off", "trust-ad")) if "dnssec" in d.data else None
+    trusted = d.get("dnssec_trusted", bool, False)
+    if dnssec == "trust-ad" and not trusted:
+        # RFC 7672 section 2.1 / RFC 4035 section 4.9.3: the AD bit means something only
+        # over a trusted path; a remote resolver must be marked trusted explicitly
+        remote = [str(n) for n in nameservers if not _loopback(n.host)]
+        if remote:
+            raise d.err(
+                "dnssec",
+                f'"trust-ad" with non-loopback nameservers ({", ".join(remote)}) needs '
+                "dnssec_trusted = true",
+            )
     return DnsConfig(
-        nameservers=tuple(
-            parse_hostport(x, 53, lambda m: d.err("nameservers", m))
-            for x in d.strings("nameservers", ())
-        ),
+        nameservers=nameservers,
         timeout=d.positive("timeout", float, 5.0, 0.1),
         cache_max_ttl=d.positive("cache_max_ttl", float, 300.0, 0.0),
         cache_negative_ttl=d.positive("cache_negative_ttl", float, 30.0, 0.0),
+        dnssec=dnssec,
+        dnssec_trusted=trusted,
     )
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
 
 
 def read_delivery(dl: _Section) -> DeliveryConfig:

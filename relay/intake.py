@@ -28,6 +28,7 @@ from relay.message import ParsedMessage
 from relay.model import ConnInfo, Envelope, QueueId
 from relay.queue.spool import (
     FLAG_NO_TLS_REQUIRED,
+    FLAG_REQUIRETLS,
     NewMessage,
     Spool,
     new_qid,
@@ -201,6 +202,9 @@ class Intake:
                     setting=setting,
                     reason="RFC 8689 field kept but not honoured for this client",
                 )
+        if env.requiretls:
+            # RFC 8689 section 5: with REQUIRETLS a "TLS-Required: No" field is ignored
+            flags = FLAG_REQUIRETLS
         mid = message_id(message)
         new = NewMessage(
             route.mail_from, route.recipients, message.raw, route.originals, flags, mid

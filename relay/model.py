@@ -30,6 +30,7 @@ class Envelope:
     rcpt_tos: tuple[str, ...]
     smtputf8: bool = False
     body_8bit: bool = False
+    requiretls: bool = False  # MAIL FROM ... REQUIRETLS over TLS (RFC 8689 section 4.1)
 
 
 class RecipientState(enum.StrEnum):
@@ -125,6 +126,9 @@ class AttemptResult:
     tls_outcomes: tuple[TlsOutcome, ...] = field(default=())
     mx_host: str = ""
     tls_version: str | None = None
+    # the transport policy the last attempt ran under: "dane" (RFC 7672), "sts" (RFC 8461)
+    # or "none" (opportunistic)
+    tls_policy: str = ""
 
 
 class StsMode(enum.StrEnum):
@@ -172,4 +176,5 @@ class DeliveryJob:
     data: bytes
     message_id: str = ""
     tls_required: bool = True  # False for mail carrying "TLS-Required: no" (RFC 8689)
+    requiretls: bool = False  # MAIL FROM ... REQUIRETLS was given (RFC 8689 section 4)
     record_tls: bool = True  # False: outcomes are not recorded in the TLS-RPT ledger

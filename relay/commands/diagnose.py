@@ -26,7 +26,7 @@ from relay.auth.pipeline import Authenticator, Verdict
 from relay.auth.results import header_fields
 from relay.auth.types import SpfResult, SpfResultCode
 from relay.config import Config, load_config
-from relay.dns import AiodnsResolver
+from relay.dns import DnspythonResolver
 from relay.model import ConnInfo, Envelope
 
 
@@ -40,8 +40,7 @@ def _return_path(message: bytes) -> str:
 async def diagnose(
     config: Config, message: bytes, client_ip: str, helo: str, mail_from: str
 ) -> Verdict:
-    nameservers = [str(hp) for hp in config.dns.nameservers]
-    resolver = AiodnsResolver(nameservers, timeout=config.dns.timeout)
+    resolver = DnspythonResolver.from_config(config.dns)
     config = dataclasses.replace(config, auth=dataclasses.replace(config.auth, enabled=True))
     spf_check = None
     if not client_ip:

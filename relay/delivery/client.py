@@ -148,6 +148,7 @@ class SmtpSession:
         self.transactions = 0
         # RSET owed before the next MAIL; with PIPELINING it goes out in the same write
         self.pending_rset = False
+        self.dane = False  # set by the courier once the chain matched TLSA (RFC 7672 3)
 
     # ------------------------------------------------------------------ opening
 
@@ -260,9 +261,12 @@ class SmtpSession:
 
     @property
     def level(self) -> str:
-        """ "verified", "encrypted" or "clear"."""
+        """ "dane" (the chain matched the host's TLSA records), "verified", "encrypted"
+        or "clear"."""
         if self.tls is None:
             return "clear"
+        if self.dane:
+            return "dane"
         return "verified" if self.tls.verified else "encrypted"
 
     @property
@@ -288,13 +292,27 @@ class SmtpSession:
 
     # ------------------------------------------------------------------ transaction
 
-    async def send(self, mail_from: str, recipients: Sequence[str], data: bytes) -> Transaction:
+    def supports(self, extension: str) -> bool:
+        """The server advertised this extension in its last EHLO reply."""
+        return bool(self._smtp.supports_extension(extension.lower()))
+
+    async def send(
+        self,
+        mail_from: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        requiretls: bool = False,
+    ) -> Transaction:
         """One transaction: MAIL, RCPT for each recipient, DATA once for all accepted
         (pipelined when the server offers PIPELINING); a ``pending_rset`` goes first.
 
         Raises ConnectionLost only when the connection failed (or the pending RSET was
         refused) before MAIL was accepted and before any content was sent (safe to retry on
         a new connection); afterwards every recipient gets a reply.
+
+        ``requiretls``: MAIL FROM carries REQUIRETLS (RFC 8689 section 4.2.1); a server
+        that does not advertise it gets nothing, every recipient 550 5.7.30.
         """
         problem = address_problem(mail_from)
         if problem is not None:  # threats row 3: nothing of it is written
@@ -308,7 +326,7 @@ class SmtpSession:
         if refused:
             sendable = [r for r in recipients if r not in refused]
             if sendable:
-                tx = await self.send(mail_from, sendable, data)
+                tx = await self.send(mail_from, sendable, data, requiretls=requiretls)
             else:
                 tx = Transaction((), False, self.connected)
             got = dict(tx.replies)
@@ -328,6 +346,11 @@ class SmtpSession:
             options.append("BODY=8BITMIME")
         if utf8:
             options.append("SMTPUTF8")
+        if requiretls:
+            if not smtp.supports_extension("requiretls"):
+                reply = _local_reply(550, "5.7.30", f"{where} does not support REQUIRETLS")
+                return Transaction(tuple((r, reply) for r in recipients), False, True)
+            options.append("REQUIRETLS")
         encoding = "utf-8" if utf8 else "ascii"
         self.transactions += 1
         if self.pipelining:

@@ -33,6 +33,7 @@ from relay.queue.spool import (
     DEFAULT_LEASE,
     FLAG_NO_DSN,
     FLAG_NO_TLS_REQUIRED,
+    FLAG_REQUIRETLS,
     NewMessage,
     QueuedMessage,
     QueuedRecipient,
@@ -345,6 +346,7 @@ class Scheduler:
                 message_id=msg.message_id,
                 tls_required=not no_tls,
                 record_tls=not no_tls,
+                requiretls=bool(msg.flags & FLAG_REQUIRETLS),
             )
             for dom, rs in by_domain.items()
         ]
@@ -461,7 +463,10 @@ class Scheduler:
             now=now,
             action=action,
         )
-        new = NewMessage("", (to,), dsn, (), FLAG_NO_DSN)
+        # RFC 8689 section 5: the DSN of a REQUIRETLS message is itself sent with
+        # REQUIRETLS (and, as every DSN here, carries the original's headers only)
+        flags = FLAG_NO_DSN | (msg.flags & FLAG_REQUIRETLS)
+        new = NewMessage("", (to,), dsn, (), flags)
         dsn_qid = new_qid(now)
         claimed = self.reserve()
         try:

@@ -79,6 +79,7 @@ MIGRATIONS = [
 # message flags
 FLAG_NO_TLS_REQUIRED = 1  # "TLS-Required: No" (RFC 8689): no MTA-STS enforcement, no TLS-RPT
 FLAG_NO_DSN = 2  # never generate a DSN (NOTIFY=NEVER, or the message is itself a report)
+FLAG_REQUIRETLS = 4  # MAIL FROM ... REQUIRETLS (RFC 8689): delivered only over a verified path
 
 PENDING_STATES = (RecipientState.QUEUED, RecipientState.DEFERRED, RecipientState.INFLIGHT)
 _QID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXZ"
