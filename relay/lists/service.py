@@ -193,8 +193,8 @@ class ListService:
             raise SmtpReplyError(554, "5.4.6", "Mail loop: this post came through this list")
         if len(message) > cfg.max_message_size:
             raise SmtpReplyError(552, "5.3.4", "Message too big for this list")
-        if not env.mail_from:
-            log.info("list_post_null_sender_dropped", qid=qid, list=cfg.address)
+        if not env.mail_from or transform.auto_submitted(message):
+            log.info("list_post_automatic_dropped", qid=qid, list=cfg.address)
             return  # a bounce or auto-reply to the post address never goes to the list
         _, author = transform.author(message)
         now = self.clock()

@@ -114,6 +114,14 @@ def has_our_list_id(message: bytes, cfg: ListConfig) -> bool:
     return any(f.key == b"list-id" and ident in f.value().lower() for f in fields)
 
 
+def auto_submitted(message: bytes) -> bool:
+    """RFC 3834 section 5: an Auto-Submitted value other than "no" marks mail written by
+    a machine (vacation replies, bounces): it is never distributed to a list."""
+    fields, _ = split_message(message)
+    f = first(fields, b"auto-submitted")
+    return f is not None and f.value().split(";")[0].strip().lower() not in ("", "no")
+
+
 def has_author_signature(message: bytes, domain: str) -> bool:
     fields, _ = split_message(message)
     want = domain.lower()

@@ -146,7 +146,9 @@ async def test_loop_and_null_sender(env: Any) -> None:
     with pytest.raises(SmtpReplyError) as err:
         await svc.receive(E(), LIST, looped, "Q3")
     assert err.value.code == 554
-    await svc.receive(E(""), LIST, post(), "Q4")  # an auto-reply: never to the list
+    await svc.receive(E(""), LIST, post(), "Q4")  # a bounce: never to the list
+    vacation = post(extra="Auto-Submitted: auto-replied\r\n")
+    await svc.receive(E(), LIST, vacation, "Q4b")  # an auto-reply (RFC 3834): neither
     await svc.wait_idle()
     assert await queued(spool) == []
 
