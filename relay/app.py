@@ -15,7 +15,7 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -27,6 +27,10 @@ from relay.queue.scheduler import Scheduler
 from relay.queue.spool import Spool
 from relay.stages import QueueLink
 from relay.store import Store
+
+if TYPE_CHECKING:
+    from relay.lists.service import ListService
+    from relay.lists.stage import ListsStage
 
 log = structlog.get_logger("relay.app")
 
@@ -92,6 +96,13 @@ def _bounce_to(srs_reverse: Callable[[str], str | None] | None) -> Callable[[str
     return lambda address: reverse(address) or address
 
 
+def _lists_local(courier: Any, lists: ListsStage) -> Any:
+    """Queued mail for a list domain (the DSNs of list copies) is delivered to the lists."""
+    from relay.lists.local import ListsLocal
+
+    return ListsLocal(courier, lists)
+
+
 class RelayApp:
     """The running relay: SMTP server, intake, queue, delivery, MTA-STS, TLS-RPT."""
 
@@ -123,6 +134,8 @@ class RelayApp:
         self.intake: Intake | None = None
         self.policy_manager: Any = None
         self.ledger: Any = None
+        self.lists: ListService | None = None
+        self.http_server: Any = None
 
     @property
     def bound(self) -> list[tuple[str, int]]:
@@ -172,11 +185,16 @@ class RelayApp:
         # the scheduler (the queue sink intake feeds) and the courier it hands recipients to
         auth = build_auth(cfg, self.resolver, self.store)
         self._closers.append(auth.close)
-        rules = RelayRules(cfg, extra_local_check=auth.local_check)
+        queue = QueueLink()  # intake -> scheduler; the scheduler's DSNs -> intake.inject
+        lists = self._build_lists(queue)
+        rules = RelayRules(
+            cfg,
+            extra_local_check=auth.local_check,
+            list_check=lists.service.check_rcpt if lists is not None else None,
+        )
         router = Router(
             expand=rules.expand, srs_forward=auth.srs_forward, srs_reverse=auth.srs_reverse
         )
-        queue = QueueLink()  # intake -> scheduler; the scheduler's DSNs -> intake.inject
         self.intake = Intake(
             cfg,
             spool,
@@ -184,12 +202,13 @@ class RelayApp:
             verdict=auth.verdict,
             router=router,
             sealer=auth.sealer,
+            lists=lists,
             clock=self.clock,
         )
         self.scheduler = Scheduler(
             cfg,
             spool,
-            courier,
+            courier if lists is None else _lists_local(courier, lists),
             self.intake.inject,
             clock=self.clock,
             poll_interval=self.poll_interval,
@@ -213,6 +232,10 @@ class RelayApp:
             sender = self._build_tlsrpt_sender() if self.leader else None
             if sender is not None:
                 self._spawn("tlsrpt-sender", lambda: sender.run(self._stop))
+        if lists is not None and self.leader:  # sweeps, resumed fan-outs, the pages
+            svc = lists.service
+            self._spawn("lists", lambda: svc.run(self._stop))
+            await self._start_http(svc)
         await self.server.start(sockets)
         log.info(
             "started",
@@ -223,6 +246,44 @@ class RelayApp:
         )
 
     # ------------------------------------------------------------ optional parts
+
+    def _build_lists(self, queue: QueueLink) -> ListsStage | None:
+        """The mailing lists (relay.lists) when any is configured. Copies are signed and
+        sealed in a pool of two processes of their own (the Python around each signature
+        costs as much as the RSA, so threads would share one core); new copies are
+        announced to the scheduler through the queue link."""
+        if not self.config.lists:
+            return None
+        from relay.auth.offload import make_crypto_pool
+        from relay.lists.service import PARALLEL, ListService, build_sealer
+        from relay.lists.stage import ListsStage
+
+        pool = make_crypto_pool(PARALLEL)
+
+        async def close_pool() -> None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+        self._closers.append(close_pool)
+        self.lists = ListService(
+            self.config,
+            self.store,
+            resolver=self.resolver,
+            sealer=build_sealer(self.config),
+            executor=pool,
+            notify=queue.submit_new,
+            clock=self.clock,
+        )
+        return ListsStage(self.lists)
+
+    async def _start_http(self, lists: ListService) -> None:
+        """[http_server]: the lists' pages, served in the leader process only."""
+        if not self.config.http_server.listen:
+            return
+        from relay.http_server import HttpServer
+
+        self.http_server = HttpServer(self.config, lists)
+        await self.http_server.start()
+        self._closers.insert(0, self.http_server.stop)
 
     def _build_policy_manager(self) -> Any:
         from relay.http import SafeHttpClient

@@ -1,4 +1,4 @@
-"""The relay command line: serve, queue, sts, dane, tlsrpt, lab, diagnose, keygen.
+"""The relay command line: serve, queue, sts, dane, tlsrpt, lab, diagnose, keygen, list.
 
 Each subcommand lives in relay.commands.<name> with a ``register(subparsers)`` function
 that adds its parser and sets ``func``; a handler returns the exit code. A config error
@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "relay.commands.lab",
     "relay.commands.diagnose",
     "relay.commands.keygen",
+    "relay.commands.list",
     "relay.commands.check",
 )
 

@@ -504,6 +504,12 @@ class Spool:
         return await self.store.read(_list)
 
 
+def queue_insert(qid: QueueId, msg: NewMessage, now: float) -> Callable[[sqlite3.Connection], None]:
+    """The write that queues a message (recipients queued, for the loader), for callers
+    that must queue it in one transaction with their own rows (list fan-out)."""
+    return _insert(qid, msg, now, "", 0.0)
+
+
 def _insert(
     qid: QueueId, msg: NewMessage, now: float, owner: str, until: float
 ) -> Callable[[sqlite3.Connection], None]:
