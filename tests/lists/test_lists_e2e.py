@@ -306,6 +306,12 @@ async def test_held_post_approved_and_rejected(world: dict[str, Any]) -> None:
     got = await arrivals(w["mtas"], 4)
     copies = [r for r in got if fields(r.data, "Subject") == ["p1"]]
     assert sorted(r.rcpt_tos[0] for r in copies) == MEMBERS
+    for r in copies:  # the verdict kept with the held post is the copy's one AAR
+        assert arc_sets(r.data) == [(1, b"relay.lab.test", b"none")]
+        [aar] = fields(r.data, "ARC-Authentication-Results")
+        assert aar.startswith("i=1; relay.lab.test;") and "spf=pass" in aar, aar
+        cv, _, reason = dkim.arc_verify(r.data, dnsfunc=w["lab"].txt)
+        assert cv == dkim.CV_Pass, reason
     await send(
         host,
         port,
