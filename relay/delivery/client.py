@@ -45,6 +45,7 @@ from aiosmtplib.protocol import (
 
 from relay.delivery.guard import address_problem
 from relay.delivery.tls import STARTTLS_MISSING_REASON, TlsInfo, classify_tls_error, tls_info
+from relay.delivery.wiretap import session_tap
 from relay.model import SmtpReply, TlsResultType
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s|$)")
@@ -180,15 +181,26 @@ class SmtpSession:
             start_tls=False,
         )
         where = f"{mx_host}[{ip}]:{port}"
+        tap = session_tap(mx_host)  # the lab's transcript (relay.delivery.wiretap)
+        if tap is not None:
+            tap.note(f"connect to {where}")
         try:
-            await smtp.connect(timeout=connect_timeout)
+            greeting = await smtp.connect(timeout=connect_timeout)
         except SMTPConnectResponseError as exc:
             smtp.close()
             reply = reply_of(exc.code, exc.message)
+            if tap is not None:
+                tap.note(f"greeted with {reply}")
             raise ConnectFailed(f"{where} greeted with: {reply}", reply) from None
         except (SMTPException, OSError) as exc:
             smtp.close()
+            if tap is not None:
+                tap.note(f"connect failed: {_why(exc)}")
             raise ConnectFailed(f"connect to {where}: {_why(exc)}") from None
+        if tap is not None:
+            tap.received(f"{greeting.code} {greeting.message}\r\n".encode())
+            if smtp.protocol is not None:
+                tap.attach(smtp.protocol)
         local_ip = _local_ip(smtp)
         try:
             await cls._hello(smtp, where)
@@ -196,12 +208,16 @@ class SmtpSession:
             info: TlsInfo | None = None
             if tls_context is not None and offered:
                 info = await cls._starttls(smtp, mx_host, tls_context, where, require_tls)
+                if tap is not None:
+                    tap.note(f"TLS {info.version}" if info is not None else "TLS refused, clear")
             elif require_tls:
                 await _quit_quietly(smtp)
                 raise StartTlsMissing(f"{where}: {STARTTLS_MISSING_REASON}")
         except SessionError as exc:
             exc.local_ip = local_ip
             smtp.close()
+            if tap is not None:
+                tap.note(f"session ended: {exc.detail}")
             raise
         except BaseException:
             smtp.close()

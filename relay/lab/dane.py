@@ -29,8 +29,10 @@ from cryptography.hazmat.primitives import serialization
 
 from relay.config import Config, DeliveryConfig, ServerConfig
 from relay.delivery.courier import Courier
+from relay.delivery.wiretap import WIRE_TAP
 from relay.dns import CachingResolver, DnspythonResolver
 from relay.lab.mta import LabMta
+from relay.lab.runner import Wire
 from relay.lab.signedzone import SignedZone
 from relay.lab.unbound import UNBOUND_PACKAGE, ValidatingResolver, missing
 from relay.model import (
@@ -111,6 +113,7 @@ class DaneCellResult:
     problems: tuple[str, ...]
     # the TLS-RPT outcomes of the attempt, RFC 8460 section 4.4 field names
     outcomes: tuple[dict[str, Any], ...] = ()
+    transcript: tuple[str, ...] = ()  # the relay's outbound SMTP session(s) of the cell
 
     @property
     def ok(self) -> bool:
@@ -145,6 +148,7 @@ class DaneCellResult:
             "matches_rfc": self.ok,
             "problems": list(self.problems),
             "tlsrpt_outcomes": list(self.outcomes),
+            "transcript": list(self.transcript),
         }
 
 
@@ -329,10 +333,13 @@ async def _cell(
         config, resolver, policy_lookup=lookup, outcome_sink=outcomes.append, idle_timeout=0
     )
     before = len(mta.messages)
+    wire = Wire()
+    token = WIRE_TAP.set(wire)
     try:
         res = await courier.deliver(job)
     finally:
         await courier.close()
+        WIRE_TAP.reset(token)
     r = res.recipients[0]
     delivered = r.state is RecipientState.DELIVERED and len(mta.messages) > before
     got = mta.messages[-1] if delivered else None
@@ -352,7 +359,7 @@ async def _cell(
     return DaneCellResult(
         s, domain, delivered, transport, got.tls_version if got else None,
         res.tls_policy or s.policy, seen, "" if delivered else r.reply, tuple(problems),
-        tuple(_outcome_dict(o) for o in outcomes),
+        tuple(_outcome_dict(o) for o in outcomes), wire.of(f"mx.{domain}"),
     )  # fmt: skip
 
 
