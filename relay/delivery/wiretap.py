@@ -14,6 +14,9 @@ from typing import Any
 
 Tap = Callable[[str, str, str], None]  # (mx_host, "C" | "S" | "*", line)
 WIRE_TAP: ContextVar[Tap | None] = ContextVar("relay_wire_tap", default=None)
+# where the SessionTap sits on the protocol, for code that swaps data_received for a while
+# (relay.delivery.client's pipelined reads)
+TAP_ATTRIBUTE = "_relay_wiretap"
 
 
 class SessionTap:
@@ -43,6 +46,7 @@ class SessionTap:
 
         protocol.write = tapped_write
         protocol.data_received = tapped_received
+        setattr(protocol, TAP_ATTRIBUTE, self)
 
     def sent(self, data: bytes) -> None:
         if self._content:
