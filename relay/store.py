@@ -332,7 +332,8 @@ def _reclaim(conn: sqlite3.Connection, max_pages: int) -> int:
     if not before:
         return 0
     step = f"({int(max_pages)})" if max_pages else ""
-    conn.execute(f"PRAGMA incremental_vacuum{step}").fetchall()
+    # executescript steps the pragma to its end (execute() frees only one page)
+    conn.executescript(f"PRAGMA incremental_vacuum{step}")
     after = conn.execute("PRAGMA freelist_count").fetchone()[0]
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the file shrinks at the checkpoint
     return int(before - after)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from relay import logs
 from relay.config import Config, HostPort
 from relay.errors import ConfigError, StartupError
 from relay.queue.spool import Spool
@@ -115,6 +116,7 @@ def _child(
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
     _die_with_parent(parent)
+    logs.bind_process(index)  # the app's one "started" line names this worker and pid
     try:
         from relay.app import RelayApp, run_loop
 

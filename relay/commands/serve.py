@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from relay.config import load_config
-from relay.logs import setup
+from relay.logs import bind_process, setup
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
             from relay.workers import run_workers
 
             return run_workers(config, factory, sockets)
+        bind_process(0)
         run_loop(RelayApp(config).serve_forever(sockets), factory)
         return 0
     finally:

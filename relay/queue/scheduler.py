@@ -43,6 +43,7 @@ from relay.queue.spool import (
 
 log = logs.get("relay.queue")
 
+PRUNE_INTERVAL = 3600.0  # seconds between two prunings of the message history
 LOADED_SHARE = 0.75  # share of the active window that mail loaded from the store may use
 
 
@@ -64,6 +65,17 @@ class RetryPolicy:
         """Delay before the next try after ``attempts`` failed tries (1 = first failure)."""
         base = min(self.maximum, self.first * float(2 ** min(max(attempts - 1, 0), 40)))
         return max(0.0, base * (1 + self.jitter * (2 * rng() - 1)))
+
+
+def attempt_tls(res: AttemptResult) -> str:
+    """The attempt's TLS outcome in a few words, for the message history: the version
+    used, else the RFC 8460 result type of the last failure, else "none"."""
+    if res.tls_version:
+        return res.tls_version
+    failures = [o for o in res.tls_outcomes if o.result_type is not None]
+    if failures:
+        return str(failures[-1].result_type)
+    return "none" if res.mx_host else ""
 
 
 def domain_of(address: str) -> str:
@@ -117,6 +129,7 @@ class Scheduler:
         self.bounce_from = d.bounce_sender or f"MAILER-DAEMON@{config.server.hostname}"
         self._sweep_interval = sweep_interval
         self.lease = lease
+        self._next_prune = 0.0
 
     @property
     def lease(self) -> float:
@@ -226,6 +239,7 @@ class Scheduler:
         if expired:
             log.warning("leases_expired", recipients=expired)
             self.wake()
+        await self._prune_history()
         if self._stopping:
             return
         room = max(0, self.window - len(self._active) - self._reserved)
@@ -234,6 +248,17 @@ class Scheduler:
                 if qid not in self._active and not self._stopping:
                     log.info("dsn_owed", qid=qid)
                     self._start(qid, None)
+
+    async def _prune_history(self) -> None:
+        """At most once an hour (by the loader): forget the history of messages that left
+        the queue more than storage.log_retention seconds ago."""
+        now = self.clock()
+        if not self.loader or now < self._next_prune:
+            return
+        self._next_prune = now + PRUNE_INTERVAL
+        n = await self.spool.prune_log(now - self.config.storage.log_retention)
+        if n:
+            log.info("history_pruned", lines=n)
 
     # ------------------------------------------------------------ internals
 
@@ -381,13 +406,15 @@ class Scheduler:
     ) -> list[RecipientUpdate]:
         now = self.clock()
         updates: list[RecipientUpdate] = []
+        tls = attempt_tls(res)
         for rr in res.recipients:
+            seen = (rr.remote_host or res.mx_host, tls)
             if rr.state is RecipientState.DEFERRED:
                 nxt = now + self.retry.delay(attempts.get(rr.address, 0) + 1, self.rng)
                 nxt = min(nxt, msg.created + self.retry.lifetime)
-                updates.append(RecipientUpdate(rr.address, rr.state, rr.reply, nxt))
+                updates.append(RecipientUpdate(rr.address, rr.state, rr.reply, nxt, *seen))
             else:
-                updates.append(RecipientUpdate(rr.address, rr.state, rr.reply))
+                updates.append(RecipientUpdate(rr.address, rr.state, rr.reply, 0.0, *seen))
             log.info(
                 {RecipientState.DELIVERED: "delivered", RecipientState.FAILED: "bounced"}.get(
                     rr.state, "deferred"

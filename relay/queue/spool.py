@@ -658,10 +658,10 @@ class Spool:
 
         return await self.store.read(run)
 
-
     async def list(self, where: ListFilter | None = None) -> list[QueuedMessage]:
         """The queue (or one page of it), in arrival order, in one query."""
         return await self.store.read(lambda c: _list(c, where or ListFilter()))
+
 
 def _insert(
     qid: QueueId, msg: NewMessage, now: float, owner: str, until: float
@@ -827,17 +827,20 @@ def _load(
 def _list(conn: sqlite3.Connection, where: ListFilter) -> list[QueuedMessage]:
     """One query: a page of messages (those with a matching recipient) joined with their
     matching recipients, in arrival order."""
-    rcond, rargs = [], []
+    rcond: list[str] = []
+    rargs: list[Any] = []
     if where.domain:
         rcond.append("relay_domain(r.address)=?")
         rargs.append(address_domain(where.domain))
-    mcond, margs = [], []
+    mcond: list[str] = []
+    margs: list[Any] = []
     if where.state == "held":
         mcond.append("m.held=1")
     elif where.state:
         rcond.append("r.state=?")
         rargs.append(where.state)
     if rcond:
+        margs += rargs
         mcond.append(
             "EXISTS (SELECT 1 FROM queue_recipients r WHERE r.qid=m.id AND "
             + " AND ".join(rcond)
@@ -860,7 +863,7 @@ def _list(conn: sqlite3.Connection, where: ListFilter) -> list[QueuedMessage]:
     out: list[QueuedMessage] = []
     head: Sequence[Any] | None = None
     rcpts: list[QueuedRecipient] = []
-    for row in conn.execute(sql, (*margs, *rargs)):
+    for row in conn.execute(sql, (*margs, *rargs)):  # EXISTS, page, then the join
         if head is None or row[0] != head[0]:
             if head is not None:
                 out.append(_msg_of(head, tuple(rcpts)))

@@ -331,4 +331,8 @@ async def test_queue_list_json_keeps_its_keys_and_shows_the_states(
         "attempts",
         "next_attempt",
         "last_reply",
+        "lease_owner",
+        "lease_expiry",
+        "dsn_owed",
     }
+    assert m["recipients"][1]["dsn_owed"] is True
