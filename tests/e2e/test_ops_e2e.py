@@ -98,7 +98,7 @@ async def test_queued_message_diagnosed_steered_and_logged(
     raw = Path(cfg).parent / "queued.eml"
     code, _ = await _cli(capsys, "queue", "show", qid, "--raw", "--config", cfg)
     assert code == 0
-    raw.write_bytes((await asyncio.to_thread(_raw, cfg, qid)))
+    raw.write_bytes(await asyncio.to_thread(_raw, cfg, qid))
     code, out = await _cli(capsys, "diagnose", str(raw), "--config", cfg, "--json")
     assert code == 0 and json.loads(out)["own_seal"]["key_in_dns"] is False
     assert json.loads(out)["spf"]["result"] == "none"  # no client IP without --queue-id
