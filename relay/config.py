@@ -94,6 +94,9 @@ class DeliveryConfig:
     # whose "TLS-Required: No" (RFC 8689) is honoured: trusted (trusted networks and
     # authenticated senders) | all | never
     tls_required_no: str = "trusted"
+    # MX addresses on loopback/unspecified that are not ours: None = allowed only when
+    # port != 25 (a lab); False never; True always (threats.md row 30)
+    allow_loopback_mx: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -536,6 +539,9 @@ def read_delivery(dl: _Section) -> DeliveryConfig:
         source_ip=dl.get("source_ip", str, ""),
         bounce_sender=dl.get("bounce_sender", str, ""),
         tls_required_no=dl.choice("tls_required_no", "trusted", TLS_REQUIRED_NO),
+        allow_loopback_mx=(
+            dl.get("allow_loopback_mx", bool, False) if "allow_loopback_mx" in dl.data else None
+        ),
     )
     if delivery.retry_jitter >= 1:
         raise dl.err("retry_jitter", "must be below 1")

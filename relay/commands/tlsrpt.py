@@ -21,8 +21,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from relay.commands import open_existing_store
 from relay.config import Config, load_config
-from relay.store import Store
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -74,7 +74,7 @@ async def _preview(config: Config, day: str, domain: str | None, indent: int | N
     from relay.tlsrpt.ledger import TlsRptLedger
     from relay.tlsrpt.sender import TlsRptSender
 
-    store = Store(config.storage.path).open()
+    store = open_existing_store(config)
     try:
         ledger = TlsRptLedger(store)
 
@@ -117,7 +117,7 @@ async def _send(config: Config, day: str, domain: str | None) -> int:
     from relay.tlsrpt.ledger import DeliveryStatus, TlsRptLedger
     from relay.tlsrpt.sender import TlsRptSender
 
-    store = Store(config.storage.path).open()
+    store = open_existing_store(config)
     try:
         spool = Spool(store)
 

@@ -43,6 +43,7 @@ from aiosmtplib.protocol import (
     normalize_message_line_endings,
 )
 
+from relay.delivery.guard import address_problem
 from relay.delivery.tls import STARTTLS_MISSING_REASON, TlsInfo, classify_tls_error, tls_info
 from relay.model import SmtpReply, TlsResultType
 
@@ -103,6 +104,23 @@ def enhanced_code(reply: SmtpReply) -> str:
     if m and m.group(1)[0] == str(reply.code)[0]:
         return m.group(1)
     return ""
+
+
+def rcpt_reply(code: int, message: str) -> SmtpReply:
+    """A reply to RCPT. RFC 5321 section 4.5.3.1.10: RFC 821 listed 552 for "too many
+    recipients", whose right code is 452, and "clients SHOULD treat a 552 code in this
+    case as a temporary, rather than permanent, failure". Postfix's smtp client takes any
+    552 at RCPT as 452; so does this one (the enhanced code becomes 4.x.x too), so the
+    recipients beyond the server's limit are deferred and sent on the next attempt."""
+    reply = reply_of(code, message)
+    if code != 552:
+        return reply
+    text = reply.message
+    if _ENHANCED.match(text) and text.startswith("5."):
+        text = "4." + text[2:]
+    return SmtpReply(
+        452, f"{text} (552 at RCPT taken as 452, RFC 5321 4.5.3.1.10)"[:MAX_REPLY_TEXT]
+    )
 
 
 def _local_reply(code: int, enhanced: str, text: str) -> SmtpReply:
@@ -278,6 +296,25 @@ class SmtpSession:
         refused) before MAIL was accepted and before any content was sent (safe to retry on
         a new connection); afterwards every recipient gets a reply.
         """
+        problem = address_problem(mail_from)
+        if problem is not None:  # threats row 3: nothing of it is written
+            reply = _local_reply(553, "5.1.7", f"sender address {problem}; not sent")
+            return Transaction(tuple((r, reply) for r in recipients), False, self.connected)
+        refused = {
+            r: _local_reply(553, "5.1.3", f"recipient address {p}; not sent")
+            for r in recipients
+            if (p := address_problem(r)) is not None
+        }
+        if refused:
+            sendable = [r for r in recipients if r not in refused]
+            if sendable:
+                tx = await self.send(mail_from, sendable, data)
+            else:
+                tx = Transaction((), False, self.connected)
+            got = dict(tx.replies)
+            return Transaction(
+                tuple((r, refused.get(r) or got[r]) for r in recipients), tx.data_sent, tx.usable
+            )
         smtp = self._smtp
         where = f"{self.mx_host}[{self.ip}]"
         utf8 = _needs_utf8(mail_from, *recipients)
@@ -323,7 +360,7 @@ class SmtpSession:
                 replies[rcpt] = reply_of(resp.code, resp.message)
                 accepted.append(rcpt)
             except SMTPResponseException as exc:
-                replies[rcpt] = reply_of(exc.code, exc.message)
+                replies[rcpt] = rcpt_reply(exc.code, exc.message)
                 if not smtp.is_connected:
                     lost = replies[rcpt]
             except (SMTPException, OSError) as exc:
@@ -441,7 +478,7 @@ class SmtpSession:
                 lost = _local_reply(451, "4.4.2", f"{where} connection lost at RCPT: {_why(exc)}")
                 answers[rcpt] = lost
                 continue
-            answers[rcpt] = reply_of(resp.code, resp.message)
+            answers[rcpt] = rcpt_reply(resp.code, resp.message)
             if resp.code in (250, 251):
                 accepted.append(rcpt)
             elif resp.code == 421:

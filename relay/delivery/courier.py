@@ -1,8 +1,10 @@
 """Deliver one DeliveryJob (one destination domain's recipients of one message) to the
 domain's MX hosts, under the domain's TLS policy (RFC 5321, RFC 3207, RFC 8461, RFC 8460).
 
-Owns: trying the candidates in order (MX preference, then address), the MTA-STS rules
-per attempt (RFC 8461 section 5):
+Owns: trying the candidates in order (MX preference, then address) and doing what the
+TLS decision says at each step. The decision itself (mode, in-policy check, level,
+fail-closed) is ``relay.delivery.tlspolicy.decide``, a pure function with the RFC
+section beside each branch; what it amounts to (RFC 8461 section 5):
 - ``enforce``: an MX host not matching the policy's ``mx`` patterns is not a candidate
   (recorded as ``validation-failure`` / ``mx-host-not-in-policy``: RFC 8460 has no
   result type of its own for it); STARTTLS is required and the certificate must verify
@@ -16,7 +18,15 @@ per attempt (RFC 8461 section 5):
 - a policy with ``fetch_error``: delivered as its mode says, and the fetch error is
   recorded once per attempt;
 - mail with "TLS-Required: no" (RFC 8689, ``job.tls_required`` False): enforce is
-  treated as testing.
+  treated as testing;
+- the policy lookup fails (the MTA-STS cache unreadable: ``CacheUnavailable``, or any
+  other error): every recipient is deferred with 451 4.7.0 and the reason, before any
+  connection -- an unknown policy is never read as "no policy" (fail closed).
+
+Before anything else, the outbound command guard (``guard.py``, threats row 3) fails
+the recipients whose address cannot go on the wire as written (553 5.1.3; a bad sender:
+553 5.1.7 for all). MX addresses on loopback that are not ours are refused unless
+``allow_loopback`` (route.py; the lab).
 
 One TlsOutcome per connection (TLS session) to an MTA, handed to the outcome sink when
 ``job.record_tls``; a reused connection gives no new outcome (RFC 8460 counts sessions);
@@ -32,7 +42,7 @@ dead-destination breaker (destinations.py), one structlog line per failed attemp
 from __future__ import annotations
 
 import asyncio
-import enum
+import dataclasses
 import logging
 import random
 import time
@@ -42,6 +52,7 @@ from typing import Any
 
 from relay import logs
 from relay.config import Config
+from relay.delivery import guard, tlspolicy
 from relay.delivery.client import (
     ConnectionLost,
     SessionError,
@@ -53,7 +64,8 @@ from relay.delivery.client import (
 )
 from relay.delivery.destinations import Destinations
 from relay.delivery.route import MxHost, Route, mx_matches, resolve_route
-from relay.delivery.tls import MX_NOT_IN_POLICY, STARTTLS_MISSING_REASON, TlsContexts
+from relay.delivery.tls import TlsContexts
+from relay.delivery.tlspolicy import Action, Mode, Offer, PolicyMode, TlsDecision, TlsInputs
 from relay.dns import Resolver
 from relay.model import (
     AttemptResult,
@@ -62,7 +74,6 @@ from relay.model import (
     RecipientResult,
     RecipientState,
     SmtpReply,
-    StsMode,
     TlsOutcome,
     TlsPolicy,
     TlsResultType,
@@ -80,25 +91,8 @@ MAX_CONNECTION_AGE = 300.0
 MAX_ADDRESSES_PER_HOST = 2
 
 
-class Mode(enum.Enum):
-    ENFORCE = "enforce"
-    TESTING = "testing"
-    OPPORTUNISTIC = "opportunistic"
-
-
-_LEVELS: dict[Mode, tuple[str, ...]] = {
-    Mode.ENFORCE: ("verified",),
-    Mode.TESTING: ("verified", "encrypted", "clear"),
-    Mode.OPPORTUNISTIC: ("verified", "encrypted", "clear"),
-}
-
-
 def effective_mode(policy: TlsPolicy | None, job: DeliveryJob) -> Mode:
-    if policy is None or policy.mode is None or policy.mode is StsMode.NONE:
-        return Mode.OPPORTUNISTIC
-    if policy.mode is StsMode.ENFORCE and job.tls_required:
-        return Mode.ENFORCE
-    return Mode.TESTING  # testing, or enforce waived by "TLS-Required: no" (RFC 8689)
+    return tlspolicy.effective_mode(tlspolicy.policy_mode(policy), not job.tls_required)
 
 
 # ---------------------------------------------------------------------- connection pool
@@ -194,12 +188,44 @@ class _Attempt:
 
     job: DeliveryJob
     policy: TlsPolicy | None
-    mode: Mode
+    plan: TlsDecision  # the job-level TLS decision (tlspolicy.decide)
     log: Any
     outcomes: list[TlsOutcome] = field(default_factory=list)
     tls_refusals: list[str] = field(default_factory=list)  # enforce: why a host was refused
     connect_errors: list[str] = field(default_factory=list)
     sessions: int = 0  # sessions that got past the SMTP handshake
+
+    @property
+    def mode(self) -> Mode:
+        return self.plan.mode
+
+    def decide(
+        self,
+        *,
+        mx_in_policy: bool,
+        offer: Offer = Offer.UNKNOWN,
+        verifying: bool = False,
+        failure: TlsResultType | None = None,
+        reason: str = "",
+    ) -> TlsDecision:
+        return tlspolicy.decide(
+            TlsInputs(
+                tlspolicy.policy_mode(self.policy),
+                tls_required_no=not self.job.tls_required,
+                mx_in_policy=mx_in_policy,
+                offer=offer,
+                verifying=verifying,
+                failure=failure,
+                reason=reason,
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Unavailable:
+    """The policy lookup could not say what the policy is."""
+
+    reason: str
 
 
 class _DeadlineInTransaction(Exception):
@@ -223,6 +249,7 @@ class Courier:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         idle_timeout: float = POOL_IDLE_SECONDS,
+        allow_loopback: bool | None = None,
     ) -> None:
         d = config.delivery
         self.config = config
@@ -241,6 +268,14 @@ class Courier:
             clock=clock,
         )
         self.pool = ConnectionPool(idle_timeout=idle_timeout)  # real time, like its timers
+        # MX addresses on loopback that are not ours (threats row 30): refused, unless
+        # allowed. ``[delivery] allow_loopback_mx`` when the config has it; without it,
+        # allowed only when delivery.port is not 25 (SMTP delivery is always port 25:
+        # another port is the lab, which runs every receiving MTA on 127.0.0.x)
+        if allow_loopback is None:
+            configured = getattr(d, "allow_loopback_mx", None)
+            allow_loopback = d.port != 25 if configured is None else bool(configured)
+        self.allow_loopback = allow_loopback
 
     def is_dead(self, domain: str) -> bool:
         """The destination is in its dead-destination back-off (see destinations.py)."""
@@ -254,6 +289,26 @@ class Courier:
 
     async def deliver(self, job: DeliveryJob) -> AttemptResult:
         blog = log.bind(qid=job.qid, message_id=job.message_id, domain=job.domain)
+        refused = _guard(job)
+        if refused:
+            # threats row 3: an address that cannot go on the wire as written is a
+            # permanent failure for it; nothing about it is written anywhere
+            blog.warning(
+                "address_refused",
+                recipients=[repr(a) for a in refused],
+                reply=next(iter(refused.values())).reply,
+                outcome="failed",
+            )
+            if len(refused) == len(set(job.recipients)):
+                return AttemptResult(job.domain, tuple(refused[a] for a in job.recipients))
+            sendable = tuple(a for a in job.recipients if a not in refused)
+            res = await self._deliver_guarded(dataclasses.replace(job, recipients=sendable), blog)
+            got = {r.address: r for r in res.recipients}
+            merged = tuple(refused.get(a) or got[a] for a in job.recipients)
+            return dataclasses.replace(res, recipients=merged)
+        return await self._deliver_guarded(job, blog)
+
+    async def _deliver_guarded(self, job: DeliveryJob, blog: Any) -> AttemptResult:
         try:
             return await self._deliver(job, blog)
         except asyncio.CancelledError:
@@ -287,12 +342,16 @@ class Courier:
                     local_addresses=self.local_addresses,
                     max_mx=self.config.delivery.max_mx,
                     rng=self.rng,
+                    allow_loopback=self.allow_loopback,
                 ),
                 self._policy(job.domain, blog),
             )
-            if isinstance(policy, str):
-                return _all(job, RecipientState.DEFERRED, policy)
-            att = _Attempt(job, policy, effective_mode(policy, job), blog)
+            if isinstance(policy, _Unavailable):
+                return self._unavailable(job, policy, blog)
+            plan = tlspolicy.decide(
+                TlsInputs(tlspolicy.policy_mode(policy), tls_required_no=not job.tls_required)
+            )
+            att = _Attempt(job, policy, plan, blog)
             if policy is not None and policy.fetch_error is not None:
                 self._emit(
                     att,
@@ -308,8 +367,9 @@ class Courier:
                 )
             return await self._deliver_route(att, route)
 
-    async def _policy(self, domain: str, blog: Any) -> TlsPolicy | None | str:
-        """The domain's policy; a reply text (str) when the lookup itself broke."""
+    async def _policy(self, domain: str, blog: Any) -> TlsPolicy | None | _Unavailable:
+        """The domain's policy; _Unavailable when the lookup could not say (the policy
+        cache unreadable, or the lookup itself broke)."""
         if self.policy_lookup is None:
             return None
         try:
@@ -318,7 +378,23 @@ class Courier:
             raise
         except Exception as exc:  # noqa: BLE001 - a broken lookup must not downgrade
             blog.error("policy_lookup_failed", error=f"{type(exc).__name__}: {exc}")
-            return "451 4.3.0 MTA-STS policy lookup failed; will retry"
+            return _Unavailable(str(exc) or type(exc).__name__)
+
+    def _unavailable(self, job: DeliveryJob, why: _Unavailable, blog: Any) -> AttemptResult:
+        # RFC 8461 section 5 (fail closed, see tlspolicy.decide): an unknown policy is
+        # never read as "no policy"; nothing is sent, every recipient is deferred
+        d = tlspolicy.decide(TlsInputs(PolicyMode.UNAVAILABLE, reason=why.reason))
+        assert d.action is Action.DEFER
+        reason = " ".join(d.reason.split())  # one line, whatever the error said
+        text = f"451 4.7.0 TLS policy of {job.domain} unavailable, not sent: {reason}"[:900]
+        blog.warning(
+            "tls_policy_unavailable",
+            recipients=list(job.recipients),
+            reply=text,
+            outcome="deferred",
+            rfc=d.rfc,
+        )
+        return _all(job, RecipientState.DEFERRED, text)
 
     async def _deliver_route(self, att: _Attempt, route: Route) -> AttemptResult:
         job = att.job
@@ -339,27 +415,21 @@ class Courier:
         for host in route.hosts:
             last_host = host.name
             in_policy = self._in_policy(att.policy, host.name)
-            if not in_policy and att.mode is not Mode.OPPORTUNISTIC:
+            plan = att.decide(mx_in_policy=in_policy)
+            if plan.report and plan.result_type is not None:
                 self._emit(
                     att,
                     self._outcome(
-                        att,
-                        host.name,
-                        "",
-                        TlsResultType.VALIDATION_FAILURE,
-                        MX_NOT_IN_POLICY,
-                        enforced=att.mode is Mode.ENFORCE,
+                        att, host.name, "", plan.result_type, plan.reason, enforced=plan.enforced
                     ),
                 )
-                if att.mode is Mode.ENFORCE:
-                    att.tls_refusals.append(f"{host.name}: {MX_NOT_IN_POLICY}")
-                    att.log.info(
-                        "attempt", mx=host.name, outcome="tls-refused", reason=MX_NOT_IN_POLICY
-                    )
-                    continue
+            if plan.action is Action.REFUSE_HOST:
+                att.tls_refusals.append(f"{host.name}: {plan.reason}")
+                att.log.info("attempt", mx=host.name, outcome="tls-refused", reason=plan.reason)
+                continue
             for ip in host.addresses[:MAX_ADDRESSES_PER_HOST]:
                 try:
-                    result = await self._try_address(att, host, ip, verify=in_policy)
+                    result = await self._try_address(att, host, ip, plan, in_policy)
                 except _DeadlineInTransaction as exc:
                     text = f"451 4.4.2 {exc} attempt deadline exceeded during the transaction"
                     return _all(job, RecipientState.DEFERRED, text, tuple(att.outcomes), host.name)
@@ -368,7 +438,7 @@ class Courier:
         return self._nothing_worked(att, last_host)
 
     def _in_policy(self, policy: TlsPolicy | None, host: str) -> bool:
-        if policy is None or policy.mode is None or policy.mode is StsMode.NONE:
+        if tlspolicy.policy_mode(policy) is PolicyMode.NONE or policy is None:
             return True
         return any(mx_matches(p, host) for p in policy.mx_patterns)
 
@@ -398,7 +468,7 @@ class Courier:
     # ------------------------------------------------------------------ one address
 
     async def _try_address(
-        self, att: _Attempt, host: MxHost, ip: str, *, verify: bool
+        self, att: _Attempt, host: MxHost, ip: str, plan: TlsDecision, in_policy: bool
     ) -> AttemptResult | None:
         """One attempt to one MX address under the total deadline. Returns None when the
         next candidate should be tried."""
@@ -411,7 +481,7 @@ class Courier:
                 session = await self._take_pooled(att, host, ip)
                 reused = session is not None
                 if session is None:
-                    session = await self._open(att, host, ip, verify=verify)
+                    session = await self._open(att, host, ip, plan, in_policy)
                 in_tx = True
                 try:
                     tx = await session.send(job.mail_from, job.recipients, job.data)
@@ -420,7 +490,7 @@ class Courier:
                         raise
                     att.log.info("reused_connection_lost", mx=host.name, ip=ip, error=exc.detail)
                     in_tx = False
-                    session = await self._open(att, host, ip, verify=verify)
+                    session = await self._open(att, host, ip, plan, in_policy)
                     in_tx = True
                     tx = await session.send(job.mail_from, job.recipients, job.data)
         except TimeoutError:
@@ -433,7 +503,7 @@ class Courier:
             att.log.info("attempt", mx=host.name, ip=ip, outcome="timeout")
             return None
         except (StartTlsMissing, TlsFailed) as exc:
-            if att.mode is not Mode.ENFORCE:  # e.g. 421 to STARTTLS: the host gave up
+            if plan.action is not Action.REQUIRE_TLS:  # e.g. 421 to STARTTLS: it gave up
                 att.connect_errors.append(exc.detail)
                 att.log.info(
                     "attempt", mx=host.name, ip=ip, outcome="connect-failed", reason=exc.detail
@@ -456,14 +526,16 @@ class Courier:
         """A pooled connection of an acceptable TLS level, with a RSET owed: send() sends
         it first (with PIPELINING in the same write as MAIL). A connection that died idle
         shows as ConnectionLost from send(), and the message goes on a new connection."""
-        session = self.pool.take(ip, self.config.delivery.port, host.name, _LEVELS[att.mode])
+        session = self.pool.take(ip, self.config.delivery.port, host.name, att.plan.levels)
         if session is not None:
             session.pending_rset = True
             att.log.debug("connection_reused", mx=host.name, ip=ip, tls=session.level)
         return session
 
-    async def _open(self, att: _Attempt, host: MxHost, ip: str, *, verify: bool) -> SmtpSession:
-        """A new session at the TLS level the mode asks for; emits the TLS outcome."""
+    async def _open(
+        self, att: _Attempt, host: MxHost, ip: str, plan: TlsDecision, in_policy: bool
+    ) -> SmtpSession:
+        """A new session as the host's TLS decision says; emits the TLS outcome."""
         d = self.config.delivery
         common: dict[str, Any] = {
             "mx_host": host.name,
@@ -474,32 +546,47 @@ class Courier:
             "command_timeout": d.attempt_timeout,
             "source_ip": d.source_ip,
         }
-        if att.mode is Mode.ENFORCE:
+        if plan.action is Action.REQUIRE_TLS:
             try:
                 session = await SmtpSession.open(
                     tls_context=self.tls.verifying, require_tls=True, **common
                 )
             except (StartTlsMissing, TlsFailed) as exc:
-                self._emit(
-                    att,
-                    self._outcome(
-                        att, host.name, ip, _tls_type(exc), exc.detail, exc.local_ip, True
-                    ),
+                offer = Offer.FAILED if isinstance(exc, TlsFailed) else Offer.NOT_OFFERED
+                done = att.decide(
+                    mx_in_policy=in_policy,
+                    offer=offer,
+                    verifying=True,
+                    failure=_tls_type(exc),
+                    reason=exc.detail,
                 )
+                self._report(att, host.name, ip, done, exc.local_ip)
                 raise
-            self._emit(att, self._outcome(att, host.name, ip, None, "", session.local_ip))
+            done = att.decide(mx_in_policy=in_policy, offer=_offer(session), verifying=True)
+            if done.action is not Action.SEND:  # the client let through what enforce refuses
+                self._report(att, host.name, ip, done, session.local_ip)
+                session.close()
+                raise TlsFailed(
+                    done.result_type or TlsResultType.VALIDATION_FAILURE,
+                    f"{host.name}[{ip}]: {done.reason}",
+                )
+            self._report(att, host.name, ip, done, session.local_ip)
             return session
-        if att.mode is Mode.TESTING and verify:
+        if plan.action is Action.VERIFY:
             # the verification pass: what enforce would have refused is recorded
             try:
                 session = await SmtpSession.open(
                     tls_context=self.tls.verifying, require_tls=False, **common
                 )
             except TlsFailed as exc:
-                self._emit(
-                    att,
-                    self._outcome(att, host.name, ip, exc.result_type, exc.detail, exc.local_ip),
+                done = att.decide(
+                    mx_in_policy=in_policy,
+                    offer=Offer.FAILED,
+                    verifying=True,
+                    failure=exc.result_type,
+                    reason=exc.detail,
                 )
+                self._report(att, host.name, ip, done, exc.local_ip)
                 att.log.info(
                     "tls_verification_failed",
                     mx=host.name,
@@ -507,41 +594,47 @@ class Courier:
                     reason=exc.detail,
                     mode="testing",
                 )
-                return await self._open_opportunistic(att, host, ip, common, report=False)
-            self._report_session(att, host, ip, session)
+                return await self._open_opportunistic(att, host, ip, common, in_policy)
+            done = att.decide(
+                mx_in_policy=in_policy,
+                offer=_offer(session),
+                verifying=True,
+                reason=_offer_reason(session),
+            )
+            self._report(att, host.name, ip, done, session.local_ip)
             return session
-        return await self._open_opportunistic(
-            att, host, ip, common, report=att.mode is Mode.OPPORTUNISTIC
-        )
+        return await self._open_opportunistic(att, host, ip, common, in_policy)
 
     async def _open_opportunistic(
-        self, att: _Attempt, host: MxHost, ip: str, common: dict[str, Any], *, report: bool
+        self, att: _Attempt, host: MxHost, ip: str, common: dict[str, Any], in_policy: bool
     ) -> SmtpSession:
         try:
             session = await SmtpSession.open(
                 tls_context=self.tls.opportunistic, require_tls=False, **common
             )
         except TlsFailed as exc:
-            if report:
-                self._emit(
-                    att,
-                    self._outcome(att, host.name, ip, exc.result_type, exc.detail, exc.local_ip),
-                )
+            done = att.decide(
+                mx_in_policy=in_policy,
+                offer=Offer.FAILED,
+                failure=exc.result_type,
+                reason=exc.detail,
+            )
+            self._report(att, host.name, ip, done, exc.local_ip)
             att.log.info("tls_failed_clear_fallback", mx=host.name, ip=ip, reason=exc.detail)
             return await SmtpSession.open(tls_context=None, require_tls=False, **common)
-        if report:
-            self._report_session(att, host, ip, session)
+        done = att.decide(
+            mx_in_policy=in_policy, offer=_offer(session), reason=_offer_reason(session)
+        )
+        self._report(att, host.name, ip, done, session.local_ip)
         return session
 
-    def _report_session(self, att: _Attempt, host: MxHost, ip: str, s: SmtpSession) -> None:
-        if s.tls is not None:
-            self._emit(att, self._outcome(att, host.name, ip, None, "", s.local_ip))
-        else:
-            reason = STARTTLS_MISSING_REASON if not s.starttls_offered else "STARTTLS refused"
+    def _report(self, att: _Attempt, host: str, ip: str, done: TlsDecision, local_ip: str) -> None:
+        """One TLS outcome for a session, when the decision says it is to be recorded."""
+        if done.report:
             self._emit(
                 att,
                 self._outcome(
-                    att, host.name, ip, TlsResultType.STARTTLS_NOT_SUPPORTED, reason, s.local_ip
+                    att, host, ip, done.result_type, done.reason, local_ip, done.enforced
                 ),
             )
 
@@ -637,6 +730,33 @@ class Courier:
             self.outcome_sink(outcome)
         except Exception as exc:  # noqa: BLE001 - a broken ledger must not stop delivery
             att.log.error("outcome_sink_failed", error=f"{type(exc).__name__}: {exc}")
+
+
+def _guard(job: DeliveryJob) -> dict[str, RecipientResult]:
+    """The recipients the outbound command guard refuses (all of them for a bad sender)."""
+    problem = guard.address_problem(job.mail_from)
+    if problem is not None:
+        reply = guard.sender_reply(problem)
+        return {
+            a: RecipientResult(a, RecipientState.FAILED, reply, "5.1.7") for a in job.recipients
+        }
+    out: dict[str, RecipientResult] = {}
+    for a in job.recipients:
+        problem = guard.address_problem(a)
+        if problem is not None:
+            reply = guard.recipient_reply(problem)
+            out[a] = RecipientResult(a, RecipientState.FAILED, reply, "5.1.3")
+    return out
+
+
+def _offer(s: SmtpSession) -> Offer:
+    if s.tls is None:
+        return Offer.NOT_OFFERED
+    return Offer.VERIFIED if s.tls.verified else Offer.ENCRYPTED
+
+
+def _offer_reason(s: SmtpSession) -> str:
+    return "STARTTLS refused" if s.tls is None and s.starttls_offered else ""
 
 
 def _tls_type(exc: SessionError) -> TlsResultType:

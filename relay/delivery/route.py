@@ -4,7 +4,18 @@ Owns: the MX lookup through the injected Resolver, preference order (random amon
 preferences), implicit MX (the domain's own A/AAAA) only when the domain has no MX records
 (never after an MX lookup *error*), null MX (RFC 7505: fail at once with 5.1.10), the
 refusal of IP-literal MX names and of MX hosts that resolve to one of our own listen
-(ip, port) pairs (a mail loop, 5.4.6), and the cap on the number of MX hosts tried.
+(ip, port) pairs (a mail loop, 5.4.6), the refusal of loopback and unspecified addresses
+that are not ours (threats row 30; Exim's ``ignore_target_hosts = 0.0.0.0 :
+127.0.0.0/8``) unless ``allow_loopback`` (the lab), and the cap on the number of MX
+hosts tried.
+
+CNAMEs (threats row 30): an MX name that is an alias is followed by the resolver for
+its addresses (RFC 2181 section 10.3 forbids such MX records, but RFC 5321 section 5.1
+only asks that the name resolve to addresses, and every MTA delivers to them); the host
+keeps its MX name, the one SNI, the certificate check and the MTA-STS ``mx`` patterns
+use (RFC 8461 sections 4.1, 4.2). A CNAME loop or an over-long chain is bounded by the
+resolver and comes back as a temporary failure: the recipients are deferred (451 4.4.3,
+naming the host), as Postfix does for a name-service error.
 ``mx_matches`` (RFC 8461 section 4.1) is relay.mtasts.policy's, re-exported here.
 
 The result is a frozen ``Route``: either candidate hosts with their addresses, or a
@@ -76,6 +87,18 @@ def is_ip_literal(name: str) -> bool:
     return True
 
 
+def is_loopback(ip: str) -> bool:
+    """127.0.0.0/8, ::1, the unspecified addresses (a connect to 0.0.0.0 reaches this
+    host) and IPv4-mapped forms of them."""
+    try:
+        addr = ipaddress.ip_address(ip.strip("[]"))
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback or addr.is_unspecified
+
+
 def _norm_ip(ip: str) -> str:
     try:
         return str(ipaddress.ip_address(ip.strip("[]")))
@@ -140,8 +163,11 @@ async def resolve_route(
     local_addresses: Collection[tuple[str, int]] = (),
     max_mx: int = DEFAULT_MAX_MX,
     rng: random.Random | None = None,
+    allow_loopback: bool = False,
 ) -> Route:
-    """Find the MX hosts of ``domain`` and their addresses, or why there are none."""
+    """Find the MX hosts of ``domain`` and their addresses, or why there are none.
+    ``allow_loopback``: MX addresses on loopback that are not ours may be used (the lab
+    and the tests run every MTA on 127.0.0.x); otherwise they are left out."""
     rng = rng or random.Random()  # noqa: S311 - load spreading, not security
     domain = domain.rstrip(".").lower()
     loops = LoopDetector(local_addresses, port)
@@ -211,18 +237,34 @@ async def resolve_route(
 
     looked_up = await asyncio.gather(*(_host_addresses(resolver, r.host) for r in chosen))
     hosts: list[MxHost] = []
-    temp_fail = False
+    temp_fail: list[str] = []
+    loopback_only = 0
     loop_pref: int | None = None
     for rec, result in zip(chosen, looked_up, strict=True):
         if isinstance(result, DnsError):
-            temp_fail = temp_fail or isinstance(result, DnsTempFail)
-            skipped.append(f"{rec.host}: address lookup: {result.kind}")
+            if isinstance(result, DnsTempFail):  # SERVFAIL, timeout, a CNAME loop
+                temp_fail.append(f"{rec.host}: {result.kind}" + _detail(result))
+            skipped.append(f"{rec.host}: address lookup: {result.kind}" + _detail(result))
             continue
         if any(loops.is_local(ip) for ip in result):
             # Postfix: an MX that is ourselves, and every MX not better than it, would loop.
             skipped.append(f"{rec.host}: resolves to one of our own listen addresses")
             loop_pref = rec.preference if loop_pref is None else min(loop_pref, rec.preference)
             continue
+        if not allow_loopback:
+            # not ours, yet on this host: another local service, or a domain pointing its
+            # MX at 127.0.0.1; never a place to deliver to (Exim ignore_target_hosts)
+            usable = [ip for ip in result if not is_loopback(ip)]
+            if len(usable) < len(result):
+                skipped.append(
+                    f"{rec.host}: loopback address "
+                    + ", ".join(ip for ip in result if is_loopback(ip))
+                    + " refused"
+                )
+            if not usable:
+                loopback_only += 1
+                continue
+            result = usable
         hosts.append(MxHost(rec.host, rec.preference, tuple(result), implicit))
     if loop_pref is not None:
         kept = [h for h in hosts if h.preference < loop_pref]
@@ -239,7 +281,17 @@ async def resolve_route(
     if not hosts:
         if temp_fail:
             failure = RouteFailure(
-                451, "4.4.3", f"address lookup of the MX hosts of {domain} failed"
+                451,
+                "4.4.3",
+                f"address lookup of the MX hosts of {domain} failed ("
+                + "; ".join(temp_fail)[:400]
+                + ")",
+            )
+        elif loopback_only:
+            failure = RouteFailure(
+                550,
+                "5.4.4",
+                f"MX hosts of {domain} resolve only to loopback addresses that are not ours",
             )
         elif implicit:
             failure = RouteFailure(550, "5.1.2", f"domain {domain} has no MX and no address")
@@ -247,3 +299,7 @@ async def resolve_route(
             failure = RouteFailure(550, "5.4.4", f"no MX host of {domain} has an address")
         return Route(domain, failure=failure, skipped=tuple(skipped))
     return Route(domain, hosts=tuple(hosts), skipped=tuple(skipped))
+
+
+def _detail(exc: DnsError) -> str:
+    return f" ({exc.detail})" if exc.detail else ""

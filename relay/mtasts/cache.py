@@ -6,7 +6,8 @@ text is parsed again, and a row that no longer parses is ignored (and logged).
 
 Tables:
 - ``mtasts_policy``: domain, TXT id, policy text, fetched_at, checked_at (last time the
-  TXT id was seen unchanged), expires_at.
+  TXT id was seen unchanged), expires_at (= fetched_at + max_age: only a fetch sets it,
+  RFC 8461 section 3.2; a TXT id seen unchanged moves checked_at alone).
 - ``mtasts_failure``: last failed fetch per (domain, id), its RFC 8460 result type and
   reason, for the per-id back-off.
 - ``mtasts_meta``: small key/value rows (the refresher's last run).
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from relay.errors import PolicyError
+from relay.errors import PolicyError, RelayError
 from relay.model import TlsResultType
 from relay.mtasts.policy import StsPolicy, parse_policy
 from relay.store import Store
@@ -36,6 +37,17 @@ MIGRATIONS = [  # one statement per step (no executescript inside the writer's t
     "PRIMARY KEY (domain, policy_id))",
     "CREATE TABLE mtasts_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
 ]
+
+
+class CacheUnavailable(RelayError):
+    """The policy cache could not be read (SQLITE_BUSY past the timeout, an I/O error):
+    whether the domain has a cached policy is unknown. Delivery must not read this as
+    "no policy" (RFC 8461 section 5: fail closed); it defers the recipients."""
+
+    def __init__(self, domain: str, reason: str) -> None:
+        self.domain = domain
+        self.reason = reason
+        super().__init__(f"MTA-STS policy cache unreadable for {domain}: {reason}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,21 +121,6 @@ class PolicyCache:
             c.execute("DELETE FROM mtasts_failure WHERE domain=?", (cp.domain,))
 
         await self.store.write(fn)
-
-    async def extend(
-        self, domain: str, policy_id: str, checked_at: float, expires_at: float
-    ) -> bool:
-        """The TXT id was seen unchanged: push the expiry out. False if the row changed."""
-
-        def fn(c: sqlite3.Connection) -> bool:
-            cur = c.execute(
-                "UPDATE mtasts_policy SET checked_at=?, expires_at=MAX(expires_at, ?) "
-                "WHERE domain=? AND policy_id=?",
-                (checked_at, expires_at, domain, policy_id),
-            )
-            return cur.rowcount == 1
-
-        return await self.store.write(fn)
 
     async def mark_checked(self, domain: str, checked_at: float) -> None:
         await self.store.write(

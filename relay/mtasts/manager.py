@@ -11,6 +11,11 @@
 4. A failed fetch keeps the unexpired cached policy; without one the result is "no
    policy" with ``fetch_error`` set (sts-policy-fetch-error / sts-policy-invalid /
    sts-webpki-invalid) so delivery is opportunistic and TLS-RPT hears of it.
+5. The cache cannot be read (a ``StoreError``: SQLITE_BUSY past the timeout, an I/O
+   error): whether an unexpired policy is cached is unknown, so "no policy" would be a
+   guess an attacker who hides the TXT record wins. Only a policy fetched now may apply;
+   without one ``get_policy`` raises ``CacheUnavailable`` and delivery defers (4.7.0),
+   never downgrades (RFC 8461 section 5, sections 3.3 and 10.2).
 
 Concurrent calls for one domain share one lookup (single flight), and a refresh of a
 domain never runs at the same time as a lookup of it. ``run_refresher`` renews cached
@@ -32,7 +37,7 @@ from relay.dns import Resolver
 from relay.errors import PolicyError, StoreError
 from relay.http import SafeHttpClient
 from relay.model import TlsPolicy, TlsResultType
-from relay.mtasts.cache import CachedPolicy, FetchFailure, PolicyCache
+from relay.mtasts.cache import CachedPolicy, CacheUnavailable, FetchFailure, PolicyCache
 from relay.mtasts.fetch import (
     DiscoveryStatus,
     PolicyFetchError,
@@ -57,6 +62,7 @@ class StsCounters:
     refusals: int = 0  # fetched but refused: invalid policy or certificate
     backoff_skips: int = 0  # a fetch not tried because the last one for the id failed
     stale_kept: int = 0  # a cached policy kept because DNS or the fetch failed
+    cache_unavailable: int = 0  # lookups refused because the cache could not be read
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -106,8 +112,10 @@ class PolicyManager:
     # ------------------------------------------------------------------ public
 
     async def get_policy(self, domain: str) -> TlsPolicy:
-        """The MTA-STS policy delivery must apply to domain. Never raises for DNS, HTTP,
-        policy or store failures (they give "no policy" or the cached policy)."""
+        """The MTA-STS policy delivery must apply to domain. Never raises for DNS, HTTP or
+        policy failures (they give "no policy" or the cached policy). Raises
+        ``CacheUnavailable`` when the cache cannot be read and no policy could be fetched
+        now: the caller must defer, not deliver as if there were no policy."""
         if not self.cfg.enabled:
             return TlsPolicy(domain=domain)
         try:
@@ -129,9 +137,12 @@ class PolicyManager:
         return await self.refresher.run_once()
 
     async def refresh_domain(self, domain: str) -> str:
-        """Renew one cached domain. Outcome: unchanged (TXT id same: expiry extended, no
-        fetch), updated (new id fetched), failed, backoff, kept (DNS gave nothing; the
-        cache stays), removed (expired and no record any more), gone (not cached)."""
+        """Renew one cached domain. Outcome: unchanged (TXT id same, no fetch: only
+        checked_at moves, the expiry stays fetched_at + max_age, RFC 8461 section 3.2),
+        refetched (same id, but the policy would expire before the next run: fetched
+        again, the only way to renew it), updated (new id fetched), failed, backoff,
+        kept (DNS gave nothing; the cache stays), removed (expired and no record any
+        more), gone (not cached)."""
         async with self._lock(domain):
             return await self._refresh(domain)
 
@@ -141,6 +152,8 @@ class PolicyManager:
         if self._inflight.get(d) is t:
             del self._inflight[d]
         if not t.cancelled() and t.exception() is not None:
+            if isinstance(t.exception(), CacheUnavailable):
+                return  # logged where it happened; the courier defers
             log.error("mtasts_lookup_crashed", domain=d, error=repr(t.exception()))
 
     def _lock(self, d: str) -> asyncio.Lock:
@@ -153,6 +166,8 @@ class PolicyManager:
         async with self._lock(d):
             try:
                 return await self._lookup(d)
+            except CacheUnavailable:
+                raise
             except Exception as exc:  # a bug or an unexpected resolver error
                 log.error("mtasts_lookup_failed", domain=d, error=repr(exc))
                 cached = await self._cached(d)
@@ -161,11 +176,14 @@ class PolicyManager:
                 return TlsPolicy(domain=d)
 
     async def _cached(self, d: str) -> CachedPolicy | None:
+        """The cached row, None when there is none. A read that fails raises
+        CacheUnavailable: "unknown" must never read as "not cached" (RFC 8461 section 5)."""
         try:
             return await self.cache.get(d)
         except StoreError as exc:
+            self.counters.cache_unavailable += 1
             log.error("mtasts_cache_read_failed", domain=d, error=str(exc))
-            return None
+            raise CacheUnavailable(d, str(exc)) from exc
 
     def _hit(self, cp: CachedPolicy, why: str) -> TlsPolicy:
         self.counters.cache_hits += 1
@@ -177,7 +195,10 @@ class PolicyManager:
     async def _lookup(self, d: str) -> TlsPolicy:
         self.counters.lookups += 1
         now = self.clock()
-        cached = await self._cached(d)
+        try:
+            cached = await self._cached(d)
+        except CacheUnavailable as exc:
+            return await self._without_cache(d, exc)
         live = cached if cached is not None and cached.fresh(now) else None
         disc = await discover(self.resolver, d)
         if disc.status is DiscoveryStatus.ERROR:
@@ -203,6 +224,24 @@ class PolicyManager:
             fetch_error=outcome.result_type,
             fetch_error_reason=outcome.reason,
         )
+
+    async def _without_cache(self, d: str, unavailable: CacheUnavailable) -> TlsPolicy:
+        """The cache cannot be read. RFC 8461 section 5 (and 3.3, 10.2): a cached
+        unexpired policy MUST be applied even when discovery fails, so with the cache
+        unknown, neither a missing TXT record nor a failed fetch may mean "no policy".
+        Only a policy fetched over verified HTTPS now (3.3) may apply; else the lookup
+        fails closed and delivery defers."""
+        disc = await discover(self.resolver, d)
+        if disc.status is DiscoveryStatus.FOUND and disc.record is not None:
+            outcome, _ = await self._fetch(d, disc.record.id)
+            if isinstance(outcome, CachedPolicy):
+                log.warning("mtasts_cache_unreadable_fetched", domain=d, id=outcome.policy_id)
+                return to_tls_policy(outcome)
+            why = f"{unavailable.reason}; policy fetch failed: {outcome.reason}"
+        else:
+            why = f"{unavailable.reason}; TXT {disc.status.value}"
+        log.error("mtasts_fail_closed", domain=d, reason=why)
+        raise CacheUnavailable(d, why)
 
     async def _fetch(self, d: str, rid: str) -> tuple[CachedPolicy | FetchFailure, bool]:
         """Fetch and cache the policy for id rid, honouring the per-id back-off.
@@ -260,12 +299,18 @@ class PolicyManager:
         disc = await discover(self.resolver, d)
         if disc.status is DiscoveryStatus.FOUND and disc.record is not None:
             rid = disc.record.id
-            if rid == cached.policy_id:
-                await self.cache.extend(d, rid, now, now + cached.policy.max_age)
+            if rid == cached.policy_id and cached.expires_at - now > self.cfg.refresh_interval:
+                # RFC 8461 section 3.2: max_age counts "from the last policy fetch time".
+                # An unchanged id says the policy did not change; it is no fetch, so the
+                # expiry stays where the fetch put it (only checked_at moves)
+                await self.cache.mark_checked(d, now)
                 return "unchanged"
+            # a new id (section 3.3: fetch it), or the same id expiring before the next
+            # run: refetch it, since only a fetch may renew max_age (3.2), and the
+            # cached policy is refreshed proactively before it lapses (3.3, 10.2)
             outcome, attempted = await self._fetch(d, rid)
             if isinstance(outcome, CachedPolicy):
-                return "updated"
+                return "updated" if rid != cached.policy_id else "refetched"
             await self.cache.mark_checked(d, now)
             return "failed" if attempted else "backoff"
         if disc.status is DiscoveryStatus.NONE and not cached.fresh(now):

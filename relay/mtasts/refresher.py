@@ -3,9 +3,12 @@ SHOULD proactively refresh cached policies periodically").
 
 Every ``[mta_sts] refresh_interval`` the refresher takes the cached domains not checked
 within the interval (or expiring within it) and hands each to ``refresh_domain`` (the
-manager's: a TXT lookup, and an HTTPS fetch only when the id changed), at most
-``refresh_concurrency`` at a time. The time of the last run is kept in the store, so a
-restart neither re-checks everything at once nor forgets to run.
+manager's: a TXT lookup, and an HTTPS fetch when the id changed or when the policy
+would expire before the next run), at most ``refresh_concurrency`` at a time. An
+unchanged id never moves a policy's expiry: max_age counts from the fetch (RFC 8461
+section 3.2), so a policy is renewed only by fetching it again. The time of the last
+run is kept in the store, so a restart neither re-checks everything at once nor forgets
+to run.
 """
 
 from __future__ import annotations

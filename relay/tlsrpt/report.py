@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
+import io
 import ipaddress
 import json
 import re
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from email import message_from_bytes
@@ -40,6 +42,7 @@ from relay.model import PolicyType, TlsResultType
 
 MEDIA_TYPE_GZIP = "application/tlsrpt+gzip"
 MEDIA_TYPE_JSON = "application/tlsrpt+json"
+MAX_REPORT_BYTES = 16 * 1024 * 1024  # a gunzipped report larger than this is refused
 
 RESULT_TYPES = frozenset(t.value for t in TlsResultType)
 POLICY_TYPES = frozenset(t.value for t in PolicyType)
@@ -279,7 +282,7 @@ def build_report(
             PolicyReport(
                 policy_type=ptype,
                 policy_domain=policy_domain,
-                policy_strings=tuple(s.replace("\n", " ") for s in strings) if is_sts else (),
+                policy_strings=tuple(_one_line(s) for s in strings) if is_sts else (),
                 mx_hosts=patterns if is_sts else (),
                 successful=ok,
                 failed=bad,
@@ -296,6 +299,11 @@ def build_report(
         report_id=report_id,
         policies=tuple(policies),
     )
+
+
+def _one_line(text: str) -> str:
+    """Section 4.4: line breaks in a policy-string entry are replaced by spaces."""
+    return text.replace("\r\n", " ").replace("\r", " ").replace("\n", " ")
 
 
 def make_report_id(day: str, policy_domain: str, submitter: str, token: str) -> str:
@@ -342,19 +350,18 @@ def parse_report(data: bytes | str | Mapping[str, Any]) -> TlsReport:
     input is not a JSON object or lacks the structure (``policies`` an array of objects
     with a ``policy`` object). Field values are not judged here: see validate_report."""
     obj: Any
-    if isinstance(data, Mapping):
-        obj = data
-    else:
-        raw = data.encode("utf-8") if isinstance(data, str) else data
+    if isinstance(data, str | bytes | bytearray):
+        raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
         if raw[:2] == b"\x1f\x8b":
-            try:
-                raw = gzip.decompress(raw)
-            except (OSError, EOFError) as exc:
-                raise ReportError(f"bad gzip: {exc}") from None
+            raw = gunzip(raw)
         try:
             obj = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ReportError(f"not JSON: {exc}") from None
+        except RecursionError:  # "[[[[..." deeper than the interpreter's stack
+            raise ReportError("not JSON: nested too deeply") from None
+    else:
+        obj = data  # an already decoded object (anything but an object is refused below)
     if not isinstance(obj, Mapping):
         raise ReportError("a report is a JSON object")
     pols = obj.get("policies", [])
@@ -405,6 +412,21 @@ def parse_report(data: bytes | str | Mapping[str, Any]) -> TlsReport:
     )
 
 
+def gunzip(raw: bytes, limit: int = MAX_REPORT_BYTES) -> bytes:
+    """Decompress a gzip'd report, at most ``limit`` bytes of JSON (a decompression bomb
+    is refused, not inflated). Raises ReportError."""
+    out = bytearray()
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
+            while chunk := f.read(65536):
+                out += chunk
+                if len(out) > limit:
+                    raise ReportError(f"gzip'd report larger than {limit} bytes")
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ReportError(f"bad gzip: {exc}") from None
+    return bytes(out)
+
+
 def report_attachments(message: bytes) -> list[tuple[str, str, bytes]]:
     """The report parts of a TLS-RPT mail (section 5.3): (content type, filename, JSON
     bytes, gunzipped) of every ``application/tlsrpt+gzip`` or ``+json`` part (and the
@@ -417,7 +439,7 @@ def report_attachments(message: bytes) -> list[tuple[str, str, bytes]]:
             continue
         payload = _payload(part)
         if ctype == MEDIA_TYPE_GZIP or payload[:2] == b"\x1f\x8b":
-            payload = gzip.decompress(payload)
+            payload = gunzip(payload)  # raises ReportError
         out.append((ctype, part.get_filename() or "", payload))
     return out
 
@@ -495,8 +517,11 @@ def _check_date_range(dr: Any, strict: bool) -> list[str]:
         if start > end:
             problems.append("date-range: start-datetime is after end-datetime")
         if strict:
-            s = start.astimezone(dt.UTC)
-            e = end.astimezone(dt.UTC)
+            try:
+                s = start.astimezone(dt.UTC)
+                e = end.astimezone(dt.UTC)
+            except OverflowError:  # 9999-12-31T23:59:59-23:59 has no UTC date
+                return [*problems, "date-range: a date-time out of the representable range"]
             if s.time() != dt.time(0, 0) or e.date() != s.date() or e.time() != dt.time(23, 59, 59):
                 problems.append("date-range: not one full UTC day (00:00:00Z to 23:59:59Z)")
     return problems
@@ -603,6 +628,7 @@ __all__ = [
     "contact_address",
     "day_epochs",
     "day_range",
+    "gunzip",
     "gzip_bytes",
     "make_report_id",
     "parse_report",

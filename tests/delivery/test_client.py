@@ -4,7 +4,7 @@ the attempt deadline (RFC 5321 sections 3.3, 4.2, 4.5.3.2)."""
 
 from __future__ import annotations
 
-from relay.delivery.client import enhanced_code, reply_of
+from relay.delivery.client import enhanced_code, rcpt_reply, reply_of
 from relay.delivery.courier import Courier
 from relay.model import DeliveryJob, RecipientState, SmtpReply
 from tests.delivery.mxlab import MxLab, Recorder
@@ -121,3 +121,27 @@ def test_reply_parsing() -> None:
     assert enhanced_code(r) == "2.0.0"
     assert enhanced_code(SmtpReply(550, "no enhanced code")) == ""
     assert enhanced_code(SmtpReply(550, "4.1.1 class does not match the code")) == ""
+
+
+def test_552_at_rcpt_is_taken_as_452() -> None:
+    """RFC 5321 4.5.3.1.10: 552 "too many recipients" at RCPT is temporary."""
+    r = rcpt_reply(552, "5.5.3 Too many recipients")
+    assert (r.code, enhanced_code(r)) == (452, "4.5.3")
+    assert r.message.startswith("4.5.3 Too many recipients (552 at RCPT taken as 452")
+    assert rcpt_reply(552, "too many").code == 452
+    assert rcpt_reply(550, "5.1.1 no such user") == SmtpReply(550, "5.1.1 no such user")
+    assert rcpt_reply(452, "4.5.3 later") == SmtpReply(452, "4.5.3 later")
+
+
+async def test_552_at_rcpt_defers_but_552_at_data_fails(lab: MxLab) -> None:
+    rec = Recorder(rcpt_replies={f"many@{D}": "552 5.5.3 Too many recipients"})
+    await lab.add_mx(D, "mx.d.lab.test", recorder=rec)
+    res = await deliver(lab, job(f"ok@{D}", f"many@{D}"))
+    by = {r.address: r for r in res.recipients}
+    assert by[f"ok@{D}"].state is RecipientState.DELIVERED
+    assert by[f"many@{D}"].state is RecipientState.DEFERRED
+    assert by[f"many@{D}"].enhanced == "4.5.3"
+    rec.rcpt_replies.clear()
+    rec.data_reply = "552 5.3.4 message too big"  # at DATA, 552 stays permanent
+    res = await deliver(lab, job(f"ok@{D}"))
+    assert res.recipients[0].state is RecipientState.FAILED

@@ -570,3 +570,15 @@ def test_early_reply_kept_under_uvloop() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert runner.run(scenario()) == b"250 2.1.5 early\r\n"
+
+
+async def test_552_to_a_pipelined_rcpt_is_temporary(raw_factory: Any) -> None:
+    mx = await raw_factory(rcpt_replies={f"b@{D}": "552 5.5.3 Too many recipients"})
+    s = await open_session(mx.ip, mx.port)
+    try:
+        assert s.pipelining
+        tx = await s.send("alice@sender.test", [f"a@{D}", f"b@{D}"], DATA)
+    finally:
+        await s.quit()
+    assert [(a, r.code) for a, r in tx.replies] == [(f"a@{D}", 250), (f"b@{D}", 452)]
+    assert tx.data_sent and [m.rcpts for m in mx.stored] == [[f"a@{D}"]]

@@ -20,6 +20,7 @@ from relay.model import (
     TlsPolicy,
     TlsResultType,
 )
+from relay.mtasts.cache import CacheUnavailable
 from tests.delivery.mxlab import MxLab, MxServer
 
 R = TlsResultType
@@ -292,7 +293,29 @@ async def test_policy_lookup_error_defers_rather_than_downgrades(lab: MxLab) -> 
     res = await courier.deliver(job("d.lab.test"))
     await courier.close()
     assert res.recipients[0].state is RecipientState.DEFERRED
+    assert res.recipients[0].enhanced == "4.7.0" and "cache broke" in res.recipients[0].reply
     assert srv.connections == 0
+
+
+async def test_unreadable_policy_cache_defers_with_the_reason_and_never_connects(
+    lab: MxLab,
+) -> None:
+    """RFC 8461 section 5: an unreadable cache may hold an enforce policy; the MX has no
+    STARTTLS (as behind a stripper): nothing is sent, every recipient waits with 4.7.0."""
+    srv = await lab.add_mx("d.lab.test", "mx.d.lab.test", "none")
+
+    async def lookup(domain: str) -> TlsPolicy:
+        raise CacheUnavailable(domain, "StoreError: OperationalError: database is locked")
+
+    courier = Courier(lab.config(), lab.resolver(), policy_lookup=lookup, outcome_sink=lab.sink)
+    res = await courier.deliver(job("d.lab.test", "a@d.lab.test", "b@d.lab.test"))
+    await courier.close()
+    assert {r.state for r in res.recipients} == {RecipientState.DEFERRED}
+    for r in res.recipients:
+        assert r.reply.startswith("451 4.7.0 TLS policy of d.lab.test unavailable"), r.reply
+        assert "database is locked" in r.reply and r.enhanced == "4.7.0"
+    assert srv.connections == 0 and srv.recorder.messages == []
+    assert lab.outcomes == []
 
 
 async def test_connection_reuse_two_transactions_one_connection(lab: MxLab) -> None:

@@ -18,12 +18,13 @@ def policy(mode: str = "enforce", max_age: int = 7200) -> str:
     return f"version: STSv1\nmode: {mode}\nmx: mx.example.com\nmax_age: {max_age}\n"
 
 
-async def test_refresh_extends_on_unchanged_id_and_fetches_on_new(
+async def test_refresh_skips_the_fetch_on_unchanged_id_and_fetches_on_new(
     lab: StsLab, store: Store
 ) -> None:
     for d in ("a.example", "b.example", "c.example"):
         lab.publish(d, policy(), "v1")
-    m = lab.manager(store, refresh_interval=3600)
+    m = lab.manager(store, refresh_interval=1800)
+    t0 = lab.clock.now
     for d in ("a.example", "b.example", "c.example"):
         await m.get_policy(d)
     assert len(lab.https.seen) == 3
@@ -36,17 +37,50 @@ async def test_refresh_extends_on_unchanged_id_and_fetches_on_new(
     assert outcomes == {"unchanged": 1, "updated": 1, "kept": 1}
     assert len(lab.https.seen) == 4  # only b.example fetched again
     a = await m.cache.get("a.example")
-    assert a is not None and a.expires_at == lab.clock.now + 7200 and a.checked_at == lab.clock.now
+    # checked now; the expiry still counts from the fetch at t0 (RFC 8461 section 3.2)
+    assert a is not None and a.checked_at == lab.clock.now
+    assert a.expires_at == t0 + 7200 and a.fetched_at == t0
     b = await m.cache.get("b.example")
     assert b is not None and b.policy_id == "v2" and b.policy.mode is StsMode.TESTING
     c = await m.cache.get("c.example")
-    assert c is not None and c.expires_at == lab.clock.now - 3600 + 7200  # not extended
+    assert c is not None and c.expires_at == t0 + 7200  # not extended
 
-    lab.clock.advance(3601)  # c.example has expired and has no record any more
+    lab.clock.advance(3601)  # a and c have expired; c has no record any more
     outcomes = await m.refresh_once()
-    assert outcomes == {"unchanged": 2, "removed": 1}
+    assert outcomes == {"refetched": 1, "unchanged": 1, "removed": 1}
     assert await m.cache.get("c.example") is None
-    assert len(lab.https.seen) == 4
+    assert len(lab.https.seen) == 5  # a.example fetched again: the only way to renew it
+    a = await m.cache.get("a.example")
+    assert a is not None and a.fetched_at == lab.clock.now
+    assert a.expires_at == lab.clock.now + 7200
+
+
+async def test_unchanged_id_does_not_push_the_expiry_and_the_policy_is_refetched_in_time(
+    lab: StsLab, store: Store
+) -> None:
+    """RFC 8461 3.2: max_age counts from the fetch. Fetched at t0 with max_age M, the TXT
+    id unchanged at t0+M/2: the expiry stays t0+M; the refresher fetches the policy again
+    before t0+M (3.3: proactive refresh), so enforce never lapses, and only then moves."""
+    big_m = 7200
+    lab.publish("a.example", policy(max_age=big_m), "v1")
+    m = lab.manager(store, refresh_interval=600)
+    t0 = lab.clock.now
+    assert (await m.get_policy("a.example")).enforce
+    lab.clock.advance(big_m / 2)
+    assert await m.refresh_once() == {"unchanged": 1}
+    a = await m.cache.get("a.example")
+    assert a is not None and a.expires_at == t0 + big_m and a.checked_at == t0 + big_m / 2
+    assert lab.fetches("a.example") == 1
+    # the old code set expires_at = t0 + M/2 + M here: a policy unverified for 1.5 M
+    lab.clock.advance(big_m / 2 - 700)  # t0 + M - 700: not yet within the next run
+    assert await m.refresh_once() == {"unchanged": 1}
+    lab.clock.advance(200)  # t0 + M - 500: it would expire before the next run
+    assert await m.refresh_once() == {"refetched": 1}
+    assert lab.fetches("a.example") == 2
+    a = await m.cache.get("a.example")
+    assert a is not None and a.fetched_at == lab.clock.now
+    assert a.expires_at == lab.clock.now + big_m
+    assert (await m.get_policy("a.example")).enforce
 
 
 async def test_refresh_failure_keeps_cached_policy(lab: StsLab, store: Store) -> None:

@@ -26,6 +26,7 @@ from relay.app import RelayApp
 from relay.commands.keygen import generate
 from relay.lab.dnsserver import LabDnsServer, Zone
 from relay.lab.mta import LabMta
+from relay.store import Store
 from relay.tlsrpt.report import report_attachments, validate_report
 from tests.labutil import base_doc, message, send, write_config
 from tests.mtasts.sts_https_server import Answer, HttpsServer
@@ -221,6 +222,11 @@ async def test_preview_without_sessions_and_bad_days(tmp_path: Path) -> None:
     doc = {"storage": {"path": str(tmp_path / "r.sqlite3")},
            "tlsrpt": {"submitter": "example.net"}}  # fmt: skip
     write_config(tmp_path / "c.toml", doc)
+    # a store that does not exist is refused, not created (a wrong --config)
+    code, out, err = await relay_cli("tlsrpt", "preview", "--config", str(tmp_path / "c.toml"))
+    assert code == 2 and "does not exist" in err and "r.sqlite3" in err
+    assert not (tmp_path / "r.sqlite3").exists()
+    Store(tmp_path / "r.sqlite3").open().close()
     code, out, err = await relay_cli("tlsrpt", "preview", "--config", str(tmp_path / "c.toml"))
     assert code == 0 and out == "" and "no sessions recorded" in err
     tomorrow = (dt.datetime.now(dt.UTC).date() + dt.timedelta(days=2)).isoformat()
