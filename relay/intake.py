@@ -22,6 +22,7 @@ from relay.queue.spool import (
     FLAG_NO_TLS_REQUIRED,
     NewMessage,
     Spool,
+    envelope_fields,
     extract_message_id,
     new_qid,
 )
@@ -143,7 +144,9 @@ class Intake:
         mail_from, rcpts, origs = self.route(env)
         flags = FLAG_NO_TLS_REQUIRED if tls_required_no(message) else 0
         mid = _message_id(message)
-        new = NewMessage(mail_from, rcpts, message, origs, flags, mid, *stored_envelope(conn, env))
+        new = NewMessage(
+            mail_from, rcpts, message, origs, flags, mid, **envelope_fields(conn, env, origs)
+        )
         claimed = await self._enqueue(new, qid)
         log.info(
             "queued",
@@ -200,9 +203,3 @@ class Intake:
 
 
 _message_id = extract_message_id
-
-
-def stored_envelope(conn: ConnInfo, env: Envelope) -> tuple[str, str, str]:
-    """What the queue keeps of the session for `relay diagnose --queue-id`: the client's
-    IP, its HELO and its MAIL FROM as given (before SRS)."""
-    return conn.peer_ip, conn.helo, env.mail_from

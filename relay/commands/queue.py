@@ -105,7 +105,7 @@ def as_json(m: QueuedMessage, detail: bool = False) -> dict[str, Any]:
                 "last_reply": r.last_reply,
                 "lease_owner": r.lease_owner,
                 "lease_expiry": _iso(r.lease_expiry),
-                "dsn_owed": r.state is RecipientState.FAILED and not r.dsn_done,
+                "dsn_owed": r.dsn_owed,
             }
             for r in m.recipients
         ],

@@ -484,7 +484,9 @@ class Courier:
                     session = await self._open(att, host, ip, plan, in_policy)
                 in_tx = True
                 try:
-                    tx = await session.send(job.mail_from, job.recipients, job.data)
+                    tx = await session.send(
+                        job.mail_from, job.recipients, job.data, job.dsn, job.rcpt_dsn_map()
+                    )
                 except ConnectionLost as exc:
                     if not reused:
                         raise
@@ -492,7 +494,9 @@ class Courier:
                     in_tx = False
                     session = await self._open(att, host, ip, plan, in_policy)
                     in_tx = True
-                    tx = await session.send(job.mail_from, job.recipients, job.data)
+                    tx = await session.send(
+                        job.mail_from, job.recipients, job.data, job.dsn, job.rcpt_dsn_map()
+                    )
         except TimeoutError:
             if session is not None:
                 session.close()
@@ -647,7 +651,7 @@ class Courier:
         self.destinations.record_success(job.domain)
         results = []
         for address, reply in tx.replies:
-            results.append(_recipient(address, reply, host.name))
+            results.append(_recipient(address, reply, host.name, tx.dsn))
         states = {r.state for r in results}
         outcome = (
             "delivered"
@@ -765,14 +769,16 @@ def _tls_type(exc: SessionError) -> TlsResultType:
     return TlsResultType.STARTTLS_NOT_SUPPORTED
 
 
-def _recipient(address: str, reply: SmtpReply, remote: str) -> RecipientResult:
+def _recipient(
+    address: str, reply: SmtpReply, remote: str, dsn: bool = False
+) -> RecipientResult:
     if 200 <= reply.code < 300:
         state = RecipientState.DELIVERED
     elif 400 <= reply.code < 500:
         state = RecipientState.DEFERRED
     else:
         state = RecipientState.FAILED
-    return RecipientResult(address, state, str(reply), enhanced_code(reply), remote)
+    return RecipientResult(address, state, str(reply), enhanced_code(reply), remote, dsn)
 
 
 def _all(

@@ -27,7 +27,15 @@ from relay import logs
 from relay.config import Config
 from relay.dsn import DsnRecipient, build_dsn
 from relay.errors import RelayError
-from relay.model import AttemptResult, DeliveryJob, QueueId, RecipientResult, RecipientState
+from relay.model import (
+    AttemptResult,
+    DeliveryJob,
+    MailDsn,
+    QueueId,
+    RcptDsn,
+    RecipientResult,
+    RecipientState,
+)
 from relay.queue.faults import AFTER_FAIL_COMMIT, crash_point
 from relay.queue.spool import (
     DEFAULT_LEASE,
@@ -40,6 +48,7 @@ from relay.queue.spool import (
     Spool,
     new_qid,
 )
+from relay.smtp.dsnparams import wants
 
 log = logs.get("relay.queue")
 
@@ -65,6 +74,15 @@ class RetryPolicy:
         """Delay before the next try after ``attempts`` failed tries (1 = first failure)."""
         base = min(self.maximum, self.first * float(2 ** min(max(attempts - 1, 0), 40)))
         return max(0.0, base * (1 + self.jitter * (2 * rng() - 1)))
+
+
+def outbound_dsn(r: QueuedRecipient) -> RcptDsn:
+    """NOTIFY and ORCPT for the next hop: the sender's ORCPT, else (RFC 3461 5.2.1: added by
+    a relaying MTA) the address of the RCPT we received when aliases or SRS changed it."""
+    orcpt = r.orcpt
+    if not orcpt and r.orig and r.orig.lower() != r.address.lower():
+        orcpt = f"rfc822;{r.orig}"
+    return RcptDsn(r.notify, orcpt)
 
 
 def attempt_tls(res: AttemptResult) -> str:
@@ -168,8 +186,17 @@ class Scheduler:
             self.release()
         if claimed and qid not in self._active:
             recips = tuple(
-                QueuedRecipient(a, RecipientState.QUEUED, 0, 0.0, "", o)
-                for a, o in msg.recipient_pairs()
+                QueuedRecipient(
+                    a,
+                    RecipientState.QUEUED,
+                    0,
+                    0.0,
+                    "",
+                    o,
+                    notify=tuple(w for w in notify.split(",") if w),
+                    orcpt=orcpt,
+                )
+                for a, o, notify, orcpt in msg.recipient_rows()
             )
             qm = QueuedMessage(
                 id=qid,
@@ -179,6 +206,8 @@ class Scheduler:
                 created=created,
                 flags=msg.flags,
                 recipients=recips,
+                ret=msg.ret,
+                envid=msg.envid,
             )
             self._start(qid, (qm, msg.data))
         else:
@@ -370,6 +399,8 @@ class Scheduler:
                 message_id=msg.message_id,
                 tls_required=not no_tls,
                 record_tls=not no_tls,
+                dsn=MailDsn(msg.ret, msg.envid),
+                rcpt_dsn=tuple(outbound_dsn(r) for r in rs),
             )
             for dom, rs in by_domain.items()
         ]
@@ -407,8 +438,16 @@ class Scheduler:
         now = self.clock()
         updates: list[RecipientUpdate] = []
         tls = attempt_tls(res)
+        notify = {r.address: r.notify for r in msg.recipients}
         for rr in res.recipients:
-            seen = (rr.remote_host or res.mx_host, tls)
+            # RFC 3461 6.2.1: SUCCESS asked and the next hop took it without DSN: we say
+            # "relayed" (one that offers DSN got NOTIFY and reports delivery itself)
+            relayed = (
+                rr.state is RecipientState.DELIVERED
+                and wants(notify.get(rr.address, ()), "SUCCESS", False)
+                and not rr.next_hop_dsn
+            )
+            seen = (rr.remote_host or res.mx_host, tls, relayed)
             if rr.state is RecipientState.DEFERRED:
                 nxt = now + self.retry.delay(attempts.get(rr.address, 0) + 1, self.rng)
                 nxt = min(nxt, msg.created + self.retry.lifetime)
@@ -487,6 +526,8 @@ class Scheduler:
             arrival=msg.created,
             now=now,
             action=action,
+            envid=msg.envid,
+            ret=msg.ret,
         )
         new = NewMessage("", (to,), dsn, (), FLAG_NO_DSN)
         dsn_qid = new_qid(now)
@@ -533,7 +574,16 @@ class Scheduler:
             return
         if not msg.mail_from or msg.flags & FLAG_NO_DSN:  # a row read before the spool did
             return
-        dsn_recipients = [DsnRecipient(r.address, r.orig, r.last_reply) for r in failed]
+        dsn_recipients = [
+            DsnRecipient(
+                r.address,
+                r.orig,
+                r.last_reply,
+                orcpt=r.orcpt,
+                action="relayed" if r.state is RecipientState.DELIVERED else "failed",
+            )
+            for r in failed
+        ]
         if await self._queue_dsn(msg, data, dsn_recipients, "failed"):
             log.debug("removed", qid=msg.id)
 
@@ -549,10 +599,13 @@ class Scheduler:
             or now - msg.created < limit
         ):
             return
+        rcpts = {r.address: r for r in msg.recipients}
         deferred = [
-            DsnRecipient(u.address, "", u.reply)
+            DsnRecipient(u.address, rcpts[u.address].orig, u.reply, orcpt=rcpts[u.address].orcpt)
             for u in updates
             if u.state is RecipientState.DEFERRED
+            and u.address in rcpts
+            and wants(rcpts[u.address].notify, "DELAY", True)  # RFC 3461 4.1
         ]
         if deferred:
             await self._queue_dsn(msg, data, deferred, "delayed")

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from relay.model import QueueId, RecipientState
+from relay.model import ConnInfo, Envelope, QueueId, RecipientState
 from relay.store import Store, address_domain
 
 MIGRATIONS = [
@@ -93,6 +93,15 @@ MIGRATIONS = [
     CREATE INDEX queue_log_qid ON queue_log(qid, at);
     CREATE INDEX queue_log_at ON queue_log(at);
     """,
+    # 4: the DSN extension (RFC 3461): RET and ENVID per message, NOTIFY and ORCPT per
+    # recipient, and a "relayed" DSN owed for a delivered one (SUCCESS, no DSN next hop)
+    """
+    ALTER TABLE queue_messages ADD COLUMN ret TEXT NOT NULL DEFAULT '';
+    ALTER TABLE queue_messages ADD COLUMN envid TEXT NOT NULL DEFAULT '';
+    ALTER TABLE queue_recipients ADD COLUMN notify TEXT NOT NULL DEFAULT '';
+    ALTER TABLE queue_recipients ADD COLUMN orcpt TEXT NOT NULL DEFAULT '';
+    ALTER TABLE queue_recipients ADD COLUMN relayed_owed INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 # message flags
@@ -142,10 +151,34 @@ class NewMessage:
     client_ip: str = ""
     helo: str = ""
     env_from: str | None = None
+    # DSN parameters (RFC 3461): per recipient NOTIFY (comma-joined, "" not given) and
+    # ORCPT ("addr-type;address", "" not given), aligned with recipients; RET and ENVID
+    notify: tuple[str, ...] = ()
+    orcpts: tuple[str, ...] = ()
+    ret: str = ""
+    envid: str = ""
 
     def msgid(self) -> str:
         """The Message-ID field's value ("" when none), computed once by whoever built it."""
         return self.message_id if self.message_id is not None else extract_message_id(self.data)
+
+    def recipient_rows(self) -> list[tuple[str, str, str, str]]:
+        """(address, original address, NOTIFY, ORCPT) per recipient, the first of each."""
+        n = len(self.recipients)
+        rows = zip(
+            self.recipients,
+            self.orig_recipients or self.recipients,
+            self.notify or ("",) * n,
+            self.orcpts or ("",) * n,
+            strict=True,
+        )
+        seen: set[str] = set()
+        out = []
+        for row in rows:
+            if row[0].lower() not in seen:
+                seen.add(row[0].lower())
+                out.append(row)
+        return out
 
     def recipient_pairs(self) -> list[tuple[str, str]]:
         """(address, original address) per recipient, the first of each address only."""
@@ -163,6 +196,17 @@ class QueuedRecipient:
     dsn_done: bool = False
     lease_owner: str = ""  # "" when nobody holds the row
     lease_expiry: float = 0.0
+    notify: tuple[str, ...] = ()  # RFC 3461 NOTIFY: () not given, ("NEVER",) or words
+    orcpt: str = ""  # RFC 3461 ORCPT, "addr-type;address" ("" not given)
+    relayed_owed: bool = False  # delivered to a next hop without DSN; SUCCESS asked
+
+    @property
+    def dsn_owed(self) -> bool:
+        if self.dsn_done:
+            return False
+        return self.state is RecipientState.FAILED or (
+            self.state is RecipientState.DELIVERED and self.relayed_owed
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +223,8 @@ class QueuedMessage:
     client_ip: str = ""
     helo: str = ""
     env_from: str | None = None  # MAIL FROM as the client gave it (None: not recorded)
+    ret: str = ""  # RFC 3461 RET: FULL, HDRS or "" (not given)
+    envid: str = ""  # RFC 3461 ENVID, decoded
 
     def pending(self) -> tuple[QueuedRecipient, ...]:
         return tuple(r for r in self.recipients if r.state in PENDING_STATES)
@@ -192,6 +238,7 @@ class RecipientUpdate:
     next_attempt: float = 0.0
     mx_host: str = ""  # the host that answered (for the attempt log)
     tls: str = ""  # the TLS outcome of the attempt (for the attempt log)
+    relayed: bool = False  # delivered, SUCCESS asked, next hop without DSN: DSN owed
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +264,24 @@ class ListFilter:
     state: str = ""
     limit: int = 0  # 0: all
     offset: int = 0
+
+
+def envelope_fields(conn: ConnInfo, env: Envelope, origs: Sequence[str]) -> dict[str, Any]:
+    """What the queue keeps of the session besides the routed envelope: the client's IP,
+    HELO and MAIL FROM as given (for `relay diagnose --queue-id`), and the DSN parameters
+    (RFC 3461), each routed recipient taking those of the RCPT it came from (``origs``:
+    the RCPT address of each), so aliases and SRS keep the sender's ORCPT and NOTIFY."""
+    by_rcpt = dict(zip(env.rcpt_tos, env.rcpt_dsn, strict=True)) if env.rcpt_dsn else {}
+    params = [by_rcpt.get(o) for o in origs]
+    return {
+        "client_ip": conn.peer_ip,
+        "helo": conn.helo,
+        "env_from": env.mail_from,
+        "notify": tuple(",".join(p.notify) if p else "" for p in params) if by_rcpt else (),
+        "orcpts": tuple(p.orcpt if p else "" for p in params) if by_rcpt else (),
+        "ret": env.dsn.ret,
+        "envid": env.dsn.envid,
+    }
 
 
 def new_owner() -> str:
@@ -329,7 +394,7 @@ class Spool:
         logged = []
         for u in updates:
             logged.append((qid, now, u.address, u.state.value, u.reply[:1000], u.mx_host, u.tls))
-            held = u.state is RecipientState.FAILED
+            held = u.state is RecipientState.FAILED or u.relayed
             rows.append(
                 (
                     u.state.value,
@@ -338,6 +403,7 @@ class Spool:
                     now,
                     owner if held else "",
                     until if held else 0.0,
+                    int(u.relayed and u.state is RecipientState.DELIVERED),
                     qid,
                     u.address,
                     owner,
@@ -352,7 +418,7 @@ class Spool:
             for row, entry in zip(rows, logged, strict=True):
                 if conn.execute(
                     "UPDATE queue_recipients SET state=?, attempts=attempts+1, next_attempt=?,"
-                    " last_reply=?, updated=?, lease_owner=?, lease_expiry=?"
+                    " last_reply=?, updated=?, lease_owner=?, lease_expiry=?, relayed_owed=?"
                     " WHERE qid=? AND address=? AND (lease_owner=?"
                     " OR (lease_owner='' AND state IN (?,?,?)))",
                     row,
@@ -402,9 +468,9 @@ class Spool:
             for a in addrs:
                 if (
                     conn.execute(
-                        "SELECT 1 FROM queue_recipients WHERE qid=? AND address=? AND state=?"
-                        " AND dsn_done=0 AND lease_owner=?",
-                        (about, a, _F, owner),
+                        "SELECT 1 FROM queue_recipients WHERE qid=? AND address=?"
+                        f" AND {_OWED} AND lease_owner=?",
+                        (about, a, owner),
                     ).fetchone()
                     is None
                 ):
@@ -474,8 +540,8 @@ class Spool:
             )
             conn.execute(
                 "UPDATE queue_recipients SET lease_owner='', lease_expiry=0"
-                " WHERE state=? AND dsn_done=0 AND lease_owner!='' AND lease_owner!=?",
-                (_F, self.owner),
+                f" WHERE {_OWED} AND lease_owner!='' AND lease_owner!=?",
+                (self.owner,),
             )
             return cur.rowcount
 
@@ -500,8 +566,8 @@ class Spool:
                 ).rowcount
                 conn.execute(
                     "UPDATE queue_recipients SET lease_expiry=0"
-                    f" WHERE state=? AND lease_owner=? AND qid IN ({marks})",
-                    (_F, owner, *part),
+                    f" WHERE {_OWED} AND lease_owner=? AND qid IN ({marks})",
+                    (owner, *part),
                 )
             return n
 
@@ -617,9 +683,9 @@ class Spool:
         def run(conn: sqlite3.Connection) -> list[QueueId]:
             rows = conn.execute(
                 "SELECT DISTINCT r.qid FROM queue_recipients r JOIN queue_messages m"
-                " ON m.id=r.qid WHERE r.state=? AND r.dsn_done=0 AND r.lease_expiry<=?"
+                f" ON m.id=r.qid WHERE {_OWED_R} AND r.lease_expiry<=?"
                 " AND m.corrupt=0 LIMIT ?",
-                (_F, now, limit + len(exclude)),
+                (now, limit + len(exclude)),
             ).fetchall()
             return [r[0] for r in rows if r[0] not in exclude][:limit]
 
@@ -670,7 +736,10 @@ def _insert(
     when owner is given, else queued."""
     mid = msg.msgid()
     state, expiry = (_I, until) if owner else (_Q, 0.0)
-    rows = [(qid, a, o, state, now, owner, expiry) for a, o in msg.recipient_pairs()]
+    rows = [
+        (qid, a, o, state, now, owner, expiry, notify, orcpt)
+        for a, o, notify, orcpt in msg.recipient_rows()
+    ]
 
     received = f"from=<{msg.env_from if msg.env_from is not None else msg.mail_from}>"
     if msg.client_ip:
@@ -680,7 +749,7 @@ def _insert(
     def run(conn: sqlite3.Connection) -> None:
         conn.execute(
             "INSERT INTO queue_messages(id, mail_from, data, size, message_id, created, flags,"
-            " client_ip, helo, env_from) VALUES(?,?,?,?,?,?,?,?,?,?)",
+            " client_ip, helo, env_from, ret, envid) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 qid,
                 msg.mail_from,
@@ -692,12 +761,14 @@ def _insert(
                 msg.client_ip,
                 msg.helo,
                 msg.env_from,
+                msg.ret,
+                msg.envid,
             ),
         )
         _log(conn, [(qid, now, "", "received", received, "", "")])
         conn.executemany(
             "INSERT INTO queue_recipients(qid, address, orig, state, next_attempt,"
-            " lease_owner, lease_expiry) VALUES(?,?,?,?,?,?,?)",
+            " lease_owner, lease_expiry, notify, orcpt) VALUES(?,?,?,?,?,?,?,?,?)",
             rows,
         )
 
@@ -712,7 +783,7 @@ def _settle(
     them. Mail with the null reverse-path or NO_DSN owes none (RFC 3461 NOTIFY=NEVER,
     RFC 5321 6.1: never a DSN to <>), so its failures are marked reported here."""
     rcpts = _recipients(conn, qid)
-    owed = [r for r in rcpts if r.state is RecipientState.FAILED and not r.dsn_done]
+    owed = [r for r in rcpts if r.dsn_owed]
     if owed:
         row = conn.execute(
             "SELECT mail_from, flags FROM queue_messages WHERE id=?", (qid,)
@@ -720,10 +791,20 @@ def _settle(
         if row is not None and (not row[0] or row[1] & FLAG_NO_DSN):
             conn.execute(
                 "UPDATE queue_recipients SET dsn_done=1, lease_owner='', lease_expiry=0"
-                " WHERE qid=? AND state=? AND dsn_done=0",
-                (qid, _F),
+                f" WHERE qid=? AND {_OWED}",
+                (qid,),
             )
             owed = []
+        # RFC 3461 4.1: NOTIFY given without FAILURE (NEVER, or SUCCESS/DELAY only): no
+        # failure DSN for that recipient
+        quiet = [r for r in owed if r.state is RecipientState.FAILED and not wants_failure(r)]
+        if quiet:
+            conn.executemany(
+                "UPDATE queue_recipients SET dsn_done=1, lease_owner='', lease_expiry=0"
+                " WHERE qid=? AND address=?",
+                [(qid, r.address) for r in quiet],
+            )
+            owed = [r for r in owed if r not in quiet]
     if not owed and not any(r.state in PENDING_STATES for r in rcpts):
         conn.execute("DELETE FROM queue_messages WHERE id=?", (qid,))
         _log(conn, [(qid, now, "", "removed", "done", "", "")])
@@ -767,12 +848,22 @@ def _recipients(conn: sqlite3.Connection, qid: str) -> tuple[QueuedRecipient, ..
 
 
 _MSG_COLS = (
-    "id, mail_from, size, message_id, created, flags, delay_warned, held, client_ip, helo, env_from"
+    "id, mail_from, size, message_id, created, flags, delay_warned, held, client_ip, helo,"
+    " env_from, ret, envid"
 )
-_N_MSG_COLS = 11
+_N_MSG_COLS = 13
 _RCPT_COLS = (
-    "address, state, attempts, next_attempt, last_reply, orig, dsn_done, lease_owner, lease_expiry"
+    "address, state, attempts, next_attempt, last_reply, orig, dsn_done, lease_owner,"
+    " lease_expiry, notify, orcpt, relayed_owed"
 )
+# a recipient whose DSN is owed: failed, or delivered with a "relayed" DSN to send
+_OWED = "(state='failed' OR (state='delivered' AND relayed_owed=1)) AND dsn_done=0"
+_OWED_R = "(r.state='failed' OR (r.state='delivered' AND r.relayed_owed=1)) AND r.dsn_done=0"
+
+
+def wants_failure(r: QueuedRecipient) -> bool:
+    """RFC 3461 4.1: a failure DSN unless NOTIFY was given without FAILURE."""
+    return not r.notify or "FAILURE" in r.notify
 
 
 def _msg_of(row: Sequence[Any], recipients: tuple[QueuedRecipient, ...]) -> QueuedMessage:
@@ -788,6 +879,8 @@ def _msg_of(row: Sequence[Any], recipients: tuple[QueuedRecipient, ...]) -> Queu
         client_ip=str(row[8]),
         helo=str(row[9]),
         env_from=None if row[10] is None else str(row[10]),
+        ret=str(row[11]),
+        envid=str(row[12]),
         recipients=recipients,
     )
 
@@ -803,6 +896,9 @@ def _rcpt_of(r: Sequence[Any]) -> QueuedRecipient:
         dsn_done=bool(r[6]),
         lease_owner=r[7],
         lease_expiry=r[8],
+        notify=tuple(w for w in str(r[9]).split(",") if w),
+        orcpt=str(r[10]),
+        relayed_owed=bool(r[11]),
     )
 
 
