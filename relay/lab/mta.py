@@ -132,7 +132,7 @@ class _DsnHandler(_Handler):
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
-        return [*responses, "250-DSN", "250 HELP"]
+        return [*responses[:-1], "250-DSN", responses[-1]]  # before the last, "250 HELP"
 
 
 class LabMta:
