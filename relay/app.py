@@ -22,9 +22,10 @@ import structlog
 from relay.config import Config
 from relay.dns import AiodnsResolver, CachingResolver, Resolver
 from relay.errors import ConfigError
-from relay.intake import Intake, Routing
+from relay.intake import Intake, Router
 from relay.queue.scheduler import Scheduler
 from relay.queue.spool import Spool
+from relay.stages import QueueLink
 from relay.store import Store
 
 log = structlog.get_logger("relay.app")
@@ -172,30 +173,25 @@ class RelayApp:
         )
         self._closers.append(courier.close)
 
-        scheduler_ref: list[Scheduler] = []
-
-        def notify(qid: str, msg: Any, created: float, claimed: bool) -> None:
-            scheduler_ref[0].submit_new(qid, msg, created, claimed)
-
-        def reserve() -> bool:
-            return scheduler_ref[0].reserve()
-
-        def release() -> None:
-            scheduler_ref[0].release()
-
         from relay.auth.wiring import build_auth
 
+        # the stages, in flow order (relay.stages, docs/flow.md): verdict and seal (auth
+        # wiring), route (aliases from the relay rules, SRS from the auth wiring), intake,
+        # the scheduler (the queue sink intake feeds) and the courier it hands recipients to
         auth = build_auth(cfg, self.resolver, self.store)
         self._closers.append(auth.close)
-        transforms, routing, extra_check = auth.transforms, auth.routing, auth.local_check
+        rules = RelayRules(cfg, extra_local_check=auth.local_check)
+        router = Router(
+            expand=rules.expand, srs_forward=auth.srs_forward, srs_reverse=auth.srs_reverse
+        )
+        queue = QueueLink()  # intake -> scheduler; the scheduler's DSNs -> intake.inject
         self.intake = Intake(
             cfg,
             spool,
-            notify=notify,
-            reserve=reserve,
-            release=release,
-            transforms=transforms,
-            routing=routing,
+            queue=queue,
+            verdict=auth.verdict,
+            router=router,
+            sealer=auth.sealer,
             clock=self.clock,
         )
         self.scheduler = Scheduler(
@@ -206,17 +202,9 @@ class RelayApp:
             clock=self.clock,
             poll_interval=self.poll_interval,
             loader=self.leader,
-            bounce_to=_bounce_to(routing.srs_reverse),
+            bounce_to=_bounce_to(auth.srs_reverse),
         )
-        scheduler_ref.append(self.scheduler)
-
-        rules = RelayRules(cfg, extra_local_check=extra_check)
-        # alias expansion comes from the relay rules, SRS from the auth wiring
-        self.intake.routing = Routing(
-            expand=rules.expand,
-            srs_forward=routing.srs_forward,
-            srs_reverse=routing.srs_reverse,
-        )
+        queue.bind(self.scheduler)
         self.server = SmtpServer(
             cfg, self.intake.submit, rules, ssl_context=server_ssl_context(cfg)
         )

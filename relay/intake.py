@@ -1,9 +1,12 @@
 """Intake (Postfix's cleanup): the single writer of new mail into the queue.
 
-Turns an accepted SMTP transaction into a queued message: loop check, authentication
-verdict and ARC seal (injected transforms), the Received trace header, alias expansion,
-SRS for forwarded mail, a durable write (fsync'd before the 250), then wakes the
-scheduler. Locally generated mail (DSNs, TLS-RPT reports) enters through ``inject``.
+``Intake.submit`` takes what the SMTP session accepted and parses it once into a
+``relay.message.ParsedMessage``; every stage after reads that value (relay.stages):
+loop check, our Received trace field, the verdict (``VerdictStage``: forged A-R removed,
+SPF/DKIM/DMARC/ARC, our A-R), the route (``RouteStage``: aliases, SRS), the ARC seal
+(``SealStage``), the TLS-Required decision, then a durable write (fsync'd before the
+250) and the scheduler told (``QueueSink``). Locally generated mail (DSNs, TLS-RPT
+reports) enters through ``inject`` (intake is the scheduler's ``Submitter``).
 """
 
 from __future__ import annotations
@@ -17,40 +20,66 @@ from dataclasses import dataclass
 from relay import logs
 from relay.config import Config
 from relay.errors import SmtpReplyError, StoreError
+from relay.message import ParsedMessage
 from relay.model import ConnInfo, Envelope, QueueId
 from relay.queue.spool import (
     FLAG_NO_TLS_REQUIRED,
     NewMessage,
     Spool,
     envelope_fields,
-    extract_message_id,
     new_qid,
+)
+from relay.stages import (
+    AcceptAll,
+    NoSeal,
+    QueueSink,
+    Route,
+    RouteStage,
+    SealStage,
+    VerdictStage,
 )
 
 log = logs.get("relay.intake")
 
-# A transform gets the message (with our Received header) and returns the message to
-# queue; it raises SmtpReplyError to refuse it (e.g. DMARC reject).
+# The auth wiring's verdict and seal as one call over bytes (bench/auth_profile.py):
+# the same stage objects intake runs.
 Transform = Callable[[ConnInfo, Envelope, bytes], Awaitable[bytes]]
-NotifyFn = Callable[[QueueId, NewMessage, float, bool], None]
-ReserveFn = Callable[[], bool]
-
-_RECEIVED_RE = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
-_TLS_REQUIRED_NO = re.compile(rb"^tls-required:[ \t]*no[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
 
 
-def header_block(data: bytes) -> bytes:
-    end = data.find(b"\r\n\r\n")
-    return data if end < 0 else data[: end + 2]
+def count_received(message: ParsedMessage) -> int:
+    return len(message.get_all("received"))
 
 
-def count_received(data: bytes) -> int:
-    return len(_RECEIVED_RE.findall(header_block(data)))
-
-
-def tls_required_no(data: bytes) -> bool:
+def tls_required_no(message: ParsedMessage) -> bool:
     """RFC 8689: the sender asked that TLS policies be ignored for this message."""
-    return _TLS_REQUIRED_NO.search(header_block(data)) is not None
+    return any(f.unfolded().strip().lower() == b"no" for f in message.get_all("tls-required"))
+
+
+def message_id(message: ParsedMessage) -> str:
+    """The Message-ID field's value (the first), at most 250 characters, "" when none."""
+    field = message.first("message-id")
+    if field is None:
+        return ""
+    return field.unfolded().strip().decode("ascii", "replace")[:250]
+
+
+def honour_tls_required_no(setting: str, conn: ConnInfo) -> bool:
+    """Whether a "TLS-Required: No" field from this client relaxes the TLS policy.
+
+    RFC 8689 section 5 lets the operator choose whether the field is honoured, and the
+    field is a sender's request, not ours to trust from anyone: under MTA-STS enforce
+    it turns a refusal into clear text (section 5, security considerations section 8).
+    ``delivery.tls_required_no``:
+    - "all": honoured from every client (section 5, as the RFC describes it);
+    - "never": never honoured (section 5: the operator may ignore it);
+    - "trusted" (the default): honoured only from clients in the trusted networks,
+      who may relay anyway; an untrusted sender's field is kept but not honoured.
+    """
+    if setting == "all":
+        return True
+    if setting == "never":
+        return False
+    return conn.trusted
 
 
 def _clean(text: str) -> str:
@@ -77,8 +106,9 @@ def received_header(conn: ConnInfo, env: Envelope, hostname: str, qid: str, now:
 
 
 @dataclass(frozen=True, slots=True)
-class Routing:
-    """How intake maps envelope addresses: alias expansion and SRS (both injected)."""
+class Router:
+    """The route stage: alias expansion (from the relay rules) and SRS (from the auth
+    wiring), both injected; envelope only."""
 
     expand: Callable[[str], tuple[str, ...]] = lambda a: (a,)
     # SRS forward rewrite of the reverse-path for forwarded mail ("" stays "")
@@ -86,66 +116,85 @@ class Routing:
     # SRS reverse: an SRS address in our SRS domain -> the original sender, else None
     srs_reverse: Callable[[str], str | None] | None = None
 
-
-class Intake:
-    def __init__(
-        self,
-        config: Config,
-        spool: Spool,
-        *,
-        notify: NotifyFn | None = None,
-        reserve: ReserveFn | None = None,
-        release: Callable[[], None] | None = None,
-        transforms: Sequence[Transform] = (),
-        routing: Routing | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.config = config
-        self.spool = spool
-        self.notify = notify
-        self.reserve = reserve
-        self.release = release
-        self.transforms = list(transforms)
-        self.routing = routing or Routing()
-        self.clock = clock
-
-    def route(self, env: Envelope) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    def route(self, env: Envelope) -> Route:
         """Expand aliases and apply SRS: (reverse-path, recipients, original recipients)."""
         rcpts: list[str] = []
         origs: list[str] = []
         forwarded = False
         mail_from = env.mail_from
         for rcpt in env.rcpt_tos:
-            if self.routing.srs_reverse is not None:
-                original = self.routing.srs_reverse(rcpt)
+            if self.srs_reverse is not None:
+                original = self.srs_reverse(rcpt)
                 if original is not None:
                     rcpts.append(original)
                     origs.append(rcpt)
                     continue
-            targets = self.routing.expand(rcpt)
+            targets = self.expand(rcpt)
             if targets != (rcpt,):
                 forwarded = True
             for t in targets:
                 rcpts.append(t)
                 origs.append(rcpt)
-        if forwarded and mail_from and self.routing.srs_forward is not None:
-            mail_from = self.routing.srs_forward(mail_from)
-        return mail_from, tuple(rcpts), tuple(origs)
+        if forwarded and mail_from and self.srs_forward is not None:
+            mail_from = self.srs_forward(mail_from)
+        return Route(mail_from, tuple(rcpts), tuple(origs))
+
+
+class Intake:
+    """The intake stage (see the module docstring); built once, in flow order."""
+
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        *,
+        queue: QueueSink | None = None,
+        verdict: VerdictStage | None = None,
+        router: RouteStage | None = None,
+        sealer: SealStage | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.queue = queue
+        self.verdict: VerdictStage = verdict or AcceptAll(config.authserv_id)
+        self.router: RouteStage = router or Router()
+        self.sealer: SealStage = sealer or NoSeal()
+        self.clock = clock
 
     async def submit(self, conn: ConnInfo, env: Envelope, data: bytes) -> str:
         """Queue one accepted transaction durably; return the text after '250 '."""
-        if count_received(data) >= self.config.server.max_received_headers:
+        message = ParsedMessage.parse(data)  # the one parse of this message
+        if count_received(message) >= self.config.server.max_received_headers:
             raise SmtpReplyError(554, "5.4.6", "Too many hops (mail loop detected)")
         now = self.clock()
         qid = new_qid(now)
-        message = received_header(conn, env, self.config.server.hostname, qid, now) + data
-        for transform in self.transforms:
-            message = await transform(conn, env, message)
-        mail_from, rcpts, origs = self.route(env)
-        flags = FLAG_NO_TLS_REQUIRED if tls_required_no(message) else 0
-        mid = _message_id(message)
+        message = message.prepend(received_header(conn, env, self.config.server.hostname, qid, now))
+        judged = await self.verdict.judge(conn, env, message)
+        route = self.router.route(env)
+        message = await self.sealer.seal(judged)
+        flags = 0
+        if tls_required_no(message):
+            setting = getattr(self.config.delivery, "tls_required_no", "trusted")
+            if honour_tls_required_no(setting, conn):
+                flags |= FLAG_NO_TLS_REQUIRED
+            else:
+                log.info(
+                    "tls_required_no_ignored",
+                    qid=qid,
+                    client=conn.peer_ip,
+                    setting=setting,
+                    reason="RFC 8689 field kept but not honoured for this client",
+                )
+        mid = message_id(message)
         new = NewMessage(
-            mail_from, rcpts, message, origs, flags, mid, **envelope_fields(conn, env, origs)
+            route.mail_from,
+            route.recipients,
+            message.raw,
+            route.originals,
+            flags,
+            mid,
+            **envelope_fields(conn, env, route.originals),
         )
         claimed = await self._enqueue(new, qid)
         log.info(
@@ -154,25 +203,25 @@ class Intake:
             client=conn.peer_ip,
             helo=conn.helo,
             mail_from=env.mail_from,
-            sender=mail_from,
-            recipients=list(rcpts),
-            size=len(message),
+            sender=route.mail_from,
+            recipients=list(route.recipients),
+            size=len(message.raw),
             tls=conn.tls_version,
             message_id=mid,
             claimed=claimed,
         )
-        if self.notify is not None:
-            self.notify(qid, new, now, claimed)
+        if self.queue is not None:
+            self.queue.submit_new(qid, new, now, claimed)
         return f"2.0.0 Ok: queued as {qid}"
 
     async def _enqueue(self, new: NewMessage, qid: QueueId) -> bool:
         """Write durably; claim a place in the active window when there is one."""
-        claimed = self.reserve() if self.reserve is not None else False
+        claimed = self.queue.reserve() if self.queue is not None else False
         try:
             await self.spool.enqueue(new, qid, claimed=claimed)
         except StoreError as exc:
-            if claimed and self.release is not None:
-                self.release()
+            if claimed and self.queue is not None:
+                self.queue.release()
             log.error("queue_write_failed", qid=qid, error=str(exc))
             raise SmtpReplyError(
                 451, "4.3.0", "Temporary storage failure, try again later"
@@ -182,10 +231,13 @@ class Intake:
     async def inject(
         self, mail_from: str, recipients: Sequence[str], data: bytes, flags: int = 0
     ) -> QueueId:
-        """Queue locally generated mail (DSNs, reports)."""
-        if tls_required_no(data):
+        """Queue locally generated mail (DSNs, reports): our own, so its TLS-Required
+        field is honoured (RFC 8460 section 3 asks it of TLS reports)."""
+        message = ParsedMessage.parse(data)
+        if tls_required_no(message):
             flags |= FLAG_NO_TLS_REQUIRED
-        new = NewMessage(mail_from, tuple(recipients), data, (), flags)
+        mid = message_id(message)
+        new = NewMessage(mail_from, tuple(recipients), data, (), flags, mid)
         now = self.clock()
         qid = new_qid(now)
         claimed = await self._enqueue(new, qid)
@@ -195,11 +247,8 @@ class Intake:
             mail_from=mail_from,
             recipients=list(recipients),
             size=len(data),
-            message_id=_message_id(data),
+            message_id=mid,
         )
-        if self.notify is not None:
-            self.notify(qid, new, now, claimed)
+        if self.queue is not None:
+            self.queue.submit_new(qid, new, now, claimed)
         return qid
-
-
-_message_id = extract_message_id

@@ -26,6 +26,15 @@ import dkim.crypto
 import structlog
 from dkim.canonicalization import CanonicalizationPolicy
 
+from relay.auth.arcfields import (
+    AAR,
+    AMS,
+    ARC_HEADERS,
+    AS,
+    aar_dmarc,
+    arc_instance,
+    sorted_arc_headers,
+)
 from relay.auth.dkim import MAX_SIGNATURES, verify_dkim_sync
 from relay.auth.fastrsa import (
     FastARC,
@@ -45,18 +54,11 @@ from relay.auth.keys import (
 from relay.auth.offload import run_crypto
 from relay.auth.types import ArcCv, ArcResult, DkimResult
 from relay.dns import Resolver
+from relay.message import Message, ParsedMessage, as_parsed
 
 log = structlog.get_logger("relay.auth.arc")
 
 MAX_INSTANCES = 50  # RFC 8617 section 4.2.1
-AAR = b"arc-authentication-results"
-AMS = b"arc-message-signature"
-AS = b"arc-seal"
-ARC_HEADERS = (AAR, AMS, AS)
-
-_AAR_INSTANCE = re.compile(rb"^\s*i\s*=\s*([0-9]+)\s*(?:;|$)")
-_DMARC_IN_AAR = re.compile(rb"(?:^|;)\s*dmarc\s*=\s*([A-Za-z]+)", re.IGNORECASE)
-_COMMENT = re.compile(rb"\([^()]*\)")
 
 
 # ---- structure (no crypto) ----
@@ -82,29 +84,24 @@ class ArcStructure:
     failure: str = ""  # non-empty: the chain is structurally broken (cv=fail)
 
 
-def _instance(name: bytes, value: bytes) -> int | None:
-    if name == AAR:
-        m = _AAR_INSTANCE.match(value)
-        raw = m.group(1) if m else None
-    else:
-        raw = signature_tags(value).get(b"i")
-    if raw is None or not raw.isdigit():
-        return None
-    return int(raw)
-
-
-def arc_structure(message: bytes) -> ArcStructure:
+def arc_structure(message: Message) -> ArcStructure:
     """Check the chain's structure (RFC 8617 sections 4.2.1, 5.2 steps 1-3) without crypto."""
     fields = header_values(message, ARC_HEADERS)
     if not fields:
         return ArcStructure((), 0)
     by_instance: dict[int, dict[bytes, list[bytes]]] = {}
+    unreadable = b""
     for name, value in fields:
-        inst = _instance(name, value)
-        if inst is None or inst < 1:
-            return ArcStructure((), 0, f"{name.decode()} with a missing or invalid i= tag")
+        inst = arc_instance(name, value)
+        if inst is None:
+            unreadable = unreadable or name
+            continue
         by_instance.setdefault(inst, {}).setdefault(name, []).append(value)
-    top = max(by_instance)
+    # the highest instance that can be read counts, junk beside it or not (section 4.2.1)
+    top = max(by_instance, default=0)
+    if unreadable:
+        # section 5.2 step 2: a set that cannot be read breaks the chain (cv=fail)
+        return ArcStructure((), top, f"{unreadable.decode()} with a missing or invalid i= tag")
     if top > MAX_INSTANCES:
         return ArcStructure((), top, f"more than {MAX_INSTANCES} ARC sets (i={top})")
     sets: list[ArcSet] = []
@@ -148,12 +145,6 @@ def arc_structure(message: bytes) -> ArcStructure:
     return ArcStructure(tuple(sets), top)
 
 
-def first_aar_dmarc(aar_value: bytes) -> str:
-    """The dmarc= result recorded in an ARC-Authentication-Results value ("" if none)."""
-    m = _DMARC_IN_AAR.search(_COMMENT.sub(b"", aar_value))
-    return m.group(1).decode("ascii").lower() if m else ""
-
-
 def merge_auth_results(values: Sequence[str], srv_id: str) -> str:
     """One authres payload from the Authentication-Results values of ``srv_id``
     (RFC 8617 section 4.1.1: the AAR carries all of the ADMD's results)."""
@@ -180,14 +171,15 @@ def _result(structure: ArcStructure, cv: ArcCv, reason: str, oldest: int = 0) ->
         oldest_pass=oldest,
         sealers=tuple(s.seal_domain for s in sets),
         reason=reason,
-        first_aar_dmarc=first_aar_dmarc(sets[0].aar) if sets else "",
+        first_aar_dmarc=aar_dmarc(sets[0].aar) if sets else "",
     )
 
 
 def validate_arc_sync(
-    message: bytes, keys: KeyRecords, structure: ArcStructure | None = None
+    message: Message, keys: KeyRecords, structure: ArcStructure | None = None
 ) -> ArcResult:
     """Validate the chain against prefetched keys (CPU only, no I/O)."""
+    message = as_parsed(message)
     structure = structure or arc_structure(message)
     if structure.failure:
         return _result(structure, ArcCv.FAIL, structure.failure)
@@ -210,35 +202,20 @@ def validate_arc_sync(
 
 
 async def validate_arc(
-    resolver: Resolver, message: bytes, *, executor: Executor | None = None
+    resolver: Resolver, message: Message, *, executor: Executor | None = None
 ) -> ArcResult:
     """RFC 8617 chain validation: structure first, then keys fetched concurrently through
     resolver, then crypto in executor (inline when None)."""
+    message = as_parsed(message)
     structure = arc_structure(message)
     if structure.failure or not structure.sets:
         return validate_arc_sync(message, KeyRecords(), structure)
     names = [n for s in structure.sets for n in s.key_names]
     keys = await fetch_keys(resolver, names)
-    return await run_crypto(executor, validate_arc_sync, message, keys, structure)
+    return await run_crypto(executor, arc_or_fail, message, keys, structure)
 
 
 # ---- sealing ----
-
-
-def _sorted_arc_headers(
-    relaxed_headers: list[tuple[bytes, bytes]],
-) -> tuple[int, list[tuple[int, tuple[bytes, bytes]]]]:
-    """dkim.ARC.sorted_arc_headers over headers that are already relaxed-canonical."""
-    found = []
-    for name, value in relaxed_headers:
-        if name.lower() in ARC_HEADERS:
-            m = dkim.ARC.INSTANCE_RE.search(value)
-            if m is not None:
-                found.append((int(m.group(1)), (name, value)))
-    if not found:
-        return 0, []
-    found.sort(key=lambda a: [a[0], a[1][0].lower(), a[1][1].lower()], reverse=True)
-    return found[0][0], found
 
 
 def _linesep(message: bytes) -> bytes:
@@ -275,26 +252,33 @@ class ArcSealer:
         self.clock = clock
         self.standardize = standardize
 
-    def seal(self, message: bytes, auth_results_value: str, chain: ArcResult) -> bytes:
+    def seal(self, message: Message, auth_results_value: str, chain: ArcResult) -> bytes:
         """message with a new ARC set prepended: AAR (``i=N+1; `` + auth_results_value),
         AMS and AS (cv from ``chain``). Unchanged when the chain already has 50 sets."""
-        headers = self.seal_headers(message, auth_results_value, chain)
-        return b"".join(headers) + message
+        pm = as_parsed(message)
+        return pm.prepend(*self.seal_headers(pm, auth_results_value, chain)).raw
 
     def seal_headers(
-        self, message: bytes, auth_results_value: str, chain: ArcResult
+        self, message: Message, auth_results_value: str, chain: ArcResult
     ) -> tuple[bytes, ...]:
-        """The new (ARC-Seal, ARC-Message-Signature, ARC-Authentication-Results) lines."""
+        """The new (ARC-Seal, ARC-Message-Signature, ARC-Authentication-Results) lines;
+        () when no set is to be added."""
+        message = as_parsed(message)
         signer = FastARC(message)
-        linesep = _linesep(message)
+        linesep = _linesep(message.raw)
         signer.linesep = linesep
         canon = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
         signer.headers = canonicalize_headers(canon, signer.headers)  # once, not per signature
         signer.headers_relaxed = True
-        top, arc_with_instance = _sorted_arc_headers(signer.headers)
+        top, arc_with_instance = sorted_arc_headers(signer.headers)
         top = max(top, chain.instances)
         if top >= MAX_INSTANCES:
             log.warning("arc_not_sealed", reason=f"chain already has {top} sets")
+            return ()
+        if top == 0 and any(n.lower() in ARC_HEADERS for n, _ in signer.headers):
+            # ARC header fields none of which names an instance: an i=1 set beside them
+            # would claim a fresh chain over a broken one (RFC 8617 sections 4.2.1, 5.1)
+            log.warning("arc_not_sealed", reason="ARC header fields with no readable i=")
             return ()
         instance = top + 1
         if instance == 1:
@@ -380,7 +364,7 @@ class SealerSpec:
 _WORKER_SEALERS: dict[SealerSpec, ArcSealer] = {}
 
 
-def _seal_job(spec: SealerSpec, message: bytes, ar_value: str, chain: ArcResult) -> bytes:
+def _sealer(spec: SealerSpec) -> ArcSealer:
     sealer = _WORKER_SEALERS.get(spec)
     if sealer is None:
         sealer = ArcSealer(
@@ -391,38 +375,61 @@ def _seal_job(spec: SealerSpec, message: bytes, ar_value: str, chain: ArcResult)
             min_rsa_bits=spec.min_rsa_bits,
         )
         _WORKER_SEALERS[spec] = sealer
-    return sealer.seal(message, ar_value, chain)
+    return sealer
+
+
+def _seal_job(
+    spec: SealerSpec, message: ParsedMessage, ar_value: str, chain: ArcResult
+) -> tuple[bytes, ...]:
+    return _sealer(spec).seal_headers(message, ar_value, chain)
 
 
 async def seal_async(
     spec: SealerSpec,
-    message: bytes,
+    message: Message,
     auth_results_value: str,
     chain: ArcResult,
     *,
     executor: Executor | None = None,
-) -> bytes:
-    """ArcSealer(spec).seal(...) in executor (each worker loads the key once)."""
-    return await run_crypto(executor, _seal_job, spec, message, auth_results_value, chain)
+) -> ParsedMessage:
+    """ArcSealer(spec).seal(...) in executor (each worker loads the key once): the
+    message with the new set prepended (only the new fields parsed)."""
+    pm = as_parsed(message)
+    headers = await run_crypto(executor, _seal_job, spec, pm, auth_results_value, chain)
+    return pm.prepend(*headers)
 
 
 # ---- DKIM and ARC together: one key prefetch, one trip to the worker ----
 
 
 def _verify_both_job(
-    message: bytes, keys: KeyRecords, structure: ArcStructure, now: float | None
+    message: Message, keys: KeyRecords, structure: ArcStructure, now: float | None
 ) -> tuple[tuple[DkimResult, ...], ArcResult]:
-    return verify_dkim_sync(message, keys, now), validate_arc_sync(message, keys, structure)
+    """Both verdicts, each on its own: DKIM results stand whatever the ARC chain holds
+    (an AMS is no DKIM-Signature, RFC 8617 section 4.1.2), so an error while validating
+    the chain makes the chain fail and leaves the DKIM results as they were verified."""
+    return verify_dkim_sync(message, keys, now), arc_or_fail(message, keys, structure)
+
+
+def arc_or_fail(message: Message, keys: KeyRecords, structure: ArcStructure) -> ArcResult:
+    """validate_arc_sync, any error in it giving cv=fail with the error as the reason:
+    RFC 8617 section 5.2, a chain that cannot be validated is not a passing chain."""
+    try:
+        return validate_arc_sync(message, keys, structure)
+    except Exception as exc:  # noqa: BLE001 - a hostile chain must not cost the DKIM verdict
+        log.warning("arc_validation_error", error=repr(exc))
+        return _result(structure, ArcCv.FAIL, f"ARC set could not be validated ({exc!r})")
 
 
 async def verify_dkim_and_arc(
     resolver: Resolver,
-    message: bytes,
+    message: Message,
     *,
     executor: Executor | None = None,
     now: float | None = None,
 ) -> tuple[tuple[DkimResult, ...], ArcResult]:
     """verify_dkim and validate_arc in one go: all keys fetched concurrently, then one job."""
+    message = as_parsed(message)
     structure = arc_structure(message)
     names = list(key_names(message, (b"dkim-signature",), limit=MAX_SIGNATURES))
     if not structure.failure:

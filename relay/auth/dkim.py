@@ -13,7 +13,6 @@ relay's own TLS reports and bounces.
 from __future__ import annotations
 
 import base64
-import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -27,6 +26,7 @@ from relay.auth.keys import KeyRecords, fetch_keys, key_names, signature_tags
 from relay.auth.offload import run_crypto
 from relay.auth.types import DkimResult
 from relay.dns import Resolver
+from relay.message import Message, as_parsed
 
 # Signatures checked per message; the rest get result "policy" (DoS bound, as chasquid).
 MAX_SIGNATURES = 5
@@ -37,19 +37,15 @@ def _text(value: bytes | None) -> str:
     return (value or b"").decode("ascii", "replace")
 
 
-def _has_signature_header(message: bytes) -> bool:
-    head = re.split(rb"\r?\n\r?\n", message, maxsplit=1)[0]
-    return re.search(rb"(?im)^dkim-signature[ \t]*:", head) is not None
-
-
 def verify_dkim_sync(
-    message: bytes, keys: KeyRecords, now: float | None = None
+    message: Message, keys: KeyRecords, now: float | None = None
 ) -> tuple[DkimResult, ...]:
     """Verify every DKIM-Signature of message against prefetched keys (CPU only, no I/O)."""
+    message = as_parsed(message)
     try:
         verifier = FastDKIM(message, now=now)
     except dkim.MessageFormatError as exc:
-        if not _has_signature_header(message):
+        if not message.get_all("dkim-signature"):
             return ()
         return (DkimResult("permerror", reason=f"message header could not be parsed ({exc})"),)
     values = [v for n, v in verifier.headers if n.lower() == b"dkim-signature"]
@@ -90,6 +86,12 @@ def _verify_one(verifier: FastDKIM, idx: int, keys: KeyRecords, base: dict[str, 
         return DkimResult("permerror", reason=f"unusable key record: {exc}", **base)
     except dkim.DKIMException as exc:
         return DkimResult("permerror", reason=str(exc), **base)
+    if ok and verifier.covered is not None:
+        # RFC 6376 sections 3.5 and 8.2: l= lets anyone append unsigned content, so a
+        # signature covering less than the body is no pass for DMARC alignment (RFC 7489
+        # section 4.2 counts only passing signatures) nor for the ARC override
+        signed, total = verifier.covered
+        return DkimResult("policy", reason=f"l= covers {signed} of {total} body octets", **base)
     if ok:
         return DkimResult("pass", **base)
     return DkimResult("fail", reason="signature did not verify", **base)
@@ -97,13 +99,14 @@ def _verify_one(verifier: FastDKIM, idx: int, keys: KeyRecords, base: dict[str, 
 
 async def verify_dkim(
     resolver: Resolver,
-    message: bytes,
+    message: Message,
     *,
     executor: Executor | None = None,
     now: float | None = None,
 ) -> tuple[DkimResult, ...]:
     """Verify every DKIM signature: keys fetched concurrently through resolver, crypto in
     executor (inline when None). ``now`` fixes the clock for t= / x= checks."""
+    message = as_parsed(message)
     names = key_names(message, (b"dkim-signature",), limit=MAX_SIGNATURES)
     keys = await fetch_keys(resolver, names)
     return await run_crypto(executor, verify_dkim_sync, message, keys, now)

@@ -28,10 +28,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from relay.auth.psl import org_domain
-from relay.auth.results import split_header
 from relay.auth.types import DkimResult, DmarcResult, DmarcResultCode, SpfResult, SpfResultCode
 from relay.dns import Resolver
 from relay.errors import DnsError, DnsNoData, DnsNotFound, DnsTempFail
+from relay.message import Message, as_parsed
 
 POLICIES = ("none", "quarantine", "reject")
 MAX_FROM_DOMAINS = 8  # distinct author domains evaluated for one message (DoS bound)
@@ -269,10 +269,9 @@ def _addresses(text: str) -> list[str]:
     return [addr for _name, addr in email.utils.getaddresses([text])]
 
 
-def author_domains(message: bytes) -> AuthorDomains:
+def author_domains(message: Message) -> AuthorDomains:
     """The RFC5322.From domain(s) of message (distinct, in order)."""
-    fields, _ = split_header(message)  # shared with the forged A-R removal before
-    values = [f.value for f in fields if f.name.lower() == "from"]
+    values = [f.value for f in as_parsed(message).get_all("from")]
     if not values:
         return AuthorDomains(error="the message has no From header field")
     if len(values) > 1:
@@ -450,7 +449,7 @@ def _worst(evals: Sequence[DmarcEvaluation]) -> DmarcEvaluation:
 
 async def check_dmarc(
     resolver: Resolver,
-    message: bytes,
+    message: Message,
     spf: SpfResult | None,
     dkim: Sequence[DkimResult],
     *,

@@ -1,25 +1,51 @@
-"""OpenSSL-speed signatures for dkimpy (RFC 6376, RFC 8463, RFC 8617 signing and verifying).
+"""DKIM and ARC signing and verifying over dkimpy, with OpenSSL crypto (RFC 6376, RFC 8463,
+RFC 8617), against one pinned dkimpy.
 
-dkimpy canonicalises and hashes well but signs RSA in pure Python (about 7 ms a
-signature) and needs PyNaCl for Ed25519. This module keeps dkimpy's canonicalisation and
-header hashing byte for byte and swaps only the public-key step for the ``cryptography``
-package, without touching dkimpy's globals: ``FastDKIM`` and ``FastARC`` subclass
-``dkim.DKIM`` / ``dkim.ARC`` and override the two methods that do public-key work
-(``gen_header`` to sign, ``verify_sig`` to verify). Plain ``dkim.*`` users are unaffected.
+The choice (docs/design.md, "dkimpy"): the relay keeps these re-implementations, each
+proven byte for byte against dkimpy by hypothesis tests and the DKIM/ARC vectors, and
+pins dkimpy exactly (pyproject.toml ``dkimpy==DKIMPY_VERSION``); importing this module
+with another dkimpy raises ImportError naming both versions, because the subclasses
+below override dkimpy internals whose behaviour is only proven for that version.
+
+What this module replaces in dkimpy (``FastDKIM`` / ``FastARC`` subclass ``dkim.DKIM``
+/ ``dkim.ARC``; plain ``dkim.*`` users are unaffected, no dkimpy global is touched):
+
+- parsing: ``rfc822_parse`` (``dkim_view``: dkimpy's header list built from the one
+  ``relay.message.ParsedMessage``), ``parse_tag_value`` (``tag_value``),
+  ``validate_signature_fields``, ``DKIM.verify_headerprep`` (with an injectable clock,
+  ``check_times``), ``ARC.sorted_arc_headers`` and ``ARC.verify_instance`` (the one i=
+  reader of ``relay.auth.arcfields``, i= anywhere in the tag list, ed25519-sha256 in
+  ARC, l= coverage);
+- hashing: ``select_headers``, ``hash_headers``, the b= removal (``strip_b_value``),
+  relaxed header canonicalisation (``relaxed_header``), ``fold``, and a fast path of
+  relaxed body canonicalisation (``canonical_body``, with a memo bounded by bytes);
+- public-key work: ``DomainSigner.gen_header`` (signing with ``cryptography``;
+  dkimpy signs RSA in pure Python, about 7 ms a signature, and needs PyNaCl for
+  Ed25519), ``verify_sig`` / ``verify_sig_process`` (keys from records prefetched by
+  our async resolver through ``dnsfunc(name) -> tuple[str, ...]`` raising
+  ``keys.KeyLookupError``, parsed by ``keys.parse_key_record``), private key loading
+  (``load_signing_key``).
+
+What it still takes from dkimpy: the ``DomainSigner`` object and its message state
+(``set_message``, ``default_sign_headers``, ``should_not_sign``), ``DKIM.verify`` and
+``ARC.verify`` (the loops over signatures and over the chain's sets), the
+canonicalisation policies (``CanonicalizationPolicy``, simple header canonicalisation,
+body canonicalisation other than the fast path), the hash constructors
+(``dkim.crypto.HASH_ALGORITHMS``), the exception types, the cv constants, and
+``dkim.rfc822_parse`` / ``dkim.fold`` for the unusual inputs they are handed.
 
 RSASSA-PKCS1-v1_5 is deterministic, so a signature made here is byte-identical to the
 one dkimpy's ``dkim.crypto.RSASSA_PKCS1_v1_5_sign`` makes for the same input
 (``PurePythonRsaKey`` wraps that function for tests and the benchmark).
-
-Keys are looked up through a ``dnsfunc(name) -> tuple[str, ...]`` that raises
-``keys.KeyLookupError``: in relay it reads records prefetched by our async resolver.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import importlib.metadata
 import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +66,7 @@ from dkim.canonicalization import (
 )
 from dkim.util import DuplicateTag, InvalidTagSpec, InvalidTagValueList
 
+from relay.auth.arcfields import AMS, arc_instance, sorted_arc_headers
 from relay.auth.keys import (
     KeyLookupError,
     KeyRecordError,
@@ -47,7 +74,21 @@ from relay.auth.keys import (
     parse_key_record,
     split_lines,
 )
-from relay.auth.results import head_end
+from relay.message import Message, ParsedMessage
+
+# The one dkimpy release the overrides here are proven against (pyproject.toml pins it).
+DKIMPY_VERSION = "1.1.8"
+
+
+def _check_dkimpy(installed: str) -> None:
+    if installed != DKIMPY_VERSION:
+        raise ImportError(
+            f"relay.auth.fastrsa is proven against dkimpy {DKIMPY_VERSION}, but dkimpy "
+            f"{installed} is installed: install dkimpy=={DKIMPY_VERSION}"
+        )
+
+
+_check_dkimpy(importlib.metadata.version("dkimpy"))
 
 DnsFunc = Callable[[str], Sequence[str]]
 
@@ -157,18 +198,42 @@ def load_signing_key(data: bytes, *, min_rsa_bits: int = 2048) -> OpenSslKey:
 
 # ---- body canonicalisation, once per message ----
 
-# (body algorithm, body) -> canonical body, for the last few bodies: with crypto threads two
-# messages may be between their DKIM check and their seal at once
+# (body algorithm, body) -> canonical body, oldest first: with crypto threads two messages
+# may be between their DKIM check and their seal at once. Bounded by the bytes it holds
+# (each body and its canonical form), not by entries: eight 25 MB bodies would be 400 MB.
 _BODY_MEMO: dict[tuple[object, bytes], bytes] = {}
-_BODY_MEMO_MAX = 8
+_BODY_MEMO_BYTES = 8 * 1024 * 1024
+_body_memo_held = 0
+_body_memo_lock = threading.Lock()
+
+
+def body_memo_bytes() -> int:
+    """Bytes the canonical-body memo holds now (bodies and canonical bodies)."""
+    return _body_memo_held
+
+
+def _remember_body(key: tuple[object, bytes], out: bytes) -> None:
+    global _body_memo_held
+    cost = len(key[1]) + len(out)
+    if cost > _BODY_MEMO_BYTES:
+        return  # larger than the whole memo: canonicalised again when asked again
+    with _body_memo_lock:
+        if key in _BODY_MEMO:
+            return
+        while _BODY_MEMO and _body_memo_held + cost > _BODY_MEMO_BYTES:
+            old_key = next(iter(_BODY_MEMO))  # the oldest entry
+            _body_memo_held -= len(old_key[1]) + len(_BODY_MEMO.pop(old_key))
+        _BODY_MEMO[key] = out
+        _body_memo_held += cost
 
 
 def canonical_body(canon_policy: Any, body: bytes) -> bytes:
-    """``canon_policy.canonicalize_body(body)``, remembering the last result: the relay
+    """``canon_policy.canonicalize_body(body)``, remembering recent results: the relay
     canonicalises the same body for the DKIM check and again for the AMS it seals (relaxed
-    body canonicalisation of 4 KB costs about 0.2 ms). The last few bodies are kept. A
-    body with no tab, no two spaces in a row and no space before CRLF skips dkimpy's
-    whitespace regexes, which would leave it unchanged."""
+    body canonicalisation of 4 KB costs about 0.2 ms). At most ``_BODY_MEMO_BYTES`` are
+    kept, the oldest entries dropped first. A body with no tab, no two spaces in a row
+    and no space before CRLF skips dkimpy's whitespace regexes, which would leave it
+    unchanged."""
     algorithm = canon_policy.body_algorithm
     key = (algorithm, body)
     known = _BODY_MEMO.get(key)
@@ -180,9 +245,7 @@ def canonical_body(canon_policy: Any, body: bytes) -> bytes:
         out = bytes(correct_empty_body(strip_trailing_lines(body)))
     else:
         out = bytes(algorithm.canonicalize_body(body))
-    if len(_BODY_MEMO) >= _BODY_MEMO_MAX:
-        _BODY_MEMO.clear()
-    _BODY_MEMO[key] = out
+    _remember_body(key, out)
     return out
 
 
@@ -325,17 +388,36 @@ _DKIM_FIELD = re.compile(rb"([\x21-\x7e]+?):")
 
 
 def rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
-    """``dkim.rfc822_parse`` with the same result, without splitting the body into lines:
-    dkimpy splits the whole message on ``\r?\n`` and joins the body again with CRLF; here
-    only the header block is parsed and the body is taken as it is (its bare LFs made
-    CRLF). Unusual messages (no empty line, or one at the very start) go to dkimpy."""
-    if message[:1] in (b"\r", b"\n"):
-        return dkim.rfc822_parse(message)  # type: ignore[no-any-return]
-    end = head_end(message)
-    if end < 0:
-        return dkim.rfc822_parse(message)  # type: ignore[no-any-return]
-    headers = _parse_head(message[: end + 1])
-    body = message[end + (2 if message[end + 1 : end + 2] == b"\n" else 3) :]
+    """``dkim.rfc822_parse`` with the same result (and the same errors), through the one
+    header parse of ``relay.message.ParsedMessage`` (see ``dkim_view``)."""
+    return dkim_view(ParsedMessage.parse(message))
+
+
+def dkim_view(message: ParsedMessage) -> tuple[list[list[bytes]], bytes]:
+    """dkimpy's (headers, body) of a parsed message, what ``dkim.rfc822_parse`` gives for
+    its bytes: each field ``[name, value]`` with every line ended by CRLF, the body with
+    bare LFs made CRLF. Built from the message's fields (no second parse of the header
+    block); a block with a line dkimpy treats apart (no field name, a ``From `` line, a
+    space before the colon) goes through ``parse_head``, and unusual messages (no empty
+    line, or one at the very start) to dkimpy itself. Fresh lists each call (dkimpy's
+    fields are mutable)."""
+    raw = message.raw
+    if not message.fields or not message.has_empty_line or raw[:1] in (b"\r", b"\n"):
+        return dkim.rfc822_parse(raw)  # type: ignore[no-any-return]
+    headers: list[list[bytes]] = []
+    for f in message.fields:
+        lines = split_lines(f.raw)
+        if lines[-1] == b"":
+            lines.pop()
+        m = _DKIM_FIELD.match(lines[0]) if f.name else None
+        if m is None:
+            headers = parse_head(message.header_block() + b"\n")
+            break
+        value = lines[0][m.end() :] + b"\r\n"
+        if len(lines) > 1:
+            value += b"".join(line + b"\r\n" for line in lines[1:])
+        headers.append([m.group(1), value])
+    body = message.body()
     if body.count(b"\n") != body.count(b"\r\n"):
         body = _LINE_END.sub(b"\r\n", body)
     return headers, body
@@ -360,41 +442,11 @@ def parse_head(head: bytes) -> list[list[bytes]]:
     return headers
 
 
-_last_head: tuple[bytes, tuple[tuple[bytes, bytes], ...]] | None = None
-
-
-def _parse_head(head: bytes) -> list[list[bytes]]:
-    """dkimpy's header list for a header block (no empty line in it), remembering the last
-    block: the seal parses the verified message again with our A-R field (and the new ARC
-    fields) prepended, so only the prepended lines are parsed afresh. Fresh lists each call
-    (dkimpy's fields are mutable)."""
-    global _last_head
-    last = _last_head
-    if last is not None:
-        if head == last[0]:
-            return [[n, v] for n, v in last[1]]
-        known = last[0]
-        cut = len(head) - len(known)
-        if (
-            cut > 0
-            and head.endswith(known)
-            and head[cut - 1 : cut] == b"\n"
-            and known[:1] not in (b" ", b"\t")
-        ):
-            # a prefix of whole lines before a field start: parsed apart, the same fields
-            prefix = parse_head(head[:cut])
-            fields = tuple((f[0], f[1]) for f in prefix) + last[1]
-            _last_head = (head, fields)
-            return [[n, v] for n, v in fields]
-    parsed = parse_head(head)
-    _last_head = (head, tuple((f[0], f[1]) for f in parsed))
-    return parsed
-
-
 # ---- dkimpy subclasses ----
 
 
 _DIGITS = re.compile(rb"\d+$")
+_RELAXED = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
 _H_SPLIT = re.compile(rb"\s*:\s*")
 
 
@@ -531,11 +583,17 @@ class _FastCrypto:
 
     identity_check = False  # DKIM checks i= against t=s keys; in ARC i= is the instance
     headers_relaxed = False  # set by a signer that has canonicalised self.headers (relaxed)
+    # (octets the last verified signature's l= covers, canonical body octets) when l= is
+    # shorter than the body, else None: content after l= is signed by nobody
+    covered: tuple[int, int] | None = None
 
-    def set_message(self, message: bytes) -> None:
-        """dkim.DomainSigner.set_message, parsing with our ``rfc822_parse``."""
+    def set_message(self, message: Message) -> None:
+        """dkim.DomainSigner.set_message over a parsed message (``dkim_view``), or bytes
+        (parsed here)."""
         super().set_message(b"")  # type: ignore[misc]
-        if message:
+        if isinstance(message, ParsedMessage):
+            self.headers, self.body = dkim_view(message)
+        elif message:
             self.headers, self.body = rfc822_parse(message)
 
     # attributes provided by dkim.DomainSigner
@@ -640,10 +698,14 @@ class _FastCrypto:
         except InvalidCanonicalizationPolicyError as e:
             raise dkim.MessageFormatError(f"invalid c= value: {e.args[0]}") from None
         hasher = dkim.crypto.HASH_ALGORITHMS[sig[b"a"]]
+        self.covered = None
         if b"bh" in sig:
             body = canonical_body(canon_policy, self.body)
             if b"l" in sig:
-                body = body[: int(sig[b"l"])]
+                signed = int(sig[b"l"])
+                if signed < len(body):
+                    self.covered = (signed, len(body))  # RFC 6376 section 8.2
+                body = body[:signed]
             bodyhash = hasher(body).digest()
             try:
                 bh = base64.b64decode(_no_space(sig[b"bh"]))
@@ -677,7 +739,7 @@ class FastDKIM(_FastCrypto, dkim.DKIM):  # type: ignore[misc]
 
     identity_check = True
 
-    def __init__(self, message: bytes, *, now: float | None = None, minkey: int = 1024) -> None:
+    def __init__(self, message: Message, *, now: float | None = None, minkey: int = 1024) -> None:
         try:
             super().__init__(message, minkey=minkey)
         except IndexError:  # dkimpy: a continuation line before the first header field
@@ -706,11 +768,16 @@ class FastDKIM(_FastCrypto, dkim.DKIM):  # type: ignore[misc]
 class FastARC(_FastCrypto, dkim.ARC):  # type: ignore[misc]
     """dkim.ARC with OpenSSL crypto (verification through ``ARC.verify``)."""
 
-    def __init__(self, message: bytes, *, minkey: int = 1024) -> None:
+    def __init__(self, message: Message, *, minkey: int = 1024) -> None:
         try:
             super().__init__(message, minkey=minkey)
         except IndexError:
             raise dkim.MessageFormatError("continuation line before the first header") from None
+
+    def sorted_arc_headers(self) -> tuple[int, list[tuple[int, tuple[bytes, bytes]]]]:
+        """dkim.ARC.sorted_arc_headers with the instance read by ``arcfields.arc_instance``
+        (dkimpy's ARC.verify groups the sets through this method)."""
+        return sorted_arc_headers(canonicalize_headers(_RELAXED, self.headers))
 
     def verify_instance(
         self, arc_headers_w_instance: list[Any], instance: int, dnsfunc: DnsFunc
@@ -742,16 +809,28 @@ class FastARC(_FastCrypto, dkim.ARC):  # type: ignore[misc]
         include_headers = [x.lower() for x in _H_SPLIT.split(sig[b"h"])]
         if b"arc-seal" in include_headers:
             raise dkim.ParameterError("The Arc-Message-Signature MUST NOT sign ARC-Seal")
-        raw_ams_header = [
-            (x, y)
-            for (x, y) in self.headers
-            if x.lower() == b"arc-message-signature" and b" i=" + sig[b"i"] + b";" in y.lower()
-        ][0]
+        # the AMS field of this instance as it stands (its own c= canonicalises it), the
+        # instance read by the one i= reader wherever the tag stands (RFC 8617 4.1.2)
+        raw_ams_header = next(
+            (
+                (x, y)
+                for (x, y) in self.headers
+                if x.lower() == AMS and arc_instance(x, y) == instance
+            ),
+            None,
+        )
+        if raw_ams_header is None:
+            raise dkim.MessageFormatError(f"ARC-Message-Signature i={instance} not found")
         sig.setdefault(b"c", b"relaxed/relaxed")
         try:
             output["ams-valid"] = self.verify_sig(sig, include_headers, raw_ams_header, dnsfunc)
         except dkim.DKIMException:
             output["ams-valid"] = False
+        if output["ams-valid"] and self.covered is not None:
+            # an AMS whose l= leaves body content unsigned vouches for none of it: it does
+            # not validate for the chain, so no override rests on it (RFC 6376 section 8.2)
+            output["ams-valid"] = False
+            output["ams-reason"] = "l= covers {} of {} body octets".format(*self.covered)
         sig = _arc_tags(values[b"arc-seal"])
         _validate_arc_fields(sig, [b"i", b"a", b"b", b"cv", b"d", b"s"])
         if b"h" in sig:

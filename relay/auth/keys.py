@@ -24,13 +24,13 @@ from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from relay.dns import Resolver
 from relay.errors import DnsError, DnsNoData, DnsNotFound
+from relay.message import Message, as_parsed
 
 # Header fields that carry s= and d= tags naming a key.
 KEYED_HEADERS = (b"dkim-signature", b"arc-message-signature", b"arc-seal")
 # Bound on the distinct key names fetched for one message (DoS guard).
 MAX_KEY_NAMES = 32
 
-_HEADER_RE = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:", re.MULTILINE)
 _WSP = re.compile(rb"\s+")
 _TAG_RE = re.compile(rb"(?:^|;)\s*([a-zA-Z][a-zA-Z0-9_]*)\s*=\s*([^;]*)")
 
@@ -91,49 +91,16 @@ def normalise_name(name: str | bytes) -> str:
     return name.strip().rstrip(".").lower()
 
 
-_last_values: tuple[bytes, tuple[tuple[bytes, bytes], ...]] | None = None
-
-
-def header_values(message: bytes, wanted: Iterable[bytes]) -> list[tuple[bytes, bytes]]:
-    """(lower-case name, unfolded value) of the header fields in ``wanted``. The last
-    message's fields are remembered: the DKIM key prefetch and the ARC structure check
-    read the same message's header fields one after the other."""
-    global _last_values
+def header_values(message: Message, wanted: Iterable[bytes]) -> list[tuple[bytes, bytes]]:
+    """(lower-case name, unfolded value) of the header fields in ``wanted`` (lower case),
+    read from the parsed message's fields."""
     want = frozenset(wanted)
-    last = _last_values
-    if last is not None and (last[0] is message or last[0] == message):
-        every = last[1]
-    else:
-        every = tuple(_header_values(message, None))
-        _last_values = (message, every)
-    return [f for f in every if f[0] in want]
-
-
-def _header_values(message: bytes, want: frozenset[bytes] | None) -> list[tuple[bytes, bytes]]:
-    """The fields named in ``want`` (every field when None), scanned afresh."""
-    end = message.find(b"\r\n\r\n")
-    # a bare "\n\n" only counts before the first CRLF CRLF (a search of the whole body
-    # for it costs more than the rest of this function)
-    end_lf = message.find(b"\n\n", 0, len(message) if end < 0 else end + 1)
-    cut = min(x for x in (end, end_lf, len(message)) if x >= 0)
-    head = message[:cut]
     out: list[tuple[bytes, bytes]] = []
-    current: list[bytes] | None = None
-    name = b""
-    for line in split_lines(head):
-        if line[:1] in (b" ", b"\t"):
-            if current is not None:
-                current.append(line)
-            continue
-        if current is not None:
-            out.append((name, b" ".join(current)))
-            current = None
-        m = _HEADER_RE.match(line)
-        if m and (want is None or m.group(1).lower() in want):
-            name = m.group(1).lower()
-            current = [line[m.end() :]]
-    if current is not None:
-        out.append((name, b" ".join(current)))
+    for f in as_parsed(message).fields:
+        if f.name:
+            name = f.name.lower().encode("ascii")
+            if name in want:
+                out.append((name, f.unfolded()))
     return out
 
 
@@ -162,7 +129,7 @@ def key_name(selector: bytes, domain: bytes) -> str:
 
 
 def key_names(
-    message: bytes, headers: Iterable[bytes] = KEYED_HEADERS, limit: int | None = None
+    message: Message, headers: Iterable[bytes] = KEYED_HEADERS, limit: int | None = None
 ) -> tuple[str, ...]:
     """Distinct key names (in order of appearance) the message's signatures refer to,
     from the first ``limit`` matching header fields."""
@@ -255,7 +222,7 @@ def parse_key_record(record: str) -> PublicKey:
         raw = base64.b64decode(tags["p"], validate=True)
     except (binascii.Error, ValueError) as exc:
         raise KeyRecordError(f"p= is not base64 ({exc})") from None
-    k = tags.get("k", "rsa").lower()
+    k = tags.get("k", "rsa")  # case-sensitive (RFC 6376 3.2): "RSA" is no known type
     if k == "ed25519":
         if len(raw) != 32:
             raise KeyRecordError("ed25519 key is not 32 bytes")

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
@@ -41,14 +40,13 @@ from typing import Literal, TypeVar
 
 import structlog
 
+from relay.auth.arcfields import AAR, aar_dmarc, arc_instance
 from relay.auth.dmarc import DmarcEvaluation, check_dmarc
 from relay.auth.replay import ArcReplayGuard, seal_fingerprint
 from relay.auth.results import (
-    aar_dmarc,
     format_header,
     format_value,
     resinfos,
-    split_header,
     strip_ours,
 )
 from relay.auth.types import (
@@ -63,29 +61,29 @@ from relay.auth.types import (
 from relay.config import Config
 from relay.dns import Resolver
 from relay.errors import SmtpReplyError
+from relay.message import Message, ParsedMessage, as_parsed
 from relay.model import ConnInfo, Envelope
+from relay.stages import Judged
 
 log = structlog.get_logger("relay.auth.pipeline")
 
 T = TypeVar("T")
 Action = Literal["accept", "reject", "quarantine"]
 SpfCheck = Callable[[str, str, str], Awaitable[SpfResult]]  # (client ip, mail from, helo)
-DkimCheck = Callable[[bytes], Awaitable[tuple[DkimResult, ...]]]
-ArcCheck = Callable[[bytes], Awaitable[ArcResult]]
-SealFn = Callable[[bytes, str, ArcResult], Awaitable[bytes]]  # (message, A-R value, chain)
+DkimCheck = Callable[[ParsedMessage], Awaitable[tuple[DkimResult, ...]]]
+ArcCheck = Callable[[ParsedMessage], Awaitable[ArcResult]]
 
 QUARANTINE_HEADER = "X-Relay-Quarantine"
 CHECK_TIMEOUT = 30.0
 _RANK = {"accept": 0, "quarantine": 1, "reject": 2}
 _DISPOSITION = {"accept": "none", "quarantine": "quarantine", "reject": "reject"}
-_AAR_I = re.compile(r"^\s*i\s*=\s*([0-9]+)\s*;")
 
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
     results: AuthResults
     header: str  # "Authentication-Results: ...\r\n", folded ("" when [auth] is disabled)
-    message: bytes  # forged A-R removed, our A-R (and a quarantine mark) prepended
+    parsed: ParsedMessage  # forged A-R removed, our A-R (and a quarantine mark) prepended
     action: Action
     reply: str | None  # "550 5.7.1 ..." when rejected
     reason: str = ""  # why the action is not accept, plain words
@@ -93,20 +91,22 @@ class Verdict:
     dmarc: DmarcEvaluation | None = None  # how DMARC came out (for relay diagnose)
     removed: int = 0  # forged A-R fields removed
 
+    @property
+    def message(self) -> bytes:
+        return self.parsed.raw
 
-def aar_by_instance(message: bytes) -> dict[int, str]:
+
+def aar_by_instance(message: Message) -> dict[int, str]:
     """ARC-Authentication-Results values by instance (first of each instance)."""
-    fields, _ = split_header(message)
     out: dict[int, str] = {}
-    for f in fields:
-        if f.name.lower() == "arc-authentication-results":
-            m = _AAR_I.match(f.value)
-            if m is not None:
-                out.setdefault(int(m.group(1)), f.value)
+    for f in as_parsed(message).get_all("arc-authentication-results"):
+        inst = arc_instance(AAR, f.unfolded())
+        if inst is not None:
+            out.setdefault(inst, f.value)
     return out
 
 
-def arc_override(arc: ArcResult | None, message: bytes, trusted: tuple[str, ...]) -> str:
+def arc_override(arc: ArcResult | None, message: Message, trusted: tuple[str, ...]) -> str:
     """The trusted sealer whose AAR vouches for dmarc=pass, or "" (see module docstring)."""
     if arc is None or arc.cv is not ArcCv.PASS or not arc.sealers or not trusted:
         return ""
@@ -134,7 +134,6 @@ class Authenticator:
         dkim_check: DkimCheck | None = None,
         arc_check: ArcCheck | None = None,
         rng: Callable[[], float] = random.random,
-        seal: SealFn | None = None,
         timeout: float = CHECK_TIMEOUT,
         replay_guard: ArcReplayGuard | None = None,
         clock: Callable[[], float] = time.time,
@@ -144,7 +143,6 @@ class Authenticator:
         self.executor = executor
         self.authserv_id = config.authserv_id
         self.rng = rng
-        self.seal = seal
         self.timeout = timeout
         self.replay_guard = replay_guard
         self.clock = clock
@@ -159,7 +157,9 @@ class Authenticator:
 
         return await check_spf(self.resolver, ip, mail_from, helo, receiver=self.authserv_id)
 
-    async def _dkim_and_arc(self, message: bytes) -> tuple[tuple[DkimResult, ...], ArcResult]:
+    async def _dkim_and_arc(
+        self, message: ParsedMessage
+    ) -> tuple[tuple[DkimResult, ...], ArcResult]:
         if self._dkim is None and self._arc is None:
             from relay.auth.arc import verify_dkim_and_arc
 
@@ -180,11 +180,11 @@ class Authenticator:
             )
         else:
             arc_task = self._arc(message)
-        dkim, arc = await asyncio.gather(dkim_task, arc_task)
+        dkim, arc = await asyncio.gather(dkim_task, _arc_or_fail(arc_task))
         return dkim, arc
 
     async def _checks(
-        self, conn: ConnInfo, env: Envelope, message: bytes
+        self, conn: ConnInfo, env: Envelope, message: ParsedMessage
     ) -> tuple[SpfResult, tuple[DkimResult, ...], ArcResult]:
         helo = conn.helo.strip()
         mail_from = env.mail_from
@@ -244,8 +244,10 @@ class Authenticator:
             reply = None
         return action, reason, reply
 
-    async def evaluate(self, conn: ConnInfo, env: Envelope, message: bytes) -> Verdict:
-        stripped, removed = strip_ours(message, self.authserv_id)
+    async def evaluate(self, conn: ConnInfo, env: Envelope, message: Message) -> Verdict:
+        """The verdict of one message (bytes from ``relay diagnose`` and tests are parsed
+        here; intake hands the value it parsed)."""
+        stripped, removed = strip_ours(as_parsed(message), self.authserv_id)
         if removed:
             log.warning("forged_auth_results_removed", count=removed, client=conn.peer_ip)
         if not self.config.auth.enabled:
@@ -287,7 +289,7 @@ class Authenticator:
         extra = b""
         if action == "quarantine":
             extra = f"{QUARANTINE_HEADER}: {reason}\r\n".encode("ascii", "replace")
-        out = header.encode("ascii") + extra + stripped
+        out = stripped.prepend(header.encode("ascii") + extra)
         log.info(
             "auth_verdict",
             client=conn.peer_ip,
@@ -302,16 +304,43 @@ class Authenticator:
         )
         return Verdict(results, header, out, action, reply, reason, value, dmarc, removed)
 
-    async def transform(self, conn: ConnInfo, env: Envelope, message: bytes) -> bytes:
-        """An intake Transform: the verdict applied (SmtpReplyError 550 on reject), then the
-        ARC seal when a seal function was given."""
+    async def judge(self, conn: ConnInfo, env: Envelope, message: ParsedMessage) -> Judged:
+        """The verdict stage (relay.stages.VerdictStage): refused with the verdict's reply
+        (SmtpReplyError) on reject, else the message with our A-R for the seal."""
         verdict = await self.evaluate(conn, env, message)
         if verdict.action == "reject":
-            code, enhanced, text = (verdict.reply or "550 5.7.1 Rejected").split(" ", 2)
-            raise SmtpReplyError(int(code), enhanced, text)
-        if self.seal is not None and verdict.results.arc is not None:
-            return await self.seal(verdict.message, verdict.ar_value, verdict.results.arc)
-        return verdict.message
+            log.info(
+                "rejected",
+                client=conn.peer_ip,
+                mail_from=env.mail_from,
+                reply=verdict.reply,
+                header=verdict.header,
+            )
+            raise reply_error(verdict.reply or "550 5.7.1 Message rejected by policy")
+        chain = verdict.results.arc or ArcResult(ArcCv.NONE)
+        return Judged(verdict.parsed, verdict.ar_value, chain)
+
+
+def reply_error(reply: str) -> SmtpReplyError:
+    """The SmtpReplyError for a verdict's reply text ("550 5.7.1 ...")."""
+    parts = reply.split(" ", 2)
+    try:
+        code = int(parts[0])
+    except ValueError:
+        return SmtpReplyError(550, "5.7.1", reply)
+    if len(parts) >= 2 and parts[1][:1] in "245" and parts[1].count(".") == 2:
+        return SmtpReplyError(code, parts[1], parts[2] if len(parts) > 2 else "")
+    return SmtpReplyError(code, f"{code // 100}.7.1", " ".join(parts[1:]))
+
+
+async def _arc_or_fail(aw: Awaitable[ArcResult]) -> ArcResult:
+    """An ARC check's result; its error makes the chain fail (RFC 8617 section 5.2) and
+    never reaches the DKIM results gathered beside it."""
+    try:
+        return await aw
+    except Exception as exc:  # noqa: BLE001 - ARC and DKIM verdicts are independent
+        log.warning("arc_check_error", error=repr(exc))
+        return ArcResult(ArcCv.FAIL, reason=f"ARC check failed: {exc!r}")
 
 
 async def _within(aw: Awaitable[T], timeout: float) -> T:

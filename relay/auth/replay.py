@@ -25,6 +25,7 @@ import sqlite3
 from dataclasses import dataclass
 
 from relay.auth.keys import signature_tags
+from relay.message import Message
 from relay.store import Store
 
 MIGRATIONS = [
@@ -38,7 +39,7 @@ MIGRATIONS = [
 ]
 
 
-def seal_fingerprint(message: bytes, instance: int) -> str:
+def seal_fingerprint(message: Message, instance: int) -> str:
     """sha256 (hex) of the b= value of the ARC-Seal with i=instance, whitespace removed;
     "" when the message has no such seal."""
     from relay.auth.arc import arc_structure

@@ -12,8 +12,8 @@
   header line or a result.
 - ``strip_ours`` removes incoming A-R fields, and only those, whose authserv-id is ours
   (section 5: they are forgeries), before anything is evaluated.
-- ``parse_value`` reads an A-R (or ARC-Authentication-Results) value back into resinfos;
-  ``aar_dmarc`` gives the dmarc= result of an AAR for the ARC override.
+- ``parse_value`` reads an A-R value (or an AAR's payload, ``relay.auth.arcfields``)
+  back into resinfos.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from relay.auth.types import ArcCv, AuthResults, DkimResult, DmarcResult, SpfResult
+from relay.message import HeaderField, Message, ParsedMessage, as_parsed
 
 HEADER_NAME = "Authentication-Results"
 FOLD_WIDTH = 78
@@ -42,93 +43,18 @@ _DOMAIN = re.compile(
 # ---- header block access ----
 
 
-@dataclass(frozen=True, slots=True)
-class RawField:
-    """One header field as it appears in the message, folding and line end included."""
-
-    name: str  # "" for a line that is not a field (kept as it is)
-    raw: bytes
-
-    @property
-    def value(self) -> str:
-        _, _, v = self.raw.partition(b":")
-        return v.decode("utf-8", "replace").rstrip("\r\n")
+RawField = HeaderField  # one header field of a ParsedMessage (relay.message)
 
 
-_last_split: tuple[bytes, tuple[RawField, ...], bytes] | None = None
+def split_header(message: Message) -> tuple[list[RawField], bytes]:
+    """(header fields, the rest: empty line and body) of the parsed message."""
+    pm = as_parsed(message)
+    return list(pm.fields), pm.rest()
 
 
-def split_header(message: bytes) -> tuple[list[RawField], bytes]:
-    """(header fields, the rest: empty line and body). Tolerates LF-only line ends. The
-    last message's split is remembered: stripping forged A-R fields and DMARC's From
-    lookup read the same message one after the other."""
-    global _last_split
-    last = _last_split
-    if last is not None and (last[0] is message or last[0] == message):
-        return list(last[1]), last[2]
-    fields, rest = _split_header(message)
-    _last_split = (message, tuple(fields), rest)
-    return fields, rest
-
-
-def head_end(message: bytes) -> int:
-    """Where the header block ends: the index of the first LF followed by an empty line
-    (``\n\r?\n``), or -1. Two plain finds, which beat a regex search of the body."""
-    crlf = message.find(b"\n\r\n")
-    lf = message.find(b"\n\n", 0, len(message) if crlf < 0 else crlf + 1)
-    return lf if lf >= 0 else crlf
-
-
-def _split_header(message: bytes) -> tuple[list[RawField], bytes]:
-    if message.startswith((b"\r\n", b"\n")):
-        return [], message
-    end = head_end(message)
-    if end < 0:
-        head, rest = message, b""
-    else:
-        head, rest = message[: end + 1], message[end + 1 :]
-    lines = head.split(b"\n")
-    tail = lines.pop()  # b"" when head ends with a line end
-    fields: list[RawField] = []
-    pieces: list[bytes] = []  # the current field's lines, line ends restored
-    name = ""
-    for bare in lines:
-        line = bare + b"\n"
-        if pieces and line[:1] in (b" ", b"\t"):  # a continuation line
-            pieces.append(line)
-            continue
-        if pieces:
-            fields.append(RawField(name, b"".join(pieces)))
-        name = _field_name(line)
-        pieces = [line]
-    if tail:
-        if pieces and tail[:1] in (b" ", b"\t"):
-            pieces.append(tail)
-        else:
-            if pieces:
-                fields.append(RawField(name, b"".join(pieces)))
-            name = _field_name(tail)
-            pieces = [tail]
-    if pieces:
-        fields.append(RawField(name, b"".join(pieces)))
-    return fields, rest
-
-
-_FIELD_NAME = re.compile(rb"[!-9;-~]+[ \t]*")
-
-
-def _field_name(line: bytes) -> str:
-    """The field name of a line that starts a field; "" for a line that is not a field."""
-    name, colon, _ = line.partition(b":")
-    if colon and _FIELD_NAME.fullmatch(name) is not None:
-        return name.decode("ascii").strip()
-    return ""
-
-
-def header_fields(message: bytes) -> list[tuple[str, str]]:
+def header_fields(message: Message) -> list[tuple[str, str]]:
     """(name, value) of every header field, values with folding kept."""
-    fields, _ = split_header(message)
-    return [(f.name, f.value) for f in fields if f.name]
+    return [(f.name, f.value) for f in as_parsed(message).fields if f.name]
 
 
 # ---- reading A-R values ----
@@ -308,38 +234,17 @@ def _same_id(a: str, b: str) -> bool:
     return a.strip().rstrip(".").lower() == b.strip().rstrip(".").lower()
 
 
-def strip_ours(message: bytes, authserv_id: str) -> tuple[bytes, int]:
+def strip_ours(message: Message, authserv_id: str) -> tuple[ParsedMessage, int]:
     """message without the Authentication-Results fields claiming authserv_id (RFC 8601
     section 5), and how many were removed. Other fields are left byte for byte."""
-    fields, rest = split_header(message)
-    kept: list[bytes] = []
-    removed = 0
-    for f in fields:
-        if f.name.lower() == "authentication-results":
-            found = authserv_id_of(f.value)
-            if found is not None and _same_id(found, authserv_id):
-                removed += 1
-                continue
-        kept.append(f.raw)
-    if not removed:
-        return message, 0
-    return b"".join(kept) + rest, removed
 
+    def ours(f: HeaderField) -> bool:
+        if f.lname != "authentication-results":
+            return False
+        found = authserv_id_of(f.value)
+        return found is not None and _same_id(found, authserv_id)
 
-_AAR_PREFIX = re.compile(r"^\s*i\s*=\s*[0-9]+\s*;")
-
-
-def aar_dmarc(aar_value: str) -> str:
-    """The dmarc= result recorded in an ARC-Authentication-Results value ("" if none)."""
-    text = _AAR_PREFIX.sub("", aar_value, count=1)
-    try:
-        parsed = parse_value(text)
-    except AuthResultsSyntaxError:
-        return ""
-    for res in parsed.results:
-        if res.method == "dmarc":
-            return res.result
-    return ""
+    return as_parsed(message).without(ours)
 
 
 # ---- building ours ----

@@ -456,6 +456,10 @@ class _Evaluation:
             for ips in found:  # in MX order, as a one-by-one evaluation would see them
                 if isinstance(ips, BaseException):
                     raise ips
+                if not ips:
+                    # 4.6.4: an address lookup of an MX name that gives no answer (NXDOMAIN
+                    # or no records) is a void lookup and counts toward the limit of 2
+                    self.void()
                 if self._in_any(ips, mech):
                     return True
             return False

@@ -1,9 +1,11 @@
-"""Builds, from Config, the intake transform that authenticates and seals each message,
-and the SRS routing hooks.
+"""Builds, from Config, the authentication stages intake runs (relay.stages) and the SRS
+routing hooks.
 
-The transform runs the verdict (SPF, DKIM, DMARC, ARC validation → one
-Authentication-Results header; reject/quarantine actions), then seals an ARC set over the
-result, once, at intake; the sealed bytes are what the queue stores and sends.
+The verdict stage (``VerdictStage``: SPF, DKIM, DMARC, ARC validation → one
+Authentication-Results header; reject/quarantine actions; ``Authenticator`` when
+``[auth]`` is on, ARC validation alone when only ``[arc]`` is) and the seal stage
+(``SealStage``: one ARC set over the result, at intake; the sealed message is what the
+queue stores and sends).
 
 Where the crypto runs (``crypto_executor``), never on the event loop unless asked: with
 one relay process (``[server] workers = 1``) in a process pool of ``[auth]
@@ -20,19 +22,22 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import structlog
 
 from relay.config import Config
 from relay.dns import Resolver
-from relay.errors import ConfigError, SmtpReplyError
-from relay.intake import Routing, Transform
+from relay.errors import ConfigError
+from relay.intake import Transform
+from relay.message import ParsedMessage
 from relay.model import ConnInfo, Envelope, SmtpReply
+from relay.stages import AcceptAll, Judged, NoSeal, SealStage, VerdictStage
 from relay.store import Store
 
 if TYPE_CHECKING:
+    from relay.auth.arc import SealerSpec
     from relay.auth.replay import ArcReplayGuard
 
 log = structlog.get_logger("relay.auth")
@@ -42,25 +47,64 @@ LocalCheck = Callable[[str], SmtpReply | None]
 
 @dataclass
 class AuthWiring:
-    transforms: list[Transform] = field(default_factory=list)
-    routing: Routing = field(default_factory=Routing)
+    """What the auth wiring hands to ``relay.app``: the verdict and seal stages, the SRS
+    hooks (for the route stage and the DSN address), the SRS RCPT check and the crypto
+    executor (closed with the relay)."""
+
+    verdict: VerdictStage
+    sealer: SealStage
+    srs_forward: Callable[[str], str] | None = None
+    srs_reverse: Callable[[str], str | None] | None = None
     local_check: LocalCheck | None = None
     executor: Executor | None = None
+
+    @property
+    def transforms(self) -> list[Transform]:
+        """The verdict and the seal as one call over bytes, the same stage objects
+        intake runs (for bench/auth_profile.py); [] when both are off."""
+        if isinstance(self.verdict, AcceptAll) and isinstance(self.sealer, NoSeal):
+            return []
+        return [self.process]
+
+    async def process(self, conn: ConnInfo, env: Envelope, data: bytes) -> bytes:
+        judged = await self.verdict.judge(conn, env, ParsedMessage.parse(data))
+        return (await self.sealer.seal(judged)).raw
 
     async def close(self) -> None:
         if self.executor is not None:
             self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _reply_error(reply: str) -> SmtpReplyError:
-    parts = reply.split(" ", 2)
-    try:
-        code = int(parts[0])
-    except ValueError:
-        return SmtpReplyError(550, "5.7.1", reply)
-    if len(parts) >= 2 and parts[1][:1] in "245" and parts[1].count(".") == 2:
-        return SmtpReplyError(code, parts[1], parts[2] if len(parts) > 2 else "")
-    return SmtpReplyError(code, f"{code // 100}.7.1", " ".join(parts[1:]))
+class ArcChainVerdict:
+    """The verdict stage with ``[auth]`` off and ``[arc]`` on: no decision, the chain
+    validated only for the cv the seal states (RFC 8617 section 5.1.1)."""
+
+    def __init__(self, resolver: Resolver, executor: Executor | None, authserv_id: str) -> None:
+        self.resolver = resolver
+        self.executor = executor
+        self.ar_value = f"{authserv_id}; none"
+
+    async def judge(self, conn: ConnInfo, env: Envelope, message: ParsedMessage) -> Judged:
+        from relay.auth.arc import validate_arc
+
+        chain = await validate_arc(self.resolver, message, executor=self.executor)
+        return Judged(message, self.ar_value, chain)
+
+
+class ArcSeal:
+    """The seal stage: one ARC set (RFC 8617 section 5.1) with our key, in the crypto
+    executor; only the new fields are parsed into the sealed message."""
+
+    def __init__(self, spec: SealerSpec, executor: Executor | None) -> None:
+        self.spec = spec
+        self.executor = executor
+
+    async def seal(self, judged: Judged) -> ParsedMessage:
+        from relay.auth.arc import seal_async
+
+        return await seal_async(
+            self.spec, judged.message, judged.ar_value, judged.chain, executor=self.executor
+        )
 
 
 def crypto_pool_size(config: Config) -> int:
@@ -91,79 +135,48 @@ def crypto_executor(config: Config) -> Executor | None:
 
 
 def build_auth(config: Config, resolver: Resolver, store: Store | None = None) -> AuthWiring:
-    """The auth wiring; with a store, ARC overrides are counted there (relay.auth.replay)."""
-    wiring = AuthWiring(routing=Routing())
-    if config.auth.enabled or config.arc.enabled:
-        wiring.executor = crypto_executor(config)
-    _build_srs(config, wiring)
-    transform = _build_transform(config, resolver, wiring.executor, store)
-    if transform is not None:
-        wiring.transforms.append(transform)
-    return wiring
-
-
-def _build_transform(
-    config: Config, resolver: Resolver, executor: Executor | None, store: Store | None
-) -> Transform | None:
-    authenticator = None
+    """The auth stages; with a store, ARC overrides are counted there (relay.auth.replay)."""
+    executor = crypto_executor(config) if config.auth.enabled or config.arc.enabled else None
+    spec = _sealer_spec(config)
+    verdict: VerdictStage
     if config.auth.enabled:
         from relay.auth.pipeline import Authenticator
 
-        authenticator = Authenticator(
+        verdict = Authenticator(
             config, resolver, executor=executor, replay_guard=_replay_guard(config, store)
         )
-    spec = None
-    if config.arc.enabled:
-        from relay.auth.arc import ArcSealer, SealerSpec
+    elif spec is not None:
+        verdict = ArcChainVerdict(resolver, executor, config.authserv_id)
+    else:
+        verdict = AcceptAll(config.authserv_id)
+    sealer: SealStage = ArcSeal(spec, executor) if spec is not None else NoSeal()
+    wiring = AuthWiring(verdict, sealer, executor=executor)
+    _build_srs(config, wiring)
+    return wiring
 
-        key_path = config.arc.private_key
-        if not config.arc.domain or not config.arc.selector:
-            raise ConfigError(
-                str(config.path), "arc.domain", "ARC sealing needs domain and selector"
-            )
-        if key_path is None or not key_path.is_file():
-            raise ConfigError(
-                str(config.path),
-                "arc.private_key",
-                f"file not found: {key_path} (create one with `relay keygen`)",
-            )
-        pem = key_path.read_bytes()
-        try:  # load once here so a bad key is a config error, not a failure per message
-            ArcSealer(config.arc.domain, config.arc.selector, pem, config.authserv_id)
-        except Exception as exc:  # noqa: BLE001 - any key problem is a config error
-            raise ConfigError(str(config.path), "arc.private_key", str(exc)) from None
-        spec = SealerSpec(config.arc.domain, config.arc.selector, pem, config.authserv_id)
-    if authenticator is None and spec is None:
+
+def _sealer_spec(config: Config) -> SealerSpec | None:
+    """The seal's key and names, checked here so a bad key is a config error, not a
+    failure per message; None when ``[arc]`` is off."""
+    if not config.arc.enabled:
         return None
+    from relay.auth.arc import ArcSealer, SealerSpec
 
-    async def transform(conn: ConnInfo, env: Envelope, message: bytes) -> bytes:
-        from relay.auth.arc import seal_async, validate_arc
-        from relay.auth.types import ArcCv, ArcResult
-
-        chain = ArcResult(cv=ArcCv.NONE)
-        ar_value = f"{config.authserv_id}; none"
-        if authenticator is not None:
-            verdict = await authenticator.evaluate(conn, env, message)
-            if verdict.action == "reject":
-                log.info(
-                    "rejected",
-                    client=conn.peer_ip,
-                    mail_from=env.mail_from,
-                    reply=verdict.reply,
-                    header=verdict.header,
-                )
-                raise _reply_error(verdict.reply or "550 5.7.1 Message rejected by policy")
-            message = verdict.message
-            ar_value = verdict.ar_value
-            if verdict.results.arc is not None:
-                chain = verdict.results.arc
-        elif spec is not None:
-            chain = await validate_arc(resolver, message, executor=executor)
-        if spec is not None:
-            message = await seal_async(spec, message, ar_value, chain, executor=executor)
-        return message
-
-    return transform
+    key_path = config.arc.private_key
+    if not config.arc.domain or not config.arc.selector:
+        raise ConfigError(str(config.path), "arc.domain", "ARC sealing needs domain and selector")
+    if key_path is None or not key_path.is_file():
+        raise ConfigError(
+            str(config.path),
+            "arc.private_key",
+            f"file not found: {key_path} (create one with `relay keygen`)",
+        )
+    pem = key_path.read_bytes()
+    try:  # load once here
+        ArcSealer(config.arc.domain, config.arc.selector, pem, config.authserv_id)
+    except Exception as exc:  # noqa: BLE001 - any key problem is a config error
+        raise ConfigError(str(config.path), "arc.private_key", str(exc)) from None
+    return SealerSpec(config.arc.domain, config.arc.selector, pem, config.authserv_id)
 
 
 def _replay_guard(config: Config, store: Store | None) -> ArcReplayGuard | None:
@@ -220,5 +233,6 @@ def _build_srs(config: Config, wiring: AuthWiring) -> None:
             log.warning("srs_forward_failed", address=address, error=str(exc))
             return address
 
-    wiring.routing = Routing(srs_forward=forward, srs_reverse=reverse)
+    wiring.srs_forward = forward
+    wiring.srs_reverse = reverse
     wiring.local_check = local_check

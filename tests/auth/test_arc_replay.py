@@ -18,6 +18,7 @@ from relay.auth.types import ArcCv, ArcResult
 from relay.commands.keygen import generate
 from relay.config import ArcConfig, Config, ServerConfig
 from relay.errors import SmtpReplyError
+from relay.message import ParsedMessage
 from relay.model import ConnInfo, Envelope
 from relay.store import Store
 from tests.auth.test_pipeline_real import _resolver
@@ -103,7 +104,7 @@ async def test_replayed_seal_loses_the_override_past_the_recipient_limit(
     assert "ARC override refused" in third.reply and "replay" in third.reply
     assert "policy.override" not in third.header
     with pytest.raises(SmtpReplyError) as exc:
-        await auth.transform(LIST_CONN, _env(1), copy)
+        await auth.judge(LIST_CONN, _env(1), ParsedMessage.parse(copy))
     assert exc.value.code == 550
     # a refused replay is not counted; another message sealed by the same list is its own
     other = await auth.evaluate(LIST_CONN, _env(5), _list_copy(keys, b"another post"))

@@ -213,15 +213,18 @@ async def test_seal_async_in_process_pool_matches_inline(
     chain = ArcResult(ArcCv.NONE)
     pool = make_crypto_pool(2)
     try:
-        sealed = await asyncio.gather(
-            *(seal_async(spec, MESSAGE, AR1, chain, executor=pool) for _ in range(4))
-        )
+        sealed = [
+            m.raw
+            for m in await asyncio.gather(
+                *(seal_async(spec, MESSAGE, AR1, chain, executor=pool) for _ in range(4))
+            )
+        ]
         signed = DkimSigner("relay1.example.net", "one", keys["one"][0]).sign(MESSAGE)
         dkim_res, arc_res = await verify_dkim_and_arc(resolver, sealed[0], executor=pool)
         both = await verify_dkim_and_arc(resolver, signed, executor=pool)
     finally:
         pool.shutdown()
-    inline = await seal_async(spec, MESSAGE, AR1, chain)
+    inline = (await seal_async(spec, MESSAGE, AR1, chain)).raw
     # RSA PKCS#1 v1.5 is deterministic: same second, same bytes
     if sealed[0].split(b"t=")[1][:10] == inline.split(b"t=")[1][:10]:
         assert sealed[0] == inline

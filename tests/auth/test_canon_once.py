@@ -8,6 +8,7 @@ from dkim.canonicalization import CanonicalizationPolicy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relay.auth import fastrsa
 from relay.auth.fastrsa import canonical_body, rfc822_parse
 from relay.auth.keys import KeyRecordError, parse_key_record
 from relay.commands.keygen import generate
@@ -73,3 +74,27 @@ def test_rfc822_parse_of_a_message_with_bare_lf_in_the_body() -> None:
     message = b"From: a@example.com\r\nTo: b@example.net\r\n\r\nline 1\nline 2\r\nline 3\n"
     assert rfc822_parse(message) == dkim.rfc822_parse(message)
     assert rfc822_parse(message)[1] == b"line 1\r\nline 2\r\nline 3\r\n"
+
+
+def test_the_body_memo_is_bounded_by_bytes() -> None:
+    """Issue 10: bounded by the bytes it holds, not by entries (a few 25 MB bodies would
+    otherwise stay in memory)."""
+    fastrsa._BODY_MEMO.clear()
+    fastrsa._body_memo_held = 0
+    limit = fastrsa._BODY_MEMO_BYTES
+    big = [bytes([65 + i]) * (limit // 3) + b"\r\n" for i in range(5)]
+    for body in big:
+        assert canonical_body(SIMPLE, body) == SIMPLE.canonicalize_body(body)
+        assert fastrsa.body_memo_bytes() <= limit
+    assert len(fastrsa._BODY_MEMO) == 1  # each costs 2/3 of the bound (body + canonical)
+    huge = b"x" * limit + b"\r\n"  # larger than the whole memo: not kept
+    assert canonical_body(SIMPLE, huge) == SIMPLE.canonicalize_body(huge)
+    assert fastrsa.body_memo_bytes() <= limit
+    assert (SIMPLE.body_algorithm, huge) not in fastrsa._BODY_MEMO
+    small = [b"small %d\r\n" % i for i in range(1000)]  # many small bodies all fit
+    for body in small:
+        canonical_body(RELAXED, body)
+    assert sum(len(k[1]) + len(v) for k, v in fastrsa._BODY_MEMO.items()) == (
+        fastrsa.body_memo_bytes()
+    )
+    assert (RELAXED.body_algorithm, small[0]) in fastrsa._BODY_MEMO

@@ -82,7 +82,7 @@ async def test_seal_in_a_crypto_thread_leaves_the_loop_free_and_gives_the_same_b
         await asyncio.sleep(0)
         ticks = 0
         sealed = await seal_async(spec, MESSAGE, ar, chain, executor=executor)
-        return ticks, sealed
+        return ticks, sealed.raw
 
     task = asyncio.create_task(ticker())
     pool = ThreadPoolExecutor(max_workers=2)

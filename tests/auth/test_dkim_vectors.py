@@ -8,6 +8,7 @@ and dkimpy's data files (real Gmail and Exim signatures, bad key records).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import dkim
@@ -64,7 +65,12 @@ async def test_chasquid_case(case: str) -> None:
     # chasquid checks at most 5 signatures, as we do; the rest are reported "policy"
     assert len(results) >= len(expected)
     for got, want in zip(results, expected, strict=False):
-        if want["State"] == "SUCCESS":
+        if want["State"] == "SUCCESS" and re.search(r"[;\s]l=", want["SignatureHeader"]):
+            # chasquid passes an l= signature shorter than the body (09-limited_body);
+            # we do not (RFC 6376 section 8.2): it is "policy", with the reason
+            assert got.result == "policy", got
+            assert re.fullmatch(r"l= covers \d+ of \d+ body octets", got.reason), got
+        elif want["State"] == "SUCCESS":
             assert got.result == "pass", got
             assert got.domain == want["Domain"] and got.selector == want["Selector"]
             assert got.b == want["B"][:8]

@@ -84,3 +84,20 @@ def test_key_loading_rules() -> None:
     assert (ed.algorithm, ed.bits) == (b"ed25519-sha256", 256)
     with pytest.raises(ValueError):
         load_signing_key(b"not a key")
+
+
+def test_dkimpy_is_pinned_to_the_version_fastrsa_is_proven_against() -> None:
+    """docs/design.md: fastrsa overrides dkimpy internals, so dkimpy is pinned exactly and
+    checked at import."""
+    import importlib.metadata
+    import tomllib
+    from pathlib import Path
+
+    from relay.auth import fastrsa
+
+    doc = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert f"dkimpy=={fastrsa.DKIMPY_VERSION}" in doc["project"]["dependencies"]
+    assert importlib.metadata.version("dkimpy") == fastrsa.DKIMPY_VERSION
+    fastrsa._check_dkimpy(fastrsa.DKIMPY_VERSION)
+    with pytest.raises(ImportError, match=r"dkimpy 1\.1\.8.*dkimpy 9\.9 is installed"):
+        fastrsa._check_dkimpy("9.9")

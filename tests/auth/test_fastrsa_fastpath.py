@@ -22,7 +22,7 @@ from relay.auth.fastrsa import (
     tag_value,
     validate_signature_fields,
 )
-from relay.auth.results import head_end
+from relay.message import head_end
 
 # ---- b= removal ----
 

@@ -13,14 +13,16 @@ from typing import Any
 import dkim
 import pytest
 
-from relay.auth.arc import ArcSealer
+from relay.auth.arc import ArcSealer, SealerSpec
 from relay.auth.dkim import DkimSigner
 from relay.auth.pipeline import Authenticator
 from relay.auth.types import ArcCv, ArcResult, SpfResultCode
+from relay.auth.wiring import ArcSeal
 from relay.commands.keygen import generate
 from relay.config import ArcConfig, Config, ServerConfig
 from relay.dns import StaticResolver
 from relay.errors import SmtpReplyError
+from relay.message import ParsedMessage
 from relay.model import ConnInfo, Envelope
 
 ID = "relay.example.net"
@@ -86,24 +88,21 @@ async def test_spoof_is_refused(keys: dict[str, Any]) -> None:
     env = Envelope(mail_from="ann@example.com", rcpt_tos=("x@example.net",))
     forged = b"Authentication-Results: relay.example.net; dmarc=pass\r\n" + MESSAGE
     with pytest.raises(SmtpReplyError) as exc:
-        await auth.transform(conn, env, forged)
+        await auth.judge(conn, env, ParsedMessage.parse(forged))
     assert exc.value.reply.startswith("550 5.7.1")
 
 
 async def test_trusted_list_chain_is_accepted_and_sealed(keys: dict[str, Any]) -> None:
-    ours = ArcSealer("relay.example.net", "seal", keys["ours"].private_pem, ID)
-
-    async def seal(message: bytes, ar_value: str, chain: ArcResult) -> bytes:
-        return ours.seal(message, ar_value, chain)
-
-    auth = Authenticator(_config(("lists.test",)), _resolver(keys), seal=seal)
+    seal = ArcSeal(SealerSpec("relay.example.net", "seal", keys["ours"].private_pem, ID), None)
+    auth = Authenticator(_config(("lists.test",)), _resolver(keys))
     incoming = _list_copy(keys)
     v = await auth.evaluate(LIST_CONN, LIST_ENV, incoming)
     assert v.results.arc is not None and v.results.arc.cv is ArcCv.PASS
     assert v.results.dkim[0].reason == "body hash mismatch"
     assert v.results.dmarc is not None and v.results.dmarc.result == "fail"
     assert v.action == "accept" and v.results.dmarc_override == "lists.test"
-    sealed = await auth.transform(LIST_CONN, LIST_ENV, incoming)
+    judged = await auth.judge(LIST_CONN, LIST_ENV, ParsedMessage.parse(incoming))
+    sealed = (await seal.seal(judged)).raw
     records = {
         b"arc._domainkey.lists.test.": keys["list"].record().encode(),
         b"seal._domainkey.relay.example.net.": keys["ours"].record().encode(),

@@ -13,6 +13,7 @@ from relay.auth.types import ArcCv, ArcResult, DkimResult, SpfResult, SpfResultC
 from relay.config import ArcConfig, AuthConfig, Config, ServerConfig
 from relay.dns import StaticResolver
 from relay.errors import SmtpReplyError
+from relay.message import ParsedMessage
 from relay.model import ConnInfo, Envelope
 
 ID = "relay.example.net"
@@ -51,14 +52,14 @@ def _spf(result: SpfResultCode, domain: str = "lists.example.org"):  # type: ign
 
 
 def _dkim(*sigs: DkimResult):  # type: ignore[no-untyped-def]
-    async def check(message: bytes) -> tuple[DkimResult, ...]:
+    async def check(message: ParsedMessage) -> tuple[DkimResult, ...]:
         return sigs
 
     return check
 
 
 def _arc(result: ArcResult):  # type: ignore[no-untyped-def]
-    async def check(message: bytes) -> ArcResult:
+    async def check(message: ParsedMessage) -> ArcResult:
         return result
 
     return check
@@ -97,7 +98,7 @@ async def test_dmarc_reject_failure_is_refused() -> None:
     assert "(p=reject dis=reject)" in v.header
     assert v.message.startswith(v.header.encode())
     with pytest.raises(SmtpReplyError) as exc:
-        await _auth().transform(CONN, ENV, _msg())
+        await _auth().judge(CONN, ENV, ParsedMessage.parse(_msg()))
     assert (exc.value.code, exc.value.enhanced) == (550, "5.7.1")
 
 
@@ -162,8 +163,8 @@ async def test_forged_results_removed_before_evaluation() -> None:
     )
     seen: list[bytes] = []
 
-    async def dkim(message: bytes) -> tuple[DkimResult, ...]:
-        seen.append(message)
+    async def dkim(message: ParsedMessage) -> tuple[DkimResult, ...]:
+        seen.append(message.raw)
         return (BROKEN_SIG,)
 
     v = await _auth(dkim=dkim).evaluate(CONN, ENV, _msg(extra=forged))
@@ -205,7 +206,7 @@ async def test_check_errors_become_temperror() -> None:
     async def boom(ip: str, mail_from: str, helo: str) -> SpfResult:
         raise RuntimeError("resolver exploded")
 
-    async def boom2(message: bytes) -> tuple[DkimResult, ...]:
+    async def boom2(message: ParsedMessage) -> tuple[DkimResult, ...]:
         raise RuntimeError("worker died")
 
     v = await _auth(spf=boom, dkim=boom2).evaluate(CONN, ENV, _msg("none.example"))
@@ -223,7 +224,7 @@ async def test_checks_run_concurrently() -> None:
         await asyncio.wait_for(dkim_started.wait(), 2)
         return SpfResult(SpfResultCode.PASS, "lists.example.org", "mailfrom")
 
-    async def dkim(message: bytes) -> tuple[DkimResult, ...]:
+    async def dkim(message: ParsedMessage) -> tuple[DkimResult, ...]:
         dkim_started.set()
         await asyncio.wait_for(spf_started.wait(), 2)
         return (DkimResult("pass", "example.com", "s1", "x"),)
@@ -233,13 +234,9 @@ async def test_checks_run_concurrently() -> None:
     assert v.results.dkim[0].result == "pass"
 
 
-async def test_transform_seals_with_our_results() -> None:
-    calls: list[tuple[str, ArcResult]] = []
-
-    async def seal(message: bytes, ar_value: str, chain: ArcResult) -> bytes:
-        calls.append((ar_value, chain))
-        return b"ARC-Seal: fake\r\n" + message
-
+async def test_judge_hands_the_seal_our_results() -> None:
+    """The verdict stage gives the seal stage the message with our A-R, the A-R value
+    on one line (for the AAR) and the chain it validated."""
     ok = DkimResult("pass", "example.com", "s1", "abcdefgh")
     auth = Authenticator(
         _config(),
@@ -247,10 +244,10 @@ async def test_transform_seals_with_our_results() -> None:
         spf_check=_spf(SpfResultCode.PASS),
         dkim_check=_dkim(ok),
         arc_check=_arc(NO_ARC),
-        seal=seal,
     )
-    out = await auth.transform(CONN, ENV, _msg())
-    assert out.startswith(b"ARC-Seal: fake\r\nAuthentication-Results: relay.example.net;")
-    [(value, chain)] = calls
-    assert value.startswith("relay.example.net; spf=pass") and "\r" not in value
-    assert chain is NO_ARC
+    judged = await auth.judge(CONN, ENV, ParsedMessage.parse(_msg()))
+    assert judged.message.raw.startswith(b"Authentication-Results: relay.example.net;")
+    assert judged.message.fields[0].name == "Authentication-Results"
+    assert judged.ar_value.startswith("relay.example.net; spf=pass")
+    assert "\r" not in judged.ar_value
+    assert judged.chain is NO_ARC

@@ -7,8 +7,8 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relay.auth.arcfields import aar_dmarc
 from relay.auth.results import (
-    aar_dmarc,
     authserv_id_of,
     format_header,
     format_value,
@@ -27,6 +27,7 @@ from relay.auth.types import (
     SpfResult,
     SpfResultCode,
 )
+from relay.message import ParsedMessage
 
 ID = "relay.example.net"
 
@@ -116,7 +117,7 @@ def test_strip_removes_only_ours() -> None:
     )
     out, removed = strip_ours(msg, "Relay.Example.Net")
     assert removed == 3
-    assert out == (
+    assert out.raw == (
         b"Received: from x\r\n"
         b"Authentication-Results: relay.example.net.evil; dkim=pass\r\n"
         b"Authentication-Results: mx.google.com; dmarc=pass\r\n"
@@ -127,9 +128,10 @@ def test_strip_removes_only_ours() -> None:
         b"Authentication-Results: relay.example.net; in the body stays\r\n"
     )
     untouched = b"From: a@example.com\nSubject: x\n\nbody\n"
-    assert strip_ours(untouched, ID) == (untouched, 0)
+    assert strip_ours(untouched, ID) == (ParsedMessage.parse(untouched), 0)
     lf = b"Authentication-Results: relay.example.net; x=y\nFrom: a@b.example\n\nbody\n"
-    assert strip_ours(lf, ID) == (b"From: a@b.example\n\nbody\n", 1)
+    stripped, removed = strip_ours(lf, ID)
+    assert (stripped.raw, removed) == (b"From: a@b.example\n\nbody\n", 1)
 
 
 def test_authserv_id_of() -> None:

@@ -329,3 +329,25 @@ async def test_odd_helo_names_over_real_dns_never_raise() -> None:
             for domain in ("example.com", "ptr.example.com"):
                 got = await check_spf(res, "192.0.2.1", f"a@{domain}", helo)
                 assert got.result == "fail", (helo, got)
+
+
+async def test_address_lookups_of_mx_names_count_as_void() -> None:
+    """RFC 7208 section 4.6.4: an MX name whose address lookup gives no answer is a void
+    lookup; three of them exceed the limit of two (permerror)."""
+
+    def resolver(names: int, with_address: int | None = None) -> StaticResolver:
+        res = StaticResolver({("example.com", "TXT"): "v=spf1 mx ?all"})
+        for n in range(names):
+            res.add("example.com", "MX", (n, f"mx{n}.example.com"))
+        if with_address is not None:
+            res.add(f"mx{with_address}.example.com", "A", "192.0.2.1")
+        return res
+
+    parse_record.cache_clear()
+    got = await check_spf(resolver(3), "192.0.2.1", "a@example.com", "h")
+    assert got.result == "permerror" and "void" in got.explanation
+    assert (await check_spf(resolver(2), "192.0.2.1", "a@example.com", "h")).result == "neutral"
+    # in MX order, as one by one: two voids, then the match
+    assert (await check_spf(resolver(3, 2), "192.0.2.1", "a@example.com", "h")).result == "pass"
+    got = await check_spf(resolver(4, 3), "192.0.2.1", "a@example.com", "h")
+    assert got.result == "permerror"

@@ -6,6 +6,7 @@ so SPF sees them; the next hop records the exact bytes, which dkimpy verifies.
 
 from __future__ import annotations
 
+import asyncio
 import email
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +23,8 @@ from relay.auth.types import ArcCv, ArcResult
 from relay.commands.keygen import generate
 from relay.lab.dnsserver import LabDnsServer, Zone
 from relay.lab.mta import LabMta
+from relay.model import RecipientState, StsMode, TlsPolicy
+from relay.queue.spool import Spool
 from tests.labutil import base_doc, message, send, write_config
 
 SENDER_IP = "127.0.0.5"
@@ -270,3 +273,55 @@ async def test_replayed_trusted_seal_stops_earning_the_dmarc_override(lab: AuthL
     with pytest.raises(aiosmtplib.SMTPDataError) as exc:
         await send(ohost, oport, "bounces@list.lab.test", rcpts[:1], sealed, source="127.0.0.7")
     assert exc.value.code == 550 and "ARC override refused" not in exc.value.message
+
+
+class _EnforcePolicies:
+    """Every recipient domain publishes MTA-STS enforce for its MX (a policy manager
+    whose cache holds an enforce policy; the rest of the relay is real)."""
+
+    async def get_policy(self, domain: str) -> TlsPolicy:
+        return TlsPolicy(domain, StsMode.ENFORCE, ("mx.dest.test",), 86400, "id1")
+
+
+class _EnforceRelay(RelayApp):
+    def _build_policy_manager(self) -> Any:
+        return _EnforcePolicies()
+
+
+async def test_untrusted_tls_required_no_does_not_relax_enforce(lab: AuthLab) -> None:
+    """RFC 8689 section 5, delivery.tls_required_no = "trusted" (the default): over SMTP,
+    an untrusted sender's "TLS-Required: No" leaves enforce in force (the MX offers no
+    STARTTLS, so nothing is sent), while a trusted client's is honoured."""
+    mx = await lab.mta("127.0.0.2")  # no STARTTLS
+    work = lab.tmp / "enforce"
+    work.mkdir()
+    doc = base_doc(
+        work, lab.dns.address, lab.port, aliases={"info@lists.lab.test": ["x@dest.test"]}
+    )
+    doc["mta_sts"] = {"enabled": True}
+    app = _EnforceRelay(write_config(work / "config.toml", doc), poll_interval=0.05)
+    await app.start()
+    lab.apps.append(app)
+    host, port = app.bound[0]
+    body = b"TLS-Required: No\r\n" + message(to="info@lists.lab.test", msgid="<u@sender.test>")
+    errors, _ = await send(host, port, "a@sender.test", ["info@lists.lab.test"], body, "127.0.0.9")
+    assert errors == {}
+    spool = Spool(app.store)
+
+    async def states() -> list[tuple[str, RecipientState, str]]:
+        return [
+            (r.address, r.state, r.last_reply) for m in await spool.list() for r in m.recipients
+        ]
+
+    async with asyncio.timeout(10):
+        while not any(s is RecipientState.DEFERRED for _, s, _ in await states()):
+            await asyncio.sleep(0.05)
+    [(address, _, reply)] = await states()
+    assert address == "x@dest.test" and "starttls-not-supported" in reply
+    assert mx.messages == []  # nothing left in clear text
+    # the same field from a trusted client (127.0.0.1) is honoured: delivered in clear
+    trusted = b"TLS-Required: No\r\n" + message(to="y@dest.test", msgid="<t@sender.test>")
+    errors, _ = await send(host, port, "a@sender.test", ["y@dest.test"], trusted)
+    assert errors == {}
+    [got] = await mx.wait_for(1)
+    assert got.rcpt_tos == ("y@dest.test",) and got.tls_version is None

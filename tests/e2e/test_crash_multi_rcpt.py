@@ -102,8 +102,10 @@ async def test_kill_9_mid_delivery_resends_only_the_one_in_flight(tmp_path: Path
                         )
                         assert errors == {}
                     await mx_a.wait_for(n, timeout=20)
-                    deadline = time.monotonic() + 5  # a.test's outcomes become durable
-                    while delivered(store, "a.test") < n and time.monotonic() < deadline:
+                    deadline = time.monotonic() + 10  # a.test durable, b.test all in DATA
+                    while (
+                        delivered(store, "a.test") < n or mx_b.stalls < n
+                    ) and time.monotonic() < deadline:
                         await asyncio.sleep(0.05)
                     assert mx_b.stalls == n and mx_b.messages == []  # b.test in flight
                     proc.send_signal(signal.SIGKILL)
