@@ -179,6 +179,7 @@ class RelayApp:
         # wiring), route (aliases from the relay rules, SRS from the auth wiring), intake,
         # the scheduler (the queue sink intake feeds) and the courier it hands recipients to
         auth = build_auth(cfg, self.resolver, self.store)
+        self.auth = auth  # kept for relay.reload (SIGHUP)
         self._closers.append(auth.close)
         rules = RelayRules(cfg, extra_local_check=auth.local_check)
         router = Router(
@@ -291,6 +292,14 @@ class RelayApp:
         await asyncio.to_thread(self.store.close)
         log.info("stopped")
 
+    def _on_sighup(self) -> None:
+        from relay.reload import reload_app
+
+        async def run() -> None:
+            await reload_app(self)
+
+        self._tasks.append(asyncio.get_running_loop().create_task(run(), name="reload"))
+
     async def serve_forever(self, sockets: list[socket.socket] | None = None) -> None:
         loop = asyncio.get_running_loop()
         done = asyncio.Event()
@@ -298,5 +307,7 @@ class RelayApp:
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, done.set)
         await self.start(sockets)
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         await done.wait()
         await self.stop()

@@ -44,7 +44,7 @@ log = structlog.get_logger("relay.workers")
 PR_SET_PDEATHSIG = 1
 EXIT_FATAL = 2  # a worker's config / start-up error: restarting cannot help
 STOP_GRACE = 30.0  # seconds a worker gets to drain after SIGTERM before SIGKILL
-_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def bind(hp: HostPort) -> socket.socket:
@@ -114,6 +114,7 @@ def _child(
     """A worker's life; returns its exit code and logs why it stops early."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app reloads on it
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
     _die_with_parent(parent)
     logs.bind_process(index)  # the app's one "started" line names this worker and pid
@@ -145,6 +146,11 @@ class _Supervisor:
         self.backoff = backoff
         self.children: dict[int, int] = {}  # pid -> worker index
         self.shutdown = False  # a real SIGTERM/SIGINT: set only by on_signal
+
+    def on_hup(self, _signum: int, _frame: object) -> None:
+        """SIGHUP: each worker reloads its config (relay.reload)."""
+        log.info("reload_requested", workers=list(self.children))
+        self.terminate(signal.SIGHUP)
 
     def on_signal(self, signum: int, _frame: object) -> None:
         if not self.shutdown:
@@ -260,4 +266,5 @@ def run_workers(
     sup = _Supervisor(config, sockets, factory, backoff or Backoff())
     signal.signal(signal.SIGTERM, sup.on_signal)
     signal.signal(signal.SIGINT, sup.on_signal)
+    signal.signal(signal.SIGHUP, sup.on_hup)
     return sup.run()

@@ -9,6 +9,7 @@ stderr and exit code 2; only then do the workers (or the one in-process relay) s
 from __future__ import annotations
 
 import argparse
+import signal
 
 from relay.config import load_config
 from relay.logs import bind_process, setup
@@ -38,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
             return run_workers(config, factory, sockets)
         bind_process(0)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the app reloads on it once started
         run_loop(RelayApp(config).serve_forever(sockets), factory)
         return 0
     finally:
