@@ -885,10 +885,13 @@ def _msg_of(row: Sequence[Any], recipients: tuple[QueuedRecipient, ...]) -> Queu
     )
 
 
+_STATES = {s.value: s for s in RecipientState}  # a dict lookup, not an enum call per row
+
+
 def _rcpt_of(r: Sequence[Any]) -> QueuedRecipient:
     return QueuedRecipient(
         address=r[0],
-        state=RecipientState(r[1]),
+        state=_STATES[r[1]],
         attempts=r[2],
         next_attempt=r[3],
         last_reply=r[4],
