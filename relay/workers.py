@@ -182,7 +182,9 @@ class _Supervisor:
                 self.children[pid] = i
             finally:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)  # pending ones run now
-        log.info("workers_started", workers=len(self.children), pids=list(self.children))
+        log.info(
+            "workers_started", workers=len(self.children), pids=list(self.children), parent=parent
+        )
 
     def reap(self, block: bool = True) -> tuple[int, int, int] | None:
         """One ended worker as (pid, index, exit code), or None (nothing ended yet when
