@@ -64,6 +64,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     # ensure_auto_vacuum converts): INCREMENTAL frees pages only on request
     conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
     conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA journal_size_limit=67108864")  # the WAL shrinks back after a drain
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=30000")
@@ -73,8 +74,11 @@ def _connect(path: Path) -> sqlite3.Connection:
 class Store:
     """SQLite store with a group-commit writer thread. Use ``async with Store(path)``."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, convert: bool = True) -> None:
+        """``convert``: turn an older store to incremental auto-vacuum at open (a VACUUM;
+        the relay does it, under its store lock; commands reading a live store do not)."""
         self.path = Path(path)
+        self.convert = convert
         self._jobs: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._wconn: sqlite3.Connection | None = None
@@ -93,7 +97,8 @@ class Store:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._wconn = _connect(self.path)
-            ensure_auto_vacuum(self._wconn)
+            if self.convert:
+                ensure_auto_vacuum(self._wconn)
             self._wconn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_version "
                 "(component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
@@ -335,7 +340,9 @@ def _reclaim(conn: sqlite3.Connection, max_pages: int) -> int:
     # executescript steps the pragma to its end (execute() frees only one page)
     conn.executescript(f"PRAGMA incremental_vacuum{step}")
     after = conn.execute("PRAGMA freelist_count").fetchone()[0]
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the file shrinks at the checkpoint
+    # the file shrinks at the checkpoint; PASSIVE never waits for readers (a long read
+    # elsewhere must not stall the writer, and with it every 250)
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
     return int(before - after)
 
 
