@@ -15,18 +15,22 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from relay.config import Config
-from relay.dns import AiodnsResolver, CachingResolver, Resolver
+from relay.dns import Resolver, resolver_from_config
 from relay.errors import ConfigError
 from relay.intake import Intake, Router
 from relay.queue.scheduler import Scheduler
 from relay.queue.spool import Spool
 from relay.stages import QueueLink
 from relay.store import Store
+
+if TYPE_CHECKING:
+    from relay.lists.service import ListService
+    from relay.lists.stage import ListsStage
 
 log = structlog.get_logger("relay.app")
 
@@ -92,6 +96,13 @@ def _bounce_to(srs_reverse: Callable[[str], str | None] | None) -> Callable[[str
     return lambda address: reverse(address) or address
 
 
+def _lists_local(courier: Any, lists: ListsStage) -> Any:
+    """Queued mail for a list domain (the DSNs of list copies) is delivered to the lists."""
+    from relay.lists.local import ListsLocal
+
+    return ListsLocal(courier, lists)
+
+
 class RelayApp:
     """The running relay: SMTP server, intake, queue, delivery, MTA-STS, TLS-RPT."""
 
@@ -112,7 +123,7 @@ class RelayApp:
         self.leader = leader
         self.recover = recover
         self.clock = clock
-        self._resolver = resolver  # the aiodns one is made in start(), inside the loop
+        self._resolver = resolver  # the dnspython one is made in start()
         self.poll_interval = poll_interval
         self.store = Store(config.storage.path)
         self._stop = asyncio.Event()
@@ -123,6 +134,8 @@ class RelayApp:
         self.intake: Intake | None = None
         self.policy_manager: Any = None
         self.ledger: Any = None
+        self.lists: ListService | None = None
+        self.http_server: Any = None
 
     @property
     def bound(self) -> list[tuple[str, int]]:
@@ -138,15 +151,7 @@ class RelayApp:
         if self._resolver is not None:
             self.resolver = self._resolver
         else:
-            self.resolver = AiodnsResolver(
-                [str(ns) for ns in cfg.dns.nameservers], timeout=cfg.dns.timeout
-            )
-            if cfg.dns.cache_max_ttl > 0:
-                self.resolver = CachingResolver(
-                    self.resolver,
-                    max_ttl=cfg.dns.cache_max_ttl,
-                    negative_ttl=cfg.dns.cache_negative_ttl,
-                )
+            self.resolver = resolver_from_config(cfg.dns)
         await asyncio.to_thread(self.store.open)
         spool = Spool(self.store, self.clock)
         if self.recover:
@@ -181,11 +186,16 @@ class RelayApp:
         auth = build_auth(cfg, self.resolver, self.store)
         self.auth = auth  # kept for relay.reload (SIGHUP)
         self._closers.append(auth.close)
-        rules = RelayRules(cfg, extra_local_check=auth.local_check)
+        queue = QueueLink()  # intake -> scheduler; the scheduler's DSNs -> intake.inject
+        lists = self._build_lists(queue)
+        rules = RelayRules(
+            cfg,
+            extra_local_check=auth.local_check,
+            list_check=lists.service.check_rcpt if lists is not None else None,
+        )
         router = Router(
             expand=rules.expand, srs_forward=auth.srs_forward, srs_reverse=auth.srs_reverse
         )
-        queue = QueueLink()  # intake -> scheduler; the scheduler's DSNs -> intake.inject
         self.intake = Intake(
             cfg,
             spool,
@@ -193,12 +203,13 @@ class RelayApp:
             verdict=auth.verdict,
             router=router,
             sealer=auth.sealer,
+            lists=lists,
             clock=self.clock,
         )
         self.scheduler = Scheduler(
             cfg,
             spool,
-            courier,
+            courier if lists is None else _lists_local(courier, lists),
             self.intake.inject,
             clock=self.clock,
             poll_interval=self.poll_interval,
@@ -222,6 +233,10 @@ class RelayApp:
             sender = self._build_tlsrpt_sender() if self.leader else None
             if sender is not None:
                 self._spawn("tlsrpt-sender", lambda: sender.run(self._stop))
+        if lists is not None and self.leader:  # sweeps, resumed fan-outs, the pages
+            svc = lists.service
+            self._spawn("lists", lambda: svc.run(self._stop))
+            await self._start_http(svc)
         await self.server.start(sockets)
         log.info(
             "started",
@@ -232,6 +247,44 @@ class RelayApp:
         )
 
     # ------------------------------------------------------------ optional parts
+
+    def _build_lists(self, queue: QueueLink) -> ListsStage | None:
+        """The mailing lists (relay.lists) when any is configured. Copies are signed and
+        sealed in a pool of two processes of their own (the Python around each signature
+        costs as much as the RSA, so threads would share one core); new copies are
+        announced to the scheduler through the queue link."""
+        if not self.config.lists:
+            return None
+        from relay.auth.offload import make_crypto_pool
+        from relay.lists.service import PARALLEL, ListService, build_sealer
+        from relay.lists.stage import ListsStage
+
+        pool = make_crypto_pool(PARALLEL)
+
+        async def close_pool() -> None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+        self._closers.append(close_pool)
+        self.lists = ListService(
+            self.config,
+            self.store,
+            resolver=self.resolver,
+            sealer=build_sealer(self.config),
+            executor=pool,
+            notify=queue.submit_new,
+            clock=self.clock,
+        )
+        return ListsStage(self.lists)
+
+    async def _start_http(self, lists: ListService) -> None:
+        """[http_server]: the lists' pages, served in the leader process only."""
+        if not self.config.http_server.listen:
+            return
+        from relay.http_server import HttpServer
+
+        self.http_server = HttpServer(self.config, lists)
+        await self.http_server.start()
+        self._closers.insert(0, self.http_server.stop)
 
     def _build_policy_manager(self) -> Any:
         from relay.http import SafeHttpClient

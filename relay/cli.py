@@ -1,4 +1,4 @@
-"""The relay command line: serve, queue, sts, tlsrpt, lab, diagnose, keygen.
+"""The relay command line: serve, queue, sts, dane, tlsrpt, lab, diagnose, keygen, list.
 
 Each subcommand lives in relay.commands.<name> with a ``register(subparsers)`` function
 that adds its parser and sets ``func``; a handler returns the exit code. A config error
@@ -25,11 +25,13 @@ COMMAND_MODULES = (
     "relay.commands.serve",
     "relay.commands.queue",
     "relay.commands.sts",
+    "relay.commands.dane",
     "relay.commands.tlsrpt",
     "relay.commands.lab",
     "relay.commands.diagnose",
     "relay.commands.keygen",
     "relay.commands.configcmd",
+    "relay.commands.list",
 )
 DEFAULT_CONFIG = "/etc/relay/config.toml"
 CONFIG_ENV = "RELAY_CONFIG"

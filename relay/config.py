@@ -7,9 +7,11 @@ the directory of the config file.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,6 +72,10 @@ class DnsConfig:
     timeout: float = 5.0
     cache_max_ttl: float = 300.0  # answers kept for their TTL, at most this; 0 = no cache
     cache_negative_ttl: float = 30.0  # NXDOMAIN / no records kept this long; 0 = not kept
+    # DNSSEC: "off" | "trust-ad" (trust the AD bit of the resolver); None = "trust-ad"
+    # when every nameserver is on loopback, else "off"
+    dnssec: str | None = None
+    dnssec_trusted: bool = False  # trust AD from non-loopback nameservers too
 
 
 @dataclass(frozen=True)
@@ -166,6 +172,58 @@ class TlsRptConfig:
 
 
 @dataclass(frozen=True)
+class ListConfig:
+    """One mailing list, ``[lists."dev@lists.example.org"]`` (members live in the store)."""
+
+    address: str  # dev@lists.example.org (lower-cased domain)
+    name: str = ""  # display name: List-Id, munged From; default: the local part
+    subject_prefix: str = ""
+    posting: str = "members"  # members | anyone | moderated
+    dmarc_mitigation: str = "munge"  # munge | wrap | none
+    mitigate_always: bool = False  # mitigate whatever the author's DMARC policy
+    reply_to: str = "author"  # author | list
+    owners: tuple[str, ...] = ()
+    footer: str = ""
+    archive: bool = True
+    max_message_size: int = 10485760
+    bounce_threshold: float = 5.0
+
+    @property
+    def local(self) -> str:
+        return self.address.rpartition("@")[0]
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2]
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.local
+
+
+@dataclass(frozen=True)
+class ListsHttpConfig:
+    base_url: str = ""  # where the one-click and confirm links point
+
+
+@dataclass(frozen=True)
+class HttpServerConfig:
+    listen: tuple[HostPort, ...] = ()  # empty: no HTTP listener
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
+@dataclass(frozen=True)
+class DkimSignConfig:
+    """One outbound DKIM key, ``[[dkim.sign]]``: signs mail whose From domain is domain or
+    a subdomain of it."""
+
+    domain: str
+    selector: str
+    private_key: Path
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
     format: str = "auto"  # json | console | auto (json when not a terminal)
@@ -187,6 +245,10 @@ class Config:
     srs: SrsConfig = field(default_factory=SrsConfig)
     tlsrpt: TlsRptConfig = field(default_factory=TlsRptConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    lists: dict[str, ListConfig] = field(default_factory=dict)
+    lists_http: ListsHttpConfig = field(default_factory=ListsHttpConfig)
+    http_server: HttpServerConfig = field(default_factory=HttpServerConfig)
+    dkim_sign: tuple[DkimSignConfig, ...] = ()  # [[dkim.sign]], then the [tlsrpt] alias
 
     @property
     def authserv_id(self) -> str:
@@ -314,7 +376,14 @@ _KNOWN = {
     },
     "relay": {"trusted_networks", "local_domains"},
     "storage": {"path", "log_retention"},
-    "dns": {"nameservers", "timeout", "cache_max_ttl", "cache_negative_ttl"},
+    "dns": {
+        "nameservers",
+        "timeout",
+        "cache_max_ttl",
+        "cache_negative_ttl",
+        "dnssec",
+        "dnssec_trusted",
+    },
     "delivery": {
         "port",
         "ca_file",
@@ -375,7 +444,31 @@ _KNOWN = {
         "send_delay_max",
     },
     "logging": {"level", "format"},
+    # [lists."ADDRESS"]: the keys of each list's table
+    "lists": {
+        "name",
+        "subject_prefix",
+        "posting",
+        "dmarc_mitigation",
+        "mitigate_always",
+        "reply_to",
+        "owners",
+        "footer",
+        "archive",
+        "max_message_size",
+        "bounce_threshold",
+    },
+    "lists_http": {"base_url"},
+    "http_server": {"listen", "tls_cert", "tls_key"},
+    # [[dkim.sign]]: the keys of each entry
+    "dkim.sign": {"domain", "selector", "private_key"},
 }
+_NESTED = {"lists", "dkim.sign"}  # read by their own readers, not as one flat table
+POSTING = ("members", "anyone", "moderated")
+MITIGATION = ("munge", "wrap", "none")
+REPLY_TO = ("author", "list")
+# list addresses a list's own address implies (RFC 2369 targets, VERP, confirmations)
+LIST_SUFFIXES = ("-subscribe", "-unsubscribe", "-owner", "-bounces", "-confirm", "-request")
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -395,7 +488,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 def parse_config(doc: dict[str, Any], p: Path) -> Config:
     """Validate a TOML document read from p: one reader per section, in dependency order
     (aliases need relay.local_domains)."""
-    known_tables = set(_KNOWN) | {"aliases"}
+    known_tables = (set(_KNOWN) - _NESTED) | {"aliases", "lists", "dkim"}
     for k in doc:
         if k not in known_tables:
             raise ConfigError(str(p), k, "unknown section")
@@ -404,6 +497,12 @@ def parse_config(doc: dict[str, Any], p: Path) -> Config:
         return _Section(p, name, doc.get(name, {}), _KNOWN[name])
 
     relay = read_relay(sec("relay"))
+    lists = read_lists(p, doc.get("lists", {}))
+    relay = _with_list_domains(relay, lists)
+    tlsrpt = read_tlsrpt(sec("tlsrpt"))
+    lists_http = read_lists_http(sec("lists_http"))
+    if lists and not lists_http.base_url:
+        raise lists_http_needed(p)
     return Config(
         path=p,
         server=read_server(sec("server")),
@@ -417,8 +516,12 @@ def parse_config(doc: dict[str, Any], p: Path) -> Config:
         auth=read_auth(sec("auth")),
         arc=read_arc(sec("arc")),
         srs=read_srs(sec("srs")),
-        tlsrpt=read_tlsrpt(sec("tlsrpt")),
+        tlsrpt=tlsrpt,
         logging=read_logging(sec("logging")),
+        lists=lists,
+        lists_http=lists_http,
+        http_server=read_http_server(sec("http_server")),
+        dkim_sign=read_dkim_sign(p, doc.get("dkim", {}), tlsrpt),
     )
 
 
@@ -502,15 +605,37 @@ def read_storage(st: _Section) -> StorageConfig:
 
 
 def read_dns(d: _Section) -> DnsConfig:
+    nameservers = tuple(
+        parse_hostport(x, 53, lambda m: d.err("nameservers", m))
+        for x in d.strings("nameservers", ())
+    )
+    dnssec = d.choice("dnssec", "", ("off", "trust-ad")) if "dnssec" in d.data else None
+    trusted = d.get("dnssec_trusted", bool, False)
+    if dnssec == "trust-ad" and not trusted:
+        # RFC 7672 section 2.1 / RFC 4035 section 4.9.3: the AD bit means something only
+        # over a trusted path; a remote resolver must be marked trusted explicitly
+        remote = [str(n) for n in nameservers if not _loopback(n.host)]
+        if remote:
+            raise d.err(
+                "dnssec",
+                f'"trust-ad" with non-loopback nameservers ({", ".join(remote)}) needs '
+                "dnssec_trusted = true",
+            )
     return DnsConfig(
-        nameservers=tuple(
-            parse_hostport(x, 53, lambda m: d.err("nameservers", m))
-            for x in d.strings("nameservers", ())
-        ),
+        nameservers=nameservers,
         timeout=d.positive("timeout", float, 5.0, 0.1),
         cache_max_ttl=d.positive("cache_max_ttl", float, 300.0, 0.0),
         cache_negative_ttl=d.positive("cache_negative_ttl", float, 30.0, 0.0),
+        dnssec=dnssec,
+        dnssec_trusted=trusted,
     )
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
 
 
 def read_delivery(dl: _Section) -> DeliveryConfig:
@@ -622,6 +747,129 @@ def read_tlsrpt(t: _Section) -> TlsRptConfig:
     )
 
 
+_LIST_LOCAL = re.compile(r"[a-z0-9][a-z0-9._]*")
+_DOMAIN = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}")
+
+
+def _with_list_domains(relay: RelayConfig, lists: dict[str, ListConfig]) -> RelayConfig:
+    """The list domains count as local domains."""
+    extra = tuple(sorted({c.domain for c in lists.values()} - set(relay.local_domains)))
+    return dataclasses.replace(relay, local_domains=relay.local_domains + extra)
+
+
+def lists_http_needed(p: Path) -> ConfigError:
+    return ConfigError(str(p), "lists_http.base_url", "required when lists are defined")
+
+
+def read_lists(p: Path, raw: Any) -> dict[str, ListConfig]:
+    """``[lists."local@domain"]`` tables; a list's local part is plain (letters, digits,
+    dots, underscores: its -subscribe, -bounces+TOKEN ... addresses derive from it)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(str(p), "lists", "must be a table of lists")
+    out: dict[str, ListConfig] = {}
+    for address, table in raw.items():
+        name = f"lists.{address}"
+        local, at, domain = str(address).rpartition("@")
+        local, domain = local.lower(), domain.lower().rstrip(".")
+        if not at or not _LIST_LOCAL.fullmatch(local) or not _DOMAIN.fullmatch(domain):
+            raise ConfigError(
+                str(p), name, "a list is named by its address local@domain (local: a-z 0-9 . _)"
+            )
+        if any(local.endswith(sfx) for sfx in LIST_SUFFIXES):
+            raise ConfigError(str(p), name, "a list address may not end in a list suffix")
+        s = _Section(p, name, table, _KNOWN["lists"])
+        owners = s.strings("owners", ())
+        if not owners:
+            raise s.err("owners", "a list needs at least one owner address")
+        for o in owners:
+            if "@" not in o or o.startswith("@") or o.endswith("@"):
+                raise s.err("owners", f"not an address: {o!r}")
+        for k in ("name", "subject_prefix"):
+            if any(c in s.get(k, str, "") for c in "\r\n\"<>"):
+                raise s.err(k, "must be one line without quotes or angle brackets")
+        cfg = ListConfig(
+            address=f"{local}@{domain}",
+            name=s.get("name", str, ""),
+            subject_prefix=s.get("subject_prefix", str, ""),
+            posting=s.choice("posting", "members", POSTING),
+            dmarc_mitigation=s.choice("dmarc_mitigation", "munge", MITIGATION),
+            mitigate_always=s.get("mitigate_always", bool, False),
+            reply_to=s.choice("reply_to", "author", REPLY_TO),
+            owners=owners,
+            footer=s.get("footer", str, ""),
+            archive=s.get("archive", bool, True),
+            max_message_size=s.positive("max_message_size", int, 10485760, 1024),
+            bounce_threshold=s.positive("bounce_threshold", float, 5.0, 0.5),
+        )
+        if cfg.address in out:
+            raise ConfigError(str(p), name, "defined twice")
+        out[cfg.address] = cfg
+    return out
+
+
+def read_lists_http(h: _Section) -> ListsHttpConfig:
+    base = h.get("base_url", str, "").rstrip("/")
+    if base and not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", base):
+        raise h.err("base_url", f"must be an http(s) URL; got {base!r}")
+    return ListsHttpConfig(base_url=base)
+
+
+def read_http_server(h: _Section) -> HttpServerConfig:
+    listen = tuple(
+        parse_hostport(x, None, lambda m: h.err("listen", m), allow_zero=True)
+        for x in h.strings("listen", ())
+    )
+    cfg = HttpServerConfig(
+        listen=listen,
+        tls_cert=h.path_value("tls_cert", None),
+        tls_key=h.path_value("tls_key", None),
+    )
+    if (cfg.tls_cert is None) != (cfg.tls_key is None):
+        raise h.err(
+            "tls_key" if cfg.tls_key is None else "tls_cert", "tls_cert and tls_key go together"
+        )
+    for key in ("tls_cert", "tls_key"):
+        fp = getattr(cfg, key)
+        if fp is not None and not fp.is_file():
+            raise h.err(key, f"file not found: {fp}")
+    return cfg
+
+
+def read_dkim_sign(p: Path, raw: Any, tlsrpt: TlsRptConfig) -> tuple[DkimSignConfig, ...]:
+    """``[[dkim.sign]]`` entries, then ``[tlsrpt] dkim_private_key`` as one more entry for
+    the submitter domain (its alias)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(str(p), "dkim", "must be a table")
+    for k in raw:
+        if k != "sign":
+            raise ConfigError(str(p), f"dkim.{k}", "unknown key")
+    entries = raw.get("sign", [])
+    if not isinstance(entries, list):
+        raise ConfigError(str(p), "dkim.sign", "must be an array of tables ([[dkim.sign]])")
+    out: list[DkimSignConfig] = []
+    for i, entry in enumerate(entries):
+        s = _Section(p, f"dkim.sign[{i}]", entry, _KNOWN["dkim.sign"])
+        domain = s.get("domain", str, "").lower().rstrip(".")
+        if not _DOMAIN.fullmatch(domain):
+            raise s.err("domain", f"must be a domain name; got {domain!r}")
+        selector = s.get("selector", str, "")
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?", selector):
+            raise s.err("selector", f"must be a selector name; got {selector!r}")
+        key = s.path_value("private_key", None)
+        if key is None:
+            raise s.err("private_key", "required")
+        if not key.is_file():
+            raise s.err("private_key", f"file not found: {key} (create one with `relay keygen`)")
+        out.append(DkimSignConfig(domain, selector, key))
+    if tlsrpt.dkim_private_key is not None and tlsrpt.dkim_selector and tlsrpt.submitter:
+        out.append(
+            DkimSignConfig(
+                tlsrpt.submitter.lower().rstrip("."), tlsrpt.dkim_selector, tlsrpt.dkim_private_key
+            )
+        )
+    return tuple(out)
+
+
 def read_logging(lg: _Section) -> LoggingConfig:
     return LoggingConfig(
         level=lg.choice("level", "info", ("debug", "info", "warning", "error")),
@@ -644,16 +892,36 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
+
+
 def dump_toml(doc: dict[str, dict[str, Any]]) -> str:
-    """The subset of TOML a config needs: tables of scalars and lists."""
+    """The subset of TOML a config needs: tables of scalars and lists; a table value that
+    is a table is a sub-table (``[lists."dev@x"]``), one that is a list of tables an array
+    of tables (``[[dkim.sign]]``)."""
     lines = []
     for section, table in doc.items():
-        lines.append(f"[{section}]")
+        scalars = {k: v for k, v in table.items() if not _is_tables(v)}
+        if scalars or not table:
+            lines.append(f"[{section}]")
+            lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in scalars.items())
+            lines.append("")
         for k, v in table.items():
-            key = k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
-            lines.append(f"{key} = {_toml_value(v)}")
-        lines.append("")
+            if isinstance(v, dict):
+                lines.append(dump_toml({f"{section}.{_toml_key(k)}": v}))
+            elif _is_tables(v):
+                for entry in v:
+                    lines.append(f"[[{section}.{_toml_key(k)}]]")
+                    lines.extend(f"{_toml_key(a)} = {_toml_value(b)}" for a, b in entry.items())
+                    lines.append("")
     return "\n".join(lines)
+
+
+def _is_tables(v: Any) -> bool:
+    return isinstance(v, dict) or (
+        isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+    )
 
 
 def write_config(path: Path, doc: dict[str, dict[str, Any]]) -> Config:

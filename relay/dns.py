@@ -1,30 +1,77 @@
-"""DNS for everything in relay: a Resolver protocol and its aiodns implementation.
+"""DNS for everything in relay: a Resolver protocol and its dnspython implementation.
 
 Results are typed; failures are split into NXDOMAIN (DnsNotFound), no records of the
 type (DnsNoData) and temporary failure (DnsTempFail: SERVFAIL, timeout, refused), since
 mail routing treats each differently (RFC 5321 section 5.1). dkimpy and every other
 consumer get names resolved only through this module, never through their own resolver.
+
+Every answer (``Resolver.answer``) and every negative answer carries its DNSSEC status.
+The relay does not validate DNSSEC itself: like Postfix (``smtp_dns_support_level =
+dnssec``) it trusts the AD bit (RFC 4035 section 3.2.3, RFC 6840 section 5.7) of a
+validating resolver the operator trusts (``[dns] dnssec = "trust-ad"``). A SERVFAIL
+that the resolver says is a validation failure (an RFC 8914 extended error, or an
+answer that only comes with the CD bit set) is *bogus* (DnsBogus); any other SERVFAIL
+is temporary. Neither is ever "insecure".
 """
 
 from __future__ import annotations
 
 import asyncio
+import encodings.idna
 import ipaddress
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Literal, Protocol, cast
 
-import aiodns
-import pycares
+import dns.asyncquery
+import dns.edns
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
 
-from relay.errors import DnsError, DnsNoData, DnsNotFound, DnsTempFail
+from relay.errors import DnsBogus, DnsError, DnsNoData, DnsNotFound, DnsTempFail
+
+DnssecStatus = Literal["secure", "insecure", "bogus"]
+DNSSEC_MODES = ("off", "trust-ad")
 
 
 @dataclass(frozen=True, slots=True)
 class MxRecord:
     preference: int
     host: str  # lower case, no trailing dot; "" for the null MX "."
+
+
+@dataclass(frozen=True, slots=True)
+class TlsaRecord:
+    """One TLSA record (RFC 6698 section 2.1)."""
+
+    usage: int
+    selector: int
+    mtype: int
+    data: bytes
+
+    def text(self) -> str:
+        return f"{self.usage} {self.selector} {self.mtype} {self.data.hex()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A positive answer: the records (typed as the method of that type gives them),
+    the smallest TTL of the RRsets used, the DNSSEC status of the whole answer (the AD
+    bit covers the CNAME chain too) and the name the records are owned by after CNAMEs."""
+
+    name: str
+    rdtype: str
+    records: tuple[Any, ...]
+    ttl: int
+    status: DnssecStatus
+    canonical: str
 
 
 class Resolver(Protocol):
@@ -41,6 +88,15 @@ class Resolver(Protocol):
     async def aaaa(self, name: str) -> list[str]: ...
 
     async def ptr(self, ip: str) -> list[str]: ...
+
+
+class DnssecResolver(Resolver, Protocol):
+    """A Resolver whose answers carry their DNSSEC status (DANE needs it)."""
+
+    async def answer(self, name: str, rdtype: str) -> Answer:
+        """The answer for (name, rdtype); rdtype is MX, TXT, A, AAAA, PTR (name is then
+        an IP address) or TLSA. Negative answers raise, with ``.status`` set."""
+        ...
 
 
 def _norm(name: str) -> str:
@@ -76,86 +132,316 @@ async def addresses(resolver: Resolver, name: str) -> list[str]:
     raise DnsNoData(name, "A/AAAA")
 
 
-class AiodnsResolver:
-    """Resolver over aiodns (c-ares), UDP with TCP fallback, through the given nameservers."""
+@dataclass(frozen=True, slots=True)
+class AddressAnswer:
+    """A and AAAA of a host with the DNSSEC status of the pair: secure only when every
+    family that answered (positively or with an authenticated denial) is secure."""
+
+    addresses: tuple[str, ...]
+    status: DnssecStatus
+
+
+async def secure_addresses(resolver: DnssecResolver, name: str) -> AddressAnswer:
+    """``addresses`` with DNSSEC status (RFC 7672 section 2.2.2: the address records
+    of an MX host must be secure for DANE to apply)."""
+    results = await asyncio.gather(
+        resolver.answer(name, "A"), resolver.answer(name, "AAAA"), return_exceptions=True
+    )
+    out: list[str] = []
+    statuses: list[str] = []
+    errors: list[DnsError] = []
+    for r in results:
+        if isinstance(r, BaseException):
+            if not isinstance(r, DnsError):
+                raise r
+            errors.append(r)
+            if isinstance(r, (DnsNoData, DnsNotFound)):
+                statuses.append(r.status)
+        else:
+            out.extend(cast(tuple[str, ...], r.records))
+            statuses.append(r.status)
+    if not out:
+        for e in errors:
+            if isinstance(e, DnsTempFail):
+                raise e
+        for e in errors:
+            if isinstance(e, DnsNotFound):
+                raise e
+        raise DnsNoData(name, "A/AAAA")
+    if any(isinstance(e, DnsBogus) for e in errors):
+        status: DnssecStatus = "bogus"
+    elif errors and any(isinstance(e, DnsTempFail) for e in errors):
+        status = "insecure"  # one family unknown: not provably secure
+    else:
+        status = "secure" if all(s == "secure" for s in statuses) else "insecure"
+    return AddressAnswer(tuple(out), status)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+def effective_dnssec(mode: str | None, trusted: bool, hosts: Sequence[str]) -> str:
+    """The DNSSEC mode actually used: the AD bit is trusted only from nameservers on
+    loopback or ones the operator marked ``dnssec_trusted`` (RFC 6698 section 1.3 /
+    RFC 7672 section 2.1: the path to a remote validating resolver is not secure).
+    Unset mode: "trust-ad" when every nameserver is on loopback, else "off"."""
+    local = bool(hosts) and all(_is_loopback(h) for h in hosts)
+    if mode is None:
+        return "trust-ad" if local or (trusted and hosts) else "off"
+    if mode == "trust-ad" and not (local or trusted):
+        return "off"
+    return mode
+
+
+def _split_hostport(text: str) -> tuple[str, int]:
+    text = text.strip()
+    if text.startswith("["):
+        end = text.index("]")
+        rest = text[end + 1 :]
+        return text[1:end], int(rest[1:]) if rest.startswith(":") else 53
+    if text.count(":") == 1:
+        host, port = text.split(":")
+        return host, int(port)
+    return text, 53
+
+
+def system_nameservers() -> list[str]:
+    """The nameservers of /etc/resolv.conf (127.0.0.1 when it lists none)."""
+    out: list[str] = []
+    try:
+        with open("/etc/resolv.conf", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    out.append(parts[1].split("%")[0])
+    except OSError:
+        pass
+    return out or ["127.0.0.1"]
+
+
+def _qname(name: str, rdtype: str) -> dns.name.Name:
+    """The wire name, label by label as given: SPF (RFC 7208) can ask for names holding
+    spaces, ':' or '/', which are legal DNS labels (RFC 2181 section 11). Non-ASCII
+    labels are IDNA-encoded."""
+    qname = _norm(name)
+    if not qname:
+        raise DnsNotFound(name, rdtype, "empty name")
+    labels: list[bytes] = []
+    for part in qname.split("."):
+        try:
+            raw = part.encode("ascii")
+        except UnicodeEncodeError:
+            try:
+                raw = encodings.idna.ToASCII(part)
+            except UnicodeError as exc:
+                raise DnsNotFound(qname, rdtype, f"invalid name: {exc}") from None
+        if not raw or len(raw) > 63:
+            raise DnsNotFound(qname, rdtype, "invalid name: bad label length")
+        labels.append(raw)
+    try:
+        return dns.name.Name([*labels, b""])
+    except dns.exception.DNSException as exc:  # longer than 255 octets
+        raise DnsNotFound(qname, rdtype, f"invalid name: {exc}") from None
+
+
+def _text(n: dns.name.Name) -> str:
+    """A name as relay keeps it: lower case, no trailing dot, labels as raw text."""
+    return ".".join(lab.decode("utf-8", "replace") for lab in n.labels if lab).lower()
+
+
+# RFC 8914 section 4: the extended errors that mean "validation failed" (bogus), not
+# "could not reach / could not answer".
+_EDE_BOGUS = {6, 7, 8, 9, 10, 11, 12}
+
+
+def _convert(rdtype: str, rrset: dns.rrset.RRset) -> list[Any]:
+    out: list[Any] = []
+    for rd in rrset:
+        r = cast(Any, rd)
+        if rdtype == "MX":
+            out.append(MxRecord(int(r.preference), _text(r.exchange)))
+        elif rdtype == "TXT":
+            out.append(b"".join(r.strings).decode("utf-8", "replace"))
+        elif rdtype in ("PTR", "CNAME"):
+            out.append(_text(r.target))
+        elif rdtype == "TLSA":
+            out.append(TlsaRecord(int(r.usage), int(r.selector), int(r.mtype), bytes(r.cert)))
+        else:
+            out.append(str(r.address))
+    return out
+
+
+class DnspythonResolver:
+    """Resolver over dnspython's asyncio queries: UDP with TCP fallback on truncation,
+    through the given nameservers ("host", "host:port", "[v6]:port"; empty: those of
+    /etc/resolv.conf), ``tries`` rounds over them within ``timeout`` seconds.
+
+    ``dnssec``: "trust-ad" sets DO and AD on queries (RFC 3225, RFC 6840 section 5.7)
+    and takes the AD bit of the answer as "secure"; "off" (or None, decided by
+    ``effective_dnssec``) reports every answer insecure.
+    """
 
     def __init__(
-        self, nameservers: Sequence[str] = (), timeout: float = 5.0, tries: int = 2
+        self,
+        nameservers: Sequence[str] = (),
+        timeout: float = 5.0,
+        tries: int = 2,
+        *,
+        dnssec: str | None = None,
+        dnssec_trusted: bool = False,
     ) -> None:
-        kwargs: dict[str, object] = {"timeout": timeout / max(tries, 1), "tries": tries}
-        self._resolver = aiodns.DNSResolver(
-            nameservers=list(nameservers) or None,
-            **kwargs,  # type: ignore[arg-type]
-        )
+        servers = [str(n) for n in nameservers] or system_nameservers()
+        self.servers = [_split_hostport(s) for s in servers]
         self.timeout = timeout
+        self.tries = max(tries, 1)
+        self.dnssec = effective_dnssec(dnssec, dnssec_trusted, [h for h, _ in self.servers])
+        self.trust_ad = self.dnssec == "trust-ad"
 
-    async def _query(self, name: str, rdtype: str) -> list[pycares.DNSRecord]:
-        qname = _norm(name)
-        if not qname:
-            raise DnsNotFound(name, rdtype, "empty name")
+    @classmethod
+    def from_config(cls, cfg: Any) -> DnspythonResolver:
+        """From a relay.config.DnsConfig."""
+        return cls(
+            [str(n) for n in cfg.nameservers],
+            timeout=cfg.timeout,
+            dnssec=cfg.dnssec,
+            dnssec_trusted=cfg.dnssec_trusted,
+        )
+
+    async def _exchange(
+        self, qname: dns.name.Name, rdtype: str, *, cd: bool = False
+    ) -> tuple[dns.message.Message | None, str]:
+        """The first usable response (not SERVFAIL/REFUSED) of any server, else the last
+        SERVFAIL (or None) and why."""
+        query = dns.message.make_query(
+            qname,
+            dns.rdatatype.from_text(rdtype),
+            use_edns=0,
+            payload=1232,
+            want_dnssec=self.trust_ad,
+        )
+        if self.trust_ad:
+            query.flags |= dns.flags.AD
+        if cd:
+            query.flags |= dns.flags.CD
+        per_try = self.timeout / (self.tries * len(self.servers))
+        failed: dns.message.Message | None = None
+        why = "no answer"
+        for _round in range(self.tries):
+            for host, port in self.servers:
+                try:
+                    resp, _tcp = await dns.asyncquery.udp_with_fallback(
+                        query, host, timeout=per_try, port=port
+                    )
+                except dns.exception.Timeout:
+                    why = "timeout"
+                    continue
+                except (OSError, dns.exception.DNSException, ValueError) as exc:
+                    why = f"{type(exc).__name__}: {exc}"
+                    continue
+                rcode = resp.rcode()
+                if rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+                    return resp, ""
+                why = dns.rcode.to_text(rcode)
+                if rcode == dns.rcode.SERVFAIL:
+                    failed = resp
+            if failed is not None:
+                break  # every server answered SERVFAIL (or failed): asking again won't help
+        return failed, why
+
+    async def _bogus(self, qname: dns.name.Name, rdtype: str, resp: dns.message.Message) -> str:
+        """Why a SERVFAIL is a validation failure, or "" when it is not."""
+        if not self.trust_ad:
+            return ""
+        for ede in resp.extended_errors():
+            if int(ede.code) in _EDE_BOGUS:
+                return f"EDE {int(ede.code)}: {ede.text or ''}".rstrip(": ")
+        # RFC 4035 section 3.2.2: with CD set the resolver answers without validating;
+        # an answer then (where there was SERVFAIL) means the data failed validation.
+        unchecked, _ = await self._exchange(qname, rdtype, cd=True)
+        if unchecked is not None and unchecked.rcode() in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+            return "validation failed (answers with CD only)"
+        return ""
+
+    async def answer(self, name: str, rdtype: str) -> Answer:
+        if rdtype == "PTR":
+            name = reverse_name(name)
+        qname = _qname(name, rdtype)
+        shown = _norm(name)
         try:
-            result = await asyncio.wait_for(
-                self._resolver.query_dns(qname, rdtype), timeout=self.timeout + 1
-            )
-        except aiodns.error.DNSError as exc:
-            code = exc.args[0] if exc.args else None
-            detail = exc.args[1] if len(exc.args) > 1 else ""
-            if code in (pycares.errno.ARES_ENOTFOUND, pycares.errno.ARES_EBADNAME):
-                raise DnsNotFound(qname, rdtype, str(detail)) from None
-            if code == pycares.errno.ARES_ENODATA:
-                raise DnsNoData(qname, rdtype, str(detail)) from None
-            raise DnsTempFail(qname, rdtype, str(detail)) from None
+            async with asyncio.timeout(self.timeout + 1):
+                resp, why = await self._exchange(qname, rdtype)
+                if resp is not None and resp.rcode() == dns.rcode.SERVFAIL:
+                    bogus = await self._bogus(qname, rdtype, resp)
+                    if bogus:
+                        raise DnsBogus(shown, rdtype, bogus)
         except TimeoutError:
-            raise DnsTempFail(qname, rdtype, "timeout") from None
-        except (UnicodeError, ValueError) as exc:  # a name that cannot be encoded
-            raise DnsNotFound(qname, rdtype, f"invalid name: {exc}") from None
-        want = getattr(pycares, f"QUERY_TYPE_{rdtype}")
-        records = [r for r in result.answer if r.type == want]
-        if not records:
-            raise DnsNoData(qname, rdtype)
-        return records
+            raise DnsTempFail(shown, rdtype, "timeout") from None
+        if resp is None or resp.rcode() not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+            raise DnsTempFail(shown, rdtype, why)
+        status: DnssecStatus = (
+            "secure" if self.trust_ad and resp.flags & dns.flags.AD else "insecure"
+        )
+        if resp.rcode() == dns.rcode.NXDOMAIN:
+            raise DnsNotFound(shown, rdtype, status=status)
+        want = dns.rdatatype.from_text(rdtype)
+        owner = qname
+        ttl: int | None = None
+        for _hop in range(9):
+            found = [r for r in resp.answer if r.name == owner and r.rdtype == want]
+            if found:
+                rrset = found[0]
+                ttl = rrset.ttl if ttl is None else min(ttl, rrset.ttl)
+                records = _convert(rdtype, rrset)
+                return Answer(shown, rdtype, tuple(records), ttl, status, _text(owner))
+            cnames = [r for r in resp.answer if r.name == owner and r.rdtype == dns.rdatatype.CNAME]
+            if not cnames or want == dns.rdatatype.CNAME:
+                break
+            ttl = cnames[0].ttl if ttl is None else min(ttl, cnames[0].ttl)
+            owner = cast(Any, cnames[0][0]).target
+        raise DnsNoData(shown, rdtype, status=status)
 
     async def lookup_ttl(self, rdtype: str, name: str) -> tuple[list[Any], int]:
-        """The typed answer of one query (as the method of that type gives it) and the
-        smallest TTL among its records."""
-        if rdtype == "PTR":
-            recs = await self._query(reverse_name(name), "PTR")
-        else:
-            recs = await self._query(name, rdtype)
-        ttl = min(int(getattr(r, "ttl", 0)) for r in recs)
-        return _convert(rdtype, recs), ttl
+        """The typed answer of one query and the smallest TTL among its records."""
+        ans = await self.answer(name, rdtype)
+        return list(ans.records), ans.ttl
 
     async def mx(self, name: str) -> list[MxRecord]:
-        return cast(list[MxRecord], _convert("MX", await self._query(name, "MX")))
+        return list((await self.answer(name, "MX")).records)
 
     async def txt(self, name: str) -> list[str]:
-        return cast(list[str], _convert("TXT", await self._query(name, "TXT")))
+        return list((await self.answer(name, "TXT")).records)
 
     async def a(self, name: str) -> list[str]:
-        return cast(list[str], _convert("A", await self._query(name, "A")))
+        return list((await self.answer(name, "A")).records)
 
     async def aaaa(self, name: str) -> list[str]:
-        return cast(list[str], _convert("AAAA", await self._query(name, "AAAA")))
+        return list((await self.answer(name, "AAAA")).records)
 
     async def ptr(self, ip: str) -> list[str]:
-        return cast(list[str], _convert("PTR", await self._query(reverse_name(ip), "PTR")))
+        return list((await self.answer(ip, "PTR")).records)
+
+    async def tlsa(self, name: str) -> list[TlsaRecord]:
+        return list((await self.answer(name, "TLSA")).records)
 
 
-def _convert(rdtype: str, recs: list[pycares.DNSRecord]) -> list[Any]:
-    if rdtype == "MX":
-        return [
-            MxRecord(int(getattr(r.data, "priority")), _norm(str(getattr(r.data, "exchange"))))  # noqa: B009
-            for r in recs
-        ]
-    if rdtype == "TXT":
-        out = []
-        for r in recs:
-            data = getattr(r.data, "data")  # noqa: B009
-            out.append(data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data))
-        return out
-    if rdtype == "PTR":
-        return [_norm(str(getattr(r.data, "dname"))) for r in recs]  # noqa: B009
-    return [str(getattr(r.data, "addr")) for r in recs]  # noqa: B009
+# The name used before the move to dnspython (c-ares could neither send DO nor show AD,
+# and refused names SPF allows); kept so that callers keep working.
+AiodnsResolver = DnspythonResolver
+
+
+def resolver_from_config(cfg: Any) -> Resolver:
+    """The relay's resolver for a relay.config.DnsConfig: dnspython, behind the cache
+    unless ``cache_max_ttl`` is 0."""
+    inner = DnspythonResolver.from_config(cfg)
+    if cfg.cache_max_ttl > 0:
+        return CachingResolver(
+            inner, max_ttl=cfg.cache_max_ttl, negative_ttl=cfg.cache_negative_ttl
+        )
+    return inner
 
 
 class CachingResolver:
@@ -163,10 +449,11 @@ class CachingResolver:
     gives Postfix for free), so routing one message does not cost three queries.
 
     Answers are kept for their records' smallest TTL (when the inner resolver tells it,
-    through ``lookup_ttl``; else ``max_ttl``), capped at ``max_ttl``; NXDOMAIN and
-    "no records of the type" for ``negative_ttl`` (RFC 2308 caching without the SOA);
-    temporary failures (SERVFAIL, timeout) are never kept. Concurrent identical queries
-    share one lookup. Callers get their own copy of the list.
+    through ``answer`` or ``lookup_ttl``; else ``max_ttl``), capped at ``max_ttl``;
+    NXDOMAIN and "no records of the type" for ``negative_ttl`` (RFC 2308 caching without
+    the SOA); temporary failures (SERVFAIL, timeout, bogus) are never kept. Concurrent
+    identical queries share one lookup. Callers get their own copy of the list. The
+    DNSSEC status is kept with each answer.
     """
 
     def __init__(
@@ -183,15 +470,15 @@ class CachingResolver:
         self.negative_ttl = negative_ttl
         self.max_entries = max_entries
         self.clock = clock
-        self._cache: dict[tuple[str, str], tuple[float, list[Any] | DnsError]] = {}
-        self._inflight: dict[tuple[str, str], asyncio.Task[list[Any]]] = {}
+        self._cache: dict[tuple[str, str], tuple[float, Answer | DnsError]] = {}
+        self._inflight: dict[tuple[str, str], asyncio.Task[Answer]] = {}
         self.hits = 0
         self.misses = 0
 
     def clear(self) -> None:
         self._cache.clear()
 
-    async def _get(self, rdtype: str, name: str) -> list[Any]:
+    async def answer(self, name: str, rdtype: str) -> Answer:
         key = (rdtype, _norm(name))
         entry = self._cache.get(key)
         if entry is not None:
@@ -200,7 +487,7 @@ class CachingResolver:
                 self.hits += 1
                 if isinstance(value, DnsError):
                     raise value.with_traceback(None)
-                return list(value)
+                return value
             del self._cache[key]
         task = self._inflight.get(key)
         if task is None:
@@ -211,27 +498,30 @@ class CachingResolver:
         else:
             self.hits += 1
         # shielded: one caller giving up does not cancel the lookup the others wait for
-        return list(await asyncio.shield(task))
+        return await asyncio.shield(task)
 
-    def _done(self, key: tuple[str, str], task: asyncio.Task[list[Any]]) -> None:
+    async def _get(self, rdtype: str, name: str) -> list[Any]:
+        return list((await self.answer(name, rdtype)).records)
+
+    def _done(self, key: tuple[str, str], task: asyncio.Task[Answer]) -> None:
         if self._inflight.get(key) is task:
             del self._inflight[key]
         if not task.cancelled():
             task.exception()  # retrieved, even when every caller went away
 
-    async def _fetch_and_store(self, key: tuple[str, str], rdtype: str, name: str) -> list[Any]:
+    async def _fetch_and_store(self, key: tuple[str, str], rdtype: str, name: str) -> Answer:
         try:
-            value, ttl = await self._fetch(rdtype, name)
+            value = await self._fetch(rdtype, name)
         except (DnsNotFound, DnsNoData) as exc:
             if self.negative_ttl > 0:
                 self._store(key, exc, self.negative_ttl)
             raise
-        ttl = min(ttl, self.max_ttl)
+        ttl = min(value.ttl, self.max_ttl)
         if ttl > 0:
             self._store(key, value, ttl)
         return value
 
-    def _store(self, key: tuple[str, str], value: list[Any] | DnsError, ttl: float) -> None:
+    def _store(self, key: tuple[str, str], value: Answer | DnsError, ttl: float) -> None:
         if len(self._cache) >= self.max_entries:
             now = self.clock()
             for k in [k for k, (exp, _) in self._cache.items() if exp <= now]:
@@ -240,15 +530,21 @@ class CachingResolver:
                 self._cache.clear()
         self._cache[key] = (self.clock() + ttl, value)
 
-    async def _fetch(self, rdtype: str, name: str) -> tuple[list[Any], float]:
+    async def _fetch(self, rdtype: str, name: str) -> Answer:
+        answer = getattr(self.inner, "answer", None)
+        if answer is not None:
+            return await cast(Callable[[str, str], Awaitable[Answer]], answer)(name, rdtype)
         lookup_ttl = getattr(self.inner, "lookup_ttl", None)
         if lookup_ttl is not None:
             value, ttl = await cast(
                 Callable[[str, str], Awaitable[tuple[list[Any], int]]], lookup_ttl
             )(rdtype, name)
-            return value, float(ttl)
-        method = cast(Callable[[str], Awaitable[list[Any]]], getattr(self.inner, rdtype.lower()))
-        return await method(name), self.max_ttl
+        else:
+            method = cast(
+                Callable[[str], Awaitable[list[Any]]], getattr(self.inner, rdtype.lower())
+            )
+            value, ttl = await method(name), int(self.max_ttl) + 1
+        return Answer(_norm(name), rdtype, tuple(value), ttl, "insecure", _norm(name))
 
     async def mx(self, name: str) -> list[MxRecord]:
         return cast(list[MxRecord], await self._get("MX", name))
@@ -265,30 +561,43 @@ class CachingResolver:
     async def ptr(self, ip: str) -> list[str]:
         return cast(list[str], await self._get("PTR", ip))
 
+    async def tlsa(self, name: str) -> list[TlsaRecord]:
+        return cast(list[TlsaRecord], await self._get("TLSA", name))
+
 
 class StaticResolver:
     """A dict-backed Resolver for unit tests and the SPF suite.
 
     ``records`` maps (name, type) to a list of values, or to one of the strings
-    "NXDOMAIN", "SERVFAIL", "TIMEOUT". A name with no entry of any type is NXDOMAIN;
-    a name with entries of other types only gives NoData. MX values are
-    (preference, host) tuples; TXT values are strings (or lists of strings, joined).
+    "NXDOMAIN", "SERVFAIL", "TIMEOUT", "BOGUS". A name with no entry of any type is
+    NXDOMAIN; a name with entries of other types only gives NoData. MX values are
+    (preference, host) tuples; TXT values are strings (or lists of strings, joined);
+    TLSA values are TlsaRecord or (usage, selector, mtype, hex) tuples.
     A (name, "CNAME") entry is followed for the other types (8 hops, then DnsTempFail).
+    Names in ``secure`` (owner names; every name in a CNAME chain must be there) are
+    answered "secure", the others "insecure".
     """
 
-    def __init__(self, records: Mapping[tuple[str, str], object] | None = None) -> None:
+    def __init__(
+        self,
+        records: Mapping[tuple[str, str], object] | None = None,
+        secure: Iterable[str] = (),
+    ) -> None:
         self.records: dict[tuple[str, str], object] = {}
         self.queries: list[tuple[str, str]] = []
+        self.secure = {_norm(n) for n in secure}
         for (name, rdtype), value in (records or {}).items():
             self.add(name, rdtype, value)
 
     def add(self, name: str, rdtype: str, value: object) -> None:
         key = (_norm(name), rdtype.upper())
-        if isinstance(value, str) and value in ("NXDOMAIN", "SERVFAIL", "TIMEOUT"):
+        if isinstance(value, str) and value in ("NXDOMAIN", "SERVFAIL", "TIMEOUT", "BOGUS"):
             self.records[key] = value
             return
         existing = self.records.get(key)
-        if isinstance(value, list) or (isinstance(value, tuple) and rdtype.upper() != "MX"):
+        if isinstance(value, list) or (
+            isinstance(value, tuple) and rdtype.upper() not in ("MX", "TLSA")
+        ):
             items = list(value)
         else:
             items = [value]
@@ -297,9 +606,10 @@ class StaticResolver:
         else:
             self.records[key] = items
 
-    def _lookup(self, name: str, rdtype: str) -> list[object]:
+    def _lookup(self, name: str, rdtype: str) -> tuple[list[object], str, DnssecStatus]:
         qname = _norm(name)
         self.queries.append((qname, rdtype))
+        chain = [qname]
         for _hop in range(8):  # follow CNAME entries, as a recursive resolver would
             target = self.records.get((qname, "CNAME"))
             if rdtype == "CNAME" or (qname, rdtype) in self.records:
@@ -307,45 +617,74 @@ class StaticResolver:
             if not isinstance(target, list) or not target:
                 break
             qname = _norm(str(target[0]))
+            chain.append(qname)
         else:
             raise DnsTempFail(_norm(name), rdtype, "CNAME chain too long")
+        status: DnssecStatus = "secure" if all(n in self.secure for n in chain) else "insecure"
         value = self.records.get((qname, rdtype))
         if value is None:
-            for t in ("NXDOMAIN", "SERVFAIL", "TIMEOUT"):
+            for t in ("NXDOMAIN", "SERVFAIL", "TIMEOUT", "BOGUS"):
                 for (n, _), v in self.records.items():
                     if n == qname and v == t:
                         value = v
             if value is None:
                 if any(n == qname for (n, _) in self.records):
-                    raise DnsNoData(qname, rdtype)
-                raise DnsNotFound(qname, rdtype)
+                    raise DnsNoData(qname, rdtype, status=status)
+                raise DnsNotFound(qname, rdtype, status=status)
         if value == "NXDOMAIN":
-            raise DnsNotFound(qname, rdtype)
+            raise DnsNotFound(qname, rdtype, status=status)
+        if value == "BOGUS":
+            raise DnsBogus(qname, rdtype, "static bogus")
         if value in ("SERVFAIL", "TIMEOUT"):
             raise DnsTempFail(qname, rdtype, str(value).lower())
         assert isinstance(value, list)
         if not value:
-            raise DnsNoData(qname, rdtype)
-        return value
+            raise DnsNoData(qname, rdtype, status=status)
+        return value, qname, status
+
+    def _typed(self, rdtype: str, values: list[object]) -> list[Any]:
+        out: list[Any] = []
+        for v in values:
+            if rdtype == "MX":
+                pref, host = cast(tuple[int, str], v)
+                out.append(MxRecord(int(pref), _norm(str(host))))
+            elif rdtype == "TXT":
+                out.append(
+                    "".join(v) if isinstance(v, Iterable) and not isinstance(v, str) else str(v)
+                )
+            elif rdtype in ("PTR", "CNAME"):
+                out.append(_norm(str(v)))
+            elif rdtype == "TLSA":
+                if isinstance(v, TlsaRecord):
+                    out.append(v)
+                else:
+                    u, s, m, data = cast(tuple[int, int, int, str | bytes], v)
+                    raw = bytes.fromhex(data) if isinstance(data, str) else bytes(data)
+                    out.append(TlsaRecord(int(u), int(s), int(m), raw))
+            else:
+                out.append(str(v))
+        return out
+
+    async def answer(self, name: str, rdtype: str) -> Answer:
+        qname = reverse_name(name) if rdtype == "PTR" else name
+        values, owner, status = self._lookup(qname, rdtype)
+        records = self._typed(rdtype, values)
+        return Answer(_norm(qname), rdtype, tuple(records), 86400, status, owner)
 
     async def mx(self, name: str) -> list[MxRecord]:
-        out = []
-        for v in self._lookup(name, "MX"):
-            pref, host = cast(tuple[int, str], v)
-            out.append(MxRecord(int(pref), _norm(str(host))))
-        return out
+        return list((await self.answer(name, "MX")).records)
 
     async def txt(self, name: str) -> list[str]:
-        out = []
-        for v in self._lookup(name, "TXT"):
-            out.append("".join(v) if isinstance(v, Iterable) and not isinstance(v, str) else str(v))
-        return out
+        return list((await self.answer(name, "TXT")).records)
 
     async def a(self, name: str) -> list[str]:
-        return [str(v) for v in self._lookup(name, "A")]
+        return list((await self.answer(name, "A")).records)
 
     async def aaaa(self, name: str) -> list[str]:
-        return [str(v) for v in self._lookup(name, "AAAA")]
+        return list((await self.answer(name, "AAAA")).records)
 
     async def ptr(self, ip: str) -> list[str]:
-        return [_norm(str(v)) for v in self._lookup(reverse_name(ip), "PTR")]
+        return list((await self.answer(ip, "PTR")).records)
+
+    async def tlsa(self, name: str) -> list[TlsaRecord]:
+        return list((await self.answer(name, "TLSA")).records)

@@ -8,6 +8,7 @@
     │   ├── DnsNotFound             NXDOMAIN
     │   ├── DnsNoData               the name exists, no record of that type
     │   └── DnsTempFail             SERVFAIL, timeout, refused: try again later
+    │       └── DnsBogus            SERVFAIL because DNSSEC validation failed
     ├── StoreError                  the durable store failed (reply 451/452)
     ├── PolicyError                 an MTA-STS record or policy is invalid
     └── DeliveryError
@@ -59,10 +60,15 @@ class SmtpReplyError(RelayError):
 class DnsError(RelayError):
     """A DNS lookup did not give an answer."""
 
-    def __init__(self, name: str, rdtype: str, detail: str = "") -> None:
+    def __init__(
+        self, name: str, rdtype: str, detail: str = "", *, status: str = "insecure"
+    ) -> None:
         self.name = name
         self.rdtype = rdtype
         self.detail = detail
+        # DNSSEC status of a negative answer: "secure" is an authenticated denial of
+        # existence (RFC 4035 section 5.4); "bogus" only on DnsBogus
+        self.status = status
         super().__init__(f"{rdtype} {name}: {self.kind}{': ' + detail if detail else ''}")
 
     kind = "dns error"
@@ -77,7 +83,25 @@ class DnsNoData(DnsError):
 
 
 class DnsTempFail(DnsError):
+    """No answer now; its DNSSEC status is "unknown", never "insecure"."""
+
     kind = "temporary failure"
+
+    def __init__(
+        self, name: str, rdtype: str, detail: str = "", *, status: str = "unknown"
+    ) -> None:
+        super().__init__(name, rdtype, detail, status=status)
+
+
+class DnsBogus(DnsTempFail):
+    """The validating resolver says the answer failed DNSSEC validation. Temporary for
+    everything else (a SERVFAIL), but DANE must not treat it as "insecure"
+    (RFC 7672 section 2.1.1)."""
+
+    kind = "DNSSEC bogus"
+
+    def __init__(self, name: str, rdtype: str, detail: str = "") -> None:
+        super().__init__(name, rdtype, detail, status="bogus")
 
 
 class StoreError(RelayError):

@@ -4,9 +4,12 @@
 ``relay.message.ParsedMessage``; every stage after reads that value (relay.stages):
 loop check, our Received trace field, the verdict (``VerdictStage``: forged A-R removed,
 SPF/DKIM/DMARC/ARC, our A-R), the route (``RouteStage``: aliases, SRS), the ARC seal
-(``SealStage``), the TLS-Required decision, then a durable write (fsync'd before the
-250) and the scheduler told (``QueueSink``). Locally generated mail (DSNs, TLS-RPT
-reports) enters through ``inject`` (intake is the scheduler's ``Submitter``).
+(``SealStage``), the lists (``ListsStage``: recipients that are mailing-list addresses
+are handed to relay.lists, which stores the post and its fan-out durably), the
+TLS-Required decision, then a durable write (fsync'd before the 250) and the scheduler
+told (``QueueSink``). Locally generated mail (DSNs, TLS-RPT reports) enters through
+``inject`` (intake is the scheduler's ``Submitter``); a DSN for a list copy goes to the
+lists (its -bounces+TOKEN address) the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from relay import logs
 from relay.config import Config
@@ -24,6 +28,7 @@ from relay.message import ParsedMessage
 from relay.model import ConnInfo, Envelope, QueueId
 from relay.queue.spool import (
     FLAG_NO_TLS_REQUIRED,
+    FLAG_REQUIRETLS,
     NewMessage,
     Spool,
     envelope_fields,
@@ -38,6 +43,9 @@ from relay.stages import (
     SealStage,
     VerdictStage,
 )
+
+if TYPE_CHECKING:
+    from relay.lists.stage import ListsStage
 
 log = logs.get("relay.intake")
 
@@ -152,11 +160,13 @@ class Intake:
         verdict: VerdictStage | None = None,
         router: RouteStage | None = None,
         sealer: SealStage | None = None,
+        lists: ListsStage | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.spool = spool
         self.queue = queue
+        self.lists = lists
         self.verdict: VerdictStage = verdict or AcceptAll(config.authserv_id)
         self.router: RouteStage = router or Router()
         self.sealer: SealStage = sealer or NoSeal()
@@ -173,6 +183,13 @@ class Intake:
         judged = await self.verdict.judge(conn, env, message)
         route = self.router.route(env)
         message = await self.sealer.seal(judged)
+        if self.lists is not None:
+            rest = await self.lists.take(env, message.raw, qid)
+            if rest is None:  # list recipients only: the lists stored it durably
+                log.info("to_lists", qid=qid, client=conn.peer_ip, mail_from=env.mail_from)
+                return f"2.0.0 Ok: queued as {qid}"
+            if rest is not env:
+                route = self.router.route(rest)
         flags = 0
         if tls_required_no(message):
             setting = getattr(self.config.delivery, "tls_required_no", "trusted")
@@ -186,6 +203,9 @@ class Intake:
                     setting=setting,
                     reason="RFC 8689 field kept but not honoured for this client",
                 )
+        if env.requiretls:
+            # RFC 8689 section 5: with REQUIRETLS a "TLS-Required: No" field is ignored
+            flags = FLAG_REQUIRETLS
         mid = message_id(message)
         new = NewMessage(
             route.mail_from,
@@ -233,6 +253,11 @@ class Intake:
     ) -> QueueId:
         """Queue locally generated mail (DSNs, reports): our own, so its TLS-Required
         field is honoured (RFC 8460 section 3 asks it of TLS reports)."""
+        if self.lists is not None:  # a DSN about a list copy: to its -bounces+TOKEN
+            rest = await self.lists.take(Envelope(mail_from, tuple(recipients)), data, "")
+            if rest is None:
+                return new_qid(self.clock())
+            recipients = rest.rcpt_tos
         message = ParsedMessage.parse(data)
         if tls_required_no(message):
             flags |= FLAG_NO_TLS_REQUIRED

@@ -63,7 +63,9 @@ _generation = 0  # bumped by setup(): cached loggers are rebuilt after a reconfi
 def setup(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     global _generation
     _generation += 1
-    stream = stream or _Stderr()
+    # sys.stderr itself is looked up at each write: a command run in process (tests) may
+    # be handed a stderr that is replaced and closed after it returns
+    stream = _Stderr() if stream is None or stream is sys.stderr else stream
     tty = bool(stream.isatty())
     use_json = fmt == "json" or (fmt == "auto" and not tty)
     renderer: Any

@@ -49,6 +49,7 @@ class Envelope:
     rcpt_tos: tuple[str, ...]
     smtputf8: bool = False
     body_8bit: bool = False
+    requiretls: bool = False  # MAIL FROM ... REQUIRETLS over TLS (RFC 8689 section 4.1)
     dsn: MailDsn = MailDsn()
     rcpt_dsn: tuple[RcptDsn, ...] = ()  # per rcpt_tos entry (() when none was given)
 
@@ -147,6 +148,9 @@ class AttemptResult:
     tls_outcomes: tuple[TlsOutcome, ...] = field(default=())
     mx_host: str = ""
     tls_version: str | None = None
+    # the transport policy the last attempt ran under: "dane" (RFC 7672), "sts" (RFC 8461)
+    # or "none" (opportunistic)
+    tls_policy: str = ""
 
 
 class StsMode(enum.StrEnum):
@@ -194,6 +198,7 @@ class DeliveryJob:
     data: bytes
     message_id: str = ""
     tls_required: bool = True  # False for mail carrying "TLS-Required: no" (RFC 8689)
+    requiretls: bool = False  # MAIL FROM ... REQUIRETLS was given (RFC 8689 section 4)
     record_tls: bool = True  # False: outcomes are not recorded in the TLS-RPT ledger
     dsn: MailDsn = MailDsn()  # RET and ENVID, passed on to a next hop that offers DSN
     rcpt_dsn: tuple[RcptDsn, ...] = ()  # NOTIFY and ORCPT per recipient (() when none)

@@ -40,7 +40,7 @@ from relay.auth.pipeline import Authenticator, Verdict
 from relay.auth.results import header_fields, split_header
 from relay.auth.types import DmarcResultCode, SpfResult, SpfResultCode
 from relay.config import ArcConfig, Config, load_config
-from relay.dns import AiodnsResolver, Resolver
+from relay.dns import DnspythonResolver, Resolver
 from relay.errors import DnsNoData, DnsNotFound, RelayError
 from relay.model import ConnInfo, Envelope
 
@@ -121,8 +121,7 @@ async def diagnose_all(
 ) -> tuple[Verdict, OwnSeal | None]:
     """The verdict on the message as the relay received it (its own seal set aside) and
     what there is to say about that seal."""
-    nameservers = [str(hp) for hp in config.dns.nameservers]
-    resolver = AiodnsResolver(nameservers, timeout=config.dns.timeout)
+    resolver = DnspythonResolver.from_config(config.dns)
     own = None
     mine = own_arc_set(message, config.arc)
     if mine is not None:
@@ -165,8 +164,7 @@ async def diagnose(
     resolver: Resolver | None = None,
 ) -> Verdict:
     if resolver is None:
-        nameservers = [str(hp) for hp in config.dns.nameservers]
-        resolver = AiodnsResolver(nameservers, timeout=config.dns.timeout)
+        resolver = DnspythonResolver.from_config(config.dns)
     config = dataclasses.replace(config, auth=dataclasses.replace(config.auth, enabled=True))
     spf_check = None
     if not client_ip:

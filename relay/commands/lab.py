@@ -1,10 +1,12 @@
 """``relay lab``: the downgrade lab (RFC 8461, RFC 8460) from the shell.
 
-- ``run [--scenario NAME]... [--json] [--out DIR]``: build the whole lab on loopback in
-  this process (relay.lab.runner), play every scenario under every policy mode, print
-  the matrix and the TLS-RPT reports the relay would send (``--out``: write them, as
-  RFC 8460 gzip attachments and readable JSON). Exit 0 when every cell matches what
-  the RFCs require, 1 on any mismatch, 2 on a usage error.
+- ``run [--scenario NAME]... [--json] [--out DIR] [--html FILE]``: build the whole lab
+  on loopback in this process (relay.lab.runner), play every scenario under every policy
+  mode, then the DANE and REQUIRETLS cells (relay.lab.dane), print the matrix and the
+  TLS-RPT reports the relay would send (``--out``: write them, as RFC 8460 gzip
+  attachments and readable JSON; ``--html``: the matrix as one page, relay.lab.html).
+  Exit 0 when every cell matches what the RFCs require, 1 on any mismatch, 2 on a usage
+  error.
 - ``list [--json]``: each scenario in a sentence: the attack, what RFC 8461 says a
   sender must do, what a sender without MTA-STS does.
 - ``strip --listen HOST:PORT --upstream HOST:PORT``: the STARTTLS-stripping proxy
@@ -40,6 +42,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--scenario", action="append", metavar="NAME", help="only this scenario")
     run.add_argument("--json", action="store_true", help="print one JSON object")
     run.add_argument("--out", metavar="DIR", help="write the TLS-RPT reports here")
+    run.add_argument("--html", metavar="FILE", help="write the matrix as one HTML page")
     run.set_defaults(func=run_lab)
 
     lst = ls.add_parser("list", help="describe each scenario")
@@ -79,10 +82,15 @@ def hostport(text: str) -> tuple[str, int]:
 
 
 def run_lab(args: argparse.Namespace) -> int:
-    from relay.lab import runner
+    import dataclasses
 
+    from relay.lab import dane, runner
+
+    names = args.scenario or []
+    dane_names = [n for n in names if n in dane.DANE_NAMES]
+    other = [n for n in names if n not in dane.DANE_NAMES]
     try:
-        scenarios = runner.select(args.scenario)
+        scenarios = runner.select(other) if other or not names else []
     except KeyError as exc:
         print(f"relay lab: unknown scenario: {exc.args[0]} (see relay lab list)", file=sys.stderr)
         return 2
@@ -92,14 +100,33 @@ def run_lab(args: argparse.Namespace) -> int:
         if not args.json:
             print(msg, file=sys.stderr, flush=True)
 
-    result = asyncio.run(runner.run_lab(scenarios, progress=progress))
+    if scenarios:
+        result = asyncio.run(runner.run_lab(scenarios, progress=progress))
+    else:
+        result = runner.LabRun((), (), "", 0.0)
+    # the DANE and REQUIRETLS cells (relay.lab.dane): a validating unbound in front of
+    # signed lab zones; skipped, naming the package, when unbound is missing
+    wanted = dane.select(dane_names) if dane_names or not names else []
+    progress(f"DANE/REQUIRETLS cells: {len(wanted)}")
+    dane_cells, dane_skipped = asyncio.run(dane.run_dane_lab(wanted))
+    result = dataclasses.replace(
+        result, dane_cells=tuple(dane_cells), skipped=result.skipped + tuple(dane_skipped)
+    )
     written: list[Path] = []
+    if args.html:
+        from relay.lab.html import render
+
+        Path(args.html).write_text(render(result), encoding="utf-8")
     if args.out:
         written = runner.write_reports(result, Path(args.out))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        print(runner.format_matrix(result))
+        if result.cells or not result.dane_cells:
+            print(runner.format_matrix(result))
+        if result.dane_cells:
+            print()
+            print(dane.format_cells(result.dane_cells))
         print()
         print(runner.format_reports(result))
         if args.out:

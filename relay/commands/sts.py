@@ -27,7 +27,7 @@ from typing import Any
 from relay import logs
 from relay.commands import open_existing_store
 from relay.config import Config, load_config
-from relay.dns import AiodnsResolver, MxRecord
+from relay.dns import DnspythonResolver, MxRecord
 from relay.errors import DnsError, DnsNoData, DnsNotFound, PolicyError
 from relay.http import SafeHttpClient
 from relay.mtasts.cache import PolicyCache
@@ -108,7 +108,7 @@ class CheckResult:
 
 
 async def check(config: Config, domain: str) -> CheckResult:
-    resolver = AiodnsResolver([str(n) for n in config.dns.nameservers], timeout=config.dns.timeout)
+    resolver = DnspythonResolver.from_config(config.dns)
     http = SafeHttpClient.from_config(config, resolver)
     try:
         d = policy_domain(domain)

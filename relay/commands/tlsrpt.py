@@ -111,7 +111,7 @@ def run_send(args: argparse.Namespace) -> int:
 
 
 async def _send(config: Config, day: str, domain: str | None) -> int:
-    from relay.dns import AiodnsResolver
+    from relay.dns import DnspythonResolver
     from relay.http import SafeHttpClient
     from relay.queue.spool import FLAG_NO_DSN, FLAG_NO_TLS_REQUIRED, NewMessage, Spool
     from relay.tlsrpt.ledger import DeliveryStatus, TlsRptLedger
@@ -126,9 +126,7 @@ async def _send(config: Config, day: str, domain: str | None) -> int:
             flags = FLAG_NO_TLS_REQUIRED | FLAG_NO_DSN
             return await spool.enqueue(NewMessage(mail_from, tuple(recipients), data, (), flags))
 
-        resolver = AiodnsResolver(
-            [str(ns) for ns in config.dns.nameservers], timeout=config.dns.timeout
-        )
+        resolver = DnspythonResolver.from_config(config.dns)
         http = SafeHttpClient.from_config(config, resolver, timeout=60.0)
         ledger = TlsRptLedger(store)
         sender = TlsRptSender(config, ledger, resolver, http, inject)

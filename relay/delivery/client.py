@@ -151,6 +151,7 @@ class SmtpSession:
         self.transactions = 0
         # RSET owed before the next MAIL; with PIPELINING it goes out in the same write
         self.pending_rset = False
+        self.dane = False  # set by the courier once the chain matched TLSA (RFC 7672 3)
 
     # ------------------------------------------------------------------ opening
 
@@ -263,9 +264,12 @@ class SmtpSession:
 
     @property
     def level(self) -> str:
-        """ "verified", "encrypted" or "clear"."""
+        """ "dane" (the chain matched the host's TLSA records), "verified", "encrypted"
+        or "clear"."""
         if self.tls is None:
             return "clear"
+        if self.dane:
+            return "dane"
         return "verified" if self.tls.verified else "encrypted"
 
     @property
@@ -291,6 +295,10 @@ class SmtpSession:
 
     # ------------------------------------------------------------------ transaction
 
+    def supports(self, extension: str) -> bool:
+        """The server advertised this extension in its last EHLO reply."""
+        return bool(self._smtp.supports_extension(extension.lower()))
+
     async def send(
         self,
         mail_from: str,
@@ -298,6 +306,8 @@ class SmtpSession:
         data: bytes,
         dsn: MailDsn | None = None,
         rcpt_dsn: Mapping[str, RcptDsn] | None = None,
+        *,
+        requiretls: bool = False,
     ) -> Transaction:
         """One transaction: MAIL, RCPT for each recipient, DATA once for all accepted
         (pipelined when the server offers PIPELINING); a ``pending_rset`` goes first.
@@ -305,6 +315,9 @@ class SmtpSession:
         Raises ConnectionLost only when the connection failed (or the pending RSET was
         refused) before MAIL was accepted and before any content was sent (safe to retry on
         a new connection); afterwards every recipient gets a reply.
+
+        ``requiretls``: MAIL FROM carries REQUIRETLS (RFC 8689 section 4.2.1); a server
+        that does not advertise it gets nothing, every recipient 550 5.7.30.
         """
         problem = address_problem(mail_from)
         if problem is not None:  # threats row 3: nothing of it is written
@@ -318,7 +331,9 @@ class SmtpSession:
         if refused:
             sendable = [r for r in recipients if r not in refused]
             if sendable:
-                tx = await self.send(mail_from, sendable, data, dsn, rcpt_dsn)
+                tx = await self.send(
+                    mail_from, sendable, data, dsn, rcpt_dsn, requiretls=requiretls
+                )
             else:
                 tx = Transaction((), False, self.connected)
             got = dict(tx.replies)
@@ -338,6 +353,11 @@ class SmtpSession:
             options.append("BODY=8BITMIME")
         if utf8:
             options.append("SMTPUTF8")
+        if requiretls:
+            if not smtp.supports_extension("requiretls"):
+                reply = _local_reply(550, "5.7.30", f"{where} does not support REQUIRETLS")
+                return Transaction(tuple((r, reply) for r in recipients), False, True)
+            options.append("REQUIRETLS")
         # RFC 3461 5.2: the DSN parameters go on to a next hop that offers DSN
         passed = dsn is not None and smtp.supports_extension("dsn")
         if passed and dsn is not None:

@@ -52,7 +52,11 @@ from typing import Any
 
 from relay import logs
 from relay.config import Config
-from relay.delivery import guard, tlspolicy
+from relay.dane import policy as danepolicy
+from relay.dane.lookup import DaneHost, route_dane
+from relay.dane.policy import DaneState
+from relay.dane.tlsa import match_chain
+from relay.delivery import guard, requiretls, tlspolicy
 from relay.delivery.client import (
     ConnectionLost,
     SessionError,
@@ -194,6 +198,9 @@ class _Attempt:
     tls_refusals: list[str] = field(default_factory=list)  # enforce: why a host was refused
     connect_errors: list[str] = field(default_factory=list)
     sessions: int = 0  # sessions that got past the SMTP handshake
+    dane: dict[str, DaneHost] = field(default_factory=dict)  # per MX host (RFC 7672)
+    dane_refusals: list[str] = field(default_factory=list)  # why a DANE host was refused
+    requiretls_refusals: list[str] = field(default_factory=list)  # RFC 8689 4.2.1 refusals
 
     @property
     def mode(self) -> Mode:
@@ -210,7 +217,7 @@ class _Attempt:
     ) -> TlsDecision:
         return tlspolicy.decide(
             TlsInputs(
-                tlspolicy.policy_mode(self.policy),
+                _sts_mode(self.policy, self.job),
                 tls_required_no=not self.job.tls_required,
                 mx_in_policy=mx_in_policy,
                 offer=offer,
@@ -226,6 +233,10 @@ class _Unavailable:
     """The policy lookup could not say what the policy is."""
 
     reason: str
+
+
+class _DaneRefused(SessionError):
+    """DANE (RFC 7672) refused this host: no STARTTLS, no TLS, or no TLSA match."""
 
 
 class _DeadlineInTransaction(Exception):
@@ -349,7 +360,7 @@ class Courier:
             if isinstance(policy, _Unavailable):
                 return self._unavailable(job, policy, blog)
             plan = tlspolicy.decide(
-                TlsInputs(tlspolicy.policy_mode(policy), tls_required_no=not job.tls_required)
+                TlsInputs(_sts_mode(policy, job), tls_required_no=not job.tls_required)
             )
             att = _Attempt(job, policy, plan, blog)
             if policy is not None and policy.fetch_error is not None:
@@ -410,11 +421,34 @@ class Courier:
             return _all(job, state, route.failure.reply, tuple(att.outcomes))
         if route.skipped:
             att.log.info("mx_skipped", skipped=list(route.skipped))
+        # DANE (RFC 7672): the DNSSEC status of the MX RRset, of each host's addresses
+        # and its TLSA RRset; a host with TLSA records is delivered to under DANE, which
+        # takes precedence over MTA-STS for it (RFC 8461 section 2)
+        att.dane = await route_dane(self.resolver, job.domain, route.hosts)
 
         last_host = ""
         for host in route.hosts:
             last_host = host.name
+            dane = att.dane.get(host.name)
+            if dane is not None and dane.state is DaneState.DEFER:
+                self._dane_deferred(att, host, dane)
+                continue
             in_policy = self._in_policy(att.policy, host.name)
+            if job.requiretls:
+                gate = requiretls.host_gate(
+                    dane=dane is not None and dane.state is DaneState.DANE,
+                    sts_mode=_sts_name(att.policy),
+                    in_sts_policy=in_policy and att.policy is not None,
+                )
+                if not gate.allowed:
+                    att.requiretls_refusals.append(f"{host.name}: {gate.reason}")
+                    att.log.info(
+                        "attempt", mx=host.name, outcome="requiretls-refused",
+                        reason=gate.reason, rfc=gate.rfc,
+                    )  # fmt: skip
+                    continue
+            if _dane_applies(dane):
+                in_policy = True  # DANE replaces the MTA-STS "mx" check for this host
             plan = att.decide(mx_in_policy=in_policy)
             if plan.report and plan.result_type is not None:
                 self._emit(
@@ -444,7 +478,23 @@ class Courier:
 
     def _nothing_worked(self, att: _Attempt, last_host: str) -> AttemptResult:
         job = att.job
-        if att.tls_refusals:
+        refusals = att.requiretls_refusals + att.dane_refusals + att.tls_refusals
+        if job.requiretls and refusals and not att.connect_errors:
+            # RFC 8689 section 5: no MX host gave a path REQUIRETLS accepts: 5.7.30
+            text = requiretls.failure_reply(job.domain, refusals)
+            att.log.info(
+                "attempt_failed", recipients=list(job.recipients), reply=text,
+                outcome="failed", policy=_policy_name(att, last_host),
+            )  # fmt: skip
+            res = _all(job, RecipientState.FAILED, text, tuple(att.outcomes), last_host)
+            return dataclasses.replace(res, tls_policy=_policy_name(att, last_host))
+        if att.dane_refusals:
+            # RFC 7672 section 2.2: never clear text to a DANE host; deferred, 4.7.5
+            text = (
+                f"451 4.7.5 TLS required by DANE (TLSA) for {job.domain}: "
+                + "; ".join(att.dane_refusals + att.tls_refusals)
+            )[:900]
+        elif att.tls_refusals:
             text = (
                 f"451 4.7.5 TLS required by MTA-STS policy of {job.domain}: "
                 + "; ".join(att.tls_refusals)
@@ -453,7 +503,7 @@ class Courier:
             text = f"451 4.4.1 {att.connect_errors[-1]}"
         else:
             text = f"451 4.4.1 no MX host of {job.domain} could be reached"
-        if att.connect_errors and att.sessions == 0 and not att.tls_refusals:
+        if att.connect_errors and att.sessions == 0 and not (att.tls_refusals or att.dane_refusals):
             if self.destinations.record_failure(job.domain, att.connect_errors[-1]):
                 att.log.warning(
                     "destination_marked_dead",
@@ -461,9 +511,14 @@ class Courier:
                     error=att.connect_errors[-1],
                 )
         att.log.info(
-            "attempt_failed", recipients=list(job.recipients), reply=text, outcome="deferred"
+            "attempt_failed",
+            recipients=list(job.recipients),
+            reply=text,
+            outcome="deferred",
+            policy=_policy_name(att, last_host),
         )
-        return _all(job, RecipientState.DEFERRED, text, tuple(att.outcomes), last_host)
+        res = _all(job, RecipientState.DEFERRED, text, tuple(att.outcomes), last_host)
+        return dataclasses.replace(res, tls_policy=_policy_name(att, last_host))
 
     # ------------------------------------------------------------------ one address
 
@@ -482,10 +537,17 @@ class Courier:
                 reused = session is not None
                 if session is None:
                     session = await self._open(att, host, ip, plan, in_policy)
+                if job.requiretls and not self._requiretls_session(att, host, session):
+                    return None
                 in_tx = True
                 try:
                     tx = await session.send(
-                        job.mail_from, job.recipients, job.data, job.dsn, job.rcpt_dsn_map()
+                        job.mail_from,
+                        job.recipients,
+                        job.data,
+                        job.dsn,
+                        job.rcpt_dsn_map(),
+                        requiretls=job.requiretls,
                     )
                 except ConnectionLost as exc:
                     if not reused:
@@ -493,9 +555,16 @@ class Courier:
                     att.log.info("reused_connection_lost", mx=host.name, ip=ip, error=exc.detail)
                     in_tx = False
                     session = await self._open(att, host, ip, plan, in_policy)
+                    if job.requiretls and not self._requiretls_session(att, host, session):
+                        return None
                     in_tx = True
                     tx = await session.send(
-                        job.mail_from, job.recipients, job.data, job.dsn, job.rcpt_dsn_map()
+                        job.mail_from,
+                        job.recipients,
+                        job.data,
+                        job.dsn,
+                        job.rcpt_dsn_map(),
+                        requiretls=job.requiretls,
                     )
         except TimeoutError:
             if session is not None:
@@ -505,6 +574,14 @@ class Courier:
                 raise _DeadlineInTransaction(host.name, ip) from None
             att.connect_errors.append(f"{host.name}[{ip}]: attempt deadline exceeded")
             att.log.info("attempt", mx=host.name, ip=ip, outcome="timeout")
+            return None
+        except _DaneRefused as exc:
+            # RFC 7672 section 2.2: the host is alive but fails DANE: the next one is tried
+            att.dane_refusals.append(exc.detail)
+            att.log.info(
+                "attempt", mx=host.name, ip=ip, outcome="tls-refused", reason=exc.detail,
+                policy="dane",
+            )  # fmt: skip
             return None
         except (StartTlsMissing, TlsFailed) as exc:
             if plan.action is not Action.REQUIRE_TLS:  # e.g. 421 to STARTTLS: it gave up
@@ -530,7 +607,16 @@ class Courier:
         """A pooled connection of an acceptable TLS level, with a RSET owed: send() sends
         it first (with PIPELINING in the same write as MAIL). A connection that died idle
         shows as ConnectionLost from send(), and the message goes on a new connection."""
-        session = self.pool.take(ip, self.config.delivery.port, host.name, att.plan.levels)
+        levels = att.plan.levels
+        dane = att.dane.get(host.name)
+        if att.job.requiretls:
+            # RFC 8689 4.2.1: a pooled session made at a weaker level is never reused
+            dane_host = dane is not None and dane.state is DaneState.DANE
+            levels = ("dane",) if dane_host else ("verified",)
+        elif _dane_applies(dane):
+            # a pooled session made at a weaker level is never used for a DANE host
+            levels = ("dane",) if dane and dane.state is DaneState.DANE else _ENCRYPTED
+        session = self.pool.take(ip, self.config.delivery.port, host.name, levels)
         if session is not None:
             session.pending_rset = True
             att.log.debug("connection_reused", mx=host.name, ip=ip, tls=session.level)
@@ -550,6 +636,9 @@ class Courier:
             "command_timeout": d.attempt_timeout,
             "source_ip": d.source_ip,
         }
+        dane = att.dane.get(host.name)
+        if dane is not None and _dane_applies(dane):
+            return await self._open_dane(att, host, ip, dane, common)
         if plan.action is Action.REQUIRE_TLS:
             try:
                 session = await SmtpSession.open(
@@ -663,6 +752,7 @@ class Courier:
             else "partial"
         )
         tls = session.tls
+        policy = _policy_name(att, host.name)
         # the scheduler logs each recipient's outcome at info (with the reply and TLS)
         if logs.enabled(att.log, logging.DEBUG):
             att.log.debug(
@@ -676,6 +766,7 @@ class Courier:
                 tls_cipher=tls.cipher if tls else None,
                 reused=reused,
                 outcome=outcome,
+                policy=policy,
             )
         if tx.usable:
             self.pool.put(session)
@@ -687,6 +778,104 @@ class Courier:
             tls_outcomes=tuple(att.outcomes),
             mx_host=host.name,
             tls_version=tls.version if tls else None,
+            tls_policy=policy,
+        )
+
+    # ------------------------------------------------------------------ REQUIRETLS
+
+    def _requiretls_session(self, att: _Attempt, host: MxHost, session: SmtpSession) -> bool:
+        """RFC 8689 4.2.1 items 3-4 on an open session; False: the host is refused (the
+        session goes back to the pool for other mail)."""
+        gate = requiretls.session_gate(
+            verified=session.level in ("dane", "verified"),
+            advertises=session.supports("requiretls"),
+        )
+        if gate.allowed:
+            return True
+        att.requiretls_refusals.append(f"{host.name}: {gate.reason}")
+        att.log.info(
+            "attempt", mx=host.name, ip=session.ip, outcome="requiretls-refused",
+            reason=gate.reason, rfc=gate.rfc,
+        )  # fmt: skip
+        self.pool.put(session)
+        return False
+
+    # ------------------------------------------------------------------ DANE (RFC 7672)
+
+    def _dane_deferred(self, att: _Attempt, host: MxHost, dane: DaneHost) -> None:
+        """The host's TLSA lookup was bogus or failed: not used (RFC 7672 section 2.2)."""
+        why = f"{host.name}: {dane.policy.reason}"
+        att.dane_refusals.append(why)
+        self._emit(
+            att,
+            self._dane_outcome(att, dane, "", dane.policy.result_type, dane.policy.reason, True),
+        )
+        att.log.info(
+            "attempt", mx=host.name, outcome="tls-refused", reason=dane.policy.reason,
+            policy="dane", rfc=dane.policy.rfc,
+        )  # fmt: skip
+
+    async def _open_dane(
+        self, att: _Attempt, host: MxHost, ip: str, dane: DaneHost, common: dict[str, Any]
+    ) -> SmtpSession:
+        """A session to a DANE host: STARTTLS required (RFC 7672 section 2.2), the chain
+        matched against the TLSA records (section 3); raises _DaneRefused otherwise."""
+        pol = dane.policy
+        where = f"{host.name}[{ip}]"
+        try:
+            session = await SmtpSession.open(tls_context=self.tls.dane, require_tls=True, **common)
+        except StartTlsMissing as exc:
+            out = danepolicy.after_handshake(pol, danepolicy.Offer.NOT_OFFERED, None, exc.detail)
+            self._dane_refuse(att, dane, ip, out, exc.local_ip)
+            raise _DaneRefused(f"{where}: {out.result_type}") from None
+        except TlsFailed as exc:
+            out = danepolicy.after_handshake(pol, danepolicy.Offer.FAILED, None, exc.detail)
+            self._dane_refuse(att, dane, ip, out, exc.local_ip)
+            raise _DaneRefused(f"{where}: {out.result_type}: {exc.detail}") from None
+        match = None
+        if pol.state is DaneState.DANE:
+            chain = session.tls.peer_chain if session.tls is not None else ()
+            match = match_chain(pol.records, chain, dane.names)
+        out = danepolicy.after_handshake(pol, danepolicy.Offer.ENCRYPTED, match)
+        if not out.send:
+            session.close()
+            self._dane_refuse(att, dane, ip, out, session.local_ip)
+            raise _DaneRefused(f"{where}: {out.result_type}: {out.reason}")
+        session.dane = pol.state is DaneState.DANE
+        result_type = pol.result_type  # tlsa-invalid for unusable-only RRsets, else ""
+        self._emit(
+            att,
+            self._dane_outcome(att, dane, ip, result_type, pol.reason, False, session.local_ip),
+        )
+        att.log.debug("dane_session", mx=host.name, ip=ip, state=pol.state.value, rfc=out.rfc)
+        return session
+
+    def _dane_refuse(
+        self, att: _Attempt, dane: DaneHost, ip: str, out: danepolicy.DaneOutcome, local: str
+    ) -> None:
+        self._emit(att, self._dane_outcome(att, dane, ip, out.result_type, out.reason, True, local))
+
+    def _dane_outcome(
+        self,
+        att: _Attempt,
+        dane: DaneHost,
+        ip: str,
+        result_type: str,
+        reason: str,
+        enforced: bool,
+        local_ip: str = "",
+    ) -> TlsOutcome:
+        """RFC 8460 section 4.4: policy-type tlsa, the TLSA records as policy-string."""
+        return TlsOutcome(
+            policy_domain=att.job.domain,
+            policy_type=PolicyType.TLSA,
+            mx_host=dane.host,
+            receiving_ip=ip,
+            result_type=TlsResultType(result_type) if result_type else None,
+            failure_reason=reason if result_type else "",
+            policy_strings=dane.policy_strings(),
+            sending_mta_ip=local_ip or self.config.delivery.source_ip,
+            enforced=enforced,
         )
 
     def _outcome(
@@ -734,6 +923,37 @@ class Courier:
             self.outcome_sink(outcome)
         except Exception as exc:  # noqa: BLE001 - a broken ledger must not stop delivery
             att.log.error("outcome_sink_failed", error=f"{type(exc).__name__}: {exc}")
+
+
+_ENCRYPTED = ("dane", "verified", "encrypted")
+
+
+def _sts_mode(policy: TlsPolicy | None, job: DeliveryJob) -> PolicyMode:
+    mode = tlspolicy.policy_mode(policy)
+    if job.requiretls and mode is PolicyMode.TESTING:
+        # RFC 8689 4.2.1 item 3: a REQUIRETLS message needs the verified session that a
+        # testing policy only checks: testing is applied as enforce for it
+        return PolicyMode.ENFORCE
+    return mode
+
+
+def _sts_name(policy: TlsPolicy | None) -> str | None:
+    mode = tlspolicy.policy_mode(policy)
+    return mode.value if mode in (PolicyMode.ENFORCE, PolicyMode.TESTING) else None
+
+
+def _dane_applies(dane: DaneHost | None) -> bool:
+    return dane is not None and dane.state in (DaneState.DANE, DaneState.ENCRYPT)
+
+
+def _policy_name(att: _Attempt, host: str) -> str:
+    """Which policy an attempt ran under: dane, sts or none (RFC 8460 policy types)."""
+    dane = att.dane.get(host)
+    if dane is not None and dane.state is not DaneState.NONE:
+        return "dane"
+    if att.policy is not None and att.policy.mode is not None:
+        return "sts"
+    return "none"
 
 
 def _guard(job: DeliveryJob) -> dict[str, RecipientResult]:

@@ -39,6 +39,7 @@ _NOT_TRUSTED = {
 }
 
 STARTTLS_MISSING_REASON = "STARTTLS not offered"
+_ENCODING_DER = 2  # _ssl.ENCODING_DER: Certificate.public_bytes format
 MX_NOT_IN_POLICY = "mx-host-not-in-policy"
 
 
@@ -49,6 +50,8 @@ class TlsInfo:
     version: str
     cipher: str
     verified: bool  # the certificate was verified for the MX name
+    # the peer's certificate chain (DER, leaf first) as sent, for DANE (RFC 7672 3)
+    peer_chain: tuple[bytes, ...] = ()
 
 
 class TlsContexts:
@@ -57,6 +60,7 @@ class TlsContexts:
     def __init__(self, ca_file: Path | None = None) -> None:
         self.verifying = verifying_context(ca_file)
         self.opportunistic = opportunistic_context()
+        self.dane = dane_context()
 
 
 def verifying_context(ca_file: Path | None = None) -> ssl.SSLContext:
@@ -102,6 +106,34 @@ def classify_tls_error(exc: BaseException) -> tuple[TlsResultType, str]:
     return TlsResultType.VALIDATION_FAILURE, f"TLS handshake failed: {text}"
 
 
+def dane_context() -> ssl.SSLContext:
+    """DANE (RFC 7672 section 3): no PKIX verification by OpenSSL (the chain is matched
+    against the TLSA records afterwards), TLS 1.2 or newer."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def peer_chain(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> tuple[bytes, ...]:
+    """The certificates the server sent (DER, leaf first), whatever the verification
+    mode: ``get_unverified_chain`` (public from Python 3.13, on ``_sslobj`` before)."""
+    if ssl_object is None:
+        return ()
+    getter = getattr(ssl_object, "get_unverified_chain", None)
+    if getter is None:
+        getter = getattr(getattr(ssl_object, "_sslobj", None), "get_unverified_chain", None)
+    chain = getter() if getter is not None else None
+    if not chain:
+        leaf = ssl_object.getpeercert(binary_form=True)
+        return (leaf,) if leaf else ()
+    out = []
+    for c in chain:
+        out.append(c if isinstance(c, bytes) else bytes(c.public_bytes(_ENCODING_DER)))
+    return tuple(out)
+
+
 def tls_info(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, verified: bool) -> TlsInfo | None:
     if ssl_object is None:
         return None
@@ -110,4 +142,5 @@ def tls_info(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, verified: bool) -
         version=ssl_object.version() or "",
         cipher=cipher[0] if cipher else "",
         verified=verified,
+        peer_chain=peer_chain(ssl_object),
     )

@@ -56,13 +56,15 @@ class Zone:
                     r for r in self.records.get(_n(name), []) if r[0] != rdtype.upper()
                 ]
 
-    def fail(self, name: str, mode: str | None) -> None:
-        """mode: SERVFAIL, NXDOMAIN, DROP, or None to clear."""
+    def fail(self, name: str, mode: str | None, rdtype: str | None = None) -> None:
+        """mode: SERVFAIL, NXDOMAIN, DROP, or None to clear; for every query of the name,
+        or (rdtype given) only for queries of that type."""
+        key = _n(name) if rdtype is None else f"{_n(name)}/{rdtype.upper()}"
         with self.lock:
             if mode is None:
-                self.failures.pop(_n(name), None)
+                self.failures.pop(key, None)
             else:
-                self.failures[_n(name)] = mode
+                self.failures[key] = mode
 
 
 class _Drop(Exception):
@@ -83,11 +85,12 @@ class _ZoneResolver(BaseResolver):  # type: ignore[misc]
 
     def resolve(self, request: DNSRecord, handler: object) -> DNSRecord:
         reply = request.reply()
-        qname = _n(str(request.q.qname))
+        # from the raw labels: str() of a dnslib name escapes spaces and the like
+        qname = ".".join(lab.decode("utf-8", "replace") for lab in request.q.qname.label).lower()
         qtype = QTYPE[request.q.qtype]
         with self.zone.lock:
             self.zone.queries.append((qname, qtype))
-            mode = self.zone.failures.get(qname)
+            mode = self.zone.failures.get(f"{qname}/{qtype}") or self.zone.failures.get(qname)
             if mode == "DROP":
                 raise _Drop
             if mode == "SERVFAIL":

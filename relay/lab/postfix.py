@@ -86,6 +86,9 @@ class PostfixSpec:
     smtp_tls_security_level: str = "may"  # outbound: none | may | encrypt ...
     smtp_tls_ca_file: Path | None = None
     extra: dict[str, str] = field(default_factory=dict)  # more main.cf settings
+    # resolv.conf for the instance's own resolver (DANE interop: a lab unbound), put in
+    # place with a private mount namespace around ``postfix start``; None: the system's
+    resolv_conf: Path | None = None
 
 
 _SERVICES = """\
@@ -216,8 +219,14 @@ class PostfixInstance:
         env.pop("MAIL_CONFIG", None)
         master, slave = pty.openpty()
         try:
+            cmd = [POSTFIX, "-c", str(self.config_dir), *args]
+            if args[:1] == ("start",) and self.spec.resolv_conf is not None:
+                # master and its children live in this mount namespace, where
+                # /etc/resolv.conf is the lab's; nothing outside sees it
+                shell = 'mount --bind "$0" /etc/resolv.conf && exec "$@"'
+                cmd = ["unshare", "-m", "sh", "-c", shell, str(self.spec.resolv_conf), *cmd]
             proc = subprocess.Popen(
-                [POSTFIX, "-c", str(self.config_dir), *args],
+                cmd,
                 stdin=subprocess.DEVNULL,
                 stdout=slave,
                 stderr=slave,

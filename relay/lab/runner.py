@@ -166,6 +166,9 @@ class CellResult:
             },
             "matches_rfc": self.ok,
             "problems": list(self.problems),
+            # the transport policy of the attempt (RFC 8460 policy types): MTA-STS here;
+            # the DANE cells (relay.lab.dane) say "dane"
+            "policy": "sts" if self.mode in (Mode.TESTING, Mode.ENFORCE) else "none",
         }
 
 
@@ -176,10 +179,11 @@ class LabRun:
     submitter: str
     seconds: float
     skipped: tuple[str, ...] = ()  # "scenario: why", when this machine cannot play it
+    dane_cells: tuple[Any, ...] = ()  # relay.lab.dane.DaneCellResult
 
     @property
     def ok(self) -> bool:
-        return all(c.ok for c in self.cells)
+        return all(c.ok for c in self.cells) and all(c.ok for c in self.dane_cells)
 
     def cell(self, scenario: str, mode: Mode | str) -> CellResult:
         for c in self.cells:
@@ -190,8 +194,8 @@ class LabRun:
     def to_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
-            "cells": [c.to_dict() for c in self.cells],
-            "mismatches": sum(1 for c in self.cells if not c.ok),
+            "cells": [c.to_dict() for c in self.cells] + [c.to_dict() for c in self.dane_cells],
+            "mismatches": sum(1 for c in (*self.cells, *self.dane_cells) if not c.ok),
             "seconds": round(self.seconds, 2),
             "skipped": list(self.skipped),
             "tlsrpt_reports": [r.to_dict() for r in self.reports],

@@ -41,6 +41,7 @@ from relay.queue.spool import (
     DEFAULT_LEASE,
     FLAG_NO_DSN,
     FLAG_NO_TLS_REQUIRED,
+    FLAG_REQUIRETLS,
     NewMessage,
     QueuedMessage,
     QueuedRecipient,
@@ -399,6 +400,7 @@ class Scheduler:
                 message_id=msg.message_id,
                 tls_required=not no_tls,
                 record_tls=not no_tls,
+                requiretls=bool(msg.flags & FLAG_REQUIRETLS),
                 dsn=MailDsn(msg.ret, msg.envid),
                 rcpt_dsn=tuple(outbound_dsn(r) for r in rs),
             )
@@ -529,7 +531,10 @@ class Scheduler:
             envid=msg.envid,
             ret=msg.ret,
         )
-        new = NewMessage("", (to,), dsn, (), FLAG_NO_DSN)
+        # RFC 8689 section 5: the DSN of a REQUIRETLS message is itself sent with
+        # REQUIRETLS (it carries the original's headers only, unless RET=FULL was asked)
+        flags = FLAG_NO_DSN | (msg.flags & FLAG_REQUIRETLS)
+        new = NewMessage("", (to,), dsn, (), flags)
         dsn_qid = new_qid(now)
         claimed = self.reserve()
         try:

@@ -107,6 +107,7 @@ MIGRATIONS = [
 # message flags
 FLAG_NO_TLS_REQUIRED = 1  # "TLS-Required: No" (RFC 8689): no MTA-STS enforcement, no TLS-RPT
 FLAG_NO_DSN = 2  # never generate a DSN (NOTIFY=NEVER, or the message is itself a report)
+FLAG_REQUIRETLS = 4  # MAIL FROM ... REQUIRETLS (RFC 8689): delivered only over a verified path
 
 PENDING_STATES = (RecipientState.QUEUED, RecipientState.DEFERRED, RecipientState.INFLIGHT)
 _QID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXZ"
@@ -727,6 +728,12 @@ class Spool:
     async def list(self, where: ListFilter | None = None) -> list[QueuedMessage]:
         """The queue (or one page of it), in arrival order, in one query."""
         return await self.store.read(lambda c: _list(c, where or ListFilter()))
+
+
+def queue_insert(qid: QueueId, msg: NewMessage, now: float) -> Callable[[sqlite3.Connection], None]:
+    """The write that queues a message (recipients queued, for the loader), for callers
+    that must queue it in one transaction with their own rows (list fan-out)."""
+    return _insert(qid, msg, now, "", 0.0)
 
 
 def _insert(

@@ -11,6 +11,10 @@ Postfix's model (``smtpd_relay_restrictions = permit_mynetworks, reject_unauth_d
   and address literals (``v@[192.0.2.1]``). Trusted clients may use them for remote
   domains (the route is ignored, RFC 5321 appendix C).
 
+``list_check`` claims the addresses of the mailing lists (relay.lists: post, -subscribe,
+-unsubscribe, -owner, -bounces+TOKEN, -confirm+TOKEN), accepted from anyone like an alias;
+any other address in a list domain gets 550 5.1.1.
+
 ``extra_local_check`` lets other parts claim addresses (the SRS engineer's hook for
 bounces to SRS0/SRS1 addresses): it returns None for an address it does not handle;
 a 2xx SmtpReply to accept it; a 4xx/5xx SmtpReply to reject it with that reply.
@@ -46,9 +50,16 @@ def _key(mbox: Mailbox) -> str:
 class RelayRules:
     """RCPT policy and alias expansion, built once from the config."""
 
-    def __init__(self, config: Config, *, extra_local_check: LocalCheck | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        extra_local_check: LocalCheck | None = None,
+        list_check: LocalCheck | None = None,
+    ) -> None:
         self._local_domains = frozenset(config.relay.local_domains)
         self._extra = extra_local_check
+        self._lists = list_check
         self._aliases: dict[str, tuple[str, ...]] = {}
         for name, targets in config.aliases.items():
             key = f"aliases.{name}"
@@ -86,6 +97,10 @@ class RelayRules:
             verdict = self._extra(mbox.address)
             if verdict is not None:
                 return None if verdict.code < 400 else verdict
+        if self._lists is not None and mbox.domain in self._local_domains:
+            listed = self._lists(mbox.address)
+            if listed is not None:
+                return None if listed.code < 400 else listed
         if mbox.domain in self._local_domains:
             if _key(mbox) not in self._aliases:
                 return NO_SUCH_USER

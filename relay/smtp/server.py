@@ -74,7 +74,6 @@ SubmitFn = Callable[[ConnInfo, Envelope, bytes], Awaitable[str]]
 log = logs.get("relay.smtp")
 
 
-
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 _REPLY_TEXT_BAD = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -410,6 +409,7 @@ class SmtpSession(SMTP):
         self._mail_dsn = MailDsn()
         self._smtputf8 = False
         self._body8 = False
+        self._requiretls = False
 
     def conn_info(self) -> ConnInfo:
         return ConnInfo(
@@ -569,6 +569,9 @@ class SmtpSession(SMTP):
         ]
         if self.tls_context is not None and self._tls_protocol is None:
             lines.append("STARTTLS")
+        if self._tls_protocol is not None:
+            # RFC 8689 section 4.1: REQUIRETLS is offered only over a TLS session
+            lines.append("REQUIRETLS")
         last = len(lines) - 1
         # one write for the whole multi-line reply
         await self.push(
@@ -590,7 +593,7 @@ class SmtpSession(SMTP):
             return await self._error(str(exc.reply))
         if params and not self._esmtp:
             return await self._error("501 5.5.4 Error: parameters need EHLO")
-        size, body8, utf8 = 0, False, False
+        size, body8, utf8, requiretls = 0, False, False, False
         mail_dsn = MailDsn()
         for key, value in params.items():
             if key == "SIZE":
@@ -610,6 +613,13 @@ class SmtpSession(SMTP):
                     mail_dsn = mail_dsn_param(mail_dsn, key, value)
                 except DsnParamError as exc:
                     return await self._error(str(exc.reply))
+            elif key == "REQUIRETLS":
+                if value is not None:
+                    return await self._error("501 5.5.4 Error: REQUIRETLS takes no value")
+                if self._tls_protocol is None:
+                    # RFC 8689 section 4.1: REQUIRETLS over a connection without TLS
+                    return await self._error("530 5.7.10 Error: REQUIRETLS needs STARTTLS first")
+                requiretls = True
             else:
                 return await self._error(f"555 5.5.4 Error: MAIL parameter {key} not supported")
         if size > self._lim.max_message_size:
@@ -633,6 +643,7 @@ class SmtpSession(SMTP):
         self._mail_dsn = mail_dsn
         self._smtputf8 = utf8
         self._body8 = body8
+        self._requiretls = requiretls
         await self.push("250 2.1.0 Ok")
         return True
 
@@ -692,6 +703,7 @@ class SmtpSession(SMTP):
             rcpt_tos=tuple(self._rcpts),
             smtputf8=self._smtputf8,
             body_8bit=self._body8,
+            requiretls=self._requiretls,
             dsn=self._mail_dsn,
             rcpt_dsn=tuple(self._rcpt_dsn) if any(d != RcptDsn() for d in self._rcpt_dsn) else (),
         )

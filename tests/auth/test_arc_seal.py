@@ -26,7 +26,7 @@ from relay.auth.fastrsa import KeyTooSmallError
 from relay.auth.offload import make_crypto_pool
 from relay.auth.types import ArcCv, ArcResult
 from relay.commands.keygen import generate
-from relay.dns import AiodnsResolver, StaticResolver
+from relay.dns import DnspythonResolver, StaticResolver
 from relay.lab.dnsserver import LabDnsServer, Zone
 
 MESSAGE = (
@@ -244,7 +244,7 @@ def lab_dns(keys: dict[str, tuple[bytes, str]]) -> Iterator[LabDnsServer]:
 async def test_lab_dns_end_to_end(
     keys: dict[str, tuple[bytes, str]], lab_dns: LabDnsServer
 ) -> None:
-    resolver = AiodnsResolver([lab_dns.address], timeout=2)
+    resolver = DnspythonResolver([lab_dns.address], timeout=2)
     signed = DkimSigner("relay2.example.org", "two", keys["two"][0]).sign(MESSAGE)
     sealed = sealer(keys, "one").seal(signed, AR1, await validate_arc(resolver, signed))
     dkim_res, arc_res = await verify_dkim_and_arc(resolver, sealed)
@@ -252,7 +252,7 @@ async def test_lab_dns_end_to_end(
     assert arc_res.cv == ArcCv.PASS
     lab_dns.zone.fail("two._domainkey.relay2.example.org", "SERVFAIL")
     lab_dns.zone.fail("one._domainkey.relay1.example.net", "NXDOMAIN")
-    fresh = AiodnsResolver([lab_dns.address], timeout=1, tries=1)  # no cached answers
+    fresh = DnspythonResolver([lab_dns.address], timeout=1, tries=1)  # no cached answers
     dkim_res, arc_res = await verify_dkim_and_arc(fresh, sealed)
     assert [(r.result, r.reason) for r in dkim_res] == [("temperror", "DNS temporary failure")]
     assert arc_res.cv == ArcCv.FAIL

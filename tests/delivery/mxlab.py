@@ -16,7 +16,7 @@ import trustme
 from aiosmtpd.smtp import SMTP
 
 from relay.config import Config, DeliveryConfig, ServerConfig
-from relay.dns import AiodnsResolver
+from relay.dns import DnspythonResolver
 from relay.lab.dnsserver import LabDnsServer, Zone
 from relay.model import TlsOutcome
 
@@ -237,8 +237,8 @@ class MxLab:
             delivery=DeliveryConfig(**opts),
         )
 
-    def resolver(self, timeout: float = 3.0, tries: int = 2) -> AiodnsResolver:
-        return AiodnsResolver([self.dns.address], timeout=timeout, tries=tries)
+    def resolver(self, timeout: float = 3.0, tries: int = 2) -> DnspythonResolver:
+        return DnspythonResolver([self.dns.address], timeout=timeout, tries=tries)
 
     def sink(self, outcome: TlsOutcome) -> None:
         self.outcomes.append(outcome)

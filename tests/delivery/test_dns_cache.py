@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from relay.dns import AiodnsResolver, CachingResolver, MxRecord, StaticResolver
+from relay.dns import CachingResolver, DnspythonResolver, MxRecord, StaticResolver
 from relay.errors import DnsNoData, DnsNotFound, DnsTempFail
 from relay.lab.dnsserver import LabDnsServer, Zone
 
@@ -26,7 +26,8 @@ async def test_answers_kept_for_their_ttl_at_most_the_cap() -> None:
     zone.add("mx.d.test", "A", "192.0.2.1")
     clock = Clock()
     with LabDnsServer(zone) as dns:
-        res = CachingResolver(AiodnsResolver([dns.address], timeout=2.0), max_ttl=30, clock=clock)
+        inner = DnspythonResolver([dns.address], timeout=2.0)
+        res = CachingResolver(inner, max_ttl=30, clock=clock)
         assert await res.mx("d.test") == [MxRecord(10, "mx.d.test")]
         assert await res.a("MX.d.test.") == ["192.0.2.1"]
         assert await res.a("mx.d.test") == ["192.0.2.1"]
@@ -36,7 +37,7 @@ async def test_answers_kept_for_their_ttl_at_most_the_cap() -> None:
         clock.now += 2  # past the cap (the lab's TTL is 60)
         assert await res.a("mx.d.test") == ["192.0.2.1"]
         assert (res.misses, res.hits) == (3, 2)
-        uncapped = CachingResolver(AiodnsResolver([dns.address], timeout=2.0), clock=clock)
+        uncapped = CachingResolver(DnspythonResolver([dns.address], timeout=2.0), clock=clock)
         await uncapped.mx("d.test")
         clock.now += 59
         await uncapped.mx("d.test")
@@ -87,7 +88,7 @@ async def test_negative_answer_from_the_lab_server() -> None:
     zone = Zone()
     zone.add("d.test", "A", "192.0.2.1")
     with LabDnsServer(zone) as dns:
-        res = CachingResolver(AiodnsResolver([dns.address], timeout=2.0))
+        res = CachingResolver(DnspythonResolver([dns.address], timeout=2.0))
         for _ in range(3):
             with pytest.raises(DnsNoData):
                 await res.aaaa("d.test")

@@ -1,6 +1,6 @@
 """`relay serve` on uvloop (`[server] event_loop = "uvloop"`): a real subprocess takes a
 message over STARTTLS (aiosmtpd's TLS upgrade on uvloop's transports) and relays it over
-STARTTLS (aiosmtplib) to an MX found through the lab DNS server (aiodns on uvloop), then
+STARTTLS (aiosmtplib) to an MX found through the lab DNS server (dnspython on uvloop), then
 stops on SIGTERM; with one process and with two workers."""
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import pytest
 import trustme
 
 from relay.config import Config, parse_config
-from relay.dns import AiodnsResolver, MxRecord
+from relay.dns import DnspythonResolver, MxRecord
 from relay.http import SafeHttpClient
 from relay.lab.dnsserver import LabDnsServer, Zone
 from relay.mtasts.manager import PolicyManager
@@ -24,14 +24,14 @@ WELL_KNOWN = "/.well-known/mta-sts.txt"
 
 
 class FreshResolver:
-    """The real aiodns resolver, with a new c-ares channel for every query: c-ares caches
-    answers for their TTL (60 s in the lab zone), and these tests change the zone."""
+    """The real dnspython resolver, made anew for every query: these tests change the
+    zone, and no answer may be kept between queries."""
 
     def __init__(self, nameserver: str) -> None:
         self.nameserver = nameserver
 
-    def _r(self) -> AiodnsResolver:
-        return AiodnsResolver([self.nameserver], timeout=2)
+    def _r(self) -> DnspythonResolver:
+        return DnspythonResolver([self.nameserver], timeout=2)
 
     async def mx(self, name: str) -> list[MxRecord]:
         return await self._r().mx(name)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from relay.dns import AiodnsResolver, StaticResolver
+from relay.dns import DnspythonResolver, StaticResolver
 from relay.errors import DnsTempFail
 from relay.lab.dnsserver import LabDnsServer, Zone
 from relay.tlsrpt.discovery import (
@@ -109,7 +109,7 @@ async def test_discover_over_lab_dns() -> None:
     zone.add("nodata.test", "A", "192.0.2.1")
     zone.fail("_smtp._tls.broken.test", "SERVFAIL")
     with LabDnsServer(zone) as dns:
-        res = AiodnsResolver([dns.address], timeout=2)
+        res = DnspythonResolver([dns.address], timeout=2)
         rec = await discover(res, "lab.test")
         assert rec is not None
         # one record split in two character-strings, joined without spaces

@@ -22,7 +22,7 @@ import trustme
 from relay.auth.dkim import verify_dkim
 from relay.commands.keygen import generate
 from relay.config import Config
-from relay.dns import AiodnsResolver, StaticResolver
+from relay.dns import DnspythonResolver, StaticResolver
 from relay.http import SafeHttpClient
 from relay.lab.dnsserver import LabDnsServer, Zone
 from relay.model import PolicyType, TlsOutcome, TlsResultType
@@ -130,7 +130,7 @@ class Lab:
     def open(self) -> tuple[TlsRptLedger, TlsRptSender]:
         self.store = Store(self.config.storage.path).open()
         ledger = TlsRptLedger(self.store, self.clock)
-        resolver = AiodnsResolver([self.dns.address], timeout=2)
+        resolver = DnspythonResolver([self.dns.address], timeout=2)
         http = SafeHttpClient(resolver, ca_file=self.ca_file, allow_private=True, timeout=10)
         sender = TlsRptSender(self.config, ledger, resolver, http, self.inject, self.clock,
                               random.Random(7))  # fmt: skip
@@ -384,7 +384,7 @@ async def test_refused_address_is_permanent(lab: Lab) -> None:
     ledger, _ = lab.open()
     ledger.record(outcome("https.test"))
     await ledger.flush()
-    resolver = AiodnsResolver([lab.dns.address], timeout=2)
+    resolver = DnspythonResolver([lab.dns.address], timeout=2)
     strict_http = SafeHttpClient(resolver, ca_file=lab.ca_file, allow_private=False, timeout=5)
     sender = TlsRptSender(lab.config, ledger, resolver, strict_http, lab.inject, lab.clock)
     lab.clock.t = NEXT_MORNING

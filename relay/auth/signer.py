@@ -1,0 +1,95 @@
+"""Outbound DKIM signing: the one home of the keys (``[[dkim.sign]]``) for every message
+the relay writes or rewrites (list copies now).
+
+A message is signed by the entries whose domain is its From domain or the nearest parent
+of it that has a key (RFC 6376 section 3.5: d= need only be a parent for relaxed DMARC
+alignment, RFC 7489 section 3.1.1); two entries for that domain (RSA and Ed25519, RFC
+8463) give two signatures. Signing goes through relay.auth.dkim.DkimSigner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from relay.auth.dkim import DkimSigner
+from relay.config import Config, DkimSignConfig
+from relay.errors import ConfigError
+
+# the fields a list copy's signature covers; From twice-listed fields are oversigned so
+# nobody can add a second one (RFC 6376 section 8.15)
+SIGNED_FIELDS = (
+    "from",
+    "from",
+    "reply-to",
+    "cc",
+    "to",
+    "subject",
+    "subject",
+    "date",
+    "message-id",
+    "in-reply-to",
+    "references",
+    "mime-version",
+    "content-type",
+    "content-transfer-encoding",
+    "list-id",
+    "list-id",
+    "list-post",
+    "list-help",
+    "list-subscribe",
+    "list-owner",
+    "list-unsubscribe",
+    "list-unsubscribe",
+    "list-unsubscribe-post",
+    "list-unsubscribe-post",
+    "precedence",
+)
+
+
+def pick_domain(from_domain: str, domains: Sequence[str]) -> str | None:
+    """The key domain for a From domain: itself, else its nearest parent with a key
+    (never a bare top-level domain)."""
+    have = {x.lower() for x in domains}
+    labels = from_domain.lower().rstrip(".").split(".")
+    for i in range(len(labels) - 1):
+        candidate = ".".join(labels[i:])
+        if candidate in have:
+            return candidate
+    return None
+
+
+class OutboundSigner:
+    """The ``[[dkim.sign]]`` keys, loaded once."""
+
+    def __init__(self, signers: Sequence[tuple[str, DkimSigner]]) -> None:
+        self._signers = list(signers)
+
+    @classmethod
+    def from_config(cls, config: Config, fields: Sequence[str] = SIGNED_FIELDS) -> OutboundSigner:
+        out: list[tuple[str, DkimSigner]] = []
+        for i, entry in enumerate(config.dkim_sign):
+            out.append((entry.domain, _load(config, i, entry, fields)))
+        return cls(out)
+
+    def domain_for(self, from_domain: str) -> str | None:
+        return pick_domain(from_domain, [d for d, _ in self._signers])
+
+    def sign(self, message: bytes, from_domain: str) -> bytes:
+        """message with one DKIM-Signature per key of its domain on top (unchanged when
+        no key fits)."""
+        domain = self.domain_for(from_domain)
+        if domain is None:
+            return message
+        headers = [s.signature_header(message) for d, s in self._signers if d == domain]
+        return b"".join(headers) + message
+
+
+def _load(config: Config, i: int, entry: DkimSignConfig, fields: Sequence[str]) -> DkimSigner:
+    key = f"dkim.sign[{i}].private_key"
+    try:
+        pem = entry.private_key.read_bytes()
+        return DkimSigner(entry.domain, entry.selector, pem, include_headers=fields)
+    except OSError as exc:
+        raise ConfigError(str(config.path), key, f"cannot read: {exc.strerror}") from None
+    except Exception as exc:  # noqa: BLE001 - any key problem is a config error
+        raise ConfigError(str(config.path), key, str(exc)) from None

@@ -1,0 +1,255 @@
+"""`relay list members|show|held|add|remove|approve|reject|archive`: run the mailing lists
+from the shell.
+
+Works on the store directly (SQLite WAL allows it while the relay runs). ``add`` needs no
+confirmation (the operator's word) and may create the store; ``approve`` queues the
+copies itself (a running relay's loader delivers them within its poll interval; a
+relay that fans out the same post at once cannot double a copy: each recipient is
+claimed in the transaction that queues its copy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+from relay.commands import open_existing_store
+from relay.config import Config, ListConfig, load_config
+from relay.lists import members as db
+from relay.lists.mbox import write_mbox
+from relay.store import Store
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("list", help="mailing lists: members, moderation, archive")
+    ls = p.add_subparsers(dest="list_command", required=True)
+
+    def cmd(name: str, help_: str, func: Any, *, json_: bool = False) -> argparse.ArgumentParser:
+        c = ls.add_parser(name, help=help_)
+        c.add_argument("list", help="the list's address")
+        c.add_argument("--config", required=True)
+        if json_:
+            c.add_argument("--json", action="store_true")
+        c.set_defaults(func=func)
+        return c
+
+    cmd("members", "members with state, bounce score and since", run_members, json_=True)
+    cmd("show", "the list's settings and counts", run_show, json_=True)
+    cmd("held", "posts held for moderation", run_held, json_=True)
+    cmd("add", "add members (no confirmation)", run_add).add_argument("addresses", nargs="+")
+    cmd("remove", "remove members", run_remove).add_argument("addresses", nargs="+")
+    ap = cmd("approve", "send a held post to the list", run_approve)
+    ap.add_argument("id")
+    rj = cmd("reject", "drop a held post, telling the author", run_reject)
+    rj.add_argument("id")
+    rj.add_argument("--reason", default="")
+    ar = cmd("archive", "export the archive as mbox", run_archive)
+    ar.add_argument("--out", required=True)
+
+
+def _iso(t: float) -> str | None:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) if t else None
+
+
+def _list(config: Config, address: str) -> ListConfig | None:
+    cfg = config.lists.get(db.normalise(address).lower())
+    if cfg is None:
+        print(f"relay: no list {address!r} in {config.path}", file=sys.stderr)
+    return cfg
+
+
+def _open(
+    args: argparse.Namespace, create: bool = False
+) -> tuple[Config, ListConfig, Store] | None:
+    config = load_config(args.config)
+    cfg = _list(config, args.list)
+    if cfg is None:
+        return None
+    store = Store(config.storage.path).open() if create else open_existing_store(config)
+    db.open_tables(store)
+    return config, cfg, store
+
+
+def member_json(m: db.Member) -> dict[str, Any]:
+    return {"address": m.address, "state": m.state, "bounce_score": m.score, "since": _iso(m.since)}
+
+
+def run_members(args: argparse.Namespace) -> int:
+    got = _open(args)
+    if got is None:
+        return 2
+    _, cfg, store = got
+    try:
+        rows = store.read_sync(lambda c: db.members(c, cfg.address))
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps([member_json(m) for m in rows], indent=2))
+    else:
+        for m in rows:
+            print(f"{m.address}\t{m.state}\t{m.score:g}\t{_iso(m.since)}")
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    got = _open(args)
+    if got is None:
+        return 2
+    _, cfg, store = got
+    try:
+        rows = store.read_sync(lambda c: db.members(c, cfg.address))
+        held = store.read_sync(lambda c: db.held_posts(c, cfg.address))
+    finally:
+        store.close()
+    counts = {s: sum(1 for m in rows if m.state == s) for s in ("active", "disabled", "pending")}
+    out = {
+        "address": cfg.address,
+        "name": cfg.display_name,
+        "subject_prefix": cfg.subject_prefix,
+        "posting": cfg.posting,
+        "dmarc_mitigation": cfg.dmarc_mitigation,
+        "mitigate_always": cfg.mitigate_always,
+        "reply_to": cfg.reply_to,
+        "owners": list(cfg.owners),
+        "archive": cfg.archive,
+        "max_message_size": cfg.max_message_size,
+        "members": counts,
+        "held": len(held),
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for k, v in out.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+def run_held(args: argparse.Namespace) -> int:
+    got = _open(args)
+    if got is None:
+        return 2
+    _, cfg, store = got
+    try:
+        rows = store.read_sync(lambda c: db.held_posts(c, cfg.address))
+    finally:
+        store.close()
+    items = [
+        {
+            "id": h.id,
+            "author": h.author,
+            "mail_from": h.mail_from,
+            "subject": h.subject,
+            "reason": h.reason,
+            "held_since": _iso(h.created),
+        }
+        for h in rows
+    ]
+    if args.json:
+        print(json.dumps(items, indent=2))
+    else:
+        for i in items:
+            print(f"{i['id']}\t{i['held_since']}\t{i['author']}\t{i['subject']}\t{i['reason']}")
+    return 0
+
+
+def run_add(args: argparse.Namespace) -> int:
+    got = _open(args, create=True)
+    if got is None:
+        return 2
+    _, cfg, store = got
+    now = time.time()
+    bad = [a for a in args.addresses if "@" not in a or a.startswith("@") or a.endswith("@")]
+    if bad:
+        print(f"relay: not an address: {bad[0]!r}", file=sys.stderr)
+        store.close()
+        return 2
+    try:
+        added = store.write_sync(
+            lambda c: [db.add_member(c, cfg.address, a, now) for a in args.addresses]
+        )
+    finally:
+        store.close()
+    for a, new in zip(args.addresses, added, strict=True):
+        print(f"{db.normalise(a)}\t{'added' if new else 'already a member'}")
+    return 0
+
+
+def run_remove(args: argparse.Namespace) -> int:
+    got = _open(args)
+    if got is None:
+        return 2
+    _, cfg, store = got
+    try:
+        gone = store.write_sync(
+            lambda c: [db.remove_member(c, cfg.address, a) for a in args.addresses]
+        )
+    finally:
+        store.close()
+    for a, g in zip(args.addresses, gone, strict=True):
+        print(f"{db.normalise(a)}\t{'removed' if g else 'not a member'}")
+    return 0 if all(gone) else 1
+
+
+def _service(config: Config, store: Store) -> Any:
+    from relay.lists.service import ListService, build_sealer
+
+    return ListService(config, store, sealer=build_sealer(config))
+
+
+def run_approve(args: argparse.Namespace) -> int:
+    got = _open(args)
+    if got is None:
+        return 2
+    config, cfg, store = got
+
+    async def go() -> int:
+        svc = _service(config, store)
+        if not await svc.approve(cfg.address, args.id):
+            return -1
+        await svc.wait_idle()
+        return 0
+
+    try:
+        res = asyncio.run(go())
+    finally:
+        store.close()
+    if res < 0:
+        print(f"relay: no held post {args.id!r} on {cfg.address}", file=sys.stderr)
+        return 1
+    print(f"{args.id}\tapproved")
+    return 0
+
+
+def run_reject(args: argparse.Namespace) -> int:
+    got = _open(args)
+    if got is None:
+        return 2
+    config, cfg, store = got
+    try:
+        ok = asyncio.run(_service(config, store).reject(cfg.address, args.id, args.reason))
+    finally:
+        store.close()
+    if not ok:
+        print(f"relay: no held post {args.id!r} on {cfg.address}", file=sys.stderr)
+        return 1
+    print(f"{args.id}\trejected")
+    return 0
+
+
+def run_archive(args: argparse.Namespace) -> int:
+    got = _open(args)
+    if got is None:
+        return 2
+    _, cfg, store = got
+    try:
+        posts = store.read_sync(lambda c: db.archived(c, cfg.address))
+    finally:
+        store.close()
+    with open(args.out, "wb") as fh:
+        n = write_mbox(fh, posts)
+    print(f"{n} posts written to {args.out}")
+    return 0

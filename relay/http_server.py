@@ -1,0 +1,209 @@
+"""The relay's HTTP listener (``[http_server] listen``): the lists' one-click unsubscribe,
+confirm and subscribe pages, served with aiohttp from the relay's event loop (in the
+leader process only, when there are several workers: the pages are rare, one process
+serves them). ``/metrics`` may join later.
+
+* ``POST /lists/unsubscribe/TOKEN`` with the body ``List-Unsubscribe=One-Click``
+  unsubscribes at once: 200, no redirect (RFC 8058 section 3.1);
+* ``GET`` of the same URL shows a page with a button and never unsubscribes (link
+  scanners and previews follow GETs, RFC 8058 section 3.1 and 4);
+* ``GET /lists/confirm/TOKEN`` shows a button, its ``POST`` subscribes;
+* ``GET /lists/subscribe/LIST`` a form; its ``POST`` sends a confirmation (at most one an
+  hour per address) and answers the same whatever the address is, so nothing tells a
+  visitor whether an address is a member;
+* an unknown token or list: 404 with a plain message. Pages are small HTML without
+  JavaScript; tokens are in the path, so every answer says ``Referrer-Policy: no-referrer``
+  and ``Cache-Control: no-store``.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import ssl
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from relay import logs
+from relay.config import Config, HostPort
+
+if TYPE_CHECKING:
+    from relay.lists.service import ListService
+
+log = logs.get("relay.http_server")
+
+_TOKEN = re.compile(r"[a-f0-9]{32}")
+_ADDRESS = re.compile(r"[^@\s<>\"(),;:\\\[\]]{1,64}@[A-Za-z0-9.-]{1,253}")
+_HEADERS = {
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; form-action 'self'; style-src 'unsafe-inline'",
+}
+ONE_CLICK = "List-Unsubscribe=One-Click"
+
+
+def page(title: str, body: str, status: int = 200) -> web.Response:
+    text = (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width">'
+        f"<title>{html.escape(title)}</title></head>\n<body>"
+        f"<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n"
+    )
+    return web.Response(text=text, status=status, content_type="text/html", headers=_HEADERS)
+
+
+def not_found() -> web.Response:
+    return web.Response(
+        text="Not found: this link is unknown or has expired.\n", status=404, headers=_HEADERS
+    )
+
+
+def _button(action: str, label: str, hidden: str = "") -> str:
+    return (
+        f'<form method="post" action="{html.escape(action)}">{hidden}'
+        f'<button type="submit" id="go">{html.escape(label)}</button></form>'
+    )
+
+
+async def _one_click(request: web.Request) -> bool:
+    """The body says List-Unsubscribe=One-Click: as a form (the types RFC 8058 section 3.1
+    names), or as the bare text some senders post without a form type."""
+    if request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        form = await request.post()
+        return form.get("List-Unsubscribe") == "One-Click"
+    body = await request.read()
+    return body.strip() == ONE_CLICK.encode()
+
+
+class ListsHttp:
+    """The /lists/ routes over a ListService."""
+
+    def __init__(self, config: Config, lists: ListService) -> None:
+        self.config = config
+        self.lists = lists
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/lists/unsubscribe/{token}", self.unsubscribe_page),
+            web.post("/lists/unsubscribe/{token}", self.unsubscribe),
+            web.get("/lists/confirm/{token}", self.confirm_page),
+            web.post("/lists/confirm/{token}", self.confirm),
+            web.get("/lists/subscribe/{list}", self.subscribe_page),
+            web.post("/lists/subscribe/{list}", self.subscribe),
+        ]
+
+    @staticmethod
+    def _token(request: web.Request) -> str | None:
+        token = request.match_info["token"].lower()
+        return token if _TOKEN.fullmatch(token) else None
+
+    async def unsubscribe_page(self, request: web.Request) -> web.Response:
+        token = self._token(request)
+        if token is None or not await self.lists.valid_member_token(token):
+            return not_found()
+        hidden = '<input type="hidden" name="List-Unsubscribe" value="One-Click">'
+        return page(
+            "Unsubscribe",
+            "<p>Press the button to stop receiving this list's mail.</p>"
+            + _button(request.path, "Unsubscribe", hidden),
+        )
+
+    async def unsubscribe(self, request: web.Request) -> web.Response:
+        """RFC 8058 section 3.1: the POST body is exactly List-Unsubscribe=One-Click
+        (form-encoded, or multipart/form-data with that one field)."""
+        token = self._token(request)
+        if token is None:
+            return not_found()
+        if not await _one_click(request):
+            return web.Response(
+                text=f"Bad request: the body must be {ONE_CLICK}.\n", status=400, headers=_HEADERS
+            )
+        if not await self.lists.unsubscribe_token(token):
+            return not_found()
+        return page("Unsubscribed", "<p>You will get no more mail from this list.</p>")
+
+    async def confirm_page(self, request: web.Request) -> web.Response:
+        token = self._token(request)
+        if token is None or not await self.lists.valid_confirm_token(token):
+            return not_found()
+        return page(
+            "Confirm your subscription",
+            "<p>Press the button to subscribe.</p>" + _button(request.path, "Subscribe"),
+        )
+
+    async def confirm(self, request: web.Request) -> web.Response:
+        token = self._token(request)
+        if token is None or await self.lists.confirm(token) is None:
+            return not_found()
+        return page("Subscribed", "<p>Your subscription is confirmed.</p>")
+
+    async def subscribe_page(self, request: web.Request) -> web.Response:
+        cfg = self.config.lists.get(request.match_info["list"].lower())
+        if cfg is None:
+            return not_found()
+        form = (
+            f'<form method="post" action="{html.escape(request.path)}">'
+            '<label for="address">Your address</label> '
+            '<input type="email" id="address" name="address" required> '
+            '<button type="submit" id="go">Subscribe</button></form>'
+        )
+        return page(f"Subscribe to {cfg.display_name}", form)
+
+    async def subscribe(self, request: web.Request) -> web.Response:
+        cfg = self.config.lists.get(request.match_info["list"].lower())
+        if cfg is None:
+            return not_found()
+        form = await request.post()
+        address = str(form.get("address", "")).strip()
+        if not _ADDRESS.fullmatch(address):
+            return page("Subscribe", "<p>That is not an e-mail address.</p>", status=400)
+        await self.lists.request_subscription(cfg, address)
+        return page(
+            "Check your mail",
+            "<p>If this address can be subscribed, a confirmation message is on its way. "
+            "Follow the link in it to finish.</p>",
+        )
+
+
+def make_app(config: Config, lists: ListService | None) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024)
+    if lists is not None:
+        app.add_routes(ListsHttp(config, lists).routes())
+    return app
+
+
+def ssl_context(config: Config) -> ssl.SSLContext | None:
+    h = config.http_server
+    if h.tls_cert is None or h.tls_key is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(h.tls_cert), str(h.tls_key))
+    return ctx
+
+
+class HttpServer:
+    """The listener: ``start()`` binds ``[http_server] listen``; ``bound`` says where."""
+
+    def __init__(self, config: Config, lists: ListService | None) -> None:
+        self.config = config
+        self.runner = web.AppRunner(make_app(config, lists), access_log=None)
+        self.bound: list[tuple[str, int]] = []
+
+    async def start(self, listen: tuple[HostPort, ...] | None = None) -> None:
+        await self.runner.setup()
+        ctx = ssl_context(self.config)
+        for hp in listen if listen is not None else self.config.http_server.listen:
+            site = web.TCPSite(self.runner, hp.host, hp.port, ssl_context=ctx)
+            await site.start()
+            server = site._server  # noqa: SLF001 - aiohttp keeps the asyncio server there
+            for sock in getattr(server, "sockets", ()) or ():
+                self.bound.append(sock.getsockname()[:2])
+        log.info("http_started", listen=[f"{h}:{p}" for h, p in self.bound])
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+

@@ -1,0 +1,616 @@
+"""Mail to a list's addresses handled, and the durable fan-out of posts.
+
+``receive`` runs before the 250 of the transaction that brought the mail: a post is
+checked (loop, size, who may post), made into the list-wide copy (relay.lists.transform)
+and stored with the recipients it goes to, in one fsync'd write (or held, with the
+owners' notices queued in the same write); the 250 follows. ``fan_out`` then makes each
+member's copy (List-Unsubscribe with the member's token, DKIM by the list domain, ARC
+sealed over the final headers) in batches; each batch's copies are queued in the same
+transaction that marks their recipients done, so after a crash the fan-out resumes
+where the last commit left it: every member gets one copy (duplicates only for copies
+whose delivery was in flight at the crash, as for any queued mail).
+
+Bounces, confirmations, unsubscriptions and owner mail are handled here too; periodic
+``sweep`` expires held posts, removes long-disabled members and resumes fan-outs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import re
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass
+
+from relay import logs
+from relay.auth.arc import ArcSealer
+from relay.auth.signer import OutboundSigner
+from relay.auth.types import ArcCv, ArcResult
+from relay.config import Config, ListConfig
+from relay.dns import Resolver
+from relay.errors import SmtpReplyError
+from relay.lists import members as db
+from relay.lists import notices, policy, transform
+from relay.lists.addresses import ListAddress, address_of, parse_list_address
+from relay.lists.bounces import read_bounce
+from relay.model import Envelope, QueueId, SmtpReply
+from relay.queue.spool import FLAG_NO_DSN, NewMessage, Spool, new_qid, queue_insert
+from relay.store import Store
+
+log = logs.get("relay.lists")
+
+NotifyFn = Callable[[QueueId, NewMessage, float, bool], None]
+BATCH = 50  # member copies per commit of the fan-out
+PARALLEL = 2  # slices of a batch signed at once (the app gives the lists two processes)
+RESUME_AFTER = 300.0  # the periodic sweep resumes fan-outs stalled this long
+
+_ARC_SEAL_CV = re.compile(rb"(?:^|;)\s*cv\s*=\s*([a-z]+)", re.IGNORECASE)
+_ARC_I = re.compile(rb"(?:^|;)\s*i\s*=\s*([0-9]+)")
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One message the list queues: envelope and bytes."""
+
+    mail_from: str
+    recipients: tuple[str, ...]
+    data: bytes
+
+
+def chain_of(post: bytes) -> tuple[str, ArcResult]:
+    """The AAR value and chain state a list copy is sealed with: our Authentication-
+    Results of the post (the verdict at intake), and the chain as intake left it (the
+    newest set is ours when intake sealed: its cv says whether the older sets held)."""
+    fields, _ = transform.split_message(post)
+    ar = next((f.value() for f in fields if f.key == b"authentication-results"), "")
+    top, cv = 0, b""
+    for f in fields:
+        if f.key == b"arc-seal":
+            i = _ARC_I.search(f.raw.split(b":", 1)[1])
+            m = _ARC_SEAL_CV.search(f.raw.split(b":", 1)[1])
+            if i and int(i.group(1)) > top:
+                top, cv = int(i.group(1)), (m.group(1).lower() if m else b"")
+    if top == 0:
+        return ar, ArcResult(ArcCv.NONE)
+    state = ArcCv.FAIL if cv == b"fail" else ArcCv.PASS
+    return ar, ArcResult(state, instances=top)
+
+
+class CopyMaker:
+    """Per-member copies: personalise, DKIM-sign by the list domain, ARC-seal. Plain
+    function of its inputs (runs in a thread: OpenSSL releases the GIL)."""
+
+    def __init__(self, config: Config, signer: OutboundSigner, sealer: ArcSealer | None) -> None:
+        self.config = config
+        self.signer = signer
+        self.sealer = sealer
+
+    def copy(
+        self, cfg: ListConfig, distributed: bytes, token: str, ar: str, chain: ArcResult
+    ) -> bytes:
+        msg = transform.personalise(distributed, cfg, self.config.lists_http.base_url, token)
+        msg = self.signer.sign(msg, cfg.domain)
+        if self.sealer is not None:
+            msg = self.sealer.seal(msg, ar or f"{self.config.authserv_id}; none", chain)
+        return msg
+
+    def batch(
+        self, cfg: ListConfig, distributed: bytes, rcpts: Sequence[tuple[str, str]]
+    ) -> list[tuple[str, str, bytes]]:
+        ar, chain = chain_of(distributed)
+        return [(a, t, self.copy(cfg, distributed, t, ar, chain)) for a, t in rcpts if t]
+
+
+_MAKERS: dict[tuple[object, ...], CopyMaker] = {}
+
+
+def make_copies(
+    config: Config, cfg: ListConfig, distributed: bytes, rcpts: Sequence[tuple[str, str]]
+) -> list[tuple[str, str, bytes]]:
+    """CopyMaker.batch in a worker process: the keys are loaded once per process."""
+    key = (str(config.path), config.arc, config.dkim_sign, config.authserv_id)
+    maker = _MAKERS.get(key)
+    if maker is None:
+        maker = CopyMaker(config, OutboundSigner.from_config(config), build_sealer(config))
+        _MAKERS[key] = maker
+    return maker.batch(cfg, distributed, rcpts)
+
+
+def build_sealer(config: Config) -> ArcSealer | None:
+    """The relay's ARC key ([arc]) for sealing list copies; None when sealing is off."""
+    a = config.arc
+    if not a.enabled or a.private_key is None or not a.domain or not a.selector:
+        return None
+    return ArcSealer(a.domain, a.selector, a.private_key.read_bytes(), config.authserv_id)
+
+
+class ListService:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        *,
+        resolver: Resolver | None = None,
+        signer: OutboundSigner | None = None,
+        sealer: ArcSealer | None = None,
+        executor: Executor | None = None,
+        notify: NotifyFn | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.lists = config.lists
+        self.store = store
+        self.resolver = resolver
+        self.signer = signer or OutboundSigner.from_config(config)
+        self.maker = CopyMaker(config, self.signer, sealer)
+        self.executor = executor
+        self.notify = notify
+        self.clock = clock
+        self.base_url = config.lists_http.base_url
+        self._running: dict[str, asyncio.Task[int]] = {}
+        db.open_tables(store)
+        Spool(store)  # the queue's tables: copies and notices are written into them
+
+    # ------------------------------------------------------------ RCPT
+
+    def address(self, address: str) -> ListAddress | None:
+        return parse_list_address(address, self.lists)
+
+    def check_rcpt(self, address: str) -> SmtpReply | None:
+        """For the RCPT rules: 250 for an address of a list, None for the rest."""
+        if not self.lists:
+            return None
+        return SmtpReply(250, "2.1.5 OK") if self.address(address) is not None else None
+
+    # ------------------------------------------------------------ one recipient
+
+    async def receive(self, env: Envelope, rcpt: str, message: bytes, qid: QueueId) -> None:
+        """Handle mail for list address rcpt durably (raises SmtpReplyError to refuse)."""
+        la = self.address(rcpt)
+        if la is None:
+            raise SmtpReplyError(550, "5.1.1", "no such list address")
+        handler = {
+            "post": self._post,
+            "subscribe": self._subscribe,
+            "unsubscribe": self._unsubscribe,
+            "owner": self._owner,
+            "bounces": self._bounce,
+            "confirm": self._confirm,
+        }[la.kind]
+        await handler(la, env, message, qid)
+
+    def _sender(self, env: Envelope, message: bytes) -> str:
+        return env.mail_from or transform.author(message)[1]
+
+    async def _post(self, la: ListAddress, env: Envelope, message: bytes, qid: QueueId) -> None:
+        cfg = la.list
+        if transform.has_our_list_id(message, cfg):
+            log.warning("list_loop_refused", qid=qid, list=cfg.address)
+            raise SmtpReplyError(554, "5.4.6", "Mail loop: this post came through this list")
+        if len(message) > cfg.max_message_size:
+            raise SmtpReplyError(552, "5.3.4", "Message too big for this list")
+        if not env.mail_from or transform.auto_submitted(message):
+            log.info("list_post_automatic_dropped", qid=qid, list=cfg.address)
+            return  # a bounce or auto-reply to the post address never goes to the list
+        _, author = transform.author(message)
+        now = self.clock()
+        member = await self.store.read(lambda c: db.get_member(c, cfg.address, author))
+        decision, reason = policy.posting_decision(
+            cfg, member is not None and member.state != "pending"
+        )
+        distributed = await self.distributed(cfg, message, qid)
+        if decision == "hold":
+            await self._hold(cfg, env.mail_from, author, message, distributed, reason, qid, now)
+            return
+        post_id = qid
+        await self.store.write(lambda c: self._store_post(c, cfg, post_id, distributed, now))
+        log.info("list_post_accepted", qid=qid, list=cfg.address, author=author)
+        self.start_fan_out(post_id)
+
+    def _store_post(
+        self, c: sqlite3.Connection, cfg: ListConfig, post_id: str, data: bytes, now: float
+    ) -> int:
+        rcpts = db.active_addresses(c, cfg.address)
+        db.store_post(c, post_id, cfg.address, data, rcpts, now)
+        if cfg.archive:
+            db.archive(c, cfg.address, transform.author(data)[1], data, now)
+        if not rcpts:
+            db.mark_done(c, post_id, ())
+        return len(rcpts)
+
+    async def distributed(self, cfg: ListConfig, message: bytes, qid: QueueId) -> bytes:
+        dom = transform.author_domain(message)
+        pol = await self.author_policy(dom)
+        mitigate = policy.needs_mitigation(cfg, pol)
+        log.info(
+            "list_dmarc",
+            qid=qid,
+            list=cfg.address,
+            author_domain=dom,
+            policy=pol,
+            mitigation=cfg.dmarc_mitigation if mitigate else "none",
+        )
+        return transform.distribute(message, cfg, self.base_url, mitigate)
+
+    async def author_policy(self, domain: str) -> str:
+        """The DMARC policy the author's domain publishes (p=, sp=, np=), through the
+        relay's (caching) resolver: the verdict looked up the same name moments ago."""
+        if self.resolver is None or not domain:
+            return ""
+        from relay.auth.dmarc import discover
+
+        try:
+            found = await discover(self.resolver, domain)
+        except Exception as exc:  # noqa: BLE001 - DNS trouble: no policy known
+            log.warning("list_dmarc_lookup_failed", domain=domain, error=str(exc))
+            return ""
+        if found.record is None:
+            return ""
+        sub = found.record_domain != domain
+        nonexistent = False
+        if sub and "np=" in found.record.raw.lower():
+            nonexistent = not await self._exists(domain)
+        return policy.published_policy(found.record.raw, sub, nonexistent)
+
+    async def _exists(self, domain: str) -> bool:
+        from relay.errors import DnsNotFound
+
+        assert self.resolver is not None
+        try:
+            await self.resolver.a(domain)
+        except DnsNotFound:
+            return False
+        except Exception:  # noqa: BLE001 - NoData and failures: it may exist
+            return True
+        return True
+
+    async def _hold(
+        self,
+        cfg: ListConfig,
+        mail_from: str,
+        author: str,
+        message: bytes,
+        distributed: bytes,
+        reason: str,
+        qid: QueueId,
+        now: float,
+    ) -> None:
+        subject = _subject(message)
+        held_id = secrets.token_hex(4)
+        outs = [
+            self.notice(cfg, o, notices.held_notice(cfg, o, held_id, author, subject, reason))
+            for o in cfg.owners
+        ]
+
+        def run(c: sqlite3.Connection) -> list[tuple[QueueId, NewMessage]]:
+            db.hold(c, held_id, cfg.address, mail_from, author, subject, reason, distributed, now)
+            return [self._queue(c, o, now) for o in outs]
+
+        queued = await self.store.write(run)
+        self._notify(queued, now)
+        log.info(
+            "list_post_held", qid=qid, list=cfg.address, held=held_id, author=author, reason=reason
+        )
+
+    async def _subscribe(
+        self, la: ListAddress, env: Envelope, message: bytes, qid: QueueId
+    ) -> None:
+        address = self._sender(env, message)
+        if not address:
+            return
+        await self.request_subscription(la.list, address, qid)
+
+    async def request_subscription(self, cfg: ListConfig, address: str, qid: str = "") -> None:
+        """Send one confirmation (at most one an hour per address); already a member:
+        nothing is sent (and nothing tells the asker)."""
+        now = self.clock()
+        addr = db.normalise(address)
+
+        def run(c: sqlite3.Connection) -> tuple[QueueId, NewMessage] | None:
+            m = db.get_member(c, cfg.address, addr)
+            if m is not None and m.state != "pending":
+                return None
+            if not db.confirm_allowed(c, cfg.address, addr, now, policy.CONFIRM_INTERVAL):
+                return None
+            token = db.new_confirm(c, cfg.address, addr, now)
+            out = self.notice(cfg, addr, notices.confirmation(cfg, addr, token, self.base_url))
+            return self._queue(c, out, now)
+
+        queued = await self.store.write(run)
+        log.info("list_subscribe_request", qid=qid, list=cfg.address, sent=queued is not None)
+        if queued is not None:
+            self._notify([queued], now)
+
+    async def confirm(self, token: str) -> db.Member | None:
+        now = self.clock()
+        m = await self.store.write(
+            lambda c: db.take_confirm(c, token, now - policy.CONFIRM_VALID, now)
+        )
+        if m is not None:
+            log.info("list_subscribed", list=m.list, address=m.address)
+        return m
+
+    async def _confirm(self, la: ListAddress, env: Envelope, message: bytes, qid: QueueId) -> None:
+        m = await self.confirm(la.token) if la.token else None
+        if m is None or m.list != la.list.address:
+            log.info("list_confirm_unknown_token", qid=qid, list=la.list.address)
+
+    async def _unsubscribe(
+        self, la: ListAddress, env: Envelope, message: bytes, qid: QueueId
+    ) -> None:
+        address = self._sender(env, message)
+        cfg = la.list
+        ar, _ = chain_of(message)
+        if not policy.sender_authenticated(ar, self.config.authserv_id):
+            log.info("list_unsubscribe_unauthenticated", qid=qid, list=cfg.address)
+            return
+        gone = await self.store.write(lambda c: db.remove_member(c, cfg.address, address))
+        log.info("list_unsubscribe_mail", qid=qid, list=cfg.address, removed=gone)
+
+    async def unsubscribe_token(self, token: str) -> bool:
+        m = await self.store.write(lambda c: db.remove_by_token(c, token))
+        if m is not None:
+            log.info("list_unsubscribed_one_click", list=m.list, address=m.address)
+        return m is not None
+
+    async def valid_member_token(self, token: str) -> bool:
+        return await self.store.read(lambda c: db.member_by_token(c, token)) is not None
+
+    async def valid_confirm_token(self, token: str) -> bool:
+        oldest = self.clock() - policy.CONFIRM_VALID
+        return await self.store.read(lambda c: db.confirm_lookup(c, token, oldest)) is not None
+
+    async def _owner(self, la: ListAddress, env: Envelope, message: bytes, qid: QueueId) -> None:
+        cfg = la.list
+        if not env.mail_from:
+            log.info("list_owner_bounce_dropped", qid=qid, list=cfg.address)
+            return
+        now = self.clock()
+        out = Outgoing(address_of(cfg, "bounces"), cfg.owners, message)
+        queued = await self.store.write(lambda c: self._queue(c, out, now))
+        self._notify([queued], now)
+
+    async def _bounce(self, la: ListAddress, env: Envelope, message: bytes, qid: QueueId) -> None:
+        """VERP: the token in the address says who bounced (RFC 3464 / 5965 report or
+        plain text); a bounce never goes to the list."""
+        cfg = la.list
+        report = read_bounce(message)
+        token = la.token or report.token
+        now = self.clock()
+        day = time.strftime("%Y-%m-%d", time.gmtime(now))
+
+        def run(c: sqlite3.Connection) -> tuple[str, list[tuple[QueueId, NewMessage]]]:
+            m = db.member_by_token(c, token) if token else None
+            if m is None or m.list != cfg.address:
+                return "stranger", []
+            if report.kind == "abuse":
+                db.remove_member(c, m.list, m.address)
+                return "removed_abuse", []
+            s = policy.score_bounce(
+                m.score,
+                m.last_scored,
+                day,
+                report.kind,
+                cfg.bounce_threshold,
+                m.state == "disabled",
+            )
+            if not s.counted:
+                return "not_counted", []
+            db.set_score(c, m, s.score, day, now if s.disable else m.disabled_at)
+            if not s.disable:
+                return "scored", []
+            probe = self.notice(cfg, m.address, notices.probe_notice(cfg, m.address))
+            return "disabled", [self._queue(c, probe, now)]
+
+        outcome, queued = await self.store.write(run)
+        if outcome == "stranger":
+            log.warning(
+                "list_bounce_unknown_token_dropped", qid=qid, list=cfg.address, kind=report.kind
+            )
+        else:
+            log.info(
+                "list_bounce",
+                qid=qid,
+                list=cfg.address,
+                kind=report.kind,
+                status=report.status,
+                outcome=outcome,
+            )
+        self._notify(queued, now)
+
+    # ------------------------------------------------------------ moderation
+
+    async def approve(self, lst: str, held_id: str) -> bool:
+        cfg = self.lists[lst]
+        now = self.clock()
+
+        def run(c: sqlite3.Connection) -> bool:
+            got = db.take_held(c, lst, held_id)
+            if got is None:
+                return False
+            self._store_post(c, cfg, held_id, got[1], now)
+            return True
+
+        ok = await self.store.write(run)
+        if ok:
+            self.start_fan_out(held_id)
+        return ok
+
+    async def reject(self, lst: str, held_id: str, reason: str) -> bool:
+        cfg = self.lists[lst]
+        now = self.clock()
+
+        def run(c: sqlite3.Connection) -> tuple[QueueId, NewMessage] | None | bool:
+            got = db.take_held(c, lst, held_id)
+            if got is None:
+                return False
+            held = got[0]
+            if not held.mail_from:
+                return None
+            note = notices.rejected_notice(cfg, held.author, held.subject, reason)
+            return self._queue(c, self.notice(cfg, held.mail_from, note), now)
+
+        res = await self.store.write(run)
+        if res is False:
+            return False
+        if res is not None and res is not True:
+            self._notify([res], now)
+        return True
+
+    # ------------------------------------------------------------ fan-out
+
+    def start_fan_out(self, post_id: str) -> None:
+        if post_id in self._running and not self._running[post_id].done():
+            return
+        task = asyncio.create_task(self.fan_out(post_id))
+        task.add_done_callback(functools.partial(_fan_out_done, post_id))
+        self._running[post_id] = task
+
+    async def fan_out(self, post_id: str) -> int:
+        """Queue every remaining member copy of a post; returns how many were queued."""
+        got = await self.store.read(lambda c: db.post_data(c, post_id))
+        if got is None:
+            return 0
+        lst, distributed = got
+        cfg = self.lists.get(lst)
+        if cfg is None:
+            log.warning("list_gone_fanout_dropped", qid=post_id, list=lst)
+            return 0
+        total = 0
+        loop = asyncio.get_running_loop()
+        while True:
+            todo = await self.store.read(lambda c: db.fanout_todo(c, post_id, BATCH))
+            if not todo:
+                break
+            # the batch in PARALLEL slices, one per signing thread (OpenSSL signs
+            # without the GIL)
+            slices = [todo[i::PARALLEL] for i in range(PARALLEL) if todo[i::PARALLEL]]
+            job: Callable[
+                [ListConfig, bytes, Sequence[tuple[str, str]]], list[tuple[str, str, bytes]]
+            ]
+            if isinstance(self.executor, ProcessPoolExecutor):
+                job = functools.partial(make_copies, self.config)
+            else:
+                job = self.maker.batch
+            made = await asyncio.gather(
+                *(loop.run_in_executor(self.executor, job, cfg, distributed, p) for p in slices)
+            )
+            copies = [c for part in made for c in part]
+            now = self.clock()
+            outs = [
+                (a, Outgoing(address_of(cfg, "bounces", t), (a,), data)) for a, t, data in copies
+            ]
+
+            done = [a for a, _ in todo]
+            queued = await self.store.write(
+                functools.partial(self._commit, post_id, outs, done, now)
+            )
+            self._notify(queued, now)
+            total += len(queued)
+        log.info("list_fanout_done", qid=post_id, list=lst, copies=total)
+        return total
+
+    def _commit(
+        self,
+        post_id: str,
+        outs: Sequence[tuple[str, Outgoing]],
+        done: Sequence[str],
+        now: float,
+        c: sqlite3.Connection,
+    ) -> list[tuple[QueueId, NewMessage]]:
+        """One batch: its copies queued and its recipients marked done, one transaction."""
+        queued = []
+        for address, out in outs:  # only copies not queued by another fan-out of the post
+            if db.claim_recipient(c, post_id, address):
+                queued.append(self._queue(c, out, now, flags=0))
+        db.mark_done(c, post_id, done)
+        return queued
+
+    async def resume(self, older_than: float | None = None) -> int:
+        """Start the fan-out of every unfinished post (at start: all of them; from the
+        periodic sweep only those older than ``older_than`` seconds, so a post another
+        worker process is fanning out right now is left to it; were both to run, no copy
+        would be doubled, each recipient being claimed in the write of its copy)."""
+        before = None if older_than is None else self.clock() - older_than
+        posts = await self.store.read(lambda c: db.unfinished_posts(c, before))
+        for p in posts:
+            self.start_fan_out(p)
+        return len(posts)
+
+    async def wait_idle(self) -> None:
+        while any(not t.done() for t in self._running.values()):
+            await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+    # ------------------------------------------------------------ periodic
+
+    async def sweep(self) -> None:
+        """Expire held posts (7 days, the author told once), remove members disabled for
+        14 days, resume unfinished fan-outs."""
+        now = self.clock()
+
+        def run(c: sqlite3.Connection) -> list[tuple[QueueId, NewMessage]]:
+            queued = []
+            for h in db.expired_held(c, now - policy.HELD_EXPIRY):
+                cfg = self.lists.get(h.list)
+                db.take_held(c, h.list, h.id)
+                if cfg is not None and h.mail_from:
+                    note = notices.expired_notice(cfg, h.author, h.subject)
+                    queued.append(self._queue(c, self.notice(cfg, h.mail_from, note), now))
+            for m in db.expired_disabled(c, now - policy.DISABLED_REMOVE_AFTER):
+                db.remove_member(c, m.list, m.address)
+            return queued
+
+        queued = await self.store.write(run)
+        self._notify(queued, now)
+        await self.resume(older_than=RESUME_AFTER)
+
+    async def run(self, stop: asyncio.Event, interval: float = 60.0) -> None:
+        await self.resume()  # a crash left these: their 250 was given
+        while not stop.is_set():
+            await self.sweep()
+            try:
+                await asyncio.wait_for(stop.wait(), interval)
+            except TimeoutError:
+                pass
+        await self.wait_idle()
+
+    # ------------------------------------------------------------ queueing
+
+    def notice(self, cfg: ListConfig, to: str, data: bytes) -> Outgoing:
+        """A notice of the list: DKIM-signed by the list domain; sent from -bounces (bare:
+        its bounces are dropped, never looped)."""
+        return Outgoing(address_of(cfg, "bounces"), (to,), self.signer.sign(data, cfg.domain))
+
+    def _queue(
+        self, c: sqlite3.Connection, out: Outgoing, now: float, flags: int = FLAG_NO_DSN
+    ) -> tuple[QueueId, NewMessage]:
+        qid = new_qid(now)
+        new = NewMessage(out.mail_from, out.recipients, out.data, (), flags)
+        queue_insert(qid, new, now)(c)
+        return qid, new
+
+    def _notify(self, queued: Sequence[tuple[QueueId, NewMessage]], now: float) -> None:
+        if self.notify is None:
+            return
+        for qid, new in queued:
+            self.notify(qid, new, now, False)
+
+
+def _fan_out_done(post_id: str, task: asyncio.Task[int]) -> None:
+    """A fan-out that failed is logged; its post stays unfinished and the next sweep
+    (or restart) resumes it."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("list_fanout_failed", qid=post_id, error=repr(exc), exc_info=exc)
+
+
+def _subject(message: bytes) -> str:
+    fields, _ = transform.split_message(message)
+    f = transform.first(fields, b"subject")
+    return f.value() if f else ""

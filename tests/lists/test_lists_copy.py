@@ -1,0 +1,203 @@
+"""A post made into member copies: list headers, subject prefix once, DMARC munge and
+wrap, footer only when no author signature breaks, per-member List-Unsubscribe, DKIM by
+the list domain covering List-Unsubscribe(-Post), ARC sealed i = previous + 1; verified
+with dkimpy's own verifiers."""
+
+from __future__ import annotations
+
+import email
+from pathlib import Path
+from typing import Any
+
+import dkim
+import pytest
+
+from relay.auth.arc import ArcSealer
+from relay.auth.dkim import DkimSigner
+from relay.auth.signer import OutboundSigner, pick_domain
+from relay.auth.types import ArcCv, ArcResult
+from relay.commands.keygen import generate
+from relay.config import parse_config
+from relay.lists import transform
+from relay.lists.addresses import address_of, parse_list_address
+from relay.lists.policy import needs_mitigation, posting_decision, published_policy, score_bounce
+from relay.lists.service import CopyMaker
+
+BASE = "https://lists.example.org"
+POST = (
+    b"From: Alice Author <alice@author.test>\r\nTo: dev@lists.example.org\r\n"
+    b"Subject: plan\r\nMessage-ID: <p1@author.test>\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n"
+    b"\r\nThe plan.\r\n"
+)
+
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, Any]:
+    return {"list": generate("rsa"), "author": generate("rsa"), "arc": generate("rsa")}
+
+
+def _config(tmp: Path, keys: dict[str, Any], **lst: Any) -> Any:
+    key = tmp / "list.pem"
+    key.write_bytes(keys["list"].private_pem)
+    table = {"owners": ["owner@example.org"], "name": "Developers"} | lst
+    return parse_config(
+        {
+            "server": {"hostname": "relay.example.org"},
+            "lists": {"dev@lists.example.org": table},
+            "lists_http": {"base_url": BASE},
+            "dkim": {
+                "sign": [
+                    {"domain": "lists.example.org", "selector": "s2026", "private_key": str(key)}
+                ]
+            },
+        },
+        tmp / "config.toml",
+    )
+
+
+def _dns(keys: dict[str, Any]) -> Any:
+    records = {
+        b"s2026._domainkey.lists.example.org.": keys["list"].record().encode(),
+        b"s1._domainkey.author.test.": keys["author"].record().encode(),
+        b"arc._domainkey.relay.example.org.": keys["arc"].record().encode(),
+    }
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        return records.get(name if name.endswith(b".") else name + b".", b"")
+
+    return dnsfunc
+
+
+def _sealer(keys: dict[str, Any]) -> ArcSealer:
+    return ArcSealer("relay.example.org", "arc", keys["arc"].private_pem, "relay.example.org")
+
+
+def test_addresses() -> None:
+    from relay.config import ListConfig
+
+    lists = {"dev@lists.example.org": ListConfig("dev@lists.example.org", owners=("o@x.org",))}
+    assert parse_list_address("DEV@Lists.Example.org", lists).kind == "post"  # type: ignore[union-attr]
+    tok = "a" * 32
+    la = parse_list_address(f"dev-bounces+{tok}@lists.example.org", lists)
+    assert la is not None and (la.kind, la.token) == ("bounces", tok)
+    assert parse_list_address("dev-confirm+x!@lists.example.org", lists) is None
+    assert parse_list_address("dev+x@lists.example.org", lists) is None
+    assert parse_list_address("other@lists.example.org", lists) is None
+    for kind in ("subscribe", "unsubscribe", "owner"):
+        got = parse_list_address(f"dev-{kind}@lists.example.org", lists)
+        assert got is not None and got.kind == kind
+
+
+def test_policies() -> None:
+    assert published_policy("v=DMARC1; p=reject", subdomain=False) == "reject"
+    assert published_policy("v=DMARC1; p=reject; sp=none", subdomain=True) == "none"
+    assert published_policy("v=DMARC1; p=none; np=reject", True, nonexistent=True) == "reject"
+    assert published_policy("v=DMARC1; p=quarantine", True, nonexistent=True) == "quarantine"
+    s = score_bounce(4.0, "2026-12-01", "2026-12-02", "hard", 5.0, False)
+    assert s.counted and s.disable and s.score == 5.0
+    assert not score_bounce(4.0, "2026-12-02", "2026-12-02", "hard", 5.0, False).counted
+    assert score_bounce(0, "", "d", "soft", 5.0, False).score == 0.5
+    assert pick_domain("a.lists.example.org", ["lists.example.org"]) == "lists.example.org"
+    assert pick_domain("example.org", ["lists.example.org"]) is None
+    assert pick_domain("org", ["org"]) is None
+
+
+def test_posting_and_mitigation_rules(tmp_path: Path, keys: dict[str, Any]) -> None:
+    cfg = _config(tmp_path, keys).lists["dev@lists.example.org"]
+    assert posting_decision(cfg, True)[0] == "accept"
+    assert posting_decision(cfg, False)[0] == "hold"
+    assert needs_mitigation(cfg, "reject") and needs_mitigation(cfg, "quarantine")
+    assert not needs_mitigation(cfg, "none") and not needs_mitigation(cfg, "")
+
+
+def test_munged_copy_verifies(tmp_path: Path, keys: dict[str, Any]) -> None:
+    config = _config(tmp_path, keys, subject_prefix="[dev]", footer="Unsubscribe: see headers")
+    cfg = config.lists["dev@lists.example.org"]
+    dist = transform.distribute(POST, cfg, BASE, mitigate=True)
+    maker = CopyMaker(config, OutboundSigner.from_config(config), _sealer(keys))
+    token = "0123456789abcdef0123456789abcdef"
+    copy = maker.copy(cfg, dist, token, "relay.example.org; dmarc=fail", ArcResult(ArcCv.NONE))
+    msg = email.message_from_bytes(copy)
+    assert msg["From"] == '"Alice Author via Developers" <dev@lists.example.org>'
+    assert msg["Reply-To"] == "alice@author.test"
+    assert msg["Subject"] == "[dev] plan"
+    assert msg["List-Id"] == '"Developers" <dev.lists.example.org>'
+    assert msg["List-Unsubscribe"] == (
+        f"<{BASE}/lists/unsubscribe/{token}>, "
+        "<mailto:dev-unsubscribe@lists.example.org?subject=unsubscribe>"
+    )
+    assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert msg["Precedence"] == "list"
+    assert msg["List-Post"] == "<mailto:dev@lists.example.org>"
+    assert b"-- \r\nUnsubscribe: see headers\r\n" in copy
+    d = dkim.DKIM(copy)
+    assert d.verify(dnsfunc=_dns(keys))
+    sig = dkim.util.parse_tag_value(msg["DKIM-Signature"].encode())
+    assert sig[b"d"] == b"lists.example.org"
+    signed = [h.strip().lower() for h in sig[b"h"].split(b":")]
+    assert b"list-unsubscribe" in signed and b"list-unsubscribe-post" in signed
+    cv, results, reason = dkim.arc_verify(copy, dnsfunc=_dns(keys))
+    assert cv == dkim.CV_Pass, (cv, reason)
+    assert b"i=1" in msg["ARC-Seal"].encode()
+    # replies keep one prefix
+    reply = POST.replace(b"Subject: plan", b"Subject: Re: [dev] plan")
+    again = email.message_from_bytes(transform.distribute(reply, cfg, BASE, True))
+    assert again["Subject"] == "Re: [dev] plan"
+
+
+def test_second_seal_is_previous_plus_one(tmp_path: Path, keys: dict[str, Any]) -> None:
+    """Intake sealed i=1 (the post as received); the copy is sealed i=2 with cv=pass and the
+    chain verifies."""
+    config = _config(tmp_path, keys)
+    cfg = config.lists["dev@lists.example.org"]
+    sealed = _sealer(keys).seal(POST, "relay.example.org; spf=pass", ArcResult(ArcCv.NONE))
+    from relay.lists.service import chain_of
+
+    ar, chain = chain_of(sealed)
+    assert chain.cv is ArcCv.PASS and chain.instances == 1
+    dist = transform.distribute(sealed, cfg, BASE, mitigate=True)
+    maker = CopyMaker(config, OutboundSigner.from_config(config), _sealer(keys))
+    copy = maker.copy(cfg, dist, "f" * 32, ar, chain)
+    cv, _, reason = dkim.arc_verify(copy, dnsfunc=_dns(keys))
+    assert cv == dkim.CV_Pass, reason
+    assert b"ARC-Seal: i=2" in copy or b"i=2;" in copy.split(b"\r\n\r\n")[0]
+
+
+def test_p_none_author_keeps_from_and_signature(tmp_path: Path, keys: dict[str, Any]) -> None:
+    config = _config(tmp_path, keys, footer="a footer")  # footer: not added (signature)
+    cfg = config.lists["dev@lists.example.org"]
+    signed = DkimSigner("author.test", "s1", keys["author"].private_pem).sign(POST)
+    dist = transform.distribute(signed, cfg, BASE, mitigate=False)
+    assert b"a footer" not in dist
+    maker = CopyMaker(config, OutboundSigner.from_config(config), None)
+    copy = maker.copy(cfg, dist, "e" * 32, "", ArcResult(ArcCv.NONE))
+    msg = email.message_from_bytes(copy)
+    assert msg["From"] == "Alice Author <alice@author.test>"
+    assert dkim.DKIM(copy).verify(idx=0, dnsfunc=_dns(keys))  # the list's
+    assert dkim.DKIM(copy).verify(idx=1, dnsfunc=_dns(keys))  # the author's
+
+
+def test_wrap(tmp_path: Path, keys: dict[str, Any]) -> None:
+    config = _config(tmp_path, keys, dmarc_mitigation="wrap")
+    cfg = config.lists["dev@lists.example.org"]
+    msg = email.message_from_bytes(transform.distribute(POST, cfg, BASE, mitigate=True))
+    assert msg["From"] == '"Alice Author via Developers" <dev@lists.example.org>'
+    assert msg.get_content_type() == "multipart/mixed"
+    inner = [p for p in msg.walk() if p.get_content_type() == "message/rfc822"]
+    assert inner and inner[0].get_payload()[0]["From"] == "Alice Author <alice@author.test>"
+
+
+def test_reply_to_list_puts_author_in_cc(tmp_path: Path, keys: dict[str, Any]) -> None:
+    config = _config(tmp_path, keys, reply_to="list")
+    cfg = config.lists["dev@lists.example.org"]
+    msg = email.message_from_bytes(transform.distribute(POST, cfg, BASE, mitigate=True))
+    assert msg["Cc"] == "alice@author.test"
+    assert msg["Reply-To"] == "<dev@lists.example.org>"
+
+
+def test_loop_detection(tmp_path: Path, keys: dict[str, Any]) -> None:
+    cfg = _config(tmp_path, keys).lists["dev@lists.example.org"]
+    dist = transform.distribute(POST, cfg, BASE, mitigate=False)
+    assert transform.has_our_list_id(dist, cfg)
+    assert not transform.has_our_list_id(POST, cfg)
+    assert address_of(cfg, "bounces", "t" * 16) == f"dev-bounces+{'t' * 16}@lists.example.org"
