@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from relay import metrics
 from relay.config import Config
 from relay.dns import Resolver, resolver_from_config
 from relay.errors import ConfigError
@@ -167,6 +168,7 @@ class RelayApp:
         if cfg.tlsrpt.enabled:
             self.ledger = self._build_ledger()
             outcome_sink = self.ledger.record
+        outcome_sink = metrics.counting_tls(outcome_sink)
 
         local = [(hp.host, hp.port) for hp in cfg.server.listen]
         courier = Courier(
@@ -237,6 +239,8 @@ class RelayApp:
             svc = lists.service
             self._spawn("lists", lambda: svc.run(self._stop))
             await self._start_http(svc)
+        elif self.leader:  # /metrics and /health without lists
+            await self._start_http(None)
         await self.server.start(sockets)
         log.info(
             "started",
@@ -276,8 +280,8 @@ class RelayApp:
         )
         return ListsStage(self.lists)
 
-    async def _start_http(self, lists: ListService) -> None:
-        """[http_server]: the lists' pages, served in the leader process only."""
+    async def _start_http(self, lists: ListService | None) -> None:
+        """[http_server]: the lists' pages, /metrics and /health, in the leader only."""
         if not self.config.http_server.listen:
             return
         from relay.http_server import HttpServer

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from relay import logs
+from relay import logs, metrics
 from relay.errors import StoreError
 
 T = TypeVar("T")
@@ -249,6 +249,7 @@ class Store:
         Store._finish_batch([job])
 
     def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        started = time.monotonic()
         try:
             if self.fail_writes is not None and self.fail_writes():
                 raise sqlite3.OperationalError("disk I/O error (injected)")
@@ -263,6 +264,7 @@ class Store:
                     conn.execute(f"RELEASE s{i}")
                     job.error = exc if isinstance(exc, StoreError) else _wrap(exc)
             conn.execute("COMMIT")
+            metrics.commit(time.monotonic() - started)
             self.commits += 1
             self.writes += len(batch)
         except Exception as exc:

@@ -32,6 +32,9 @@ def run(args: argparse.Namespace) -> int:
     factory = loop_factory(config, args.config)
     preflight.check(config)
     lock = StoreLock(config.storage.path).acquire()
+    from relay import metrics
+
+    metrics.init(metrics.directory_for(config.storage.path))  # before the workers fork
     try:
         sockets = preflight.bind_listeners(config.server.listen)
         if config.server.workers > 1:

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from relay import logs
+from relay import logs, metrics
 from relay.config import Config
 from relay.dsn import DsnRecipient, build_dsn
 from relay.errors import RelayError
@@ -450,6 +450,7 @@ class Scheduler:
                 and not rr.next_hop_dsn
             )
             seen = (rr.remote_host or res.mx_host, tls, relayed)
+            metrics.recipient(rr.state.value)
             if rr.state is RecipientState.DEFERRED:
                 nxt = now + self.retry.delay(attempts.get(rr.address, 0) + 1, self.rng)
                 nxt = min(nxt, msg.created + self.retry.lifetime)
@@ -490,6 +491,7 @@ class Scheduler:
                 )
 
     async def _deliver(self, job: DeliveryJob) -> AttemptResult:
+        started = time.monotonic()
         try:
             return await self.courier.deliver(job)
         except asyncio.CancelledError:
@@ -505,6 +507,8 @@ class Scheduler:
                     for a in job.recipients
                 ),
             )
+        finally:
+            metrics.attempt(time.monotonic() - started)
 
     async def _queue_dsn(
         self,

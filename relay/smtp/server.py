@@ -41,12 +41,13 @@ import asyncio
 import re
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import AnyStr, cast
 
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
-from relay import logs
+from relay import logs, metrics
 from relay.config import Config, HostPort
 from relay.errors import SmtpReplyError
 from relay.model import ConnInfo, Envelope, MailDsn, RcptDsn
@@ -295,6 +296,7 @@ class SmtpSession(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self._original_transport is None and self.transport is None
         if first:
+            metrics.smtp_session()
             peer = transport.get_extra_info("peername") or ("", 0)
             local = transport.get_extra_info("sockname") or ("", 0)
             self._peer_ip = normalise_ip(str(peer[0]))
@@ -640,6 +642,7 @@ class SmtpSession(SMTP):
             await self.push("452 4.3.1 Error: insufficient system storage")
             return True
         self._mail_from = mbox.address if mbox is not None else ""
+        self._mail_at = time.monotonic()  # for the accept latency (metrics)
         self._mail_dsn = mail_dsn
         self._smtputf8 = utf8
         self._body8 = body8
@@ -720,11 +723,13 @@ class SmtpSession(SMTP):
         if result.reply is not None:
             self._phase = "command"
             log.info("smtp_data_rejected", peer=self._peer_ip, reply=result.reply)
+            metrics.smtp_message(result.reply, getattr(self, "_mail_at", None))
             if not await self._error(result.reply):
                 return False
         else:
             assert result.content is not None
             reply = await self._submit(envelope, result.content)
+            metrics.smtp_message(reply, getattr(self, "_mail_at", None))
             self._phase = "command"
             await self.push(reply)
             if reply.startswith("421"):  # closing the channel (RFC 5321 3.8)
