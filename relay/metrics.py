@@ -51,33 +51,56 @@ def init(directory: Path) -> None:
     values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
     _dir = directory
     _m.clear()
-    _m["sessions"] = Counter("relay_smtp_sessions_total", "SMTP connections accepted")
+    _m["sessions"] = Counter(
+        "relay_smtp_sessions_total", "SMTP connections accepted", registry=None
+    )
     _m["messages"] = Counter(
         "relay_smtp_messages_total",
         "SMTP transactions ended at DATA, by outcome and reply code",
         ["outcome", "code"],
+        registry=None,
     )
     _m["accept"] = Histogram(
-        "relay_smtp_accept_seconds", "MAIL FROM to the reply after DATA", buckets=_FAST
+        "relay_smtp_accept_seconds",
+        "MAIL FROM to the reply after DATA",
+        buckets=_FAST,
+        registry=None,
     )
     _m["recipients"] = Counter(
         "relay_delivery_recipients_total",
         "recipient outcomes of delivery attempts",
         ["result"],
+        registry=None,
     )
     _m["attempt"] = Histogram(
         "relay_delivery_attempt_seconds",
         "one delivery attempt (one destination domain of one message)",
         buckets=_SLOW,
+        registry=None,
     )
     _m["commit"] = Histogram(
-        "relay_store_commit_seconds", "one group commit (fsync included)", buckets=_FAST
+        "relay_store_commit_seconds",
+        "one group commit (fsync included)",
+        buckets=_FAST,
+        registry=None,
     )
     _m["tls"] = Counter(
         "relay_tls_outcomes_total",
         "TLS outcome of each outbound session, by RFC 8460 result and policy type",
         ["result", "policy_type"],
+        registry=None,
     )
+
+
+def reset() -> None:
+    """Metrics off again in this process (tests)."""
+    global _dir
+    _m.clear()
+    _dir = None
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    from prometheus_client import values
+
+    values.ValueClass = values.MutexValue
 
 
 def enabled() -> bool:
