@@ -1,4 +1,4 @@
-"""The relay command line: serve, queue, sts, dane, tlsrpt, lab, diagnose, keygen, list.
+"""The relay command line: serve, queue, sts, dane, tlsrpt, lab, diagnose, keygen, list, check.
 
 Each subcommand lives in relay.commands.<name> with a ``register(subparsers)`` function
 that adds its parser and sets ``func``; a handler returns the exit code. A config error
@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "relay.commands.keygen",
     "relay.commands.configcmd",
     "relay.commands.list",
+    "relay.commands.check",
 )
 DEFAULT_CONFIG = "/etc/relay/config.toml"
 CONFIG_ENV = "RELAY_CONFIG"
