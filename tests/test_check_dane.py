@@ -31,6 +31,8 @@ def unbound() -> Iterator[ValidatingResolver]:
     bogus_tlsa.bogus |= {("_25._tcp.mx", "TLSA")}
     bogus_mx = _zone("bogusmx.test")
     bogus_mx.bogus |= {("@", "MX")}
+    failing_tlsa = _zone("failtlsa.test")
+    failing_tlsa.servfail |= {("_25._tcp.mx", "TLSA")}  # the authority answers SERVFAIL
     zones = [
         _zone("dane.test"),
         _zone("unusable.test", tlsa=UNUSABLE),
@@ -38,6 +40,7 @@ def unbound() -> Iterator[ValidatingResolver]:
         _zone("insecure.test", signed=False),
         bogus_tlsa,
         bogus_mx,
+        failing_tlsa,
     ]
     with ValidatingResolver(zones) as lab:
         yield lab
@@ -52,6 +55,7 @@ def unbound() -> Iterator[ValidatingResolver]:
         ("insecure.test", "warn", "dane.no_dnssec"),
         ("bogustlsa.test", "error", "dane.tlsa_failed"),
         ("bogusmx.test", "error", "dane.bogus"),
+        ("failtlsa.test", "error", "dane.dns_failed"),
     ],
 )
 async def test_dane_findings(

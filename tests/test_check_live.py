@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import json
 import ssl
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,8 @@ class Live:
         await self.mta("127.0.0.4", "someone-else.test")
         soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=3)
         await self.mta("127.0.0.5", "mx.expiring.test", not_after=soon)
+        # 127.0.0.6: STARTTLS that negotiates TLS 1.1 and nothing newer
+        await self.mta("127.0.0.6", "mx.oldtls.test", only=ssl.TLSVersion.TLSv1_1)
         self.config.write_text(
             f'[dns]\nnameservers = ["{self.dns.address}"]\ntimeout = 1\ndnssec = "off"\n'
             f'[delivery]\nport = {self.port}\nca_file = "{self.ca_file}"\n'
@@ -54,12 +57,21 @@ class Live:
         )
 
     async def mta(
-        self, ip: str, cert_name: str | None, not_after: datetime.datetime | None = None
+        self,
+        ip: str,
+        cert_name: str | None,
+        not_after: datetime.datetime | None = None,
+        only: ssl.TLSVersion | None = None,
     ) -> None:
         ctx = None
         if cert_name is not None:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             self.ca.issue_cert(cert_name, not_after=not_after).configure_cert(ctx)
+        if ctx is not None and only is not None:
+            with warnings.catch_warnings():  # TLSVersion.TLSv1_1 is deprecated
+                warnings.simplefilter("ignore", DeprecationWarning)
+                ctx.minimum_version = ctx.maximum_version = only
+            ctx.set_ciphers("DEFAULT:@SECLEVEL=0")  # OpenSSL 3 needs it for TLS < 1.2
         m = await LabMta(ip, self.port, tls_context=ctx, hostname=cert_name or "plain.test").start()
         self.port = m.port
         self.mtas.append(m)
@@ -114,6 +126,7 @@ async def live(tmp_path: Path) -> AsyncIterator[Live]:
     lab.domain("wrongname.test", mx_ip="127.0.0.4")
     lab.domain("down.test", mx_ip="127.0.0.9")  # nothing listens there
     lab.domain("expiring.test", mx_ip="127.0.0.5")
+    lab.domain("oldtls.test", mx_ip="127.0.0.6")
     tiny = b'<svg xmlns="http://www.w3.org/2000/svg" version="1.2" baseProfile="tiny-ps">'
     logos = {
         "bimiok": tiny + b"<title>ok</title></svg>",
@@ -161,6 +174,7 @@ async def test_the_good_domain_passes_live(live: Live) -> None:
         ("wrongname.test", "error", "probe.certificate"),
         ("down.test", "error", "probe.connect"),
         ("expiring.test", "warn", "probe.cert_expiring"),
+        ("oldtls.test", "error", "probe.old_tls"),
         ("bimiok.test", "ok", "bimi.ok"),
         ("bimiok.test", "ok", "bimi.svg_ok"),
         ("bimiscript.test", "error", "bimi.svg_script"),

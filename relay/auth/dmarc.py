@@ -8,10 +8,10 @@ Discovery (``[auth] dmarc_discovery``):
   ``_dmarc.<Organizational Domain>`` from the Public Suffix List (relay.auth.psl).
 The record is read as RFC 9989 says in both (relay.auth.dmarc_record): no ``pct``.
 
-The policy that applies (RFC 9989 4.10.1 and 5.3): ``p=`` for the author domain's own
+The policy that applies (RFC 9989 4.10.1 and 4.7): ``p=`` for the author domain's own
 record; from an ancestor's record ``np=`` when the author domain does not exist (NXDOMAIN,
 RFC 8020), else ``sp=`` (both default to ``p=``); with ``t=y`` (testing) one step lower,
-reject to quarantine and quarantine to none (5.3, t tag).
+reject to quarantine and quarantine to none (4.7, t tag).
 
 Choices where the RFC leaves room, all listed in docs/tests:
 - a DMARC record lookup that fails temporarily gives ``temperror`` (policy none: the
@@ -370,7 +370,7 @@ def alignments(
 
 def applicable_policy(discovery: Discovery) -> tuple[str, str]:
     """(the policy that applies, the tag it came from) for a discovery with a record:
-    RFC 9989 4.10.1/5.3: p= at the author domain; np= for a non-existent author domain
+    RFC 9989 4.10.1: p= at the author domain; np= for a non-existent author domain
     under an ancestor's record; sp= otherwise."""
     record = discovery.record
     assert record is not None
@@ -437,7 +437,7 @@ def evaluate(
     else:
         code = DmarcResultCode.FAIL
         reason = f"neither SPF nor DKIM passed aligned with {author}"
-        if record.t:  # RFC 9989 5.3, t=y: apply the policy one step lower
+        if record.t:  # RFC 9989 4.7, t=y: apply the policy one step lower
             policy = _LOWER[published]
             if policy != published:
                 reason += f"; t=y (testing): policy {published} applied as {policy}"

@@ -1,4 +1,4 @@
-"""The DMARC policy record (RFC 9989 section 5.3): ``v=DMARC1`` and its tags, parsed once.
+"""The DMARC policy record (RFC 9989 section 4.7): ``v=DMARC1`` and its tags, parsed once.
 
 RFC 9989 changes from RFC 7489, each applied here:
 - ``pct``, ``rf`` and ``ri`` are no longer DMARC tags: they are ignored, and listed in
@@ -44,7 +44,7 @@ class DmarcRecord:
     np: str = ""  # "" = not given: sp applies
     adkim: str = "r"
     aspf: str = "r"
-    t: bool = False  # t=y: the policy is being tested (RFC 9989 section 5.3)
+    t: bool = False  # t=y: the policy is being tested (RFC 9989 section 4.7)
     psd: str = "u"  # y | n | u
     rua: tuple[ReportUri, ...] = ()
     ruf: tuple[ReportUri, ...] = ()
@@ -129,7 +129,7 @@ def _parse_record(text: str) -> DmarcRecord:
 
     p = pick("p", POLICIES, "")
     implied = p == ""
-    if implied:  # RFC 9989 section 5.3, p: a record without a (valid) p= is read as p=none
+    if implied:  # RFC 9989 section 4.7, p: a record without a (valid) p= is read as p=none
         p = "none"
     sp = pick("sp", POLICIES, p)
     np = pick("np", POLICIES, "")

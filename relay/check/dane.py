@@ -24,7 +24,17 @@ def check_dane(domain: str, mx: Lookup, hosts: Mapping[str, DaneHost]) -> list[F
             )
         ]
     if mx is Lookup.FAILED:
-        return [Finding(a, "dane.dns_failed", ERROR, f"the MX lookup of {domain} failed", "")]
+        # run_checks stops with "could not check" when its own MX query fails; this is
+        # the DNSSEC MX query failing after that one answered
+        return [
+            Finding(
+                a,
+                "dane.dns_failed",
+                ERROR,
+                f"the MX lookup of {domain} failed",
+                "the domain's name servers must answer every query",
+            )
+        ]
     if mx is not Lookup.SECURE:
         return [
             Finding(
@@ -56,6 +66,19 @@ def check_dane(domain: str, mx: Lookup, hosts: Mapping[str, DaneHost]) -> list[F
                     ERROR,
                     f"{host}: only unusable TLSA records at {d.tlsa_name}",
                     "publish 3 1 1 (DANE-EE) or 2 1 1 (DANE-TA) records (RFC 7672 3.1)",
+                )
+            )
+        elif d.state is DaneState.DEFER and d.tlsa_lookup is Lookup.FAILED:
+            # RFC 7672 section 2.2: a TLSA lookup that fails (SERVFAIL, timeout) is not
+            # "no TLSA": DANE senders skip the host until it answers
+            out.append(
+                Finding(
+                    a,
+                    "dane.dns_failed",
+                    ERROR,
+                    f"{host}: the TLSA lookup of {d.tlsa_name} failed ({d.policy.reason})",
+                    "the zone's name servers must answer TLSA queries (NODATA if there "
+                    "are none): senders using DANE defer mail to this host until they do",
                 )
             )
         elif d.state is DaneState.DEFER:

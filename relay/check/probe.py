@@ -10,6 +10,19 @@ import time
 from relay.check import ERROR, OK, WARN, Finding
 
 EXPIRY_WARN_DAYS = 14
+OLD_TLS = ("TLSv1", "TLSv1.1")  # deprecated by RFC 8996; OpenSSL 3 refuses them by default
+
+
+def legacy_context() -> ssl.SSLContext:
+    """A client context that only looks: every TLS version the library has, SECLEVEL 0
+    (OpenSSL 3 refuses TLS 1.0/1.1 above it), no verification. Used once a verifying
+    handshake has failed, to learn which version the server offers."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    return ctx
 
 
 async def _reply(reader: asyncio.StreamReader) -> tuple[int, list[str]]:
@@ -40,6 +53,29 @@ async def probe_mx(
                 "the MX must accept connections on port 25",
             )
         ]
+
+
+async def offered_version(host: str, address: str, port: int) -> str:
+    """The TLS version the server negotiates with legacy_context() after STARTTLS, or
+    "" when that fails too."""
+    try:
+        reader, writer = await asyncio.open_connection(address, port)
+    except OSError:
+        return ""
+    try:
+        await _reply(reader)
+        writer.write(b"EHLO relay-check.invalid\r\n")
+        await _reply(reader)
+        writer.write(b"STARTTLS\r\n")
+        if (await _reply(reader))[0] != 220:
+            return ""
+        await writer.start_tls(legacy_context(), server_hostname=host)
+        sslobj = writer.get_extra_info("ssl_object")
+        return str(sslobj.version()) if sslobj is not None else ""
+    except (OSError, ConnectionError, ValueError):
+        return ""
+    finally:
+        writer.close()
 
 
 async def _probe(host: str, address: str, port: int, ctx: ssl.SSLContext) -> list[Finding]:
@@ -78,6 +114,24 @@ async def _probe(host: str, address: str, port: int, ctx: ssl.SSLContext) -> lis
                     "serve a certificate valid for the MX name from a public CA",
                 )
             ]
+        except (ssl.SSLError, ConnectionResetError) as exc:
+            # the handshake a current sender makes (TLS 1.2 or newer) failed (asyncio
+            # shows the server's protocol_version alert as a reset); if the server speaks
+            # only TLS 1.0/1.1, that is what every such sender meets
+            old = await offered_version(host, address, port)
+            if old not in OLD_TLS:
+                raise
+            why = getattr(exc, "reason", None) or type(exc).__name__
+            return [
+                Finding(
+                    a,
+                    "probe.old_tls",
+                    ERROR,
+                    f"{host} offers only {old}: the TLS 1.2+ handshake failed ({why})",
+                    "enable TLS 1.2 and 1.3: TLS 1.0 and 1.1 are deprecated (RFC 8996) "
+                    "and current senders refuse them, so mail arrives in clear or not at all",
+                )
+            ]
         sslobj = writer.get_extra_info("ssl_object")
         version = sslobj.version() if sslobj is not None else ""
         out: list[Finding] = []
@@ -94,8 +148,6 @@ async def _probe(host: str, address: str, port: int, ctx: ssl.SSLContext) -> lis
                         "renew the certificate",
                     )
                 )
-        if version in ("TLSv1", "TLSv1.1"):
-            out.append(Finding(a, "probe.old_tls", WARN, f"{host}: {version}", "offer TLS 1.2+"))
         writer.write(b"EHLO relay-check.invalid\r\n")
         _code, ext = await _reply(reader)
         words = {e.split()[0].upper() for e in ext[1:] if e.split()}

@@ -149,7 +149,7 @@ def test_the_record_cache_is_bounded_and_keyed_by_text() -> None:
     assert dmarc._parse_cached.cache_info().maxsize == 1024
     assert parse_record("v=DMARC1; p=reject").p == "reject"
     assert parse_record("v=DMARC1; p=none").p == "none"  # a changed record is parsed anew
-    # RFC 9989 5.3: an invalid p= is read as p=none (RFC 7489 6.6.3 made it no record)
+    # RFC 9989 4.7: an invalid p= is read as p=none (RFC 7489 6.6.3 made it no record)
     assert parse_record("v=DMARC1; p=bogus").p_implied
     with pytest.raises(DmarcRecordError, match="v=DMARC1"):
         parse_record("v=DMARC2; p=reject")

@@ -40,7 +40,7 @@ def test_record_requires_version_first() -> None:
 def test_record_without_p_but_with_rua_is_p_none() -> None:
     rec = parse_record("v=DMARC1; rua=mailto:r@example.com")
     assert (rec.p, rec.sp, rec.p_implied) == ("none", "none", True)
-    # RFC 9989 section 5.3 (p is RECOMMENDED, absent means p=none) changed these two: under
+    # RFC 9989 section 4.7 (p is RECOMMENDED, absent means p=none) changed these two: under
     # RFC 7489 6.6.3 step 6 (no valid p/sp and no rua) they were not records at all
     rec = parse_record("v=DMARC1; rua=not a uri")
     assert (rec.p, rec.p_implied, rec.rua) == ("none", True, ())
@@ -117,7 +117,7 @@ async def test_pct_is_ignored_the_full_policy_applies(draw: float) -> None:
     ("published", "applied"), [("reject", "quarantine"), ("quarantine", "none"), ("none", "none")]
 )
 async def test_testing_mode_applies_the_policy_one_step_lower(published: str, applied: str) -> None:
-    """RFC 9989 5.3, t=y: the policy is applied one step lower; a pass is untouched."""
+    """RFC 9989 4.7, t=y: the policy is applied one step lower; a pass is untouched."""
     res = _resolver(_dmarc__example__com=f"v=DMARC1; p={published}; t=y")
     ev = await check_dmarc(res, _msg("From: a@example.com"), SPF_FAIL, NO_DKIM)
     assert (ev.result.result, ev.result.policy, ev.result.record_policy) == (

@@ -180,7 +180,7 @@ POLICY_DEVIATIONS: dict[str, tuple[dict[str, str], str]] = {
     ),
     "authheaders-record-without-p-or-rua": (
         {"dmarc": "fail"},
-        "RFC 9989 section 5.3 (p is RECOMMENDED; a record without p= is read as p=none): "
+        "RFC 9989 section 4.7 (p is RECOMMENDED; a record without p= is read as p=none): "
         "the author domain's own record applies, and nothing aligned passed. Under RFC "
         "7489 6.6.3 step 6 (no p, no rua) there was no policy: none",
     ),
