@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from relay import metrics
 from relay.config import Config
 from relay.dns import Resolver, resolver_from_config
 from relay.errors import ConfigError
@@ -178,6 +179,7 @@ class RelayApp:
         if cfg.tlsrpt.enabled:
             self.ledger = self._build_ledger()
             outcome_sink = self.ledger.record
+        outcome_sink = metrics.counting_tls(outcome_sink)
 
         local = [(hp.host, hp.port) for hp in cfg.server.listen]
         courier = Courier(
@@ -195,6 +197,7 @@ class RelayApp:
         # wiring), route (aliases from the relay rules, SRS from the auth wiring), intake,
         # the scheduler (the queue sink intake feeds) and the courier it hands recipients to
         auth = build_auth(cfg, self.resolver, self.store)
+        self.auth = auth  # kept for relay.reload (SIGHUP)
         self._closers.append(auth.close)
         queue = QueueLink()  # intake -> scheduler; the scheduler's DSNs -> intake.inject
         lists = self._build_lists(queue)
@@ -248,6 +251,8 @@ class RelayApp:
             svc = lists.service
             self._spawn("lists", lambda: svc.run(self._stop))
             await self._start_http(svc)
+        elif self.leader:  # /metrics and /health without lists
+            await self._start_http(None)
         await self.server.start(sockets)
         log.info(
             "started",
@@ -287,8 +292,8 @@ class RelayApp:
         )
         return ListsStage(self.lists)
 
-    async def _start_http(self, lists: ListService) -> None:
-        """[http_server]: the lists' pages, served in the leader process only."""
+    async def _start_http(self, lists: ListService | None) -> None:
+        """[http_server]: the lists' pages, /metrics and /health, in the leader only."""
         if not self.config.http_server.listen:
             return
         from relay.http_server import HttpServer
@@ -356,6 +361,14 @@ class RelayApp:
         await asyncio.to_thread(self.store.close)
         log.info("stopped")
 
+    def _on_sighup(self) -> None:
+        from relay.reload import reload_app
+
+        async def run() -> None:
+            await reload_app(self)
+
+        self._tasks.append(asyncio.get_running_loop().create_task(run(), name="reload"))
+
     async def serve_forever(self, sockets: list[socket.socket] | None = None) -> None:
         loop = asyncio.get_running_loop()
         done = asyncio.Event()
@@ -363,5 +376,7 @@ class RelayApp:
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, done.set)
         await self.start(sockets)
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         await done.wait()
         await self.stop()

@@ -63,6 +63,7 @@ class RelayConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     path: Path = Path("var/relay.sqlite3")
+    log_retention: float = 7 * 86400.0  # seconds a message's history outlives it
 
 
 @dataclass(frozen=True)
@@ -377,7 +378,7 @@ _KNOWN = {
         "event_loop",
     },
     "relay": {"trusted_networks", "local_domains"},
-    "storage": {"path"},
+    "storage": {"path", "log_retention"},
     "dns": {
         "nameservers",
         "timeout",
@@ -602,7 +603,10 @@ def read_aliases(p: Path, aliases_raw: Any, relay: RelayConfig) -> dict[str, tup
 
 def read_storage(st: _Section) -> StorageConfig:
     path = st.path_value("path", Path("var/relay.sqlite3")) or Path("var/relay.sqlite3")
-    return StorageConfig(path=path if path.is_absolute() else st.path.parent / path)
+    return StorageConfig(
+        path=path if path.is_absolute() else st.path.parent / path,
+        log_retention=st.positive("log_retention", float, 7 * 86400.0, 0.0),
+    )
 
 
 def read_dns(d: _Section) -> DnsConfig:

@@ -1,7 +1,10 @@
 """Delivery status notifications (RFC 3464): multipart/report; report-type=delivery-status.
 
-Built from the queued message and its failed (or delayed) recipients; sent with a null
-reverse-path through our own queue, never to the null reverse-path (RFC 5321 6.1).
+Built from the queued message and its failed (or delayed, or "relayed") recipients; sent
+with a null reverse-path through our own queue, never to the null reverse-path (RFC 5321
+6.1). The DSN extension's parameters (RFC 3461) shape it: ENVID is returned as
+Original-Envelope-Id, ORCPT as Original-Recipient, RET=FULL returns the whole message
+(message/rfc822) and RET=HDRS, or no RET, its header only (text/rfc822-headers).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ class DsnRecipient:
     orig: str  # original recipient as given at RCPT ("" if the same)
     reply: str  # last reply / reason text
     remote_mta: str = ""
+    orcpt: str = ""  # RFC 3461 ORCPT "addr-type;address" as the sender gave it
+    action: str = ""  # this recipient's action when not the report's (e.g. "relayed")
 
 
 def status_of(reply: str, action: str) -> str:
@@ -32,7 +37,7 @@ def status_of(reply: str, action: str) -> str:
     c = _CODE.match(reply)
     if c:
         return f"{c.group(1)}.0.0"
-    return "4.0.0" if action == "delayed" else "5.0.0"
+    return {"delayed": "4.0.0", "relayed": "2.0.0"}.get(action, "5.0.0")
 
 
 def _safe(text: str, limit: int = 900) -> str:
@@ -54,19 +59,24 @@ def build_dsn(
     arrival: float,
     now: float,
     action: str = "failed",
+    envid: str = "",
+    ret: str = "",
 ) -> bytes:
     """Build the DSN message bytes (CRLF line ends) to be sent to ``sender``."""
     if not sender:
         raise ValueError("never send a DSN to the null reverse-path")
     if action not in ("failed", "delayed"):
         raise ValueError(f"unsupported DSN action {action!r}")
+    actions = {r.action or action for r in recipients}
+    if action == "failed" and "failed" not in actions:
+        action = "relayed"  # only "relayed" recipients: a success report (RFC 3461 6.2.1)
     boundary = f"=_relay_{secrets.token_hex(12)}"
     msgid = email.utils.make_msgid(domain=reporting_mta)
-    subject = (
-        "Undelivered Mail Returned to Sender"
-        if action == "failed"
-        else "Delayed Mail (still being retried)"
-    )
+    subject = {
+        "failed": "Undelivered Mail Returned to Sender",
+        "delayed": "Delayed Mail (still being retried)",
+        "relayed": "Successful Mail Delivery Report",
+    }[action]
     lines = [
         f"From: Mail Delivery System <{from_addr}>",
         f"To: <{sender}>",
@@ -84,12 +94,22 @@ def build_dsn(
         "Content-Description: Notification",
         "",
     ]
+    full = ret == "FULL"
+    attached = "It is attached below." if full else "It is attached below (headers only)."
     if action == "failed":
         lines += [
             f"This is the mail system at host {reporting_mta}.",
             "",
             "Your message could not be delivered to one or more recipients.",
-            "It is attached below (headers only).",
+            attached,
+            "",
+        ]
+    elif action == "relayed":
+        lines += [
+            f"This is the mail system at host {reporting_mta}.",
+            "",
+            "Your message was relayed to the recipients below, to a system that does not",
+            "send delivery notifications: no further notification may follow.",
             "",
         ]
     else:
@@ -108,16 +128,24 @@ def build_dsn(
         "Content-Type: message/delivery-status",
         "Content-Description: Delivery report",
         "",
+    ]
+    if envid:  # RFC 3464 2.2.1, RFC 3461 6.3: the sender's ENVID, first
+        lines.append(f"Original-Envelope-Id: {_safe(envid, 100)}")
+    lines += [
         f"Reporting-MTA: dns; {reporting_mta}",
         f"Arrival-Date: {email.utils.formatdate(arrival, localtime=False)}",
         "",
     ]
     for r in recipients:
         lines.append(f"Final-Recipient: rfc822; {_safe(r.address)}")
-        if r.orig and r.orig.lower() != r.address.lower():
+        if r.orcpt:  # RFC 3461 6.3 c: the ORCPT given, as given
+            addr_type, _, addr = r.orcpt.partition(";")
+            lines.append(f"Original-Recipient: {_safe(addr_type)}; {_safe(addr, 500)}")
+        elif r.orig and r.orig.lower() != r.address.lower():
             lines.append(f"Original-Recipient: rfc822; {_safe(r.orig)}")
-        lines.append(f"Action: {action}")
-        lines.append(f"Status: {status_of(r.reply, action)}")
+        this = r.action or action
+        lines.append(f"Action: {this}")
+        lines.append(f"Status: {status_of(r.reply, this)}")
         if r.remote_mta:
             lines.append(f"Remote-MTA: dns; {_safe(r.remote_mta)}")
         if r.reply and _CODE.match(r.reply):
@@ -128,11 +156,11 @@ def build_dsn(
         lines.append("")
     lines += [
         f"--{boundary}",
-        "Content-Type: text/rfc822-headers",
-        "Content-Description: Undelivered Message Headers",
+        "Content-Type: message/rfc822" if full else "Content-Type: text/rfc822-headers",
+        "Content-Description: Undelivered Message" + ("" if full else " Headers"),
         "",
     ]
     head = "\r\n".join(lines).encode("utf-8") + b"\r\n"
-    orig = original_headers(original)
+    orig = original if full else original_headers(original)
     tail = f"\r\n--{boundary}--\r\n".encode()
     return head + orig + tail

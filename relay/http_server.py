@@ -1,7 +1,9 @@
 """The relay's HTTP listener (``[http_server] listen``): the lists' one-click unsubscribe,
 confirm and subscribe pages, served with aiohttp from the relay's event loop (in the
 leader process only, when there are several workers: the pages are rare, one process
-serves them). ``/metrics`` may join later.
+serves them). ``GET /metrics`` (Prometheus text, every worker summed: relay.metrics) and
+``GET /health`` (200 ``{"status": "ok", "pid"}`` while the store answers, else 503) are
+always there when the listener is configured.
 
 * ``POST /lists/unsubscribe/TOKEN`` with the body ``List-Unsubscribe=One-Click``
   unsubscribes at once: 200, no redirect (RFC 8058 section 3.1);
@@ -18,14 +20,18 @@ serves them). ``/metrics`` may join later.
 
 from __future__ import annotations
 
+import asyncio
 import html
+import os
 import re
+import sqlite3
 import ssl
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from relay import logs
+from relay import logs, metrics
 from relay.config import Config, HostPort
 
 if TYPE_CHECKING:
@@ -172,7 +178,41 @@ def make_app(config: Config, lists: ListService | None) -> web.Application:
     app = web.Application(client_max_size=64 * 1024)
     if lists is not None:
         app.add_routes(ListsHttp(config, lists).routes())
+    app.add_routes(ops_routes(config))
     return app
+
+
+def ops_routes(config: Config) -> list[web.RouteDef]:
+    """GET /metrics (Prometheus text, every worker summed: relay.metrics) and /health."""
+    store = config.storage.path
+
+    async def metrics_page(request: web.Request) -> web.Response:
+        body, content_type = await asyncio.to_thread(metrics.render, store)
+        resp = web.Response(body=body)
+        resp.headers["Content-Type"] = content_type
+        return resp
+
+    async def health(request: web.Request) -> web.Response:
+        """200 while this process serves and its store answers a read, else 503."""
+        ok = await asyncio.to_thread(_store_answers, store)
+        return web.json_response(
+            {"status": "ok" if ok else "store-unavailable", "pid": os.getpid()},
+            status=200 if ok else 503,
+        )
+
+    return [web.get("/metrics", metrics_page), web.get("/health", health)]
+
+
+def _store_answers(store: Path) -> bool:
+    try:
+        conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=2)
+        try:
+            conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        finally:
+            conn.close()
+        return True
+    except sqlite3.Error:
+        return False
 
 
 def ssl_context(config: Config) -> ssl.SSLContext | None:

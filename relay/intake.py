@@ -32,6 +32,7 @@ from relay.queue.spool import (
     FLAG_REQUIRETLS,
     NewMessage,
     Spool,
+    envelope_fields,
     new_qid,
 )
 from relay.stages import (
@@ -212,7 +213,13 @@ class Intake:
             flags = FLAG_REQUIRETLS
         mid = message_id(message)
         new = NewMessage(
-            route.mail_from, route.recipients, message.raw, route.originals, flags, mid
+            route.mail_from,
+            route.recipients,
+            message.raw,
+            route.originals,
+            flags,
+            mid,
+            **envelope_fields(conn, env, route.originals),
         )
         claimed = await self._enqueue(new, qid)
         log.info(

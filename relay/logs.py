@@ -1,5 +1,10 @@
 """structlog set-up (JSON lines in production, pretty on a terminal) and mail-event helpers.
 
+Formats: ``json`` (one object a line), ``console`` (aligned, coloured only when the stream
+is a terminal), ``auto`` (console on a terminal, else json), ``plain`` (the CLI's: one
+uncoloured line ``relay: warning: event key=value`` per warning, on stderr).
+``bind_process(worker)`` puts the worker id and pid on every line of this process.
+
 Every line about a message carries its queue id (``qid``).
 
 ``get(name)`` gives a logger that builds its structlog logger once per ``setup()`` (not
@@ -61,15 +66,21 @@ def setup(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     # sys.stderr itself is looked up at each write: a command run in process (tests) may
     # be handed a stderr that is replaced and closed after it returns
     stream = _Stderr() if stream is None or stream is sys.stderr else stream
-    use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
-    renderer: Any = (
-        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
-    )
+    tty = bool(stream.isatty())
+    use_json = fmt == "json" or (fmt == "auto" and not tty)
+    renderer: Any
+    if fmt == "plain":
+        renderer = plain_renderer
+    elif use_json:
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=tty)
+    stamp = [] if fmt == "plain" else [structlog.processors.TimeStamper(fmt="iso", utc=True)]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *stamp,
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -77,6 +88,25 @@ def setup(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
         logger_factory=lambda *_args: _LineLogger(stream),
         cache_logger_on_first_use=False,
     )
+
+
+def plain_renderer(_logger: Any, _name: str, event: dict[str, Any]) -> str:
+    """``relay: warning: store_reclaim_failed error=...``: one line, no colour, no JSON."""
+    level = event.pop("level", "info")
+    text = str(event.pop("event", ""))
+    exc = event.pop("exception", None)
+    fields = " ".join(f"{k}={v}" for k, v in event.items())
+    line = f"relay: {level}: {text}" + (f" {fields}" if fields else "")
+    if exc:
+        line += " | " + " ".join(str(exc).split())
+    return line.replace("\n", " ")
+
+
+def bind_process(worker: int) -> None:
+    """Every line this process logs from now on carries its worker id and pid."""
+    import os
+
+    structlog.contextvars.bind_contextvars(worker=worker, pid=os.getpid())
 
 
 class Logger:

@@ -23,6 +23,25 @@ class ConnInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class MailDsn:
+    """MAIL's DSN parameters (RFC 3461 4.3, 4.4): RET (FULL or HDRS, "" when not given)
+    and ENVID (decoded, "" when not given)."""
+
+    ret: str = ""
+    envid: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RcptDsn:
+    """RCPT's DSN parameters (RFC 3461 4.1, 4.2). ``notify``: () when not given,
+    ("NEVER",) or a subset of SUCCESS, FAILURE, DELAY in that order. ``orcpt``:
+    "addr-type;address" decoded, "" when not given."""
+
+    notify: tuple[str, ...] = ()
+    orcpt: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Envelope:
     """SMTP envelope of one accepted transaction."""
 
@@ -31,6 +50,8 @@ class Envelope:
     smtputf8: bool = False
     body_8bit: bool = False
     requiretls: bool = False  # MAIL FROM ... REQUIRETLS over TLS (RFC 8689 section 4.1)
+    dsn: MailDsn = MailDsn()
+    rcpt_dsn: tuple[RcptDsn, ...] = ()  # per rcpt_tos entry (() when none was given)
 
 
 class RecipientState(enum.StrEnum):
@@ -115,6 +136,7 @@ class RecipientResult:
     reply: str
     enhanced: str = ""
     remote_host: str = ""
+    next_hop_dsn: bool = False  # the next hop offered DSN and got the parameters
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,3 +200,8 @@ class DeliveryJob:
     tls_required: bool = True  # False for mail carrying "TLS-Required: no" (RFC 8689)
     requiretls: bool = False  # MAIL FROM ... REQUIRETLS was given (RFC 8689 section 4)
     record_tls: bool = True  # False: outcomes are not recorded in the TLS-RPT ledger
+    dsn: MailDsn = MailDsn()  # RET and ENVID, passed on to a next hop that offers DSN
+    rcpt_dsn: tuple[RcptDsn, ...] = ()  # NOTIFY and ORCPT per recipient (() when none)
+
+    def rcpt_dsn_map(self) -> dict[str, RcptDsn]:
+        return dict(zip(self.recipients, self.rcpt_dsn, strict=True)) if self.rcpt_dsn else {}

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from relay import logs
 from relay.config import Config, HostPort
 from relay.errors import ConfigError, StartupError
 from relay.queue.spool import Spool
@@ -43,7 +44,7 @@ log = structlog.get_logger("relay.workers")
 PR_SET_PDEATHSIG = 1
 EXIT_FATAL = 2  # a worker's config / start-up error: restarting cannot help
 STOP_GRACE = 30.0  # seconds a worker gets to drain after SIGTERM before SIGKILL
-_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def bind(hp: HostPort) -> socket.socket:
@@ -113,8 +114,10 @@ def _child(
     """A worker's life; returns its exit code and logs why it stops early."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app reloads on it
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
     _die_with_parent(parent)
+    logs.bind_process(index)  # the app's one "started" line names this worker and pid
     try:
         from relay.app import RelayApp, run_loop
 
@@ -143,6 +146,11 @@ class _Supervisor:
         self.backoff = backoff
         self.children: dict[int, int] = {}  # pid -> worker index
         self.shutdown = False  # a real SIGTERM/SIGINT: set only by on_signal
+
+    def on_hup(self, _signum: int, _frame: object) -> None:
+        """SIGHUP: each worker reloads its config (relay.reload)."""
+        log.info("reload_requested", workers=list(self.children))
+        self.terminate(signal.SIGHUP)
 
     def on_signal(self, signum: int, _frame: object) -> None:
         if not self.shutdown:
@@ -174,7 +182,9 @@ class _Supervisor:
                 self.children[pid] = i
             finally:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)  # pending ones run now
-        log.info("workers_started", workers=len(self.children), pids=list(self.children))
+        log.info(
+            "workers_started", workers=len(self.children), pids=list(self.children), parent=parent
+        )
 
     def reap(self, block: bool = True) -> tuple[int, int, int] | None:
         """One ended worker as (pid, index, exit code), or None (nothing ended yet when
@@ -258,4 +268,5 @@ def run_workers(
     sup = _Supervisor(config, sockets, factory, backoff or Backoff())
     signal.signal(signal.SIGTERM, sup.on_signal)
     signal.signal(signal.SIGINT, sup.on_signal)
+    signal.signal(signal.SIGHUP, sup.on_hup)
     return sup.run()

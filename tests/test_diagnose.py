@@ -69,8 +69,8 @@ def _signed(keys: dict[str, Any]) -> bytes:
     return DkimSigner("example.com", "s1", keys["dkim"].private_pem).sign(MESSAGE)
 
 
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
-    assert main(["diagnose", *argv, "--json"]) == 0
+def _run(capsys: pytest.CaptureFixture[str], *argv: str, code: int = 0) -> dict[str, Any]:
+    assert main(["diagnose", *argv, "--json"]) == code
     return json.loads(capsys.readouterr().out)  # type: ignore[no-any-return]
 
 
@@ -84,7 +84,9 @@ def test_direct_mail_passes(
         capsys, str(eml), "--config", str(cfg), "--client-ip", SENDER_IP,
         "--helo", "mail.example.com", "--mail-from", "ann@example.com",
     )  # fmt: skip
-    assert set(out) == {"spf", "dkim", "dmarc", "arc", "advice"}
+    assert set(out) == {"spf", "dkim", "dmarc", "arc", "advice", "verdict", "own_seal"}
+    assert out["verdict"] == {"action": "accept", "reply": "", "reason": ""}
+    assert out["own_seal"] is None
     assert out["spf"] == {"result": "pass", "domain": "example.com", "explanation": ""}
     assert out["dkim"] == [
         {"result": "pass", "domain": "example.com", "selector": "s1", "reason": ""}
@@ -121,7 +123,8 @@ def test_forwarded_and_modified_fails_with_reasons(
     eml = tmp_path / "fwd.eml"
     eml.write_bytes(b"Return-Path: <ann@example.com>\r\n" + _forwarded(keys))
     cfg = _config(tmp_path, lab, [])
-    out = _run(capsys, str(eml), "--config", str(cfg), "--client-ip", LIST_IP)
+    out = _run(capsys, str(eml), "--config", str(cfg), "--client-ip", LIST_IP, code=1)
+    assert out["verdict"]["action"] == "reject"
     assert out["spf"]["result"] == "fail" and out["spf"]["domain"] == "example.com"
     assert LIST_IP in out["spf"]["explanation"]
     assert out["dkim"][0]["result"] == "fail"
@@ -131,8 +134,8 @@ def test_forwarded_and_modified_fails_with_reasons(
     advice = " ".join(out["advice"])
     assert "looks like forwarding" in advice and "SRS" in advice
     assert "body hash mismatch" in advice
-    # the plain-words form says the same, and that the relay would refuse it
-    assert main(["diagnose", str(eml), "--config", str(cfg), "--client-ip", LIST_IP]) == 0
+    # the plain-words form says the same, and that the relay would refuse it (exit 1)
+    assert main(["diagnose", str(eml), "--config", str(cfg), "--client-ip", LIST_IP]) == 1
     text = capsys.readouterr().out
     assert "SPF fail for example.com (mailfrom)" in text
     assert "body hash mismatch: the body was changed after it was signed" in text
@@ -155,7 +158,7 @@ def test_arc_chain_rescue_depends_on_trust(
     eml = tmp_path / "sealed.eml"
     eml.write_bytes(_sealed(keys))
     argv = [str(eml), "--client-ip", LIST_IP, "--mail-from", "list-bounces@lists.test"]
-    out = _run(capsys, *argv, "--config", str(_config(tmp_path, lab, [])))
+    out = _run(capsys, *argv, "--config", str(_config(tmp_path, lab, [])), code=1)
     assert out["arc"] == {"cv": "pass", "instances": 1}
     assert out["spf"]["result"] == "pass" and out["dmarc"]["result"] == "fail"
     assert any("add it to [arc] trusted_sealers" in a for a in out["advice"])

@@ -42,7 +42,8 @@ def _args(tmp: Path, lab: LabDnsServer) -> list[str]:
 def test_json_has_walk_testing_and_ignored_tags(
     tmp_path: Path, lab: LabDnsServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main([*_args(tmp_path, lab), "--json"]) == 0
+    # exit 1: the relay would quarantine it (issue 15: 0 pass, 1 refuse or quarantine)
+    assert main([*_args(tmp_path, lab), "--json"]) == 1
     d = json.loads(capsys.readouterr().out)["dmarc"]
     assert (d["result"], d["policy"]) == ("fail", "quarantine")  # t=y: reject lowered
     assert d["testing"] is True and d["discovery"] == "treewalk"
@@ -54,7 +55,7 @@ def test_json_has_walk_testing_and_ignored_tags(
 def test_text_says_testing_and_ignored(
     tmp_path: Path, lab: LabDnsServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(_args(tmp_path, lab)) == 0
+    assert main(_args(tmp_path, lab)) == 1  # would quarantine
     out = capsys.readouterr().out
     assert "t=y (testing), so quarantine" in out
     assert "ignored: pct=50, ri=3600, rf=afrf (RFC 9989 removed pct, rf and ri)" in out

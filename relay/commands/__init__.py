@@ -15,4 +15,4 @@ def open_existing_store(config: Config) -> Store:
         raise StartupError(
             f"store {path} does not exist (wrong --config? `relay serve` creates it)"
         )
-    return Store(path).open()
+    return Store(path, convert=False).open()  # the relay converts, under its lock

@@ -8,6 +8,17 @@ advice (relay.auth.explain). ``--json`` prints the contract of docs/design.md:
 "reason"}], "dmarc": {"result", "policy", "header_from", "aligned_spf", "aligned_dkim",
 "reason"}, "arc": {"cv", "instances"}, "advice": [str]}``. ``[auth] enabled = false``
 does not stop a diagnosis.
+
+``--queue-id ID`` diagnoses a queued message instead of a file, with the envelope stored
+with it (client IP, HELO, MAIL FROM as the client gave them); the flags still override.
+When the message's newest ARC set is the relay's own seal ([arc] domain and selector), it
+is set aside: the chain below it is evaluated as the relay received it, and the report
+says whether the seal's key is published in DNS (``own_seal`` in JSON) rather than
+calling an unpublished key an ARC failure.
+
+Exit codes, for scripts: 0 the relay would accept the message, 1 it would refuse or
+quarantine it, 2 it could not be evaluated (unreadable file, unknown queue id, a bad
+flag, a config error, or DNS that could not answer for DMARC).
 """
 
 from __future__ import annotations
@@ -18,16 +29,84 @@ import dataclasses
 import ipaddress
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from relay.auth.arc import ArcSet, arc_structure
 from relay.auth.explain import Facts, advice, arc_line, dkim_line, dmarc_lines, spf_line
+from relay.auth.keys import signature_tags
 from relay.auth.pipeline import Authenticator, Verdict
-from relay.auth.results import header_fields
-from relay.auth.types import SpfResult, SpfResultCode
-from relay.config import Config, load_config
-from relay.dns import DnspythonResolver
+from relay.auth.results import header_fields, split_header
+from relay.auth.types import DmarcResultCode, SpfResult, SpfResultCode
+from relay.config import ArcConfig, Config, load_config
+from relay.dns import DnspythonResolver, Resolver
+from relay.errors import DnsNoData, DnsNotFound, RelayError
 from relay.model import ConnInfo, Envelope
+
+EXIT_ACCEPT, EXIT_REFUSE, EXIT_UNKNOWN = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class OwnSeal:
+    """The relay's own ARC set on the message, and whether its key is in DNS."""
+
+    instance: int
+    domain: str
+    selector: str
+    key_in_dns: bool | None  # None: DNS did not answer
+
+    @property
+    def key_name(self) -> str:
+        return f"{self.selector}._domainkey.{self.domain}"
+
+
+def own_arc_set(message: bytes, arc: ArcConfig) -> ArcSet | None:
+    """The newest ARC set when the relay sealed it (its d= and s= are ours), else None."""
+    if not arc.domain or not arc.selector:
+        return None
+    sets = arc_structure(message).sets
+    if not sets:
+        return None
+    top = sets[-1]
+    tags = signature_tags(top.seal)
+    d = tags.get(b"d", b"").decode("ascii", "replace").lower().rstrip(".")
+    sel = tags.get(b"s", b"").decode("ascii", "replace").lower()
+    if d == arc.domain.lower().rstrip(".") and sel == arc.selector.lower():
+        return top
+    return None
+
+
+def without_arc_set(message: bytes, instance: int) -> bytes:
+    """message without the three ARC fields of one instance; other fields byte for byte."""
+    fields, rest = split_header(message)
+    names = ("arc-seal", "arc-message-signature", "arc-authentication-results")
+    kept = []
+    for f in fields:
+        if f.name.lower() in names and _instance_of(f.name.lower(), f.value) == instance:
+            continue
+        kept.append(f.raw)
+    return b"".join(kept) + rest
+
+
+def _instance_of(name: str, value: str) -> int | None:
+    if name == "arc-authentication-results":
+        head = value.split(";", 1)[0].strip().replace(" ", "")
+        raw = head[2:] if head.startswith("i=") else ""
+    else:
+        raw = signature_tags(value.encode("utf-8", "replace")).get(b"i", b"").decode()
+    return int(raw) if raw.strip().isdigit() else None
+
+
+async def key_published(resolver: Resolver, name: str) -> bool | None:
+    """True when a DKIM key record is at name, False when none is, None when DNS failed."""
+    try:
+        records = await resolver.txt(name)
+    except (DnsNotFound, DnsNoData):
+        return False
+    except Exception:  # noqa: BLE001 - a timeout or SERVFAIL: not known
+        return None
+    return any("p=" in r.replace(" ", "") for r in records)
 
 
 def _return_path(message: bytes) -> str:
@@ -37,10 +116,55 @@ def _return_path(message: bytes) -> str:
     return ""
 
 
-async def diagnose(
+async def diagnose_all(
     config: Config, message: bytes, client_ip: str, helo: str, mail_from: str
-) -> Verdict:
+) -> tuple[Verdict, OwnSeal | None]:
+    """The verdict on the message as the relay received it (its own seal set aside) and
+    what there is to say about that seal."""
     resolver = DnspythonResolver.from_config(config.dns)
+    own = None
+    mine = own_arc_set(message, config.arc)
+    if mine is not None:
+        message = without_arc_set(message, mine.instance)
+        own = OwnSeal(mine.instance, config.arc.domain.lower(), config.arc.selector, None)
+        own = dataclasses.replace(own, key_in_dns=await key_published(resolver, own.key_name))
+    verdict = await diagnose(config, message, client_ip, helo, mail_from, resolver)
+    return verdict, own
+
+
+def exit_code(verdict: Verdict) -> int:
+    """0 accept, 1 refuse or quarantine, 2 could not be decided (DMARC temperror)."""
+    d = verdict.results.dmarc
+    if d is not None and d.result is DmarcResultCode.TEMPERROR and verdict.action == "accept":
+        return EXIT_UNKNOWN
+    return EXIT_ACCEPT if verdict.action == "accept" else EXIT_REFUSE
+
+
+def own_seal_line(own: OwnSeal) -> str:
+    head = (
+        f"ARC i={own.instance} is this relay's own seal (d={own.domain} s={own.selector}); "
+        "it was set aside and the message evaluated as the relay received it"
+    )
+    if own.key_in_dns:
+        return head + f"; its key is published at {own.key_name}."
+    if own.key_in_dns is None:
+        return head + f"; whether its key is at {own.key_name} could not be checked (DNS)."
+    return (
+        head + f". Its key is not in DNS at {own.key_name}: receivers cannot verify the seal "
+        "until the TXT record `relay keygen` printed is published (this is not an ARC failure)."
+    )
+
+
+async def diagnose(
+    config: Config,
+    message: bytes,
+    client_ip: str,
+    helo: str,
+    mail_from: str,
+    resolver: Resolver | None = None,
+) -> Verdict:
+    if resolver is None:
+        resolver = DnspythonResolver.from_config(config.dns)
     config = dataclasses.replace(config, auth=dataclasses.replace(config.auth, enabled=True))
     spf_check = None
     if not client_ip:
@@ -57,7 +181,7 @@ async def diagnose(
     return await auth.evaluate(conn, env, message)
 
 
-def to_json(verdict: Verdict, facts: Facts) -> dict[str, Any]:
+def to_json(verdict: Verdict, facts: Facts, own: OwnSeal | None = None) -> dict[str, Any]:
     r = verdict.results
     spf = r.spf
     d = r.dmarc
@@ -85,6 +209,19 @@ def to_json(verdict: Verdict, facts: Facts) -> dict[str, Any]:
             "instances": r.arc.instances if r.arc else 0,
         },
         "advice": advice(r, verdict.dmarc, facts),
+        "verdict": {
+            "action": verdict.action,
+            "reply": verdict.reply or "",
+            "reason": verdict.reason,
+        },
+        "own_seal": None
+        if own is None
+        else {
+            "instance": own.instance,
+            "domain": own.domain,
+            "selector": own.selector,
+            "key_in_dns": own.key_in_dns,
+        },
     }
 
 
@@ -102,7 +239,7 @@ def dmarc_discovery_json(verdict: Verdict) -> dict[str, Any]:
     }
 
 
-def to_text(verdict: Verdict, facts: Facts) -> str:
+def to_text(verdict: Verdict, facts: Facts, own: OwnSeal | None = None) -> str:
     r = verdict.results
     lines = [spf_line(r.spf, facts)]
     if r.dkim:
@@ -111,6 +248,8 @@ def to_text(verdict: Verdict, facts: Facts) -> str:
         lines.append("DKIM none: the message carries no DKIM signature")
     lines.extend(dmarc_lines(verdict.dmarc))
     lines.append(arc_line(r.arc, facts))
+    if own is not None:
+        lines.append(own_seal_line(own))
     what = {"accept": "accept", "quarantine": "accept, marked for quarantine", "reject": "refuse"}
     verdict_line = f"The relay would {what[verdict.action]} this message"
     if verdict.reply:
@@ -125,46 +264,82 @@ def to_text(verdict: Verdict, facts: Facts) -> str:
     return "\n".join(lines)
 
 
+def _fail(text: str) -> int:
+    print(f"relay diagnose: {text}", file=sys.stderr)
+    return EXIT_UNKNOWN
+
+
+def _queued(config: Config, qid: str) -> tuple[bytes, str, str, str] | None:
+    """(message, client IP, HELO, MAIL FROM) of a queued message, or None."""
+    from relay.commands import open_existing_store
+    from relay.queue.spool import Spool
+
+    store = open_existing_store(config)
+    try:
+        loaded = asyncio.run(Spool(store).load(qid))
+    finally:
+        store.close()
+    if loaded is None:
+        return None
+    msg, data = loaded
+    mail_from = msg.env_from if msg.env_from is not None else msg.mail_from
+    return data, msg.client_ip, msg.helo, mail_from
+
+
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    try:
-        message = Path(args.file).read_bytes()
-    except OSError as exc:
-        print(f"relay diagnose: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
-        return 2
+    if (args.file is None) == (args.queue_id is None):
+        return _fail("give a message file or --queue-id ID (one of them)")
+    client_ip, helo, mail_from = args.client_ip, args.helo, args.mail_from
+    if args.queue_id is not None:
+        try:
+            queued = _queued(config, args.queue_id)
+        except RelayError as exc:
+            return _fail(str(exc))
+        if queued is None:
+            return _fail(f"no message {args.queue_id} in the queue")
+        message, q_ip, q_helo, q_from = queued
+        client_ip = client_ip if client_ip is not None else q_ip
+        helo = helo if helo is not None else q_helo
+        mail_from = mail_from if mail_from is not None else q_from
+    else:
+        try:
+            message = Path(args.file).read_bytes()
+        except OSError as exc:
+            return _fail(f"cannot read {args.file}: {exc.strerror}")
     if b"\r\n" not in message:
         message = message.replace(b"\n", b"\r\n")
-    if args.client_ip:
+    client_ip = client_ip or ""
+    helo = helo or ""
+    if client_ip:
         try:
-            ipaddress.ip_address(args.client_ip)
+            ipaddress.ip_address(client_ip)
         except ValueError:
-            print(
-                f"relay diagnose: --client-ip {args.client_ip!r} is not an IP address",
-                file=sys.stderr,
-            )
-            return 2
-    mail_from = args.mail_from if args.mail_from is not None else _return_path(message)
-    verdict = asyncio.run(diagnose(config, message, args.client_ip, args.helo, mail_from))
+            return _fail(f"--client-ip {client_ip!r} is not an IP address")
+    if mail_from is None:
+        mail_from = _return_path(message)
+    verdict, own = asyncio.run(diagnose_all(config, message, client_ip, helo, mail_from))
     facts = Facts(
-        client_ip=args.client_ip,
+        client_ip=client_ip,
         trusted_sealers=config.arc.trusted_sealers,
-        spf_evaluated=bool(args.client_ip),
+        spf_evaluated=bool(client_ip),
     )
     if args.json:
-        print(json.dumps(to_json(verdict, facts), indent=2))
+        print(json.dumps(to_json(verdict, facts, own), indent=2))
     else:
-        print(to_text(verdict, facts))
-    return 0
+        print(to_text(verdict, facts, own))
+    return exit_code(verdict)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "diagnose", help="explain why a message passes or fails SPF, DKIM, DMARC and ARC"
     )
-    p.add_argument("file", metavar="FILE.eml", help="the message, as received")
+    p.add_argument("file", metavar="FILE.eml", nargs="?", help="the message, as received")
+    p.add_argument("--queue-id", default=None, help="a queued message, with its stored envelope")
     p.add_argument("--config", required=True, help="config.toml (for [dns], [arc], [auth])")
-    p.add_argument("--client-ip", default="", help="IP address the message came from (SPF)")
-    p.add_argument("--helo", default="", help="HELO/EHLO name the client gave")
+    p.add_argument("--client-ip", default=None, help="IP address the message came from (SPF)")
+    p.add_argument("--helo", default=None, help="HELO/EHLO name the client gave")
     p.add_argument(
         "--mail-from", default=None, help="envelope sender (default: the Return-Path header)"
     )

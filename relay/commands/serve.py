@@ -9,9 +9,10 @@ stderr and exit code 2; only then do the workers (or the one in-process relay) s
 from __future__ import annotations
 
 import argparse
+import signal
 
 from relay.config import load_config
-from relay.logs import setup
+from relay.logs import bind_process, setup
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -31,12 +32,17 @@ def run(args: argparse.Namespace) -> int:
     factory = loop_factory(config, args.config)
     preflight.check(config)
     lock = StoreLock(config.storage.path).acquire()
+    from relay import metrics
+
+    metrics.init(metrics.directory_for(config.storage.path))  # before the workers fork
     try:
         sockets = preflight.bind_listeners(config.server.listen)
         if config.server.workers > 1:
             from relay.workers import run_workers
 
             return run_workers(config, factory, sockets)
+        bind_process(0)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the app reloads on it once started
         run_loop(RelayApp(config).serve_forever(sockets), factory)
         return 0
     finally:

@@ -18,10 +18,11 @@ family below or into ``SmtpReply`` values; nothing above this module sees aiosmt
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -46,7 +47,8 @@ from aiosmtplib.protocol import (
 from relay.delivery.guard import address_problem
 from relay.delivery.tls import STARTTLS_MISSING_REASON, TlsInfo, classify_tls_error, tls_info
 from relay.delivery.wiretap import TAP_ATTRIBUTE, SessionTap, session_tap
-from relay.model import SmtpReply, TlsResultType
+from relay.model import MailDsn, RcptDsn, SmtpReply, TlsResultType
+from relay.smtp.dsnparams import mail_options, rcpt_options
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s|$)")
 MAX_REPLY_TEXT = 512
@@ -91,6 +93,7 @@ class Transaction:
     replies: tuple[tuple[str, SmtpReply], ...]
     data_sent: bool
     usable: bool  # the connection can carry another transaction
+    dsn: bool = False  # the server offers DSN and got the parameters (RFC 3461)
 
 
 def reply_of(code: int, message: str) -> SmtpReply:
@@ -318,6 +321,8 @@ class SmtpSession:
         mail_from: str,
         recipients: Sequence[str],
         data: bytes,
+        dsn: MailDsn | None = None,
+        rcpt_dsn: Mapping[str, RcptDsn] | None = None,
         *,
         requiretls: bool = False,
     ) -> Transaction:
@@ -343,7 +348,9 @@ class SmtpSession:
         if refused:
             sendable = [r for r in recipients if r not in refused]
             if sendable:
-                tx = await self.send(mail_from, sendable, data, requiretls=requiretls)
+                tx = await self.send(
+                    mail_from, sendable, data, dsn, rcpt_dsn, requiretls=requiretls
+                )
             else:
                 tx = Transaction((), False, self.connected)
             got = dict(tx.replies)
@@ -368,10 +375,18 @@ class SmtpSession:
                 reply = _local_reply(550, "5.7.30", f"{where} does not support REQUIRETLS")
                 return Transaction(tuple((r, reply) for r in recipients), False, True)
             options.append("REQUIRETLS")
+        # RFC 3461 5.2: the DSN parameters go on to a next hop that offers DSN
+        passed = dsn is not None and smtp.supports_extension("dsn")
+        if passed and dsn is not None:
+            options.extend(mail_options(dsn))
+        ropts = _rcpt_dsn_options(recipients, rcpt_dsn if passed else None)
         encoding = "utf-8" if utf8 else "ascii"
         self.transactions += 1
         if self.pipelining:
-            return await self._send_pipelined(mail_from, recipients, data, options, encoding)
+            tx = await self._send_pipelined(
+                mail_from, recipients, data, options, encoding, ropts
+            )
+            return dataclasses.replace(tx, dsn=passed)
         if self.pending_rset and not await self.reset():
             self.close()
             raise ConnectionLost(f"{where} RSET before reuse failed")
@@ -396,7 +411,7 @@ class SmtpSession:
                 replies[rcpt] = lost
                 continue
             try:
-                resp = await smtp.rcpt(rcpt, encoding=encoding)
+                resp = await smtp.rcpt(rcpt, options=ropts[rcpt], encoding=encoding)
                 replies[rcpt] = reply_of(resp.code, resp.message)
                 accepted.append(rcpt)
             except SMTPResponseException as exc:
@@ -428,7 +443,9 @@ class SmtpSession:
                 replies[rcpt] = lost or _local_reply(451, "4.4.2", "connection lost")
         elif smtp.is_connected:
             await self._rset_quietly()
-        return Transaction(tuple((r, replies[r]) for r in recipients), data_sent, smtp.is_connected)
+        return Transaction(
+            tuple((r, replies[r]) for r in recipients), data_sent, smtp.is_connected, passed
+        )
 
     async def _send_pipelined(
         self,
@@ -437,6 +454,7 @@ class SmtpSession:
         data: bytes,
         options: list[str],
         encoding: str,
+        ropts: Mapping[str, list[str]],
     ) -> Transaction:
         """``send`` over PIPELINING (RFC 2920 3.1): one write of [RSET] MAIL RCPT... DATA,
         the replies read in order; the content follows only when DATA got 354 and some
@@ -452,7 +470,12 @@ class SmtpSession:
             )
         ]
         batch.extend(
-            _command(b"RCPT", b"TO:" + quote_address(r).encode(encoding)) for r in recipients
+            _command(
+                b"RCPT",
+                b"TO:" + quote_address(r).encode(encoding),
+                *(o.encode("ascii") for o in ropts[r]),
+            )
+            for r in recipients
         )
         batch.append(b"DATA\r\n")
         rset = self.pending_rset
@@ -655,6 +678,13 @@ def _rebind(protocol: SMTPProtocol) -> None:
     if transport is not None and not transport.is_closing():
         if transport.get_protocol() is protocol:
             transport.set_protocol(protocol)
+
+
+def _rcpt_dsn_options(
+    recipients: Sequence[str], rcpt_dsn: Mapping[str, RcptDsn] | None
+) -> dict[str, list[str]]:
+    """NOTIFY and ORCPT per recipient for a next hop that offers DSN (else none)."""
+    return {r: rcpt_options(rcpt_dsn[r]) if rcpt_dsn and r in rcpt_dsn else [] for r in recipients}
 
 
 def _can_pipeline(protocol: SMTPProtocol | None) -> bool:

@@ -542,7 +542,12 @@ class Courier:
                 in_tx = True
                 try:
                     tx = await session.send(
-                        job.mail_from, job.recipients, job.data, requiretls=job.requiretls
+                        job.mail_from,
+                        job.recipients,
+                        job.data,
+                        job.dsn,
+                        job.rcpt_dsn_map(),
+                        requiretls=job.requiretls,
                     )
                 except ConnectionLost as exc:
                     if not reused:
@@ -554,7 +559,12 @@ class Courier:
                         return None
                     in_tx = True
                     tx = await session.send(
-                        job.mail_from, job.recipients, job.data, requiretls=job.requiretls
+                        job.mail_from,
+                        job.recipients,
+                        job.data,
+                        job.dsn,
+                        job.rcpt_dsn_map(),
+                        requiretls=job.requiretls,
                     )
         except TimeoutError:
             if session is not None:
@@ -730,7 +740,7 @@ class Courier:
         self.destinations.record_success(job.domain)
         results = []
         for address, reply in tx.replies:
-            results.append(_recipient(address, reply, host.name))
+            results.append(_recipient(address, reply, host.name, tx.dsn))
         states = {r.state for r in results}
         outcome = (
             "delivered"
@@ -979,14 +989,16 @@ def _tls_type(exc: SessionError) -> TlsResultType:
     return TlsResultType.STARTTLS_NOT_SUPPORTED
 
 
-def _recipient(address: str, reply: SmtpReply, remote: str) -> RecipientResult:
+def _recipient(
+    address: str, reply: SmtpReply, remote: str, dsn: bool = False
+) -> RecipientResult:
     if 200 <= reply.code < 300:
         state = RecipientState.DELIVERED
     elif 400 <= reply.code < 500:
         state = RecipientState.DEFERRED
     else:
         state = RecipientState.FAILED
-    return RecipientResult(address, state, str(reply), enhanced_code(reply), remote)
+    return RecipientResult(address, state, str(reply), enhanced_code(reply), remote, dsn)
 
 
 def _all(

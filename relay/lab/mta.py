@@ -1,5 +1,7 @@
 """Receiving MTAs for tests and the lab: an aiosmtpd server on a loopback address that
 records every transaction (envelope, bytes, TLS in use) and can be scripted to refuse.
+With ``dsn=True`` it offers the DSN extension (RFC 3461) and records the parameters it
+got (aiosmtpd itself refuses them): RET and ENVID of MAIL, NOTIFY and ORCPT per RCPT.
 
 Runs in the caller's event loop (no thread), so a test can start and stop it directly.
 """
@@ -22,6 +24,8 @@ class Received:
     data: bytes
     tls_version: str | None
     peer: str
+    dsn_mail: tuple[str, ...] = ()  # RET=/ENVID= as sent (dsn=True only)
+    dsn_rcpt: tuple[tuple[str, ...], ...] = ()  # NOTIFY=/ORCPT= per recipient, as sent
 
 
 @dataclass
@@ -64,6 +68,11 @@ class _Handler:
             obj = server.transport.get_extra_info("ssl_object")
             tls = obj.version() if obj is not None else None
         content = envelope.original_content or b""
+        dsn_mail: tuple[str, ...] = ()
+        dsn_rcpt: tuple[tuple[str, ...], ...] = ()
+        if isinstance(server, _DsnSmtp):
+            dsn_mail = server.dsn_mail
+            dsn_rcpt = tuple(server.dsn_rcpt.get(a, ()) for a in envelope.rcpt_tos)
         self.mta.messages.append(
             Received(
                 mail_from="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
@@ -71,10 +80,59 @@ class _Handler:
                 data=content,
                 tls_version=tls,
                 peer=str(session.peer[0]) if session.peer else "",
+                dsn_mail=dsn_mail,
+                dsn_rcpt=dsn_rcpt,
             )
         )
         self.mta.arrived.set()
         return "250 2.0.0 Ok: stored"
+
+
+def _split_dsn(arg: str, keys: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """The command argument without the DSN parameters named, and those parameters."""
+    kept, found = [], []
+    for i, word in enumerate(arg.split(" ")):
+        if i and word.split("=", 1)[0].upper() in keys:
+            found.append(word)
+        else:
+            kept.append(word)
+    return " ".join(kept), tuple(found)
+
+
+class _DsnSmtp(SMTP):
+    """aiosmtpd with the DSN extension offered: its parameters are taken off the
+    commands (and kept) before aiosmtpd, which knows none of them, reads the rest."""
+
+    dsn_mail: tuple[str, ...] = ()
+    dsn_rcpt: dict[str, tuple[str, ...]]
+
+    async def smtp_EHLO(self, arg: str) -> None:
+        self.dsn_rcpt = {}
+        await super().smtp_EHLO(arg)
+
+    async def smtp_MAIL(self, arg: str) -> None:
+        arg, self.dsn_mail = _split_dsn(arg, ("RET", "ENVID"))
+        self.dsn_rcpt = {}
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str) -> None:
+        arg, found = _split_dsn(arg, ("NOTIFY", "ORCPT"))
+        address = arg.partition(":")[2].strip().split(" ")[0].strip("<>")
+        self.dsn_rcpt[address] = found
+        await super().smtp_RCPT(arg)
+
+
+class _DsnHandler(_Handler):
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-DSN", responses[-1]]  # before the last, "250 HELP"
 
 
 class LabMta:
@@ -87,11 +145,13 @@ class LabMta:
         *,
         tls_context: ssl.SSLContext | None = None,
         hostname: str = "mx.lab.test",
+        dsn: bool = False,
     ) -> None:
         self.host = host
         self.port = port
         self.tls_context = tls_context
         self.hostname = hostname
+        self.dsn = dsn
         self.messages: list[Received] = []
         self.arrived = asyncio.Event()
         self.script = _Script()
@@ -112,7 +172,10 @@ class LabMta:
         if self.tls_context is not None:
             kwargs["tls_context"] = self.tls_context
             kwargs["require_starttls"] = False
-        proto = SMTP(_Handler(self), **kwargs)
+        if self.dsn:
+            proto: SMTP = _DsnSmtp(_DsnHandler(self), **kwargs)
+        else:
+            proto = SMTP(_Handler(self), **kwargs)
         self._protocols.append(proto)
         return proto
 

@@ -23,11 +23,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from relay import logs
+from relay import logs, metrics
 from relay.config import Config
 from relay.dsn import DsnRecipient, build_dsn
 from relay.errors import RelayError
-from relay.model import AttemptResult, DeliveryJob, QueueId, RecipientResult, RecipientState
+from relay.model import (
+    AttemptResult,
+    DeliveryJob,
+    MailDsn,
+    QueueId,
+    RcptDsn,
+    RecipientResult,
+    RecipientState,
+)
 from relay.queue.faults import AFTER_FAIL_COMMIT, crash_point
 from relay.queue.spool import (
     DEFAULT_LEASE,
@@ -41,9 +49,11 @@ from relay.queue.spool import (
     Spool,
     new_qid,
 )
+from relay.smtp.dsnparams import wants
 
 log = logs.get("relay.queue")
 
+PRUNE_INTERVAL = 3600.0  # seconds between two prunings of the message history
 LOADED_SHARE = 0.75  # share of the active window that mail loaded from the store may use
 
 
@@ -65,6 +75,26 @@ class RetryPolicy:
         """Delay before the next try after ``attempts`` failed tries (1 = first failure)."""
         base = min(self.maximum, self.first * float(2 ** min(max(attempts - 1, 0), 40)))
         return max(0.0, base * (1 + self.jitter * (2 * rng() - 1)))
+
+
+def outbound_dsn(r: QueuedRecipient) -> RcptDsn:
+    """NOTIFY and ORCPT for the next hop: the sender's ORCPT, else (RFC 3461 5.2.1: added by
+    a relaying MTA) the address of the RCPT we received when aliases or SRS changed it."""
+    orcpt = r.orcpt
+    if not orcpt and r.orig and r.orig.lower() != r.address.lower():
+        orcpt = f"rfc822;{r.orig}"
+    return RcptDsn(r.notify, orcpt)
+
+
+def attempt_tls(res: AttemptResult) -> str:
+    """The attempt's TLS outcome in a few words, for the message history: the version
+    used, else the RFC 8460 result type of the last failure, else "none"."""
+    if res.tls_version:
+        return res.tls_version
+    failures = [o for o in res.tls_outcomes if o.result_type is not None]
+    if failures:
+        return str(failures[-1].result_type)
+    return "none" if res.mx_host else ""
 
 
 def domain_of(address: str) -> str:
@@ -123,6 +153,7 @@ class Scheduler:
         self.sign = sign
         self._sweep_interval = sweep_interval
         self.lease = lease
+        self._next_prune = 0.0
 
     @property
     def lease(self) -> float:
@@ -161,8 +192,17 @@ class Scheduler:
             self.release()
         if claimed and qid not in self._active:
             recips = tuple(
-                QueuedRecipient(a, RecipientState.QUEUED, 0, 0.0, "", o)
-                for a, o in msg.recipient_pairs()
+                QueuedRecipient(
+                    a,
+                    RecipientState.QUEUED,
+                    0,
+                    0.0,
+                    "",
+                    o,
+                    notify=tuple(w for w in notify.split(",") if w),
+                    orcpt=orcpt,
+                )
+                for a, o, notify, orcpt in msg.recipient_rows()
             )
             qm = QueuedMessage(
                 id=qid,
@@ -172,6 +212,8 @@ class Scheduler:
                 created=created,
                 flags=msg.flags,
                 recipients=recips,
+                ret=msg.ret,
+                envid=msg.envid,
             )
             self._start(qid, (qm, msg.data))
         else:
@@ -232,6 +274,7 @@ class Scheduler:
         if expired:
             log.warning("leases_expired", recipients=expired)
             self.wake()
+        await self._prune_history()
         if self._stopping:
             return
         room = max(0, self.window - len(self._active) - self._reserved)
@@ -240,6 +283,17 @@ class Scheduler:
                 if qid not in self._active and not self._stopping:
                     log.info("dsn_owed", qid=qid)
                     self._start(qid, None)
+
+    async def _prune_history(self) -> None:
+        """At most once an hour (by the loader): forget the history of messages that left
+        the queue more than storage.log_retention seconds ago."""
+        now = self.clock()
+        if not self.loader or now < self._next_prune:
+            return
+        self._next_prune = now + PRUNE_INTERVAL
+        n = await self.spool.prune_log(now - self.config.storage.log_retention)
+        if n:
+            log.info("history_pruned", lines=n)
 
     # ------------------------------------------------------------ internals
 
@@ -352,6 +406,8 @@ class Scheduler:
                 tls_required=not no_tls,
                 record_tls=not no_tls,
                 requiretls=bool(msg.flags & FLAG_REQUIRETLS),
+                dsn=MailDsn(msg.ret, msg.envid),
+                rcpt_dsn=tuple(outbound_dsn(r) for r in rs),
             )
             for dom, rs in by_domain.items()
         ]
@@ -388,13 +444,24 @@ class Scheduler:
     ) -> list[RecipientUpdate]:
         now = self.clock()
         updates: list[RecipientUpdate] = []
+        tls = attempt_tls(res)
+        notify = {r.address: r.notify for r in msg.recipients}
         for rr in res.recipients:
+            # RFC 3461 6.2.1: SUCCESS asked and the next hop took it without DSN: we say
+            # "relayed" (one that offers DSN got NOTIFY and reports delivery itself)
+            relayed = (
+                rr.state is RecipientState.DELIVERED
+                and wants(notify.get(rr.address, ()), "SUCCESS", False)
+                and not rr.next_hop_dsn
+            )
+            seen = (rr.remote_host or res.mx_host, tls, relayed)
+            metrics.recipient(rr.state.value)
             if rr.state is RecipientState.DEFERRED:
                 nxt = now + self.retry.delay(attempts.get(rr.address, 0) + 1, self.rng)
                 nxt = min(nxt, msg.created + self.retry.lifetime)
-                updates.append(RecipientUpdate(rr.address, rr.state, rr.reply, nxt))
+                updates.append(RecipientUpdate(rr.address, rr.state, rr.reply, nxt, *seen))
             else:
-                updates.append(RecipientUpdate(rr.address, rr.state, rr.reply))
+                updates.append(RecipientUpdate(rr.address, rr.state, rr.reply, 0.0, *seen))
             log.info(
                 {RecipientState.DELIVERED: "delivered", RecipientState.FAILED: "bounced"}.get(
                     rr.state, "deferred"
@@ -429,6 +496,7 @@ class Scheduler:
                 )
 
     async def _deliver(self, job: DeliveryJob) -> AttemptResult:
+        started = time.monotonic()
         try:
             return await self.courier.deliver(job)
         except asyncio.CancelledError:
@@ -444,6 +512,8 @@ class Scheduler:
                     for a in job.recipients
                 ),
             )
+        finally:
+            metrics.attempt(time.monotonic() - started)
 
     async def _queue_dsn(
         self,
@@ -467,11 +537,13 @@ class Scheduler:
             arrival=msg.created,
             now=now,
             action=action,
+            envid=msg.envid,
+            ret=msg.ret,
         )
         if self.sign is not None:
             dsn = self.sign(dsn, self.bounce_from.rpartition("@")[2].lower().rstrip("."))
         # RFC 8689 section 5: the DSN of a REQUIRETLS message is itself sent with
-        # REQUIRETLS (and, as every DSN here, carries the original's headers only)
+        # REQUIRETLS (it carries the original's headers only, unless RET=FULL was asked)
         flags = FLAG_NO_DSN | (msg.flags & FLAG_REQUIRETLS)
         new = NewMessage("", (to,), dsn, (), flags)
         dsn_qid = new_qid(now)
@@ -518,7 +590,16 @@ class Scheduler:
             return
         if not msg.mail_from or msg.flags & FLAG_NO_DSN:  # a row read before the spool did
             return
-        dsn_recipients = [DsnRecipient(r.address, r.orig, r.last_reply) for r in failed]
+        dsn_recipients = [
+            DsnRecipient(
+                r.address,
+                r.orig,
+                r.last_reply,
+                orcpt=r.orcpt,
+                action="relayed" if r.state is RecipientState.DELIVERED else "failed",
+            )
+            for r in failed
+        ]
         if await self._queue_dsn(msg, data, dsn_recipients, "failed"):
             log.debug("removed", qid=msg.id)
 
@@ -534,10 +615,13 @@ class Scheduler:
             or now - msg.created < limit
         ):
             return
+        rcpts = {r.address: r for r in msg.recipients}
         deferred = [
-            DsnRecipient(u.address, "", u.reply)
+            DsnRecipient(u.address, rcpts[u.address].orig, u.reply, orcpt=rcpts[u.address].orcpt)
             for u in updates
             if u.state is RecipientState.DEFERRED
+            and u.address in rcpts
+            and wants(rcpts[u.address].notify, "DELAY", True)  # RFC 3461 4.1
         ]
         if deferred:
             await self._queue_dsn(msg, data, deferred, "delayed")

@@ -38,8 +38,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from relay.model import QueueId, RecipientState
-from relay.store import Store
+from relay.model import ConnInfo, Envelope, QueueId, RecipientState
+from relay.store import Store, address_domain
 
 MIGRATIONS = [
     """
@@ -73,6 +73,34 @@ MIGRATIONS = [
     ALTER TABLE queue_recipients ADD COLUMN lease_owner TEXT NOT NULL DEFAULT '';
     ALTER TABLE queue_recipients ADD COLUMN lease_expiry REAL NOT NULL DEFAULT 0;
     CREATE INDEX queue_recipients_lease ON queue_recipients(state, lease_expiry);
+    """,
+    # 3: hold, the stored envelope (for diagnose), a listing index, the attempt log
+    """
+    ALTER TABLE queue_messages ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE queue_messages ADD COLUMN client_ip TEXT NOT NULL DEFAULT '';
+    ALTER TABLE queue_messages ADD COLUMN helo TEXT NOT NULL DEFAULT '';
+    ALTER TABLE queue_messages ADD COLUMN env_from TEXT;
+    CREATE INDEX queue_messages_created ON queue_messages(created, id);
+    CREATE TABLE queue_log (
+        qid TEXT NOT NULL,
+        at REAL NOT NULL,
+        address TEXT NOT NULL DEFAULT '',
+        event TEXT NOT NULL,
+        reply TEXT NOT NULL DEFAULT '',
+        mx_host TEXT NOT NULL DEFAULT '',
+        tls TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX queue_log_qid ON queue_log(qid, at);
+    CREATE INDEX queue_log_at ON queue_log(at);
+    """,
+    # 4: the DSN extension (RFC 3461): RET and ENVID per message, NOTIFY and ORCPT per
+    # recipient, and a "relayed" DSN owed for a delivered one (SUCCESS, no DSN next hop)
+    """
+    ALTER TABLE queue_messages ADD COLUMN ret TEXT NOT NULL DEFAULT '';
+    ALTER TABLE queue_messages ADD COLUMN envid TEXT NOT NULL DEFAULT '';
+    ALTER TABLE queue_recipients ADD COLUMN notify TEXT NOT NULL DEFAULT '';
+    ALTER TABLE queue_recipients ADD COLUMN orcpt TEXT NOT NULL DEFAULT '';
+    ALTER TABLE queue_recipients ADD COLUMN relayed_owed INTEGER NOT NULL DEFAULT 0;
     """,
 ]
 
@@ -119,10 +147,39 @@ class NewMessage:
     orig_recipients: tuple[str, ...] = ()  # the address given at RCPT, per recipient
     flags: int = 0
     message_id: str | None = None  # None: taken from data's header when needed
+    # the envelope as received, for `relay diagnose --queue-id` (mail_from above may be
+    # SRS-rewritten): the client's IP and HELO, and its MAIL FROM (None: locally made)
+    client_ip: str = ""
+    helo: str = ""
+    env_from: str | None = None
+    # DSN parameters (RFC 3461): per recipient NOTIFY (comma-joined, "" not given) and
+    # ORCPT ("addr-type;address", "" not given), aligned with recipients; RET and ENVID
+    notify: tuple[str, ...] = ()
+    orcpts: tuple[str, ...] = ()
+    ret: str = ""
+    envid: str = ""
 
     def msgid(self) -> str:
         """The Message-ID field's value ("" when none), computed once by whoever built it."""
         return self.message_id if self.message_id is not None else extract_message_id(self.data)
+
+    def recipient_rows(self) -> list[tuple[str, str, str, str]]:
+        """(address, original address, NOTIFY, ORCPT) per recipient, the first of each."""
+        n = len(self.recipients)
+        rows = zip(
+            self.recipients,
+            self.orig_recipients or self.recipients,
+            self.notify or ("",) * n,
+            self.orcpts or ("",) * n,
+            strict=True,
+        )
+        seen: set[str] = set()
+        out = []
+        for row in rows:
+            if row[0].lower() not in seen:
+                seen.add(row[0].lower())
+                out.append(row)
+        return out
 
     def recipient_pairs(self) -> list[tuple[str, str]]:
         """(address, original address) per recipient, the first of each address only."""
@@ -140,6 +197,17 @@ class QueuedRecipient:
     dsn_done: bool = False
     lease_owner: str = ""  # "" when nobody holds the row
     lease_expiry: float = 0.0
+    notify: tuple[str, ...] = ()  # RFC 3461 NOTIFY: () not given, ("NEVER",) or words
+    orcpt: str = ""  # RFC 3461 ORCPT, "addr-type;address" ("" not given)
+    relayed_owed: bool = False  # delivered to a next hop without DSN; SUCCESS asked
+
+    @property
+    def dsn_owed(self) -> bool:
+        if self.dsn_done:
+            return False
+        return self.state is RecipientState.FAILED or (
+            self.state is RecipientState.DELIVERED and self.relayed_owed
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +220,12 @@ class QueuedMessage:
     flags: int
     recipients: tuple[QueuedRecipient, ...]
     delay_warned: bool = False
+    held: bool = False  # `relay queue hold`: not tried until released
+    client_ip: str = ""
+    helo: str = ""
+    env_from: str | None = None  # MAIL FROM as the client gave it (None: not recorded)
+    ret: str = ""  # RFC 3461 RET: FULL, HDRS or "" (not given)
+    envid: str = ""  # RFC 3461 ENVID, decoded
 
     def pending(self) -> tuple[QueuedRecipient, ...]:
         return tuple(r for r in self.recipients if r.state in PENDING_STATES)
@@ -163,6 +237,52 @@ class RecipientUpdate:
     state: RecipientState
     reply: str
     next_attempt: float = 0.0
+    mx_host: str = ""  # the host that answered (for the attempt log)
+    tls: str = ""  # the TLS outcome of the attempt (for the attempt log)
+    relayed: bool = False  # delivered, SUCCESS asked, next hop without DSN: DSN owed
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One line of a message's history (`relay queue log`): received, an attempt's outcome
+    (delivered, deferred, failed), a DSN queued, an operator action, removed."""
+
+    qid: QueueId
+    at: float
+    address: str
+    event: str
+    reply: str = ""
+    mx_host: str = ""
+    tls: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ListFilter:
+    """What `relay queue list` shows: recipients of a domain and/or in a state ("held":
+    the messages on hold), a page of at most ``limit`` messages after ``offset``."""
+
+    domain: str = ""
+    state: str = ""
+    limit: int = 0  # 0: all
+    offset: int = 0
+
+
+def envelope_fields(conn: ConnInfo, env: Envelope, origs: Sequence[str]) -> dict[str, Any]:
+    """What the queue keeps of the session besides the routed envelope: the client's IP,
+    HELO and MAIL FROM as given (for `relay diagnose --queue-id`), and the DSN parameters
+    (RFC 3461), each routed recipient taking those of the RCPT it came from (``origs``:
+    the RCPT address of each), so aliases and SRS keep the sender's ORCPT and NOTIFY."""
+    by_rcpt = dict(zip(env.rcpt_tos, env.rcpt_dsn, strict=True)) if env.rcpt_dsn else {}
+    params = [by_rcpt.get(o) for o in origs]
+    return {
+        "client_ip": conn.peer_ip,
+        "helo": conn.helo,
+        "env_from": env.mail_from,
+        "notify": tuple(",".join(p.notify) if p else "" for p in params) if by_rcpt else (),
+        "orcpts": tuple(p.orcpt if p else "" for p in params) if by_rcpt else (),
+        "ret": env.dsn.ret,
+        "envid": env.dsn.envid,
+    }
 
 
 def new_owner() -> str:
@@ -225,8 +345,9 @@ class Spool:
                 cur = conn.execute(
                     "UPDATE queue_recipients SET state=?, updated=?, lease_owner=?,"
                     " lease_expiry=? WHERE qid=? AND address=? AND state IN (?,?)"
-                    " AND next_attempt<=?",
-                    (_I, now, owner, until, qid, a, _Q, _D, now),
+                    " AND next_attempt<=? AND qid NOT IN"
+                    " (SELECT id FROM queue_messages WHERE id=? AND held=1)",
+                    (_I, now, owner, until, qid, a, _Q, _D, now, qid),
                 )
                 if cur.rowcount:
                     got.append(a)
@@ -271,8 +392,10 @@ class Spool:
         now = self.clock()
         owner, until = self.owner, now + self.lease
         rows = []
+        logged = []
         for u in updates:
-            held = u.state is RecipientState.FAILED
+            logged.append((qid, now, u.address, u.state.value, u.reply[:1000], u.mx_host, u.tls))
+            held = u.state is RecipientState.FAILED or u.relayed
             rows.append(
                 (
                     u.state.value,
@@ -281,6 +404,7 @@ class Spool:
                     now,
                     owner if held else "",
                     until if held else 0.0,
+                    int(u.relayed and u.state is RecipientState.DELIVERED),
                     qid,
                     u.address,
                     owner,
@@ -291,13 +415,17 @@ class Spool:
             )
 
         def run(conn: sqlite3.Connection) -> tuple[bool, tuple[QueuedRecipient, ...]]:
-            conn.executemany(
-                "UPDATE queue_recipients SET state=?, attempts=attempts+1, next_attempt=?,"
-                " last_reply=?, updated=?, lease_owner=?, lease_expiry=?"
-                " WHERE qid=? AND address=? AND (lease_owner=?"
-                " OR (lease_owner='' AND state IN (?,?,?)))",
-                rows,
-            )
+            done = []
+            for row, entry in zip(rows, logged, strict=True):
+                if conn.execute(
+                    "UPDATE queue_recipients SET state=?, attempts=attempts+1, next_attempt=?,"
+                    " last_reply=?, updated=?, lease_owner=?, lease_expiry=?, relayed_owed=?"
+                    " WHERE qid=? AND address=? AND (lease_owner=?"
+                    " OR (lease_owner='' AND state IN (?,?,?)))",
+                    row,
+                ).rowcount:
+                    done.append(entry)
+            _log(conn, done)  # the attempt's history, in the outcome's transaction
             if not settle:
                 return False, ()
             return _settle(conn, qid, owner, now, until)
@@ -341,9 +469,9 @@ class Spool:
             for a in addrs:
                 if (
                     conn.execute(
-                        "SELECT 1 FROM queue_recipients WHERE qid=? AND address=? AND state=?"
-                        " AND dsn_done=0 AND lease_owner=?",
-                        (about, a, _F, owner),
+                        "SELECT 1 FROM queue_recipients WHERE qid=? AND address=?"
+                        f" AND {_OWED} AND lease_owner=?",
+                        (about, a, owner),
                     ).fetchone()
                     is None
                 ):
@@ -355,6 +483,8 @@ class Spool:
                 " WHERE qid=? AND address=?",
                 [(about, a) for a in addrs],
             )
+            event = "delay_dsn_queued" if delay_warning else "dsn_queued"
+            _log(conn, [(about, now, a, event, qid, "", "") for a in addrs or ("",)])
             insert(conn)
             if not addrs:
                 return False
@@ -411,8 +541,8 @@ class Spool:
             )
             conn.execute(
                 "UPDATE queue_recipients SET lease_owner='', lease_expiry=0"
-                " WHERE state=? AND dsn_done=0 AND lease_owner!='' AND lease_owner!=?",
-                (_F, self.owner),
+                f" WHERE {_OWED} AND lease_owner!='' AND lease_owner!=?",
+                (self.owner,),
             )
             return cur.rowcount
 
@@ -437,8 +567,8 @@ class Spool:
                 ).rowcount
                 conn.execute(
                     "UPDATE queue_recipients SET lease_expiry=0"
-                    f" WHERE state=? AND lease_owner=? AND qid IN ({marks})",
-                    (_F, owner, *part),
+                    f" WHERE {_OWED} AND lease_owner=? AND qid IN ({marks})",
+                    (owner, *part),
                 )
             return n
 
@@ -448,9 +578,88 @@ class Spool:
         """Make every deferred recipient due now."""
         return await self.store.write(_flush)
 
-    async def delete(self, qid: QueueId) -> bool:
+    async def flush_domain(self, domain: str) -> int:
+        """Make the queued and deferred recipients of one domain due now."""
+        dom = address_domain(domain)
         return await self.store.write(
-            lambda c: c.execute("DELETE FROM queue_messages WHERE id=?", (qid,)).rowcount > 0
+            lambda c: (
+                c.execute(
+                    "UPDATE queue_recipients SET next_attempt=0 WHERE state IN (?,?)"
+                    " AND relay_domain(address)=?",
+                    (_D, _Q, dom),
+                ).rowcount
+            )
+        )
+
+    async def delete(self, qid: QueueId) -> bool:
+        return bool(await self.delete_many([qid]))
+
+    async def delete_many(self, qids: Sequence[QueueId]) -> list[QueueId]:
+        """Delete those messages (no DSN); return the ids that existed."""
+        now = self.clock()
+        return await self.store.write(lambda c: _delete(c, list(qids), now))
+
+    async def delete_all(self) -> int:
+        now = self.clock()
+
+        def run(conn: sqlite3.Connection) -> int:
+            ids = [r[0] for r in conn.execute("SELECT id FROM queue_messages").fetchall()]
+            return len(_delete(conn, ids, now))
+
+        return await self.store.write(run)
+
+    async def hold(self, qids: Sequence[QueueId]) -> list[QueueId]:
+        """Put messages on hold (postsuper -h): not tried until released. An attempt
+        already running finishes; its deferred recipients then wait for the release."""
+        return await self._set_held(qids, 1, "held")
+
+    async def unhold(self, qids: Sequence[QueueId]) -> list[QueueId]:
+        """Release held messages (postsuper -H); their due recipients go at once."""
+        return await self._set_held(qids, 0, "released")
+
+    async def requeue(self, qids: Sequence[QueueId]) -> list[QueueId]:
+        """Release from hold and make every queued or deferred recipient due now: its
+        destination is looked up again at the next attempt (postsuper -r)."""
+        now = self.clock()
+
+        def run(conn: sqlite3.Connection) -> list[QueueId]:
+            found = []
+            for q in qids:
+                if conn.execute("UPDATE queue_messages SET held=0 WHERE id=?", (q,)).rowcount:
+                    conn.execute(
+                        "UPDATE queue_recipients SET next_attempt=0 WHERE qid=? AND state IN (?,?)",
+                        (q, _Q, _D),
+                    )
+                    found.append(q)
+            _log(conn, [(q, now, "", "requeued", "", "", "") for q in found])
+            return found
+
+        return await self.store.write(run)
+
+    async def _set_held(self, qids: Sequence[QueueId], held: int, event: str) -> list[QueueId]:
+        now = self.clock()
+
+        def run(conn: sqlite3.Connection) -> list[QueueId]:
+            found = [
+                q
+                for q in qids
+                if conn.execute("UPDATE queue_messages SET held=? WHERE id=?", (held, q)).rowcount
+            ]
+            _log(conn, [(q, now, "", event, "", "", "") for q in found])
+            return found
+
+        return await self.store.write(run)
+
+    async def prune_log(self, before: float) -> int:
+        """Forget the history of messages no longer queued, older than ``before``."""
+        return await self.store.write(
+            lambda c: (
+                c.execute(
+                    "DELETE FROM queue_log WHERE at<?"
+                    " AND qid NOT IN (SELECT id FROM queue_messages)",
+                    (before,),
+                ).rowcount
+            )
         )
 
     # ------------------------------------------------------------ reads
@@ -460,7 +669,7 @@ class Spool:
             rows = conn.execute(
                 "SELECT DISTINCT r.qid FROM queue_recipients r JOIN queue_messages m"
                 " ON m.id=r.qid WHERE r.state IN (?,?) AND r.next_attempt<=? AND m.corrupt=0"
-                " ORDER BY r.next_attempt LIMIT ?",
+                " AND m.held=0 ORDER BY r.next_attempt LIMIT ?",
                 (_Q, _D, now, limit + len(exclude)),
             ).fetchall()
             return [r[0] for r in rows if r[0] not in exclude][:limit]
@@ -475,9 +684,9 @@ class Spool:
         def run(conn: sqlite3.Connection) -> list[QueueId]:
             rows = conn.execute(
                 "SELECT DISTINCT r.qid FROM queue_recipients r JOIN queue_messages m"
-                " ON m.id=r.qid WHERE r.state=? AND r.dsn_done=0 AND r.lease_expiry<=?"
+                f" ON m.id=r.qid WHERE {_OWED_R} AND r.lease_expiry<=?"
                 " AND m.corrupt=0 LIMIT ?",
-                (_F, now, limit + len(exclude)),
+                (now, limit + len(exclude)),
             ).fetchall()
             return [r[0] for r in rows if r[0] not in exclude][:limit]
 
@@ -500,8 +709,25 @@ class Spool:
         res = await self.store.read(lambda c: _load(c, qid, with_data=False))
         return None if res is None else res[0]
 
-    async def list(self) -> list[QueuedMessage]:
-        return await self.store.read(_list)
+    def list_sync(self, where: ListFilter | None = None) -> list[QueuedMessage]:
+        return self.store.read_sync(lambda c: _list(c, where or ListFilter()))
+
+    async def history(self, qid: QueueId) -> list[LogEntry]:
+        """Every line of a message's history still kept, oldest first."""
+
+        def run(conn: sqlite3.Connection) -> list[LogEntry]:
+            rows = conn.execute(
+                "SELECT qid, at, address, event, reply, mx_host, tls FROM queue_log"
+                " WHERE qid=? ORDER BY at, rowid",
+                (qid,),
+            ).fetchall()
+            return [LogEntry(*r) for r in rows]
+
+        return await self.store.read(run)
+
+    async def list(self, where: ListFilter | None = None) -> list[QueuedMessage]:
+        """The queue (or one page of it), in arrival order, in one query."""
+        return await self.store.read(lambda c: _list(c, where or ListFilter()))
 
 
 def queue_insert(qid: QueueId, msg: NewMessage, now: float) -> Callable[[sqlite3.Connection], None]:
@@ -517,17 +743,39 @@ def _insert(
     when owner is given, else queued."""
     mid = msg.msgid()
     state, expiry = (_I, until) if owner else (_Q, 0.0)
-    rows = [(qid, a, o, state, now, owner, expiry) for a, o in msg.recipient_pairs()]
+    rows = [
+        (qid, a, o, state, now, owner, expiry, notify, orcpt)
+        for a, o, notify, orcpt in msg.recipient_rows()
+    ]
+
+    received = f"from=<{msg.env_from if msg.env_from is not None else msg.mail_from}>"
+    if msg.client_ip:
+        received += f" client=[{msg.client_ip}] helo={msg.helo or '-'}"
+    received += f" size={len(msg.data)}"
 
     def run(conn: sqlite3.Connection) -> None:
         conn.execute(
-            "INSERT INTO queue_messages(id, mail_from, data, size, message_id, created, flags)"
-            " VALUES(?,?,?,?,?,?,?)",
-            (qid, msg.mail_from, msg.data, len(msg.data), mid, now, msg.flags),
+            "INSERT INTO queue_messages(id, mail_from, data, size, message_id, created, flags,"
+            " client_ip, helo, env_from, ret, envid) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                qid,
+                msg.mail_from,
+                msg.data,
+                len(msg.data),
+                mid,
+                now,
+                msg.flags,
+                msg.client_ip,
+                msg.helo,
+                msg.env_from,
+                msg.ret,
+                msg.envid,
+            ),
         )
+        _log(conn, [(qid, now, "", "received", received, "", "")])
         conn.executemany(
             "INSERT INTO queue_recipients(qid, address, orig, state, next_attempt,"
-            " lease_owner, lease_expiry) VALUES(?,?,?,?,?,?,?)",
+            " lease_owner, lease_expiry, notify, orcpt) VALUES(?,?,?,?,?,?,?,?,?)",
             rows,
         )
 
@@ -542,7 +790,7 @@ def _settle(
     them. Mail with the null reverse-path or NO_DSN owes none (RFC 3461 NOTIFY=NEVER,
     RFC 5321 6.1: never a DSN to <>), so its failures are marked reported here."""
     rcpts = _recipients(conn, qid)
-    owed = [r for r in rcpts if r.state is RecipientState.FAILED and not r.dsn_done]
+    owed = [r for r in rcpts if r.dsn_owed]
     if owed:
         row = conn.execute(
             "SELECT mail_from, flags FROM queue_messages WHERE id=?", (qid,)
@@ -550,12 +798,23 @@ def _settle(
         if row is not None and (not row[0] or row[1] & FLAG_NO_DSN):
             conn.execute(
                 "UPDATE queue_recipients SET dsn_done=1, lease_owner='', lease_expiry=0"
-                " WHERE qid=? AND state=? AND dsn_done=0",
-                (qid, _F),
+                f" WHERE qid=? AND {_OWED}",
+                (qid,),
             )
             owed = []
+        # RFC 3461 4.1: NOTIFY given without FAILURE (NEVER, or SUCCESS/DELAY only): no
+        # failure DSN for that recipient
+        quiet = [r for r in owed if r.state is RecipientState.FAILED and not wants_failure(r)]
+        if quiet:
+            conn.executemany(
+                "UPDATE queue_recipients SET dsn_done=1, lease_owner='', lease_expiry=0"
+                " WHERE qid=? AND address=?",
+                [(qid, r.address) for r in quiet],
+            )
+            owed = [r for r in owed if r not in quiet]
     if not owed and not any(r.state in PENDING_STATES for r in rcpts):
         conn.execute("DELETE FROM queue_messages WHERE id=?", (qid,))
+        _log(conn, [(qid, now, "", "removed", "done", "", "")])
         return True, ()
     mine = [r for r in owed if r.lease_owner in ("", owner) or r.lease_expiry <= now]
     conn.executemany(
@@ -590,41 +849,71 @@ def _dedupe(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
 
 def _recipients(conn: sqlite3.Connection, qid: str) -> tuple[QueuedRecipient, ...]:
     rows = conn.execute(
-        "SELECT address, state, attempts, next_attempt, last_reply, orig, dsn_done,"
-        " lease_owner, lease_expiry FROM queue_recipients WHERE qid=? ORDER BY rowid",
-        (qid,),
+        f"SELECT {_RCPT_COLS} FROM queue_recipients WHERE qid=? ORDER BY rowid", (qid,)
     ).fetchall()
-    return tuple(
-        QueuedRecipient(
-            address=r[0],
-            state=RecipientState(r[1]),
-            attempts=r[2],
-            next_attempt=r[3],
-            last_reply=r[4],
-            orig=r[5],
-            dsn_done=bool(r[6]),
-            lease_owner=r[7],
-            lease_expiry=r[8],
-        )
-        for r in rows
-    )
+    return tuple(_rcpt_of(r) for r in rows)
 
 
-_MSG_COLS = "id, mail_from, size, message_id, created, flags, delay_warned"
+_MSG_COLS = (
+    "id, mail_from, size, message_id, created, flags, delay_warned, held, client_ip, helo,"
+    " env_from, ret, envid"
+)
+_N_MSG_COLS = 13
+_RCPT_COLS = (
+    "address, state, attempts, next_attempt, last_reply, orig, dsn_done, lease_owner,"
+    " lease_expiry, notify, orcpt, relayed_owed"
+)
+# a recipient whose DSN is owed: failed, or delivered with a "relayed" DSN to send
+_OWED = "(state='failed' OR (state='delivered' AND relayed_owed=1)) AND dsn_done=0"
+_OWED_R = "(r.state='failed' OR (r.state='delivered' AND r.relayed_owed=1)) AND r.dsn_done=0"
 
 
-def _msg(conn: sqlite3.Connection, row: tuple[Any, ...]) -> QueuedMessage:
-    qid = str(row[0])
+def wants_failure(r: QueuedRecipient) -> bool:
+    """RFC 3461 4.1: a failure DSN unless NOTIFY was given without FAILURE."""
+    return not r.notify or "FAILURE" in r.notify
+
+
+def _msg_of(row: Sequence[Any], recipients: tuple[QueuedRecipient, ...]) -> QueuedMessage:
     return QueuedMessage(
-        id=qid,
+        id=str(row[0]),
         mail_from=str(row[1]),
         size=int(row[2]),
         message_id=str(row[3]),
         created=float(row[4]),
         flags=int(row[5]),
         delay_warned=bool(row[6]),
-        recipients=_recipients(conn, qid),
+        held=bool(row[7]),
+        client_ip=str(row[8]),
+        helo=str(row[9]),
+        env_from=None if row[10] is None else str(row[10]),
+        ret=str(row[11]),
+        envid=str(row[12]),
+        recipients=recipients,
     )
+
+
+_STATES = {s.value: s for s in RecipientState}  # a dict lookup, not an enum call per row
+
+
+def _rcpt_of(r: Sequence[Any]) -> QueuedRecipient:
+    return QueuedRecipient(
+        address=r[0],
+        state=_STATES[r[1]],
+        attempts=r[2],
+        next_attempt=r[3],
+        last_reply=r[4],
+        orig=r[5],
+        dsn_done=bool(r[6]),
+        lease_owner=r[7],
+        lease_expiry=r[8],
+        notify=tuple(w for w in str(r[9]).split(",") if w),
+        orcpt=str(r[10]),
+        relayed_owed=bool(r[11]),
+    )
+
+
+def _msg(conn: sqlite3.Connection, row: tuple[Any, ...]) -> QueuedMessage:
+    return _msg_of(row, _recipients(conn, str(row[0])))
 
 
 def _load(
@@ -635,12 +924,83 @@ def _load(
     ).fetchone()
     if row is None:
         return None
-    data = row[7] if with_data else b""
+    data = row[_N_MSG_COLS] if with_data else b""
     if with_data and (not isinstance(data, bytes) or len(data) != row[2]):
         raise ValueError(f"queue message {qid} is corrupt (size mismatch)")
-    return _msg(conn, row[:7]), data
+    return _msg(conn, row[:_N_MSG_COLS]), data
 
 
-def _list(conn: sqlite3.Connection) -> list[QueuedMessage]:
-    rows = conn.execute(f"SELECT {_MSG_COLS} FROM queue_messages ORDER BY created").fetchall()
-    return [_msg(conn, r) for r in rows]
+def _list(conn: sqlite3.Connection, where: ListFilter) -> list[QueuedMessage]:
+    """One query: a page of messages (those with a matching recipient) joined with their
+    matching recipients, in arrival order."""
+    rcond: list[str] = []
+    rargs: list[Any] = []
+    if where.domain:
+        rcond.append("relay_domain(r.address)=?")
+        rargs.append(address_domain(where.domain))
+    mcond: list[str] = []
+    margs: list[Any] = []
+    if where.state == "held":
+        mcond.append("m.held=1")
+    elif where.state:
+        rcond.append("r.state=?")
+        rargs.append(where.state)
+    if rcond:
+        margs += rargs
+        mcond.append(
+            "EXISTS (SELECT 1 FROM queue_recipients r WHERE r.qid=m.id AND "
+            + " AND ".join(rcond)
+            + ")"
+        )
+    mwhere = f" WHERE {' AND '.join(mcond)}" if mcond else ""
+    page = ""
+    if where.limit or where.offset:
+        page = " LIMIT ? OFFSET ?"
+        margs += [where.limit or -1, where.offset]
+    mcols = ", ".join(f"m.{c.strip()}" for c in _MSG_COLS.split(","))
+    rcols = ", ".join(f"r.{c.strip()}" for c in _RCPT_COLS.split(","))
+    sql = (
+        f"SELECT {mcols}, {rcols} FROM"
+        f" (SELECT {mcols} FROM queue_messages m{mwhere} ORDER BY m.created, m.id{page}) m"
+        " LEFT JOIN queue_recipients r ON r.qid=m.id"
+        + (f" AND {' AND '.join(rcond)}" if rcond else "")
+        + " ORDER BY m.created, m.id, r.rowid"
+    )
+    out: list[QueuedMessage] = []
+    head: Sequence[Any] | None = None
+    rcpts: list[QueuedRecipient] = []
+    for row in conn.execute(sql, (*margs, *rargs)):  # EXISTS, page, then the join
+        if head is None or row[0] != head[0]:
+            if head is not None:
+                out.append(_msg_of(head, tuple(rcpts)))
+            head, rcpts = row[:_N_MSG_COLS], []
+        if row[_N_MSG_COLS] is not None:
+            rcpts.append(_rcpt_of(row[_N_MSG_COLS:]))
+    if head is not None:
+        out.append(_msg_of(head, tuple(rcpts)))
+    return out
+
+
+def _log(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Append lines to the message history (queue_log), in the caller's transaction."""
+    if rows:
+        conn.executemany(
+            "INSERT INTO queue_log(qid, at, address, event, reply, mx_host, tls)"
+            " VALUES(?,?,?,?,?,?,?)",
+            rows,
+        )
+
+
+def _delete(conn: sqlite3.Connection, ids: list[QueueId], now: float) -> list[QueueId]:
+    found = []
+    for part in _chunks(ids):
+        marks = ",".join("?" * len(part))
+        found += [
+            r[0]
+            for r in conn.execute(
+                f"SELECT id FROM queue_messages WHERE id IN ({marks})", tuple(part)
+            ).fetchall()
+        ]
+        conn.execute(f"DELETE FROM queue_messages WHERE id IN ({marks})", tuple(part))
+    _log(conn, [(q, now, "", "removed", "deleted by the operator", "", "") for q in found])
+    return found

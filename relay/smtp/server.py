@@ -41,17 +41,26 @@ import asyncio
 import re
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import AnyStr, cast
 
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
-from relay import logs
+from relay import logs, metrics
 from relay.config import Config, HostPort
 from relay.errors import SmtpReplyError
-from relay.model import ConnInfo, Envelope
+from relay.model import ConnInfo, Envelope, MailDsn, RcptDsn
 from relay.smtp.address import AddressError, parse_params, parse_path
 from relay.smtp.data_reader import LINE_LIMIT, SYNC_ERROR, DataResult, read_data
+from relay.smtp.dsnparams import (
+    DSN_MAIL_EXTRA,
+    DSN_RCPT_EXTRA,
+    MAIL_DSN_PARAMS,
+    DsnParamError,
+    mail_dsn_param,
+    rcpt_dsn_params,
+)
 from relay.smtp.limits import (
     CachedDiskFree,
     ConnectionLimits,
@@ -75,7 +84,8 @@ INTERNAL_ERROR = "451 4.3.0 Error: internal error"
 # raise it, and those we offer raise MAIL's: SIZE by 26 (RFC 1870 3), BODY by 16 (RFC 6152
 # 2) and SMTPUTF8 by 10 (RFC 6531 3.4).
 COMMAND_LIMIT = 512
-MAIL_LIMIT = COMMAND_LIMIT + 26 + 16 + 10
+MAIL_LIMIT = COMMAND_LIMIT + 26 + 16 + 10 + DSN_MAIL_EXTRA
+RCPT_LIMIT = COMMAND_LIMIT + DSN_RCPT_EXTRA
 LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 limit: 512 octets with CRLF)"
 
 
@@ -100,8 +110,11 @@ def bind_sockets(listen: Sequence[HostPort], *, reuse_port: bool = False) -> lis
 
 
 def _fits_mail_limit(line: bytes) -> bool:
-    """A MAIL command gets the extra octets of the extensions it may carry."""
-    return len(line) <= MAIL_LIMIT and line[:5].upper() == b"MAIL "
+    """A MAIL or RCPT command gets the extra octets of the extensions it may carry."""
+    verb = line[:5].upper()
+    return (len(line) <= MAIL_LIMIT and verb == b"MAIL ") or (
+        len(line) <= RCPT_LIMIT and verb == b"RCPT "
+    )
 
 
 def _reply_from_error(exc: SmtpReplyError) -> str:
@@ -224,7 +237,7 @@ class SmtpSession(SMTP):
         loop = asyncio.get_running_loop()
         asyncio.StreamReaderProtocol.__init__(
             self,
-            asyncio.StreamReader(limit=LINE_LIMIT, loop=loop),
+            asyncio.StreamReader(limit=max(LINE_LIMIT, RCPT_LIMIT), loop=loop),
             client_connected_cb=self._cb_client_connected,
             loop=loop,
         )
@@ -283,6 +296,7 @@ class SmtpSession(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self._original_transport is None and self.transport is None
         if first:
+            metrics.smtp_session()
             peer = transport.get_extra_info("peername") or ("", 0)
             local = transport.get_extra_info("sockname") or ("", 0)
             self._peer_ip = normalise_ip(str(peer[0]))
@@ -393,6 +407,8 @@ class SmtpSession(SMTP):
     def _reset_transaction(self) -> None:
         self._mail_from: str | None = None
         self._rcpts: list[str] = []
+        self._rcpt_dsn: list[RcptDsn] = []  # DSN parameters of each of _rcpts
+        self._mail_dsn = MailDsn()
         self._smtputf8 = False
         self._body8 = False
         self._requiretls = False
@@ -551,6 +567,7 @@ class SmtpSession(SMTP):
             "8BITMIME",
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
+            "DSN",
         ]
         if self.tls_context is not None and self._tls_protocol is None:
             lines.append("STARTTLS")
@@ -579,6 +596,7 @@ class SmtpSession(SMTP):
         if params and not self._esmtp:
             return await self._error("501 5.5.4 Error: parameters need EHLO")
         size, body8, utf8, requiretls = 0, False, False, False
+        mail_dsn = MailDsn()
         for key, value in params.items():
             if key == "SIZE":
                 if value is None or not (value.isascii() and value.isdigit()) or len(value) > 18:
@@ -592,6 +610,11 @@ class SmtpSession(SMTP):
                 if value is not None:
                     return await self._error("501 5.5.4 Error: SMTPUTF8 takes no value")
                 utf8 = True
+            elif key in MAIL_DSN_PARAMS:
+                try:
+                    mail_dsn = mail_dsn_param(mail_dsn, key, value)
+                except DsnParamError as exc:
+                    return await self._error(str(exc.reply))
             elif key == "REQUIRETLS":
                 if value is not None:
                     return await self._error("501 5.5.4 Error: REQUIRETLS takes no value")
@@ -619,6 +642,8 @@ class SmtpSession(SMTP):
             await self.push("452 4.3.1 Error: insufficient system storage")
             return True
         self._mail_from = mbox.address if mbox is not None else ""
+        self._mail_at = time.monotonic()  # for the accept latency (metrics)
+        self._mail_dsn = mail_dsn
         self._smtputf8 = utf8
         self._body8 = body8
         self._requiretls = requiretls
@@ -638,7 +663,11 @@ class SmtpSession(SMTP):
         except AddressError as exc:
             return await self._error(str(exc.reply))
         assert mbox is not None
-        if params:
+        try:
+            rcpt_dsn = rcpt_dsn_params(params)
+        except DsnParamError as exc:
+            return await self._error(str(exc.reply))
+        if rcpt_dsn is None:
             return await self._error("555 5.5.4 Error: RCPT parameters not supported")
         if mbox.utf8 and not self._smtputf8:
             return await self._error("553 5.6.7 Error: non-ASCII address needs SMTPUTF8")
@@ -659,6 +688,7 @@ class SmtpSession(SMTP):
             return True
         if mbox.address not in self._rcpts:
             self._rcpts.append(mbox.address)
+            self._rcpt_dsn.append(rcpt_dsn)
         await self.push("250 2.1.5 Ok")
         return True
 
@@ -677,6 +707,8 @@ class SmtpSession(SMTP):
             smtputf8=self._smtputf8,
             body_8bit=self._body8,
             requiretls=self._requiretls,
+            dsn=self._mail_dsn,
+            rcpt_dsn=tuple(self._rcpt_dsn) if any(d != RcptDsn() for d in self._rcpt_dsn) else (),
         )
         self._reset_transaction()
         self._phase = "data"
@@ -691,11 +723,13 @@ class SmtpSession(SMTP):
         if result.reply is not None:
             self._phase = "command"
             log.info("smtp_data_rejected", peer=self._peer_ip, reply=result.reply)
+            metrics.smtp_message(result.reply, getattr(self, "_mail_at", None))
             if not await self._error(result.reply):
                 return False
         else:
             assert result.content is not None
             reply = await self._submit(envelope, result.content)
+            metrics.smtp_message(reply, getattr(self, "_mail_at", None))
             self._phase = "command"
             await self.push(reply)
             if reply.startswith("421"):  # closing the channel (RFC 5321 3.8)

@@ -156,6 +156,25 @@ async def test_restarts_back_off_and_say_why_a_worker_died(tmp_path: Path) -> No
             proc.wait()
 
 
+async def test_each_worker_logs_one_started_line_with_its_id_and_pid(tmp_path: Path) -> None:
+    proc, log, port = _serve(tmp_path)
+    try:
+        await wait_listening(port)
+        kids = await _wait_children(proc.pid, 2)
+        lines = await _wait_log(log, '"event": "started"', 2)
+        started = [json.loads(x) for x in lines]
+        assert sorted(s["worker"] for s in started) == [0, 1]
+        assert sorted(s["pid"] for s in started) == sorted(kids)
+        await asyncio.sleep(0.3)
+        assert len(await _wait_log(log, '"event": "started"', 2)) == 2  # one per process
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_backoff_doubles_caps_and_resets_after_a_stable_run() -> None:
     b = Backoff(initial=1.0, cap=30.0, stable=60.0)
     delays: list[float] = []

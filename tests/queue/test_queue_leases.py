@@ -287,7 +287,7 @@ def test_an_old_store_is_upgraded_and_its_inflight_rows_recovered(tmp_path: Path
                 "SELECT version FROM schema_version WHERE component='queue'"
             ).fetchone()[0]
         )
-        assert version == len(MIGRATIONS) == 2
+        assert version == len(MIGRATIONS)
         assert spool.recover_sync() == 1
         conn = sqlite3.connect(path)
         assert conn.execute(
@@ -331,4 +331,8 @@ async def test_queue_list_json_keeps_its_keys_and_shows_the_states(
         "attempts",
         "next_attempt",
         "last_reply",
+        "lease_owner",
+        "lease_expiry",
+        "dsn_owed",
     }
+    assert m["recipients"][1]["dsn_owed"] is True

@@ -82,7 +82,8 @@ KEYWORDS = st.one_of(
 VALUES = st.one_of(
     st.none(),
     st.sampled_from(["", "0", "100", str(MAX_SIZE), str(MAX_SIZE + 1), "9" * 18, "9" * 19,
-                     "7BIT", "8bitmime", "BINARYMIME", "-1", "1e3", "\u0661\u0662", "a=b"]),
+                     "7BIT", "8bitmime", "BINARYMIME", "-1", "1e3", "\u0661\u0662", "a=b",
+                     "FULL", "hdrs", "id+2B1", "id+0A", "id+2b", "x" * 101]),
     st.text(alphabet="0123456789abcXYZ=+", max_size=6),
 )  # fmt: skip
 # an empty keyword without a value writes nothing at all: not a parameter to judge
@@ -94,7 +95,7 @@ def _item(key: str, value: str | None) -> str:
 
 
 def _allowed(params: list[tuple[str, str | None]]) -> bool:
-    """The oracle: what RFC 1869/1870/6152/6531 let a MAIL command carry here."""
+    """The oracle: what RFC 1869/1870/6152/6531/3461 let a MAIL command carry here."""
     seen: set[str] = set()
     for key, value in params:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", key):
@@ -115,6 +116,17 @@ def _allowed(params: list[tuple[str, str | None]]) -> bool:
                 return False
         elif k == "SMTPUTF8":  # RFC 6531 3.4: no value
             if value is not None:
+                return False
+        elif k == "RET":  # RFC 3461 4.3
+            if value is None or value.upper() not in ("FULL", "HDRS"):
+                return False
+        elif k == "ENVID":  # RFC 3461 4.4: xtext, at most 100 characters, printable
+            if not value or len(value) > 100:
+                return False
+            if not re.fullmatch(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})+", value):
+                return False
+            decoded = re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), value)
+            if not all(" " <= c <= "~" for c in decoded):
                 return False
         else:
             return False  # not offered in EHLO

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trustme
 
-from relay.smtp.server import COMMAND_LIMIT, MAIL_LIMIT
+from relay.smtp.server import COMMAND_LIMIT, MAIL_LIMIT, RCPT_LIMIT
 from tests.smtp.test_inbound_harness import MESSAGE, RawClient, Recorder, make_config, running
 
 TOO_LONG = "500 5.5.2 Line too long"
@@ -44,7 +44,7 @@ async def test_lines_past_the_reader_limit_get_the_same_reply(tmp_path: Path) ->
         await c.close()
 
 
-async def test_mail_gets_the_octets_of_its_extensions_rcpt_does_not(tmp_path: Path) -> None:
+async def test_mail_and_rcpt_get_the_octets_of_their_extensions(tmp_path: Path) -> None:
     async with running(make_config(tmp_path)) as (_, _, port):
         c = await RawClient.connect(port)
         await c.greet()
@@ -58,9 +58,11 @@ async def test_mail_gets_the_octets_of_its_extensions_rcpt_does_not(tmp_path: Pa
         assert (await c.cmd(line + b"0")).startswith(TOO_LONG)
         assert (await c.cmd("RSET")).startswith("250")
         assert (await c.cmd("MAIL FROM:<a@b.test>")).startswith("250 ")
-        rcpt = b"RCPT TO:<" + b"r" * (COMMAND_LIMIT + 1 - 2 - 9 - 13) + b"@example.org>"
-        assert len(rcpt) + 2 == COMMAND_LIMIT + 1
+        # RCPT gets NOTIFY's and ORCPT's octets (RFC 3461 5), and not one more
+        rcpt = b"RCPT TO:<" + b"r" * (RCPT_LIMIT + 1 - 2 - 9 - 13) + b"@example.org>"
+        assert len(rcpt) + 2 == RCPT_LIMIT + 1 > COMMAND_LIMIT + 500
         assert (await c.cmd(rcpt)).startswith(TOO_LONG)
+        assert not (await c.cmd(rcpt[:-14] + b"@example.org>")).startswith(TOO_LONG)
         await c.close()
 
 
