@@ -28,6 +28,7 @@ from relay.config import Config
 from relay.dsn import DsnRecipient, build_dsn
 from relay.errors import RelayError
 from relay.model import AttemptResult, DeliveryJob, QueueId, RecipientResult, RecipientState
+from relay.queue.base import QueueSpool
 from relay.queue.faults import AFTER_FAIL_COMMIT, crash_point
 from relay.queue.spool import (
     DEFAULT_LEASE,
@@ -38,7 +39,6 @@ from relay.queue.spool import (
     QueuedMessage,
     QueuedRecipient,
     RecipientUpdate,
-    Spool,
     new_qid,
 )
 
@@ -77,7 +77,7 @@ class Scheduler:
     def __init__(
         self,
         config: Config,
-        spool: Spool,
+        spool: QueueSpool,
         courier: CourierLike,
         inject: InjectFn,
         *,

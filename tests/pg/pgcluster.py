@@ -100,7 +100,15 @@ class PgCluster:
 
     def stop(self) -> None:
         if (self.datadir / "postmaster.pid").exists():
-            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate", "-w", "stop")
+            self._run(
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.datadir),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            )
 
     def url(self, database: str = "postgres") -> str:
         """The relay's storage.url for a database of this cluster (password not in it)."""
@@ -115,9 +123,24 @@ class PgCluster:
     def psql(self, sql: str, database: str = "postgres") -> str:
         env = {**os.environ, "PGPASSWORD": PASSWORD}
         res = subprocess.run(
-            [str(self.bindir / "psql"), "-h", str(self.sockdir), "-U", SUPERUSER, "-d", database,
-             "-v", "ON_ERROR_STOP=1", "-Atc", sql],
-            capture_output=True, text=True, timeout=30, env=env, check=False,
+            [
+                str(self.bindir / "psql"),
+                "-h",
+                str(self.sockdir),
+                "-U",
+                SUPERUSER,
+                "-d",
+                database,
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-Atc",
+                sql,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+            check=False,
         )
         if res.returncode != 0:
             raise RuntimeError(f"psql: {res.stderr.strip()}")
