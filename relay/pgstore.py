@@ -2,16 +2,21 @@
 
 The counterpart of relay/store.py for PostgreSQL, over asyncpg. Every session runs with
 ``synchronous_commit = on`` (a commit returns once it is durable on the server, so the
-250 may follow). ``write`` is group commit, as the SQLite writer does: one writer task
-takes every write waiting at that moment and runs them in one transaction, each in its own
-savepoint (a job's own error rolls back only that job), then commits once. If the commit
-itself fails — the connection is lost, the server restarts or fails over — every caller of
-the group gets StoreError (451 at intake), never a success for a write that may not be
-durable; the connection is dropped and the next group takes a fresh one. (A commit whose
-acknowledgement was lost may still have happened: the client retries, and the message can
-be delivered twice — never lost.) A deadlock or serialization failure inside a job (rows
-of one message written by two nodes at once) rolls back that job's savepoint and retries
-it once. Reads run on other pooled connections, in a read-only transaction.
+250 may follow). ``write(fn, group=True)`` is group commit, as the SQLite writer does, for
+the writes that only insert (intake's messages): one writer task takes every such write
+waiting at that moment and runs them in one transaction, each in its own savepoint (a
+job's own error rolls back only that job), then commits once. Every other write (claims,
+outcomes, sweeps: they lock existing rows) is its own short transaction, so two nodes never
+hold each other's row locks in a cycle; one that still meets a deadlock or serialization
+failure (rolled back by the server, nothing written) is retried, up to three times.
+PostgreSQL itself shares one WAL flush between concurrent commits.
+
+If a commit fails — the connection is lost, the server restarts or fails over — every
+caller of the transaction gets StoreError (451 at intake), never a success for a write
+that may not be durable; the connection is dropped and the next write takes a fresh one.
+(A commit whose acknowledgement was lost may still have happened: the client retries, and
+the message can be delivered twice — never lost.) Reads run on other pooled connections,
+in a read-only transaction.
 
 Schema migrations are versioned per component in ``relay_schema`` and applied in one
 transaction under a transaction-scoped advisory lock, so when several nodes start at once
@@ -152,13 +157,64 @@ class PgStore:
 
     # -------------------------------------------------------------- writes
 
-    async def write(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
-        """Run ``await fn(conn)`` inside a group commit; return its result once committed."""
-        if self._writer is None:
+    async def write(self, fn: Callable[[Conn], Awaitable[T]], *, group: bool = False) -> T:
+        """Run ``await fn(conn)`` in a transaction; return its result once committed.
+
+        ``group``: for writes that only insert new rows (a message at intake): joined with
+        every other such write waiting at that moment into one transaction (group commit).
+        Writes that lock existing rows (claims, outcomes, sweeps) run alone, in a short
+        transaction of their own: two nodes' groups locking rows of the same messages in
+        different orders would deadlock."""
+        if self._pool is None:
             raise StoreError("store is not open")
+        if not group:
+            return await self._transaction(fn)
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._jobs.put_nowait(_Job(fn, fut))
         return await fut
+
+    async def _transaction(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        for attempt in (1, 2, 3):
+            conn: Conn = None
+            try:
+                if self.fail_writes is not None and self.fail_writes():
+                    raise OSError("connection lost (injected)")
+                conn = await self._pool.acquire()
+                tr = conn.transaction()
+                await tr.start()
+                try:
+                    result = await fn(conn)
+                except _RETRY as exc:  # rolled back by the server: nothing was written
+                    await tr.rollback()
+                    if attempt < 3:
+                        continue
+                    raise _wrap(exc) from exc
+                except (asyncpg.PostgresError, ValueError) as exc:  # the write's own error
+                    await tr.rollback()
+                    raise _wrap(exc) from exc
+                if self.before_commit is not None:
+                    await self.before_commit(conn)
+                await tr.commit()
+                self.commits += 1
+                self.writes += 1
+                return result
+            except StoreError:
+                raise
+            except Exception as exc:  # BEGIN or COMMIT failed: nothing is known durable
+                log.error("store_commit_failed", error=f"{type(exc).__name__}: {exc}", batch=1)
+                if conn is not None:
+                    _terminate(conn)
+                raise StoreError(f"store commit failed: {type(exc).__name__}: {exc}") from exc
+            finally:
+                if conn is not None:
+                    await self._release(conn)
+        raise AssertionError("unreachable")
+
+    async def _release(self, conn: Conn) -> None:
+        try:
+            await self._pool.release(conn)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            pass  # a dead connection: the pool opens another one
 
     async def _run_writer(self) -> None:
         while True:
@@ -208,10 +264,7 @@ class PgStore:
                 _terminate(conn)  # never reuse a connection in an unknown state
         finally:
             if conn is not None:
-                try:
-                    await self._pool.release(conn)
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                    pass  # a dead connection: the pool opens another one
+                await self._release(conn)
 
     @staticmethod
     async def _run_job(conn: Conn, job: _Job, *, savepoint: bool) -> None:

@@ -133,7 +133,7 @@ class PgSpool:
         now = self.clock()
         qid = qid or new_qid(now)
         await self.store.write(
-            _insert(qid, msg, now, self.owner if claimed else "", now + self.lease)
+            _insert(qid, msg, now, self.owner if claimed else "", now + self.lease), group=True
         )
         return qid
 

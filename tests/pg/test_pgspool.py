@@ -109,6 +109,12 @@ async def test_a_commit_on_a_killed_connection_raises_and_writes_nothing(pg_url:
             assert await spool.list() == []  # nothing of the group was committed
             qid = await spool.enqueue(msgs[0])  # a fresh connection: writes work again
             assert [m.id for m in await spool.list()] == [qid]
+            store.before_commit = kill_writer  # a write alone (a claim) fails the same way
+            with pytest.raises(StoreError, match="commit failed"):
+                await spool.claim(qid, ["r0@x.org"])
+            store.before_commit = None
+            [r] = (await spool.get(qid)).recipients  # type: ignore[union-attr]
+            assert (r.state, r.lease_owner) == (QUEUED, "")  # the claim was not committed
         finally:
             await killer.close()
 
