@@ -842,7 +842,7 @@ def read_lists(p: Path, raw: Any) -> dict[str, ListConfig]:
             if "@" not in o or o.startswith("@") or o.endswith("@"):
                 raise s.err("owners", f"not an address: {o!r}")
         for k in ("name", "subject_prefix"):
-            if any(c in s.get(k, str, "") for c in "\r\n\"<>"):
+            if any(c in s.get(k, str, "") for c in '\r\n"<>'):
                 raise s.err(k, "must be one line without quotes or angle brackets")
         cfg = ListConfig(
             address=f"{local}@{domain}",

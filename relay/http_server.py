@@ -205,5 +205,3 @@ class HttpServer:
 
     async def stop(self) -> None:
         await self.runner.cleanup()
-
-
