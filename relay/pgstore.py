@@ -65,7 +65,7 @@ class PgStore:
         url: str,
         password: str | None = None,
         *,
-        pool_size: int = 8,
+        pool_size: int = 16,
         command_timeout: float = 30.0,
         connect_timeout: float = 10.0,
     ) -> None:
