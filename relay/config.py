@@ -155,6 +155,9 @@ class AuthConfig:
     # releases the GIL while it signs and hashes). 0 = inline on the loop.
     crypto_workers: int = 1
     crypto_threads: int = 2
+    # how DMARC finds the policy and the organizational domain: "treewalk" (RFC 9989
+    # section 4.10, DNS tree walk) or "psl" (RFC 7489, the Public Suffix List), to compare
+    dmarc_discovery: str = "treewalk"
 
 
 @dataclass(frozen=True)
@@ -444,6 +447,7 @@ _KNOWN = {
         "authserv_id",
         "crypto_workers",
         "crypto_threads",
+        "dmarc_discovery",
     },
     "arc": {
         "enabled",
@@ -754,7 +758,16 @@ def read_auth(a: _Section) -> AuthConfig:
         authserv_id=a.get("authserv_id", str, ""),
         crypto_workers=a.positive("crypto_workers", int, 1, 0),
         crypto_threads=a.positive("crypto_threads", int, 2, 0),
+        dmarc_discovery=read_dmarc_discovery(a),
     )
+
+
+DMARC_DISCOVERIES = ("treewalk", "psl")
+
+
+def read_dmarc_discovery(a: _Section) -> str:
+    """[auth] dmarc_discovery: "treewalk" (RFC 9989, the default) or "psl" (RFC 7489)."""
+    return a.choice("dmarc_discovery", "treewalk", DMARC_DISCOVERIES)
 
 
 def read_arc(ac: _Section) -> ArcConfig:

@@ -96,6 +96,13 @@ def test_direct_mail_passes(
         "aligned_spf": True,
         "aligned_dkim": True,
         "reason": "SPF and DKIM aligned with example.com",
+        # issue 13: how the policy was found (RFC 9989 4.10 tree walk)
+        "org_domain": "example.com",
+        "policy_domain": "example.com",
+        "walk": ["_dmarc.example.com", "_dmarc.com"],
+        "testing": False,
+        "discovery": "treewalk",
+        "ignored_tags": [],
     }
     assert out["arc"] == {"cv": "none", "instances": 0}
     assert out["advice"] == ["Nothing to do: the message passes DMARC for example.com."]

@@ -1,18 +1,24 @@
-"""DMARC (RFC 7489): policy discovery, record parsing, identifier alignment, the result.
+"""DMARC (RFC 9989): policy discovery, identifier alignment, the result.
 
-Discovery (section 6.6.3) asks ``_dmarc.<author domain>`` and, when that gives no DMARC
-record, ``_dmarc.<Organizational Domain>`` (relay.auth.psl). Alignment (section 3.1)
-compares the RFC5322.From domain with the SPF-authenticated domain and each passing DKIM
-``d=``, relaxed (same Organizational Domain) or strict (equal). The result carries the
-policy that applies: ``p=`` for the author domain's own record, ``sp=`` (default ``p=``)
-when the record came from the Organizational Domain, lowered one step when the
-message falls outside the ``pct=`` sample (section 6.6.4). The random source is injected.
+Discovery (``[auth] dmarc_discovery``):
+- ``treewalk`` (default, RFC 9989 section 4.10, relay.auth.treewalk): the policy record
+  is the first found walking up from the author domain; the Organizational Domain of each
+  name (for relaxed alignment, 4.4) comes from the same walk and ``psd=``;
+- ``psl`` (RFC 7489 section 6.6.3, to compare): ``_dmarc.<author domain>``, then
+  ``_dmarc.<Organizational Domain>`` from the Public Suffix List (relay.auth.psl).
+The record is read as RFC 9989 says in both (relay.auth.dmarc_record): no ``pct``.
 
-Choices where RFC 7489 leaves room, all listed in docs/tests:
+The policy that applies (RFC 9989 4.10.1 and 4.7): ``p=`` for the author domain's own
+record; from an ancestor's record ``np=`` when the author domain does not exist (NXDOMAIN,
+RFC 8020), else ``sp=`` (both default to ``p=``); with ``t=y`` (testing) one step lower,
+reject to quarantine and quarantine to none (4.7, t tag).
+
+Choices where the RFC leaves room, all listed in docs/tests:
 - a DMARC record lookup that fails temporarily gives ``temperror`` (policy none: the
   pipeline accepts); any other DNS error but NXDOMAIN/NODATA gives ``permerror``;
-- no aligned pass, but an aligned identifier whose check failed temporarily: ``temperror``;
-- a From field with mailboxes in several domains (6.6.1): each domain is evaluated and the
+- no aligned pass, but an aligned identifier whose check failed temporarily (or whose
+  Organizational Domain could not be had): ``temperror``;
+- a From field with mailboxes in several domains: each domain is evaluated and the
   failing one with the strictest policy wins; several From fields, no From field or a
   From without a usable domain: ``permerror``.
 """
@@ -20,158 +26,45 @@ Choices where RFC 7489 leaves room, all listed in docs/tests:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import functools
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from relay.auth.dmarc_record import (
+    POLICIES,
+    DmarcRecord,
+    DmarcRecordError,
+    ReportUri,
+    _parse_cached,
+    _parse_record,
+    is_dmarc_record,
+    parse_record,
+)
 from relay.auth.psl import org_domain
+from relay.auth.treewalk import Walker, WalkError
 from relay.auth.types import DkimResult, DmarcResult, DmarcResultCode, SpfResult, SpfResultCode
 from relay.dns import Resolver
 from relay.errors import DnsError, DnsNoData, DnsNotFound, DnsTempFail
 from relay.message import Message, as_parsed
 
-POLICIES = ("none", "quarantine", "reject")
+__all__ = [
+    "POLICIES",
+    "DmarcRecord",
+    "DmarcRecordError",
+    "ReportUri",
+    "_parse_cached",
+    "_parse_record",
+    "is_dmarc_record",
+    "parse_record",
+]
+
+DISCOVERIES = ("treewalk", "psl")
 MAX_FROM_DOMAINS = 8  # distinct author domains evaluated for one message (DoS bound)
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*:[^!\s]+)(?:!([0-9]+)([kmgtKMGT]?))?$")
-_VERSION = re.compile(r"^\s*v\s*=\s*DMARC1\s*(;|$)")
 _LDH_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
-
-
-class DmarcRecordError(ValueError):
-    """The text is not a usable DMARC record (no DMARC processing follows)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ReportUri:
-    uri: str
-    max_size: int = 0  # bytes; 0 means no limit
-
-
-@dataclass(frozen=True, slots=True)
-class DmarcRecord:
-    """A parsed ``v=DMARC1`` record (RFC 7489 section 6.3), defaults filled in."""
-
-    p: str
-    sp: str
-    pct: int = 100
-    adkim: str = "r"
-    aspf: str = "r"
-    rua: tuple[ReportUri, ...] = ()
-    ruf: tuple[ReportUri, ...] = ()
-    fo: tuple[str, ...] = ("0",)
-    rf: str = "afrf"
-    ri: int = 86400
-    p_implied: bool = False  # no valid p=/sp= but a valid rua=: taken as p=none (6.6.3)
-    ignored: tuple[str, ...] = ()  # terms discarded as syntax errors (6.3)
-    raw: str = ""
-
-
-def is_dmarc_record(text: str) -> bool:
-    """True when text starts with the version tag ``v=DMARC1`` (section 6.6.3 step 3)."""
-    return _VERSION.match(text) is not None
-
-
-def _uris(value: str) -> tuple[ReportUri, ...]:
-    out = []
-    for item in value.split(","):
-        item = re.sub(r"\s+", "", item)
-        m = _URI.match(item)
-        if m is None:
-            continue
-        size = int(m.group(2)) * _SIZE_UNITS[m.group(3).lower()] if m.group(2) else 0
-        out.append(ReportUri(m.group(1), size))
-    return tuple(out)
-
-
-def parse_record(text: str) -> DmarcRecord:
-    """Parse one DMARC TXT record. Raises DmarcRecordError when it is not a DMARC record,
-    or has no valid ``p=`` (or an invalid ``sp=``) and no valid ``rua=`` (6.6.3 step 6).
-    Other syntax errors are ignored in favour of defaults (6.3). Remembered by record text
-    (a domain's record is seen on every message from it; the record is immutable)."""
-    parsed = _parse_cached(text)
-    if isinstance(parsed, str):
-        raise DmarcRecordError(parsed)
-    return parsed
-
-
-@functools.lru_cache(maxsize=1024)
-def _parse_cached(text: str) -> DmarcRecord | str:
-    """The record, or why it is not one (the DmarcRecordError text)."""
-    try:
-        return _parse_record(text)
-    except DmarcRecordError as exc:
-        return str(exc)
-
-
-def _parse_record(text: str) -> DmarcRecord:
-    if not is_dmarc_record(text):
-        raise DmarcRecordError("record does not start with v=DMARC1")
-    tags: dict[str, str] = {}
-    ignored: list[str] = []
-    for term in text.split(";")[1:]:
-        term = term.strip()
-        if not term:
-            continue
-        name, eq, value = term.partition("=")
-        name = name.strip().lower()
-        if not eq or not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in tags:
-            ignored.append(term)
-            continue
-        tags[name] = value.strip()
-    rua = _uris(tags.get("rua", ""))
-    ruf = _uris(tags.get("ruf", ""))
-    p = tags.get("p", "").lower()
-    sp = tags.get("sp", p).lower()
-    implied = False
-    if p not in POLICIES or sp not in POLICIES:
-        if not rua:
-            what = "p=" if p not in POLICIES else "sp="
-            raise DmarcRecordError(f"no valid {what} tag and no valid rua= tag")
-        p = sp = "none"
-        implied = True
-
-    def pick(tag: str, allowed: tuple[str, ...], default: str) -> str:
-        v = tags.get(tag, default).lower()
-        if v not in allowed:
-            ignored.append(f"{tag}={tags[tag]}")
-            return default
-        return v
-
-    pct = 100
-    if "pct" in tags:
-        if re.fullmatch(r"[0-9]{1,3}", tags["pct"]) and int(tags["pct"]) <= 100:
-            pct = int(tags["pct"])
-        else:
-            ignored.append(f"pct={tags['pct']}")
-    fo = tuple(x.strip().lower() for x in tags.get("fo", "0").split(":"))
-    if not fo or any(x not in ("0", "1", "d", "s") for x in fo):
-        ignored.append(f"fo={tags.get('fo', '')}")
-        fo = ("0",)
-    ri = 86400
-    if "ri" in tags:
-        if re.fullmatch(r"[0-9]{1,10}", tags["ri"]):
-            ri = int(tags["ri"])
-        else:
-            ignored.append(f"ri={tags['ri']}")
-    return DmarcRecord(
-        p=p,
-        sp=sp,
-        pct=pct,
-        adkim=pick("adkim", ("r", "s"), "r"),
-        aspf=pick("aspf", ("r", "s"), "r"),
-        rua=rua,
-        ruf=ruf,
-        fo=fo,
-        rf=tags.get("rf", "afrf").lower(),
-        ri=ri,
-        p_implied=implied,
-        ignored=tuple(ignored),
-        raw=text,
-    )
 
 
 # ---- discovery ----
@@ -179,14 +72,17 @@ def _parse_record(text: str) -> DmarcRecord:
 
 @dataclass(frozen=True, slots=True)
 class Discovery:
-    """Where the policy came from (section 6.6.3)."""
+    """Where the policy came from."""
 
     author_domain: str
     org_domain: str
     record: DmarcRecord | None = None
-    record_domain: str = ""  # the domain whose _dmarc name held the record
+    record_domain: str = ""  # the policy domain: whose _dmarc name held the record
     error: str = ""  # why there is no record
     result: DmarcResultCode = DmarcResultCode.NONE  # NONE, TEMPERROR or PERMERROR when no record
+    walk: tuple[str, ...] = ()  # the _dmarc names queried
+    method: str = "psl"
+    author_exists: bool = True  # False: NXDOMAIN at the author domain (np= applies)
 
 
 async def _records_at(resolver: Resolver, domain: str) -> tuple[list[str], DmarcResultCode, str]:
@@ -202,24 +98,101 @@ async def _records_at(resolver: Resolver, domain: str) -> tuple[list[str], Dmarc
     return [t for t in texts if is_dmarc_record(t)], DmarcResultCode.NONE, ""
 
 
-async def discover(resolver: Resolver, author_domain: str) -> Discovery:
-    """Find the DMARC record for author_domain: its own, else its Organizational Domain's."""
+async def _psl_discover(resolver: Resolver, author_domain: str) -> Discovery:
+    """RFC 7489 6.6.3: the author domain's record, else its PSL Organizational Domain's."""
     org = org_domain(author_domain)
     candidates = [author_domain] if org == author_domain else [author_domain, org]
+    asked: list[str] = []
     for domain in candidates:
+        asked.append(f"_dmarc.{domain}")
         records, code, error = await _records_at(resolver, domain)
+        walk = tuple(asked)
         if code is not DmarcResultCode.NONE:
-            return Discovery(author_domain, org, error=error, result=code)
+            return Discovery(author_domain, org, error=error, result=code, walk=walk)
         if not records:
             continue
         if len(records) > 1:
-            return Discovery(author_domain, org, error=f"_dmarc.{domain} has several DMARC records")
-        try:
-            record = parse_record(records[0])
-        except DmarcRecordError as exc:
-            return Discovery(author_domain, org, error=f"_dmarc.{domain}: {exc}")
-        return Discovery(author_domain, org, record=record, record_domain=domain)
-    return Discovery(author_domain, org, error=f"no DMARC record for {author_domain}")
+            return Discovery(
+                author_domain, org, error=f"_dmarc.{domain} has several DMARC records", walk=walk
+            )
+        record = parse_record(records[0])
+        return Discovery(author_domain, org, record=record, record_domain=domain, walk=walk)
+    return Discovery(
+        author_domain, org, error=f"no DMARC record for {author_domain}", walk=tuple(asked)
+    )
+
+
+async def _walk_discover(walker: Walker, author_domain: str) -> Discovery:
+    """RFC 9989 4.10.1 (policy) and 4.10.2 (Organizational Domain) by the tree walk."""
+    try:
+        found, steps = await walker.policy(author_domain)
+        org = await walker.org_domain(author_domain)
+    except WalkError as exc:
+        code = DmarcResultCode.TEMPERROR if exc.temporary else DmarcResultCode.PERMERROR
+        return Discovery(
+            author_domain,
+            "",
+            error=str(exc),
+            result=code,
+            walk=tuple(walker.asked),
+            method="treewalk",
+        )
+    if found is None or found.record is None:
+        notes = "; ".join(s.note for s in steps if s.note)
+        error = f"no DMARC record for {author_domain}" + (f" ({notes})" if notes else "")
+        return Discovery(
+            author_domain, org, error=error, walk=tuple(walker.asked), method="treewalk"
+        )
+    return Discovery(
+        author_domain,
+        org,
+        record=found.record,
+        record_domain=found.name,
+        walk=tuple(walker.asked),
+        method="treewalk",
+    )
+
+
+async def _exists(resolver: Resolver, domain: str) -> bool:
+    """False only on NXDOMAIN for domain (RFC 8020: nothing at or below the name)."""
+    try:
+        await resolver.a(domain)
+    except DnsNotFound:
+        return False
+    except DnsError:
+        return True
+    return True
+
+
+async def discover(
+    resolver: Resolver,
+    author_domain: str,
+    *,
+    method: str = "treewalk",
+    walker: Walker | None = None,
+) -> Discovery:
+    """Find the DMARC record for author_domain by ``method`` ("treewalk" | "psl"); when the
+    record is an ancestor's with an ``np=`` that differs from its ``sp=``, ask whether the
+    author domain exists (the only case where it changes the policy)."""
+    if method == "psl":
+        d = await _psl_discover(resolver, author_domain)
+    else:
+        d = await _walk_discover(walker or Walker(resolver), author_domain)
+    r = d.record
+    if r is not None and d.record_domain != author_domain and r.np and r.np != r.sp:
+        if not await _exists(resolver, author_domain):
+            return Discovery(
+                d.author_domain,
+                d.org_domain,
+                r,
+                d.record_domain,
+                d.error,
+                d.result,
+                d.walk,
+                d.method,
+                author_exists=False,
+            )
+    return d
 
 
 # ---- the author domain ----
@@ -294,15 +267,30 @@ def author_domains(message: Message) -> AuthorDomains:
 # ---- alignment and the result ----
 
 
-def aligned(identifier: str, author_domain: str, mode: str) -> bool:
-    """Identifier alignment (3.1): strict = same name, relaxed = same Organizational Domain."""
+def aligned(
+    identifier: str, author_domain: str, mode: str, orgs: Mapping[str, str] | None = None
+) -> bool:
+    """Identifier alignment (RFC 9989 4.4): strict = same name, relaxed = same
+    Organizational Domain; ``orgs`` maps names to their tree-walk Organizational Domain
+    (absent: the Public Suffix List's, as RFC 7489 3.2)."""
     a = identifier.strip().lower().rstrip(".")
     b = author_domain.strip().lower().rstrip(".")
     if not a or not b:
         return False
     if a == b:
         return True
-    return mode != "s" and org_domain(a) == org_domain(b)
+    if mode == "s":
+        return False
+    if orgs is None:
+        return org_domain(a) == org_domain(b)
+    oa, ob = orgs.get(a), orgs.get(b)
+    return oa is not None and oa == ob
+
+
+def _shares_suffix(a: str, b: str) -> bool:
+    """An Organizational Domain is a suffix of its name, so two names with no common
+    last label can never share one (no walk needed)."""
+    return a.rsplit(".", 1)[-1] == b.rsplit(".", 1)[-1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,6 +303,7 @@ class Alignment:
     mode: str  # "r" | "s"
     aligned: bool  # the domain aligns with the From domain under mode (whatever the result)
     selector: str = ""
+    org_domain: str = ""  # the identifier's Organizational Domain ("" = not looked up)
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,8 +315,13 @@ class DmarcEvaluation:
     record: DmarcRecord | None = None
     record_domain: str = ""
     alignments: tuple[Alignment, ...] = ()
-    sampled_out: bool = False  # outside the pct= sample: policy lowered one step
+    sampled_out: bool = False  # kept for callers: RFC 9989 has no pct=, so always False
     author_domains: tuple[str, ...] = ()
+    org_domain: str = ""  # the author domain's Organizational Domain
+    walk: tuple[str, ...] = ()  # the _dmarc names queried, in order
+    testing: bool = False  # the record says t=y: the policy was lowered one step
+    discovery: str = ""  # "treewalk" | "psl"
+    author_exists: bool = True
 
 
 _LOWER = {"reject": "quarantine", "quarantine": "none", "none": "none"}
@@ -335,9 +329,18 @@ _STRICTNESS = {"none": 0, "quarantine": 1, "reject": 2}
 
 
 def alignments(
-    author_domain: str, spf: SpfResult | None, dkim: Sequence[DkimResult], aspf: str, adkim: str
+    author_domain: str,
+    spf: SpfResult | None,
+    dkim: Sequence[DkimResult],
+    aspf: str,
+    adkim: str,
+    orgs: Mapping[str, str] | None = None,
 ) -> tuple[Alignment, ...]:
     out: list[Alignment] = []
+
+    def org_of(domain: str) -> str:
+        return "" if orgs is None else orgs.get(domain.lower().rstrip("."), "")
+
     if spf is not None and spf.domain:
         out.append(
             Alignment(
@@ -345,7 +348,8 @@ def alignments(
                 spf.domain.lower(),
                 str(spf.result),
                 aspf,
-                aligned(spf.domain, author_domain, aspf),
+                aligned(spf.domain, author_domain, aspf, orgs),
+                org_domain=org_of(spf.domain),
             )
         )
     for sig in dkim:
@@ -356,11 +360,25 @@ def alignments(
                     sig.domain.lower(),
                     sig.result,
                     adkim,
-                    aligned(sig.domain, author_domain, adkim),
+                    aligned(sig.domain, author_domain, adkim, orgs),
                     sig.selector,
+                    org_domain=org_of(sig.domain),
                 )
             )
     return tuple(out)
+
+
+def applicable_policy(discovery: Discovery) -> tuple[str, str]:
+    """(the policy that applies, the tag it came from) for a discovery with a record:
+    RFC 9989 4.10.1: p= at the author domain; np= for a non-existent author domain
+    under an ancestor's record; sp= otherwise."""
+    record = discovery.record
+    assert record is not None
+    if discovery.record_domain == discovery.author_domain:
+        return record.p, "p"
+    if not discovery.author_exists and record.np:
+        return record.np, "np"
+    return record.sp, "sp"
 
 
 def evaluate(
@@ -370,11 +388,22 @@ def evaluate(
     *,
     rng: Callable[[], float] = random.random,
     author_domains: tuple[str, ...] = (),
+    orgs: Mapping[str, str] | None = None,
 ) -> DmarcEvaluation:
     """The DMARC result for one author domain, given its discovery and the checks;
-    ``author_domains`` (every From domain of the message) is recorded as it is."""
+    ``orgs`` holds the tree-walk Organizational Domains (None: the PSL's); ``rng`` is
+    no longer drawn from (RFC 9989 removed ``pct=``) and stays for callers."""
+    del rng
     author = discovery.author_domain
     record = discovery.record
+    common = {
+        "author_domain": author,
+        "author_domains": author_domains,
+        "org_domain": discovery.org_domain,
+        "walk": discovery.walk,
+        "discovery": discovery.method,
+        "author_exists": discovery.author_exists,
+    }
     if record is None:
         return DmarcEvaluation(
             DmarcResult(
@@ -383,30 +412,35 @@ def evaluate(
                 org_domain=discovery.org_domain,
                 reason=discovery.error,
             ),
-            author_domain=author,
-            author_domains=author_domains,
+            **common,  # type: ignore[arg-type]
         )
-    subdomain = discovery.record_domain != author
-    published = record.sp if subdomain else record.p
-    found = alignments(author, spf, dkim, record.aspf, record.adkim)
+    published, _tag = applicable_policy(discovery)
+    found = alignments(author, spf, dkim, record.aspf, record.adkim, orgs)
     spf_ok = any(a.method == "spf" and a.aligned and a.result == "pass" for a in found)
     dkim_ok = any(a.method == "dkim" and a.aligned and a.result == "pass" for a in found)
-    sampled_out = False
+    unknown_org = orgs is not None and any(
+        a.result == "pass"
+        and a.mode == "r"
+        and a.domain != author
+        and a.domain not in orgs
+        and _shares_suffix(a.domain, author)
+        for a in found
+    )
     policy = published
     if spf_ok or dkim_ok:
         code = DmarcResultCode.PASS
         which = " and ".join(x for x, ok in (("SPF", spf_ok), ("DKIM", dkim_ok)) if ok)
         reason = f"{which} aligned with {author}"
-    elif any(a.aligned and a.result == str(SpfResultCode.TEMPERROR) for a in found):
+    elif unknown_org or any(a.aligned and a.result == str(SpfResultCode.TEMPERROR) for a in found):
         code = DmarcResultCode.TEMPERROR
         reason = "an aligned identifier could not be checked (temporary error)"
     else:
         code = DmarcResultCode.FAIL
         reason = f"neither SPF nor DKIM passed aligned with {author}"
-        if record.pct < 100 and not (record.pct > 0 and rng() * 100 < record.pct):
-            sampled_out = True
+        if record.t:  # RFC 9989 4.7, t=y: apply the policy one step lower
             policy = _LOWER[published]
-            reason += f"; outside the pct={record.pct} sample, policy lowered to {policy}"
+            if policy != published:
+                reason += f"; t=y (testing): policy {published} applied as {policy}"
     return DmarcEvaluation(
         DmarcResult(
             code,
@@ -417,13 +451,13 @@ def evaluate(
             aligned_dkim=dkim_ok,
             org_domain=discovery.org_domain,
             reason=reason,
+            testing=record.t,
         ),
-        author_domain=author,
         record=record,
         record_domain=discovery.record_domain,
         alignments=found,
-        sampled_out=sampled_out,
-        author_domains=author_domains,
+        testing=record.t,
+        **common,  # type: ignore[arg-type]
     )
 
 
@@ -447,6 +481,53 @@ def _worst(evals: Sequence[DmarcEvaluation]) -> DmarcEvaluation:
     return best
 
 
+async def identifier_orgs(
+    walker: Walker, discovery: Discovery, spf: SpfResult | None, dkim: Sequence[DkimResult]
+) -> dict[str, str]:
+    """The tree-walk Organizational Domain of the author domain and of each identifier
+    that relaxed alignment must compare (4.4, 4.10.2): only names that differ from the
+    author domain and share its last label are walked; the walker keeps the answers."""
+    author = discovery.author_domain
+    orgs = {author: discovery.org_domain} if discovery.org_domain else {}
+    record = discovery.record
+    if record is None or not discovery.org_domain:
+        return orgs
+    wanted: list[str] = []
+    if spf is not None and spf.domain and record.aspf == "r":
+        wanted.append(spf.domain)
+    if record.adkim == "r":
+        wanted.extend(sig.domain for sig in dkim if sig.domain)
+    for name in wanted:
+        name = name.strip().lower().rstrip(".")
+        if name in orgs or not _shares_suffix(name, author):
+            continue
+        try:
+            orgs[name] = await walker.org_domain(name)
+        except WalkError:
+            continue  # unknown: a passing identifier left unknown gives temperror
+    return orgs
+
+
+async def _one(
+    resolver: Resolver,
+    domain: str,
+    spf: SpfResult | None,
+    dkim: Sequence[DkimResult],
+    method: str,
+    domains: tuple[str, ...],
+) -> DmarcEvaluation:
+    if method == "psl":
+        d = await discover(resolver, domain, method="psl")
+        return evaluate(d, spf, dkim, author_domains=domains)
+    walker = Walker(resolver)
+    d = await discover(resolver, domain, method="treewalk", walker=walker)
+    orgs = await identifier_orgs(walker, d, spf, dkim)
+    ev = evaluate(d, spf, dkim, author_domains=domains, orgs=orgs)
+    if len(walker.asked) > len(ev.walk):  # the identifiers' walks asked more names
+        return dataclasses.replace(ev, walk=tuple(walker.asked))
+    return ev
+
+
 async def check_dmarc(
     resolver: Resolver,
     message: Message,
@@ -454,14 +535,26 @@ async def check_dmarc(
     dkim: Sequence[DkimResult],
     *,
     rng: Callable[[], float] = random.random,
+    discovery: str = "treewalk",
 ) -> DmarcEvaluation:
-    """DMARC for message, given its SPF (MAIL FROM or HELO identity) and DKIM results."""
+    """DMARC for message, given its SPF (MAIL FROM or HELO identity) and DKIM results;
+    ``discovery`` is ``[auth] dmarc_discovery`` ("treewalk" | "psl"); ``rng`` is unused
+    (RFC 9989 has no pct= sampling) and kept for callers."""
+    del rng
+    if discovery not in DISCOVERIES:
+        raise ValueError(f"unknown DMARC discovery {discovery!r}")
     authors = author_domains(message)
     if authors.error:
-        return DmarcEvaluation(DmarcResult(DmarcResultCode.PERMERROR, reason=authors.error))
-    if len(authors.domains) == 1:  # the usual case: no task and gathering future
-        discoveries = [await discover(resolver, authors.domains[0])]
-    else:
-        discoveries = await asyncio.gather(*(discover(resolver, d) for d in authors.domains))
+        return DmarcEvaluation(
+            DmarcResult(DmarcResultCode.PERMERROR, reason=authors.error), discovery=discovery
+        )
     domains = authors.domains
-    return _worst([evaluate(d, spf, dkim, rng=rng, author_domains=domains) for d in discoveries])
+    if len(domains) == 1:  # the usual case: no task and gathering future
+        evals = [await _one(resolver, domains[0], spf, dkim, discovery, domains)]
+    else:
+        evals = list(
+            await asyncio.gather(
+                *(_one(resolver, d, spf, dkim, discovery, domains) for d in domains)
+            )
+        )
+    return _worst(evals)

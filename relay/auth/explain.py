@@ -84,16 +84,28 @@ def dmarc_lines(ev: DmarcEvaluation | None) -> list[str]:
     if ev is None:
         return ["DMARC: not evaluated"]
     d = ev.result
+    lines: list[str] = []
     if ev.record is None:
-        return [f"DMARC {d.result}: {d.reason or 'no policy'}"]
+        lines.append(f"DMARC {d.result}: {d.reason or 'no policy'}")
+        lines.extend(discovery_lines(ev))
+        return lines
     where = f"_dmarc.{ev.record_domain}"
     if ev.record_domain != ev.author_domain:
-        where += f" (the organizational domain of {ev.author_domain}, so sp= applies)"
-    lines = [
+        tag = "np=" if not ev.author_exists and ev.record.np else "sp="
+        why = (
+            f"{ev.author_domain} does not exist, so np= applies"
+            if tag == "np="
+            else "so sp= applies"
+        )
+        where += f" (an ancestor of {ev.author_domain}, {why})"
+    testing = (
+        f"; t=y (testing), so {d.policy}" if ev.testing and d.policy != d.record_policy else ""
+    )
+    lines.append(
         f"DMARC {d.result} for From domain {d.header_from}: policy {d.record_policy} "
-        f"from {where}"
-        + (f"; outside the pct={ev.record.pct} sample, so {d.policy}" if ev.sampled_out else "")
-    ]
+        f"from {where}{testing}"
+    )
+    lines.extend(discovery_lines(ev))
     if len(ev.author_domains) > 1:
         lines.append(
             "  the From field names several domains (" + ", ".join(ev.author_domains) + "); "
@@ -107,7 +119,7 @@ def dmarc_lines(ev: DmarcEvaluation | None) -> list[str]:
             if a.domain == ev.author_domain
             else ("same organizational domain" if a.aligned else "different domains")
         )
-        if not a.aligned and a.mode == "s" and _same_org(a.domain, ev):
+        if not a.aligned and a.mode == "s" and _same_org(a, ev):
             how = "strict mode needs the exact From domain"
         ok = "passed" if a.result == "pass" else f"did not pass ({a.result})"
         name = "SPF" if a.method == "spf" else f"DKIM d={a.domain} s={a.selector}"
@@ -121,9 +133,33 @@ def dmarc_lines(ev: DmarcEvaluation | None) -> list[str]:
     return lines
 
 
-def _same_org(domain: str, ev: DmarcEvaluation) -> bool:
+def discovery_lines(ev: DmarcEvaluation) -> list[str]:
+    """How the policy and the organizational domain were found (RFC 9989 4.10), and the
+    record's tags RFC 9989 ignores."""
+    out: list[str] = []
+    how = (
+        "DNS tree walk (RFC 9989)"
+        if ev.discovery == "treewalk"
+        else "Public Suffix List (RFC 7489, [auth] dmarc_discovery = psl)"
+    )
+    if ev.walk:
+        out.append(f"  discovery by {how}: asked " + ", ".join(ev.walk))
+    if ev.org_domain:
+        out.append(f"  organizational domain of {ev.author_domain}: {ev.org_domain}")
+    if ev.record is not None and ev.record.removed:
+        out.append(
+            "  ignored: " + ", ".join(ev.record.removed) + " (RFC 9989 removed pct, rf and ri)"
+        )
+    return out
+
+
+def _same_org(a: object, ev: DmarcEvaluation) -> bool:
     from relay.auth.psl import org_domain
 
+    domain = getattr(a, "domain", "")
+    org = getattr(a, "org_domain", "")
+    if ev.discovery == "treewalk" and org and ev.org_domain:
+        return bool(org == ev.org_domain)
     return org_domain(domain) == org_domain(ev.author_domain)
 
 
@@ -249,10 +285,15 @@ def advice(results: AuthResults, ev: DmarcEvaluation | None, facts: Facts) -> li
                 f"{from_dom}'s policy is none, so failing mail is still delivered; once "
                 "legitimate sources pass, the owner can move to p=quarantine, then p=reject."
             )
-    if ev is not None and ev.sampled_out:
+    if ev is not None and ev.testing and d is not None and d.result is DmarcResultCode.FAIL:
         out.append(
-            f"pct={ev.record.pct if ev.record else '?'} means only part of failing mail gets "
-            "the full policy; this message fell outside the sample."
+            f"{from_dom}'s record says t=y (testing): the policy {d.record_policy} was applied "
+            f"one step lower ({d.policy}); remove t=y once legitimate mail passes."
+        )
+    if ev is not None and ev.record is not None and ev.record.removed:
+        out.append(
+            f"Remove {', '.join(ev.record.removed)} from the DMARC record: RFC 9989 dropped "
+            "these tags and receivers ignore them (use t=y instead of pct=)."
         )
     if not out and d is not None and d.result is DmarcResultCode.PASS:
         out.append(f"Nothing to do: the message passes DMARC for {from_dom}.")

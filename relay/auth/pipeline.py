@@ -254,7 +254,14 @@ class Authenticator:
             empty = AuthResults(None, (), None, None)
             return Verdict(empty, "", stripped, "accept", None, removed=removed)
         spf, dkim, arc = await self._checks(conn, env, stripped)
-        dmarc = await check_dmarc(self.resolver, stripped, spf, dkim, rng=self.rng)
+        dmarc = await check_dmarc(
+            self.resolver,
+            stripped,
+            spf,
+            dkim,
+            rng=self.rng,
+            discovery=self.config.auth.dmarc_discovery,
+        )
         override = ""
         replay = ""
         if dmarc.result.result is DmarcResultCode.FAIL:

@@ -23,7 +23,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from relay.auth.types import ArcCv, AuthResults, DkimResult, DmarcResult, SpfResult
+from relay.auth.types import (
+    ArcCv,
+    AuthResults,
+    DkimResult,
+    DmarcResult,
+    DmarcResultCode,
+    SpfResult,
+)
 from relay.message import HeaderField, Message, ParsedMessage, as_parsed
 
 HEADER_NAME = "Authentication-Results"
@@ -351,6 +358,8 @@ def _dmarc(d: DmarcResult, disposition: str, override: str) -> ResInfoText:
     comment = ""
     if d.record_policy:
         words = [f"p={d.record_policy}"]
+        if d.testing:
+            words.append("t=y")
         if disposition:
             words.append(f"dis={disposition}")
         if override:
@@ -360,6 +369,11 @@ def _dmarc(d: DmarcResult, disposition: str, override: str) -> ResInfoText:
         f"dmarc={d.result}",
         comment,
         _prop("header.from", _domain(d.header_from)) if d.header_from else "",
+        # the policy that applies after sp=/np=/t= (RFC 9989 A-R registry: policy.dmarc),
+        # given on a fail, where it decides what happens to the message
+        _prop("policy.dmarc", d.policy)
+        if d.result is DmarcResultCode.FAIL and d.record_policy
+        else "",
         _prop("policy.override", TRUSTED_FORWARDER) if override else "",
     )
 

@@ -58,6 +58,7 @@ class DmarcResult:
     aligned_dkim: bool = False
     org_domain: str = ""
     reason: str = ""
+    testing: bool = False  # the policy record says t=y (RFC 9989): policy lowered one step
 
 
 class ArcCv(enum.StrEnum):

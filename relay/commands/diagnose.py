@@ -78,12 +78,27 @@ def to_json(verdict: Verdict, facts: Facts) -> dict[str, Any]:
             "aligned_spf": d.aligned_spf if d else False,
             "aligned_dkim": d.aligned_dkim if d else False,
             "reason": d.reason if d else "",
+            **dmarc_discovery_json(verdict),
         },
         "arc": {
             "cv": str(r.arc.cv) if r.arc else "none",
             "instances": r.arc.instances if r.arc else 0,
         },
         "advice": advice(r, verdict.dmarc, facts),
+    }
+
+
+def dmarc_discovery_json(verdict: Verdict) -> dict[str, Any]:
+    """The keys issue 13 adds under "dmarc": how the policy was found (RFC 9989 4.10)."""
+    ev = verdict.dmarc
+    rec = ev.record if ev is not None else None
+    return {
+        "org_domain": ev.org_domain if ev is not None else "",
+        "policy_domain": ev.record_domain if ev is not None else "",
+        "walk": list(ev.walk) if ev is not None else [],
+        "testing": ev.testing if ev is not None else False,
+        "discovery": ev.discovery if ev is not None else "",
+        "ignored_tags": list(rec.removed) if rec is not None else [],
     }
 
 

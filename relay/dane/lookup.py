@@ -26,6 +26,7 @@ class DaneHost:
     records: tuple[TlsaRecord, ...]  # every record of the RRset, usable or not
     names: tuple[str, ...]  # DANE-TA reference names: the MX host, the TLSA base name
     policy: DaneHostPolicy
+    tlsa_lookup: Lookup | None = None  # how the TLSA lookup ended; None: not looked up
 
     @property
     def state(self) -> DaneState:
@@ -102,9 +103,9 @@ async def host_dane(resolver: Resolver, host: str, mx: Lookup) -> DaneHost:
     if isinstance(tlsa, Answer):
         records = cast(tuple[TlsaRecord, ...], tlsa.records)
         pol = host_policy(DaneInputs(mx, address, _status(tlsa), records))
-        return DaneHost(host, "secure", tlsa_name, records, names, pol)
+        return DaneHost(host, "secure", tlsa_name, records, names, pol, _status(tlsa))
     pol = host_policy(DaneInputs(mx, address, _status(tlsa), (), str(tlsa)))
-    return DaneHost(host, "secure", tlsa_name, (), names, pol)
+    return DaneHost(host, "secure", tlsa_name, (), names, pol, _status(tlsa))
 
 
 async def route_dane(resolver: Resolver, domain: str, hosts: Sequence[Any]) -> dict[str, DaneHost]:

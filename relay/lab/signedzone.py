@@ -5,7 +5,8 @@ the SEP flag, an NSEC chain): real signatures that a validating resolver (unboun
 relay/lab/unbound.py) checks against the lab trust anchor (``SignedZone.trust_anchor``).
 A zone may also be served unsigned (an insecure zone, no trust anchor above it), and an
 RRset may be made *bogus* after signing (its RRSIG's signature altered), so that the
-resolver answers SERVFAIL for it.
+resolver answers SERVFAIL for it; or a (name, type) may be made to *fail* (``servfail``:
+the authority itself answers SERVFAIL, a DNS failure rather than a DNSSEC one).
 
 The server answers authoritatively: the RRset (and its RRSIGs when the query has DO),
 CNAMEs in the zone followed, NODATA and NXDOMAIN with the SOA and the NSEC records that
@@ -44,12 +45,14 @@ LAB_TTL = 60
 class SignedZone:
     """One lab zone: ``origin`` and records as (relative or absolute name, type, rdata
     text). ``signed``: DNSSEC-sign it; ``bogus``: (name, type) RRsets whose signature is
-    broken after signing."""
+    broken after signing; ``servfail``: (name, type) queries the server answers with
+    SERVFAIL."""
 
     origin: str
     records: list[tuple[str, str, str]] = field(default_factory=list)
     signed: bool = True
     bogus: set[tuple[str, str]] = field(default_factory=set)
+    servfail: set[tuple[str, str]] = field(default_factory=set)
     zone: dns.zone.Zone | None = None
     trust_anchor: str = ""  # 'origin. DNSKEY 257 3 13 <key>' for unbound's trust-anchor:
 
@@ -104,7 +107,13 @@ def _break_signature(zone: dns.zone.Zone, name: str, rdtype: str) -> None:
 
 class _Zones:
     def __init__(self, zones: Iterable[SignedZone]) -> None:
+        zones = list(zones)
         self.zones = [z.zone if z.zone is not None else z.build() for z in zones]
+        self.servfail = {
+            (dns.name.from_text(n, dns.name.from_text(z.origin)), dns.rdatatype.from_text(t))
+            for z in zones
+            for n, t in z.servfail
+        }
         self.queries: list[tuple[str, str]] = []
         self.lock = threading.Lock()
 
@@ -136,6 +145,9 @@ class _Zones:
         zone = self.find(q.name)
         if zone is None:
             resp.set_rcode(dns.rcode.REFUSED)
+            return resp.to_wire()
+        if (q.name, q.rdtype) in self.servfail:
+            resp.set_rcode(dns.rcode.SERVFAIL)
             return resp.to_wire()
         resp.flags |= dns.flags.AA
         _fill(resp, zone, q.name, q.rdtype, do)

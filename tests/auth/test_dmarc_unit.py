@@ -1,4 +1,4 @@
-"""DMARC unit tests: record edge cases, pct sampling, From handling, p vs sp."""
+"""DMARC unit tests: record edge cases, t=y testing, From handling, p vs sp."""
 
 from __future__ import annotations
 
@@ -40,23 +40,30 @@ def test_record_requires_version_first() -> None:
 def test_record_without_p_but_with_rua_is_p_none() -> None:
     rec = parse_record("v=DMARC1; rua=mailto:r@example.com")
     assert (rec.p, rec.sp, rec.p_implied) == ("none", "none", True)
+    # RFC 9989 section 4.7 (p is RECOMMENDED, absent means p=none) changed these two: under
+    # RFC 7489 6.6.3 step 6 (no valid p/sp and no rua) they were not records at all
+    rec = parse_record("v=DMARC1; rua=not a uri")
+    assert (rec.p, rec.p_implied, rec.rua) == ("none", True, ())
+    rec = parse_record("v=DMARC1; p=reject; sp=bogus")  # invalid sp ignored: sp = p
+    assert (rec.p, rec.sp, rec.ignored) == ("reject", "reject", ("sp=bogus",))
     with pytest.raises(DmarcRecordError):
-        parse_record("v=DMARC1; rua=not a uri")
-    with pytest.raises(DmarcRecordError):
-        parse_record("v=DMARC1; p=reject; sp=bogus")  # invalid sp, no rua (6.6.3 step 6)
+        parse_record("v=DMARC2; p=reject")
 
 
 def test_record_bad_optional_tags_fall_back_to_defaults() -> None:
     rec = parse_record("v=DMARC1; p=Reject; pct=150; adkim=x; aspf=S; fo=9; ri=soon; foo=bar")
-    assert (rec.p, rec.pct, rec.adkim, rec.aspf, rec.fo, rec.ri) == (
-        "reject",
-        100,
-        "r",
-        "s",
-        ("0",),
-        86400,
-    )
-    assert "pct=150" in rec.ignored and "adkim=x" in rec.ignored
+    assert (rec.p, rec.adkim, rec.aspf, rec.fo) == ("reject", "r", "s", ("0",))
+    assert "adkim=x" in rec.ignored and "foo=bar" in rec.ignored  # unknown tags ignored
+    # RFC 9989 removed pct, rf and ri: kept aside as removed, whatever their value
+    assert rec.removed == ("pct=150", "ri=soon")
+
+
+def test_record_rfc9989_tags() -> None:
+    rec = parse_record("v=DMARC1; p=reject; sp=quarantine; np=none; t=y; psd=n")
+    assert (rec.np, rec.t, rec.psd) == ("none", True, "n")
+    rec = parse_record("v=DMARC1; p=reject; np=bogus; t=maybe; psd=x")
+    assert (rec.np, rec.np_effective, rec.t, rec.psd) == ("", "reject", False, "u")
+    assert set(rec.ignored) == {"np=bogus", "t=maybe", "psd=x"}
 
 
 def test_alignment_modes() -> None:
@@ -91,40 +98,37 @@ async def test_no_from_is_permerror_and_two_from_fields_too() -> None:
     assert ev.result.result is DmarcResultCode.PERMERROR
 
 
-@pytest.mark.parametrize(
-    ("draw", "policy", "sampled_out"),
-    [
-        (0.0, "reject", False),
-        (0.249, "reject", False),
-        (0.25, "quarantine", True),
-        (0.9, "quarantine", True),
-    ],
-)
-async def test_pct_sampling_lowers_reject_to_quarantine(
-    draw: float, policy: str, sampled_out: bool
-) -> None:
+@pytest.mark.parametrize("draw", [0.0, 0.25, 0.9])
+async def test_pct_is_ignored_the_full_policy_applies(draw: float) -> None:
+    """RFC 9989 removed pct= (its sampling, RFC 7489 6.6.4, lowered reject to quarantine
+    for a draw outside the sample): the published policy applies to every failure."""
     res = _resolver(_dmarc__example__com="v=DMARC1; p=reject; pct=25")
     ev = await check_dmarc(res, _msg("From: a@example.com"), SPF_FAIL, NO_DKIM, rng=lambda: draw)
     assert ev.result.result is DmarcResultCode.FAIL
     assert (ev.result.policy, ev.result.record_policy, ev.sampled_out) == (
-        policy,
         "reject",
-        sampled_out,
+        "reject",
+        False,
     )
+    assert ev.record is not None and ev.record.removed == ("pct=25",)
 
 
-async def test_pct_zero_never_applies_and_pass_draws_nothing() -> None:
-    res = _resolver(_dmarc__example__com="v=DMARC1; p=quarantine; pct=0")
-
-    def never() -> float:
-        raise AssertionError("no draw expected")
-
-    ev = await check_dmarc(res, _msg("From: a@example.com"), SPF_FAIL, NO_DKIM, rng=never)
-    assert ev.result.policy == "none" and ev.sampled_out
-    ok = SpfResult(SpfResultCode.PASS, "bounce.example.com", "mailfrom")
-    res2 = _resolver(_dmarc__example__com="v=DMARC1; p=reject; pct=50")
-    ev = await check_dmarc(res2, _msg("From: a@example.com"), ok, NO_DKIM, rng=never)
-    assert ev.result.result is DmarcResultCode.PASS and ev.result.aligned_spf
+@pytest.mark.parametrize(
+    ("published", "applied"), [("reject", "quarantine"), ("quarantine", "none"), ("none", "none")]
+)
+async def test_testing_mode_applies_the_policy_one_step_lower(published: str, applied: str) -> None:
+    """RFC 9989 4.7, t=y: the policy is applied one step lower; a pass is untouched."""
+    res = _resolver(_dmarc__example__com=f"v=DMARC1; p={published}; t=y")
+    ev = await check_dmarc(res, _msg("From: a@example.com"), SPF_FAIL, NO_DKIM)
+    assert (ev.result.result, ev.result.policy, ev.result.record_policy) == (
+        DmarcResultCode.FAIL,
+        applied,
+        published,
+    )
+    assert ev.testing and ev.result.testing
+    ok = SpfResult(SpfResultCode.PASS, "example.com", "mailfrom")
+    ev = await check_dmarc(res, _msg("From: a@example.com"), ok, NO_DKIM)
+    assert ev.result.result is DmarcResultCode.PASS and ev.result.policy == published
 
 
 async def test_subdomain_uses_sp_and_own_record_uses_p() -> None:

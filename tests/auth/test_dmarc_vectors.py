@@ -1,12 +1,16 @@
 """DMARC vectors (tests/vectors/dmarc/, see SOURCE.md there), data-driven.
 
 - psl/psl_cases.yml: Public Suffix List checks -> registrable domain (all 78).
-- record_parse.yml: DMARC record -> tags (RFC 7489 reading: np/psd/t ignored, pct kept).
-- alignment.yml: From domain + SPF/DKIM outcomes + aspf/adkim -> pass/fail/temperror.
-- policy.yml, spec rfc7489 only: DNS + From + results -> DMARC result and policy.
+- record_parse.yml: DMARC record -> tags (RFC 9989 reading: pct/rf/ri ignored).
+- alignment.yml: From domain + SPF/DKIM outcomes + aspf/adkim -> pass/fail/temperror,
+  under both discoveries (PSL, and the tree walk with the record at the org domain).
+- policy.yml, every case (rfc7489, rfc9091-np, dmarcbis): DNS + From + results -> DMARC
+  result and policy, under both ``[auth] dmarc_discovery`` values.
 
 Cases where we deliberately differ from the peer are in DEVIATIONS with the reason; for
-those our own RFC 7489 answer is asserted (and that it differs, so the list stays true).
+those our own answer is asserted (and that it differs, so the list stays true). Cases
+where the tree walk and the PSL give different answers are in DISCOVERY_DIFFERENCES,
+each with both answers and the reason.
 """
 
 from __future__ import annotations
@@ -96,7 +100,8 @@ def test_record_parse(case: dict[str, Any]) -> None:
         assert got_rua[1] == ("mailto:user%20@example.com", 2 << 30)
     else:
         assert got_rua == want_rua
-    assert rec.pct == (25 if case["name"] == "mail-auth-dmarc-03" else 100)
+    # RFC 9989 removed pct=: it is ignored and listed as removed (was rec.pct == 25)
+    assert ("pct=25" in rec.removed) == (case["name"] == "mail-auth-dmarc-03")
 
 
 # ---- alignment ----
@@ -129,15 +134,20 @@ def _mode(v: str) -> str:
     return v.split()[0]
 
 
+@pytest.mark.parametrize("method", ["psl", "treewalk"])
 @pytest.mark.parametrize("case", ALIGNMENT, ids=[c["name"] for c in ALIGNMENT])
-def test_alignment(case: dict[str, Any]) -> None:
+async def test_alignment(case: dict[str, Any], method: str) -> None:
     dom = case["from_domain"]
-    record = parse_record(
-        f"v=DMARC1; p=none; aspf={_mode(case['aspf'])}; adkim={_mode(case['adkim'])}"
-    )
-    disc = Discovery(dom, org_domain(dom), record=record, record_domain=dom)
+    text = f"v=DMARC1; p=none; aspf={_mode(case['aspf'])}; adkim={_mode(case['adkim'])}"
     spf, dkim = _checks(case["results"])
-    got = evaluate(disc, spf, dkim).result.result
+    if method == "psl":
+        disc = Discovery(dom, org_domain(dom), record=parse_record(text), record_domain=dom)
+        got = evaluate(disc, spf, dkim).result.result
+    else:  # the record where its owner would publish it: at the organizational domain
+        res = StaticResolver()
+        res.add(f"_dmarc.{org_domain(dom)}", "TXT", text)
+        msg = f"From: a@{dom}\r\n\r\nbody\r\n".encode()
+        got = (await check_dmarc(res, msg, spf, dkim, discovery="treewalk")).result.result
     if case["name"] in ALIGNMENT_DEVIATIONS:
         assert got != case["expected_dmarc"]
         assert got is DmarcResultCode.FAIL
@@ -147,7 +157,7 @@ def test_alignment(case: dict[str, Any]) -> None:
 
 # ---- policy discovery and disposition ----
 
-POLICY = [c for c in _load("policy.yml") if c["spec"] == "rfc7489"]
+POLICY = _load("policy.yml")
 POLICY_DEVIATIONS: dict[str, tuple[dict[str, str], str]] = {
     "maddy-no-spf-result": (
         {"dmarc": "pass", "policy": "reject"},
@@ -167,6 +177,40 @@ POLICY_DEVIATIONS: dict[str, tuple[dict[str, str], str]] = {
         {"dmarc": "fail", "policy": "none"},
         "the bare 'reject' term is a syntax error that RFC 7489 section 6.3 says to "
         "discard; p=none stays valid, so DMARC is evaluated (fail: no identifiers)",
+    ),
+    "authheaders-record-without-p-or-rua": (
+        {"dmarc": "fail"},
+        "RFC 9989 section 4.7 (p is RECOMMENDED; a record without p= is read as p=none): "
+        "the author domain's own record applies, and nothing aligned passed. Under RFC "
+        "7489 6.6.3 step 6 (no p, no rua) there was no policy: none",
+    ),
+}
+
+# name -> ({discovery: our answer}, why the tree walk and the PSL differ)
+DISCOVERY_DIFFERENCES: dict[str, tuple[dict[str, dict[str, str]], str]] = {
+    "maddy-from-domain-record": (
+        {"treewalk": {"dmarc": "fail", "policy": "none"}, "psl": {"dmarc": "pass"}},
+        "RFC 9989 4.10.2: the only record is at sub.example.org, so sub.example.org is its "
+        "own organizational domain and example.org (no record) is its own: DKIM "
+        "d=example.org no longer aligns relaxed with From sub.example.org. The PSL gives "
+        "both example.org (RFC 7489 3.2)",
+    ),
+    "maddy-from-domain-record-preferred-over-malformed-org": (
+        {"treewalk": {"dmarc": "fail", "policy": "none"}, "psl": {"dmarc": "pass"}},
+        "as maddy-from-domain-record: _dmarc.example.org is not a DMARC record, so the "
+        "walk finds only sub.example.org's, and d=example.org does not align",
+    ),
+    "mail-auth-psd-n-marks-org-domain": (
+        {"treewalk": {"spf_aligned": "pass"}, "psl": {"spf_aligned": "none"}},
+        "RFC 9989 4.10.1: the walk finds the policy at mail.example.com (psd=n: the "
+        "organizational domain); RFC 7489 asks only a.mail.example.com and the PSL's "
+        "example.com, finds no record, and evaluates nothing",
+    ),
+    "mail-auth-psd-y-splits-org-domains": (
+        {"treewalk": {"spf_aligned": "fail"}, "psl": {"spf_aligned": "pass"}},
+        "RFC 9989 4.10.2: psd=y at bank.example makes giant.bank.example and "
+        "mega.bank.example two organizational domains; the PSL does not list bank.example, "
+        "so both are bank.example and relaxed SPF alignment passes",
     ),
 }
 
@@ -229,13 +273,22 @@ def _observed(ev: DmarcEvaluation, expected: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@pytest.mark.parametrize("method", ["treewalk", "psl"])
 @pytest.mark.parametrize("case", POLICY, ids=[c["name"] for c in POLICY])
-async def test_policy(case: dict[str, Any]) -> None:
+async def test_policy(case: dict[str, Any], method: str) -> None:
     spf, dkim = _checks(case["auth_results"])
-    ev = await check_dmarc(_resolver(case["dns"]), _message(case), spf, dkim, rng=lambda: 0.0)
+    ev = await check_dmarc(
+        _resolver(case["dns"]), _message(case), spf, dkim, rng=lambda: 0.0, discovery=method
+    )
     expected = case["expected"]
     got = _observed(ev, expected)
-    if case["name"] in POLICY_DEVIATIONS:
+    assert ev.discovery == method
+    if case["name"] in DISCOVERY_DIFFERENCES:
+        answers, _why = DISCOVERY_DIFFERENCES[case["name"]]
+        ours = answers[method]
+        assert {k: got[k] for k in ours} == ours
+        assert answers["treewalk"] != answers["psl"]
+    elif case["name"] in POLICY_DEVIATIONS:
         ours, _reason = POLICY_DEVIATIONS[case["name"]]
         assert got != expected
         assert {k: got[k] for k in ours} == ours
@@ -248,5 +301,6 @@ def test_vector_counts() -> None:
     assert len(PSL) == 78 and len(PSL_DEVIATIONS) == 2
     assert len(RECORDS) == 6 and len(RECORD_DEVIATIONS) == 1
     assert len(ALIGNMENT) == 24 and len(ALIGNMENT_DEVIATIONS) == 1
-    assert len(POLICY) == 32 and len(POLICY_DEVIATIONS) == 4
-    assert set(POLICY_DEVIATIONS) <= {c["name"] for c in POLICY}
+    assert len(POLICY) == 38 and len(POLICY_DEVIATIONS) == 5
+    assert len(DISCOVERY_DIFFERENCES) == 4
+    assert set(POLICY_DEVIATIONS) | set(DISCOVERY_DIFFERENCES) <= {c["name"] for c in POLICY}

@@ -63,7 +63,9 @@ def test_full_header_layout_and_values() -> None:
         'dkim=fail reason="body hash mismatch" header.d=example.com header.s=s1 '
         'header.b="AbC/de+f"; dkim=pass header.d=lists.example.org header.s=k2 '
         "header.b=zzzz1234; dmarc=fail (p=reject dis=none arc-sealer=fwd.example.net) "
-        "header.from=example.com policy.override=trusted_forwarder; arc=pass (i=2 "
+        # policy.dmarc: the applied policy on a fail (RFC 9989's A-R registry entry)
+        "header.from=example.com policy.dmarc=reject policy.override=trusted_forwarder; "
+        "arc=pass (i=2 "
         "oldest-pass=1 sealers=lists.example.org,fwd.example.net) header.oldest-pass=1 "
         "smtp.remote-ip=192.0.2.7"
     )
