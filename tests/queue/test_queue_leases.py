@@ -180,9 +180,10 @@ async def test_two_schedulers_on_one_store_deliver_each_recipient_once(
 
 
 async def test_lost_outcome_write_expires_and_the_recipient_is_retried(
-    tmp_path: Path,
+    tmp_path: Path, queue_backend: QueueBackend
 ) -> None:
-    h = Harness(tmp_path, {"b@example.org": ["tmp", "ok"]}, {"lease": 30})
+    spool = await queue_backend.spool(Clock())
+    h = Harness(tmp_path, {"b@example.org": ["tmp", "ok"]}, {"lease": 30}, spool=spool)
     fired = []
 
     def fail_once() -> bool:
@@ -214,9 +215,10 @@ async def test_lost_outcome_write_expires_and_the_recipient_is_retried(
 
 
 async def test_claimed_mail_whose_notify_was_lost_is_delivered_after_the_lease(
-    tmp_path: Path,
+    tmp_path: Path, queue_backend: QueueBackend
 ) -> None:
-    h = Harness(tmp_path, {"b@example.org": ["ok"]}, {"lease": 30})
+    spool = await queue_backend.spool(Clock())
+    h = Harness(tmp_path, {"b@example.org": ["ok"]}, {"lease": 30}, spool=spool)
     task = asyncio.create_task(h.sched.run())
     try:
         assert h.sched.reserve()

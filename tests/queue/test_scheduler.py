@@ -68,8 +68,12 @@ class Harness:
         tmp: Path,
         script: dict[str, list[str]],
         sched: dict[str, Any] | None = None,
+        *,
+        spool: Any = None,
         **delivery: object,
     ) -> None:
+        """``spool``: run over this spool (another store, e.g. PostgreSQL) and its clock
+        instead of a SQLite store of the harness's own."""
         doc = {
             "delivery": {
                 "retry_first": 300,
@@ -80,9 +84,13 @@ class Harness:
             }
         }
         self.config = parse_config(doc, tmp / "config.toml")
-        self.clock = Clock()
-        self.store = Store(tmp / "q.sqlite3").open()
-        self.spool = Spool(self.store, self.clock)
+        self._own_store = spool is None
+        if spool is None:
+            self.clock = Clock()
+            self.store: Any = Store(tmp / "q.sqlite3").open()
+            self.spool: Any = Spool(self.store, self.clock)
+        else:
+            self.clock, self.store, self.spool = spool.clock, spool.store, spool
         self.courier = ScriptedCourier(script)
         self.sched = Scheduler(
             self.config,
@@ -111,7 +119,8 @@ class Harness:
                     return
 
     def close(self) -> None:
-        self.store.close()
+        if self._own_store:
+            self.store.close()
 
 
 @pytest.fixture
