@@ -189,3 +189,23 @@ async def test_password_from_the_environment_or_the_passfile(
     with pytest.raises(StoreError) as err:
         await PgStore(storage.url, storage.password()).open()
     assert "password" in str(err.value) and "wrong" not in str(err.value)
+
+
+async def test_two_owners_finishing_halves_of_a_message_at_once_delete_it(pg_url: str) -> None:
+    """Each settle sees the other half's outcome: the message row lock serialises them
+    (without it both saw the other half pending and the message stayed, done, forever)."""
+    clock = Clock()
+    async with PgStore(pg_url, PASSWORD) as s1, PgStore(pg_url, PASSWORD) as s2:
+        a, b = await PgSpool.open(s1, clock), await PgSpool.open(s2, clock)
+        pair = ("x@a.example", "y@b.example")
+        qids = [await a.enqueue(NewMessage("s@example.com", pair, MSG)) for _ in range(40)]
+        for q in qids:
+            assert await a.claim(q, pair[:1]) == pair[:1]
+            assert await b.claim(q, pair[1:]) == pair[1:]
+        done = RecipientState.DELIVERED
+        results = await asyncio.gather(
+            *(a.record(q, [RecipientUpdate(pair[0], done, "250")]) for q in qids),
+            *(b.record(q, [RecipientUpdate(pair[1], done, "250")]) for q in qids),
+        )
+        assert await a.list() == []
+        assert sum(removed for removed, _ in results) == len(qids)  # each deleted once
