@@ -15,6 +15,7 @@ from relay.model import AttemptResult, DeliveryJob, RecipientResult, RecipientSt
 from relay.queue.scheduler import RetryPolicy, Scheduler
 from relay.queue.spool import NewMessage, Spool
 from relay.store import Store
+from tests.pg.backends import QueueBackend
 
 MSG = b"From: a@example.com\r\nTo: b@example.org\r\nMessage-ID: <m1@x>\r\nSubject: t\r\n\r\nhi\r\n"
 
@@ -124,13 +125,16 @@ class Harness:
 
 
 @pytest.fixture
-def harness_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
+async def harness_factory(tmp_path: Path, queue_backend: QueueBackend):  # type: ignore[no-untyped-def]
+    """One harness per test, over each store (SQLite, PostgreSQL: ``queue_backend``)."""
+    spool = await queue_backend.spool(Clock())
     made: list[Harness] = []
 
     def make(
         script: dict[str, list[str]], sched: dict[str, Any] | None = None, **delivery: object
     ) -> Harness:
-        h = Harness(tmp_path, script, sched, **delivery)
+        assert not made, "one harness per test"
+        h = Harness(tmp_path, script, sched, spool=spool, **delivery)
         made.append(h)
         return h
 
