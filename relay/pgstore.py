@@ -80,7 +80,8 @@ class PgStore:
         self.commits = 0  # committed transactions (group commit makes this < writes)
         self.writes = 0
         self.fail_writes: Callable[[], bool] | None = None  # fault injection: fail a group
-        # fault injection: run on the writer's connection just before COMMIT
+        # fault injection: run on the writer's connection just before COMMIT (before the
+        # statement of a single-statement write, which commits itself)
         self.before_commit: Callable[[Conn], Awaitable[None]] | None = None
 
     # -------------------------------------------------------------- lifecycle
@@ -157,44 +158,53 @@ class PgStore:
 
     # -------------------------------------------------------------- writes
 
-    async def write(self, fn: Callable[[Conn], Awaitable[T]], *, group: bool = False) -> T:
+    async def write(
+        self, fn: Callable[[Conn], Awaitable[T]], *, group: bool = False, single: bool = False
+    ) -> T:
         """Run ``await fn(conn)`` in a transaction; return its result once committed.
 
         ``group``: for writes that only insert new rows (a message at intake): joined with
         every other such write waiting at that moment into one transaction (group commit).
         Writes that lock existing rows (claims, outcomes, sweeps) run alone, in a short
         transaction of their own: two nodes' groups locking rows of the same messages in
-        different orders would deadlock."""
+        different orders would deadlock. ``single``: fn runs exactly one statement, which
+        commits by itself (no BEGIN/COMMIT round trips: claims, renewals, sweeps)."""
         if self._pool is None:
             raise StoreError("store is not open")
         if not group:
-            return await self._transaction(fn)
+            return await self._transaction(fn, single)
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._jobs.put_nowait(_Job(fn, fut))
         return await fut
 
-    async def _transaction(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+    async def _transaction(self, fn: Callable[[Conn], Awaitable[T]], single: bool) -> T:
         for attempt in (1, 2, 3):
             conn: Conn = None
             try:
                 if self.fail_writes is not None and self.fail_writes():
                     raise OSError("connection lost (injected)")
                 conn = await self._pool.acquire()
-                tr = conn.transaction()
-                await tr.start()
+                tr = None if single else conn.transaction()
+                if tr is not None:
+                    await tr.start()
+                elif self.before_commit is not None:  # the statement commits itself
+                    await self.before_commit(conn)
                 try:
                     result = await fn(conn)
                 except _RETRY as exc:  # rolled back by the server: nothing was written
-                    await tr.rollback()
+                    if tr is not None:
+                        await tr.rollback()
                     if attempt < 3:
                         continue
                     raise _wrap(exc) from exc
                 except (asyncpg.PostgresError, ValueError) as exc:  # the write's own error
-                    await tr.rollback()
+                    if tr is not None:
+                        await tr.rollback()
                     raise _wrap(exc) from exc
-                if self.before_commit is not None:
-                    await self.before_commit(conn)
-                await tr.commit()
+                if tr is not None:
+                    if self.before_commit is not None:
+                        await self.before_commit(conn)
+                    await tr.commit()
                 self.commits += 1
                 self.writes += 1
                 return result

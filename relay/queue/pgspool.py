@@ -163,7 +163,7 @@ class PgSpool:
             got = {r[0] for r in rows}
             return tuple(a for a in dict.fromkeys(wanted) if a in got)
 
-        return await self.store.write(run)
+        return await self.store.write(run, single=True)
 
     async def mark_inflight(self, qid: QueueId, addresses: Sequence[str]) -> tuple[str, ...]:
         return await self.claim(qid, addresses)
@@ -185,7 +185,7 @@ class PgSpool:
                 )
             )
 
-        return await self.store.write(run)
+        return await self.store.write(run, single=True)
 
     async def record(
         self, qid: QueueId, updates: Sequence[RecipientUpdate], *, settle: bool = True
@@ -282,12 +282,14 @@ class PgSpool:
 
     async def set_delay_warned(self, qid: QueueId) -> None:
         await self.store.write(
-            lambda c: c.execute("UPDATE queue_messages SET delay_warned=true WHERE id=$1", qid)
+            lambda c: c.execute("UPDATE queue_messages SET delay_warned=true WHERE id=$1", qid),
+            single=True,
         )
 
     async def mark_corrupt(self, qid: QueueId) -> None:
         await self.store.write(
-            lambda c: c.execute("UPDATE queue_messages SET corrupt=true WHERE id=$1", qid)
+            lambda c: c.execute("UPDATE queue_messages SET corrupt=true WHERE id=$1", qid),
+            single=True,
         )
 
     async def expire_leases(self, keep: Iterable[QueueId] = ()) -> int:
@@ -312,7 +314,7 @@ class PgSpool:
                 )
             )
 
-        return await self.store.write(run)
+        return await self.store.write(run, single=True)
 
     async def release(self, qids: Iterable[QueueId]) -> int:
         ids = list(qids)
@@ -348,16 +350,16 @@ class PgSpool:
                 c.execute(
                     "UPDATE queue_recipients SET next_attempt=0 WHERE state IN ($1, $2)", _D, _Q
                 )
-            )
+            ),
+            single=True,
         )
 
     async def delete(self, qid: QueueId) -> bool:
-        return (
-            await self.store.write(
-                lambda c: _count(c.execute("DELETE FROM queue_messages WHERE id=$1", qid))
-            )
-            > 0
+        n = await self.store.write(
+            lambda c: _count(c.execute("DELETE FROM queue_messages WHERE id=$1", qid)),
+            single=True,
         )
+        return n > 0
 
     # ------------------------------------------------------------ reads
 
