@@ -29,6 +29,8 @@ passfile) and is never logged; log lines name the database by its URL without it
 from __future__ import annotations
 
 import asyncio
+import re
+import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -98,7 +100,9 @@ class PgStore:
                 server_settings={"synchronous_commit": "on", "application_name": "relay"},
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-            raise StoreError(f"cannot open store {self.url}: {type(exc).__name__}: {exc}") from exc
+            raise StoreError(
+                f"cannot open store {safe_url(self.url)}: {type(exc).__name__}: {exc}"
+            ) from exc
         self._writer = asyncio.create_task(self._run_writer(), name="pgstore-writer")
         return self
 
@@ -313,6 +317,16 @@ class PgStore:
                 return await fn(conn)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise _wrap(exc) from exc
+
+
+def safe_url(url: str) -> str:
+    """The URL for a log line or an error: any password in it replaced by ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    query = re.sub(r"(?i)(password=)[^&]*", r"\1***", parts.query)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def _terminate(conn: Conn) -> None:

@@ -209,3 +209,23 @@ async def test_two_owners_finishing_halves_of_a_message_at_once_delete_it(pg_url
         )
         assert await a.list() == []
         assert sum(removed for removed, _ in results) == len(qids)  # each deleted once
+
+
+def test_a_password_in_a_url_never_reaches_a_message() -> None:
+    from relay.pgstore import safe_url
+
+    assert safe_url("postgresql://relay:s3cret@db/relay") == "postgresql://relay:***@db/relay"
+    assert safe_url("postgresql://relay@db/relay?password=s3cret&x=1") == (
+        "postgresql://relay@db/relay?password=***&x=1"
+    )
+    assert (
+        safe_url("postgresql://relay@/relay?host=/run/pg")
+        == "postgresql://relay@/relay?host=/run/pg"
+    )
+
+
+async def test_an_open_error_hides_a_password_given_in_the_url(pg_cluster: PgCluster) -> None:
+    url = f"postgresql://relay:s3cret@/postgres?host={pg_cluster.root}/nowhere"
+    with pytest.raises(StoreError) as err:
+        await PgStore(url, connect_timeout=2).open()
+    assert "s3cret" not in str(err.value) and ":***@" in str(err.value)
