@@ -96,6 +96,17 @@ def _bounce_to(srs_reverse: Callable[[str], str | None] | None) -> Callable[[str
     return lambda address: reverse(address) or address
 
 
+def _dsn_signer(config: Config) -> Callable[[bytes, str], bytes] | None:
+    """The DSNs we write are DKIM-signed by the ``[[dkim.sign]]`` key of the bounce
+    sender's domain (or a parent of it) when one exists: the one signing home,
+    relay.auth.signer. None when no key is configured."""
+    if not config.dkim_sign:
+        return None
+    from relay.auth.signer import DSN_FIELDS, OutboundSigner
+
+    return OutboundSigner.from_config(config, DSN_FIELDS).sign
+
+
 def _lists_local(courier: Any, lists: ListsStage) -> Any:
     """Queued mail for a list domain (the DSNs of list copies) is delivered to the lists."""
     from relay.lists.local import ListsLocal
@@ -217,6 +228,7 @@ class RelayApp:
             poll_interval=self.poll_interval,
             loader=self.leader,
             bounce_to=_bounce_to(auth.srs_reverse),
+            sign=_dsn_signer(cfg),
         )
         queue.bind(self.scheduler)
         self.server = SmtpServer(

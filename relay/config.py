@@ -530,9 +530,10 @@ def parse_config(doc: dict[str, Any], p: Path) -> Config:
     lists_http = read_lists_http(sec("lists_http"))
     if lists and not lists_http.base_url:
         raise lists_http_needed(p)
+    server = read_server(sec("server"))
     return Config(
         path=p,
-        server=read_server(sec("server")),
+        server=server,
         relay=relay,
         aliases=read_aliases(p, doc.get("aliases", {}), relay),
         storage=read_storage(sec("storage")),
@@ -548,7 +549,7 @@ def parse_config(doc: dict[str, Any], p: Path) -> Config:
         lists=lists,
         lists_http=lists_http,
         http_server=read_http_server(sec("http_server")),
-        dkim_sign=read_dkim_sign(p, doc.get("dkim", {}), tlsrpt),
+        dkim_sign=read_dkim_sign(p, doc.get("dkim", {}), tlsrpt, server.hostname),
     )
 
 
@@ -905,9 +906,12 @@ def read_http_server(h: _Section) -> HttpServerConfig:
     return cfg
 
 
-def read_dkim_sign(p: Path, raw: Any, tlsrpt: TlsRptConfig) -> tuple[DkimSignConfig, ...]:
+def read_dkim_sign(
+    p: Path, raw: Any, tlsrpt: TlsRptConfig, hostname: str = ""
+) -> tuple[DkimSignConfig, ...]:
     """``[[dkim.sign]]`` entries, then ``[tlsrpt] dkim_private_key`` as one more entry for
-    the submitter domain (its alias)."""
+    the submitter domain (its alias; the submitter defaults to the server's hostname, as
+    the reports' From does)."""
     if not isinstance(raw, dict):
         raise ConfigError(str(p), "dkim", "must be a table")
     for k in raw:
@@ -931,12 +935,9 @@ def read_dkim_sign(p: Path, raw: Any, tlsrpt: TlsRptConfig) -> tuple[DkimSignCon
         if not key.is_file():
             raise s.err("private_key", f"file not found: {key} (create one with `relay keygen`)")
         out.append(DkimSignConfig(domain, selector, key))
-    if tlsrpt.dkim_private_key is not None and tlsrpt.dkim_selector and tlsrpt.submitter:
-        out.append(
-            DkimSignConfig(
-                tlsrpt.submitter.lower().rstrip("."), tlsrpt.dkim_selector, tlsrpt.dkim_private_key
-            )
-        )
+    submitter = (tlsrpt.submitter or hostname).lower().rstrip(".")
+    if tlsrpt.dkim_private_key is not None and tlsrpt.dkim_selector and submitter:
+        out.append(DkimSignConfig(submitter, tlsrpt.dkim_selector, tlsrpt.dkim_private_key))
     return tuple(out)
 
 

@@ -5,9 +5,10 @@
 loop check, our Received trace field, the verdict (``VerdictStage``: forged A-R removed,
 SPF/DKIM/DMARC/ARC, our A-R), the route (``RouteStage``: aliases, SRS), the ARC seal
 (``SealStage``), the lists (``ListsStage``: recipients that are mailing-list addresses
-are handed to relay.lists, which stores the post and its fan-out durably), the
-TLS-Required decision, then a durable write (fsync'd before the 250) and the scheduler
-told (``QueueSink``). Locally generated mail (DSNs, TLS-RPT reports) enters through
+are handed to relay.lists, which stores the post and its fan-out durably; they get the
+message before the seal, with the verdict, and seal each copy once), the TLS-Required
+decision, then a durable write (fsync'd before the 250) and the scheduler told
+(``QueueSink``). Locally generated mail (DSNs, TLS-RPT reports) enters through
 ``inject`` (intake is the scheduler's ``Submitter``); a DSN for a list copy goes to the
 lists (its -bounces+TOKEN address) the same way.
 """
@@ -40,6 +41,7 @@ from relay.stages import (
     Route,
     RouteStage,
     SealStage,
+    Verdict,
     VerdictStage,
 )
 
@@ -181,14 +183,17 @@ class Intake:
         message = message.prepend(received_header(conn, env, self.config.server.hostname, qid, now))
         judged = await self.verdict.judge(conn, env, message)
         route = self.router.route(env)
-        message = await self.sealer.seal(judged)
         if self.lists is not None:
-            rest = await self.lists.take(env, message.raw, qid)
+            # unsealed: each list copy gets our one ARC set over its final header
+            # fields (i = previous + 1), repeating this verdict in its AAR
+            verdict = Verdict(judged.ar_value, judged.chain)
+            rest = await self.lists.take(env, judged.message.raw, qid, verdict)
             if rest is None:  # list recipients only: the lists stored it durably
                 log.info("to_lists", qid=qid, client=conn.peer_ip, mail_from=env.mail_from)
                 return f"2.0.0 Ok: queued as {qid}"
             if rest is not env:
                 route = self.router.route(rest)
+        message = await self.sealer.seal(judged)  # the ARC set of the queued message
         flags = 0
         if tls_required_no(message):
             setting = getattr(self.config.delivery, "tls_required_no", "trusted")

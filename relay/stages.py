@@ -43,6 +43,21 @@ class Judged:
     chain: ArcResult = ArcResult(ArcCv.NONE)
 
 
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The verdict intake recorded for a message it hands to the lists unsealed: our
+    Authentication-Results value (the AAR of each copy's ARC set repeats it) and the ARC
+    chain's state as it arrived (the cv that set states). Each list copy carries one ARC
+    set of ours, i = previous + 1, over its final header fields (RFC 8617 section 5.1)."""
+
+    ar: str
+    chain: ArcResult = ArcResult(ArcCv.NONE)
+
+    def stored(self) -> tuple[str, str]:
+        """(ar, cv) as the lists' tables keep them."""
+        return (self.ar, str(self.chain.cv))
+
+
 class VerdictStage(Protocol):
     async def judge(self, conn: ConnInfo, env: Envelope, message: ParsedMessage) -> Judged:
         """The verdict applied: raises SmtpReplyError to refuse the message."""

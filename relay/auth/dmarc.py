@@ -414,6 +414,22 @@ def evaluate(
             ),
             **common,  # type: ignore[arg-type]
         )
+    if not record.applies:
+        # dmarcbis section 4.10.1: no valid p= (or an invalid sp=/np=) and no valid rua=
+        # URI: the Mail Receiver applies no DMARC processing to this message
+        where = discovery.record_domain or author
+        return DmarcEvaluation(
+            DmarcResult(
+                DmarcResultCode.NONE,
+                header_from=author,
+                org_domain=discovery.org_domain,
+                reason=f"the DMARC record of {where} has no valid p= (or an invalid sp=/np=) "
+                "and no valid rua=: no DMARC processing (dmarcbis 4.10.1)",
+            ),
+            record=record,
+            record_domain=discovery.record_domain,
+            **common,  # type: ignore[arg-type]
+        )
     published, _tag = applicable_policy(discovery)
     found = alignments(author, spf, dkim, record.aspf, record.adkim, orgs)
     spf_ok = any(a.method == "spf" and a.aligned and a.result == "pass" for a in found)

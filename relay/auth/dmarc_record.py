@@ -5,8 +5,10 @@ RFC 9989 changes from RFC 7489, each applied here:
   ``DmarcRecord.removed`` so ``relay diagnose`` and ``relay check`` can say so;
 - ``np`` (policy for non-existent subdomains, default ``sp``), ``t`` (testing, ``y`` |
   ``n``, default ``n``) and ``psd`` (``y`` | ``n`` | ``u``, default ``u``) are new;
-- ``p`` is RECOMMENDED, not required: a record without a valid ``p`` is read as ``p=none``
-  (``p_implied``), so a reporting-only record (``v=DMARC1; rua=...``) is a valid record;
+- ``p`` is RECOMMENDED, not required (dmarcbis section 4.10.1): a record without a valid
+  ``p``, or with an invalid ``sp``/``np``, is read as ``p=none`` (``p_implied``) when its
+  ``rua`` holds at least one valid URI, so a reporting-only record (``v=DMARC1; rua=...``)
+  is a valid record; without one, no DMARC processing applies (``applies`` False);
 - unknown tags, and known tags with a value outside their grammar, are ignored (kept in
   ``ignored``) and the tag's default applies.
 """
@@ -49,7 +51,10 @@ class DmarcRecord:
     rua: tuple[ReportUri, ...] = ()
     ruf: tuple[ReportUri, ...] = ()
     fo: tuple[str, ...] = ("0",)
-    p_implied: bool = False  # no valid p=: read as p=none
+    p_implied: bool = False  # no valid p= (or an invalid sp=/np=): read as p=none
+    # False: no valid p= (or an invalid sp=/np=) and no valid rua= URI, so receivers
+    # apply no DMARC processing at all (dmarcbis section 4.10.1)
+    applies: bool = True
     removed: tuple[str, ...] = ()  # pct=/rf=/ri= terms present, ignored (RFC 9989)
     ignored: tuple[str, ...] = ()  # terms discarded as unknown or syntax errors
     raw: str = ""
@@ -128,11 +133,17 @@ def _parse_record(text: str) -> DmarcRecord:
         return v
 
     p = pick("p", POLICIES, "")
-    implied = p == ""
-    if implied:  # RFC 9989 section 4.7, p: a record without a (valid) p= is read as p=none
-        p = "none"
+    bad_sub = any(t in tags and tags[t].lower() not in POLICIES for t in ("sp", "np"))
     sp = pick("sp", POLICIES, p)
     np = pick("np", POLICIES, "")
+    rua = _uris(tags.get("rua", ""))
+    implied = p == "" or bad_sub
+    applies = True
+    if implied:
+        # dmarcbis section 4.10.1: no valid p=, or an invalid sp=/np=: with a valid rua=
+        # URI act as if the record held p=none; without one, apply no DMARC processing
+        p, sp, np = "none", "none", ""
+        applies = bool(rua)
     fo = tuple(x.strip().lower() for x in tags.get("fo", "0").split(":"))
     if not fo or any(x not in ("0", "1", "d", "s") for x in fo):
         ignored.append(f"fo={tags.get('fo', '')}")
@@ -145,10 +156,11 @@ def _parse_record(text: str) -> DmarcRecord:
         aspf=pick("aspf", ("r", "s"), "r"),
         t=pick("t", ("y", "n"), "n") == "y",
         psd=pick("psd", ("y", "n", "u"), "u"),
-        rua=_uris(tags.get("rua", "")),
+        rua=rua,
         ruf=_uris(tags.get("ruf", "")),
         fo=fo,
         p_implied=implied,
+        applies=applies,
         removed=tuple(removed),
         ignored=tuple(ignored),
         raw=text,

@@ -1,5 +1,7 @@
-"""Outbound DKIM signing: the one home of the keys (``[[dkim.sign]]``) for every message
-the relay writes or rewrites (list copies now).
+"""Outbound DKIM signing: the one home of the keys (``[[dkim.sign]]``, and the ``[tlsrpt]
+dkim_private_key`` alias) for every message the relay writes or rewrites: list copies and
+notices, DSNs (when a key for the bounce sender's domain exists), TLS-RPT reports (which
+are not sent without one, RFC 8460 section 3).
 
 A message is signed by the entries whose domain is its From domain or the nearest parent
 of it that has a key (RFC 6376 section 3.5: d= need only be a parent for relaxed DMARC
@@ -9,11 +11,27 @@ alignment, RFC 7489 section 3.1.1); two entries for that domain (RSA and Ed25519
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from relay.auth.dkim import DkimSigner
 from relay.config import Config, DkimSignConfig
 from relay.errors import ConfigError
+
+# the fields a DSN's signature covers (RFC 6376 section 5.4.1), From and Subject
+# oversigned
+DSN_FIELDS = (
+    "from",
+    "from",
+    "to",
+    "subject",
+    "subject",
+    "date",
+    "message-id",
+    "auto-submitted",
+    "mime-version",
+    "content-type",
+)
 
 # the fields a list copy's signature covers; From twice-listed fields are oversigned so
 # nobody can add a second one (RFC 6376 section 8.15)
@@ -65,14 +83,23 @@ class OutboundSigner:
         self._signers = list(signers)
 
     @classmethod
-    def from_config(cls, config: Config, fields: Sequence[str] = SIGNED_FIELDS) -> OutboundSigner:
+    def from_config(
+        cls,
+        config: Config,
+        fields: Sequence[str] = SIGNED_FIELDS,
+        clock: Callable[[], float] = time.time,
+    ) -> OutboundSigner:
         out: list[tuple[str, DkimSigner]] = []
         for i, entry in enumerate(config.dkim_sign):
-            out.append((entry.domain, _load(config, i, entry, fields)))
+            out.append((entry.domain, _load(config, i, entry, fields, clock)))
         return cls(out)
 
     def domain_for(self, from_domain: str) -> str | None:
         return pick_domain(from_domain, [d for d, _ in self._signers])
+
+    def covers(self, from_domain: str) -> bool:
+        """Whether a message from this domain would be signed."""
+        return self.domain_for(from_domain) is not None
 
     def sign(self, message: bytes, from_domain: str) -> bytes:
         """message with one DKIM-Signature per key of its domain on top (unchanged when
@@ -84,11 +111,22 @@ class OutboundSigner:
         return b"".join(headers) + message
 
 
-def _load(config: Config, i: int, entry: DkimSignConfig, fields: Sequence[str]) -> DkimSigner:
+def domain_of(address: str) -> str:
+    """The domain of an address (a bare one or in <...>), lower case; "" when none."""
+    return address.strip().strip("<>").rpartition("@")[2].lower().rstrip(".")
+
+
+def _load(
+    config: Config,
+    i: int,
+    entry: DkimSignConfig,
+    fields: Sequence[str],
+    clock: Callable[[], float],
+) -> DkimSigner:
     key = f"dkim.sign[{i}].private_key"
     try:
         pem = entry.private_key.read_bytes()
-        return DkimSigner(entry.domain, entry.selector, pem, include_headers=fields)
+        return DkimSigner(entry.domain, entry.selector, pem, include_headers=fields, clock=clock)
     except OSError as exc:
         raise ConfigError(str(config.path), key, f"cannot read: {exc.strerror}") from None
     except Exception as exc:  # noqa: BLE001 - any key problem is a config error

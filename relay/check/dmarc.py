@@ -62,7 +62,10 @@ def check_dmarc(
                 a,
                 "dmarc.no_p",
                 WARN,
-                "the record has no valid p= (read as p=none)",
+                "the record has no valid p= (or an invalid sp=/np=): read as p=none"
+                if record.applies
+                else "the record has no valid p= (or an invalid sp=/np=) and no valid rua=: "
+                "receivers apply no DMARC at all",
                 "add p=none, p=quarantine or p=reject",
             )
         )

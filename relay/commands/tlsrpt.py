@@ -72,8 +72,10 @@ def run_preview(args: argparse.Namespace) -> int:
 async def _preview(config: Config, day: str, domain: str | None, indent: int | None) -> int:
     from relay.dns import StaticResolver
     from relay.tlsrpt.ledger import TlsRptLedger
-    from relay.tlsrpt.sender import TlsRptSender
+    from relay.tlsrpt.sender import TlsRptSender, load_signer, no_key_reason, report_meta
 
+    if load_signer(config) is None:  # RFC 8460 section 3: mailto reports need a key
+        print(f"relay tlsrpt: {no_key_reason(report_meta(config).submitter)}", file=sys.stderr)
     store = open_existing_store(config)
     try:
         ledger = TlsRptLedger(store)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -45,6 +45,7 @@ from aiosmtplib.protocol import (
 
 from relay.delivery.guard import address_problem
 from relay.delivery.tls import STARTTLS_MISSING_REASON, TlsInfo, classify_tls_error, tls_info
+from relay.delivery.wiretap import TAP_ATTRIBUTE, SessionTap, session_tap
 from relay.model import SmtpReply, TlsResultType
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s|$)")
@@ -180,15 +181,27 @@ class SmtpSession:
             start_tls=False,
         )
         where = f"{mx_host}[{ip}]:{port}"
+        tap = session_tap(mx_host)  # the lab's transcript (relay.delivery.wiretap)
+        if tap is not None:
+            tap.note(f"connect to {where}")
         try:
-            await smtp.connect(timeout=connect_timeout)
+            greeting = await smtp.connect(timeout=connect_timeout)
         except SMTPConnectResponseError as exc:
             smtp.close()
             reply = reply_of(exc.code, exc.message)
+            if tap is not None:
+                tap.note(f"greeted with {reply}")
             raise ConnectFailed(f"{where} greeted with: {reply}", reply) from None
         except (SMTPException, OSError) as exc:
             smtp.close()
+            if tap is not None:
+                tap.note(f"connect failed: {_why(exc)}")
             raise ConnectFailed(f"connect to {where}: {_why(exc)}") from None
+        if tap is not None:
+            tap.received(f"{greeting.code} {greeting.message}\r\n".encode())
+            if smtp.protocol is not None:
+                tap.attach(smtp.protocol)
+                _rebind(smtp.protocol)
         local_ip = _local_ip(smtp)
         try:
             await cls._hello(smtp, where)
@@ -196,12 +209,16 @@ class SmtpSession:
             info: TlsInfo | None = None
             if tls_context is not None and offered:
                 info = await cls._starttls(smtp, mx_host, tls_context, where, require_tls)
+                if tap is not None:
+                    tap.note(f"TLS {info.version}" if info is not None else "TLS refused, clear")
             elif require_tls:
                 await _quit_quietly(smtp)
                 raise StartTlsMissing(f"{where}: {STARTTLS_MISSING_REASON}")
         except SessionError as exc:
             exc.local_ip = local_ip
             smtp.close()
+            if tap is not None:
+                tap.note(f"session ended: {exc.detail}")
             raise
         except BaseException:
             smtp.close()
@@ -564,8 +581,13 @@ class _Replies:
         self._smtp = smtp
         self._protocol = protocol
         self._limit = MAX_RESPONSE_LENGTH * min(commands + 1, 32)
+        self._prev: Callable[[bytes], None] | None = None
+        self._tap: SessionTap | None = None
 
     async def __aenter__(self) -> _Replies:
+        # a wire tap (relay.delivery.wiretap) wraps data_received: kept, and put back
+        self._prev = self._protocol.__dict__.get("data_received")
+        self._tap = self._protocol.__dict__.get(TAP_ATTRIBUTE)
         self._protocol.__dict__["data_received"] = self._data_received
         _rebind(self._protocol)
         return self
@@ -573,6 +595,8 @@ class _Replies:
     async def __aexit__(self, *exc: object) -> None:
         protocol = self._protocol
         protocol.__dict__.pop("data_received", None)
+        if self._prev is not None:
+            protocol.__dict__["data_received"] = self._prev
         _rebind(protocol)
         protocol._response_pending = False
         del protocol._buffer[:]  # anything left over was not asked for
@@ -595,6 +619,8 @@ class _Replies:
         return await self.next()
 
     def _data_received(self, data: bytes) -> None:
+        if self._tap is not None:
+            self._tap.received(data)
         protocol = self._protocol
         waiter = protocol._response_waiter
         if waiter is None:

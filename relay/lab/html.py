@@ -1,7 +1,9 @@
 """``relay lab run --html FILE``: the lab matrix as one self-contained HTML page (no
 external resource, no script): a row per scenario, a column per mode, each cell green
 (as the RFCs require) or red, with the expectation, what happened and the RFC section;
-the cell's TLS-RPT report (RFC 8460) and delivery details one click away (<details>).
+the cell's TLS-RPT report (RFC 8460), the relay's outbound SMTP transcript (C: what the
+relay sent, S: what it read, *: connection and TLS events) and delivery details one
+click away (<details>).
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ def _cell_html(c: dict[str, Any], report: dict[str, Any] | None) -> str:
     parts.append(
         "<details><summary>TLS-RPT</summary><pre>"
         + html.escape(json.dumps(rep, indent=2))
+        + "</pre></details>"
+    )
+    lines = c.get("transcript") or ["(no outbound SMTP session)"]
+    parts.append(
+        '<details class="transcript"><summary>SMTP transcript</summary><pre>'
+        + html.escape("\n".join(lines))
         + "</pre></details></td>"
     )
     return "".join(parts)
@@ -88,7 +96,7 @@ def render(run: LabRun) -> str:
         f"<p>{ok}/{len(d['cells'])} cells as RFC 8461, 8460, 7672 and 8689 require "
         f"({d['seconds']} s). Green: as required; red: a mismatch. Each cell: what "
         "happened, the expectation, the RFC section; delivery details and the TLS-RPT "
-        "report one click away.</p>"
+        "report and the SMTP transcript one click away.</p>"
         f'<table id="matrix"><tr><th>scenario</th>{head}</tr>{"".join(rows)}</table>'
         + (f"<h2>Skipped</h2><ul>{skipped}</ul>" if skipped else "")
         + "</body></html>\n"

@@ -44,6 +44,7 @@ import trustme
 
 from relay.app import RelayApp
 from relay.config import Config, write_config
+from relay.delivery.wiretap import WIRE_TAP
 from relay.lab.attacks import InjectionMta, legacy_tls_context, legacy_tls_supported
 from relay.lab.dnsserver import LabDnsServer, Zone
 from relay.lab.mta import LabMta, Received
@@ -121,6 +122,7 @@ class CellResult:
     reply: str  # the queue's last reply when held
     expected: Expect
     problems: tuple[str, ...]  # mismatches with the expectation; empty: matches the RFC
+    transcript: tuple[str, ...] = ()  # the relay's outbound SMTP sessions of the cell
 
     @property
     def ok(self) -> bool:
@@ -169,6 +171,7 @@ class CellResult:
             # the transport policy of the attempt (RFC 8460 policy types): MTA-STS here;
             # the DANE cells (relay.lab.dane) say "dane"
             "policy": "sts" if self.mode in (Mode.TESTING, Mode.ENFORCE) else "none",
+            "transcript": list(self.transcript),
         }
 
 
@@ -250,6 +253,25 @@ class LabRelayApp(RelayApp):
 # ---------------------------------------------------------------------- the lab
 
 
+class Wire:
+    """The relay's outbound SMTP lines (relay.delivery.wiretap), per MX host name."""
+
+    def __init__(self) -> None:
+        self.lines: dict[str, list[str]] = {}
+
+    def __call__(self, mx_host: str, who: str, line: str) -> None:
+        self.lines.setdefault(mx_host.lower().rstrip("."), []).append(f"{who}: {line}")
+
+    def of(self, *mx_hosts: str) -> tuple[str, ...]:
+        out: list[str] = []
+        for h in mx_hosts:
+            out += self.lines.get(h.lower().rstrip("."), [])
+        return tuple(out)
+
+    def clear(self) -> None:
+        self.lines.clear()
+
+
 def _server_ctx(leaf: trustme.LeafCert) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     leaf.configure_cert(ctx)
@@ -273,6 +295,7 @@ class Lab:
         self.proxy: StripProxy | None = None
         self.policy_host: PolicyHost | None = None
         self.outcomes: list[TlsOutcome] = []
+        self.wire = Wire()
 
     # ------------------------------------------------------------ servers
 
@@ -424,13 +447,19 @@ async def _send(app: RelayApp, mails: list[tuple[str, bytes]]) -> None:
 async def _settle(
     lab: Lab, app: RelayApp, rcpts: list[str], timeout: float = SETTLE_TIMEOUT
 ) -> dict[str, tuple[RecipientState, str]]:
-    """Wait until each recipient arrived somewhere or is held after one attempt."""
+    return await settle(app, rcpts, lambda r: bool(lab.arrivals(r)), timeout)
+
+
+async def settle(
+    app: RelayApp, rcpts: list[str], arrived: Callable[[str], bool], timeout: float
+) -> dict[str, tuple[RecipientState, str]]:
+    """Wait until each recipient arrived (``arrived``) or is held after one attempt."""
     spool = Spool(app.store)
     done: dict[str, tuple[RecipientState, str]] = {}
     deadline = time.monotonic() + timeout
     while True:
         for r in rcpts:
-            if r not in done and lab.arrivals(r):
+            if r not in done and arrived(r):
                 done[r] = (RecipientState.DELIVERED, "")
         if len(done) < len(rcpts):
             for msg in await spool.list():
@@ -483,6 +512,7 @@ async def run_lab(
         workdir = Path(tmp.name)
     lab = Lab(cells, workdir)
     app: LabRelayApp | None = None
+    wire_token = None
     mail_log = logging.getLogger("mail.log")  # aiosmtpd: lab MTAs see failed handshakes
     old_level = mail_log.level
     mail_log.setLevel(logging.CRITICAL)
@@ -518,6 +548,7 @@ async def run_lab(
             for c in primed:
                 lab.configure(c, c.mode, c.scenario.target, c.scenario.site, "2")
         lab.outcomes.clear()
+        wire_token = WIRE_TAP.set(lab.wire)  # the relay's tasks, started below, inherit the tap
         say(f"phase 2: {len(cells)} cells (relay restarted, attacks applied)")
         app = await _start_relay(lab, config)
         rcpts = [f"victim@{c.domain}" for c in cells]
@@ -542,6 +573,8 @@ async def run_lab(
             await app.stop(grace=2)
         await lab.stop()
         mail_log.setLevel(old_level)
+        if wire_token is not None:
+            WIRE_TAP.reset(wire_token)
         if tmp is not None:
             tmp.cleanup()
 
@@ -584,6 +617,7 @@ def _result(
         reply=state[1] if state is not None else "",
         expected=cell.expect,
         problems=tuple(problems),
+        transcript=lab.wire.of(cell.mx, cell.evil_mx),
     )
 
 

@@ -76,7 +76,19 @@ MIGRATIONS = [
         created REAL NOT NULL
     );
     """,
+    # the verdict at intake (our A-R value, the ARC chain's cv), which the copies' one
+    # ARC set repeats: intake no longer seals what goes to the lists
+    """
+    ALTER TABLE list_posts ADD COLUMN ar TEXT NOT NULL DEFAULT '';
+    ALTER TABLE list_posts ADD COLUMN arc_cv TEXT NOT NULL DEFAULT '';
+    ALTER TABLE list_held ADD COLUMN ar TEXT NOT NULL DEFAULT '';
+    ALTER TABLE list_held ADD COLUMN arc_cv TEXT NOT NULL DEFAULT ''
+    """,
 ]
+
+# (our Authentication-Results value, the ARC chain's cv: none|pass|fail) of a post as
+# intake judged it; ("", "") for a post stored before these were kept
+PostVerdict = tuple[str, str]
 
 State = Literal["active", "disabled", "pending"]
 
@@ -270,10 +282,17 @@ def take_confirm(conn: sqlite3.Connection, token: str, oldest: float, now: float
 
 
 def store_post(
-    conn: sqlite3.Connection, post_id: str, lst: str, data: bytes, rcpts: Sequence[str], now: float
+    conn: sqlite3.Connection,
+    post_id: str,
+    lst: str,
+    data: bytes,
+    rcpts: Sequence[str],
+    now: float,
+    verdict: PostVerdict = ("", ""),
 ) -> None:
     conn.execute(
-        "INSERT INTO list_posts(id, list, data, created) VALUES(?,?,?,?)", (post_id, lst, data, now)
+        "INSERT INTO list_posts(id, list, data, created, ar, arc_cv) VALUES(?,?,?,?,?,?)",
+        (post_id, lst, data, now, *verdict),
     )
     conn.executemany(
         "INSERT OR IGNORE INTO list_fanout(post, address) VALUES(?,?)",
@@ -301,6 +320,11 @@ def unfinished_posts(conn: sqlite3.Connection, before: float | None = None) -> l
 def post_data(conn: sqlite3.Connection, post_id: str) -> tuple[str, bytes] | None:
     row = conn.execute("SELECT list, data FROM list_posts WHERE id=?", (post_id,)).fetchone()
     return None if row is None else (str(row[0]), bytes(row[1]))
+
+
+def post_verdict(conn: sqlite3.Connection, post_id: str) -> PostVerdict:
+    row = conn.execute("SELECT ar, arc_cv FROM list_posts WHERE id=?", (post_id,)).fetchone()
+    return ("", "") if row is None else (str(row[0]), str(row[1]))
 
 
 def fanout_todo(conn: sqlite3.Connection, post_id: str, limit: int) -> list[tuple[str, str]]:
@@ -348,11 +372,12 @@ def hold(
     reason: str,
     data: bytes,
     now: float,
+    verdict: PostVerdict = ("", ""),
 ) -> None:
     conn.execute(
-        "INSERT INTO list_held(id, list, mail_from, author, subject, reason, data, created) "
-        "VALUES(?,?,?,?,?,?,?,?)",
-        (held_id, lst, mail_from, author, subject[:200], reason, data, now),
+        "INSERT INTO list_held(id, list, mail_from, author, subject, reason, data, created, "
+        "ar, arc_cv) VALUES(?,?,?,?,?,?,?,?,?,?)",
+        (held_id, lst, mail_from, author, subject[:200], reason, data, now, *verdict),
     )
 
 
@@ -378,14 +403,17 @@ def held_posts(conn: sqlite3.Connection, lst: str) -> list[Held]:
     return [_held(r) for r in rows]
 
 
-def take_held(conn: sqlite3.Connection, lst: str, held_id: str) -> tuple[Held, bytes] | None:
+def take_held(
+    conn: sqlite3.Connection, lst: str, held_id: str
+) -> tuple[Held, bytes, PostVerdict] | None:
     row = conn.execute(
-        f"SELECT {_H_COLS}, data FROM list_held WHERE list=? AND id=?", (lst, held_id)
+        f"SELECT {_H_COLS}, data, ar, arc_cv FROM list_held WHERE list=? AND id=?",
+        (lst, held_id),
     ).fetchone()
     if row is None:
         return None
     conn.execute("DELETE FROM list_held WHERE id=?", (held_id,))
-    return _held(row[:7]), bytes(row[7])
+    return _held(row[:7]), bytes(row[7]), (str(row[8]), str(row[9]))
 
 
 def expired_held(conn: sqlite3.Connection, before: float) -> list[Held]:

@@ -39,6 +39,7 @@ from relay.lists.addresses import ListAddress, address_of, parse_list_address
 from relay.lists.bounces import read_bounce
 from relay.model import Envelope, QueueId, SmtpReply
 from relay.queue.spool import FLAG_NO_DSN, NewMessage, Spool, new_qid, queue_insert
+from relay.stages import Verdict
 from relay.store import Store
 
 log = logs.get("relay.lists")
@@ -61,12 +62,8 @@ class Outgoing:
     data: bytes
 
 
-def chain_of(post: bytes) -> tuple[str, ArcResult]:
-    """The AAR value and chain state a list copy is sealed with: our Authentication-
-    Results of the post (the verdict at intake), and the chain as intake left it (the
-    newest set is ours when intake sealed: its cv says whether the older sets held)."""
-    fields, _ = transform.split_message(post)
-    ar = next((f.value() for f in fields if f.key == b"authentication-results"), "")
+def _top_seal(fields: Sequence[transform.Field]) -> tuple[int, bytes]:
+    """The highest ARC-Seal instance in fields and its cv (0, b"" when none)."""
     top, cv = 0, b""
     for f in fields:
         if f.key == b"arc-seal":
@@ -74,10 +71,31 @@ def chain_of(post: bytes) -> tuple[str, ArcResult]:
             m = _ARC_SEAL_CV.search(f.raw.split(b":", 1)[1])
             if i and int(i.group(1)) > top:
                 top, cv = int(i.group(1)), (m.group(1).lower() if m else b"")
+    return top, cv
+
+
+def chain_of(post: bytes) -> tuple[str, ArcResult]:
+    """The AAR value and chain state read from a message that intake sealed (a post
+    stored before the verdict was kept beside it): our Authentication-Results of the
+    post, and the chain as intake left it (its newest set is ours: its cv says whether
+    the older sets held)."""
+    fields, _ = transform.split_message(post)
+    ar = next((f.value() for f in fields if f.key == b"authentication-results"), "")
+    top, cv = _top_seal(fields)
     if top == 0:
         return ar, ArcResult(ArcCv.NONE)
     state = ArcCv.FAIL if cv == b"fail" else ArcCv.PASS
     return ar, ArcResult(state, instances=top)
+
+
+def verdict_of(post: bytes, stored: db.PostVerdict) -> Verdict:
+    """The verdict a stored post's copies are sealed with: the one kept beside it, or
+    (a post stored before it was kept, when intake still sealed) the one read from it."""
+    ar, cv = stored
+    if not cv:
+        return Verdict(*chain_of(post))
+    top, _ = _top_seal(transform.split_message(post)[0])
+    return Verdict(ar, ArcResult(ArcCv(cv), instances=top))
 
 
 class CopyMaker:
@@ -99,17 +117,25 @@ class CopyMaker:
         return msg
 
     def batch(
-        self, cfg: ListConfig, distributed: bytes, rcpts: Sequence[tuple[str, str]]
+        self,
+        cfg: ListConfig,
+        distributed: bytes,
+        rcpts: Sequence[tuple[str, str]],
+        verdict: Verdict | None = None,
     ) -> list[tuple[str, str, bytes]]:
-        ar, chain = chain_of(distributed)
-        return [(a, t, self.copy(cfg, distributed, t, ar, chain)) for a, t in rcpts if t]
+        v = verdict or Verdict(*chain_of(distributed))
+        return [(a, t, self.copy(cfg, distributed, t, v.ar, v.chain)) for a, t in rcpts if t]
 
 
 _MAKERS: dict[tuple[object, ...], CopyMaker] = {}
 
 
 def make_copies(
-    config: Config, cfg: ListConfig, distributed: bytes, rcpts: Sequence[tuple[str, str]]
+    config: Config,
+    cfg: ListConfig,
+    distributed: bytes,
+    rcpts: Sequence[tuple[str, str]],
+    verdict: Verdict | None = None,
 ) -> list[tuple[str, str, bytes]]:
     """CopyMaker.batch in a worker process: the keys are loaded once per process."""
     key = (str(config.path), config.arc, config.dkim_sign, config.authserv_id)
@@ -117,7 +143,7 @@ def make_copies(
     if maker is None:
         maker = CopyMaker(config, OutboundSigner.from_config(config), build_sealer(config))
         _MAKERS[key] = maker
-    return maker.batch(cfg, distributed, rcpts)
+    return maker.batch(cfg, distributed, rcpts, verdict)
 
 
 def build_sealer(config: Config) -> ArcSealer | None:
@@ -168,16 +194,29 @@ class ListService:
 
     # ------------------------------------------------------------ one recipient
 
-    async def receive(self, env: Envelope, rcpt: str, message: bytes, qid: QueueId) -> None:
-        """Handle mail for list address rcpt durably (raises SmtpReplyError to refuse)."""
+    async def receive(
+        self,
+        env: Envelope,
+        rcpt: str,
+        message: bytes,
+        qid: QueueId,
+        verdict: Verdict | None = None,
+    ) -> None:
+        """Handle mail for list address rcpt durably (raises SmtpReplyError to refuse).
+        verdict: what intake recorded (message is then not sealed by intake); None for
+        mail that was sealed or is our own (a DSN)."""
         la = self.address(rcpt)
         if la is None:
             raise SmtpReplyError(550, "5.1.1", "no such list address")
+        if la.kind == "post":
+            await self._post(la, env, message, qid, verdict)
+            return
+        if la.kind == "owner":
+            await self._owner(la, env, message, qid, verdict)
+            return
         handler = {
-            "post": self._post,
             "subscribe": self._subscribe,
             "unsubscribe": self._unsubscribe,
-            "owner": self._owner,
             "bounces": self._bounce,
             "confirm": self._confirm,
         }[la.kind]
@@ -186,7 +225,14 @@ class ListService:
     def _sender(self, env: Envelope, message: bytes) -> str:
         return env.mail_from or transform.author(message)[1]
 
-    async def _post(self, la: ListAddress, env: Envelope, message: bytes, qid: QueueId) -> None:
+    async def _post(
+        self,
+        la: ListAddress,
+        env: Envelope,
+        message: bytes,
+        qid: QueueId,
+        verdict: Verdict | None = None,
+    ) -> None:
         cfg = la.list
         if transform.has_our_list_id(message, cfg):
             log.warning("list_loop_refused", qid=qid, list=cfg.address)
@@ -203,19 +249,28 @@ class ListService:
             cfg, member is not None and member.state != "pending"
         )
         distributed = await self.distributed(cfg, message, qid)
+        kept = (verdict or Verdict(*chain_of(message))).stored()
         if decision == "hold":
-            await self._hold(cfg, env.mail_from, author, message, distributed, reason, qid, now)
+            await self._hold(
+                cfg, env.mail_from, author, message, distributed, reason, qid, now, kept
+            )
             return
         post_id = qid
-        await self.store.write(lambda c: self._store_post(c, cfg, post_id, distributed, now))
+        await self.store.write(lambda c: self._store_post(c, cfg, post_id, distributed, now, kept))
         log.info("list_post_accepted", qid=qid, list=cfg.address, author=author)
         self.start_fan_out(post_id)
 
     def _store_post(
-        self, c: sqlite3.Connection, cfg: ListConfig, post_id: str, data: bytes, now: float
+        self,
+        c: sqlite3.Connection,
+        cfg: ListConfig,
+        post_id: str,
+        data: bytes,
+        now: float,
+        verdict: db.PostVerdict = ("", ""),
     ) -> int:
         rcpts = db.active_addresses(c, cfg.address)
-        db.store_post(c, post_id, cfg.address, data, rcpts, now)
+        db.store_post(c, post_id, cfg.address, data, rcpts, now, verdict)
         if cfg.archive:
             db.archive(c, cfg.address, transform.author(data)[1], data, now)
         if not rcpts:
@@ -278,6 +333,7 @@ class ListService:
         reason: str,
         qid: QueueId,
         now: float,
+        verdict: db.PostVerdict = ("", ""),
     ) -> None:
         subject = _subject(message)
         held_id = secrets.token_hex(4)
@@ -287,7 +343,18 @@ class ListService:
         ]
 
         def run(c: sqlite3.Connection) -> list[tuple[QueueId, NewMessage]]:
-            db.hold(c, held_id, cfg.address, mail_from, author, subject, reason, distributed, now)
+            db.hold(
+                c,
+                held_id,
+                cfg.address,
+                mail_from,
+                author,
+                subject,
+                reason,
+                distributed,
+                now,
+                verdict,
+            )
             return [self._queue(c, o, now) for o in outs]
 
         queued = await self.store.write(run)
@@ -364,11 +431,21 @@ class ListService:
         oldest = self.clock() - policy.CONFIRM_VALID
         return await self.store.read(lambda c: db.confirm_lookup(c, token, oldest)) is not None
 
-    async def _owner(self, la: ListAddress, env: Envelope, message: bytes, qid: QueueId) -> None:
+    async def _owner(
+        self,
+        la: ListAddress,
+        env: Envelope,
+        message: bytes,
+        qid: QueueId,
+        verdict: Verdict | None = None,
+    ) -> None:
         cfg = la.list
         if not env.mail_from:
             log.info("list_owner_bounce_dropped", qid=qid, list=cfg.address)
             return
+        sealer = self.maker.sealer
+        if verdict is not None and sealer is not None:  # forwarded: our one ARC set
+            message = await asyncio.to_thread(sealer.seal, message, verdict.ar, verdict.chain)
         now = self.clock()
         out = Outgoing(address_of(cfg, "bounces"), cfg.owners, message)
         queued = await self.store.write(lambda c: self._queue(c, out, now))
@@ -432,7 +509,7 @@ class ListService:
             got = db.take_held(c, lst, held_id)
             if got is None:
                 return False
-            self._store_post(c, cfg, held_id, got[1], now)
+            self._store_post(c, cfg, held_id, got[1], now, got[2])
             return True
 
         ok = await self.store.write(run)
@@ -476,6 +553,8 @@ class ListService:
         if got is None:
             return 0
         lst, distributed = got
+        stored = await self.store.read(lambda c: db.post_verdict(c, post_id))
+        verdict = verdict_of(distributed, stored)
         cfg = self.lists.get(lst)
         if cfg is None:
             log.warning("list_gone_fanout_dropped", qid=post_id, list=lst)
@@ -490,14 +569,18 @@ class ListService:
             # without the GIL)
             slices = [todo[i::PARALLEL] for i in range(PARALLEL) if todo[i::PARALLEL]]
             job: Callable[
-                [ListConfig, bytes, Sequence[tuple[str, str]]], list[tuple[str, str, bytes]]
+                [ListConfig, bytes, Sequence[tuple[str, str]], Verdict | None],
+                list[tuple[str, str, bytes]],
             ]
             if isinstance(self.executor, ProcessPoolExecutor):
                 job = functools.partial(make_copies, self.config)
             else:
                 job = self.maker.batch
             made = await asyncio.gather(
-                *(loop.run_in_executor(self.executor, job, cfg, distributed, p) for p in slices)
+                *(
+                    loop.run_in_executor(self.executor, job, cfg, distributed, p, verdict)
+                    for p in slices
+                )
             )
             copies = [c for part in made for c in part]
             now = self.clock()

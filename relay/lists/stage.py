@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from relay.lists.service import ListService
 from relay.model import Envelope, QueueId
+from relay.stages import Verdict
 
 
 class ListsStage:
@@ -21,13 +22,16 @@ class ListsStage:
         rest = tuple(r for r in recipients if self.service.address(r) is None)
         return ours, rest
 
-    async def take(self, env: Envelope, message: bytes, qid: QueueId) -> Envelope | None:
+    async def take(
+        self, env: Envelope, message: bytes, qid: QueueId, verdict: Verdict | None = None
+    ) -> Envelope | None:
         """Hand the list recipients of env to the service; the envelope of the rest, or
         None when nothing is left for the ordinary route. Raises SmtpReplyError to refuse
-        (a loop, a post too big)."""
+        (a loop, a post too big). verdict: intake's, for a message it did not seal (the
+        lists seal each copy once); None for locally generated mail."""
         ours, rest = self.split(env.rcpt_tos)
         for rcpt in ours:
-            await self.service.receive(env, rcpt, message, qid)
+            await self.service.receive(env, rcpt, message, qid, verdict)
         if not rest:
             return None
         return replace(env, rcpt_tos=rest) if ours else env

@@ -88,13 +88,17 @@ class Scheduler:
         bounce_to: Callable[[str], str] | None = None,
         lease: float = DEFAULT_LEASE,
         sweep_interval: float | None = None,
+        sign: Callable[[bytes, str], bytes] | None = None,
     ) -> None:
         """``bounce_to`` maps a reverse-path to the address a DSN goes to (SRS: our own
-        rewritten sender is reversed to the original one). ``lease``: seconds a claimed
-        recipient stays ours without renewal (also used by intake's claimed writes through
-        the shared spool); ``sweep_interval``: how often leases are renewed and the store
-        swept (default lease / 3). ``inject`` is kept for the callers' signature: DSNs are
-        written by the spool together with the marks that say they were sent."""
+        rewritten sender is reversed to the original one). ``sign(message, from_domain)``
+        DKIM-signs the DSNs we write (relay.auth.signer.OutboundSigner.sign: by the key of
+        the bounce sender's domain or a parent of it; unchanged when there is none).
+        ``lease``: seconds a claimed recipient stays ours without renewal (also used by
+        intake's claimed writes through the shared spool); ``sweep_interval``: how often
+        leases are renewed and the store swept (default lease / 3). ``inject`` is kept for
+        the callers' signature: DSNs are written by the spool together with the marks that
+        say they were sent."""
         d = config.delivery
         self.config = config
         self.spool = spool
@@ -116,6 +120,7 @@ class Scheduler:
         # then wakes the loader (else its next poll or an explicit wake() is enough)
         self._backlog = True
         self.bounce_from = d.bounce_sender or f"MAILER-DAEMON@{config.server.hostname}"
+        self.sign = sign
         self._sweep_interval = sweep_interval
         self.lease = lease
 
@@ -463,6 +468,8 @@ class Scheduler:
             now=now,
             action=action,
         )
+        if self.sign is not None:
+            dsn = self.sign(dsn, self.bounce_from.rpartition("@")[2].lower().rstrip("."))
         # RFC 8689 section 5: the DSN of a REQUIRETLS message is itself sent with
         # REQUIRETLS (and, as every DSN here, carries the original's headers only)
         flags = FLAG_NO_DSN | (msg.flags & FLAG_REQUIRETLS)

@@ -16,10 +16,13 @@ stored with its report-id, and delivered to every rua URI:
   ``TLS-Report-Submitter`` headers and the RFC's subject, ``TLS-Required: No`` (RFC
   8689, so MTA-STS failures cannot block it, 5.3.1, and the queue does not count its
   delivery in the ledger), ``Auto-Submitted: auto-generated``, DKIM-signed by the
-  submitter domain (``[tlsrpt] dkim_private_key`` / ``dkim_selector``, relaxed/relaxed,
-  no ``l=``). It is handed to ``inject`` (our durable queue) with the null reverse-path
-  ``<>``: a report is an automatic notification, so an undeliverable one must never
-  cause a bounce (RFC 5321 section 6.1, no loops); its fate is in the queue and the logs.
+  ``[[dkim.sign]]`` key of the submitter domain or a parent of it (relay.auth.signer;
+  ``[tlsrpt] dkim_private_key`` / ``dkim_selector`` is an alias for one; relaxed/relaxed,
+  no ``l=``). Without a key it is never sent (RFC 8460 section 3): the delivery fails
+  at once and is logged (``tlsrpt_report_unsigned_not_sent``). A signed report is
+  handed to ``inject`` (our durable queue) with the null reverse-path ``<>``: a report
+  is an automatic notification, so an undeliverable one must never cause a bounce
+  (RFC 5321 section 6.1, no loops); its fate is in the queue and the logs.
 
 A failed delivery is retried with back-off (5 minutes doubling to 1 hour) for up to 24
 hours after its first try (5.5), then given up with an error log; its state stays in the
@@ -39,7 +42,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -67,6 +70,9 @@ from relay.tlsrpt.report import (
     parse_report,
     validate_report,
 )
+
+if TYPE_CHECKING:
+    from relay.auth.signer import OutboundSigner
 
 log = structlog.get_logger("relay.tlsrpt.sender")
 
@@ -139,32 +145,46 @@ def report_meta(config: Config) -> ReportMeta:
     )
 
 
-def load_signer(config: Config, clock: Callable[[], float] = time.time) -> Signer | None:
-    """The DKIM signer of ``[tlsrpt] dkim_private_key`` (RSA or Ed25519), or None when no
-    key is configured. A bad key raises ConfigError."""
-    t = config.tlsrpt
-    if t.dkim_private_key is None:
-        return None
-    from relay.auth.dkim import DkimSigner
+class UnsignedReportError(Exception):
+    """A mailto report with no DKIM key for its From domain: never sent (RFC 8460 section
+    3: reports sent by mail MUST be DKIM-signed)."""
 
-    if not t.dkim_selector:
+
+def no_key_reason(submitter: str) -> str:
+    """One line: why mailto reports are not sent (for the log and ``relay tlsrpt``)."""
+    return (
+        f"no DKIM key for {submitter} ([[dkim.sign]] domain {submitter} or a parent of it, "
+        "or [tlsrpt] dkim_private_key): mailto reports are not sent, as RFC 8460 section 3 "
+        "requires them signed; https reports are"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _DomainSigner:
+    """The outbound signer (relay.auth.signer) bound to the reports' From domain."""
+
+    outbound: OutboundSigner
+    domain: str
+
+    def sign(self, message: bytes) -> bytes:
+        return self.outbound.sign(message, self.domain)
+
+
+def load_signer(config: Config, clock: Callable[[], float] = time.time) -> Signer | None:
+    """The DKIM signer of the reports: the ``[[dkim.sign]]`` entry whose domain is the
+    submitter's (the From domain of the report mail) or a parent of it (``[tlsrpt]
+    dkim_private_key`` is an alias for one such entry, relay.config); None when there is
+    none. A bad key raises ConfigError."""
+    t = config.tlsrpt
+    if t.dkim_private_key is not None and not t.dkim_selector:
         raise ConfigError(str(config.path), "tlsrpt.dkim_selector", "required with a key")
-    try:
-        pem = t.dkim_private_key.read_bytes()
-    except OSError as exc:
-        raise ConfigError(
-            str(config.path), "tlsrpt.dkim_private_key", f"cannot read: {exc.strerror}"
-        ) from None
-    try:
-        return DkimSigner(
-            report_meta(config).submitter,
-            t.dkim_selector,
-            pem,
-            clock=clock,
-            include_headers=SIGNED_HEADERS,
-        )
-    except ValueError as exc:
-        raise ConfigError(str(config.path), "tlsrpt.dkim_private_key", str(exc)) from None
+    from relay.auth.signer import OutboundSigner
+
+    outbound = OutboundSigner.from_config(config, SIGNED_HEADERS, clock)
+    submitter = report_meta(config).submitter
+    if not outbound.covers(submitter):
+        return None
+    return _DomainSigner(outbound, submitter)
 
 
 def _b64_lines(data: bytes) -> bytes:
@@ -263,7 +283,7 @@ class TlsRptSender:
         self._daily_done = ""
         self._wake = asyncio.Event()
         if self.signer is None:
-            log.warning("tlsrpt_dkim_unsigned", reason="no [tlsrpt] dkim_private_key")
+            log.warning("tlsrpt_dkim_no_key", reason=no_key_reason(self.meta.submitter))
 
     # ---------------------------------------------------------------- the daily loop
 
@@ -508,6 +528,16 @@ class TlsRptSender:
         await self.http.post(url, gz, MEDIA_TYPE_GZIP, max_bytes=MAX_RESPONSE, timeout=POST_TIMEOUT)
 
     async def _send_mail(self, rec: ReportRecord, to_addr: str, gz: bytes) -> str:
+        if self.signer is None:  # RFC 8460 section 3: never sent unsigned
+            log.error(
+                "tlsrpt_report_unsigned_not_sent",
+                day=rec.day,
+                domain=rec.policy_domain,
+                report_id=rec.report_id,
+                to=to_addr,
+                reason=no_key_reason(self.meta.submitter),
+            )
+            raise UnsignedReportError(no_key_reason(self.meta.submitter))
         report = parse_report(rec.report_json)
         digest = hashlib.sha256(f"{rec.report_id}\0{to_addr}".encode()).hexdigest()[:24]
         parts = MailParts(
@@ -524,7 +554,10 @@ class TlsRptSender:
 
 
 def _permanent(exc: Exception) -> bool:
-    """Errors no retry can mend: a bad URL, or an address our rules refuse."""
+    """Errors no retry can mend: a bad URL, an address our rules refuse, a mail report
+    with no key to sign it."""
+    if isinstance(exc, UnsignedReportError):
+        return True
     return isinstance(exc, HttpFetchError) and exc.kind in (
         HttpErrorKind.URL,
         HttpErrorKind.REFUSED_ADDRESS,
@@ -537,7 +570,9 @@ __all__ = [
     "Inject",
     "MailParts",
     "TlsRptSender",
+    "UnsignedReportError",
     "build_report_mail",
     "load_signer",
+    "no_key_reason",
     "report_meta",
 ]

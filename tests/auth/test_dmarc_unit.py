@@ -39,13 +39,17 @@ def test_record_requires_version_first() -> None:
 
 def test_record_without_p_but_with_rua_is_p_none() -> None:
     rec = parse_record("v=DMARC1; rua=mailto:r@example.com")
-    assert (rec.p, rec.sp, rec.p_implied) == ("none", "none", True)
-    # RFC 9989 section 4.7 (p is RECOMMENDED, absent means p=none) changed these two: under
-    # RFC 7489 6.6.3 step 6 (no valid p/sp and no rua) they were not records at all
+    assert (rec.p, rec.sp, rec.p_implied, rec.applies) == ("none", "none", True, True)
+    # dmarcbis 4.10.1: no valid p= (or an invalid sp=/np=) and no valid rua= URI: the
+    # receiver applies no DMARC processing (under RFC 7489 6.6.3 step 6 likewise)
     rec = parse_record("v=DMARC1; rua=not a uri")
-    assert (rec.p, rec.p_implied, rec.rua) == ("none", True, ())
-    rec = parse_record("v=DMARC1; p=reject; sp=bogus")  # invalid sp ignored: sp = p
-    assert (rec.p, rec.sp, rec.ignored) == ("reject", "reject", ("sp=bogus",))
+    assert (rec.p, rec.p_implied, rec.rua, rec.applies) == ("none", True, (), False)
+    rec = parse_record("v=DMARC1; p=reject; sp=bogus")  # invalid sp, no rua: no DMARC
+    assert (rec.p_implied, rec.applies, rec.ignored) == (True, False, ("sp=bogus",))
+    rec = parse_record("v=DMARC1; p=reject; np=bogus; rua=mailto:r@example.com")
+    assert (rec.p, rec.sp, rec.np, rec.applies) == ("none", "none", "", True)  # as p=none
+    rec = parse_record("v=DMARC1; p=reject; sp=quarantine")
+    assert (rec.p, rec.sp, rec.p_implied, rec.applies) == ("reject", "quarantine", False, True)
     with pytest.raises(DmarcRecordError):
         parse_record("v=DMARC2; p=reject")
 
@@ -61,8 +65,9 @@ def test_record_bad_optional_tags_fall_back_to_defaults() -> None:
 def test_record_rfc9989_tags() -> None:
     rec = parse_record("v=DMARC1; p=reject; sp=quarantine; np=none; t=y; psd=n")
     assert (rec.np, rec.t, rec.psd) == ("none", True, "n")
+    # an invalid np= with no rua=: no DMARC processing (dmarcbis 4.10.1); t, psd ignored
     rec = parse_record("v=DMARC1; p=reject; np=bogus; t=maybe; psd=x")
-    assert (rec.np, rec.np_effective, rec.t, rec.psd) == ("", "reject", False, "u")
+    assert (rec.np, rec.applies, rec.t, rec.psd) == ("", False, False, "u")
     assert set(rec.ignored) == {"np=bogus", "t=maybe", "psd=x"}
 
 

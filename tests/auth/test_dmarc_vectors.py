@@ -178,12 +178,6 @@ POLICY_DEVIATIONS: dict[str, tuple[dict[str, str], str]] = {
         "the bare 'reject' term is a syntax error that RFC 7489 section 6.3 says to "
         "discard; p=none stays valid, so DMARC is evaluated (fail: no identifiers)",
     ),
-    "authheaders-record-without-p-or-rua": (
-        {"dmarc": "fail"},
-        "RFC 9989 section 4.7 (p is RECOMMENDED; a record without p= is read as p=none): "
-        "the author domain's own record applies, and nothing aligned passed. Under RFC "
-        "7489 6.6.3 step 6 (no p, no rua) there was no policy: none",
-    ),
 }
 
 # name -> ({discovery: our answer}, why the tree walk and the PSL differ)
@@ -301,6 +295,6 @@ def test_vector_counts() -> None:
     assert len(PSL) == 78 and len(PSL_DEVIATIONS) == 2
     assert len(RECORDS) == 6 and len(RECORD_DEVIATIONS) == 1
     assert len(ALIGNMENT) == 24 and len(ALIGNMENT_DEVIATIONS) == 1
-    assert len(POLICY) == 38 and len(POLICY_DEVIATIONS) == 5
+    assert len(POLICY) == 38 and len(POLICY_DEVIATIONS) == 4
     assert len(DISCOVERY_DIFFERENCES) == 4
     assert set(POLICY_DEVIATIONS) | set(DISCOVERY_DIFFERENCES) <= {c["name"] for c in POLICY}

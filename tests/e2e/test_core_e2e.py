@@ -4,17 +4,20 @@ server, receiving MTAs on 127.0.0.x with trustme certificates."""
 from __future__ import annotations
 
 import asyncio
+import email
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiosmtplib
+import dkim
 import pytest
 import trustme
 
 from relay.app import RelayApp
 from relay.cli import main as cli_main
+from relay.commands.keygen import generate
 from relay.lab.dnsserver import LabDnsServer, Zone
 from relay.lab.mta import LabMta
 from relay.model import RecipientState
@@ -196,6 +199,35 @@ async def test_permanent_failure_and_null_mx_give_one_dsn_each(lab: Lab) -> None
     assert b"Final-Recipient: rfc822; bob@dest.test" not in d1.data
     assert b"Status: 5.1.1" in d1.data
     assert b"Final-Recipient: rfc822; x@nullmx.test" in d2.data and b"Status: 5.1.10" in d2.data
+
+
+async def test_dsn_is_dkim_signed_by_the_bounce_sender_domain(lab: Lab) -> None:
+    """A DSN the relay writes (From MAILER-DAEMON@relay.lab.test) is signed by the
+    [[dkim.sign]] key of that domain's parent, lab.test (relay.auth.signer, the one
+    signing home); dkimpy verifies it against the lab DNS (before: unsigned)."""
+    sender_mx = await lab.mta("127.0.0.4", "mx.sender.test")
+    lab.domain("sender.test", "mx.sender.test", "127.0.0.4")
+    lab.zone.add("nullmx.test", "MX", (0, "."))
+    key = generate("rsa")
+    (lab.tmp / "dsn.pem").write_bytes(key.private_pem)
+    lab.zone.add("s2026._domainkey.lab.test", "TXT", key.record())
+    sign = {"domain": "lab.test", "selector": "s2026", "private_key": str(lab.tmp / "dsn.pem")}
+    await lab.start_relay(dkim={"sign": [sign]})
+    host, port = lab.relay_addr
+    await send(host, port, "alice@sender.test", ["x@nullmx.test"], message())
+    [d] = await sender_mx.wait_for(1)
+    assert b"Final-Recipient: rfc822; x@nullmx.test" in d.data
+
+    def txt(name: bytes, timeout: int = 5) -> bytes | None:
+        recs = lab.zone.records.get(name.decode().rstrip(".").lower(), [])
+        vals = [str(v) for t, v in recs if t == "TXT"]
+        return vals[0].encode() if vals else None
+
+    field = email.message_from_bytes(d.data)["DKIM-Signature"]
+    assert field is not None
+    sig = dkim.util.parse_tag_value(str(field).encode())
+    assert sig[b"d"] == b"lab.test" and sig[b"s"] == b"s2026"
+    assert dkim.verify(d.data, dnsfunc=txt)
 
 
 async def test_dns_servfail_defers(lab: Lab) -> None:

@@ -68,10 +68,8 @@ async def test_postfix_dane_matches_the_relay_cell_by_cell() -> None:
     rows: list[tuple[str, str, str, str]] = []
     try:
         with ValidatingResolver([lab.signed, lab.insecure], host=RESOLVER_IP, port=53) as unbound:
-            # the relay's own verdict for each cell, through the same unbound
-            relay_cells = {c.scenario.name: c for c in [
-                await dane._cell(s, lab.config, unbound, lab.mtas[s.name], tmp) for s in CELLS
-            ]}  # fmt: skip
+            # the relay's own verdict for each cell: the full relay, through the same unbound
+            relay_cells = {c.scenario.name: c for c in await dane.play(CELLS, lab, unbound, tmp)}
             transports = ", ".join(f"{d}=smtp:{d}:{lab.port}" for d in domains)
             pf = await start_postfix(
                 PostfixSpec(

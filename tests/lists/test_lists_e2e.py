@@ -9,6 +9,7 @@ delivered, or rejected; five hard bounces disable a member, an ARF report remove
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +21,9 @@ import dkim
 import pytest
 
 from relay.app import RelayApp
+from relay.auth.arc import ArcSealer
 from relay.auth.dkim import DkimSigner
+from relay.auth.types import ArcCv, ArcResult
 from relay.cli import main as cli
 from relay.commands.diagnose import diagnose
 from relay.config import dump_toml, load_config
@@ -48,6 +51,19 @@ class Clock:
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
+    async with make_world(tmp_path) as w:
+        yield w
+
+
+@pytest.fixture
+async def trusting_world(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
+    """The author's IP in the trusted networks: it may relay to other domains too."""
+    async with make_world(tmp_path, trusted=[AUTHOR_IP]) as w:
+        yield w
+
+
+@contextlib.asynccontextmanager
+async def make_world(tmp_path: Path, trusted: list[str] = []) -> AsyncIterator[dict[str, Any]]:  # noqa: B006
     lab = ListLab(tmp_path)
     mtas: dict[str, LabMta] = {}
     port = 0
@@ -56,7 +72,9 @@ async def world(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
         port = mtas[dom].port
     http_port = free_port()
     cfg = tmp_path / "config.toml"
-    cfg.write_text(dump_toml(lab.doc(port, http_port=http_port)))
+    doc = lab.doc(port, http_port=http_port)
+    doc["relay"]["trusted_networks"] = ["127.0.0.1/32", *(f"{ip}/32" for ip in trusted)]
+    cfg.write_text(dump_toml(doc))
     for lst in (LIST, PLAIN):
         assert cli(["list", "add", lst, *MEMBERS, "--config", str(cfg)]) == 0
     clock = Clock()
@@ -128,12 +146,67 @@ async def test_p_reject_author_munged_signed_sealed_and_dmarc_passes(world: dict
         instances = sorted(
             int(dkim.util.parse_tag_value(s.encode())[b"i"]) for s in fields(data, "ARC-Seal")
         )
-        assert instances == [1, 2]  # intake's seal of the post, then the copy's: i = 1 + 1
+        assert instances == [1]  # one ARC set, the copy's: none of intake's besides
         verdict = await diagnose(
             load_config(w["cfg"]), data, "127.0.0.1", "relay.lab.test", r.mail_from
         )
         assert verdict.results.dmarc is not None
         assert verdict.results.dmarc.result == "pass", verdict.results.dmarc.reason
+
+
+def arc_sets(data: bytes) -> list[tuple[int, bytes, bytes]]:
+    """(i, d, cv) of each ARC-Seal of a message, by instance."""
+    tags = [dkim.util.parse_tag_value(s.encode()) for s in fields(data, "ARC-Seal")]
+    return sorted((int(t[b"i"]), t[b"d"], t[b"cv"]) for t in tags)
+
+
+def upstream_sealed(lab: ListLab, data: bytes) -> bytes:
+    """data as a forwarder (fwd.test) upstream of the relay sealed it: ARC i=1."""
+    key = lab.publish("arc", "fwd.test")
+    sealer = ArcSealer("fwd.test", "arc", key, "fwd.test")
+    return sealer.seal(data, "fwd.test; dkim=pass header.d=author.test", ArcResult(ArcCv.NONE))
+
+
+async def test_copy_of_an_arc_sealed_post_has_one_set_of_ours(world: dict[str, Any]) -> None:
+    """Issue 11 item 5: a post that arrives with an ARC set (i=1) gives copies with one
+    set of ours, i = 1 + 1, over the copy's final fields, cv=pass; the chain verifies and
+    its AAR repeats intake's verdict (before: intake's seal i=2 and the copy's i=3)."""
+    w, lab = world, world["lab"]
+    signed = DkimSigner("author.test", "s1", lab.author_key).sign(post("alice@author.test", LIST))
+    host, port = w["smtp"]
+    await send(
+        host, port, "alice@author.test", [LIST], upstream_sealed(lab, signed), source=AUTHOR_IP
+    )
+    got = await arrivals(w["mtas"], 3)
+    for r in got:
+        assert arc_sets(r.data) == [(1, b"fwd.test", b"none"), (2, b"relay.lab.test", b"pass")]
+        cv, _, reason = dkim.arc_verify(r.data, dnsfunc=lab.txt)
+        assert cv == dkim.CV_Pass, reason
+        aar = [a for a in fields(r.data, "ARC-Authentication-Results") if a.startswith("i=2")]
+        assert len(aar) == 1 and "relay.lab.test;" in aar[0] and "dmarc=pass" in aar[0], aar
+
+
+async def test_list_and_other_recipient_each_sealed_once(trusting_world: dict[str, Any]) -> None:
+    """One transaction to the list and to a plain recipient: the list copies carry one
+    set of ours (i=2 over the copy), the plain recipient's message intake's seal (i=2
+    over the message as it arrived), each chain verifying."""
+    w, lab = trusting_world, trusting_world["lab"]
+    signed = DkimSigner("author.test", "s1", lab.author_key).sign(post("alice@author.test", LIST))
+    host, port = w["smtp"]
+    rcpts = [LIST, "zed@two.test"]
+    errors, _ = await send(
+        host, port, "alice@author.test", rcpts, upstream_sealed(lab, signed), source=AUTHOR_IP
+    )
+    assert errors == {}
+    got = await arrivals(w["mtas"], 4)
+    by = {r.rcpt_tos[0]: r.data for r in got}
+    assert sorted(by) == sorted([*MEMBERS, "zed@two.test"])
+    for rcpt, data in by.items():
+        assert arc_sets(data) == [(1, b"fwd.test", b"none"), (2, b"relay.lab.test", b"pass")]
+        cv, _, reason = dkim.arc_verify(data, dnsfunc=lab.txt)
+        assert cv == dkim.CV_Pass, (rcpt, reason)
+    assert fields(by["zed@two.test"], "From") == ["Alice Author <alice@author.test>"]
+    assert fields(by["zed@two.test"], "List-Id") == []
 
 
 async def test_p_none_author_keeps_from_and_own_signature(world: dict[str, Any]) -> None:
@@ -233,6 +306,12 @@ async def test_held_post_approved_and_rejected(world: dict[str, Any]) -> None:
     got = await arrivals(w["mtas"], 4)
     copies = [r for r in got if fields(r.data, "Subject") == ["p1"]]
     assert sorted(r.rcpt_tos[0] for r in copies) == MEMBERS
+    for r in copies:  # the verdict kept with the held post is the copy's one AAR
+        assert arc_sets(r.data) == [(1, b"relay.lab.test", b"none")]
+        [aar] = fields(r.data, "ARC-Authentication-Results")
+        assert aar.startswith("i=1; relay.lab.test;") and "spf=pass" in aar, aar
+        cv, _, reason = dkim.arc_verify(r.data, dnsfunc=w["lab"].txt)
+        assert cv == dkim.CV_Pass, reason
     await send(
         host,
         port,

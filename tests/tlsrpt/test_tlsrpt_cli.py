@@ -216,6 +216,7 @@ async def test_deliveries_then_tlsrpt_send_end_to_end(lab: Lab) -> None:
     code, out, err = await relay_cli("tlsrpt", "preview", "--config", str(lab.config_path),
                                      "--day", today, "--domain", "good.test")  # fmt: skip
     assert code == 0 and json.loads(out) == objs["/good"]
+    assert "no DKIM key" not in err  # the [tlsrpt] key signs: nothing to say
 
 
 async def test_preview_without_sessions_and_bad_days(tmp_path: Path) -> None:
@@ -229,6 +230,11 @@ async def test_preview_without_sessions_and_bad_days(tmp_path: Path) -> None:
     Store(tmp_path / "r.sqlite3").open().close()
     code, out, err = await relay_cli("tlsrpt", "preview", "--config", str(tmp_path / "c.toml"))
     assert code == 0 and out == "" and "no sessions recorded" in err
+    # no DKIM key for the submitter: one line says why mailto reports will not be sent
+    # (RFC 8460 section 3)
+    why = [line for line in err.splitlines() if "no DKIM key for example.net" in line]
+    assert len(why) == 1 and "mailto reports are not sent" in why[0], err
+    assert "RFC 8460 section 3" in why[0]
     tomorrow = (dt.datetime.now(dt.UTC).date() + dt.timedelta(days=2)).isoformat()
     code, out, err = await relay_cli("tlsrpt", "send", "--config", str(tmp_path / "c.toml"),
                                      "--day", tomorrow)  # fmt: skip

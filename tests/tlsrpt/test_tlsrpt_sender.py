@@ -17,6 +17,8 @@ from typing import Any
 
 import dkim
 import pytest
+import structlog
+import structlog.testing
 import trustme
 
 from relay.auth.dkim import verify_dkim
@@ -96,8 +98,10 @@ class Lab:
         self.config = self.write_config()
         self.store: Store | None = None
 
-    def write_config(self, **tlsrpt: Any) -> Config:
-        doc: dict[str, dict[str, Any]] = {
+    def write_config(
+        self, drop: Sequence[str] = (), extra: dict[str, Any] | None = None, **tlsrpt: Any
+    ) -> Config:
+        doc: dict[str, Any] = {
             "server": {"hostname": "relay.lab.test"},
             "storage": {"path": str(self.tmp / "relay.sqlite3")},
             "dns": {"nameservers": [self.dns.address], "timeout": 2},
@@ -113,7 +117,10 @@ class Lab:
                 "send_delay_max": 60,
                 **tlsrpt,
             },
+            **(extra or {}),
         }
+        for key in drop:
+            del doc["tlsrpt"][key]
         return write_config(self.tmp / "config.toml", doc)
 
     async def start(self) -> None:
@@ -451,3 +458,60 @@ async def test_ed25519_signed_mail_verifies() -> None:
     [result] = await verify_dkim(res, data)
     assert result.result == "pass", result.reason
     assert len(max(data.split(b"\r\n"), key=len)) <= 998
+
+
+async def test_mailto_report_without_a_key_is_never_sent_https_still_is(lab: Lab) -> None:
+    """RFC 8460 section 3: a report sent by mail MUST be DKIM-signed. With no key for the
+    submitter domain the mailto delivery fails at once (logged, nothing queued, no retry),
+    while the https report goes out (before: the mail was queued unsigned)."""
+    lab.config = lab.write_config(drop=("dkim_private_key", "dkim_selector"))
+    url = lab.collector_url("/v1/tlsrpt")
+    lab.publish("https.test", url)
+    lab.publish("mail.test", "mailto:tls-reports@reports.lab.test")
+    ledger, sender = lab.open()
+    assert sender.signer is None
+    record_day(ledger)
+    await ledger.flush()
+    lab.clock.t = NEXT_MORNING
+    with structlog.testing.capture_logs() as logs:
+        await sender.daily("2026-11-23")
+    assert lab.inject.sent == []
+    rec = await ledger.report(DAY, "mail.test")
+    assert rec is not None
+    [d] = rec.deliveries
+    assert d.status is DeliveryStatus.FAILED and "RFC 8460 section 3" in d.last_error
+    assert [e["to"] for e in logs if e["event"] == "tlsrpt_report_unsigned_not_sent"] == [
+        "tls-reports@reports.lab.test"
+    ]
+    assert len([s for s in lab.collector.seen if s.method == "POST"]) == 1
+    hrec = await ledger.report(DAY, "https.test")
+    assert hrec is not None and [x.status for x in hrec.deliveries] == [DeliveryStatus.DELIVERED]
+    lab.clock.t = NEXT_MORNING + RETRY_WINDOW
+    await sender.retry_due()
+    assert lab.inject.sent == []
+
+
+async def test_report_signed_by_the_dkim_sign_key_of_the_parent_domain(lab: Lab) -> None:
+    """No [tlsrpt] key: the [[dkim.sign]] entry for the From domain's parent signs the
+    report (the one signing home, relay.auth.signer); dkimpy verifies it."""
+    key = generate("rsa")
+    (lab.tmp / "parent.pem").write_bytes(key.private_pem)
+    lab.zone.add(f"s2026._domainkey.{SUBMITTER}", "TXT", key.record())
+    sign = {"domain": SUBMITTER, "selector": "s2026", "private_key": str(lab.tmp / "parent.pem")}
+    lab.config = lab.write_config(
+        drop=("dkim_private_key", "dkim_selector"),
+        extra={"dkim": {"sign": [sign]}},
+        submitter=f"reports.{SUBMITTER}",
+    )
+    lab.publish("mail.test", "mailto:tls-reports@reports.lab.test")
+    ledger, sender = lab.open()
+    record_day(ledger)
+    await ledger.flush()
+    lab.clock.t = NEXT_MORNING
+    await sender.daily("2026-11-23")
+    [(_, _, data)] = lab.inject.sent
+    assert message_from_bytes(data)["From"] == f"noreply-smtp-tls-reporting@reports.{SUBMITTER}"
+    tags = dkim_tags(data)
+    assert tags["d"] == SUBMITTER and tags["s"] == "s2026" and "l" not in tags
+    assert "tls-report-domain" in tags["h"].lower().split(":")
+    assert dkim.verify(data, dnsfunc=dnsfunc(lab.zone))
