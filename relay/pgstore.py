@@ -302,6 +302,34 @@ class PgStore:
             await sp.commit()
             return
 
+    # -------------------------------------------------------------- notifications
+
+    async def listen(
+        self, channel: str, callback: Callable[[str], None]
+    ) -> Callable[[], Awaitable[None]]:
+        """LISTEN on channel on a connection of its own; ``callback(payload)`` runs on the
+        event loop for each NOTIFY (sent by any node, delivered only once its transaction
+        commits). Returns the coroutine function that stops listening. A lost connection
+        loses wake-ups only: the caller's polling stays the bounded fallback."""
+
+        def on_notify(_conn: Conn, _pid: int, _channel: str, payload: str) -> None:
+            callback(payload)
+
+        try:
+            conn = await self._pool.acquire()
+            await conn.add_listener(channel, on_notify)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise _wrap(exc) from exc
+
+        async def stop() -> None:
+            try:
+                await conn.remove_listener(channel, on_notify)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, KeyError):
+                pass
+            await self._release(conn)
+
+        return stop
+
     # -------------------------------------------------------------- reads
 
     async def read(self, fn: Callable[[Conn], Awaitable[T]]) -> T:

@@ -87,6 +87,11 @@ _Q, _I, _D, _F = (
 )
 
 
+# NOTIFY channel: mail became due now (queued unclaimed, leases expired or given back);
+# every node's scheduler LISTENs and wakes (polling stays the bounded fallback)
+CHANNEL = "relay_queue"
+
+
 def node_owner(node_id: str | None = None) -> str:
     """A lease owner id on a shared store: node_id:pid:random (node_id: [server] node_id)."""
     return f"{node_id or socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -122,6 +127,11 @@ class PgSpool:
         """The spool, once the queue's schema is migrated (under the advisory lock)."""
         await store.migrate("queue", MIGRATIONS)
         return cls(store, clock, owner=owner, node_id=node_id, lease=lease)
+
+    async def listen(self, wake: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+        """Call ``wake()`` whenever any node makes mail due now (NOTIFY on CHANNEL, sent
+        in the committing transaction); returns the coroutine function that stops."""
+        return await self.store.listen(CHANNEL, lambda _payload: wake())
 
     # ------------------------------------------------------------ writes
 
@@ -299,7 +309,7 @@ class PgSpool:
         now, owner, kept = self.clock(), self.owner, list(set(keep))
 
         async def run(conn: Conn) -> int:
-            return rowcount(
+            n = rowcount(
                 await conn.execute(
                     "UPDATE queue_recipients r SET state=$1, next_attempt=0, lease_owner='',"
                     " lease_expiry=0 FROM (SELECT qid, address FROM queue_recipients"
@@ -313,6 +323,9 @@ class PgSpool:
                     kept,
                 )
             )
+            if n:  # due now for any node (the UPDATE has committed)
+                await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+            return n
 
         return await self.store.write(run, single=True)
 
@@ -340,6 +353,8 @@ class PgSpool:
                 owner,
                 ids,
             )
+            if n:
+                await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
             return n
 
         return await self.store.write(run)
@@ -453,6 +468,8 @@ def _insert(
             owner,
             expiry,
         )
+        if not owner:  # queued for any node's loader: wake them (delivered at commit)
+            await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, qid)
 
     return run
 

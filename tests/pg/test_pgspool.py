@@ -229,3 +229,28 @@ async def test_an_open_error_hides_a_password_given_in_the_url(pg_cluster: PgClu
     with pytest.raises(StoreError) as err:
         await PgStore(url, connect_timeout=2).open()
     assert "s3cret" not in str(err.value) and ":***@" in str(err.value)
+
+
+async def test_mail_queued_on_one_node_wakes_the_others(pg_url: str) -> None:
+    """LISTEN/NOTIFY: queued (unclaimed) mail and expired leases wake every listening node,
+    once the transaction commits; claimed mail (delivered by its own node) does not."""
+    clock = Clock()
+    async with PgStore(pg_url, PASSWORD) as s1, PgStore(pg_url, PASSWORD) as s2:
+        a = await PgSpool.open(s1, clock, lease=30)
+        b = await PgSpool.open(s2, clock, lease=30)
+        woken = asyncio.Event()
+        stop = await b.listen(woken.set)
+        try:
+            msg = NewMessage("a@example.com", ("r@x.org",), MSG)
+            qid = await a.enqueue(msg, claimed=True)
+            await asyncio.sleep(0.3)
+            assert not woken.is_set()  # in flight under a's lease: nothing for b to do
+            await a.enqueue(msg)
+            await asyncio.wait_for(woken.wait(), 5)
+            woken.clear()
+            clock.t += 31  # a died holding the first one
+            assert await b.expire_leases() == 1
+            await asyncio.wait_for(woken.wait(), 5)
+            assert qid in await b.due(clock.t, 10, set())
+        finally:
+            await stop()
