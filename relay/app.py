@@ -131,6 +131,9 @@ class RelayApp:
         """``leader``: this process loads due mail from the store and runs the background
         loops (one leader among worker processes); ``recover``: requeue recipients left in
         flight by a crash (the parent does it once when there are several workers)."""
+        from relay.unported import refuse_unported
+
+        refuse_unported(config, "the relay")
         self.config = config
         self.leader = leader
         self.recover = recover

@@ -1,4 +1,4 @@
-"""The relay command line: serve, queue, sts, dane, tlsrpt, lab, diagnose, keygen, list, check.
+"""The relay command line: serve, queue, sts, dane, tlsrpt, lab, diagnose, keygen, list, check, db.
 
 Each subcommand lives in relay.commands.<name> with a ``register(subparsers)`` function
 that adds its parser and sets ``func``; a handler returns the exit code. A config error
@@ -33,6 +33,7 @@ COMMAND_MODULES = (
     "relay.commands.configcmd",
     "relay.commands.list",
     "relay.commands.check",
+    "relay.commands.db",
 )
 DEFAULT_CONFIG = "/etc/relay/config.toml"
 CONFIG_ENV = "RELAY_CONFIG"

@@ -12,7 +12,9 @@ import ipaddress
 import json
 import os
 import re
+import socket
 import tomllib
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +52,7 @@ class ServerConfig:
     min_free_space: int = 0  # bytes; 0: 1.5 x max_message_size
     workers: int = 1  # processes sharing the listen sockets; config default 0 = one per CPU
     event_loop: str = "auto"  # "auto" (uvloop when importable) | "uvloop" | "asyncio"
+    node_id: str = field(default_factory=socket.gethostname)  # lease owners on a shared store
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,26 @@ class RelayConfig:
 class StorageConfig:
     path: Path = Path("var/relay.sqlite3")
     log_retention: float = 7 * 86400.0  # seconds a message's history outlives it
+    url: str = ""  # postgresql://user@host/db (no password in it); "" = the SQLite store at path
+    passfile: Path | None = None  # the database password, when RELAY_DB_PASSWORD is not set
+
+    @property
+    def postgresql(self) -> bool:
+        return bool(self.url)
+
+    def password(self) -> str | None:
+        """The database password: $RELAY_DB_PASSWORD, else the passfile's first line; read
+        when connecting, never kept in the config (so never in a repr or a log line)."""
+        env = os.environ.get("RELAY_DB_PASSWORD")
+        if env:
+            return env
+        if self.passfile is not None:
+            try:
+                lines = self.passfile.read_text().splitlines()
+            except OSError as exc:
+                raise ConfigError(str(self.passfile), "storage.passfile", str(exc)) from exc
+            return lines[0] if lines else None
+        return None
 
 
 @dataclass(frozen=True)
@@ -376,9 +399,10 @@ _KNOWN = {
         "min_free_space",
         "workers",
         "event_loop",
+        "node_id",
     },
     "relay": {"trusted_networks", "local_domains"},
-    "storage": {"path", "log_retention"},
+    "storage": {"path", "log_retention", "url", "passfile"},
     "dns": {
         "nameservers",
         "timeout",
@@ -555,6 +579,7 @@ def read_server(s: _Section) -> ServerConfig:
         min_free_space=s.positive("min_free_space", int, 0, 0),
         workers=s.positive("workers", int, 0, 0) or (os.cpu_count() or 1),  # 0 = one per CPU
         event_loop=s.choice("event_loop", "auto", _EVENT_LOOPS),
+        node_id=read_node_id(s),
     )
     if (server.tls_cert is None) != (server.tls_key is None):
         raise s.err(
@@ -601,12 +626,46 @@ def read_aliases(p: Path, aliases_raw: Any, relay: RelayConfig) -> dict[str, tup
     return aliases
 
 
+_NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
+
+
+def read_node_id(s: _Section) -> str:
+    """[server] node_id: this node's name in the leases of a shared store (default: the
+    host name); letters, digits, '.', '_', '-' (a lease owner is node_id:pid:random)."""
+    value = s.get("node_id", str, "") or socket.gethostname()
+    if not _NODE_ID_RE.match(value):
+        raise s.err("node_id", f"must be 1-253 of letters, digits, '.', '_', '-'; got {value!r}")
+    return value
+
+
 def read_storage(st: _Section) -> StorageConfig:
+    """[storage]: exactly one of path (SQLite, the default) and url (PostgreSQL)."""
+    if "path" in st.data and "url" in st.data:
+        raise st.err("url", "set exactly one of storage.path and storage.url")
     path = st.path_value("path", Path("var/relay.sqlite3")) or Path("var/relay.sqlite3")
-    return StorageConfig(
-        path=path if path.is_absolute() else st.path.parent / path,
-        log_retention=st.positive("log_retention", float, 7 * 86400.0, 0.0),
-    )
+    path = path if path.is_absolute() else st.path.parent / path
+    log_retention = st.positive("log_retention", float, 7 * 86400.0, 0.0)
+    url = st.get("url", str, "")
+    passfile = st.path_value("passfile", None)
+    if not url:
+        if "url" in st.data:
+            raise st.err("url", "must not be empty (omit it for the SQLite store)")
+        if passfile is not None:
+            raise st.err("passfile", "only with storage.url")
+        return StorageConfig(path=path, log_retention=log_retention)
+    _check_pg_url(st, url)
+    return StorageConfig(path=path, url=url, passfile=passfile, log_retention=log_retention)
+
+
+def _check_pg_url(st: _Section, url: str) -> None:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise st.err("url", "must be a postgresql://user@host/database URL")
+    if parts.password is not None or "password=" in parts.query:
+        # a password in the URL would end up in process listings and logs
+        raise st.err("url", "must not hold a password: use RELAY_DB_PASSWORD or storage.passfile")
+    if not parts.path.strip("/"):
+        raise st.err("url", "must name the database (postgresql://user@host/database)")
 
 
 def read_dns(d: _Section) -> DnsConfig:

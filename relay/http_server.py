@@ -245,5 +245,3 @@ class HttpServer:
 
     async def stop(self) -> None:
         await self.runner.cleanup()
-
-

@@ -10,6 +10,9 @@ from relay.store import Store
 def open_existing_store(config: Config) -> Store:
     """The store of a command that reads one: refused when it does not exist (a wrong
     --config must not create and show an empty store)."""
+    from relay.unported import refuse_unported
+
+    refuse_unported(config, "this command")
     path = config.storage.path
     if not path.is_file():
         raise StartupError(

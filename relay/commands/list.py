@@ -24,6 +24,7 @@ from relay.config import Config, ListConfig, load_config
 from relay.lists import members as db
 from relay.lists.mbox import write_mbox
 from relay.store import Store
+from relay.unported import refuse_unported
 
 T = TypeVar("T")
 
@@ -70,6 +71,7 @@ def _open(
     args: argparse.Namespace, create: bool = False
 ) -> tuple[Config, ListConfig, Store] | None:
     config = load_config(args.config)
+    refuse_unported(config, "relay list")
     cfg = _list(config, args.list)
     if cfg is None:
         return None

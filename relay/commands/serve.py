@@ -26,6 +26,9 @@ def run(args: argparse.Namespace) -> int:
     from relay.storelock import StoreLock
 
     config = load_config(args.config)
+    from relay.unported import refuse_unported
+
+    refuse_unported(config, "relay serve")
     setup(config.logging.level, config.logging.format)
     from relay.app import RelayApp, loop_factory, run_loop
 

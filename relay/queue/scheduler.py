@@ -36,6 +36,7 @@ from relay.model import (
     RecipientResult,
     RecipientState,
 )
+from relay.queue.base import QueueSpool
 from relay.queue.faults import AFTER_FAIL_COMMIT, crash_point
 from relay.queue.spool import (
     DEFAULT_LEASE,
@@ -46,7 +47,6 @@ from relay.queue.spool import (
     QueuedMessage,
     QueuedRecipient,
     RecipientUpdate,
-    Spool,
     new_qid,
 )
 from relay.smtp.dsnparams import wants
@@ -107,7 +107,7 @@ class Scheduler:
     def __init__(
         self,
         config: Config,
-        spool: Spool,
+        spool: QueueSpool,
         courier: CourierLike,
         inject: InjectFn,
         *,

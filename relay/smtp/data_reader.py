@@ -155,8 +155,7 @@ async def read_data(
     if too_big:
         return DataResult(
             None,
-            f"552 5.3.4 Error: message size exceeds fixed limit of "
-            f"{lim.max_message_size} octets",
+            f"552 5.3.4 Error: message size exceeds fixed limit of {lim.max_message_size} octets",
         )
     if header_big:
         return DataResult(

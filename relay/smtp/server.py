@@ -752,9 +752,7 @@ class SmtpSession(SMTP):
             # and must not hang); the write itself goes on, shielded
             text = await asyncio.wait_for(asyncio.shield(task), self._lim.idle_timeout)
         except TimeoutError:
-            log.error(
-                "smtp_submit_stalled", peer=self._peer_ip, waited=self._lim.idle_timeout
-            )
+            log.error("smtp_submit_stalled", peer=self._peer_ip, waited=self._lim.idle_timeout)
             return f"421 4.3.0 {self.hostname} Error: queue write timed out, try again later"
         except SmtpReplyError as exc:
             return _reply_from_error(exc)

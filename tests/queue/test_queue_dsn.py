@@ -11,6 +11,7 @@ from pathlib import Path
 from relay.model import RecipientState
 from relay.queue.spool import FLAG_NO_DSN, NewMessage, RecipientUpdate, Spool
 from relay.store import Store
+from tests.pg.backends import QueueBackend
 from tests.queue.test_queue_leases import CountingCourier, scheduler, until
 from tests.queue.test_scheduler import MSG, Clock, Harness
 
@@ -71,38 +72,35 @@ async def test_dsn_write_failing_after_the_failure_commit_is_retried_once(
         h.close()
 
 
-async def test_the_dsn_and_its_mark_are_one_write(tmp_path: Path) -> None:
+async def test_the_dsn_and_its_mark_are_one_write(queue_backend: QueueBackend) -> None:
     clock = Clock()
-    store = Store(tmp_path / "q.sqlite3").open()
-    spool = Spool(store, clock)
+    spool = await queue_backend.spool(clock)
+    store = queue_backend.primary
+    qid = await spool.enqueue(NewMessage("a@example.com", ("c@x.org", "d@x.org"), MSG))
+    await spool.claim(qid, ["c@x.org", "d@x.org"])
+    removed, failed = await spool.record(
+        qid,
+        [
+            RecipientUpdate("c@x.org", FAILED, "550 no"),
+            RecipientUpdate("d@x.org", FAILED, "550 no"),
+        ],
+    )
+    assert not removed and [r.address for r in failed] == ["c@x.org", "d@x.org"]
+    dsn = NewMessage("", ("a@example.com",), b"Subject: dsn\r\n\r\nx\r\n", (), FLAG_NO_DSN)
+    store.fail_writes = lambda: True
     try:
-        qid = await spool.enqueue(NewMessage("a@example.com", ("c@x.org", "d@x.org"), MSG))
-        await spool.claim(qid, ["c@x.org", "d@x.org"])
-        removed, failed = await spool.record(
-            qid,
-            [
-                RecipientUpdate("c@x.org", FAILED, "550 no"),
-                RecipientUpdate("d@x.org", FAILED, "550 no"),
-            ],
-        )
-        assert not removed and [r.address for r in failed] == ["c@x.org", "d@x.org"]
-        dsn = NewMessage("", ("a@example.com",), b"Subject: dsn\r\n\r\nx\r\n", (), FLAG_NO_DSN)
-        store.fail_writes = lambda: True
-        try:
-            await spool.enqueue_report(dsn, "DSN1", about=qid, failed=["c@x.org", "d@x.org"])
-        except Exception:  # noqa: BLE001 - the injected I/O error
-            pass
-        store.fail_writes = None
-        assert owed(store.path) == 2 and await spool.get("DSN1") is None  # neither half
-        assert await spool.enqueue_report(dsn, "DSN1", about=qid, failed=["c@x.org", "d@x.org"])
-        assert owed(store.path) == 0 and await spool.get(qid) is None  # both halves
-        got = await spool.get("DSN1")
-        assert got is not None and got.flags & FLAG_NO_DSN and got.mail_from == ""
-        # a second report of the same failures writes nothing
-        assert await spool.enqueue_report(dsn, "DSN2", about=qid, failed=["c@x.org"]) is None
-        assert await spool.get("DSN2") is None
-    finally:
-        store.close()
+        await spool.enqueue_report(dsn, "DSN1", about=qid, failed=["c@x.org", "d@x.org"])
+    except Exception:  # noqa: BLE001 - the injected I/O error
+        pass
+    store.fail_writes = None
+    assert await queue_backend.owed() == 2 and await spool.get("DSN1") is None  # neither
+    assert await spool.enqueue_report(dsn, "DSN1", about=qid, failed=["c@x.org", "d@x.org"])
+    assert await queue_backend.owed() == 0 and await spool.get(qid) is None  # both
+    got = await spool.get("DSN1")
+    assert got is not None and got.flags & FLAG_NO_DSN and got.mail_from == ""
+    # a second report of the same failures writes nothing
+    assert await spool.enqueue_report(dsn, "DSN2", about=qid, failed=["c@x.org"]) is None
+    assert await spool.get("DSN2") is None
 
 
 async def test_two_owners_sweeping_an_owed_dsn_queue_it_once(tmp_path: Path) -> None:
@@ -132,14 +130,42 @@ async def test_two_owners_sweeping_an_owed_dsn_queue_it_once(tmp_path: Path) -> 
             s.close()
 
 
-async def test_null_sender_failure_is_settled_without_a_dsn(tmp_path: Path) -> None:
+async def test_null_sender_failure_is_settled_without_a_dsn(queue_backend: QueueBackend) -> None:
     clock = Clock()
-    store = Store(tmp_path / "q.sqlite3").open()
-    spool = Spool(store, clock)
+    spool = await queue_backend.spool(clock)
+    qid = await spool.enqueue(NewMessage("", ("c@x.org",), MSG))
+    await spool.claim(qid, ["c@x.org"])
+    assert await spool.record(qid, [RecipientUpdate("c@x.org", FAILED, "550")]) == (True, ())
+    assert await spool.get(qid) is None
+
+
+async def test_owed_dsns_of_a_dead_owner_are_queued_once_after_its_lease(
+    tmp_path: Path, queue_backend: QueueBackend
+) -> None:
+    """Failures committed, then the owner died before their DSNs: once its leases expire,
+    two other owners sweeping at once queue each DSN exactly once (no restart needed)."""
+    clock = Clock()
+    dead = await queue_backend.spool(clock, lease=30)
+    spools = [await queue_backend.spool(clock, lease=30) for _ in range(2)]
+    courier = CountingCourier(state=RecipientState.DEFERRED)  # the DSNs stay queued
+    scheds = [scheduler(tmp_path, s, courier, clock, lease=30) for s in spools]
     try:
-        qid = await spool.enqueue(NewMessage("", ("c@x.org",), MSG))
-        await spool.claim(qid, ["c@x.org"])
-        assert await spool.record(qid, [RecipientUpdate("c@x.org", FAILED, "550")]) == (True, ())
-        assert await spool.get(qid) is None
+        qids = []
+        for i in range(10):
+            qid = await dead.enqueue(NewMessage("a@example.com", (f"r{i}@x.org",), MSG))
+            await dead.claim(qid, [f"r{i}@x.org"])
+            await dead.record(qid, [RecipientUpdate(f"r{i}@x.org", FAILED, "550 no")])
+            qids.append(qid)
+        await asyncio.gather(*(s.maintain() for s in scheds))
+        assert await queue_backend.owed() == 10  # the dead owner's leases still hold
+        clock.t += 31
+        await asyncio.gather(*(s.maintain() for s in scheds))
+        await until(lambda: all(s.active == 0 for s in scheds))
+        msgs = await spools[0].list()
+        assert not {m.id for m in msgs} & set(qids)  # every original is done
+        dsns = [m for m in msgs if m.mail_from == ""]
+        assert len(dsns) == 10 and all(m.flags & FLAG_NO_DSN for m in dsns)
+        assert await queue_backend.owed() == 0
     finally:
-        store.close()
+        for sc in scheds:
+            await sc.stop()

@@ -15,9 +15,11 @@ import pytest
 
 from relay.config import parse_config
 from relay.model import AttemptResult, DeliveryJob, RecipientResult, RecipientState
+from relay.queue.base import QueueSpool
 from relay.queue.scheduler import Scheduler
 from relay.queue.spool import MIGRATIONS, NewMessage, RecipientUpdate, Spool
 from relay.store import Store
+from tests.pg.backends import QueueBackend
 from tests.queue.test_scheduler import MSG, Clock, Harness
 
 INFLIGHT, QUEUED = RecipientState.INFLIGHT, RecipientState.QUEUED
@@ -62,7 +64,9 @@ async def until(cond: Callable[[], object], timeout: float = 5.0) -> None:
             await asyncio.sleep(0.01)
 
 
-def scheduler(tmp: Path, spool: Spool, courier: object, clock: Clock, **kw: object) -> Scheduler:
+def scheduler(
+    tmp: Path, spool: QueueSpool, courier: object, clock: Clock, **kw: object
+) -> Scheduler:
     config = parse_config({"delivery": {"retry_jitter": 0.0}}, tmp / "config.toml")
     return Scheduler(
         config,
@@ -75,9 +79,11 @@ def scheduler(tmp: Path, spool: Spool, courier: object, clock: Clock, **kw: obje
     )
 
 
-async def test_claim_takes_a_lease_and_its_expiry_returns_the_row(store: Store) -> None:
+async def test_claim_takes_a_lease_and_its_expiry_returns_the_row(
+    queue_backend: QueueBackend,
+) -> None:
     clock = Clock()
-    spool = Spool(store, clock, lease=30)
+    spool = await queue_backend.spool(clock, lease=30)
     qid = await spool.enqueue(NewMessage("a@example.com", ("b@example.org",), MSG))
     assert await spool.claim(qid, ["b@example.org"]) == ("b@example.org",)
     [r] = (await spool.get(qid)).recipients  # type: ignore[union-attr]
@@ -94,9 +100,11 @@ async def test_claim_takes_a_lease_and_its_expiry_returns_the_row(store: Store) 
     assert await spool.due(clock.t, 10, set()) == [qid]  # due now
 
 
-async def test_a_running_attempt_renews_its_lease(tmp_path: Path, store: Store) -> None:
+async def test_a_running_attempt_renews_its_lease(
+    tmp_path: Path, queue_backend: QueueBackend
+) -> None:
     clock = Clock()
-    spool = Spool(store, clock)
+    spool = await queue_backend.spool(clock)
     courier = CountingCourier()
     courier.release.clear()
     sched = scheduler(tmp_path, spool, courier, clock, lease=30)
@@ -105,7 +113,7 @@ async def test_a_running_attempt_renews_its_lease(tmp_path: Path, store: Store) 
     qid = await spool.enqueue(NewMessage("a@example.com", ("b@example.org",), MSG))
     sched.wake()
     await asyncio.wait_for(courier.started.wait(), 5)
-    other = Spool(Store(store.path).open(), clock)  # another owner sweeping the same store
+    other = await queue_backend.spool(clock)  # another owner sweeping the same store
     try:
         for _ in range(6):  # 60 s of a stalled attempt: twice the lease
             clock.t += 10
@@ -120,40 +128,36 @@ async def test_a_running_attempt_renews_its_lease(tmp_path: Path, store: Store) 
         await until(lambda: sched.active == 0)
         assert await spool.get(qid) is None and courier.count["b@example.org"] == 1
     finally:
-        other.store.close()
         await sched.stop()
         task.cancel()
 
 
 async def test_two_owners_on_one_store_never_claim_the_same_recipient(
-    tmp_path: Path, store: Store
+    queue_backend: QueueBackend,
 ) -> None:
     clock = Clock()
-    a = Spool(store, clock)
-    b = Spool(Store(store.path).open(), clock)
-    try:
-        assert a.owner != b.owner
-        rcpts = tuple(f"r{i}@example.org" for i in range(20))
-        qid = await a.enqueue(NewMessage("a@example.com", rcpts, MSG))
-        got_a, got_b = await asyncio.gather(a.claim(qid, rcpts), b.claim(qid, rcpts[::-1]))
-        assert not set(got_a) & set(got_b) and set(got_a) | set(got_b) == set(rcpts)
-        # neither can write an outcome over the other's lease
-        for mine, other in ((got_a, b), (got_b, a)):
-            if mine:
-                await other.record(qid, [RecipientUpdate(mine[0], RecipientState.DELIVERED, "")])
-                m = await a.get(qid)
-                assert m is not None
-                assert {r.address: r.state for r in m.recipients}[mine[0]] is INFLIGHT
-    finally:
-        b.store.close()
+    a = await queue_backend.spool(clock)
+    b = await queue_backend.spool(clock)
+    assert a.owner != b.owner
+    rcpts = tuple(f"r{i}@example.org" for i in range(20))
+    qid = await a.enqueue(NewMessage("a@example.com", rcpts, MSG))
+    got_a, got_b = await asyncio.gather(a.claim(qid, rcpts), b.claim(qid, rcpts[::-1]))
+    assert not set(got_a) & set(got_b) and set(got_a) | set(got_b) == set(rcpts)
+    # neither can write an outcome over the other's lease
+    for mine, other in ((got_a, b), (got_b, a)):
+        if mine:
+            await other.record(qid, [RecipientUpdate(mine[0], RecipientState.DELIVERED, "")])
+            m = await a.get(qid)
+            assert m is not None
+            assert {r.address: r.state for r in m.recipients}[mine[0]] is INFLIGHT
 
 
 async def test_two_schedulers_on_one_store_deliver_each_recipient_once(
-    tmp_path: Path, store: Store
+    tmp_path: Path, queue_backend: QueueBackend
 ) -> None:
     clock = Clock()
     courier = CountingCourier(delay=0.01)
-    spools = [Spool(store, clock), Spool(Store(store.path).open(), clock)]
+    spools = [await queue_backend.spool(clock), await queue_backend.spool(clock)]
     scheds = [scheduler(tmp_path, s, courier, clock, lease=60) for s in spools]
     rcpts = []
     for i in range(30):
@@ -173,13 +177,13 @@ async def test_two_schedulers_on_one_store_deliver_each_recipient_once(
         for s, t in zip(scheds, tasks, strict=True):
             await s.stop()
             t.cancel()
-        spools[1].store.close()
 
 
 async def test_lost_outcome_write_expires_and_the_recipient_is_retried(
-    tmp_path: Path,
+    tmp_path: Path, queue_backend: QueueBackend
 ) -> None:
-    h = Harness(tmp_path, {"b@example.org": ["tmp", "ok"]}, {"lease": 30})
+    spool = await queue_backend.spool(Clock())
+    h = Harness(tmp_path, {"b@example.org": ["tmp", "ok"]}, {"lease": 30}, spool=spool)
     fired = []
 
     def fail_once() -> bool:
@@ -211,9 +215,10 @@ async def test_lost_outcome_write_expires_and_the_recipient_is_retried(
 
 
 async def test_claimed_mail_whose_notify_was_lost_is_delivered_after_the_lease(
-    tmp_path: Path,
+    tmp_path: Path, queue_backend: QueueBackend
 ) -> None:
-    h = Harness(tmp_path, {"b@example.org": ["ok"]}, {"lease": 30})
+    spool = await queue_backend.spool(Clock())
+    h = Harness(tmp_path, {"b@example.org": ["ok"]}, {"lease": 30}, spool=spool)
     task = asyncio.create_task(h.sched.run())
     try:
         assert h.sched.reserve()
@@ -234,10 +239,10 @@ async def test_claimed_mail_whose_notify_was_lost_is_delivered_after_the_lease(
 
 
 async def test_stop_gives_back_the_leases_of_cancelled_attempts(
-    tmp_path: Path, store: Store
+    tmp_path: Path, queue_backend: QueueBackend
 ) -> None:
     clock = Clock()
-    spool = Spool(store, clock)
+    spool = await queue_backend.spool(clock)
     courier = CountingCourier()
     courier.release.clear()
     sched = scheduler(tmp_path, spool, courier, clock)

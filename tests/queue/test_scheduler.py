@@ -15,6 +15,7 @@ from relay.model import AttemptResult, DeliveryJob, RecipientResult, RecipientSt
 from relay.queue.scheduler import RetryPolicy, Scheduler
 from relay.queue.spool import NewMessage, Spool
 from relay.store import Store
+from tests.pg.backends import QueueBackend
 
 MSG = b"From: a@example.com\r\nTo: b@example.org\r\nMessage-ID: <m1@x>\r\nSubject: t\r\n\r\nhi\r\n"
 
@@ -68,8 +69,12 @@ class Harness:
         tmp: Path,
         script: dict[str, list[str]],
         sched: dict[str, Any] | None = None,
+        *,
+        spool: Any = None,
         **delivery: object,
     ) -> None:
+        """``spool``: run over this spool (another store, e.g. PostgreSQL) and its clock
+        instead of a SQLite store of the harness's own."""
         doc = {
             "delivery": {
                 "retry_first": 300,
@@ -80,9 +85,13 @@ class Harness:
             }
         }
         self.config = parse_config(doc, tmp / "config.toml")
-        self.clock = Clock()
-        self.store = Store(tmp / "q.sqlite3").open()
-        self.spool = Spool(self.store, self.clock)
+        self._own_store = spool is None
+        if spool is None:
+            self.clock = Clock()
+            self.store: Any = Store(tmp / "q.sqlite3").open()
+            self.spool: Any = Spool(self.store, self.clock)
+        else:
+            self.clock, self.store, self.spool = spool.clock, spool.store, spool
         self.courier = ScriptedCourier(script)
         self.sched = Scheduler(
             self.config,
@@ -111,17 +120,21 @@ class Harness:
                     return
 
     def close(self) -> None:
-        self.store.close()
+        if self._own_store:
+            self.store.close()
 
 
 @pytest.fixture
-def harness_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
+async def harness_factory(tmp_path: Path, queue_backend: QueueBackend):  # type: ignore[no-untyped-def]
+    """One harness per test, over each store (SQLite, PostgreSQL: ``queue_backend``)."""
+    spool = await queue_backend.spool(Clock())
     made: list[Harness] = []
 
     def make(
         script: dict[str, list[str]], sched: dict[str, Any] | None = None, **delivery: object
     ) -> Harness:
-        h = Harness(tmp_path, script, sched, **delivery)
+        assert not made, "one harness per test"
+        h = Harness(tmp_path, script, sched, spool=spool, **delivery)
         made.append(h)
         return h
 

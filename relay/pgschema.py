@@ -1,0 +1,28 @@
+"""The schema of every component ported to the PostgreSQL store, in the order they are
+migrated (``relay db migrate`` and, later, the start of ``relay serve``). Only the queue so
+far; docs/postgresql.md lists the components still to port."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from relay.pgstore import PgStore
+from relay.queue import pgspool
+
+COMPONENTS: dict[str, list[str]] = {"queue": pgspool.MIGRATIONS}
+
+
+@dataclass(frozen=True, slots=True)
+class Migrated:
+    component: str
+    version: int
+    applied: int
+
+
+async def migrate_all(store: PgStore) -> list[Migrated]:
+    """Apply every component's pending steps (each under the advisory lock)."""
+    out = []
+    for name, steps in COMPONENTS.items():
+        applied = await store.migrate(name, steps)
+        out.append(Migrated(name, len(steps), applied))
+    return out

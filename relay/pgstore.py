@@ -1,0 +1,378 @@
+"""The PostgreSQL store (``[storage] url``): shared by several relay nodes.
+
+The counterpart of relay/store.py for PostgreSQL, over asyncpg. Every session runs with
+``synchronous_commit = on`` (a commit returns once it is durable on the server, so the
+250 may follow). ``write(fn, group=True)`` is group commit, as the SQLite writer does, for
+the writes that only insert (intake's messages): one writer task takes every such write
+waiting at that moment and runs them in one transaction, each in its own savepoint (a
+job's own error rolls back only that job), then commits once. Every other write (claims,
+outcomes, sweeps: they lock existing rows) is its own short transaction, so two nodes never
+hold each other's row locks in a cycle; one that still meets a deadlock or serialization
+failure (rolled back by the server, nothing written) is retried, up to three times.
+PostgreSQL itself shares one WAL flush between concurrent commits.
+
+If a commit fails — the connection is lost, the server restarts or fails over — every
+caller of the transaction gets StoreError (451 at intake), never a success for a write
+that may not be durable; the connection is dropped and the next write takes a fresh one.
+(A commit whose acknowledgement was lost may still have happened: the client retries, and
+the message can be delivered twice — never lost.) Reads run on other pooled connections,
+in a read-only transaction.
+
+Schema migrations are versioned per component in ``relay_schema`` and applied in one
+transaction under a transaction-scoped advisory lock, so when several nodes start at once
+exactly one applies each step and the others wait, then see it done.
+
+The password comes from the caller (``StorageConfig.password()``: RELAY_DB_PASSWORD or the
+passfile) and is never logged; log lines name the database by its URL without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import urllib.parse
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import asyncpg
+
+from relay import logs
+from relay.errors import StoreError
+
+T = TypeVar("T")
+log = logs.get("relay.pgstore")
+
+Conn = Any  # asyncpg.Connection (asyncpg ships no type information)
+WriteFn = Callable[[Conn], Awaitable[T]]
+
+# pg_advisory_xact_lock key of schema migrations: int64 of b"relaySCH"
+MIGRATION_LOCK = int.from_bytes(b"relaySCH", "big", signed=True)
+_RETRY = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+
+
+@dataclass
+class _Job:
+    fn: Callable[[Conn], Awaitable[Any]]
+    future: asyncio.Future[Any]
+    result: Any = None
+    error: BaseException | None = field(default=None)
+
+
+class PgStore:
+    """asyncpg pool plus a group-commit writer task. Use ``async with PgStore(url)``."""
+
+    def __init__(
+        self,
+        url: str,
+        password: str | None = None,
+        *,
+        pool_size: int = 16,
+        command_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.url = url
+        self._password = password
+        self._pool_size = pool_size
+        self._command_timeout = command_timeout
+        self._connect_timeout = connect_timeout
+        self._pool: Any = None
+        self._jobs: asyncio.Queue[_Job | None] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self.commits = 0  # committed transactions (group commit makes this < writes)
+        self.writes = 0
+        self.fail_writes: Callable[[], bool] | None = None  # fault injection: fail a group
+        # fault injection: run on the writer's connection just before COMMIT (before the
+        # statement of a single-statement write, which commits itself)
+        self.before_commit: Callable[[Conn], Awaitable[None]] | None = None
+
+    # -------------------------------------------------------------- lifecycle
+
+    async def open(self) -> PgStore:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url,
+                password=self._password,
+                min_size=1,
+                max_size=self._pool_size,
+                timeout=self._connect_timeout,
+                command_timeout=self._command_timeout,
+                server_settings={"synchronous_commit": "on", "application_name": "relay"},
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise StoreError(
+                f"cannot open store {safe_url(self.url)}: {type(exc).__name__}: {exc}"
+            ) from exc
+        self._writer = asyncio.create_task(self._run_writer(), name="pgstore-writer")
+        return self
+
+    async def __aenter__(self) -> PgStore:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            await self._jobs.put(None)
+            await self._writer
+            self._writer = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def migrate(self, component: str, steps: Sequence[str]) -> int:
+        """Apply the steps of component not applied yet, in one transaction under the
+        migration advisory lock (one node applies them; the others wait, then skip).
+        Returns the number of steps applied."""
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS relay_schema"
+                    " (component text PRIMARY KEY, version integer NOT NULL)"
+                )
+                have = await conn.fetchval(
+                    "SELECT version FROM relay_schema WHERE component=$1", component
+                )
+                have = int(have or 0)
+                for stmt in steps[have:]:
+                    await conn.execute(stmt)
+                if len(steps) > have:
+                    await conn.execute(
+                        "INSERT INTO relay_schema(component, version) VALUES($1, $2)"
+                        " ON CONFLICT (component) DO UPDATE SET version=excluded.version",
+                        component,
+                        len(steps),
+                    )
+                return max(0, len(steps) - have)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise _wrap(exc) from exc
+
+    async def schema_version(self, component: str) -> int:
+        async def run(conn: Conn) -> int:
+            if await conn.fetchval("SELECT to_regclass('relay_schema')") is None:
+                return 0
+            v = await conn.fetchval(
+                "SELECT version FROM relay_schema WHERE component=$1", component
+            )
+            return int(v or 0)
+
+        return await self.read(run)
+
+    # -------------------------------------------------------------- writes
+
+    async def write(
+        self, fn: Callable[[Conn], Awaitable[T]], *, group: bool = False, single: bool = False
+    ) -> T:
+        """Run ``await fn(conn)`` in a transaction; return its result once committed.
+
+        ``group``: for writes that only insert new rows (a message at intake): joined with
+        every other such write waiting at that moment into one transaction (group commit).
+        Writes that lock existing rows (claims, outcomes, sweeps) run alone, in a short
+        transaction of their own: two nodes' groups locking rows of the same messages in
+        different orders would deadlock. ``single``: fn runs exactly one statement, which
+        commits by itself (no BEGIN/COMMIT round trips: claims, renewals, sweeps)."""
+        if self._pool is None:
+            raise StoreError("store is not open")
+        if not group:
+            return await self._transaction(fn, single)
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._jobs.put_nowait(_Job(fn, fut))
+        return await fut
+
+    async def _transaction(self, fn: Callable[[Conn], Awaitable[T]], single: bool) -> T:
+        for attempt in (1, 2, 3):
+            conn: Conn = None
+            try:
+                if self.fail_writes is not None and self.fail_writes():
+                    raise OSError("connection lost (injected)")
+                conn = await self._pool.acquire()
+                tr = None if single else conn.transaction()
+                if tr is not None:
+                    await tr.start()
+                elif self.before_commit is not None:  # the statement commits itself
+                    await self.before_commit(conn)
+                try:
+                    result = await fn(conn)
+                except _RETRY as exc:  # rolled back by the server: nothing was written
+                    if tr is not None:
+                        await tr.rollback()
+                    if attempt < 3:
+                        continue
+                    raise _wrap(exc) from exc
+                except (asyncpg.PostgresError, ValueError) as exc:  # the write's own error
+                    if tr is not None:
+                        await tr.rollback()
+                    raise _wrap(exc) from exc
+                if tr is not None:
+                    if self.before_commit is not None:
+                        await self.before_commit(conn)
+                    await tr.commit()
+                self.commits += 1
+                self.writes += 1
+                return result
+            except StoreError:
+                raise
+            except Exception as exc:  # BEGIN or COMMIT failed: nothing is known durable
+                log.error("store_commit_failed", error=f"{type(exc).__name__}: {exc}", batch=1)
+                if conn is not None:
+                    _terminate(conn)
+                raise StoreError(f"store commit failed: {type(exc).__name__}: {exc}") from exc
+            finally:
+                if conn is not None:
+                    await self._release(conn)
+        raise AssertionError("unreachable")
+
+    async def _release(self, conn: Conn) -> None:
+        try:
+            await self._pool.release(conn)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            pass  # a dead connection: the pool opens another one
+
+    async def _run_writer(self) -> None:
+        while True:
+            first = await self._jobs.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while not self._jobs.empty():
+                nxt = self._jobs.get_nowait()
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            await self._commit_batch(batch)
+            for job in batch:
+                if job.future.cancelled():
+                    continue
+                if job.error is not None:
+                    job.future.set_exception(job.error)
+                else:
+                    job.future.set_result(job.result)
+            if stop:
+                return
+
+    async def _commit_batch(self, batch: list[_Job]) -> None:
+        conn: Conn = None
+        try:
+            if self.fail_writes is not None and self.fail_writes():
+                raise OSError("connection lost (injected)")
+            conn = await self._pool.acquire()
+            tr = conn.transaction()
+            await tr.start()
+            for job in batch:
+                await self._run_job(conn, job, savepoint=len(batch) > 1)
+            if self.before_commit is not None:
+                await self.before_commit(conn)
+            await tr.commit()
+            self.commits += 1
+            self.writes += len(batch)
+        except Exception as exc:  # BEGIN, a savepoint or COMMIT failed: nothing is known durable
+            log.error("store_commit_failed", error=f"{type(exc).__name__}: {exc}", batch=len(batch))
+            for job in batch:
+                job.result = None
+                job.error = StoreError(f"store commit failed: {type(exc).__name__}: {exc}")
+            if conn is not None:
+                _terminate(conn)  # never reuse a connection in an unknown state
+        finally:
+            if conn is not None:
+                await self._release(conn)
+
+    @staticmethod
+    async def _run_job(conn: Conn, job: _Job, *, savepoint: bool) -> None:
+        for attempt in (1, 2):
+            if not savepoint:  # the job is the whole transaction: its error fails the group
+                job.result = await job.fn(conn)
+                return
+            sp = conn.transaction()
+            await sp.start()
+            try:
+                job.result = await job.fn(conn)
+            except _RETRY as exc:
+                await sp.rollback()
+                if attempt == 2:
+                    job.error = _wrap(exc)
+                continue
+            except (asyncpg.PostgresError, ValueError) as exc:  # this job's own error
+                await sp.rollback()
+                job.error = exc if isinstance(exc, StoreError) else _wrap(exc)
+                return
+            await sp.commit()
+            return
+
+    # -------------------------------------------------------------- notifications
+
+    async def listen(
+        self, channel: str, callback: Callable[[str], None]
+    ) -> Callable[[], Awaitable[None]]:
+        """LISTEN on channel on a connection of its own; ``callback(payload)`` runs on the
+        event loop for each NOTIFY (sent by any node, delivered only once its transaction
+        commits). Returns the coroutine function that stops listening. A lost connection
+        loses wake-ups only: the caller's polling stays the bounded fallback."""
+
+        def on_notify(_conn: Conn, _pid: int, _channel: str, payload: str) -> None:
+            callback(payload)
+
+        try:
+            conn = await self._pool.acquire()
+            await conn.add_listener(channel, on_notify)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise _wrap(exc) from exc
+
+        async def stop() -> None:
+            try:
+                await conn.remove_listener(channel, on_notify)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, KeyError):
+                pass
+            await self._release(conn)
+
+        return stop
+
+    # -------------------------------------------------------------- reads
+
+    async def read(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        """Run ``await fn(conn)`` on a pooled connection, in one read-only transaction
+        (repeatable read: a message and its recipients are read at one instant)."""
+        if self._pool is None:
+            raise StoreError("store is not open")
+        try:
+            async with (
+                self._pool.acquire() as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                return await fn(conn)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise _wrap(exc) from exc
+
+
+def safe_url(url: str) -> str:
+    """The URL for a log line or an error: any password in it replaced by ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    query = re.sub(r"(?i)(password=)[^&]*", r"\1***", parts.query)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _terminate(conn: Conn) -> None:
+    try:
+        conn.terminate()
+    except asyncpg.InterfaceError:  # already closed and detached by the pool
+        pass
+
+
+def _wrap(exc: BaseException) -> StoreError:
+    err = StoreError(f"{type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+def rowcount(status: str) -> int:
+    """The row count of an asyncpg command status ("UPDATE 3", "DELETE 0", "INSERT 0 1")."""
+    try:
+        return int(status.rsplit(" ", 1)[-1])
+    except (ValueError, IndexError):
+        return 0

@@ -1,0 +1,584 @@
+"""The queue on PostgreSQL (``[storage] url``): the semantics of relay/queue/spool.py
+(docs/queue.md) for several relay nodes on one database. docs/postgresql.md is the design.
+
+Same tables and states as the SQLite spool (``queue_messages`` with the message bytes in a
+``bytea``, so every node reads every message; ``queue_recipients`` with the lease columns),
+with what several writers need:
+
+- a claim is ``SELECT ... FOR UPDATE SKIP LOCKED`` into a lease (owner ``node_id:pid:random``,
+  expiry): two nodes claiming the same message at once split its recipients and never wait
+  for each other; the condition (queued or deferred, due) is re-checked on the locked row;
+- the sweeper locks with SKIP LOCKED too (a row a live transaction holds is not expired
+  under it, nor waited for);
+- every write about one message's recipients after the claim (outcome, settle, DSN) first
+  locks the message row (``FOR NO KEY UPDATE``), so two owners settling the same message
+  are serialised: the last one sees every recipient done and deletes it;
+- every transaction is short (no transaction spans a delivery attempt: a lease does).
+
+There is no ``recover_sync``: on a shared store the other owners' leases may be live (other
+nodes), so a dead owner's rows come back by lease expiry only.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+from relay.model import QueueId, RecipientState
+from relay.pgstore import Conn, PgStore, rowcount
+from relay.queue.spool import (
+    DEFAULT_LEASE,
+    FLAG_NO_DSN,
+    PENDING_STATES,
+    NewMessage,
+    QueuedMessage,
+    QueuedRecipient,
+    RecipientUpdate,
+    new_qid,
+)
+
+MIGRATIONS = [
+    """
+    CREATE TABLE queue_messages (
+        id text PRIMARY KEY,
+        mail_from text NOT NULL,
+        data bytea NOT NULL,
+        size integer NOT NULL,
+        message_id text NOT NULL DEFAULT '',
+        created double precision NOT NULL,
+        flags integer NOT NULL DEFAULT 0,
+        delay_warned boolean NOT NULL DEFAULT false,
+        corrupt boolean NOT NULL DEFAULT false
+    );
+    CREATE INDEX queue_messages_created ON queue_messages(created);
+    CREATE TABLE queue_recipients (
+        qid text NOT NULL REFERENCES queue_messages(id) ON DELETE CASCADE,
+        address text NOT NULL,
+        pos integer NOT NULL,
+        orig text NOT NULL DEFAULT '',
+        state text NOT NULL,
+        attempts integer NOT NULL DEFAULT 0,
+        next_attempt double precision NOT NULL DEFAULT 0,
+        last_reply text NOT NULL DEFAULT '',
+        updated double precision NOT NULL DEFAULT 0,
+        dsn_done boolean NOT NULL DEFAULT false,
+        lease_owner text NOT NULL DEFAULT '',
+        lease_expiry double precision NOT NULL DEFAULT 0,
+        PRIMARY KEY (qid, address)
+    );
+    CREATE INDEX queue_recipients_due ON queue_recipients(next_attempt)
+        WHERE state IN ('queued', 'deferred');
+    CREATE INDEX queue_recipients_lease ON queue_recipients(lease_expiry)
+        WHERE state = 'inflight';
+    CREATE INDEX queue_recipients_owed ON queue_recipients(lease_expiry)
+        WHERE state = 'failed' AND NOT dsn_done;
+    """,
+]
+
+_Q, _I, _D, _F = (
+    RecipientState.QUEUED.value,
+    RecipientState.INFLIGHT.value,
+    RecipientState.DEFERRED.value,
+    RecipientState.FAILED.value,
+)
+
+
+# NOTIFY channel: mail became due now (queued unclaimed, leases expired or given back);
+# every node's scheduler LISTENs and wakes (polling stays the bounded fallback)
+CHANNEL = "relay_queue"
+
+
+def node_owner(node_id: str | None = None) -> str:
+    """A lease owner id on a shared store: node_id:pid:random (node_id: [server] node_id)."""
+    return f"{node_id or socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+class PgSpool:
+    """Queue tables over a PgStore, seen by one lease owner. ``await PgSpool.open(...)``."""
+
+    def __init__(
+        self,
+        store: PgStore,
+        clock: Callable[[], float] = time.time,
+        *,
+        owner: str | None = None,
+        node_id: str | None = None,
+        lease: float = DEFAULT_LEASE,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.owner = owner or node_owner(node_id)
+        self.lease = lease
+
+    @classmethod
+    async def open(
+        cls,
+        store: PgStore,
+        clock: Callable[[], float] = time.time,
+        *,
+        owner: str | None = None,
+        node_id: str | None = None,
+        lease: float = DEFAULT_LEASE,
+    ) -> PgSpool:
+        """The spool, once the queue's schema is migrated (under the advisory lock)."""
+        await store.migrate("queue", MIGRATIONS)
+        return cls(store, clock, owner=owner, node_id=node_id, lease=lease)
+
+    async def listen(self, wake: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+        """Call ``wake()`` whenever any node makes mail due now (NOTIFY on CHANNEL, sent
+        in the committing transaction); returns the coroutine function that stops."""
+        return await self.store.listen(CHANNEL, lambda _payload: wake())
+
+    # ------------------------------------------------------------ writes
+
+    async def enqueue(
+        self, msg: NewMessage, qid: QueueId | None = None, *, claimed: bool = False
+    ) -> QueueId:
+        """Write the message and its recipients durably (synchronous_commit=on, group
+        commit); return the queue id. ``claimed``: in flight under this owner's lease."""
+        now = self.clock()
+        qid = qid or new_qid(now)
+        await self.store.write(
+            _insert(qid, msg, now, self.owner if claimed else "", now + self.lease), group=True
+        )
+        return qid
+
+    async def claim(self, qid: QueueId, addresses: Sequence[str]) -> tuple[str, ...]:
+        """Lease those recipients still queued or deferred and due, skipping rows another
+        transaction holds (SKIP LOCKED); return the addresses claimed, in the given order."""
+        now = self.clock()
+        owner, until = self.owner, now + self.lease
+        wanted = list(addresses)
+
+        async def run(conn: Conn) -> tuple[str, ...]:
+            rows = await conn.fetch(
+                "UPDATE queue_recipients r SET state=$4, updated=$3, lease_owner=$5,"
+                " lease_expiry=$6 FROM (SELECT qid, address FROM queue_recipients"
+                " WHERE qid=$1 AND address=ANY($2::text[]) AND state IN ($7, $8)"
+                " AND next_attempt<=$3 FOR UPDATE SKIP LOCKED) c"
+                " WHERE r.qid=c.qid AND r.address=c.address RETURNING r.address",
+                qid,
+                wanted,
+                now,
+                _I,
+                owner,
+                until,
+                _Q,
+                _D,
+            )
+            got = {r[0] for r in rows}
+            return tuple(a for a in dict.fromkeys(wanted) if a in got)
+
+        return await self.store.write(run, single=True)
+
+    async def mark_inflight(self, qid: QueueId, addresses: Sequence[str]) -> tuple[str, ...]:
+        return await self.claim(qid, addresses)
+
+    async def renew(self, qids: Iterable[QueueId]) -> int:
+        ids = list(qids)
+        if not ids:
+            return 0
+        until, owner = self.clock() + self.lease, self.owner
+
+        async def run(conn: Conn) -> int:
+            return rowcount(
+                await conn.execute(
+                    "UPDATE queue_recipients SET lease_expiry=$1 WHERE lease_owner=$2"
+                    " AND qid=ANY($3::text[])",
+                    until,
+                    owner,
+                    ids,
+                )
+            )
+
+        return await self.store.write(run, single=True)
+
+    async def record(
+        self, qid: QueueId, updates: Sequence[RecipientUpdate], *, settle: bool = True
+    ) -> tuple[bool, tuple[QueuedRecipient, ...]]:
+        """The outcome of an attempt, as Spool.record: only over rows this owner holds (or
+        nobody holds); a failed row keeps the lease until its DSN; with ``settle``, the
+        message is deleted when done, else the DSNs owed are claimed."""
+        now = self.clock()
+        owner, until = self.owner, now + self.lease
+        held = [u.state is RecipientState.FAILED for u in updates]
+        cols = (
+            [u.address for u in updates],
+            [u.state.value for u in updates],
+            [u.next_attempt for u in updates],
+            [u.reply[:1000] for u in updates],
+            [owner if h else "" for h in held],
+            [until if h else 0.0 for h in held],
+        )
+
+        async def run(conn: Conn) -> tuple[bool, tuple[QueuedRecipient, ...]]:
+            await _lock_message(conn, qid)
+            if updates:
+                await conn.execute(
+                    "UPDATE queue_recipients r SET state=u.state, attempts=r.attempts+1,"
+                    " next_attempt=u.na, last_reply=u.reply, updated=$8, lease_owner=u.lo,"
+                    " lease_expiry=u.le FROM unnest($2::text[], $3::text[], $4::float8[],"
+                    " $5::text[], $6::text[], $7::float8[]) AS u(address, state, na, reply, lo, le)"
+                    " WHERE r.qid=$1 AND r.address=u.address AND (r.lease_owner=$9"
+                    " OR (r.lease_owner='' AND r.state IN ($10, $11, $12)))",
+                    qid,
+                    *cols,
+                    now,
+                    owner,
+                    _Q,
+                    _D,
+                    _I,
+                )
+            if not settle:
+                return False, ()
+            return await _settle(conn, qid, owner, now, until)
+
+        return await self.store.write(run)
+
+    async def settle(self, qid: QueueId) -> tuple[bool, tuple[QueuedRecipient, ...]]:
+        return await self.record(qid, ())
+
+    async def enqueue_report(
+        self,
+        report: NewMessage,
+        qid: QueueId,
+        *,
+        about: QueueId,
+        failed: Sequence[str] = (),
+        delay_warning: bool = False,
+        claimed: bool = False,
+    ) -> bool | None:
+        """As Spool.enqueue_report: the DSN and the marks of what it reports in one
+        transaction, only while this owner holds those rows; None when it no longer does."""
+        now = self.clock()
+        owner = self.owner
+        insert = _insert(qid, report, now, owner if claimed else "", now + self.lease)
+        addrs = list(dict.fromkeys(failed))
+
+        async def run(conn: Conn) -> bool | None:
+            warned = await _lock_message(conn, about)
+            if delay_warning and (warned is None or warned):
+                return None
+            if addrs:
+                mine = await conn.fetchval(
+                    "SELECT count(*) FROM queue_recipients WHERE qid=$1 AND address=ANY($2::text[])"
+                    " AND state=$3 AND NOT dsn_done AND lease_owner=$4",
+                    about,
+                    addrs,
+                    _F,
+                    owner,
+                )
+                if mine != len(addrs):
+                    return None
+            if delay_warning:
+                await conn.execute("UPDATE queue_messages SET delay_warned=true WHERE id=$1", about)
+            if addrs:
+                await conn.execute(
+                    "UPDATE queue_recipients SET dsn_done=true, lease_owner='', lease_expiry=0"
+                    " WHERE qid=$1 AND address=ANY($2::text[])",
+                    about,
+                    addrs,
+                )
+            await insert(conn)
+            if not addrs:
+                return False
+            return (await _settle(conn, about, owner, now, now + self.lease))[0]
+
+        return await self.store.write(run)
+
+    async def set_delay_warned(self, qid: QueueId) -> None:
+        await self.store.write(
+            lambda c: c.execute("UPDATE queue_messages SET delay_warned=true WHERE id=$1", qid),
+            single=True,
+        )
+
+    async def mark_corrupt(self, qid: QueueId) -> None:
+        await self.store.write(
+            lambda c: c.execute("UPDATE queue_messages SET corrupt=true WHERE id=$1", qid),
+            single=True,
+        )
+
+    async def expire_leases(self, keep: Iterable[QueueId] = ()) -> int:
+        """The sweeper (any node's): every in-flight recipient whose lease expired is queued
+        again, due now; rows a live transaction holds are skipped (SKIP LOCKED), this
+        owner's running attempts (``keep``) are left alone. Returns how many."""
+        now, owner, kept = self.clock(), self.owner, list(set(keep))
+
+        async def run(conn: Conn) -> int:
+            n = rowcount(
+                await conn.execute(
+                    "UPDATE queue_recipients r SET state=$1, next_attempt=0, lease_owner='',"
+                    " lease_expiry=0 FROM (SELECT qid, address FROM queue_recipients"
+                    " WHERE state=$2 AND lease_expiry<=$3"
+                    " AND NOT (lease_owner=$4 AND qid=ANY($5::text[]))"
+                    " FOR UPDATE SKIP LOCKED) x WHERE r.qid=x.qid AND r.address=x.address",
+                    _Q,
+                    _I,
+                    now,
+                    owner,
+                    kept,
+                )
+            )
+            if n:  # due now for any node (the UPDATE has committed)
+                await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+            return n
+
+        return await self.store.write(run, single=True)
+
+    async def release(self, qids: Iterable[QueueId]) -> int:
+        ids = list(qids)
+        if not ids:
+            return 0
+        owner = self.owner
+
+        async def run(conn: Conn) -> int:
+            n = rowcount(
+                await conn.execute(
+                    "UPDATE queue_recipients SET state=$1, next_attempt=0, lease_owner='',"
+                    " lease_expiry=0 WHERE state=$2 AND lease_owner=$3 AND qid=ANY($4::text[])",
+                    _Q,
+                    _I,
+                    owner,
+                    ids,
+                )
+            )
+            await conn.execute(
+                "UPDATE queue_recipients SET lease_expiry=0"
+                " WHERE state=$1 AND lease_owner=$2 AND qid=ANY($3::text[])",
+                _F,
+                owner,
+                ids,
+            )
+            if n:
+                await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+            return n
+
+        return await self.store.write(run)
+
+    async def flush(self) -> int:
+        return await self.store.write(
+            lambda c: _count(
+                c.execute(
+                    "UPDATE queue_recipients SET next_attempt=0 WHERE state IN ($1, $2)", _D, _Q
+                )
+            ),
+            single=True,
+        )
+
+    async def delete(self, qid: QueueId) -> bool:
+        n = await self.store.write(
+            lambda c: _count(c.execute("DELETE FROM queue_messages WHERE id=$1", qid)),
+            single=True,
+        )
+        return n > 0
+
+    # ------------------------------------------------------------ reads
+
+    async def due(self, now: float, limit: int, exclude: set[QueueId]) -> list[QueueId]:
+        async def run(conn: Conn) -> list[QueueId]:
+            rows = await conn.fetch(
+                "SELECT r.qid FROM queue_recipients r JOIN queue_messages m ON m.id=r.qid"
+                " WHERE r.state IN ($1, $2) AND r.next_attempt<=$3 AND NOT m.corrupt"
+                " AND r.qid<>ALL($4::text[]) GROUP BY r.qid ORDER BY min(r.next_attempt)"
+                " LIMIT $5",
+                _Q,
+                _D,
+                now,
+                list(exclude),
+                limit,
+            )
+            return [r[0] for r in rows]
+
+        return await self.store.read(run)
+
+    async def unreported(self, limit: int, exclude: set[QueueId]) -> list[QueueId]:
+        now = self.clock()
+
+        async def run(conn: Conn) -> list[QueueId]:
+            rows = await conn.fetch(
+                "SELECT DISTINCT r.qid FROM queue_recipients r JOIN queue_messages m"
+                " ON m.id=r.qid WHERE r.state=$1 AND NOT r.dsn_done AND r.lease_expiry<=$2"
+                " AND NOT m.corrupt AND r.qid<>ALL($3::text[]) LIMIT $4",
+                _F,
+                now,
+                list(exclude),
+                limit,
+            )
+            return [r[0] for r in rows]
+
+        return await self.store.read(run)
+
+    async def next_due(self) -> float | None:
+        async def run(conn: Conn) -> float | None:
+            v = await conn.fetchval(
+                "SELECT min(next_attempt) FROM queue_recipients WHERE state IN ($1, $2)", _Q, _D
+            )
+            return None if v is None else float(v)
+
+        return await self.store.read(run)
+
+    async def load(self, qid: QueueId) -> tuple[QueuedMessage, bytes] | None:
+        return await self.store.read(lambda c: _load(c, qid, with_data=True))
+
+    async def get(self, qid: QueueId) -> QueuedMessage | None:
+        res = await self.store.read(lambda c: _load(c, qid, with_data=False))
+        return None if res is None else res[0]
+
+    async def prune_log(self, before: float) -> int:
+        """The message history (``queue_log``) is not ported to PostgreSQL yet
+        (docs/postgresql.md): nothing to forget."""
+        del before
+        return 0
+
+    async def list(self) -> list[QueuedMessage]:
+        return await self.store.read(_list)
+
+
+async def _count(status: Awaitable[str]) -> int:
+    return rowcount(await status)
+
+
+def _insert(
+    qid: QueueId, msg: NewMessage, now: float, owner: str, until: float
+) -> Callable[[Conn], Awaitable[None]]:
+    mid = msg.msgid()
+    state, expiry = (_I, until) if owner else (_Q, 0.0)
+    pairs = msg.recipient_pairs()
+
+    async def run(conn: Conn) -> None:
+        await conn.execute(
+            "INSERT INTO queue_messages(id, mail_from, data, size, message_id, created, flags)"
+            " VALUES($1, $2, $3, $4, $5, $6, $7)",
+            qid,
+            msg.mail_from,
+            msg.data,
+            len(msg.data),
+            mid,
+            now,
+            msg.flags,
+        )
+        await conn.execute(
+            "INSERT INTO queue_recipients(qid, address, pos, orig, state, next_attempt,"
+            " lease_owner, lease_expiry) SELECT $1, a, p, o, $5, $6, $7, $8"
+            " FROM unnest($2::text[], $3::int[], $4::text[]) AS t(a, p, o)",
+            qid,
+            [a for a, _ in pairs],
+            list(range(len(pairs))),
+            [o for _, o in pairs],
+            state,
+            now,
+            owner,
+            expiry,
+        )
+        if not owner:  # queued for any node's loader: wake them (delivered at commit)
+            await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, qid)
+
+    return run
+
+
+async def _lock_message(conn: Conn, qid: str) -> bool | None:
+    """Lock the message row (serialises the settles of one message across nodes); return
+    its delay_warned mark, None when it is gone."""
+    row = await conn.fetchrow(
+        "SELECT delay_warned FROM queue_messages WHERE id=$1 FOR NO KEY UPDATE", qid
+    )
+    return None if row is None else bool(row[0])
+
+
+async def _settle(
+    conn: Conn, qid: str, owner: str, now: float, until: float
+) -> tuple[bool, tuple[QueuedRecipient, ...]]:
+    """As spool._settle (the message row is locked by the caller): delete the message when
+    nothing is pending and no DSN is owed, else lease the owed, free failed rows and return
+    them. Mail from <> or NO_DSN owes no DSN (RFC 3461 NOTIFY=NEVER, RFC 5321 6.1)."""
+    rcpts = await _recipients(conn, qid)
+    owed = [r for r in rcpts if r.state is RecipientState.FAILED and not r.dsn_done]
+    if owed:
+        row = await conn.fetchrow("SELECT mail_from, flags FROM queue_messages WHERE id=$1", qid)
+        if row is not None and (not row[0] or row[1] & FLAG_NO_DSN):
+            await conn.execute(
+                "UPDATE queue_recipients SET dsn_done=true, lease_owner='', lease_expiry=0"
+                " WHERE qid=$1 AND state=$2 AND NOT dsn_done",
+                qid,
+                _F,
+            )
+            owed = []
+    if not owed and not any(r.state in PENDING_STATES for r in rcpts):
+        await conn.execute("DELETE FROM queue_messages WHERE id=$1", qid)
+        return True, ()
+    mine = [r for r in owed if r.lease_owner in ("", owner) or r.lease_expiry <= now]
+    if mine:
+        await conn.execute(
+            "UPDATE queue_recipients SET lease_owner=$1, lease_expiry=$2"
+            " WHERE qid=$3 AND address=ANY($4::text[])",
+            owner,
+            until,
+            qid,
+            [r.address for r in mine],
+        )
+    return False, tuple(mine)
+
+
+_RCPT_COLS = (
+    "address, state, attempts, next_attempt, last_reply, orig, dsn_done, lease_owner, lease_expiry"
+)
+
+
+def _rcpt(r: Any) -> QueuedRecipient:
+    return QueuedRecipient(
+        address=r[0],
+        state=RecipientState(r[1]),
+        attempts=r[2],
+        next_attempt=r[3],
+        last_reply=r[4],
+        orig=r[5],
+        dsn_done=bool(r[6]),
+        lease_owner=r[7],
+        lease_expiry=r[8],
+    )
+
+
+async def _recipients(conn: Conn, qid: str) -> tuple[QueuedRecipient, ...]:
+    rows = await conn.fetch(
+        f"SELECT {_RCPT_COLS} FROM queue_recipients WHERE qid=$1 ORDER BY pos", qid
+    )
+    return tuple(_rcpt(r) for r in rows)
+
+
+_MSG_COLS = "id, mail_from, size, message_id, created, flags, delay_warned"
+
+
+def _msg(row: Any, recipients: tuple[QueuedRecipient, ...]) -> QueuedMessage:
+    return QueuedMessage(
+        id=str(row[0]),
+        mail_from=str(row[1]),
+        size=int(row[2]),
+        message_id=str(row[3]),
+        created=float(row[4]),
+        flags=int(row[5]),
+        delay_warned=bool(row[6]),
+        recipients=recipients,
+    )
+
+
+async def _load(conn: Conn, qid: str, with_data: bool) -> tuple[QueuedMessage, bytes] | None:
+    cols = f"{_MSG_COLS}, data" if with_data else _MSG_COLS
+    row = await conn.fetchrow(f"SELECT {cols} FROM queue_messages WHERE id=$1", qid)
+    if row is None:
+        return None
+    data = bytes(row[7]) if with_data else b""
+    if with_data and len(data) != row[2]:
+        raise ValueError(f"queue message {qid} is corrupt (size mismatch)")
+    return _msg(row, await _recipients(conn, qid)), data
+
+
+async def _list(conn: Conn) -> list[QueuedMessage]:
+    msgs = await conn.fetch(f"SELECT {_MSG_COLS} FROM queue_messages ORDER BY created, id")
+    by: dict[str, list[QueuedRecipient]] = {}
+    for r in await conn.fetch(f"SELECT qid, {_RCPT_COLS} FROM queue_recipients ORDER BY qid, pos"):
+        by.setdefault(r[0], []).append(_rcpt(tuple(r)[1:]))
+    return [_msg(m, tuple(by.get(m[0], ()))) for m in msgs]

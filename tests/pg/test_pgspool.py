@@ -1,0 +1,256 @@
+"""The queue on a real PostgreSQL (the throwaway cluster of pgcluster.py): owners on one
+database never claim the same recipient, any owner sweeps an expired lease, a commit
+that fails (the connection killed under it) raises and writes nothing, concurrent
+enqueues share one transaction, migrations run once under the advisory lock, every
+session commits synchronously, and the password comes from RELAY_DB_PASSWORD or a passfile."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from relay.config import parse_config
+from relay.errors import StoreError
+from relay.model import RecipientState
+from relay.pgstore import PgStore
+from relay.queue.pgspool import MIGRATIONS, PgSpool
+from relay.queue.spool import NewMessage, RecipientUpdate
+from tests.pg.pgcluster import PASSWORD, PgCluster
+from tests.queue.test_scheduler import MSG, Clock
+
+INFLIGHT, QUEUED = RecipientState.INFLIGHT, RecipientState.QUEUED
+
+
+async def test_two_nodes_never_claim_the_same_recipient(pg_url: str) -> None:
+    clock = Clock()
+    async with PgStore(pg_url, PASSWORD) as s1, PgStore(pg_url, PASSWORD) as s2:
+        a = await PgSpool.open(s1, clock, node_id="node-a")
+        b = await PgSpool.open(s2, clock, node_id="node-b")
+        assert a.owner.startswith("node-a:") and b.owner.startswith("node-b:")
+        rcpts = tuple(f"r{i}@example.org" for i in range(30))
+        qids = [await a.enqueue(NewMessage("a@example.com", rcpts, MSG)) for _ in range(5)]
+        claims = [a.claim(q, rcpts) for q in qids] + [b.claim(q, rcpts[::-1]) for q in qids]
+        results = await asyncio.gather(*claims)
+        for i, qid in enumerate(qids):
+            got_a, got_b = set(results[i]), set(results[len(qids) + i])
+            assert not got_a & got_b and got_a | got_b == set(rcpts)
+            m = await a.get(qid)
+            assert m is not None
+            owners = {r.address: r.lease_owner for r in m.recipients}
+            assert all(owners[x] == a.owner for x in got_a)
+            assert all(owners[x] == b.owner for x in got_b)
+        # an outcome written by the other owner is not applied over a held lease
+        [q0] = qids[:1]
+        mine = results[0][0] if results[0] else results[len(qids)][0]
+        holder, other = (a, b) if results[0] else (b, a)
+        await other.record(q0, [RecipientUpdate(mine, RecipientState.DELIVERED, "250")])
+        m = await holder.get(q0)
+        assert m is not None and {r.address: r.state for r in m.recipients}[mine] is INFLIGHT
+
+
+async def test_an_expired_lease_is_swept_by_the_other_node(pg_url: str) -> None:
+    clock = Clock()
+    async with PgStore(pg_url, PASSWORD) as s1, PgStore(pg_url, PASSWORD) as s2:
+        dead = await PgSpool.open(s1, clock, node_id="dead", lease=30)
+        alive = await PgSpool.open(s2, clock, node_id="alive", lease=30)
+        qid = await dead.enqueue(NewMessage("a@example.com", ("b@x.org", "c@x.org"), MSG))
+        assert await dead.claim(qid, ["b@x.org", "c@x.org"]) == ("b@x.org", "c@x.org")
+        clock.t += 29
+        assert await alive.expire_leases() == 0  # still held
+        assert await alive.claim(qid, ["b@x.org"]) == ()
+        clock.t += 2
+        assert await alive.expire_leases() == 2
+        m = await alive.get(qid)
+        assert m is not None
+        assert {(r.state, r.lease_owner, r.next_attempt) for r in m.recipients} == {
+            (QUEUED, "", 0.0)
+        }
+        assert await alive.due(clock.t, 10, set()) == [qid]
+        assert await alive.claim(qid, ["b@x.org", "c@x.org"]) == ("b@x.org", "c@x.org")
+        # the dead node's late outcome cannot overwrite the new owner's lease
+        await dead.record(qid, [RecipientUpdate("b@x.org", RecipientState.DELIVERED, "250")])
+        m = await alive.get(qid)
+        assert m is not None and all(r.lease_owner == alive.owner for r in m.recipients)
+        removed, _ = await alive.record(
+            qid,
+            [
+                RecipientUpdate("b@x.org", RecipientState.DELIVERED, "250"),
+                RecipientUpdate("c@x.org", RecipientState.DELIVERED, "250"),
+            ],
+        )
+        assert removed and await alive.get(qid) is None
+
+
+async def test_a_commit_on_a_killed_connection_raises_and_writes_nothing(pg_url: str) -> None:
+    clock = Clock()
+    async with PgStore(pg_url, PASSWORD) as store:
+        spool = await PgSpool.open(store, clock)
+        killer = await asyncpg.connect(pg_url, password=PASSWORD)
+        try:
+
+            async def kill_writer(conn: Any) -> None:  # the server side dies before COMMIT
+                pid = conn.get_server_pid()
+                assert await killer.fetchval("SELECT pg_terminate_backend($1)", pid)
+                await asyncio.sleep(0.05)
+
+            store.before_commit = kill_writer
+            msgs = [NewMessage("a@example.com", (f"r{i}@x.org",), MSG) for i in range(3)]
+            results = await asyncio.gather(
+                *(spool.enqueue(m, f"LOST{i}") for i, m in enumerate(msgs)),
+                return_exceptions=True,
+            )
+            assert all(isinstance(r, StoreError) for r in results), results
+            store.before_commit = None
+            assert await spool.list() == []  # nothing of the group was committed
+            qid = await spool.enqueue(msgs[0])  # a fresh connection: writes work again
+            assert [m.id for m in await spool.list()] == [qid]
+            store.before_commit = kill_writer  # a write alone (a claim) fails the same way
+            with pytest.raises(StoreError, match="commit failed"):
+                await spool.claim(qid, ["r0@x.org"])
+            store.before_commit = None
+            [r] = (await spool.get(qid)).recipients  # type: ignore[union-attr]
+            assert (r.state, r.lease_owner) == (QUEUED, "")  # the claim was not committed
+        finally:
+            await killer.close()
+
+
+async def test_a_server_that_is_down_gives_store_errors(pg_cluster: PgCluster) -> None:
+    # a stopped cluster would stop it for every other test: point at a socket dir with
+    # no server instead (connection refused), as while PostgreSQL restarts
+    url = f"postgresql://relay@/postgres?host={pg_cluster.root}/nowhere"
+    with pytest.raises(StoreError, match="cannot open store"):
+        await PgStore(url, PASSWORD, connect_timeout=2).open()
+
+
+async def test_concurrent_enqueues_share_one_transaction(pg_url: str) -> None:
+    async with PgStore(pg_url, PASSWORD) as store:
+        spool = await PgSpool.open(store, Clock())
+        commits = store.commits
+        msgs = [NewMessage("a@example.com", (f"r{i}@x.org",), MSG) for i in range(20)]
+        qids = await asyncio.gather(*(spool.enqueue(m) for m in msgs))
+        assert len(set(qids)) == 20 and len(await spool.list()) == 20
+        assert store.commits - commits < 10  # grouped (first alone, the rest together)
+
+
+async def test_one_failing_write_of_a_group_leaves_the_others(pg_url: str) -> None:
+    async with PgStore(pg_url, PASSWORD) as store:
+        spool = await PgSpool.open(store, Clock())
+        m = NewMessage("a@example.com", ("b@x.org",), MSG)
+        await spool.enqueue(m, "DUP")
+        results = await asyncio.gather(
+            spool.enqueue(m, "OK1"),
+            spool.enqueue(m, "DUP"),
+            spool.enqueue(m, "OK2"),
+            return_exceptions=True,
+        )
+        assert results[0] == "OK1" and results[2] == "OK2"
+        assert isinstance(results[1], StoreError)
+        assert sorted(x.id for x in await spool.list()) == ["DUP", "OK1", "OK2"]
+
+
+async def test_migrations_run_once_under_the_advisory_lock(pg_url: str) -> None:
+    stores = [await PgStore(pg_url, PASSWORD).open() for _ in range(3)]
+    try:
+        applied = await asyncio.gather(*(s.migrate("queue", MIGRATIONS) for s in stores))
+        assert sorted(applied) == [0, 0, len(MIGRATIONS)]
+        assert await stores[0].schema_version("queue") == len(MIGRATIONS)
+        assert await stores[1].migrate("queue", MIGRATIONS) == 0
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_every_session_commits_synchronously(pg_cluster: PgCluster, pg_url: str) -> None:
+    db = urllib.parse.urlsplit(pg_url).path.strip("/")
+    pg_cluster.psql(f"ALTER DATABASE {db} SET synchronous_commit = off")  # a careless default
+    async with PgStore(pg_url, PASSWORD) as store:
+        got = await store.write(lambda c: c.fetchval("SHOW synchronous_commit"))
+        assert got == "on"
+        assert await store.read(lambda c: c.fetchval("SHOW synchronous_commit")) == "on"
+
+
+async def test_password_from_the_environment_or_the_passfile(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    passfile = tmp_path / "dbpass"
+    passfile.write_text(PASSWORD + "\n")
+    doc = {"storage": {"url": pg_url, "passfile": str(passfile)}}
+    storage = parse_config(doc, tmp_path / "config.toml").storage
+    monkeypatch.delenv("RELAY_DB_PASSWORD")
+    assert storage.password() == PASSWORD  # from the passfile
+    async with PgStore(storage.url, storage.password()) as store:
+        assert await store.read(lambda c: c.fetchval("SELECT 1")) == 1
+    monkeypatch.setenv("RELAY_DB_PASSWORD", "wrong")  # the environment wins
+    with pytest.raises(StoreError) as err:
+        await PgStore(storage.url, storage.password()).open()
+    assert "password" in str(err.value) and "wrong" not in str(err.value)
+
+
+async def test_two_owners_finishing_halves_of_a_message_at_once_delete_it(pg_url: str) -> None:
+    """Each settle sees the other half's outcome: the message row lock serialises them
+    (without it both saw the other half pending and the message stayed, done, forever)."""
+    clock = Clock()
+    async with PgStore(pg_url, PASSWORD) as s1, PgStore(pg_url, PASSWORD) as s2:
+        a, b = await PgSpool.open(s1, clock), await PgSpool.open(s2, clock)
+        pair = ("x@a.example", "y@b.example")
+        qids = [await a.enqueue(NewMessage("s@example.com", pair, MSG)) for _ in range(40)]
+        for q in qids:
+            assert await a.claim(q, pair[:1]) == pair[:1]
+            assert await b.claim(q, pair[1:]) == pair[1:]
+        done = RecipientState.DELIVERED
+        results = await asyncio.gather(
+            *(a.record(q, [RecipientUpdate(pair[0], done, "250")]) for q in qids),
+            *(b.record(q, [RecipientUpdate(pair[1], done, "250")]) for q in qids),
+        )
+        assert await a.list() == []
+        assert sum(removed for removed, _ in results) == len(qids)  # each deleted once
+
+
+def test_a_password_in_a_url_never_reaches_a_message() -> None:
+    from relay.pgstore import safe_url
+
+    assert safe_url("postgresql://relay:s3cret@db/relay") == "postgresql://relay:***@db/relay"
+    assert safe_url("postgresql://relay@db/relay?password=s3cret&x=1") == (
+        "postgresql://relay@db/relay?password=***&x=1"
+    )
+    assert (
+        safe_url("postgresql://relay@/relay?host=/run/pg")
+        == "postgresql://relay@/relay?host=/run/pg"
+    )
+
+
+async def test_an_open_error_hides_a_password_given_in_the_url(pg_cluster: PgCluster) -> None:
+    url = f"postgresql://relay:s3cret@/postgres?host={pg_cluster.root}/nowhere"
+    with pytest.raises(StoreError) as err:
+        await PgStore(url, connect_timeout=2).open()
+    assert "s3cret" not in str(err.value) and ":***@" in str(err.value)
+
+
+async def test_mail_queued_on_one_node_wakes_the_others(pg_url: str) -> None:
+    """LISTEN/NOTIFY: queued (unclaimed) mail and expired leases wake every listening node,
+    once the transaction commits; claimed mail (delivered by its own node) does not."""
+    clock = Clock()
+    async with PgStore(pg_url, PASSWORD) as s1, PgStore(pg_url, PASSWORD) as s2:
+        a = await PgSpool.open(s1, clock, lease=30)
+        b = await PgSpool.open(s2, clock, lease=30)
+        woken = asyncio.Event()
+        stop = await b.listen(woken.set)
+        try:
+            msg = NewMessage("a@example.com", ("r@x.org",), MSG)
+            qid = await a.enqueue(msg, claimed=True)
+            await asyncio.sleep(0.3)
+            assert not woken.is_set()  # in flight under a's lease: nothing for b to do
+            await a.enqueue(msg)
+            await asyncio.wait_for(woken.wait(), 5)
+            woken.clear()
+            clock.t += 31  # a died holding the first one
+            assert await b.expire_leases() == 1
+            await asyncio.wait_for(woken.wait(), 5)
+            assert qid in await b.due(clock.t, 10, set())
+        finally:
+            await stop()

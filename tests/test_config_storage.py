@@ -1,0 +1,71 @@
+"""[storage]: exactly one of path (SQLite) and url (PostgreSQL); never a password in the
+URL; the password from RELAY_DB_PASSWORD, else the passfile, read when asked and never in
+the config's repr. [server] node_id defaults to the host name."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from relay.config import StorageConfig, parse_config
+from relay.errors import ConfigError
+
+
+def storage(tmp_path: Path, **st: object) -> StorageConfig:
+    return parse_config({"storage": st}, tmp_path / "config.toml").storage
+
+
+def test_sqlite_stays_the_default(tmp_path: Path) -> None:
+    st = storage(tmp_path)
+    assert not st.postgresql and st.url == "" and st.path == tmp_path / "var/relay.sqlite3"
+
+
+def test_url_selects_postgresql(tmp_path: Path) -> None:
+    st = storage(tmp_path, url="postgresql://relay@db.example.net/relay")
+    assert st.postgresql and st.url == "postgresql://relay@db.example.net/relay"
+
+
+@pytest.mark.parametrize(
+    ("st", "problem"),
+    [
+        ({"url": "postgresql://relay@db/relay", "path": "q.sqlite3"}, "exactly one"),
+        ({"url": "postgresql://relay:secret@db/relay"}, "password"),
+        ({"url": "postgresql://relay@db/relay?password=secret"}, "password"),
+        ({"url": "mysql://relay@db/relay"}, "postgresql://"),
+        ({"url": "postgresql://relay@db"}, "database"),
+        ({"url": ""}, "empty"),
+        ({"passfile": "pw"}, "only with storage.url"),
+    ],
+)
+def test_storage_errors(tmp_path: Path, st: dict[str, object], problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem) as err:
+        storage(tmp_path, **st)
+    assert "secret" not in str(err.value)
+
+
+def test_password_from_env_then_passfile_never_in_repr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "pw").write_text("from-file\n")
+    st = storage(tmp_path, url="postgresql://relay@db/relay", passfile="pw")
+    monkeypatch.delenv("RELAY_DB_PASSWORD", raising=False)
+    assert st.password() == "from-file"
+    monkeypatch.setenv("RELAY_DB_PASSWORD", "from-env")
+    assert st.password() == "from-env"
+    assert "from-env" not in repr(st) and "from-file" not in repr(st)
+    monkeypatch.delenv("RELAY_DB_PASSWORD")
+    (tmp_path / "pw").unlink()
+    with pytest.raises(ConfigError, match="passfile"):
+        st.password()
+
+
+def test_node_id(tmp_path: Path) -> None:
+    cfg = parse_config({}, tmp_path / "config.toml")
+    assert cfg.server.node_id == socket.gethostname()
+    cfg = parse_config({"server": {"node_id": "mx-2.example"}}, tmp_path / "config.toml")
+    assert cfg.server.node_id == "mx-2.example"
+    for bad in ("a b", "a:b", "-x"):
+        with pytest.raises(ConfigError, match="node_id"):
+            parse_config({"server": {"node_id": bad}}, tmp_path / "config.toml")
