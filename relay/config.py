@@ -953,7 +953,9 @@ def read_logging(lg: _Section) -> LoggingConfig:
 # ---------------------------------------------------------------- writing (labs, tests)
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any, other: Callable[[Any], str] | None = None) -> str:
+    """``v`` as a TOML value: a boolean, number, string or array of them; anything else
+    is written by ``other`` (``relay config show``'s inline tables), TypeError without."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int | float):
@@ -961,11 +963,14 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, str):
         return json.dumps(v)
     if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x, other) for x in v) + "]"
+    if other is not None:
+        return other(v)
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
-def _toml_key(k: str) -> str:
+def toml_key(k: str) -> str:
+    """``k`` as a TOML key: bare when it can be, else quoted."""
     return k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
 
 
@@ -978,15 +983,15 @@ def dump_toml(doc: dict[str, dict[str, Any]]) -> str:
         scalars = {k: v for k, v in table.items() if not _is_tables(v)}
         if scalars or not table:
             lines.append(f"[{section}]")
-            lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in scalars.items())
+            lines.extend(f"{toml_key(k)} = {toml_value(v)}" for k, v in scalars.items())
             lines.append("")
         for k, v in table.items():
             if isinstance(v, dict):
-                lines.append(dump_toml({f"{section}.{_toml_key(k)}": v}))
+                lines.append(dump_toml({f"{section}.{toml_key(k)}": v}))
             elif _is_tables(v):
                 for entry in v:
-                    lines.append(f"[[{section}.{_toml_key(k)}]]")
-                    lines.extend(f"{_toml_key(a)} = {_toml_value(b)}" for a, b in entry.items())
+                    lines.append(f"[[{section}.{toml_key(k)}]]")
+                    lines.extend(f"{toml_key(a)} = {toml_value(b)}" for a, b in entry.items())
                     lines.append("")
     return "\n".join(lines)
 

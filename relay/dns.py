@@ -22,7 +22,7 @@ import ipaddress
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, NoReturn, Protocol, TypeVar, cast
 
 import dns.asyncquery
 import dns.edns
@@ -107,22 +107,27 @@ def reverse_name(ip: str) -> str:
     return ipaddress.ip_address(ip).reverse_pointer
 
 
-async def addresses(resolver: Resolver, name: str) -> list[str]:
-    """A and AAAA addresses of name (IPv4 first). NoData when neither exists; an
-    NXDOMAIN is raised as such; a temporary failure of one family is raised only when
-    the other gave nothing."""
-    results = await asyncio.gather(resolver.a(name), resolver.aaaa(name), return_exceptions=True)
-    out: list[str] = []
-    errors: list[BaseException] = []
+_R = TypeVar("_R")
+
+
+def _families(results: Sequence[_R | BaseException]) -> tuple[list[_R], list[DnsError]]:
+    """The A and AAAA lookups (gathered with ``return_exceptions``) split into answers
+    and DNS errors, in order; any other exception is raised."""
+    answers: list[_R] = []
+    errors: list[DnsError] = []
     for r in results:
         if isinstance(r, BaseException):
             if not isinstance(r, DnsError):
                 raise r
             errors.append(r)
         else:
-            out.extend(r)
-    if out:
-        return out
+            answers.append(r)
+    return answers, errors
+
+
+def _no_address(name: str, errors: Sequence[DnsError]) -> NoReturn:
+    """Neither family gave an address: a temporary failure of either is raised first,
+    then an NXDOMAIN, else NoData."""
     for e in errors:
         if isinstance(e, DnsTempFail):
             raise e
@@ -130,6 +135,18 @@ async def addresses(resolver: Resolver, name: str) -> list[str]:
         if isinstance(e, DnsNotFound):
             raise e
     raise DnsNoData(name, "A/AAAA")
+
+
+async def addresses(resolver: Resolver, name: str) -> list[str]:
+    """A and AAAA addresses of name (IPv4 first). NoData when neither exists; an
+    NXDOMAIN is raised as such; a temporary failure of one family is raised only when
+    the other gave nothing."""
+    results = await asyncio.gather(resolver.a(name), resolver.aaaa(name), return_exceptions=True)
+    answers, errors = _families(results)
+    out = [a for r in answers for a in r]
+    if out:
+        return out
+    _no_address(name, errors)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,27 +164,14 @@ async def secure_addresses(resolver: DnssecResolver, name: str) -> AddressAnswer
     results = await asyncio.gather(
         resolver.answer(name, "A"), resolver.answer(name, "AAAA"), return_exceptions=True
     )
-    out: list[str] = []
-    statuses: list[str] = []
-    errors: list[DnsError] = []
-    for r in results:
-        if isinstance(r, BaseException):
-            if not isinstance(r, DnsError):
-                raise r
-            errors.append(r)
-            if isinstance(r, (DnsNoData, DnsNotFound)):
-                statuses.append(r.status)
-        else:
-            out.extend(cast(tuple[str, ...], r.records))
-            statuses.append(r.status)
+    answers, errors = _families(results)
+    out = [a for r in answers for a in cast(tuple[str, ...], r.records)]
     if not out:
-        for e in errors:
-            if isinstance(e, DnsTempFail):
-                raise e
-        for e in errors:
-            if isinstance(e, DnsNotFound):
-                raise e
-        raise DnsNoData(name, "A/AAAA")
+        _no_address(name, errors)
+    # an authenticated denial of one family counts towards the pair's status
+    statuses = [r.status for r in answers] + [
+        e.status for e in errors if isinstance(e, (DnsNoData, DnsNotFound))
+    ]
     if any(isinstance(e, DnsBogus) for e in errors):
         status: DnssecStatus = "bogus"
     elif errors and any(isinstance(e, DnsTempFail) for e in errors):

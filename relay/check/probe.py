@@ -8,21 +8,10 @@ import ssl
 import time
 
 from relay.check import ERROR, OK, WARN, Finding
+from relay.delivery.tls import opportunistic_context
 
 EXPIRY_WARN_DAYS = 14
 OLD_TLS = ("TLSv1", "TLSv1.1")  # deprecated by RFC 8996; OpenSSL 3 refuses them by default
-
-
-def legacy_context() -> ssl.SSLContext:
-    """A client context that only looks: every TLS version the library has, SECLEVEL 0
-    (OpenSSL 3 refuses TLS 1.0/1.1 above it), no verification. Used once a verifying
-    handshake has failed, to learn which version the server offers."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
-    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
-    return ctx
 
 
 async def _reply(reader: asyncio.StreamReader) -> tuple[int, list[str]]:
@@ -56,8 +45,10 @@ async def probe_mx(
 
 
 async def offered_version(host: str, address: str, port: int) -> str:
-    """The TLS version the server negotiates with legacy_context() after STARTTLS, or
-    "" when that fails too."""
+    """The TLS version the server negotiates after STARTTLS with delivery's
+    ``opportunistic_context()`` (every TLS version the library has, SECLEVEL 0 since
+    OpenSSL 3 refuses TLS 1.0/1.1 above it, no verification), or "" when that fails too.
+    Used once a verifying handshake has failed, to learn which version the server offers."""
     try:
         reader, writer = await asyncio.open_connection(address, port)
     except OSError:
@@ -69,7 +60,7 @@ async def offered_version(host: str, address: str, port: int) -> str:
         writer.write(b"STARTTLS\r\n")
         if (await _reply(reader))[0] != 220:
             return ""
-        await writer.start_tls(legacy_context(), server_hostname=host)
+        await writer.start_tls(opportunistic_context(), server_hostname=host)
         sslobj = writer.get_extra_info("ssl_object")
         return str(sslobj.version()) if sslobj is not None else ""
     except (OSError, ConnectionError, ValueError):

@@ -21,7 +21,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from relay.config import Config, HostPort, load_config
+from relay.config import Config, HostPort, load_config, toml_key, toml_value
 
 MASK = "********"
 
@@ -108,13 +108,13 @@ def to_toml(doc: dict[str, Any], prefix: str = "") -> str:
     lines: list[str] = []
     subs: list[tuple[str, dict[str, Any]]] = []
     for section, table in doc.items():
-        name = f"{prefix}{_key(section)}"
+        name = f"{prefix}{toml_key(section)}"
         lines.append(f"[{name}]")
         for k, v in table.items():
             if isinstance(v, dict) and all(isinstance(x, dict) for x in v.values()) and v:
-                subs.append((f"{name}.{_key(k)}", v))
+                subs.append((f"{name}.{toml_key(k)}", v))
             else:
-                lines.append(f"{_key(k)} = {_value(v)}")
+                lines.append(f"{toml_key(k)} = {_value(v)}")
         lines.append("")
     text = "\n".join(lines)
     for name, nested in subs:
@@ -122,21 +122,13 @@ def to_toml(doc: dict[str, Any], prefix: str = "") -> str:
     return text
 
 
-def _key(k: str) -> str:
-    return k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
-
-
 def _value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
+    return toml_value(v, _inline)
+
+
+def _inline(v: Any) -> str:
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{_key(k)} = {_value(x)}" for k, x in v.items()) + "}"
+        return "{" + ", ".join(f"{toml_key(k)} = {_value(x)}" for k, x in v.items()) + "}"
     return json.dumps(str(v))
 
 

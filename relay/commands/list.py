@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sqlite3
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from relay.commands import open_existing_store
 from relay.config import Config, ListConfig, load_config
@@ -23,6 +25,8 @@ from relay.lists import members as db
 from relay.lists.mbox import write_mbox
 from relay.store import Store
 from relay.unported import refuse_unported
+
+T = TypeVar("T")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -76,19 +80,40 @@ def _open(
     return config, cfg, store
 
 
+def _on_list(
+    args: argparse.Namespace,
+    work: Callable[[Config, ListConfig, Store], T],
+    *,
+    create: bool = False,
+) -> tuple[ListConfig, T] | None:
+    """Open the config and store, find the list, run ``work`` and close the store; None
+    when the list is not configured (already said on stderr)."""
+    got = _open(args, create)
+    if got is None:
+        return None
+    config, cfg, store = got
+    try:
+        return cfg, work(config, cfg, store)
+    finally:
+        store.close()
+
+
+def _read(
+    args: argparse.Namespace, query: Callable[[sqlite3.Connection, str], T]
+) -> tuple[ListConfig, T] | None:
+    """``_on_list`` for one read of the list's rows: ``query(connection, list address)``."""
+    return _on_list(args, lambda _c, cfg, store: store.read_sync(lambda c: query(c, cfg.address)))
+
+
 def member_json(m: db.Member) -> dict[str, Any]:
     return {"address": m.address, "state": m.state, "bounce_score": m.score, "since": _iso(m.since)}
 
 
 def run_members(args: argparse.Namespace) -> int:
-    got = _open(args)
+    got = _read(args, db.members)
     if got is None:
         return 2
-    _, cfg, store = got
-    try:
-        rows = store.read_sync(lambda c: db.members(c, cfg.address))
-    finally:
-        store.close()
+    _, rows = got
     if args.json:
         print(json.dumps([member_json(m) for m in rows], indent=2))
     else:
@@ -98,15 +123,16 @@ def run_members(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    got = _open(args)
+    got = _on_list(
+        args,
+        lambda _c, cfg, store: (
+            store.read_sync(lambda c: db.members(c, cfg.address)),
+            store.read_sync(lambda c: db.held_posts(c, cfg.address)),
+        ),
+    )
     if got is None:
         return 2
-    _, cfg, store = got
-    try:
-        rows = store.read_sync(lambda c: db.members(c, cfg.address))
-        held = store.read_sync(lambda c: db.held_posts(c, cfg.address))
-    finally:
-        store.close()
+    cfg, (rows, held) = got
     counts = {s: sum(1 for m in rows if m.state == s) for s in ("active", "disabled", "pending")}
     out = {
         "address": cfg.address,
@@ -131,14 +157,10 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_held(args: argparse.Namespace) -> int:
-    got = _open(args)
+    got = _read(args, db.held_posts)
     if got is None:
         return 2
-    _, cfg, store = got
-    try:
-        rows = store.read_sync(lambda c: db.held_posts(c, cfg.address))
-    finally:
-        store.close()
+    _, rows = got
     items = [
         {
             "id": h.id,
@@ -159,38 +181,37 @@ def run_held(args: argparse.Namespace) -> int:
 
 
 def run_add(args: argparse.Namespace) -> int:
-    got = _open(args, create=True)
-    if got is None:
-        return 2
-    _, cfg, store = got
-    now = time.time()
-    bad = [a for a in args.addresses if "@" not in a or a.startswith("@") or a.endswith("@")]
-    if bad:
-        print(f"relay: not an address: {bad[0]!r}", file=sys.stderr)
-        store.close()
-        return 2
-    try:
-        added = store.write_sync(
+    def work(_c: Config, cfg: ListConfig, store: Store) -> list[bool] | None:
+        now = time.time()
+        bad = [a for a in args.addresses if "@" not in a or a.startswith("@") or a.endswith("@")]
+        if bad:
+            print(f"relay: not an address: {bad[0]!r}", file=sys.stderr)
+            return None
+        return store.write_sync(
             lambda c: [db.add_member(c, cfg.address, a, now) for a in args.addresses]
         )
-    finally:
-        store.close()
+
+    got = _on_list(args, work, create=True)
+    if got is None:
+        return 2
+    _, added = got
+    if added is None:
+        return 2
     for a, new in zip(args.addresses, added, strict=True):
         print(f"{db.normalise(a)}\t{'added' if new else 'already a member'}")
     return 0
 
 
 def run_remove(args: argparse.Namespace) -> int:
-    got = _open(args)
+    got = _on_list(
+        args,
+        lambda _c, cfg, store: store.write_sync(
+            lambda c: [db.remove_member(c, cfg.address, a) for a in args.addresses]
+        ),
+    )
     if got is None:
         return 2
-    _, cfg, store = got
-    try:
-        gone = store.write_sync(
-            lambda c: [db.remove_member(c, cfg.address, a) for a in args.addresses]
-        )
-    finally:
-        store.close()
+    _, gone = got
     for a, g in zip(args.addresses, gone, strict=True):
         print(f"{db.normalise(a)}\t{'removed' if g else 'not a member'}")
     return 0 if all(gone) else 1
@@ -203,22 +224,17 @@ def _service(config: Config, store: Store) -> Any:
 
 
 def run_approve(args: argparse.Namespace) -> int:
-    got = _open(args)
-    if got is None:
-        return 2
-    config, cfg, store = got
-
-    async def go() -> int:
+    async def go(config: Config, cfg: ListConfig, store: Store) -> int:
         svc = _service(config, store)
         if not await svc.approve(cfg.address, args.id):
             return -1
         await svc.wait_idle()
         return 0
 
-    try:
-        res = asyncio.run(go())
-    finally:
-        store.close()
+    got = _on_list(args, lambda config, cfg, store: asyncio.run(go(config, cfg, store)))
+    if got is None:
+        return 2
+    cfg, res = got
     if res < 0:
         print(f"relay: no held post {args.id!r} on {cfg.address}", file=sys.stderr)
         return 1
@@ -227,14 +243,15 @@ def run_approve(args: argparse.Namespace) -> int:
 
 
 def run_reject(args: argparse.Namespace) -> int:
-    got = _open(args)
+    got = _on_list(
+        args,
+        lambda config, cfg, store: asyncio.run(
+            _service(config, store).reject(cfg.address, args.id, args.reason)
+        ),
+    )
     if got is None:
         return 2
-    config, cfg, store = got
-    try:
-        ok = asyncio.run(_service(config, store).reject(cfg.address, args.id, args.reason))
-    finally:
-        store.close()
+    cfg, ok = got
     if not ok:
         print(f"relay: no held post {args.id!r} on {cfg.address}", file=sys.stderr)
         return 1
@@ -243,14 +260,10 @@ def run_reject(args: argparse.Namespace) -> int:
 
 
 def run_archive(args: argparse.Namespace) -> int:
-    got = _open(args)
+    got = _read(args, db.archived)
     if got is None:
         return 2
-    _, cfg, store = got
-    try:
-        posts = store.read_sync(lambda c: db.archived(c, cfg.address))
-    finally:
-        store.close()
+    _, posts = got
     with open(args.out, "wb") as fh:
         n = write_mbox(fh, posts)
     print(f"{n} posts written to {args.out}")

@@ -541,14 +541,7 @@ class Courier:
                     return None
                 in_tx = True
                 try:
-                    tx = await session.send(
-                        job.mail_from,
-                        job.recipients,
-                        job.data,
-                        job.dsn,
-                        job.rcpt_dsn_map(),
-                        requiretls=job.requiretls,
-                    )
+                    tx = await _send(session, job)
                 except ConnectionLost as exc:
                     if not reused:
                         raise
@@ -558,14 +551,7 @@ class Courier:
                     if job.requiretls and not self._requiretls_session(att, host, session):
                         return None
                     in_tx = True
-                    tx = await session.send(
-                        job.mail_from,
-                        job.recipients,
-                        job.data,
-                        job.dsn,
-                        job.rcpt_dsn_map(),
-                        requiretls=job.requiretls,
-                    )
+                    tx = await _send(session, job)
         except TimeoutError:
             if session is not None:
                 session.close()
@@ -971,6 +957,18 @@ def _guard(job: DeliveryJob) -> dict[str, RecipientResult]:
             reply = guard.recipient_reply(problem)
             out[a] = RecipientResult(a, RecipientState.FAILED, reply, "5.1.3")
     return out
+
+
+async def _send(s: SmtpSession, job: DeliveryJob) -> Transaction:
+    """The job's one transaction on session ``s`` (its DSN parameters and REQUIRETLS)."""
+    return await s.send(
+        job.mail_from,
+        job.recipients,
+        job.data,
+        job.dsn,
+        job.rcpt_dsn_map(),
+        requiretls=job.requiretls,
+    )
 
 
 def _offer(s: SmtpSession) -> Offer:

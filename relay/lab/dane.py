@@ -38,7 +38,7 @@ from relay.config import write_config
 from relay.delivery.wiretap import WIRE_TAP
 from relay.lab.mta import LabMta
 from relay.lab.policyhost import PolicyHost, Site
-from relay.lab.runner import LabRelayApp, Wire
+from relay.lab.runner import LabRelayApp, Wire, lab_config_doc
 from relay.lab.signedzone import SignedZone
 from relay.lab.unbound import UNBOUND_PACKAGE, ValidatingResolver, missing
 from relay.lists.bounces import read_bounce
@@ -310,41 +310,23 @@ def config_doc(lab: DaneLabSetup, unbound: ValidatingResolver, tmp: Path) -> dic
     cert.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
     key.write_bytes(leaf.private_key_pem.bytes())
     ph = lab.policy_host
-    return {
-        "server": {
-            "listen": ["127.0.0.1:0"],
-            "hostname": RELAY_NAME,
-            "tls_cert": str(cert),
-            "tls_key": str(key),
+    return lab_config_doc(
+        {
+            "server": {
+                "listen": ["127.0.0.1:0"],
+                "hostname": RELAY_NAME,
+                "tls_cert": str(cert),
+                "tls_key": str(key),
+            },
+            "relay": {"trusted_networks": ["127.0.0.1/32"], "local_domains": []},
+            "storage": {"path": str(tmp / "relay.sqlite3")},
+            "dns": {"nameservers": [unbound.address], "timeout": 3, "dnssec": "trust-ad"},
         },
-        "relay": {"trusted_networks": ["127.0.0.1/32"], "local_domains": []},
-        "storage": {"path": str(tmp / "relay.sqlite3")},
-        "dns": {"nameservers": [unbound.address], "timeout": 3, "dnssec": "trust-ad"},
-        "delivery": {
-            "port": lab.port,
-            "ca_file": str(lab.ca_file),
-            "connect_timeout": 2,
-            "attempt_timeout": 10,
-            "retry_first": 3600,
-            "dead_after": 100,
-        },
-        "mta_sts": {
-            "enabled": True,
-            "https_port": ph.port if ph is not None else 443,
-            "fetch_timeout": 5,
-        },
-        "http": {"allow_private_addresses": True},
-        "tlsrpt": {
-            "enabled": True,
-            "organization": "relay downgrade lab",
-            "contact": "mailto:tlsrpt@relay.lab.test",
-            "submitter": "relay.lab.test",
-        },
-        "auth": {"enabled": False},
-        "arc": {"enabled": False},
-        "srs": {"enabled": False},
-        "logging": {"level": "error"},
-    }
+        mx_port=lab.port,
+        ca_file=lab.ca_file,
+        connect_timeout=2,
+        https_port=ph.port if ph is not None else 443,
+    )
 
 
 async def _run(chosen: list[DaneScenario], tmp: Path) -> list[DaneCellResult]:

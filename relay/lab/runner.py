@@ -389,32 +389,18 @@ class Lab:
 
     def config_doc(self) -> dict[str, dict[str, Any]]:
         assert self.policy_host is not None
-        return {
-            "server": {"listen": [f"{RELAY_IP}:0"], "hostname": "relay.lab.test"},
-            "relay": {"trusted_networks": [f"{RELAY_IP}/32"], "local_domains": []},
-            "storage": {"path": str(self.workdir / "relay.sqlite3")},
-            "dns": {"nameservers": [self.dns.address], "timeout": 2},
-            "delivery": {
-                "port": self.mx_port,
-                "ca_file": str(self.ca_file),
-                "connect_timeout": 3,
-                "attempt_timeout": 10,
-                "retry_first": 3600,
-                "dead_after": 100,
+        return lab_config_doc(
+            {
+                "server": {"listen": [f"{RELAY_IP}:0"], "hostname": "relay.lab.test"},
+                "relay": {"trusted_networks": [f"{RELAY_IP}/32"], "local_domains": []},
+                "storage": {"path": str(self.workdir / "relay.sqlite3")},
+                "dns": {"nameservers": [self.dns.address], "timeout": 2},
             },
-            "mta_sts": {"enabled": True, "https_port": self.policy_host.port, "fetch_timeout": 5},
-            "http": {"allow_private_addresses": True},
-            "tlsrpt": {
-                "enabled": True,
-                "organization": "relay downgrade lab",
-                "contact": "mailto:tlsrpt@relay.lab.test",
-                "submitter": "relay.lab.test",
-            },
-            "auth": {"enabled": False},
-            "arc": {"enabled": False},
-            "srs": {"enabled": False},
-            "logging": {"level": "error"},
-        }
+            mx_port=self.mx_port,
+            ca_file=self.ca_file,
+            connect_timeout=3,
+            https_port=self.policy_host.port,
+        )
 
     # ------------------------------------------------------------ observing
 
@@ -425,6 +411,43 @@ class Lab:
                 if rcpt in r.rcpt_tos:
                     out.append((target, r))
         return out
+
+
+def lab_config_doc(
+    head: dict[str, dict[str, Any]],
+    *,
+    mx_port: int,
+    ca_file: Path,
+    connect_timeout: int,
+    https_port: int,
+) -> dict[str, dict[str, Any]]:
+    """A lab relay's config.toml: ``head`` (its server, relay, storage and dns sections),
+    then what every lab shares: delivery to the lab MTAs on ``mx_port`` trusting the lab
+    CA, MTA-STS fetched from the policy host on ``https_port``, private addresses allowed,
+    TLS-RPT on, and no auth, ARC or SRS."""
+    return {
+        **head,
+        "delivery": {
+            "port": mx_port,
+            "ca_file": str(ca_file),
+            "connect_timeout": connect_timeout,
+            "attempt_timeout": 10,
+            "retry_first": 3600,
+            "dead_after": 100,
+        },
+        "mta_sts": {"enabled": True, "https_port": https_port, "fetch_timeout": 5},
+        "http": {"allow_private_addresses": True},
+        "tlsrpt": {
+            "enabled": True,
+            "organization": "relay downgrade lab",
+            "contact": "mailto:tlsrpt@relay.lab.test",
+            "submitter": "relay.lab.test",
+        },
+        "auth": {"enabled": False},
+        "arc": {"enabled": False},
+        "srs": {"enabled": False},
+        "logging": {"level": "error"},
+    }
 
 
 def _message(cell: Cell, phase: str) -> bytes:
