@@ -230,11 +230,11 @@ def test_fuzz_report_shaped_never_raise(lines: list[bytes]) -> None:
 
 
 @pytest.mark.postfix
-@pytest.mark.skipif(not pf.available(), reason="needs Debian postfix and root")
 async def test_a_bounce_postfix_writes() -> None:
     """Debian's Postfix relays a message to an MX that refuses the recipient (550 5.1.1)
     and bounces it to the VERP sender; its DSN, received by the same MX, reads as a hard
     bounce for that recipient."""
+    assert pf.available(), "needs Debian's postfix and root (scripts/debian-packages)"
     mta = await LabMta("127.0.0.22", 0).start()
     mta.refuse_rcpt("nobody@bounce.test", "550 5.1.1 <nobody@bounce.test>: no such user")
     listen = ("127.0.0.21", pf.free_port("127.0.0.21"))
