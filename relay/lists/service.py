@@ -248,7 +248,7 @@ class ListService:
         decision, reason = policy.posting_decision(
             cfg, member is not None and member.state != "pending"
         )
-        distributed = await self.distributed(cfg, message, qid)
+        distributed = await self.distributed(cfg, message, qid, author)
         kept = (verdict or Verdict(*chain_of(message))).stored()
         if decision == "hold":
             await self._hold(
@@ -277,8 +277,10 @@ class ListService:
             db.mark_done(c, post_id, ())
         return len(rcpts)
 
-    async def distributed(self, cfg: ListConfig, message: bytes, qid: QueueId) -> bytes:
-        dom = transform.author_domain(message)
+    async def distributed(
+        self, cfg: ListConfig, message: bytes, qid: QueueId, author: str
+    ) -> bytes:
+        dom = transform.address_domain(author)
         pol = await self.author_policy(dom)
         mitigate = policy.needs_mitigation(cfg, pol)
         log.info(

@@ -103,8 +103,9 @@ def author(message: bytes) -> tuple[str, str]:
     return name, addr
 
 
-def author_domain(message: bytes) -> str:
-    return author(message)[1].rpartition("@")[2].lower().rstrip(".")
+def address_domain(address: str) -> str:
+    """The domain of an author address, lower-case, without a final dot."""
+    return address.rpartition("@")[2].lower().rstrip(".")
 
 
 def has_our_list_id(message: bytes, cfg: ListConfig) -> bool:
