@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from relay import logs
 from relay.auth.arc import ArcSealer
+from relay.auth.arcfields import AS, arc_instance
 from relay.auth.signer import OutboundSigner
 from relay.auth.types import ArcCv, ArcResult
 from relay.config import Config, ListConfig
@@ -50,7 +51,6 @@ PARALLEL = 2  # slices of a batch signed at once (the app gives the lists two pr
 RESUME_AFTER = 300.0  # the periodic sweep resumes fan-outs stalled this long
 
 _ARC_SEAL_CV = re.compile(rb"(?:^|;)\s*cv\s*=\s*([a-z]+)", re.IGNORECASE)
-_ARC_I = re.compile(rb"(?:^|;)\s*i\s*=\s*([0-9]+)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,11 +66,12 @@ def _top_seal(fields: Sequence[transform.Field]) -> tuple[int, bytes]:
     """The highest ARC-Seal instance in fields and its cv (0, b"" when none)."""
     top, cv = 0, b""
     for f in fields:
-        if f.key == b"arc-seal":
-            i = _ARC_I.search(f.raw.split(b":", 1)[1])
-            m = _ARC_SEAL_CV.search(f.raw.split(b":", 1)[1])
-            if i and int(i.group(1)) > top:
-                top, cv = int(i.group(1)), (m.group(1).lower() if m else b"")
+        if f.key == AS:
+            value = f.raw.split(b":", 1)[1]
+            i = arc_instance(AS, value)
+            m = _ARC_SEAL_CV.search(value)
+            if i is not None and i > top:
+                top, cv = i, (m.group(1).lower() if m else b"")
     return top, cv
 
 
@@ -248,7 +249,7 @@ class ListService:
         decision, reason = policy.posting_decision(
             cfg, member is not None and member.state != "pending"
         )
-        distributed = await self.distributed(cfg, message, qid)
+        distributed = await self.distributed(cfg, message, qid, author)
         kept = (verdict or Verdict(*chain_of(message))).stored()
         if decision == "hold":
             await self._hold(
@@ -277,8 +278,10 @@ class ListService:
             db.mark_done(c, post_id, ())
         return len(rcpts)
 
-    async def distributed(self, cfg: ListConfig, message: bytes, qid: QueueId) -> bytes:
-        dom = transform.author_domain(message)
+    async def distributed(
+        self, cfg: ListConfig, message: bytes, qid: QueueId, author: str
+    ) -> bytes:
+        dom = transform.address_domain(author)
         pol = await self.author_policy(dom)
         mitigate = policy.needs_mitigation(cfg, pol)
         log.info(

@@ -88,7 +88,10 @@ def _line(name: str, value: str) -> Field:
 
 def author(message: bytes) -> tuple[str, str]:
     """(display name, address) of the first From mailbox; ("", "") when none."""
-    fields, _ = split_message(message)
+    return _author(split_message(message)[0])
+
+
+def _author(fields: list[Field]) -> tuple[str, str]:
     f = first(fields, b"from")
     if f is None:
         return "", ""
@@ -103,8 +106,9 @@ def author(message: bytes) -> tuple[str, str]:
     return name, addr
 
 
-def author_domain(message: bytes) -> str:
-    return author(message)[1].rpartition("@")[2].lower().rstrip(".")
+def address_domain(address: str) -> str:
+    """The domain of an author address, lower-case, without a final dot."""
+    return address.rpartition("@")[2].lower().rstrip(".")
 
 
 def has_our_list_id(message: bytes, cfg: ListConfig) -> bool:
@@ -122,8 +126,7 @@ def auto_submitted(message: bytes) -> bool:
     return f is not None and f.value().split(";")[0].strip().lower() not in ("", "no")
 
 
-def has_author_signature(message: bytes, domain: str) -> bool:
-    fields, _ = split_message(message)
+def has_author_signature(fields: list[Field], domain: str) -> bool:
     want = domain.lower()
     for f in fields:
         if f.key == b"dkim-signature":
@@ -250,9 +253,9 @@ def _wrap(post: bytes, cfg: ListConfig, subject: str, from_: str, extra: list[Fi
 
 def distribute(post: bytes, cfg: ListConfig, base_url: str, mitigate: bool) -> bytes:
     """The list-wide copy of a post (see the module docstring)."""
-    name, addr = author(post)
-    fields, body = split_message(post)
-    fields = [f for f in fields if f.key not in _LIST_FIELDS]
+    posted, body = split_message(post)
+    name, addr = _author(posted)
+    fields = [f for f in posted if f.key not in _LIST_FIELDS]
     listed = list_headers(cfg, base_url)
     subj_f = first(fields, b"subject")
     subject = subj_f.value() if subj_f else ""
@@ -289,7 +292,7 @@ def distribute(post: bytes, cfg: ListConfig, base_url: str, mitigate: bool) -> b
         ]
         if subj_f is None:
             fields.append(_line("Subject", _encode_unstructured(new_subject)))
-    if cfg.footer and (mitigate or not has_author_signature(post, addr.rpartition("@")[2])):
+    if cfg.footer and (mitigate or not has_author_signature(posted, addr.rpartition("@")[2])):
         with_footer = _add_footer(fields, body, cfg.footer)
         if with_footer is not None:
             body = with_footer
