@@ -202,7 +202,7 @@ class RelayApp:
         auth = build_auth(cfg, self.resolver, self.store)
         self.auth = auth  # kept for relay.reload (SIGHUP)
         self._closers.append(auth.close)
-        queue = QueueLink()  # intake -> scheduler; the scheduler's DSNs -> intake.inject
+        queue = QueueLink()  # intake -> scheduler (DSNs are queued by the spool itself)
         lists = self._build_lists(queue)
         rules = RelayRules(
             cfg,
@@ -226,7 +226,6 @@ class RelayApp:
             cfg,
             spool,
             courier if lists is None else _lists_local(courier, lists),
-            self.intake.inject,
             clock=self.clock,
             poll_interval=self.poll_interval,
             loader=self.leader,

@@ -8,9 +8,8 @@ SPF/DKIM/DMARC/ARC, our A-R), the route (``RouteStage``: aliases, SRS), the ARC 
 are handed to relay.lists, which stores the post and its fan-out durably; they get the
 message before the seal, with the verdict, and seal each copy once), the TLS-Required
 decision, then a durable write (fsync'd before the 250) and the scheduler told
-(``QueueSink``). Locally generated mail (DSNs, TLS-RPT reports) enters through
-``inject`` (intake is the scheduler's ``Submitter``); a DSN for a list copy goes to the
-lists (its -bounces+TOKEN address) the same way.
+(``QueueSink``). Locally generated mail (TLS-RPT reports) enters through
+``inject`` (a ``Submitter``); DSNs are queued by the spool itself.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ Flow order, each hand-over one of these protocols, all built once in ``relay.app
    later), ``SealStage.seal`` (the ARC set), then writes the spool and tells the
    ``QueueSink`` (the scheduler);
 3. the scheduler hands recipients to the courier (``relay.queue.scheduler.CourierLike``)
-   and sends its DSNs back through a ``Submitter`` (intake's ``inject``).
+   and has the spool queue its DSNs together with the marks that say they were sent;
+   other locally generated mail (TLS reports) enters through a ``Submitter`` (intake's
+   ``inject``).
 
 Each stage reads and returns immutable values; none holds a reference to the next
 stage, so a walk of one message from the session to the courier never loses sight of
@@ -122,8 +124,7 @@ class NoSeal:
 
 class QueueLink:
     """The one true cycle of the house, made explicit: intake feeds the scheduler
-    (``QueueSink``) and the scheduler's DSNs enter through intake (``Submitter``). Intake
-    is built with this link, the scheduler with intake's ``inject``, and the link is
+    (``QueueSink``). Intake is built with this link, then the scheduler, and the link is
     bound to the scheduler once, right after; it refuses a second binding, and mail
     handed to it before it is bound is a programming error (the SMTP server starts only
     after the scheduler is built)."""

@@ -32,13 +32,12 @@ from relay.model import QueueId, RecipientState
 from relay.pgstore import Conn, PgStore, rowcount
 from relay.queue.spool import (
     DEFAULT_LEASE,
-    FLAG_NO_DSN,
-    PENDING_STATES,
     NewMessage,
     QueuedMessage,
     QueuedRecipient,
     RecipientUpdate,
     new_qid,
+    settle_plan,
 )
 
 MIGRATIONS = [
@@ -492,35 +491,35 @@ async def _lock_message(conn: Conn, qid: str) -> bool | None:
 async def _settle(
     conn: Conn, qid: str, owner: str, now: float, until: float
 ) -> tuple[bool, tuple[QueuedRecipient, ...]]:
-    """As spool._settle (the message row is locked by the caller): delete the message when
-    nothing is pending and no DSN is owed, else lease the owed, free failed rows and return
-    them. Mail from <> or NO_DSN owes no DSN (RFC 3461 NOTIFY=NEVER, RFC 5321 6.1)."""
+    """As spool._settle (the message row is locked by the caller; ``settle_plan``
+    decides): delete the message when nothing is pending and no DSN is owed, else lease
+    the owed whose lease is free and return them."""
     rcpts = await _recipients(conn, qid)
-    owed = [r for r in rcpts if r.state is RecipientState.FAILED and not r.dsn_done]
+    owed = [r for r in rcpts if r.dsn_owed]
+    sender = None
     if owed:
-        row = await conn.fetchrow("SELECT mail_from, flags FROM queue_messages WHERE id=$1", qid)
-        if row is not None and (not row[0] or row[1] & FLAG_NO_DSN):
-            await conn.execute(
-                "UPDATE queue_recipients SET dsn_done=true, lease_owner='', lease_expiry=0"
-                " WHERE qid=$1 AND state=$2 AND NOT dsn_done",
-                qid,
-                _F,
-            )
-            owed = []
-    if not owed and not any(r.state in PENDING_STATES for r in rcpts):
+        sender = await conn.fetchrow("SELECT mail_from, flags FROM queue_messages WHERE id=$1", qid)
+    plan = settle_plan(rcpts, owed, sender, owner, now)
+    if plan.quiet:
+        await conn.execute(
+            "UPDATE queue_recipients SET dsn_done=true, lease_owner='', lease_expiry=0"
+            " WHERE qid=$1 AND address=ANY($2::text[])",
+            qid,
+            [r.address for r in plan.quiet],
+        )
+    if plan.delete:
         await conn.execute("DELETE FROM queue_messages WHERE id=$1", qid)
         return True, ()
-    mine = [r for r in owed if r.lease_owner in ("", owner) or r.lease_expiry <= now]
-    if mine:
+    if plan.mine:
         await conn.execute(
             "UPDATE queue_recipients SET lease_owner=$1, lease_expiry=$2"
             " WHERE qid=$3 AND address=ANY($4::text[])",
             owner,
             until,
             qid,
-            [r.address for r in mine],
+            [r.address for r in plan.mine],
         )
-    return False, tuple(mine)
+    return False, plan.mine
 
 
 _RCPT_COLS = (

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -59,9 +59,6 @@ LOADED_SHARE = 0.75  # share of the active window that mail loaded from the stor
 
 class CourierLike(Protocol):
     async def deliver(self, job: DeliveryJob) -> AttemptResult: ...
-
-
-InjectFn = Callable[[str, tuple[str, ...], bytes, int], Awaitable[QueueId]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +106,6 @@ class Scheduler:
         config: Config,
         spool: QueueSpool,
         courier: CourierLike,
-        inject: InjectFn,
         *,
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
@@ -126,14 +122,12 @@ class Scheduler:
         the bounce sender's domain or a parent of it; unchanged when there is none).
         ``lease``: seconds a claimed recipient stays ours without renewal (also used by
         intake's claimed writes through the shared spool); ``sweep_interval``: how often
-        leases are renewed and the store swept (default lease / 3). ``inject`` is kept for
-        the callers' signature: DSNs are written by the spool together with the marks that
-        say they were sent."""
+        leases are renewed and the store swept (default lease / 3). DSNs are written by the
+        spool together with the marks that say they were sent."""
         d = config.delivery
         self.config = config
         self.spool = spool
         self.courier = courier
-        self.inject = inject
         self.clock = clock
         self.rng = rng
         self.poll_interval = poll_interval

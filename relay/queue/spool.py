@@ -782,46 +782,72 @@ def _insert(
     return run
 
 
-def _settle(
-    conn: sqlite3.Connection, qid: str, owner: str, now: float, until: float
-) -> tuple[bool, tuple[QueuedRecipient, ...]]:
-    """Delete the message when nothing is pending and no DSN is owed; else take the lease
-    of the failed recipients whose DSN is owed and free (or expired, or ours) and return
-    them. Mail with the null reverse-path or NO_DSN owes none (RFC 3461 NOTIFY=NEVER,
-    RFC 5321 6.1: never a DSN to <>), so its failures are marked reported here."""
-    rcpts = _recipients(conn, qid)
-    owed = [r for r in rcpts if r.dsn_owed]
-    if owed:
-        row = conn.execute(
-            "SELECT mail_from, flags FROM queue_messages WHERE id=?", (qid,)
-        ).fetchone()
-        if row is not None and (not row[0] or row[1] & FLAG_NO_DSN):
-            conn.execute(
-                "UPDATE queue_recipients SET dsn_done=1, lease_owner='', lease_expiry=0"
-                f" WHERE qid=? AND {_OWED}",
-                (qid,),
-            )
-            owed = []
+@dataclass(frozen=True, slots=True)
+class SettlePlan:
+    """What settling a message does (both spools apply it with their own SQL): mark
+    ``quiet`` reported without a DSN, then delete the message when ``delete``, else lease
+    ``mine`` (the owed DSNs this owner takes) and return them."""
+
+    quiet: tuple[QueuedRecipient, ...]
+    delete: bool
+    mine: tuple[QueuedRecipient, ...]
+
+
+def settle_plan(
+    rcpts: Sequence[QueuedRecipient],
+    owed: Sequence[QueuedRecipient],
+    sender: Sequence[Any] | None,
+    owner: str,
+    now: float,
+) -> SettlePlan:
+    """``owed``: the recipients of ``rcpts`` whose DSN is owed; ``sender``: the message's
+    (mail_from, flags), read only when some DSN is owed (None: not read, or gone)."""
+    quiet: list[QueuedRecipient] = []
+    if owed and sender is not None and (not sender[0] or sender[1] & FLAG_NO_DSN):
+        # the null reverse-path or NO_DSN owes none (RFC 3461 NOTIFY=NEVER, RFC 5321
+        # 6.1: never a DSN to <>): its owed DSNs are marked reported
+        quiet, owed = list(owed), []
+    elif owed:
         # RFC 3461 4.1: NOTIFY given without FAILURE (NEVER, or SUCCESS/DELAY only): no
         # failure DSN for that recipient
         quiet = [r for r in owed if r.state is RecipientState.FAILED and not wants_failure(r)]
         if quiet:
-            conn.executemany(
-                "UPDATE queue_recipients SET dsn_done=1, lease_owner='', lease_expiry=0"
-                " WHERE qid=? AND address=?",
-                [(qid, r.address) for r in quiet],
-            )
             owed = [r for r in owed if r not in quiet]
     if not owed and not any(r.state in PENDING_STATES for r in rcpts):
+        return SettlePlan(tuple(quiet), True, ())
+    mine = tuple(r for r in owed if r.lease_owner in ("", owner) or r.lease_expiry <= now)
+    return SettlePlan(tuple(quiet), False, mine)
+
+
+def _settle(
+    conn: sqlite3.Connection, qid: str, owner: str, now: float, until: float
+) -> tuple[bool, tuple[QueuedRecipient, ...]]:
+    """Delete the message when nothing is pending and no DSN is owed; else take the lease
+    of the recipients whose DSN is owed and free (or expired, or ours) and return them
+    (``settle_plan`` decides)."""
+    rcpts = _recipients(conn, qid)
+    owed = [r for r in rcpts if r.dsn_owed]
+    sender = None
+    if owed:
+        sender = conn.execute(
+            "SELECT mail_from, flags FROM queue_messages WHERE id=?", (qid,)
+        ).fetchone()
+    plan = settle_plan(rcpts, owed, sender, owner, now)
+    if plan.quiet:
+        conn.executemany(
+            "UPDATE queue_recipients SET dsn_done=1, lease_owner='', lease_expiry=0"
+            " WHERE qid=? AND address=?",
+            [(qid, r.address) for r in plan.quiet],
+        )
+    if plan.delete:
         conn.execute("DELETE FROM queue_messages WHERE id=?", (qid,))
         _log(conn, [(qid, now, "", "removed", "done", "", "")])
         return True, ()
-    mine = [r for r in owed if r.lease_owner in ("", owner) or r.lease_expiry <= now]
     conn.executemany(
         "UPDATE queue_recipients SET lease_owner=?, lease_expiry=? WHERE qid=? AND address=?",
-        [(owner, until, qid, r.address) for r in mine],
+        [(owner, until, qid, r.address) for r in plan.mine],
     )
-    return False, tuple(mine)
+    return False, plan.mine
 
 
 def _chunks(ids: Sequence[Any]) -> Iterable[Sequence[Any]]:

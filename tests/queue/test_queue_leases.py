@@ -25,10 +25,6 @@ from tests.queue.test_scheduler import MSG, Clock, Harness
 INFLIGHT, QUEUED = RecipientState.INFLIGHT, RecipientState.QUEUED
 
 
-async def no_inject(*_a: object) -> str:
-    raise AssertionError("not used")
-
-
 class CountingCourier:
     """Delivers everything after ``delay`` seconds, counting each recipient it was given."""
 
@@ -72,7 +68,6 @@ def scheduler(
         config,
         spool,
         courier,
-        no_inject,
         clock=clock,
         poll_interval=0.02,
         **kw,  # type: ignore[arg-type]

@@ -97,14 +97,10 @@ class Harness:
             self.config,
             self.spool,
             self.courier,
-            self.inject,
             clock=self.clock,
             poll_interval=0.02,
             **(sched or {}),
         )
-
-    async def inject(self, mail_from: str, rcpts: tuple[str, ...], data: bytes, flags: int) -> str:
-        raise AssertionError("DSNs are queued by the spool, not through inject")
 
     @property
     def injected(self) -> list[tuple[str, tuple[str, ...], bytes]]:
@@ -332,10 +328,7 @@ async def test_backlog_never_takes_the_whole_active_window(tmp_path: Path) -> No
     spool = Spool(store, clock)
     courier = BlockingCourier()
 
-    async def inject(*_a: object) -> str:
-        return "x"
-
-    sched = Scheduler(config, spool, courier, inject, clock=clock, poll_interval=0.02)
+    sched = Scheduler(config, spool, courier, clock=clock, poll_interval=0.02)
     for i in range(50):  # a backlog of due mail in the store
         await spool.enqueue(NewMessage("a@example.com", (f"r{i}@example.org",), MSG))
     task = asyncio.create_task(sched.run())
