@@ -49,6 +49,7 @@ from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from relay import logs, metrics
 from relay.config import Config, HostPort
+from relay.dsnparams import DsnParamError
 from relay.errors import SmtpReplyError
 from relay.model import ConnInfo, Envelope, MailDsn, RcptDsn
 from relay.smtp.address import AddressError, parse_params, parse_path
@@ -57,7 +58,6 @@ from relay.smtp.dsnparams import (
     DSN_MAIL_EXTRA,
     DSN_RCPT_EXTRA,
     MAIL_DSN_PARAMS,
-    DsnParamError,
     mail_dsn_param,
     rcpt_dsn_params,
 )
