@@ -289,6 +289,7 @@ class SmtpSession(SMTP):
         self._stop_requested = False
         self._started = 0.0
         self._last_progress = 0.0
+        self._mail_at: float | None = None  # monotonic time of the last MAIL (metrics)
         self._reset_transaction()
 
     # ------------------------------------------------------------ connection
@@ -723,13 +724,13 @@ class SmtpSession(SMTP):
         if result.reply is not None:
             self._phase = "command"
             log.info("smtp_data_rejected", peer=self._peer_ip, reply=result.reply)
-            metrics.smtp_message(result.reply, getattr(self, "_mail_at", None))
+            metrics.smtp_message(result.reply, self._mail_at)
             if not await self._error(result.reply):
                 return False
         else:
             assert result.content is not None
             reply = await self._submit(envelope, result.content)
-            metrics.smtp_message(reply, getattr(self, "_mail_at", None))
+            metrics.smtp_message(reply, self._mail_at)
             self._phase = "command"
             await self.push(reply)
             if reply.startswith("421"):  # closing the channel (RFC 5321 3.8)
