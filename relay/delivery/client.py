@@ -47,8 +47,8 @@ from aiosmtplib.protocol import (
 from relay.delivery.guard import address_problem
 from relay.delivery.tls import STARTTLS_MISSING_REASON, TlsInfo, classify_tls_error, tls_info
 from relay.delivery.wiretap import TAP_ATTRIBUTE, SessionTap, session_tap
+from relay.dsnparams import mail_options, rcpt_options
 from relay.model import MailDsn, RcptDsn, SmtpReply, TlsResultType
-from relay.smtp.dsnparams import mail_options, rcpt_options
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s|$)")
 MAX_REPLY_TEXT = 512

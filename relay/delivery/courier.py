@@ -95,10 +95,6 @@ MAX_CONNECTION_AGE = 300.0
 MAX_ADDRESSES_PER_HOST = 2
 
 
-def effective_mode(policy: TlsPolicy | None, job: DeliveryJob) -> Mode:
-    return tlspolicy.effective_mode(tlspolicy.policy_mode(policy), not job.tls_required)
-
-
 # ---------------------------------------------------------------------- connection pool
 
 

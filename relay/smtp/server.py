@@ -49,6 +49,7 @@ from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from relay import logs, metrics
 from relay.config import Config, HostPort
+from relay.dsnparams import DsnParamError
 from relay.errors import SmtpReplyError
 from relay.model import ConnInfo, Envelope, MailDsn, RcptDsn
 from relay.smtp.address import AddressError, parse_params, parse_path
@@ -57,7 +58,6 @@ from relay.smtp.dsnparams import (
     DSN_MAIL_EXTRA,
     DSN_RCPT_EXTRA,
     MAIL_DSN_PARAMS,
-    DsnParamError,
     mail_dsn_param,
     rcpt_dsn_params,
 )
@@ -289,6 +289,7 @@ class SmtpSession(SMTP):
         self._stop_requested = False
         self._started = 0.0
         self._last_progress = 0.0
+        self._mail_at: float | None = None  # monotonic time of the last MAIL (metrics)
         self._reset_transaction()
 
     # ------------------------------------------------------------ connection
@@ -723,13 +724,13 @@ class SmtpSession(SMTP):
         if result.reply is not None:
             self._phase = "command"
             log.info("smtp_data_rejected", peer=self._peer_ip, reply=result.reply)
-            metrics.smtp_message(result.reply, getattr(self, "_mail_at", None))
+            metrics.smtp_message(result.reply, self._mail_at)
             if not await self._error(result.reply):
                 return False
         else:
             assert result.content is not None
             reply = await self._submit(envelope, result.content)
-            metrics.smtp_message(reply, getattr(self, "_mail_at", None))
+            metrics.smtp_message(reply, self._mail_at)
             self._phase = "command"
             await self.push(reply)
             if reply.startswith("421"):  # closing the channel (RFC 5321 3.8)

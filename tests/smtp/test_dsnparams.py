@@ -7,20 +7,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.model import MailDsn, RcptDsn
-from relay.smtp.dsnparams import (
+from relay.dsnparams import (
     DsnParamError,
     mail_options,
     parse_envid,
     parse_notify,
     parse_orcpt,
     parse_ret,
-    rcpt_dsn_params,
     rcpt_options,
     wants,
     xtext_decode,
     xtext_encode,
 )
+from relay.model import MailDsn, RcptDsn
+from relay.smtp.dsnparams import rcpt_dsn_params
 
 PRINTABLE = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=80)
 
