@@ -49,7 +49,7 @@ from relay.queue.spool import (
     RecipientUpdate,
     new_qid,
 )
-from relay.smtp.dsnparams import wants
+from relay.dsnparams import wants
 
 log = logs.get("relay.queue")
 

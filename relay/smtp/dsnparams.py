@@ -6,7 +6,6 @@ MailDsn/RcptDsn. The parsing itself is relay.dsnparams, shared with delivery.
 from __future__ import annotations
 
 from relay.dsnparams import MAX_ENVID, MAX_ORCPT, parse_envid, parse_notify, parse_orcpt, parse_ret
-from relay.dsnparams import wants as wants  # relay.queue.scheduler still imports it from here
 from relay.model import MailDsn, RcptDsn
 
 MAIL_DSN_PARAMS = ("RET", "ENVID")
