@@ -26,6 +26,7 @@ from typing import Protocol
 from relay import logs, metrics
 from relay.config import Config
 from relay.dsn import DsnRecipient, build_dsn
+from relay.dsnparams import wants
 from relay.errors import RelayError
 from relay.model import (
     AttemptResult,
@@ -49,7 +50,6 @@ from relay.queue.spool import (
     RecipientUpdate,
     new_qid,
 )
-from relay.dsnparams import wants
 
 log = logs.get("relay.queue")
 
