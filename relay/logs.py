@@ -15,10 +15,13 @@ fields of a line that would be dropped.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import time
 from typing import Any
 
+import orjson
 import structlog
 
 _LEVELS = {
@@ -72,10 +75,10 @@ def setup(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     if fmt == "plain":
         renderer = plain_renderer
     elif use_json:
-        renderer = structlog.processors.JSONRenderer()
+        renderer = json_renderer
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=tty)
-    stamp = [] if fmt == "plain" else [structlog.processors.TimeStamper(fmt="iso", utc=True)]
+    stamp = [] if fmt == "plain" else [iso_utc_stamper]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -88,6 +91,38 @@ def setup(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
         logger_factory=lambda *_args: _LineLogger(stream),
         cache_logger_on_first_use=False,
     )
+
+
+_stamp_second = -1
+_stamp_prefix = ""
+
+
+def iso_utc_stamper(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    """``timestamp``: ISO 8601 UTC with microseconds, as structlog's TimeStamper(fmt="iso",
+    utc=True) writes it ("2026-12-02T18:17:15.025522Z"), with the date part formatted once
+    a second instead of at every line (a line costs ~45 us with structlog's own stamper and
+    renderer; hot paths log three lines a message)."""
+    global _stamp_second, _stamp_prefix
+    now = time.time()
+    second = int(now)
+    if second != _stamp_second:
+        _stamp_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _stamp_second = second
+    event["timestamp"] = f"{_stamp_prefix}.{int((now - second) * 1e6):06d}Z"
+    return event
+
+
+_ORJSON_OPTS = orjson.OPT_NON_STR_KEYS
+
+
+def json_renderer(_logger: Any, _name: str, event: dict[str, Any]) -> str:
+    """One JSON object, like structlog's JSONRenderer (non-JSON values as their repr), with
+    orjson (about 5x the stdlib json here); falls back to json for what orjson refuses
+    (integers beyond 64 bits)."""
+    try:
+        return orjson.dumps(event, default=repr, option=_ORJSON_OPTS).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        return json.dumps(event, default=repr)
 
 
 def plain_renderer(_logger: Any, _name: str, event: dict[str, Any]) -> str:
