@@ -12,7 +12,7 @@ postconf(5) smtp_tls_policy_maps; RFC 8461; RFC 7672).
   relay's own decision (relay.delivery.tlspolicy.decide, asked as for a job); this module
   only says it in Postfix's words. Every branch names its RFC section.
 
-The reply table is in docs/postfix-policy.md and docs/contract.md.
+The reply table is in docs/contract.md; the set-up and the choices in docs/postfix-policy.md.
 """
 
 from __future__ import annotations
