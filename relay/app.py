@@ -151,6 +151,7 @@ class RelayApp:
         self.ledger: Any = None
         self.lists: ListService | None = None
         self.http_server: Any = None
+        self.policy_server: Any = None
 
     @property
     def bound(self) -> list[tuple[str, int]]:
@@ -255,6 +256,8 @@ class RelayApp:
             await self._start_http(svc)
         elif self.leader:  # /metrics and /health without lists
             await self._start_http(None)
+        if self.leader:
+            await self._start_policy_server()
         await self.server.start(sockets)
         log.info(
             "started",
@@ -305,16 +308,23 @@ class RelayApp:
         self._closers.insert(0, self.http_server.stop)
 
     def _build_policy_manager(self) -> Any:
-        from relay.http import SafeHttpClient
         from relay.mtasts.manager import PolicyManager
 
-        http = SafeHttpClient(
-            self.resolver,
-            ca_file=self.config.delivery.ca_file,
-            allow_private=self.config.http.allow_private_addresses,
-            timeout=self.config.mta_sts.fetch_timeout,
-        )
-        return PolicyManager(self.config, self.resolver, self.store, http, clock=self.clock)
+        return PolicyManager.from_config(self.config, self.resolver, self.store, self.clock)
+
+    async def _start_policy_server(self) -> None:
+        """[policy_server] listen: Postfix's smtp_tls_policy_maps answered from the same
+        MTA-STS manager (cache, refresher) delivery uses, in the leader only."""
+        if not self.config.policy_server.listen:
+            return
+        from relay.policyserver.server import PolicyServer
+        from relay.policyserver.service import PolicyService
+
+        lookup = self.policy_manager.get_policy if self.policy_manager is not None else None
+        service = PolicyService(self.config, lookup, self.resolver)
+        self.policy_server = PolicyServer(service, self.config.policy_server.listen)
+        await self.policy_server.start()
+        self._closers.insert(0, self.policy_server.stop)
 
     def _build_ledger(self) -> Any:
         from relay.tlsrpt.ledger import TlsRptLedger

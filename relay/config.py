@@ -240,6 +240,15 @@ class HttpServerConfig:
 
 
 @dataclass(frozen=True)
+class PolicyServerConfig:
+    """``[policy_server]``: Postfix's smtp_tls_policy_maps socketmap (relay.policyserver)."""
+
+    listen: tuple[HostPort, ...] = ()  # empty: `relay serve` runs no policy server
+    map_name: str = "postfix"  # the name in socketmap:inet:host:port:NAME
+    lookup_timeout: float = 30.0  # answer TEMP before Postfix's 100 s socketmap timeout
+
+
+@dataclass(frozen=True)
 class DkimSignConfig:
     """One outbound DKIM key, ``[[dkim.sign]]``: signs mail whose From domain is domain or
     a subdomain of it."""
@@ -274,6 +283,7 @@ class Config:
     lists: dict[str, ListConfig] = field(default_factory=dict)
     lists_http: ListsHttpConfig = field(default_factory=ListsHttpConfig)
     http_server: HttpServerConfig = field(default_factory=HttpServerConfig)
+    policy_server: PolicyServerConfig = field(default_factory=PolicyServerConfig)
     dkim_sign: tuple[DkimSignConfig, ...] = ()  # [[dkim.sign]], then the [tlsrpt] alias
 
     @property
@@ -488,6 +498,7 @@ _KNOWN = {
     },
     "lists_http": {"base_url"},
     "http_server": {"listen", "tls_cert", "tls_key"},
+    "policy_server": {"listen", "map_name", "lookup_timeout"},
     # [[dkim.sign]]: the keys of each entry
     "dkim.sign": {"domain", "selector", "private_key"},
 }
@@ -550,6 +561,7 @@ def parse_config(doc: dict[str, Any], p: Path) -> Config:
         lists=lists,
         lists_http=lists_http,
         http_server=read_http_server(sec("http_server")),
+        policy_server=read_policy_server(sec("policy_server")),
         dkim_sign=read_dkim_sign(p, doc.get("dkim", {}), tlsrpt, server.hostname),
     )
 
@@ -885,6 +897,26 @@ def read_lists_http(h: _Section) -> ListsHttpConfig:
     if base and not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", base):
         raise h.err("base_url", f"must be an http(s) URL; got {base!r}")
     return ListsHttpConfig(base_url=base)
+
+
+SOCKETMAP_TIMEOUT = 100.0  # Postfix dict_sockmap's fixed connect/read/write timeout
+
+
+def read_policy_server(ps: _Section) -> PolicyServerConfig:
+    listen = tuple(
+        parse_hostport(x, None, lambda m: ps.err("listen", m), allow_zero=True)
+        for x in ps.strings("listen", ())
+    )
+    name = ps.get("map_name", str, "postfix")
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
+        raise ps.err("map_name", f"must be 1 to 64 letters, digits, '.', '_' or '-'; got {name!r}")
+    timeout = ps.positive("lookup_timeout", float, 30.0, 0.1)
+    if timeout >= SOCKETMAP_TIMEOUT:
+        raise ps.err(
+            "lookup_timeout",
+            f"must be under Postfix's {SOCKETMAP_TIMEOUT:g} s socketmap timeout; got {timeout:g}",
+        )
+    return PolicyServerConfig(listen=listen, map_name=name, lookup_timeout=timeout)
 
 
 def read_http_server(h: _Section) -> HttpServerConfig:

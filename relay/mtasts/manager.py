@@ -109,6 +109,24 @@ class PolicyManager:
             clock=clock,
         )
 
+    @classmethod
+    def from_config(
+        cls,
+        config: Config,
+        resolver: Resolver,
+        store: Store,
+        clock: Callable[[], float] = time.time,
+    ) -> PolicyManager:
+        """The manager with its verified-HTTPS client as ``[delivery] ca_file`` and
+        ``[http] allow_private_addresses`` say (the relay and `relay policy-server`)."""
+        http = SafeHttpClient(
+            resolver,
+            ca_file=config.delivery.ca_file,
+            allow_private=config.http.allow_private_addresses,
+            timeout=config.mta_sts.fetch_timeout,
+        )
+        return cls(config, resolver, store, http, clock=clock)
+
     # ------------------------------------------------------------------ public
 
     async def get_policy(self, domain: str) -> TlsPolicy:
