@@ -36,7 +36,6 @@ from aiosmtplib import (
     SMTPServerDisconnected,
     SMTPTimeoutError,
 )
-from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import (
     COMMAND_INJECTION_REGEX,
     MAX_RESPONSE_LENGTH,
@@ -44,7 +43,7 @@ from aiosmtplib.protocol import (
     normalize_message_line_endings,
 )
 
-from relay.delivery.guard import address_problem
+from relay.delivery.guard import address_problem, wire_address
 from relay.delivery.tls import STARTTLS_MISSING_REASON, TlsInfo, classify_tls_error, tls_info
 from relay.delivery.wiretap import TAP_ATTRIBUTE, SessionTap, session_tap
 from relay.dsnparams import mail_options, rcpt_options
@@ -465,14 +464,14 @@ class SmtpSession:
         batch = [
             _command(
                 b"MAIL",
-                b"FROM:" + quote_address(mail_from).encode(encoding),
+                b"FROM:" + wire_address(mail_from).encode(encoding),
                 *(o.encode("ascii") for o in options),
             )
         ]
         batch.extend(
             _command(
                 b"RCPT",
-                b"TO:" + quote_address(r).encode(encoding),
+                b"TO:" + wire_address(r).encode(encoding),
                 *(o.encode("ascii") for o in ropts[r]),
             )
             for r in recipients
