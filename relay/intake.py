@@ -242,9 +242,7 @@ class Intake:
             self.queue.submit_new(qid, new, now, claimed)
         return f"2.0.0 Ok: queued as {qid}"
 
-    async def _enqueue(
-        self, new: NewMessage, qid: QueueId, lists: Pending | None = None
-    ) -> bool:
+    async def _enqueue(self, new: NewMessage, qid: QueueId, lists: Pending | None = None) -> bool:
         """Write durably (with the list recipients' part, when given, in the same
         transaction); claim a place in the active window when there is one."""
         claimed = self.queue.reserve() if self.queue is not None else False

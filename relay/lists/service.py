@@ -39,7 +39,14 @@ from relay.lists import notices, policy, transform
 from relay.lists.addresses import ListAddress, address_of, parse_list_address
 from relay.lists.bounces import read_bounce
 from relay.model import Envelope, QueueId, SmtpReply
-from relay.queue.spool import FLAG_NO_DSN, NewMessage, Spool, new_qid, queue_insert
+from relay.queue.spool import (
+    FLAG_NO_DSN,
+    NewMessage,
+    Spool,
+    extract_message_id,
+    new_qid,
+    queue_insert,
+)
 from relay.stages import Verdict
 from relay.store import Store
 
@@ -300,9 +307,12 @@ class ListService:
         verdict: db.PostVerdict = ("", ""),
     ) -> int:
         rcpts = db.active_addresses(c, cfg.address)
+        if cfg.archive_public:  # RFC 2369 List-Archive, RFC 5064 Archived-At
+            data = transform.with_archive(data, cfg, self.base_url, post_id)
         db.store_post(c, post_id, cfg.address, data, rcpts, now, verdict)
         if cfg.archive:
-            db.archive(c, cfg.address, transform.author(data)[1], data, now)
+            mid = extract_message_id(data).strip().strip("<>")
+            db.archive(c, cfg.address, transform.author(data)[1], data, now, post_id, mid)
         if not rcpts:
             db.mark_done(c, post_id, ())
         return len(rcpts)

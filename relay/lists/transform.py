@@ -31,6 +31,7 @@ _LIST_FIELDS = frozenset(
         b"list-unsubscribe-post",
         b"list-owner",
         b"list-archive",
+        b"archived-at",
         b"precedence",
         b"return-path",
         b"errors-to",
@@ -178,6 +179,23 @@ def list_headers(cfg: ListConfig, base_url: str) -> list[Field]:
         _line("Precedence", "list"),
         _line("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
     ]
+
+
+def archive_url(cfg: ListConfig, base_url: str, archive_id: str = "") -> str:
+    """The list's web archive (its index, or one post's page): BASE/lists/archive/LIST-ID/."""
+    return f"{base_url}/lists/archive/{list_id(cfg)}/{archive_id}"
+
+
+def with_archive(distributed: bytes, cfg: ListConfig, base_url: str, archive_id: str) -> bytes:
+    """The list-wide copy with List-Archive (RFC 2369 section 3.6) and Archived-At
+    (RFC 5064 section 2) below our other list fields (any earlier ones were removed)."""
+    fields, body = split_message(distributed)
+    new = [
+        _line("List-Archive", f"<{archive_url(cfg, base_url)}>"),
+        _line("Archived-At", f"<{archive_url(cfg, base_url, archive_id)}>"),
+    ]
+    at = next((i + 1 for i, f in enumerate(fields) if f.key == b"list-owner"), len(fields))
+    return join_message(fields[:at] + new + fields[at:], body)
 
 
 def unsubscribe_value(cfg: ListConfig, base_url: str, token: str) -> str:
