@@ -188,7 +188,7 @@ class Intake:
         if self.lists is not None:
             # unsealed: each list copy gets our one ARC set over its final header
             # fields (i = previous + 1), repeating this verdict in its AAR
-            verdict = Verdict(judged.ar_value, judged.chain)
+            verdict = Verdict(judged.ar_value, judged.chain, judged.author_policy)
             rest, pending = await self.lists.prepare(env, judged.message.raw, qid, verdict)
             crash_point(LISTS_PREPARED, qid=qid)
             if rest is None:  # list recipients only: the lists store it durably

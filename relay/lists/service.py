@@ -295,7 +295,8 @@ class ListService:
         decision, reason = policy.posting_decision(
             cfg, member is not None and member.state != "pending"
         )
-        distributed = await self.distributed(cfg, message, qid, author)
+        known = verdict.author_policy if verdict is not None else None
+        distributed = await self.distributed(cfg, message, qid, author, known)
         kept = (verdict or Verdict(*chain_of(message))).stored()
         if decision == "hold":
             return self._hold(
@@ -334,10 +335,20 @@ class ListService:
         return len(rcpts)
 
     async def distributed(
-        self, cfg: ListConfig, message: bytes, qid: QueueId, author: str
+        self,
+        cfg: ListConfig,
+        message: bytes,
+        qid: QueueId,
+        author: str,
+        known: tuple[str, str] | None = None,
     ) -> bytes:
+        """The list-wide copy; known: (domain, policy) from intake's DMARC check, used
+        when it is the author's domain (else the policy is looked up here)."""
         dom = transform.address_domain(author)
-        pol = await self.author_policy(dom)
+        if known is not None and known[0] == dom:
+            pol = known[1]
+        else:
+            pol = await self.author_policy(dom)
         mitigate = policy.needs_mitigation(cfg, pol)
         log.info(
             "list_dmarc",
