@@ -361,8 +361,9 @@ class ListService:
         return transform.distribute(message, cfg, self.base_url, mitigate)
 
     async def author_policy(self, domain: str) -> str:
-        """The DMARC policy the author's domain publishes (p=, sp=, np=), through the
-        relay's (caching) resolver: the verdict looked up the same name moments ago."""
+        """The DMARC policy the author's domain publishes (p=, sp=, np=), looked up
+        through the relay's (caching) resolver: only when intake's verdict did not carry
+        it (``[auth]`` off, mail from the scheduler, or a From the check did not use)."""
         if self.resolver is None or not domain:
             return ""
         from relay.auth.dmarc import discover
