@@ -19,6 +19,7 @@ from email.header import Header, decode_header, make_header
 
 from relay.config import ListConfig
 from relay.lists.addresses import address_of, list_id
+from relay.message import head_end, split_fields
 
 # fields another list (or a spoofer) put there; ours replace them
 _LIST_FIELDS = frozenset(
@@ -55,23 +56,20 @@ class Field:
 
 
 def split_message(message: bytes) -> tuple[list[Field], bytes]:
-    """(header fields in order, body). Lines keep their endings; a header block without
-    a blank line is all header."""
-    end = message.find(b"\r\n\r\n")
+    """(header fields in order, body), split by relay.message's rules (the one header
+    splitter: LF-only line ends tolerated, a line that is no field kept as it came, with
+    an empty name). Lines keep their endings; a header block without an empty line is
+    all header."""
+    end = head_end(message)
     if end < 0:
         head, body = message, b""
-        if not head.endswith(b"\r\n"):
+        if not head.endswith(b"\n"):
             head += b"\r\n"
     else:
-        head, body = message[: end + 2], message[end + 4 :]
-    fields: list[Field] = []
-    for line in head.splitlines(keepends=True):
-        if line[:1] in (b" ", b"\t") and fields:
-            last = fields[-1]
-            fields[-1] = Field(last.name, last.raw + line)
-        elif b":" in line:
-            fields.append(Field(line.split(b":", 1)[0].strip(), line))
-    return fields, body
+        head = message[: end + 1]
+        start = end + 1
+        body = message[start + (2 if message[start : start + 2] == b"\r\n" else 1) :]
+    return [Field(f.name.encode(), f.raw) for f in split_fields(head)], body
 
 
 def join_message(fields: list[Field], body: bytes) -> bytes:
