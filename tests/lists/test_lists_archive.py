@@ -166,7 +166,7 @@ async def test_copies_carry_list_archive_and_archived_at_under_dkim(served: Any,
     kept = await store.read(lambda c: db.archived(c, PRIVATE))
     assert len(kept) == 1
     async with aiohttp.ClientSession() as http:
-        for path in ("quiet.lists.example.org/", "quiet/", f"quiet.lists.example.org/Q2"):
+        for path in ("quiet.lists.example.org/", "quiet/", "quiet.lists.example.org/Q2"):
             async with http.get(f"{base}/lists/archive/{path}") as r:
                 assert r.status == 404
         # the archived copy is the one distributed, its Archived-At included
