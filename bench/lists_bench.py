@@ -99,6 +99,7 @@ def run_relay(work: Path, dns: LabDnsServer, zone: Zone, members: list[str]) -> 
     try:
         wait_port(RELAY_HOST, port, timeout=30)
         time.sleep(1.0)
+        settle(proc.pid)  # start-up done (workers, the signing pools keyed): an idle relay
         pids = tree(proc.pid)
         cpu0 = cpu_seconds(pids)
         t0 = time.monotonic()
@@ -122,6 +123,18 @@ def run_relay(work: Path, dns: LabDnsServer, zone: Zone, members: list[str]) -> 
         except subprocess.TimeoutExpired:
             proc.kill()
         sink.stop()
+
+
+def settle(pid: int, timeout: float = 30.0) -> None:
+    """Until the process tree uses under 5% of a CPU over half a second."""
+    deadline = time.monotonic() + timeout
+    last = cpu_seconds(tree(pid))
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = cpu_seconds(tree(pid))
+        if now - last < 0.025:
+            return
+        last = now
 
 
 def run_postfix(work: Path, members: list[str]) -> dict[str, Any]:

@@ -295,6 +295,7 @@ class RelayApp:
             notify=queue.submit_new,
             clock=self.clock,
         )
+        self.lists.start_warm()  # the pool's processes started and keyed before any post
         return ListsStage(self.lists)
 
     async def _start_http(self, lists: ListService | None) -> None:

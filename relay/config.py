@@ -210,7 +210,8 @@ class ListConfig:
     reply_to: str = "author"  # author | list
     owners: tuple[str, ...] = ()
     footer: str = ""
-    archive: bool = True
+    archive: bool = True  # each post kept as distributed (`relay list archive`)
+    archive_public: bool = True  # and served at BASE/lists/archive/ (archive = true)
     max_message_size: int = 10485760
     bounce_threshold: float = 5.0
 
@@ -872,6 +873,9 @@ def read_lists(p: Path, raw: Any) -> dict[str, ListConfig]:
         for k in ("name", "subject_prefix"):
             if any(c in s.get(k, str, "") for c in '\r\n"<>'):
                 raise s.err(k, "must be one line without quotes or angle brackets")
+        archive = s.data.get("archive", True)
+        if not isinstance(archive, bool) and archive != "private":
+            raise s.err("archive", f'must be true, false or "private"; got {archive!r}')
         cfg = ListConfig(
             address=f"{local}@{domain}",
             name=s.get("name", str, ""),
@@ -882,7 +886,8 @@ def read_lists(p: Path, raw: Any) -> dict[str, ListConfig]:
             reply_to=s.choice("reply_to", "author", REPLY_TO),
             owners=owners,
             footer=s.get("footer", str, ""),
-            archive=s.get("archive", bool, True),
+            archive=archive is not False,
+            archive_public=archive is True,
             max_message_size=s.positive("max_message_size", int, 10485760, 1024),
             bounce_threshold=s.positive("bounce_threshold", float, 5.0, 0.5),
         )

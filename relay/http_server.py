@@ -13,6 +13,12 @@ always there when the listener is configured.
 * ``GET /lists/subscribe/LIST`` a form; its ``POST`` sends a confirmation (at most one an
   hour per address) and answers the same whatever the address is, so nothing tells a
   visitor whether an address is a member;
+* ``GET /lists/archive/LIST/`` the web archive of a list with ``archive = true`` (LIST:
+  its List-Id ``dev.lists.example.org``, its address, or its local part): an index,
+  newest first, 50 a page (``?page=N``); ``GET /lists/archive/LIST/ID`` one post (ID: the
+  last segment of its Archived-At, or its Message-ID) rendered escaped by
+  relay.lists.archive; ``.../ID/raw`` the post as distributed, as a message/rfc822
+  download;
 * an unknown token or list: 404 with a plain message. Pages are small HTML without
   JavaScript; tokens are in the path, so every answer says ``Referrer-Policy: no-referrer``
   and ``Cache-Control: no-store``.
@@ -35,6 +41,8 @@ from relay import logs, metrics
 from relay.config import Config, HostPort
 
 if TYPE_CHECKING:
+    from relay.config import ListConfig
+    from relay.lists.members import Archived
     from relay.lists.service import ListService
 
 log = logs.get("relay.http_server")
@@ -99,7 +107,77 @@ class ListsHttp:
             web.post("/lists/confirm/{token}", self.confirm),
             web.get("/lists/subscribe/{list}", self.subscribe_page),
             web.post("/lists/subscribe/{list}", self.subscribe),
+            web.get("/lists/archive/{list}", self.archive_index),
+            web.get("/lists/archive/{list}/", self.archive_index),
+            web.get("/lists/archive/{list}/{id}", self.archive_post),
+            web.get("/lists/archive/{list}/{id}/raw", self.archive_raw),
         ]
+
+    def _archive_list(self, request: web.Request) -> ListConfig | None:
+        """The list named in the path (List-Id, address, or a local part no other list
+        has) whose archive is public; None for the rest."""
+        from relay.lists.addresses import list_id
+
+        name = request.match_info["list"].lower()
+        found = [
+            c
+            for c in self.config.lists.values()
+            if name in (list_id(c), c.address) or name == c.local
+        ]
+        if len(found) != 1 or not found[0].archive_public:
+            return None
+        return found[0]
+
+    async def archive_index(self, request: web.Request) -> web.Response:
+        from relay.lists import archive
+        from relay.lists import members as db
+        from relay.lists.addresses import list_id
+
+        cfg = self._archive_list(request)
+        raw_page = request.query.get("page", "1")
+        if cfg is None or not raw_page.isdigit() or not 0 < int(raw_page) < 10**6:
+            return not_found()
+        page_no, size = int(raw_page), archive.PAGE_SIZE
+        posts, total = await self.lists.store.read(
+            lambda c: db.archive_page(c, cfg.address, size, (page_no - 1) * size)
+        )
+        prefix = f"/lists/archive/{list_id(cfg)}/"
+        body = archive.index_body(prefix, posts, total, page_no, size)
+        return page(
+            f"{cfg.display_name} archive", body, status=200 if posts or page_no == 1 else 404
+        )
+
+    async def _archived(self, request: web.Request) -> tuple[ListConfig, Archived] | None:
+        from relay.lists import members as db
+
+        cfg = self._archive_list(request)
+        if cfg is None:
+            return None
+        ident = request.match_info["id"].strip("<>")
+        post = await self.lists.store.read(lambda c: db.archived_post(c, cfg.address, ident))
+        return None if post is None else (cfg, post)
+
+    async def archive_post(self, request: web.Request) -> web.Response:
+        from relay.lists import archive
+        from relay.lists.addresses import list_id
+
+        got = await self._archived(request)
+        if got is None:
+            return not_found()
+        cfg, post = got
+        title, body = archive.post_body(f"/lists/archive/{list_id(cfg)}/", post)
+        return page(title, body)
+
+    async def archive_raw(self, request: web.Request) -> web.Response:
+        got = await self._archived(request)
+        if got is None:
+            return not_found()
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", got[1].id)[:80]
+        headers = {
+            **_HEADERS,
+            "Content-Disposition": f'attachment; filename="{name}.eml"',
+        }
+        return web.Response(body=got[1].data, content_type="message/rfc822", headers=headers)
 
     @staticmethod
     def _token(request: web.Request) -> str | None:

@@ -26,6 +26,7 @@ from relay.config import Config
 from relay.errors import SmtpReplyError, StoreError
 from relay.message import ParsedMessage
 from relay.model import ConnInfo, Envelope, QueueId
+from relay.queue.faults import LISTS_PREPARED, crash_point
 from relay.queue.spool import (
     FLAG_NO_TLS_REQUIRED,
     FLAG_REQUIRETLS,
@@ -46,7 +47,7 @@ from relay.stages import (
 )
 
 if TYPE_CHECKING:
-    from relay.lists.stage import ListsStage
+    from relay.lists.stage import ListsStage, Pending
 
 log = logs.get("relay.intake")
 
@@ -183,12 +184,15 @@ class Intake:
         message = message.prepend(received_header(conn, env, self.config.server.hostname, qid, now))
         judged = await self.verdict.judge(conn, env, message)
         route = self.router.route(env)
+        pending: Pending | None = None
         if self.lists is not None:
             # unsealed: each list copy gets our one ARC set over its final header
             # fields (i = previous + 1), repeating this verdict in its AAR
-            verdict = Verdict(judged.ar_value, judged.chain)
-            rest = await self.lists.take(env, judged.message.raw, qid, verdict)
-            if rest is None:  # list recipients only: the lists stored it durably
+            verdict = Verdict(judged.ar_value, judged.chain, judged.author_policy)
+            rest, pending = await self.lists.prepare(env, judged.message.raw, qid, verdict)
+            crash_point(LISTS_PREPARED, qid=qid)
+            if rest is None:  # list recipients only: the lists store it durably
+                await self._commit_lists(pending, qid)
                 log.info("to_lists", qid=qid, client=conn.peer_ip, mail_from=env.mail_from)
                 return f"2.0.0 Ok: queued as {qid}"
             if rest is not env:
@@ -220,7 +224,7 @@ class Intake:
             mid,
             **envelope_fields(conn, env, route.originals),
         )
-        claimed = await self._enqueue(new, qid)
+        claimed = await self._enqueue(new, qid, pending)  # with the list part: one write
         log.info(
             "queued",
             qid=qid,
@@ -238,11 +242,15 @@ class Intake:
             self.queue.submit_new(qid, new, now, claimed)
         return f"2.0.0 Ok: queued as {qid}"
 
-    async def _enqueue(self, new: NewMessage, qid: QueueId) -> bool:
-        """Write durably; claim a place in the active window when there is one."""
+    async def _enqueue(self, new: NewMessage, qid: QueueId, lists: Pending | None = None) -> bool:
+        """Write durably (with the list recipients' part, when given, in the same
+        transaction); claim a place in the active window when there is one."""
         claimed = self.queue.reserve() if self.queue is not None else False
         try:
-            await self.spool.enqueue(new, qid, claimed=claimed)
+            if lists is None:
+                await self.spool.enqueue(new, qid, claimed=claimed)
+            else:
+                await self.spool.enqueue(new, qid, claimed=claimed, also=lists.run)
         except StoreError as exc:
             if claimed and self.queue is not None:
                 self.queue.release()
@@ -250,16 +258,32 @@ class Intake:
             raise SmtpReplyError(
                 451, "4.3.0", "Temporary storage failure, try again later"
             ) from exc
+        if lists is not None:
+            lists.done()
         return claimed
+
+    async def _commit_lists(self, pending: Pending | None, qid: QueueId) -> None:
+        assert self.lists is not None
+        try:
+            await self.lists.commit(pending)
+        except StoreError as exc:
+            log.error("list_write_failed", qid=qid, error=str(exc))
+            raise SmtpReplyError(
+                451, "4.3.0", "Temporary storage failure, try again later"
+            ) from exc
 
     async def inject(
         self, mail_from: str, recipients: Sequence[str], data: bytes, flags: int = 0
     ) -> QueueId:
         """Queue locally generated mail (DSNs, reports): our own, so its TLS-Required
         field is honoured (RFC 8460 section 3 asks it of TLS reports)."""
+        pending: Pending | None = None
         if self.lists is not None:  # a DSN about a list copy: to its -bounces+TOKEN
-            rest = await self.lists.take(Envelope(mail_from, tuple(recipients)), data, "")
+            rest, pending = await self.lists.prepare(
+                Envelope(mail_from, tuple(recipients)), data, ""
+            )
             if rest is None:
+                await self._commit_lists(pending, "")
                 return new_qid(self.clock())
             recipients = rest.rcpt_tos
         message = ParsedMessage.parse(data)
@@ -269,7 +293,7 @@ class Intake:
         new = NewMessage(mail_from, tuple(recipients), data, (), flags, mid)
         now = self.clock()
         qid = new_qid(now)
-        claimed = await self._enqueue(new, qid)
+        claimed = await self._enqueue(new, qid, pending)
         log.info(
             "injected",
             qid=qid,

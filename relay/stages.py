@@ -43,6 +43,9 @@ class Judged:
     message: ParsedMessage
     ar_value: str
     chain: ArcResult = ArcResult(ArcCv.NONE)
+    # the author (RFC5322.From) domain and the DMARC policy it publishes (p=, sp= or np=,
+    # "" when none) as the DMARC check found them; None: not checked ([auth] off)
+    author_policy: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +57,9 @@ class Verdict:
 
     ar: str
     chain: ArcResult = ArcResult(ArcCv.NONE)
+    # (author domain, published DMARC policy) from intake's DMARC check, so the lists
+    # need not look it up again; None: unknown (the lists look it up)
+    author_policy: tuple[str, str] | None = None
 
     def stored(self) -> tuple[str, str]:
         """(ar, cv) as the lists' tables keep them."""

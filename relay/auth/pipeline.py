@@ -325,7 +325,9 @@ class Authenticator:
             )
             raise reply_error(verdict.reply or "550 5.7.1 Message rejected by policy")
         chain = verdict.results.arc or ArcResult(ArcCv.NONE)
-        return Judged(verdict.parsed, verdict.ar_value, chain)
+        d = verdict.results.dmarc
+        policy = (d.header_from.lower().rstrip("."), d.record_policy) if d is not None else None
+        return Judged(verdict.parsed, verdict.ar_value, chain, policy)
 
 
 def reply_error(reply: str) -> SmtpReplyError:

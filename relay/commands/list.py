@@ -144,6 +144,7 @@ def run_show(args: argparse.Namespace) -> int:
         "reply_to": cfg.reply_to,
         "owners": list(cfg.owners),
         "archive": cfg.archive,
+        "archive_public": cfg.archive_public,
         "max_message_size": cfg.max_message_size,
         "members": counts,
         "held": len(held),

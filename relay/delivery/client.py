@@ -382,9 +382,7 @@ class SmtpSession:
         encoding = "utf-8" if utf8 else "ascii"
         self.transactions += 1
         if self.pipelining:
-            tx = await self._send_pipelined(
-                mail_from, recipients, data, options, encoding, ropts
-            )
+            tx = await self._send_pipelined(mail_from, recipients, data, options, encoding, ropts)
             return dataclasses.replace(tx, dsn=passed)
         if self.pending_rset and not await self.reset():
             self.close()

@@ -983,9 +983,7 @@ def _tls_type(exc: SessionError) -> TlsResultType:
     return TlsResultType.STARTTLS_NOT_SUPPORTED
 
 
-def _recipient(
-    address: str, reply: SmtpReply, remote: str, dsn: bool = False
-) -> RecipientResult:
+def _recipient(address: str, reply: SmtpReply, remote: str, dsn: bool = False) -> RecipientResult:
     if 200 <= reply.code < 300:
         state = RecipientState.DELIVERED
     elif 400 <= reply.code < 500:

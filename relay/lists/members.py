@@ -84,6 +84,15 @@ MIGRATIONS = [
     ALTER TABLE list_held ADD COLUMN ar TEXT NOT NULL DEFAULT '';
     ALTER TABLE list_held ADD COLUMN arc_cv TEXT NOT NULL DEFAULT ''
     """,
+    # the web archive: each post's id (its Archived-At URI's last segment) and
+    # Message-ID, both looked up from the URL
+    """
+    ALTER TABLE list_archive ADD COLUMN archive_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE list_archive ADD COLUMN message_id TEXT NOT NULL DEFAULT '';
+    UPDATE list_archive SET archive_id = 'a' || seq WHERE archive_id = '';
+    CREATE INDEX list_archive_id ON list_archive(list, archive_id);
+    CREATE INDEX list_archive_mid ON list_archive(list, message_id)
+    """,
 ]
 
 # (our Authentication-Results value, the ARC chain's cv: none|pass|fail) of a post as
@@ -424,11 +433,55 @@ def expired_held(conn: sqlite3.Connection, before: float) -> list[Held]:
 # ---------------------------------------------------------------- archive
 
 
-def archive(conn: sqlite3.Connection, lst: str, mail_from: str, data: bytes, now: float) -> None:
-    conn.execute(
-        "INSERT INTO list_archive(list, mail_from, data, created) VALUES(?,?,?,?)",
-        (lst, mail_from, data, now),
+@dataclass(frozen=True, slots=True)
+class Archived:
+    id: str  # the archive id (the post's id; 'a' + seq for posts archived before ids)
+    created: float
+    data: bytes
+
+
+def archive(
+    conn: sqlite3.Connection,
+    lst: str,
+    mail_from: str,
+    data: bytes,
+    now: float,
+    archive_id: str = "",
+    message_id: str = "",
+) -> None:
+    cur = conn.execute(
+        "INSERT INTO list_archive(list, mail_from, data, created, archive_id, message_id) "
+        "VALUES(?,?,?,?,?,?)",
+        (lst, mail_from, data, now, archive_id, message_id),
     )
+    if not archive_id:
+        conn.execute(
+            "UPDATE list_archive SET archive_id = 'a' || seq WHERE seq=?", (cur.lastrowid,)
+        )
+
+
+def archive_page(
+    conn: sqlite3.Connection, lst: str, limit: int, offset: int
+) -> tuple[list[Archived], int]:
+    """A page of the archive, newest first, and how many posts it holds."""
+    rows = conn.execute(
+        "SELECT archive_id, created, data FROM list_archive WHERE list=? "
+        "ORDER BY seq DESC LIMIT ? OFFSET ?",
+        (lst, limit, offset),
+    ).fetchall()
+    total = conn.execute("SELECT COUNT(*) FROM list_archive WHERE list=?", (lst,)).fetchone()
+    return [Archived(str(r[0]), float(r[1]), bytes(r[2])) for r in rows], int(total[0])
+
+
+def archived_post(conn: sqlite3.Connection, lst: str, ident: str) -> Archived | None:
+    """One archived post by its archive id or its Message-ID (without the brackets)."""
+    row = conn.execute(
+        "SELECT archive_id, created, data FROM list_archive WHERE list=? AND archive_id=? "
+        "UNION ALL SELECT archive_id, created, data FROM list_archive WHERE list=? AND "
+        "message_id=? LIMIT 1",
+        (lst, ident, lst, ident),
+    ).fetchone()
+    return None if row is None else Archived(str(row[0]), float(row[1]), bytes(row[2]))
 
 
 def archived(conn: sqlite3.Connection, lst: str) -> list[tuple[str, float, bytes]]:

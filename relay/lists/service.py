@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import re
 import secrets
 import sqlite3
@@ -39,13 +40,24 @@ from relay.lists import notices, policy, transform
 from relay.lists.addresses import ListAddress, address_of, parse_list_address
 from relay.lists.bounces import read_bounce
 from relay.model import Envelope, QueueId, SmtpReply
-from relay.queue.spool import FLAG_NO_DSN, NewMessage, Spool, new_qid, queue_insert
+from relay.queue.spool import (
+    FLAG_NO_DSN,
+    NewMessage,
+    Spool,
+    extract_message_id,
+    new_qid,
+    queue_insert,
+)
 from relay.stages import Verdict
 from relay.store import Store
 
 log = logs.get("relay.lists")
 
 NotifyFn = Callable[[QueueId, NewMessage, float, bool], None]
+# what mail to one list address writes: run inside a store transaction (alone, or in
+# the one that queues the message's other recipients), it returns what to do once that
+# transaction is committed (start the fan-out, tell the scheduler, log)
+Write = Callable[[sqlite3.Connection], Callable[[], None]]
 BATCH = 50  # member copies per commit of the fan-out
 PARALLEL = 2  # slices of a batch signed at once (the app gives the lists two processes)
 RESUME_AFTER = 300.0  # the periodic sweep resumes fan-outs stalled this long
@@ -139,12 +151,26 @@ def make_copies(
     verdict: Verdict | None = None,
 ) -> list[tuple[str, str, bytes]]:
     """CopyMaker.batch in a worker process: the keys are loaded once per process."""
+    return _maker(config).batch(cfg, distributed, rcpts, verdict)
+
+
+def _maker(config: Config) -> CopyMaker:
     key = (str(config.path), config.arc, config.dkim_sign, config.authserv_id)
     maker = _MAKERS.get(key)
     if maker is None:
         maker = CopyMaker(config, OutboundSigner.from_config(config), build_sealer(config))
         _MAKERS[key] = maker
-    return maker.batch(cfg, distributed, rcpts, verdict)
+    return maker
+
+
+def prime(config: Config, hold: float = 0.2) -> int:
+    """In a pool process, before any post: the imports done and the keys loaded (tens of
+    milliseconds of CPU a key, more for the imports), which the first fan-out would
+    otherwise pay. Holds the process a moment so that each of the PARALLEL prime jobs
+    submitted at once starts a process of its own."""
+    _maker(config)
+    time.sleep(hold)
+    return os.getpid()
 
 
 def build_sealer(config: Config) -> ArcSealer | None:
@@ -179,6 +205,7 @@ class ListService:
         self.clock = clock
         self.base_url = config.lists_http.base_url
         self._running: dict[str, asyncio.Task[int]] = {}
+        self._warming: asyncio.Future[list[int]] | None = None
         db.open_tables(store)
         Spool(store)  # the queue's tables: copies and notices are written into them
 
@@ -206,22 +233,40 @@ class ListService:
         """Handle mail for list address rcpt durably (raises SmtpReplyError to refuse).
         verdict: what intake recorded (message is then not sealed by intake); None for
         mail that was sealed or is our own (a DSN)."""
+        write = await self.prepare(env, rcpt, message, qid, verdict)
+        if write is not None:
+            after = await self.store.write(write)
+            after()
+
+    async def prepare(
+        self,
+        env: Envelope,
+        rcpt: str,
+        message: bytes,
+        qid: QueueId,
+        verdict: Verdict | None = None,
+        index: int = 0,
+    ) -> Write | None:
+        """The checks, lookups and signing for mail to list address rcpt (raises
+        SmtpReplyError to refuse), and the write that makes it durable: the caller runs
+        it in one transaction with the rest of the message (relay.lists.stage), then
+        calls what it returns. None: nothing to write (a dropped bounce or auto-reply).
+        index: this recipient's place among the transaction's list posts (the second
+        post of one transaction, to another list, gets its own post id)."""
         la = self.address(rcpt)
         if la is None:
             raise SmtpReplyError(550, "5.1.1", "no such list address")
         if la.kind == "post":
-            await self._post(la, env, message, qid, verdict)
-            return
+            return await self._post(la, env, message, qid, verdict, index)
         if la.kind == "owner":
-            await self._owner(la, env, message, qid, verdict)
-            return
+            return await self._owner(la, env, message, qid, verdict)
         handler = {
             "subscribe": self._subscribe,
             "unsubscribe": self._unsubscribe,
             "bounces": self._bounce,
             "confirm": self._confirm,
         }[la.kind]
-        await handler(la, env, message, qid)
+        return await handler(la, env, message, qid)
 
     def _sender(self, env: Envelope, message: bytes) -> str:
         return env.mail_from or transform.author(message)[1]
@@ -233,7 +278,8 @@ class ListService:
         message: bytes,
         qid: QueueId,
         verdict: Verdict | None = None,
-    ) -> None:
+        index: int = 0,
+    ) -> Write | None:
         cfg = la.list
         if transform.has_our_list_id(message, cfg):
             log.warning("list_loop_refused", qid=qid, list=cfg.address)
@@ -242,23 +288,30 @@ class ListService:
             raise SmtpReplyError(552, "5.3.4", "Message too big for this list")
         if not env.mail_from or transform.auto_submitted(message):
             log.info("list_post_automatic_dropped", qid=qid, list=cfg.address)
-            return  # a bounce or auto-reply to the post address never goes to the list
+            return None  # a bounce or auto-reply to the post address never goes there
         _, author = transform.author(message)
         now = self.clock()
         member = await self.store.read(lambda c: db.get_member(c, cfg.address, author))
         decision, reason = policy.posting_decision(
             cfg, member is not None and member.state != "pending"
         )
-        distributed = await self.distributed(cfg, message, qid, author)
+        known = verdict.author_policy if verdict is not None else None
+        distributed = await self.distributed(cfg, message, qid, author, known)
         kept = (verdict or Verdict(*chain_of(message))).stored()
         if decision == "hold":
-            await self._hold(
+            return self._hold(
                 cfg, env.mail_from, author, message, distributed, reason, qid, now, kept
             )
-            return
-        post_id = qid
-        await self.store.write(lambda c: self._store_post(c, cfg, post_id, distributed, now, kept))
-        log.info("list_post_accepted", qid=qid, list=cfg.address, author=author)
+        post_id = qid if index == 0 else f"{qid}-{index}"
+
+        def run(c: sqlite3.Connection) -> Callable[[], None]:
+            self._store_post(c, cfg, post_id, distributed, now, kept)
+            return functools.partial(self._accepted, post_id, cfg, author)
+
+        return run
+
+    def _accepted(self, post_id: str, cfg: ListConfig, author: str) -> None:
+        log.info("list_post_accepted", qid=post_id, list=cfg.address, author=author)
         self.start_fan_out(post_id)
 
     def _store_post(
@@ -271,18 +324,31 @@ class ListService:
         verdict: db.PostVerdict = ("", ""),
     ) -> int:
         rcpts = db.active_addresses(c, cfg.address)
+        if cfg.archive_public:  # RFC 2369 List-Archive, RFC 5064 Archived-At
+            data = transform.with_archive(data, cfg, self.base_url, post_id)
         db.store_post(c, post_id, cfg.address, data, rcpts, now, verdict)
         if cfg.archive:
-            db.archive(c, cfg.address, transform.author(data)[1], data, now)
+            mid = extract_message_id(data).strip().strip("<>")
+            db.archive(c, cfg.address, transform.author(data)[1], data, now, post_id, mid)
         if not rcpts:
             db.mark_done(c, post_id, ())
         return len(rcpts)
 
     async def distributed(
-        self, cfg: ListConfig, message: bytes, qid: QueueId, author: str
+        self,
+        cfg: ListConfig,
+        message: bytes,
+        qid: QueueId,
+        author: str,
+        known: tuple[str, str] | None = None,
     ) -> bytes:
+        """The list-wide copy; known: (domain, policy) from intake's DMARC check, used
+        when it is the author's domain (else the policy is looked up here)."""
         dom = transform.address_domain(author)
-        pol = await self.author_policy(dom)
+        if known is not None and known[0] == dom:
+            pol = known[1]
+        else:
+            pol = await self.author_policy(dom)
         mitigate = policy.needs_mitigation(cfg, pol)
         log.info(
             "list_dmarc",
@@ -295,8 +361,9 @@ class ListService:
         return transform.distribute(message, cfg, self.base_url, mitigate)
 
     async def author_policy(self, domain: str) -> str:
-        """The DMARC policy the author's domain publishes (p=, sp=, np=), through the
-        relay's (caching) resolver: the verdict looked up the same name moments ago."""
+        """The DMARC policy the author's domain publishes (p=, sp=, np=), looked up
+        through the relay's (caching) resolver: only when intake's verdict did not carry
+        it (``[auth]`` off, mail from the scheduler, or a From the check did not use)."""
         if self.resolver is None or not domain:
             return ""
         from relay.auth.dmarc import discover
@@ -326,7 +393,7 @@ class ListService:
             return True
         return True
 
-    async def _hold(
+    def _hold(
         self,
         cfg: ListConfig,
         mail_from: str,
@@ -337,7 +404,7 @@ class ListService:
         qid: QueueId,
         now: float,
         verdict: db.PostVerdict = ("", ""),
-    ) -> None:
+    ) -> Write:
         subject = _subject(message)
         held_id = secrets.token_hex(4)
         outs = [
@@ -345,7 +412,7 @@ class ListService:
             for o in cfg.owners
         ]
 
-        def run(c: sqlite3.Connection) -> list[tuple[QueueId, NewMessage]]:
+        def run(c: sqlite3.Connection) -> Callable[[], None]:
             db.hold(
                 c,
                 held_id,
@@ -358,42 +425,55 @@ class ListService:
                 now,
                 verdict,
             )
-            return [self._queue(c, o, now) for o in outs]
+            return functools.partial(done, [self._queue(c, o, now) for o in outs])
 
-        queued = await self.store.write(run)
-        self._notify(queued, now)
-        log.info(
-            "list_post_held", qid=qid, list=cfg.address, held=held_id, author=author, reason=reason
-        )
+        def done(queued: list[tuple[QueueId, NewMessage]]) -> None:
+            self._notify(queued, now)
+            log.info(
+                "list_post_held",
+                qid=qid,
+                list=cfg.address,
+                held=held_id,
+                author=author,
+                reason=reason,
+            )
+
+        return run
 
     async def _subscribe(
         self, la: ListAddress, env: Envelope, message: bytes, qid: QueueId
-    ) -> None:
+    ) -> Write | None:
         address = self._sender(env, message)
         if not address:
-            return
-        await self.request_subscription(la.list, address, qid)
+            return None
+        return self._subscription(la.list, address, qid)
 
     async def request_subscription(self, cfg: ListConfig, address: str, qid: str = "") -> None:
         """Send one confirmation (at most one an hour per address); already a member:
         nothing is sent (and nothing tells the asker)."""
+        after = await self.store.write(self._subscription(cfg, address, qid))
+        after()
+
+    def _subscription(self, cfg: ListConfig, address: str, qid: str) -> Write:
         now = self.clock()
         addr = db.normalise(address)
 
-        def run(c: sqlite3.Connection) -> tuple[QueueId, NewMessage] | None:
+        def run(c: sqlite3.Connection) -> Callable[[], None]:
+            queued = []
             m = db.get_member(c, cfg.address, addr)
-            if m is not None and m.state != "pending":
-                return None
-            if not db.confirm_allowed(c, cfg.address, addr, now, policy.CONFIRM_INTERVAL):
-                return None
-            token = db.new_confirm(c, cfg.address, addr, now)
-            out = self.notice(cfg, addr, notices.confirmation(cfg, addr, token, self.base_url))
-            return self._queue(c, out, now)
+            if (m is None or m.state == "pending") and db.confirm_allowed(
+                c, cfg.address, addr, now, policy.CONFIRM_INTERVAL
+            ):
+                token = db.new_confirm(c, cfg.address, addr, now)
+                note = notices.confirmation(cfg, addr, token, self.base_url)
+                queued.append(self._queue(c, self.notice(cfg, addr, note), now))
+            return functools.partial(done, queued)
 
-        queued = await self.store.write(run)
-        log.info("list_subscribe_request", qid=qid, list=cfg.address, sent=queued is not None)
-        if queued is not None:
-            self._notify([queued], now)
+        def done(queued: list[tuple[QueueId, NewMessage]]) -> None:
+            log.info("list_subscribe_request", qid=qid, list=cfg.address, sent=bool(queued))
+            self._notify(queued, now)
+
+        return run
 
     async def confirm(self, token: str) -> db.Member | None:
         now = self.clock()
@@ -404,22 +484,41 @@ class ListService:
             log.info("list_subscribed", list=m.list, address=m.address)
         return m
 
-    async def _confirm(self, la: ListAddress, env: Envelope, message: bytes, qid: QueueId) -> None:
-        m = await self.confirm(la.token) if la.token else None
-        if m is None or m.list != la.list.address:
-            log.info("list_confirm_unknown_token", qid=qid, list=la.list.address)
+    async def _confirm(
+        self, la: ListAddress, env: Envelope, message: bytes, qid: QueueId
+    ) -> Write | None:
+        token, lst = la.token, la.list.address
+        now = self.clock()
+
+        def done(m: db.Member | None) -> None:
+            if m is None or m.list != lst:
+                log.info("list_confirm_unknown_token", qid=qid, list=lst)
+            else:
+                log.info("list_subscribed", qid=qid, list=m.list, address=m.address)
+
+        def run(c: sqlite3.Connection) -> Callable[[], None]:
+            m = db.take_confirm(c, token, now - policy.CONFIRM_VALID, now) if token else None
+            return functools.partial(done, m)
+
+        return run
 
     async def _unsubscribe(
         self, la: ListAddress, env: Envelope, message: bytes, qid: QueueId
-    ) -> None:
+    ) -> Write | None:
         address = self._sender(env, message)
         cfg = la.list
         ar, _ = chain_of(message)
         if not policy.sender_authenticated(ar, self.config.authserv_id):
             log.info("list_unsubscribe_unauthenticated", qid=qid, list=cfg.address)
-            return
-        gone = await self.store.write(lambda c: db.remove_member(c, cfg.address, address))
-        log.info("list_unsubscribe_mail", qid=qid, list=cfg.address, removed=gone)
+            return None
+
+        def done(gone: bool) -> None:
+            log.info("list_unsubscribe_mail", qid=qid, list=cfg.address, removed=gone)
+
+        def run(c: sqlite3.Connection) -> Callable[[], None]:
+            return functools.partial(done, db.remove_member(c, cfg.address, address))
+
+        return run
 
     async def unsubscribe_token(self, token: str) -> bool:
         m = await self.store.write(lambda c: db.remove_by_token(c, token))
@@ -441,20 +540,25 @@ class ListService:
         message: bytes,
         qid: QueueId,
         verdict: Verdict | None = None,
-    ) -> None:
+    ) -> Write | None:
         cfg = la.list
         if not env.mail_from:
             log.info("list_owner_bounce_dropped", qid=qid, list=cfg.address)
-            return
+            return None
         sealer = self.maker.sealer
         if verdict is not None and sealer is not None:  # forwarded: our one ARC set
             message = await asyncio.to_thread(sealer.seal, message, verdict.ar, verdict.chain)
         now = self.clock()
         out = Outgoing(address_of(cfg, "bounces"), cfg.owners, message)
-        queued = await self.store.write(lambda c: self._queue(c, out, now))
-        self._notify([queued], now)
 
-    async def _bounce(self, la: ListAddress, env: Envelope, message: bytes, qid: QueueId) -> None:
+        def run(c: sqlite3.Connection) -> Callable[[], None]:
+            return functools.partial(self._notify, [self._queue(c, out, now)], now)
+
+        return run
+
+    async def _bounce(
+        self, la: ListAddress, env: Envelope, message: bytes, qid: QueueId
+    ) -> Write | None:
         """VERP: the token in the address says who bounced (RFC 3464 / 5965 report or
         plain text); a bounce never goes to the list."""
         cfg = la.list
@@ -463,7 +567,7 @@ class ListService:
         now = self.clock()
         day = time.strftime("%Y-%m-%d", time.gmtime(now))
 
-        def run(c: sqlite3.Connection) -> tuple[str, list[tuple[QueueId, NewMessage]]]:
+        def score(c: sqlite3.Connection) -> tuple[str, list[tuple[QueueId, NewMessage]]]:
             m = db.member_by_token(c, token) if token else None
             if m is None or m.list != cfg.address:
                 return "stranger", []
@@ -486,21 +590,26 @@ class ListService:
             probe = self.notice(cfg, m.address, notices.probe_notice(cfg, m.address))
             return "disabled", [self._queue(c, probe, now)]
 
-        outcome, queued = await self.store.write(run)
-        if outcome == "stranger":
-            log.warning(
-                "list_bounce_unknown_token_dropped", qid=qid, list=cfg.address, kind=report.kind
-            )
-        else:
-            log.info(
-                "list_bounce",
-                qid=qid,
-                list=cfg.address,
-                kind=report.kind,
-                status=report.status,
-                outcome=outcome,
-            )
-        self._notify(queued, now)
+        def done(outcome: str, queued: list[tuple[QueueId, NewMessage]]) -> None:
+            if outcome == "stranger":
+                log.warning(
+                    "list_bounce_unknown_token_dropped", qid=qid, list=cfg.address, kind=report.kind
+                )
+            else:
+                log.info(
+                    "list_bounce",
+                    qid=qid,
+                    list=cfg.address,
+                    kind=report.kind,
+                    status=report.status,
+                    outcome=outcome,
+                )
+            self._notify(queued, now)
+
+        def run(c: sqlite3.Connection) -> Callable[[], None]:
+            return functools.partial(done, *score(c))
+
+        return run
 
     # ------------------------------------------------------------ moderation
 
@@ -542,6 +651,18 @@ class ListService:
         return True
 
     # ------------------------------------------------------------ fan-out
+
+    def start_warm(self) -> None:
+        """Start the signing pool's processes now, keys loaded (relay.lists.service.prime),
+        so the first post's fan-out does not pay for them; a failure is only logged (the
+        first fan-out then loads them itself)."""
+        if not isinstance(self.executor, ProcessPoolExecutor):
+            return
+        loop = asyncio.get_running_loop()
+        jobs = [loop.run_in_executor(self.executor, prime, self.config) for _ in range(PARALLEL)]
+        task = asyncio.ensure_future(asyncio.gather(*jobs))
+        task.add_done_callback(_warm_done)
+        self._warming = task
 
     def start_fan_out(self, post_id: str) -> None:
         if post_id in self._running and not self._running[post_id].done():
@@ -684,6 +805,16 @@ class ListService:
             return
         for qid, new in queued:
             self.notify(qid, new, now, False)
+
+
+def _warm_done(task: asyncio.Future[list[int]]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.warning("list_pool_warm_failed", error=repr(exc))
+    else:
+        log.info("list_pool_ready", pids=sorted(set(task.result())))
 
 
 def _fan_out_done(post_id: str, task: asyncio.Task[int]) -> None:

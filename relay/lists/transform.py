@@ -19,6 +19,7 @@ from email.header import Header, decode_header, make_header
 
 from relay.config import ListConfig
 from relay.lists.addresses import address_of, list_id
+from relay.message import head_end, split_fields
 
 # fields another list (or a spoofer) put there; ours replace them
 _LIST_FIELDS = frozenset(
@@ -31,6 +32,7 @@ _LIST_FIELDS = frozenset(
         b"list-unsubscribe-post",
         b"list-owner",
         b"list-archive",
+        b"archived-at",
         b"precedence",
         b"return-path",
         b"errors-to",
@@ -54,23 +56,20 @@ class Field:
 
 
 def split_message(message: bytes) -> tuple[list[Field], bytes]:
-    """(header fields in order, body). Lines keep their endings; a header block without
-    a blank line is all header."""
-    end = message.find(b"\r\n\r\n")
+    """(header fields in order, body), split by relay.message's rules (the one header
+    splitter: LF-only line ends tolerated, a line that is no field kept as it came, with
+    an empty name). Lines keep their endings; a header block without an empty line is
+    all header."""
+    end = head_end(message)
     if end < 0:
         head, body = message, b""
-        if not head.endswith(b"\r\n"):
+        if not head.endswith(b"\n"):
             head += b"\r\n"
     else:
-        head, body = message[: end + 2], message[end + 4 :]
-    fields: list[Field] = []
-    for line in head.splitlines(keepends=True):
-        if line[:1] in (b" ", b"\t") and fields:
-            last = fields[-1]
-            fields[-1] = Field(last.name, last.raw + line)
-        elif b":" in line:
-            fields.append(Field(line.split(b":", 1)[0].strip(), line))
-    return fields, body
+        head = message[: end + 1]
+        start = end + 1
+        body = message[start + (2 if message[start : start + 2] == b"\r\n" else 1) :]
+    return [Field(f.name.encode(), f.raw) for f in split_fields(head)], body
 
 
 def join_message(fields: list[Field], body: bytes) -> bytes:
@@ -178,6 +177,23 @@ def list_headers(cfg: ListConfig, base_url: str) -> list[Field]:
         _line("Precedence", "list"),
         _line("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
     ]
+
+
+def archive_url(cfg: ListConfig, base_url: str, archive_id: str = "") -> str:
+    """The list's web archive (its index, or one post's page): BASE/lists/archive/LIST-ID/."""
+    return f"{base_url}/lists/archive/{list_id(cfg)}/{archive_id}"
+
+
+def with_archive(distributed: bytes, cfg: ListConfig, base_url: str, archive_id: str) -> bytes:
+    """The list-wide copy with List-Archive (RFC 2369 section 3.6) and Archived-At
+    (RFC 5064 section 2) below our other list fields (any earlier ones were removed)."""
+    fields, body = split_message(distributed)
+    new = [
+        _line("List-Archive", f"<{archive_url(cfg, base_url)}>"),
+        _line("Archived-At", f"<{archive_url(cfg, base_url, archive_id)}>"),
+    ]
+    at = next((i + 1 for i, f in enumerate(fields) if f.key == b"list-owner"), len(fields))
+    return join_message(fields[:at] + new + fields[at:], body)
 
 
 def unsubscribe_value(cfg: ListConfig, base_url: str, token: str) -> str:

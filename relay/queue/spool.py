@@ -320,17 +320,27 @@ class Spool:
     # ------------------------------------------------------------ writes
 
     async def enqueue(
-        self, msg: NewMessage, qid: QueueId | None = None, *, claimed: bool = False
+        self,
+        msg: NewMessage,
+        qid: QueueId | None = None,
+        *,
+        claimed: bool = False,
+        also: Callable[[sqlite3.Connection], object] | None = None,
     ) -> QueueId:
         """Write the message and its recipients durably; return the queue id.
 
         ``claimed``: the caller delivers it at once, so the recipients are written in
         flight under this owner's lease (no other scheduler loads them; if the attempt
-        never starts or never ends, the lease expires and the sweeper queues them)."""
+        never starts or never ends, the lease expires and the sweeper queues them).
+        ``also``: a write of the caller's run in the same transaction (the list part of
+        a message with list and other recipients: both are committed, or neither)."""
         now = self.clock()
         qid = qid or new_qid(now)
         write = _insert(qid, msg, now, self.owner if claimed else "", now + self.lease)
-        await self.store.write(write)
+        if also is not None:
+            await self.store.write(lambda c: (also(c), write(c)))
+        else:
+            await self.store.write(write)
         return qid
 
     async def claim(self, qid: QueueId, addresses: Sequence[str]) -> tuple[str, ...]:

@@ -201,3 +201,34 @@ def test_loop_detection(tmp_path: Path, keys: dict[str, Any]) -> None:
     assert transform.has_our_list_id(dist, cfg)
     assert not transform.has_our_list_id(POST, cfg)
     assert address_of(cfg, "bounces", "t" * 16) == f"dev-bounces+{'t' * 16}@lists.example.org"
+
+
+def test_the_header_split_edge_cases() -> None:
+    """The lists split headers with relay.message's splitter: an LF-only message keeps
+    its body, a header line that is no field is kept as it came, folding is kept, a
+    header-only message has an empty body; a CRLF message comes back byte for byte."""
+    crlf = b"From: a@x.test\r\nSubject: one\r\n two\r\nTo: b@y.test\r\n\r\nbody\r\n\r\nmore\r\n"
+    fields, body = transform.split_message(crlf)
+    assert [f.key for f in fields] == [b"from", b"subject", b"to"]
+    assert fields[1].value() == "one two" and body == b"body\r\n\r\nmore\r\n"
+    assert transform.join_message(fields, body) == crlf
+    lf = b"From: a@x.test\nSubject: lf\n\nthe body\n"
+    fields, body = transform.split_message(lf)
+    assert [f.key for f in fields] == [b"from", b"subject"] and body == b"the body\n"
+    odd = b"From: a@x.test\r\nno colon here\r\nSubject : spaced\r\n\r\nb\r\n"
+    fields, body = transform.split_message(odd)
+    assert [f.raw for f in fields][1] == b"no colon here\r\n" and fields[1].key == b""
+    assert fields[2].key == b"subject" and transform.join_message(fields, body) == odd
+    fields, body = transform.split_message(b"Subject: only")
+    assert [f.key for f in fields] == [b"subject"] and body == b""
+    # an LF-only post distributed: the body stays the body
+    cfg = parse_config(
+        {
+            "storage": {"path": "/tmp/unused.sqlite3"},
+            "lists": {"dev@lists.example.org": {"owners": ["o@example.org"]}},
+            "lists_http": {"base_url": "https://lists.example.org"},
+        },
+        Path("/tmp/config.toml"),
+    ).lists["dev@lists.example.org"]
+    out = transform.distribute(lf, cfg, "https://lists.example.org", False)
+    assert out.endswith(b"\r\nthe body\n") and b"List-Id:" in out.split(b"the body")[0]

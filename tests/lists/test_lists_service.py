@@ -267,3 +267,26 @@ async def test_unsubscribe_by_mail_needs_an_authenticated_sender(env: Any) -> No
     real = f"Authentication-Results: {me}; spf=pass smtp.mailfrom=b@one.test\r\n".encode()
     await svc.receive(E("b@one.test", unsub), unsub, real + b"Subject: x\r\n\r\n", "U2")
     assert await store.read(lambda c: db.get_member(c, LIST, "b@one.test")) is None
+
+
+async def test_the_verdicts_dmarc_policy_is_used_not_looked_up_again(env: Any) -> None:
+    """Intake's DMARC check hands on (author domain, published policy): the list uses it
+    (here p=none, while the resolver would say p=reject: the From stays the author's);
+    for another domain than the author's it looks the policy up itself (munged)."""
+    from relay.stages import Verdict
+
+    svc, store, spool, _ = env
+    await add(store, "alice@author.test", "b@one.test")
+    known = Verdict("relay.test; dmarc=pass", author_policy=("author.test", "none"))
+    await svc.receive(E(), LIST, post(subject="known"), "K1", known)
+    other = Verdict("relay.test; dmarc=pass", author_policy=("elsewhere.test", "none"))
+    await svc.receive(E(), LIST, post(subject="other"), "K2", other)
+    await svc.wait_idle()
+    froms = {
+        email.message_from_bytes(d)["Subject"]: email.message_from_bytes(d)["From"]
+        for _, _, d in await queued(spool)
+    }
+    assert froms == {
+        "known": "Alice <alice@author.test>",
+        "other": '"Alice via Developers" <dev@lists.example.org>',
+    }
