@@ -572,13 +572,12 @@ def parse_config(doc: dict[str, Any], p: Path) -> Config:
     if lists and not lists_http.base_url:
         raise lists_http_needed(p)
     server = read_server(sec("server"))
-    storage = read_storage(sec("storage"))
     return Config(
         path=p,
         server=server,
         relay=relay,
         aliases=read_aliases(p, doc.get("aliases", {}), relay),
-        storage=storage,
+        storage=(storage := read_storage(sec("storage"))),  # submission's default path
         dns=read_dns(sec("dns")),
         delivery=read_delivery(sec("delivery")),
         mta_sts=read_mta_sts(sec("mta_sts")),
@@ -1001,6 +1000,24 @@ def read_submission(s: _Section, server: ServerConfig, storage: StorageConfig) -
         return tuple(parse_hostport(x, None, bad, allow_zero=True) for x in s.strings(key, ()))
 
     listens = {key: addresses(key) for key in ("listen", "implicit_tls_listen")}
+    cfg = SubmissionConfig(
+        listen=listens["listen"],
+        implicit_tls_listen=listens["implicit_tls_listen"],
+        users_file=s.path_value("users_file", None) or storage.path.parent / "submission-users",
+        max_failures=s.positive("max_failures", int, 5, 1),
+        failure_window=s.positive("failure_window", float, 900.0, 1.0),
+        lockout=s.positive("lockout", float, 900.0, 0.0),
+        failure_delay=s.positive("failure_delay", float, 1.0, 0.0),
+        users=read_submission_users(s),
+    )
+    if cfg.enabled and server.tls_cert is None:
+        key = "listen" if cfg.listen else "implicit_tls_listen"
+        raise s.err(key, "needs server.tls_cert and server.tls_key (AUTH is offered over TLS only)")
+    return cfg
+
+
+def read_submission_users(s: _Section) -> dict[str, SubmissionUser]:
+    """``[submission.users."NAME"]`` tables inside ``[submission]`` (names lower-cased)."""
     users_raw = s.data.get("users", {})
     if not isinstance(users_raw, dict):
         raise s.err("users", 'must be tables: [submission.users."alice@example.org"]')
@@ -1016,20 +1033,7 @@ def read_submission(s: _Section, server: ServerConfig, storage: StorageConfig) -
         if name.lower() in users:
             raise s.err(f"users.{name}", "defined twice (user names are case-insensitive)")
         users[name.lower()] = SubmissionUser(senders)
-    cfg = SubmissionConfig(
-        listen=listens["listen"],
-        implicit_tls_listen=listens["implicit_tls_listen"],
-        users_file=s.path_value("users_file", None) or storage.path.parent / "submission-users",
-        max_failures=s.positive("max_failures", int, 5, 1),
-        failure_window=s.positive("failure_window", float, 900.0, 1.0),
-        lockout=s.positive("lockout", float, 900.0, 0.0),
-        failure_delay=s.positive("failure_delay", float, 1.0, 0.0),
-        users=users,
-    )
-    if cfg.enabled and server.tls_cert is None:
-        key = "listen" if cfg.listen else "implicit_tls_listen"
-        raise s.err(key, "needs server.tls_cert and server.tls_key (AUTH is offered over TLS only)")
-    return cfg
+    return users
 
 
 def read_logging(lg: _Section) -> LoggingConfig:
