@@ -69,7 +69,8 @@ class Relay:
 
 
 @pytest.fixture
-async def relay(tmp_path: Path) -> AsyncIterator[Relay]:
+async def relay(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Relay]:
+    workers = int(getattr(request, "param", 1))
     ca = trustme.CA()
     cert = ca.issue_cert("relay.lab.test", "127.0.0.1")
     pem = tmp_path / "relay.pem"
@@ -89,7 +90,7 @@ async def relay(tmp_path: Path) -> AsyncIterator[Relay]:
                     "listen": [f"127.0.0.1:{ports[0]}"],
                     "tls_cert": str(pem),
                     "tls_key": str(pem),
-                    "workers": 1,
+                    "workers": workers,
                 }
             )
             doc["relay"]["trusted_networks"] = ["192.0.2.0/24"]  # not us: AUTH or nothing
@@ -171,7 +172,9 @@ async def test_starttls_submission_reaches_the_sink_with_esmtpsa(relay: Relay) -
     assert '"auth_user": "alice@example.org"' in log  # the queued line names the user
 
 
+@pytest.mark.parametrize("relay", [1, 2], indirect=True, ids=["one-process", "two-workers"])
 async def test_implicit_tls_submission(relay: Relay) -> None:
+    """Also with two worker processes sharing the three listening sockets."""
     code, out = await relay.swaks(
         "--port",
         str(relay.smtps),

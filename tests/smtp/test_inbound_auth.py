@@ -293,3 +293,29 @@ async def test_implicit_tls_with_aiosmtplib(
             with pytest.raises(aiosmtplib.SMTPAuthenticationError) as e:
                 await client.auth_login("bob", "not it")
             assert e.value.code == 535
+
+
+async def test_a_hundred_bad_attempts(
+    tmp_path: Path, ca: trustme.CA, client_ctx: ssl.SSLContext
+) -> None:
+    """Threats row 12: 100 bad AUTHs from one address over several connections. Only
+    the first max_failures are checked (535); every later one is 454 at once; and one
+    connection is closed by the error limit (421) long before 100."""
+    async with running(tmp_path, ca, max_failures=5) as s:
+        replies: list[str] = []
+        closed = 0
+        while len(replies) < 100:
+            c = await tls_client(s.submission, client_ctx)
+            while len(replies) < 100:
+                r = await c.cmd("AUTH PLAIN " + b64(f"\0user{len(replies)}\0guess"))
+                if r.startswith("421 4.7.0"):
+                    closed += 1
+                    break
+                replies.append(r[:3])
+            await c.close()
+        assert replies[:5] == ["535"] * 5 and set(replies[5:]) == {"454"}
+        assert closed >= 4  # max_junk_commands (20) errors per connection at most
+        # the right password is refused too while the address is locked
+        c = await tls_client(s.submission, client_ctx)
+        assert (await c.cmd("AUTH PLAIN " + b64("\0bob\0bob password"))).startswith("454 ")
+        await c.close()

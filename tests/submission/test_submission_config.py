@@ -19,9 +19,7 @@ from relay.errors import ConfigError
 def _doc(tmp_path: Path, **submission: Any) -> dict[str, Any]:
     pem = tmp_path / "cert.pem"
     if not pem.exists():
-        trustme.CA().issue_cert("relay.test").private_key_and_cert_chain_pem.write_to_path(
-            str(pem)
-        )
+        trustme.CA().issue_cert("relay.test").private_key_and_cert_chain_pem.write_to_path(str(pem))
     return {
         "server": {"tls_cert": str(pem), "tls_key": str(pem)},
         "storage": {"path": str(tmp_path / "var" / "relay.sqlite3")},
