@@ -115,6 +115,15 @@ def _lists_local(courier: Any, lists: ListsStage) -> Any:
     return ListsLocal(courier, lists)
 
 
+def _build_submission(config: Config) -> Any:
+    """Authenticated submission (relay.submission) when ``[submission]`` has listeners."""
+    if not config.submission.enabled:
+        return None
+    from relay.submission.service import Submission
+
+    return Submission(config.submission)
+
+
 class RelayApp:
     """The running relay: SMTP server, intake, queue, delivery, MTA-STS, TLS-RPT."""
 
@@ -235,7 +244,11 @@ class RelayApp:
         )
         queue.bind(self.scheduler)
         self.server = SmtpServer(
-            cfg, self.intake.submit, rules, ssl_context=server_ssl_context(cfg)
+            cfg,
+            self.intake.submit,
+            rules,
+            ssl_context=server_ssl_context(cfg),
+            submission=_build_submission(cfg),
         )
         self._spawn("scheduler", self.scheduler.run)
         if (

@@ -260,6 +260,32 @@ class DkimSignConfig:
 
 
 @dataclass(frozen=True)
+class SubmissionUser:
+    """``[submission.users."NAME"]``: the MAIL FROM addresses this user may send as:
+    ``local@domain``, ``*@domain``, ``*`` (any address) or ``<>`` (the null sender)."""
+
+    senders: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SubmissionConfig:
+    """``[submission]``: authenticated submission (RFC 4954, RFC 6409, RFC 8314)."""
+
+    listen: tuple[HostPort, ...] = ()  # STARTTLS, then AUTH (port 587)
+    implicit_tls_listen: tuple[HostPort, ...] = ()  # TLS from the first byte (port 465)
+    users_file: Path = Path("var/submission-users")  # default: beside the store
+    max_failures: int = 5  # failed AUTHs per client IP or user within failure_window
+    failure_window: float = 900.0
+    lockout: float = 900.0  # seconds an IP or user is refused (454 4.7.0) past max_failures
+    failure_delay: float = 1.0  # first back-off before a 535, doubling per failure
+    users: dict[str, SubmissionUser] = field(default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.listen or self.implicit_tls_listen)
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
     format: str = "auto"  # json | console | auto (json when not a terminal)
@@ -286,6 +312,7 @@ class Config:
     http_server: HttpServerConfig = field(default_factory=HttpServerConfig)
     policy_server: PolicyServerConfig = field(default_factory=PolicyServerConfig)
     dkim_sign: tuple[DkimSignConfig, ...] = ()  # [[dkim.sign]], then the [tlsrpt] alias
+    submission: SubmissionConfig = field(default_factory=SubmissionConfig)
 
     @property
     def authserv_id(self) -> str:
@@ -502,8 +529,21 @@ _KNOWN = {
     "policy_server": {"listen", "map_name", "lookup_timeout"},
     # [[dkim.sign]]: the keys of each entry
     "dkim.sign": {"domain", "selector", "private_key"},
+    "submission": {
+        "listen",
+        "implicit_tls_listen",
+        "users_file",
+        "max_failures",
+        "failure_window",
+        "lockout",
+        "failure_delay",
+        "users",
+    },
+    # [submission.users."NAME"]: the keys of each user's table
+    "submission.users": {"senders"},
 }
-_NESTED = {"lists", "dkim.sign"}  # read by their own readers, not as one flat table
+# read by their own readers, not as one flat table
+_NESTED = {"lists", "dkim.sign", "submission.users"}
 POSTING = ("members", "anyone", "moderated")
 MITIGATION = ("munge", "wrap", "none")
 REPLY_TO = ("author", "list")
@@ -549,7 +589,7 @@ def parse_config(doc: dict[str, Any], p: Path) -> Config:
         server=server,
         relay=relay,
         aliases=read_aliases(p, doc.get("aliases", {}), relay),
-        storage=read_storage(sec("storage")),
+        storage=(storage := read_storage(sec("storage"))),  # submission's default path
         dns=read_dns(sec("dns")),
         delivery=read_delivery(sec("delivery")),
         mta_sts=read_mta_sts(sec("mta_sts")),
@@ -564,6 +604,7 @@ def parse_config(doc: dict[str, Any], p: Path) -> Config:
         http_server=read_http_server(sec("http_server")),
         policy_server=read_policy_server(sec("policy_server")),
         dkim_sign=read_dkim_sign(p, doc.get("dkim", {}), tlsrpt, server.hostname),
+        submission=read_submission(sec("submission"), server, storage),
     )
 
 
@@ -978,6 +1019,58 @@ def read_dkim_sign(
     if tlsrpt.dkim_private_key is not None and tlsrpt.dkim_selector and submitter:
         out.append(DkimSignConfig(submitter, tlsrpt.dkim_selector, tlsrpt.dkim_private_key))
     return tuple(out)
+
+
+_USER_NAME = re.compile(r"[^\x00-\x20\x7f:]{1,255}")
+_SENDER = re.compile(r"<>|\*|(\*|[^\x00-\x20\x7f@<>]+)@[^\x00-\x20\x7f@<>]+")
+
+
+def read_submission(s: _Section, server: ServerConfig, storage: StorageConfig) -> SubmissionConfig:
+    """``[submission]`` and its ``[submission.users."NAME"]`` tables. User names are
+    case-insensitive (kept lower-cased); AUTH is only ever offered over TLS, so a
+    listener needs ``server.tls_cert``."""
+
+    def addresses(key: str) -> tuple[HostPort, ...]:
+        def bad(problem: str) -> ConfigError:
+            return s.err(key, problem)
+
+        return tuple(parse_hostport(x, None, bad, allow_zero=True) for x in s.strings(key, ()))
+
+    listens = {key: addresses(key) for key in ("listen", "implicit_tls_listen")}
+    cfg = SubmissionConfig(
+        listen=listens["listen"],
+        implicit_tls_listen=listens["implicit_tls_listen"],
+        users_file=s.path_value("users_file", None) or storage.path.parent / "submission-users",
+        max_failures=s.positive("max_failures", int, 5, 1),
+        failure_window=s.positive("failure_window", float, 900.0, 1.0),
+        lockout=s.positive("lockout", float, 900.0, 0.0),
+        failure_delay=s.positive("failure_delay", float, 1.0, 0.0),
+        users=read_submission_users(s),
+    )
+    if cfg.enabled and server.tls_cert is None:
+        key = "listen" if cfg.listen else "implicit_tls_listen"
+        raise s.err(key, "needs server.tls_cert and server.tls_key (AUTH is offered over TLS only)")
+    return cfg
+
+
+def read_submission_users(s: _Section) -> dict[str, SubmissionUser]:
+    """``[submission.users."NAME"]`` tables inside ``[submission]`` (names lower-cased)."""
+    users_raw = s.data.get("users", {})
+    if not isinstance(users_raw, dict):
+        raise s.err("users", 'must be tables: [submission.users."alice@example.org"]')
+    users: dict[str, SubmissionUser] = {}
+    for name, table in users_raw.items():
+        if not _USER_NAME.fullmatch(name):
+            raise s.err(f"users.{name}", "a user name has no spaces, control characters or ':'")
+        u = _Section(s.path, f"submission.users.{name}", table, _KNOWN["submission.users"])
+        senders = tuple(x.lower() for x in u.strings("senders", ()))
+        for x in senders:
+            if not _SENDER.fullmatch(x):
+                raise u.err("senders", f"not an address, *@domain, * or <>: {x!r}")
+        if name.lower() in users:
+            raise s.err(f"users.{name}", "defined twice (user names are case-insensitive)")
+        users[name.lower()] = SubmissionUser(senders)
+    return users
 
 
 def read_logging(lg: _Section) -> LoggingConfig:

@@ -82,14 +82,15 @@ def honour_tls_required_no(setting: str, conn: ConnInfo) -> bool:
     ``delivery.tls_required_no``:
     - "all": honoured from every client (section 5, as the RFC describes it);
     - "never": never honoured (section 5: the operator may ignore it);
-    - "trusted" (the default): honoured only from clients in the trusted networks,
-      who may relay anyway; an untrusted sender's field is kept but not honoured.
+    - "trusted" (the default): honoured only from clients in the trusted networks or
+      authenticated ones, who may relay anyway; an untrusted sender's field is kept but
+      not honoured.
     """
     if setting == "all":
         return True
     if setting == "never":
         return False
-    return conn.trusted
+    return conn.may_relay
 
 
 def _clean(text: str) -> str:
@@ -99,12 +100,13 @@ def _clean(text: str) -> str:
 def received_header(conn: ConnInfo, env: Envelope, hostname: str, qid: str, now: float) -> bytes:
     """RFC 5321 4.4 trace header, with the TLS version and cipher when TLS was used."""
     helo = _clean(conn.helo) or "unknown"
-    with_ = "ESMTP"
-    if conn.tls_version:
-        with_ = "ESMTPS"
-    if env.smtputf8:
-        with_ = "UTF8SMTPS" if conn.tls_version else "UTF8SMTP"
+    # RFC 3848: ESMTP, then S for TLS, A for AUTH; UTF8SMTP* for SMTPUTF8 (RFC 6531)
+    with_ = ("UTF8SMTP" if env.smtputf8 else "ESMTP") + ("S" if conn.tls_version else "")
+    if conn.auth_user:
+        with_ += "A"
     parts = [f"Received: from {helo} ([{_clean(conn.peer_ip)}])", f"\tby {hostname} (relay)"]
+    if conn.auth_user:
+        parts.insert(1, f"\t(authenticated user {_clean(conn.auth_user)})")
     if conn.tls_version:
         parts.append(
             f"\t(using {_clean(conn.tls_version)} with cipher {_clean(conn.tls_cipher or '')})"
@@ -235,6 +237,7 @@ class Intake:
             recipients=list(route.recipients),
             size=len(message.raw),
             tls=conn.tls_version,
+            auth_user=conn.auth_user or None,
             message_id=mid,
             claimed=claimed,
         )

@@ -19,7 +19,14 @@ class ConnInfo:
     local_port: int = 0
     tls_version: str | None = None
     tls_cipher: str | None = None
-    trusted: bool = False
+    trusted: bool = False  # the client's address is in [relay] trusted_networks
+    auth_user: str = ""  # the user of a successful AUTH (RFC 4954), "" when none
+
+    @property
+    def may_relay(self) -> bool:
+        """Trusted or authenticated: may send to any domain (Postfix's
+        permit_mynetworks, permit_sasl_authenticated)."""
+        return self.trusted or bool(self.auth_user)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ def check(config: Config) -> None:
     check_tls(config)
     check_delivery(config)
     check_store_dir(config)
+    check_submission(config)
 
 
 def _err(config: Config, key: str, problem: str) -> ConfigError:
@@ -135,6 +136,19 @@ def check_store_dir(config: Config) -> None:
         raise _err(config, "storage.path", f"cannot create {parent}: {exc.strerror}") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise _err(config, "storage.path", f"directory not writable: {parent}")
+
+
+def check_submission(config: Config) -> None:
+    """A users file the relay could not parse is a start-up error (a missing one is
+    not: no user can authenticate until ``relay user add``)."""
+    if not config.submission.enabled:
+        return
+    from relay.submission.users import UsersFileError, load
+
+    try:
+        load(config.submission.users_file)
+    except UsersFileError as exc:
+        raise _err(config, "submission.users_file", str(exc)) from None
 
 
 def bind_listeners(listen: tuple[HostPort, ...]) -> list[socket.socket]:

@@ -263,8 +263,9 @@ def run_workers(
 
     if sockets is None:
         from relay.preflight import bind_listeners
+        from relay.smtp.server import listeners
 
-        sockets = bind_listeners(config.server.listen)
+        sockets = bind_listeners(tuple(hp for hp, _ in listeners(config)))
     sup = _Supervisor(config, sockets, factory, backoff or Backoff())
     signal.signal(signal.SIGTERM, sup.on_signal)
     signal.signal(signal.SIGINT, sup.on_signal)

@@ -44,6 +44,7 @@ from relay.auth.arcfields import AAR, aar_dmarc, arc_instance
 from relay.auth.dmarc import DmarcEvaluation, check_dmarc
 from relay.auth.replay import ArcReplayGuard, seal_fingerprint
 from relay.auth.results import (
+    auth_resinfo,
     format_header,
     format_value,
     resinfos,
@@ -253,6 +254,8 @@ class Authenticator:
         if not self.config.auth.enabled:
             empty = AuthResults(None, (), None, None)
             return Verdict(empty, "", stripped, "accept", None, removed=removed)
+        if conn.auth_user:
+            return self._submitted(conn, stripped, removed)
         spf, dkim, arc = await self._checks(conn, env, stripped)
         dmarc = await check_dmarc(
             self.resolver,
@@ -310,6 +313,20 @@ class Authenticator:
             action=action,
         )
         return Verdict(results, header, out, action, reply, reason, value, dmarc, removed)
+
+    def _submitted(self, conn: ConnInfo, message: ParsedMessage, removed: int) -> Verdict:
+        """An authenticated submission (AUTH on a submission listener) is not judged by
+        SPF/DKIM/DMARC: the client's address says nothing about the sender's domain, and
+        its MAIL FROM was already checked against the user's senders (Postfix's
+        permit_sasl_authenticated; OpenDMARC and rspamd skip such mail as well). The A-R
+        records the AUTH (RFC 8601 section 2.7.4)."""
+        infos = [auth_resinfo(conn.auth_user)]
+        header = format_header(self.authserv_id, infos)
+        out = message.prepend(header.encode("ascii", "replace"))
+        log.info("auth_verdict", client=conn.peer_ip, auth_user=conn.auth_user, action="accept")
+        empty = AuthResults(None, (), None, None)
+        value = format_value(self.authserv_id, infos)
+        return Verdict(empty, header, out, "accept", None, "", value, None, removed)
 
     async def judge(self, conn: ConnInfo, env: Envelope, message: ParsedMessage) -> Judged:
         """The verdict stage (relay.stages.VerdictStage): refused with the verdict's reply

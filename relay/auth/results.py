@@ -398,6 +398,11 @@ def _arc(results: AuthResults, client_ip: str) -> ResInfoText:
     )
 
 
+def auth_resinfo(user: str) -> ResInfoText:
+    """RFC 8601 section 2.7.4: the client authenticated with SMTP AUTH (RFC 4954) as user."""
+    return _resinfo("auth=pass", _prop("smtp.auth", _mailbox(user) or _value(user)))
+
+
 def resinfos(
     results: AuthResults,
     *,

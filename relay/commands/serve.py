@@ -39,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
 
     metrics.init(metrics.directory_for(config.storage.path))  # before the workers fork
     try:
-        sockets = preflight.bind_listeners(config.server.listen)
+        from relay.smtp.server import listeners
+
+        sockets = preflight.bind_listeners(tuple(hp for hp, _ in listeners(config)))
         if config.server.workers > 1:
             from relay.workers import run_workers
 

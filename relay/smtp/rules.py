@@ -5,7 +5,8 @@ Postfix's model (``smtpd_relay_restrictions = permit_mynetworks, reject_unauth_d
 
 * recipients in ``[relay] local_domains`` are accepted from anyone, but only when they
   resolve to an alias (``[aliases]``); any other local recipient gets 550 5.1.1;
-* any other domain is accepted only from ``[relay] trusted_networks`` (554 5.7.1);
+* any other domain is accepted only from ``[relay] trusted_networks`` or an
+  authenticated session (AUTH on a submission listener; 554 5.7.1 otherwise);
 * from untrusted clients, routing tricks are refused with 554 5.7.1: source routes
   (``@a:b@c``), ``%`` and ``!`` in the local part, quoted local parts hiding an ``@``
   and address literals (``v@[192.0.2.1]``). Trusted clients may use them for remote
@@ -86,7 +87,7 @@ class RelayRules:
             mbox = parse_mailbox(address)
         except AddressError as exc:
             return exc.reply
-        if not conn.trusted:
+        if not conn.may_relay:
             if mbox.route:
                 return SOURCE_ROUTE
             if any(c in mbox.local for c in "%!@"):
@@ -107,7 +108,7 @@ class RelayRules:
             if not self.expand(mbox.address):
                 return ALIAS_LOOP
             return None
-        if conn.trusted:
+        if conn.may_relay:
             return None
         return RELAY_DENIED
 

@@ -33,6 +33,14 @@ Command lines are limited to 512 octets with CRLF (RFC 5321 4.5.3.1.4; MAIL gets
 extra octets of SIZE, BODY and SMTPUTF8): ``500 5.5.2 Line too long``. ``HELP`` lists
 only what is offered (STARTTLS only with a certificate, before TLS). The DATA reader
 (the smuggling guard) is relay.smtp.data_reader.
+
+Listeners have a kind (``listeners``): ``smtp`` (``[server] listen``, no AUTH, as
+Postfix's port 25), ``submission`` (``[submission] listen``, port 587: STARTTLS, then
+AUTH, then MAIL) and ``smtps`` (``[submission] implicit_tls_listen``, port 465: TLS from
+the first byte, RFC 8314 section 3.3). On the two submission kinds AUTH PLAIN and LOGIN
+(relay.submission) are offered only over TLS and MAIL needs AUTH first (530 5.7.0); the
+MAIL FROM must be one the user may use (553 5.7.1), and an authenticated session may
+relay like a trusted one.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import AnyStr, cast
+from typing import TYPE_CHECKING, AnyStr, cast
 
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
@@ -69,6 +77,18 @@ from relay.smtp.limits import (
     normalise_ip,
 )
 from relay.smtp.rules import RelayRules
+from relay.submission.sasl import (
+    MECHANISMS,
+    Credentials,
+    SaslError,
+    encode_challenge,
+    parse_login_field,
+    parse_plain,
+)
+from relay.submission.sasl import decode_response as sasl_decode
+
+if TYPE_CHECKING:
+    from relay.submission.service import Submission
 
 SubmitFn = Callable[[ConnInfo, Envelope, bytes], Awaitable[str]]
 
@@ -110,11 +130,24 @@ def bind_sockets(listen: Sequence[HostPort], *, reuse_port: bool = False) -> lis
 
 
 def _fits_mail_limit(line: bytes) -> bool:
-    """A MAIL or RCPT command gets the extra octets of the extensions it may carry."""
+    """A MAIL or RCPT command gets the extra octets of the extensions it may carry; AUTH
+    its initial response (RFC 4954 section 4 allows 12288; the reader's line limit)."""
     verb = line[:5].upper()
-    return (len(line) <= MAIL_LIMIT and verb == b"MAIL ") or (
-        len(line) <= RCPT_LIMIT and verb == b"RCPT "
+    return (
+        (len(line) <= MAIL_LIMIT and verb == b"MAIL ")
+        or (len(line) <= RCPT_LIMIT and verb == b"RCPT ")
+        or verb == b"AUTH "
     )
+
+
+def listeners(config: Config) -> list[tuple[HostPort, str]]:
+    """Every listen address with its kind, in the order the sockets are bound:
+    ``[server] listen`` (smtp), ``[submission] listen`` (submission), ``[submission]
+    implicit_tls_listen`` (smtps)."""
+    out = [(hp, "smtp") for hp in config.server.listen]
+    out += [(hp, "submission") for hp in config.submission.listen]
+    out += [(hp, "smtps") for hp in config.submission.implicit_tls_listen]
+    return out
 
 
 def _reply_from_error(exc: SmtpReplyError) -> str:
@@ -136,8 +169,10 @@ class SmtpServer:
         limits: ConnectionLimits | None = None,
         ssl_context: ssl.SSLContext | None = None,
         free_space: Callable[[], int] | None = None,
+        submission: Submission | None = None,
     ) -> None:
         self.config = config
+        self.submission = submission
         self.submit = submit
         self.rules = rules
         self.limits = limits if limits is not None else ConnectionLimits.from_config(config)
@@ -151,18 +186,28 @@ class SmtpServer:
 
     async def start(self, sockets: list[socket.socket] | None = None) -> None:
         loop = asyncio.get_running_loop()
-        if sockets:
-            for s in sockets:
-                self._servers.append(
-                    await loop.create_server(self._new_session, sock=s, backlog=1024)
+        kinds = listeners(self.config)
+        if sockets:  # bound by the parent, in the order of listeners()
+            kinds = [
+                kinds[i] if i < len(kinds) else (kinds[0][0], "smtp") for i in range(len(sockets))
+            ]
+        for i, (hp, kind) in enumerate(kinds):
+            tls: ssl.SSLContext | None = None
+            if kind == "smtps":
+                if self.ssl_context is None:
+                    raise ValueError("implicit TLS listeners need a server TLS context")
+                tls = self.ssl_context
+
+            def factory(kind: str = kind) -> SmtpSession:
+                return SmtpSession(self, kind)
+
+            if sockets:
+                srv = await loop.create_server(factory, sock=sockets[i], backlog=1024, ssl=tls)
+            else:
+                srv = await loop.create_server(
+                    factory, hp.host, hp.port, backlog=1024, reuse_address=True, ssl=tls
                 )
-        else:
-            for hp in self.config.server.listen:
-                self._servers.append(
-                    await loop.create_server(
-                        self._new_session, hp.host, hp.port, backlog=1024, reuse_address=True
-                    )
-                )
+            self._servers.append(srv)
         log.info("smtp_listening", listen=[f"{h}:{p}" for h, p in self.bound])
 
     @property
@@ -201,9 +246,6 @@ class SmtpServer:
 
     # ------------------------------------------------------------ internals
 
-    def _new_session(self) -> SmtpSession:
-        return SmtpSession(self)
-
     def _register(self, sess: SmtpSession) -> None:
         self._sessions.add(sess)
 
@@ -228,7 +270,7 @@ class SmtpServer:
 class SmtpSession(SMTP):
     """One client connection."""
 
-    def __init__(self, server: SmtpServer) -> None:
+    def __init__(self, server: SmtpServer, kind: str = "smtp") -> None:
         # aiosmtpd's SMTP.__init__ is skipped on purpose: it introspects the class twice
         # per connection (inspect.getmembers for AUTH mechanisms and dir() for commands),
         # about half a millisecond each time, for features this session does not use.
@@ -249,7 +291,9 @@ class SmtpSession(SMTP):
         self.enable_SMTPUTF8 = True
         self._decode_data = False
         self.hostname = cfg.hostname
-        self.tls_context = server.ssl_context
+        self._kind = kind  # smtp | submission | smtps (see listeners)
+        self._implicit_tls = kind == "smtps"
+        self.tls_context = None if self._implicit_tls else server.ssl_context
         self.require_starttls = False
         self._timeout_duration = server.session_limits.idle_timeout
         self._timeout_handle: asyncio.TimerHandle | None = None
@@ -280,6 +324,7 @@ class SmtpSession(SMTP):
         self._local_ip = ""
         self._local_port = 0
         self._trusted = False
+        self._auth_user: str | None = None  # set by a successful AUTH
         self._tls_version: str | None = None
         self._tls_cipher: str | None = None
         self._helo = ""
@@ -305,6 +350,8 @@ class SmtpSession(SMTP):
             self._local_ip = normalise_ip(str(local[0]))
             self._local_port = int(local[1])
             self._trusted = in_networks(self._peer_ip, self._server.config.relay.trusted_networks)
+            if self._implicit_tls:  # RFC 8314 section 3.3: TLS before the greeting
+                self._note_tls(transport)
             self._started = self._last_progress = self.loop.time()
             refusal = self._server.limits.acquire(self._peer_ip)
             if refusal is not None:
@@ -318,14 +365,26 @@ class SmtpSession(SMTP):
             log.debug("smtp_connect", peer=self._peer_ip, port=self._peer_port)
         super().connection_made(transport)
         if not first:  # STARTTLS finished: forget everything said before (RFC 3207 4.2)
-            ssl_object = transport.get_extra_info("ssl_object")
-            if ssl_object is not None:
-                self._tls_version = ssl_object.version()
-                cipher = ssl_object.cipher()
-                self._tls_cipher = cipher[0] if cipher else None
+            self._note_tls(transport)
             self._helo = ""
             self._esmtp = False
             self._reset_transaction()
+
+    def _note_tls(self, transport: asyncio.BaseTransport) -> None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self._tls_version = ssl_object.version()
+            cipher = ssl_object.cipher()
+            self._tls_cipher = cipher[0] if cipher else None
+
+    @property
+    def _tls_active(self) -> bool:
+        return self._tls_protocol is not None or self._implicit_tls
+
+    @property
+    def _submission(self) -> Submission | None:
+        """The submission service on a submission listener, else None (no AUTH)."""
+        return self._server.submission if self._kind != "smtp" else None
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused or self.closed.is_set():
@@ -424,6 +483,7 @@ class SmtpSession(SMTP):
             tls_version=self._tls_version,
             tls_cipher=self._tls_cipher,
             trusted=self._trusted,
+            auth_user=self._auth_user or "",
         )
 
     def _pending(self) -> bytes:
@@ -572,9 +632,12 @@ class SmtpSession(SMTP):
         ]
         if self.tls_context is not None and self._tls_protocol is None:
             lines.append("STARTTLS")
-        if self._tls_protocol is not None:
+        if self._tls_active:
             # RFC 8689 section 4.1: REQUIRETLS is offered only over a TLS session
             lines.append("REQUIRETLS")
+            if self._submission is not None:
+                # RFC 4954 section 4 with RFC 8314: plain-text mechanisms over TLS only
+                lines.append("AUTH " + " ".join(MECHANISMS))
         last = len(lines) - 1
         # one write for the whole multi-line reply
         await self.push(
@@ -589,6 +652,11 @@ class SmtpSession(SMTP):
             return await self._error("503 5.5.1 Error: nested MAIL command")
         if arg[:5].upper() != "FROM:":
             return await self._error("501 5.5.4 Syntax: MAIL FROM:<address>")
+        submission = self._submission
+        if submission is not None and self._auth_user is None:
+            if not self._tls_active:  # RFC 3207 section 4
+                return await self._error("530 5.7.0 Must issue a STARTTLS command first")
+            return await self._error("530 5.7.0 Authentication required")  # RFC 4954 sec 6
         try:
             mbox, rest = parse_path(arg[5:], null_ok=True, enhanced="5.1.7")
             params = parse_params(rest)
@@ -619,10 +687,15 @@ class SmtpSession(SMTP):
             elif key == "REQUIRETLS":
                 if value is not None:
                     return await self._error("501 5.5.4 Error: REQUIRETLS takes no value")
-                if self._tls_protocol is None:
+                if not self._tls_active:
                     # RFC 8689 section 4.1: REQUIRETLS over a connection without TLS
                     return await self._error("530 5.7.10 Error: REQUIRETLS needs STARTTLS first")
                 requiretls = True
+            elif key == "AUTH" and submission is not None:
+                # RFC 4954 section 5: accepted where AUTH is offered; the identity it
+                # claims is not trusted nor passed on (the session's own AUTH counts)
+                if not value:
+                    return await self._error("501 5.5.4 Error: bad AUTH parameter")
             else:
                 return await self._error(f"555 5.5.4 Error: MAIL parameter {key} not supported")
         if size > self._lim.max_message_size:
@@ -632,6 +705,22 @@ class SmtpSession(SMTP):
             )
         if mbox is not None and mbox.utf8 and not utf8:
             return await self._error("553 5.6.7 Error: non-ASCII address needs SMTPUTF8")
+        mail_from = mbox.address if mbox is not None else ""
+        if (
+            submission is not None
+            and self._auth_user is not None
+            and not submission.may_send_as(self._auth_user, mail_from)
+        ):
+            log.info(
+                "smtp_sender_rejected",
+                peer=self._peer_ip,
+                user=self._auth_user,
+                mail_from=mail_from,
+            )
+            return await self._error(
+                f"553 5.7.1 <{mail_from}>: Sender address rejected: not owned by user "
+                f"{self._auth_user}"
+            )
         try:
             free = self._server.free_space()
         except OSError:
@@ -789,6 +878,8 @@ class SmtpSession(SMTP):
         offered = "EHLO HELO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT"
         if self.tls_context is not None and self._tls_protocol is None:
             offered += " STARTTLS"
+        if self._submission is not None and self._tls_active:
+            offered += " AUTH"
         await self.push(f"214 2.0.0 Commands: {offered}")
         return True
 
@@ -819,6 +910,82 @@ class SmtpSession(SMTP):
         )
         return True
 
+    # ------------------------------------------------------------ AUTH (RFC 4954)
+
+    async def _cmd_auth(self, arg: str) -> bool:
+        submission = self._submission
+        if submission is None:
+            return await self._error("503 5.5.1 Error: authentication not enabled")
+        if not self._esmtp:
+            return await self._error("503 5.5.1 Error: send EHLO first")
+        if not self._tls_active:  # RFC 4954 section 6: mechanism needs encryption
+            return await self._error(
+                "538 5.7.11 Encryption required for requested authentication mechanism"
+            )
+        if self._auth_user is not None:  # RFC 4954 section 4: once per session
+            return await self._error("503 5.5.1 Error: already authenticated")
+        if self._mail_from is not None:  # RFC 4954 section 4: not during a transaction
+            return await self._error("503 5.5.1 Error: MAIL transaction in progress")
+        mechanism, _, initial = arg.partition(" ")
+        mechanism = mechanism.upper()
+        if mechanism not in MECHANISMS:
+            return await self._error("504 5.5.4 Error: unrecognized authentication type")
+        if submission.locked(self._peer_ip):
+            log.warning("smtp_auth_locked", peer=self._peer_ip, mechanism=mechanism)
+            return await self._error("454 4.7.0 Too many failed attempts, try later")
+        try:
+            creds = await self._sasl(mechanism, initial.strip(" "))
+        except SaslError as exc:
+            log.info("smtp_auth_aborted", peer=self._peer_ip, reply=exc.reply)
+            return await self._error(exc.reply)
+        if creds is None:
+            return False  # the client broke the protocol: the session is closed
+        result = await submission.authenticate(self._peer_ip, creds, mechanism)
+        self._last_progress = self.loop.time()
+        if not result.ok:
+            return await self._error(result.reply)
+        self._auth_user = result.user
+        await self.push(result.reply)
+        return True
+
+    async def _sasl(self, mechanism: str, initial: str) -> Credentials | None:
+        """The exchange of one mechanism: its credentials, None when the session was
+        closed, SaslError for a reply that ends the exchange."""
+        if mechanism == "PLAIN":
+            raw = sasl_decode(initial) if initial else await self._sasl_step("")
+            return None if raw is None else parse_plain(raw)
+        if initial:
+            user_raw: bytes | None = sasl_decode(initial)
+        else:
+            user_raw = await self._sasl_step(encode_challenge("Username:"))
+        if user_raw is None:
+            return None
+        user = parse_login_field(user_raw)
+        pass_raw = await self._sasl_step(encode_challenge("Password:"))
+        return None if pass_raw is None else Credentials(user, parse_login_field(pass_raw))
+
+    async def _sasl_step(self, challenge: str) -> bytes | None:
+        """``334 challenge``, then the client's one line, decoded (RFC 4954 section 4)."""
+        await self.push(f"334 {challenge}")
+        try:
+            line: bytes = await self._reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as exc:
+            await self._skip_long_line(exc.consumed)
+            raise SaslError("500 5.5.6 Error: authentication exchange line is too long") from None
+        self._last_progress = self.loop.time()
+        if self._pending():
+            log.warning("smtp_unauth_pipelining", peer=self._peer_ip, where="auth")
+            await self.push(SYNC_ERROR)
+            self._close()
+            return None
+        if not line.endswith(b"\r\n"):
+            raise SaslError("500 5.5.2 Error: bare LF in command (use CRLF)")
+        try:
+            text = line[:-2].decode("ascii")
+        except UnicodeDecodeError:
+            raise SaslError("501 5.5.2 Cannot decode response (invalid base64)") from None
+        return sasl_decode(text)
+
 
 _Command = Callable[[SmtpSession, str], Awaitable[bool]]
 _COMMANDS: dict[str, _Command] = {
@@ -834,7 +1001,8 @@ _COMMANDS: dict[str, _Command] = {
     "EXPN": SmtpSession._cmd_expn,
     "QUIT": SmtpSession._cmd_quit,
     "STARTTLS": SmtpSession._cmd_starttls,
+    "AUTH": SmtpSession._cmd_auth,
 }
 _JUNK_VERBS = frozenset({"NOOP", "RSET", "HELP", "VRFY", "EXPN"})
 
-__all__ = ["SmtpServer", "SmtpSession", "SubmitFn", "bind_sockets"]
+__all__ = ["SmtpServer", "SmtpSession", "SubmitFn", "bind_sockets", "listeners"]
