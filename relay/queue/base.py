@@ -11,7 +11,14 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from relay.model import QueueId
-from relay.queue.spool import NewMessage, QueuedMessage, QueuedRecipient, RecipientUpdate
+from relay.queue.spool import (
+    ListFilter,
+    LogEntry,
+    NewMessage,
+    QueuedMessage,
+    QueuedRecipient,
+    RecipientUpdate,
+)
 
 
 class QueueSpool(Protocol):
@@ -55,6 +62,22 @@ class QueueSpool(Protocol):
 
     async def delete(self, qid: QueueId) -> bool: ...
 
+    # the operator's (relay queue ...)
+
+    async def flush_domain(self, domain: str) -> int: ...
+
+    async def delete_many(self, qids: Sequence[QueueId]) -> list[QueueId]: ...
+
+    async def delete_all(self) -> int: ...
+
+    async def hold(self, qids: Sequence[QueueId]) -> list[QueueId]: ...
+
+    async def unhold(self, qids: Sequence[QueueId]) -> list[QueueId]: ...
+
+    async def requeue(self, qids: Sequence[QueueId]) -> list[QueueId]: ...
+
+    async def history(self, qid: QueueId) -> list[LogEntry]: ...
+
     async def due(self, now: float, limit: int, exclude: set[QueueId]) -> list[QueueId]: ...
 
     async def unreported(self, limit: int, exclude: set[QueueId]) -> list[QueueId]: ...
@@ -65,6 +88,6 @@ class QueueSpool(Protocol):
 
     async def get(self, qid: QueueId) -> QueuedMessage | None: ...
 
-    async def list(self) -> list[QueuedMessage]: ...
+    async def list(self, where: ListFilter | None = None) -> list[QueuedMessage]: ...
 
     async def prune_log(self, before: float) -> int: ...
