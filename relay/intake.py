@@ -26,11 +26,11 @@ from relay.config import Config
 from relay.errors import SmtpReplyError, StoreError
 from relay.message import ParsedMessage
 from relay.model import ConnInfo, Envelope, QueueId
+from relay.queue.base import QueueSpool
 from relay.queue.spool import (
     FLAG_NO_TLS_REQUIRED,
     FLAG_REQUIRETLS,
     NewMessage,
-    Spool,
     envelope_fields,
     new_qid,
 )
@@ -155,7 +155,7 @@ class Intake:
     def __init__(
         self,
         config: Config,
-        spool: Spool,
+        spool: QueueSpool,
         *,
         queue: QueueSink | None = None,
         verdict: VerdictStage | None = None,
