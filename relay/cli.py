@@ -34,6 +34,7 @@ COMMAND_MODULES = (
     "relay.commands.list",
     "relay.commands.check",
     "relay.commands.db",
+    "relay.commands.nodes",
 )
 DEFAULT_CONFIG = "/etc/relay/config.toml"
 CONFIG_ENV = "RELAY_CONFIG"

@@ -109,7 +109,7 @@ async def _spool(config: Config, reclaim: bool = False) -> AsyncIterator[QueueSp
         await pg.close()
 
 
-def _run(path: str, fn: Callable[[QueueSpool], Awaitable[T]], reclaim: bool = False) -> T:
+def run_on_queue(path: str, fn: Callable[[QueueSpool], Awaitable[T]], reclaim: bool = False) -> T:
     """``fn(spool)`` on the queue of the config at ``path``; a store error is one line."""
     config = load_config(path)
 
@@ -163,7 +163,7 @@ def run_list(args: argparse.Namespace) -> int:
         print("relay: --limit and --offset must be >= 0", file=sys.stderr)
         return 2
     where = ListFilter(domain=args.domain, state=args.state, limit=args.limit, offset=args.offset)
-    msgs = _run(args.config, lambda spool: spool.list(where))
+    msgs = run_on_queue(args.config, lambda spool: spool.list(where))
     if args.json:
         # indented on a terminal; compact for a script (json's C encoder: 61,000 messages
         # in under a second instead of six)
@@ -177,7 +177,8 @@ def run_list(args: argparse.Namespace) -> int:
         print(f"{m.id}  {m.size:>8}  {_iso(m.created)}  <{m.mail_from}>{held}")
         for r in m.recipients:
             nxt = f" next {_iso(r.next_attempt)}" if r.next_attempt else ""
-            print(f"    {r.address}  {r.state.value}  attempts={r.attempts}{nxt}")
+            owner = f" owner={r.lease_owner}" if r.lease_owner else ""
+            print(f"    {r.address}  {r.state.value}  attempts={r.attempts}{nxt}{owner}")
             if r.last_reply:
                 print(f"        {r.last_reply}")
     more = ""
@@ -188,7 +189,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    loaded = _run(args.config, lambda spool: spool.load(args.id))
+    loaded = run_on_queue(args.config, lambda spool: spool.load(args.id))
     if loaded is None:
         print(f"relay: no message {args.id} in the queue", file=sys.stderr)
         return 1
@@ -216,7 +217,7 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_flush(args: argparse.Namespace) -> int:
-    n = _run(
+    n = run_on_queue(
         args.config, lambda spool: spool.flush_domain(args.domain) if args.domain else spool.flush()
     )
     where = f" for {args.domain}" if args.domain else ""
@@ -236,9 +237,9 @@ def run_delete(args: argparse.Namespace) -> int:
         return 2
     found: list[str] = []
     if args.all:
-        n = _run(args.config, lambda spool: spool.delete_all(), reclaim=True)
+        n = run_on_queue(args.config, lambda spool: spool.delete_all(), reclaim=True)
     else:
-        found = _run(args.config, lambda spool: spool.delete_many(args.ids), reclaim=True)
+        found = run_on_queue(args.config, lambda spool: spool.delete_many(args.ids), reclaim=True)
         n = len(found)
     for qid in found:
         print(f"deleted {qid}")
@@ -256,7 +257,7 @@ def _missing(asked: list[str], found: list[str]) -> int:
 
 
 def _steer(args: argparse.Namespace, verb: str, done: str) -> int:
-    found: list[str] = _run(args.config, lambda spool: getattr(spool, verb)(args.ids))
+    found: list[str] = run_on_queue(args.config, lambda spool: getattr(spool, verb)(args.ids))
     for qid in found:
         print(f"{done} {qid}")
     return _missing(args.ids, found)
@@ -275,7 +276,7 @@ def run_requeue(args: argparse.Namespace) -> int:
 
 
 def run_log(args: argparse.Namespace) -> int:
-    entries = _run(args.config, lambda spool: spool.history(args.id))
+    entries = run_on_queue(args.config, lambda spool: spool.history(args.id))
     if not entries:
         print(
             f"relay: no history of {args.id} (never queued, or past its retention)", file=sys.stderr

@@ -26,6 +26,7 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from relay.model import QueueId, RecipientState
@@ -117,7 +118,20 @@ MIGRATIONS = [
     CREATE INDEX queue_log_qid ON queue_log(qid, at, id);
     CREATE INDEX queue_log_at ON queue_log(at);
     """,
+    # 3: the nodes (one row per lease owner: node_id:pid:random), written by the sweeper
+    """
+    CREATE TABLE relay_nodes (
+        owner text PRIMARY KEY,
+        node_id text NOT NULL,
+        started double precision NOT NULL,
+        heartbeat double precision NOT NULL
+    );
+    CREATE INDEX relay_nodes_heartbeat ON relay_nodes(heartbeat);
+    """,
 ]
+
+# a lease owner's relay_nodes row is forgotten this long after its last heartbeat
+NODE_RETENTION = 86400.0
 
 _Q, _I, _D, _F = (
     RecipientState.QUEUED.value,
@@ -130,6 +144,17 @@ _Q, _I, _D, _F = (
 # NOTIFY channel: mail became due now (queued unclaimed, leases expired or given back);
 # every node's scheduler LISTENs and wakes (polling stays the bounded fallback)
 CHANNEL = "relay_queue"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRow:
+    """One lease owner (a relay process) of the shared store, as `relay nodes` shows it."""
+
+    owner: str
+    node_id: str
+    started: float
+    heartbeat: float
+    inflight: int
 
 
 def node_owner(node_id: str | None = None) -> str:
@@ -379,6 +404,39 @@ class PgSpool:
             return n
 
         return await self.store.write(run, single=True)
+
+    async def heartbeat(self) -> None:
+        """Each sweeper round: this owner's row in relay_nodes says it is alive now (and
+        rows silent for NODE_RETENTION are forgotten), for `relay nodes`."""
+        now, owner = self.clock(), self.owner
+        node = owner.split(":", 1)[0]
+        await self.store.write(
+            lambda c: c.execute(
+                "WITH gone AS (DELETE FROM relay_nodes WHERE heartbeat < $4)"
+                " INSERT INTO relay_nodes(owner, node_id, started, heartbeat)"
+                " VALUES($1, $2, $3, $3) ON CONFLICT (owner) DO UPDATE SET heartbeat=$3",
+                owner,
+                node,
+                now,
+                now - NODE_RETENTION,
+            ),
+            single=True,
+        )
+
+    async def nodes(self) -> list[NodeRow]:
+        """Every lease owner heard from (newest heartbeat first), with the recipients it
+        holds in flight now."""
+
+        async def run(conn: Conn) -> list[NodeRow]:
+            rows = await conn.fetch(
+                "SELECT n.owner, n.node_id, n.started, n.heartbeat,"
+                " (SELECT count(*) FROM queue_recipients r WHERE r.lease_owner=n.owner"
+                " AND r.state=$1) FROM relay_nodes n ORDER BY n.heartbeat DESC, n.owner",
+                _I,
+            )
+            return [NodeRow(r[0], r[1], float(r[2]), float(r[3]), int(r[4])) for r in rows]
+
+        return await self.store.read(run)
 
     async def release(self, qids: Iterable[QueueId]) -> int:
         ids = list(qids)

@@ -527,6 +527,10 @@ class Spool:
 
         return await self.store.write(run)
 
+    async def heartbeat(self) -> None:
+        """Nothing: one relay holds a SQLite store (its lock says so); the shared store's
+        spool records its owners here (relay nodes)."""
+
     def recover_sync(self) -> int:
         """At start: the leases of every other owner are stale (one relay holds a SQLite
         store), so every recipient they held in flight is queued again, due now, and

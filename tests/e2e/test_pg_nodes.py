@@ -6,7 +6,8 @@ lab DNS server and a receiving MTA on loopback.
 - two nodes on one database: every message delivered once; a message queued unclaimed on
   node A (its active window is full) is delivered by node B at once (NOTIFY, not B's
   poll); node A killed with SIGKILL while it holds a recipient in flight (the sink holds
-  its DATA): node B delivers it once A's lease has expired;
+  its DATA): node B delivers it once A's lease has expired; `relay queue list` names the
+  lease owner and `relay nodes` the nodes, alive until their heartbeat is a lease old;
 - PostgreSQL restarted (immediate mode: every connection cut) during a stream of
   submissions: the messages whose commit failed get 451, never 250, and every 250 is
   delivered (a cluster of the test's own).
@@ -189,6 +190,10 @@ async def test_two_nodes_deliver_once_and_take_over_a_killed_node(
         listed = json.loads(a.cli("queue", "list", "--json"))
         [(owner, state)] = [(r["lease_owner"], r["state"]) for r in listed[0]["recipients"]]
         assert state == "inflight" and owner.startswith("node-a:")
+        assert f"owner={owner}" in a.cli("queue", "list")
+        nodes = json.loads(b.cli("nodes", "--json"))
+        assert {(n["node_id"], n["alive"]) for n in nodes} == {("node-a", True), ("node-b", True)}
+        assert [n["inflight"] for n in nodes if n["owner"] == owner] == [1]
 
         # queued unclaimed on A: B delivers each at once, woken by NOTIFY (its loader's
         # poll is once a second: eight in a row under 0.6 s each would be luck otherwise)
@@ -211,6 +216,11 @@ async def test_two_nodes_deliver_once_and_take_over_a_killed_node(
         print(f"taken over {took:.2f} s after the kill (lease {LEASE} s)")
         assert took < LEASE + 5, took  # at most a lease, a sweep and a retry after the kill
         await until(lambda: b.cli("queue", "list", "--json") == "[]\n", 15, "drained")
+        nodes = json.loads(b.cli("nodes", "--json"))  # A fell silent: not alive, holds nothing
+        assert {(n["node_id"], n["alive"], n["inflight"]) for n in nodes} == {
+            ("node-a", False, 0),
+            ("node-b", True, 0),
+        }
         got = mids(mx)
         assert sorted(got) == sorted(set(got))  # each delivered once
         assert len(got) == 1 + 8 + 6

@@ -47,6 +47,7 @@ async def test_db_migrate_applies_the_schema_once(
             "queue_log",
             "arc_replay_seal",
             "arc_replay_sealer",
+            "relay_nodes",
         }
 
 
