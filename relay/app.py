@@ -24,6 +24,7 @@ from relay.config import Config
 from relay.dns import Resolver, resolver_from_config
 from relay.errors import ConfigError
 from relay.intake import Intake, Router
+from relay.queue.base import QueueSpool
 from relay.queue.scheduler import Scheduler
 from relay.queue.spool import Spool
 from relay.stages import QueueLink
@@ -32,6 +33,7 @@ from relay.store import Store
 if TYPE_CHECKING:
     from relay.lists.service import ListService
     from relay.lists.stage import ListsStage
+    from relay.pgstore import PgStore
 
 log = structlog.get_logger("relay.app")
 
@@ -149,7 +151,8 @@ class RelayApp:
         self.clock = clock
         self._resolver = resolver  # the dnspython one is made in start()
         self.poll_interval = poll_interval
-        self.store = Store(config.storage.path)
+        self.store: Any = Store(config.storage.path)  # or a PgStore (storage.url), at start
+        self._unlisten: Callable[[], Awaitable[None]] | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closers: list[Callable[[], Awaitable[None]]] = []
@@ -177,12 +180,7 @@ class RelayApp:
             self.resolver = self._resolver
         else:
             self.resolver = resolver_from_config(cfg.dns)
-        await asyncio.to_thread(self.store.open)
-        spool = Spool(self.store, self.clock)
-        if self.recover:
-            recovered = await asyncio.to_thread(spool.recover_sync)
-            if recovered:
-                log.info("recovered_inflight", recipients=recovered)
+        spool = await self._open_storage()
 
         policy_lookup = None
         if cfg.mta_sts.enabled:
@@ -241,8 +239,10 @@ class RelayApp:
             loader=self.leader,
             bounce_to=_bounce_to(auth.srs_reverse),
             sign=_dsn_signer(cfg),
+            lease=cfg.storage.lease,
         )
         queue.bind(self.scheduler)
+        await self._listen(spool, self.scheduler)
         self.server = SmtpServer(
             cfg,
             self.intake.submit,
@@ -276,9 +276,66 @@ class RelayApp:
             "started",
             listen=[f"{h}:{p}" for h, p in self.bound],
             hostname=cfg.server.hostname,
-            store=str(cfg.storage.path),
+            store=self._store_name(),
             event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
+
+    # ------------------------------------------------------------ storage
+
+    async def _open_storage(self) -> QueueSpool:
+        """The store and the queue on it. SQLite (``storage.path``): opened (migrated)
+        and, with ``recover``, every other owner's lease expired at once (one relay holds
+        the file). PostgreSQL (``storage.url``): this process's own PgStore (asyncpg
+        pools belong to one event loop: each worker opens its own), every component's
+        migrations under the advisory lock, and no recovery: the other owners may be live
+        nodes, so a dead one's rows come back when their leases expire."""
+        cfg = self.config
+        if cfg.storage.postgresql:
+            from relay.pgschema import migrate_all
+            from relay.pgstore import PgStore
+            from relay.queue.pgspool import PgSpool
+
+            pg: PgStore = await PgStore(cfg.storage.url, cfg.storage.password()).open()
+            self.store = pg
+            try:
+                await migrate_all(pg)
+            except BaseException:
+                await pg.close()
+                raise
+            return PgSpool(pg, self.clock, node_id=cfg.server.node_id, lease=cfg.storage.lease)
+        await asyncio.to_thread(self.store.open)
+        spool = Spool(self.store, self.clock)
+        if self.recover:
+            recovered = await asyncio.to_thread(spool.recover_sync)
+            if recovered:
+                log.info("recovered_inflight", recipients=recovered)
+        return spool
+
+    async def _listen(self, spool: QueueSpool, scheduler: Scheduler) -> None:
+        """On PostgreSQL the loader (the leader) wakes on any node's NOTIFY: mail queued
+        unclaimed, leases expired or given back (polling stays the bounded fallback)."""
+        if not (self.config.storage.postgresql and self.leader):
+            return
+        from relay.queue.pgspool import PgSpool
+
+        if isinstance(spool, PgSpool):
+            self._unlisten = await spool.listen(scheduler.wake)
+
+    def _store_name(self) -> str:
+        if self.config.storage.postgresql:
+            from relay.pgstore import safe_url
+
+            return safe_url(self.config.storage.url)
+        return str(self.config.storage.path)
+
+    async def _close_storage(self) -> None:
+        if self._unlisten is not None:
+            with contextlib.suppress(Exception):
+                await self._unlisten()
+        if isinstance(self.store, Store):
+            await asyncio.to_thread(self.store.close)
+        else:
+            await self.store.close()
 
     # ------------------------------------------------------------ optional parts
 
@@ -384,7 +441,7 @@ class RelayApp:
         for close in self._closers:
             with contextlib.suppress(Exception):
                 await close()
-        await asyncio.to_thread(self.store.close)
+        await self._close_storage()
         log.info("stopped")
 
     def _on_sighup(self) -> None:

@@ -1,5 +1,5 @@
-"""The relay command line: serve, queue, sts, dane, tlsrpt, lab, diagnose, keygen, list, check, db,
-policy-server, user.
+"""The relay command line: serve, queue, sts, dane, tlsrpt, lab, diagnose, keygen, list, check,
+db, nodes, policy-server, user.
 
 Each subcommand lives in relay.commands.<name> with a ``register(subparsers)`` function
 that adds its parser and sets ``func``; a handler returns the exit code. A config error
@@ -37,6 +37,7 @@ COMMAND_MODULES = (
     "relay.commands.db",
     "relay.commands.policy_server",
     "relay.commands.user",
+    "relay.commands.nodes",
 )
 DEFAULT_CONFIG = "/etc/relay/config.toml"
 CONFIG_ENV = "RELAY_CONFIG"

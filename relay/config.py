@@ -69,6 +69,9 @@ class StorageConfig:
     log_retention: float = 7 * 86400.0  # seconds a message's history outlives it
     url: str = ""  # postgresql://user@host/db (no password in it); "" = the SQLite store at path
     passfile: Path | None = None  # the database password, when RELAY_DB_PASSWORD is not set
+    # seconds a claimed recipient stays this process's without renewal: on a shared store,
+    # how soon another node takes over the mail of a node that died
+    lease: float = 60.0
 
     @property
     def postgresql(self) -> bool:
@@ -440,7 +443,7 @@ _KNOWN = {
         "node_id",
     },
     "relay": {"trusted_networks", "local_domains"},
-    "storage": {"path", "log_retention", "url", "passfile"},
+    "storage": {"path", "log_retention", "url", "passfile", "lease"},
     "dns": {
         "nameservers",
         "timeout",
@@ -699,6 +702,7 @@ def read_storage(st: _Section) -> StorageConfig:
     path = st.path_value("path", Path("var/relay.sqlite3")) or Path("var/relay.sqlite3")
     path = path if path.is_absolute() else st.path.parent / path
     log_retention = st.positive("log_retention", float, 7 * 86400.0, 0.0)
+    lease = st.positive("lease", float, 60.0, 1.0)
     url = st.get("url", str, "")
     passfile = st.path_value("passfile", None)
     if not url:
@@ -706,9 +710,11 @@ def read_storage(st: _Section) -> StorageConfig:
             raise st.err("url", "must not be empty (omit it for the SQLite store)")
         if passfile is not None:
             raise st.err("passfile", "only with storage.url")
-        return StorageConfig(path=path, log_retention=log_retention)
+        return StorageConfig(path=path, log_retention=log_retention, lease=lease)
     _check_pg_url(st, url)
-    return StorageConfig(path=path, url=url, passfile=passfile, log_retention=log_retention)
+    return StorageConfig(
+        path=path, url=url, passfile=passfile, log_retention=log_retention, lease=lease
+    )
 
 
 def _check_pg_url(st: _Section, url: str) -> None:

@@ -26,12 +26,12 @@ from relay.config import Config
 from relay.errors import SmtpReplyError, StoreError
 from relay.message import ParsedMessage
 from relay.model import ConnInfo, Envelope, QueueId
+from relay.queue.base import QueueSpool
 from relay.queue.faults import LISTS_PREPARED, crash_point
 from relay.queue.spool import (
     FLAG_NO_TLS_REQUIRED,
     FLAG_REQUIRETLS,
     NewMessage,
-    Spool,
     envelope_fields,
     new_qid,
 )
@@ -158,7 +158,7 @@ class Intake:
     def __init__(
         self,
         config: Config,
-        spool: Spool,
+        spool: QueueSpool,
         *,
         queue: QueueSink | None = None,
         verdict: VerdictStage | None = None,

@@ -129,6 +129,8 @@ def check_delivery(config: Config) -> None:
 
 
 def check_store_dir(config: Config) -> None:
+    if config.storage.postgresql:  # a database server's own disk: nothing local to check
+        return
     parent = config.storage.path.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

@@ -1,28 +1,39 @@
 """What the PostgreSQL store (``[storage] url``) does not hold yet, and the guard that stops
-those parts from starting on it (docs/postgresql.md). No asyncpg import here: every
-command imports this."""
+a configuration needing it from starting (docs/postgresql.md). No asyncpg import here:
+every command imports this.
+
+Ported: the queue (relay.queue.pgspool) and the ARC replay counters
+(relay.auth.replay_pg). Not yet: the MTA-STS policy cache, the TLS-RPT ledger and the
+lists; a configuration that turns one of them on refuses to start on ``storage.url`` in
+one line naming it — never runs it silently on a local SQLite file (whose state another
+node would not share)."""
 
 from __future__ import annotations
 
 from relay.config import Config
 from relay.errors import StartupError
 
-NOT_PORTED = (
-    "relay serve and intake on it",
-    "MTA-STS policy cache",
-    "TLS-RPT ledger",
-    "ARC replay counters",
-    "lists",
-    "queue commands",
-)
+
+def unported_parts(config: Config) -> list[str]:
+    """The parts this configuration turns on that the PostgreSQL store cannot hold yet."""
+    parts = []
+    if config.mta_sts.enabled:
+        parts.append("the MTA-STS policy cache (set mta_sts.enabled = false)")
+    if config.tlsrpt.enabled:
+        parts.append("the TLS-RPT ledger (set tlsrpt.enabled = false)")
+    if config.lists:
+        parts.append("lists (remove the [[lists]] tables)")
+    return parts
 
 
-def refuse_unported(config: Config, what: str) -> None:
-    """With ``[storage] url`` set, a part that still runs only on the SQLite store refuses
-    to start (one line naming it) rather than run silently on a local SQLite file."""
-    if config.storage.postgresql:
+def refuse_unported(config: Config, what: str, parts: list[str] | None = None) -> None:
+    """With ``[storage] url`` set, refuse (one line) when ``parts`` — by default the
+    configured parts of ``unported_parts`` — would need the SQLite store."""
+    if not config.storage.postgresql:
+        return
+    missing = unported_parts(config) if parts is None else parts
+    if missing:
         raise StartupError(
-            f"{what}: storage.url (PostgreSQL) holds only the queue's tables so far;"
-            f" not ported yet: {', '.join(NOT_PORTED)} (docs/postgresql.md);"
-            " use storage.path (SQLite) to run the relay"
+            f"{what}: storage.url (PostgreSQL) does not hold {'; '.join(missing)}"
+            " yet (docs/postgresql.md); use storage.path (SQLite) for it"
         )

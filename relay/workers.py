@@ -54,6 +54,10 @@ def bind(hp: HostPort) -> socket.socket:
 
 
 def recover(config: Config) -> int:
+    """Requeue what a crash left in flight on the SQLite store (one relay holds it). On
+    a shared PostgreSQL store nothing: other nodes' leases may be live (they expire)."""
+    if config.storage.postgresql:
+        return 0
     store = Store(config.storage.path).open()
     try:
         return Spool(store).recover_sync()

@@ -42,7 +42,7 @@ import structlog
 
 from relay.auth.arcfields import AAR, aar_dmarc, arc_instance
 from relay.auth.dmarc import DmarcEvaluation, check_dmarc
-from relay.auth.replay import ArcReplayGuard, seal_fingerprint
+from relay.auth.replay import ReplayGuard, seal_fingerprint
 from relay.auth.results import (
     auth_resinfo,
     format_header,
@@ -136,7 +136,7 @@ class Authenticator:
         arc_check: ArcCheck | None = None,
         rng: Callable[[], float] = random.random,
         timeout: float = CHECK_TIMEOUT,
-        replay_guard: ArcReplayGuard | None = None,
+        replay_guard: ReplayGuard | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 from dataclasses import dataclass
+from typing import Protocol
 
 from relay.auth.keys import signature_tags
 from relay.message import Message
@@ -56,6 +57,12 @@ class ReplayLimits:
     max_recipients: int = 50  # per seal within window; 0 = no limit
     window: float = 7 * 86400.0
     per_sealer_hour: int = 0  # 0 = no limit
+
+
+class ReplayGuard(Protocol):
+    """What the authenticator asks (this SQLite guard, or relay.auth.replay_pg's)."""
+
+    async def admit(self, sealer: str, fingerprint: str, recipients: int, now: float) -> str: ...
 
 
 class ArcReplayGuard:

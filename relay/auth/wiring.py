@@ -38,7 +38,8 @@ from relay.store import Store
 
 if TYPE_CHECKING:
     from relay.auth.arc import SealerSpec
-    from relay.auth.replay import ArcReplayGuard
+    from relay.auth.replay import ReplayGuard
+    from relay.pgstore import PgStore
 
 log = structlog.get_logger("relay.auth")
 
@@ -134,8 +135,11 @@ def crypto_executor(config: Config) -> Executor | None:
     return None
 
 
-def build_auth(config: Config, resolver: Resolver, store: Store | None = None) -> AuthWiring:
-    """The auth stages; with a store, ARC overrides are counted there (relay.auth.replay)."""
+def build_auth(
+    config: Config, resolver: Resolver, store: Store | PgStore | None = None
+) -> AuthWiring:
+    """The auth stages; with a store, ARC overrides are counted there (relay.auth.replay,
+    or relay.auth.replay_pg on the shared PostgreSQL store)."""
     executor = crypto_executor(config) if config.auth.enabled or config.arc.enabled else None
     spec = _sealer_spec(config)
     verdict: VerdictStage
@@ -179,7 +183,7 @@ def _sealer_spec(config: Config) -> SealerSpec | None:
     return SealerSpec(config.arc.domain, config.arc.selector, pem, config.authserv_id)
 
 
-def _replay_guard(config: Config, store: Store | None) -> ArcReplayGuard | None:
+def _replay_guard(config: Config, store: Store | PgStore | None) -> ReplayGuard | None:
     a = config.arc
     if store is None or not a.trusted_sealers:
         return None
@@ -188,6 +192,10 @@ def _replay_guard(config: Config, store: Store | None) -> ArcReplayGuard | None:
     from relay.auth.replay import ArcReplayGuard, ReplayLimits
 
     limits = ReplayLimits(a.override_max_recipients, a.override_window, a.override_per_sealer_hour)
+    if not isinstance(store, Store):  # the shared store (migrated by relay.pgschema)
+        from relay.auth.replay_pg import PgArcReplayGuard
+
+        return PgArcReplayGuard(store, limits)
     return ArcReplayGuard(store, limits)
 
 

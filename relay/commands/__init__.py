@@ -12,7 +12,7 @@ def open_existing_store(config: Config) -> Store:
     --config must not create and show an empty store)."""
     from relay.unported import refuse_unported
 
-    refuse_unported(config, "this command")
+    refuse_unported(config, "this command", ["the tables it reads"])
     path = config.storage.path
     if not path.is_file():
         raise StartupError(

@@ -71,7 +71,7 @@ def _open(
     args: argparse.Namespace, create: bool = False
 ) -> tuple[Config, ListConfig, Store] | None:
     config = load_config(args.config)
-    refuse_unported(config, "relay list")
+    refuse_unported(config, "relay list", ["lists"])
     cfg = _list(config, args.list)
     if cfg is None:
         return None

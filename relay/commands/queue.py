@@ -1,23 +1,30 @@
 """`relay queue list|show|flush|delete|hold|release|requeue|log`: the queue from the shell.
 
-Works on the store directly (SQLite WAL allows it while the relay runs); a running relay
-picks up a flush within its poll interval.
+Works on the store directly, through the queue interface both stores implement
+(relay.queue.base.QueueSpool): the SQLite file (WAL allows it while the relay runs) or the
+shared PostgreSQL database (``storage.url``: every node sees the change at once). A
+running relay picks up a flush within its poll interval (on PostgreSQL at once: NOTIFY).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from relay.commands import open_existing_store
-from relay.config import load_config
+from relay.config import Config, load_config
+from relay.errors import StartupError, StoreError
 from relay.model import RecipientState
+from relay.queue.base import QueueSpool
 from relay.queue.spool import ListFilter, QueuedMessage, Spool
-from relay.store import Store
+
+T = TypeVar("T")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -71,10 +78,49 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     lg.set_defaults(func=run_log)
 
 
-def _open(path: str) -> tuple[Store, Spool]:
+@contextlib.asynccontextmanager
+async def _spool(config: Config, reclaim: bool = False) -> AsyncIterator[QueueSpool]:
+    """The queue of the configured store: SQLite (refused when the file does not exist)
+    or PostgreSQL (refused when its queue schema is not there: wrong database?)."""
+    if not config.storage.postgresql:
+        store = open_existing_store(config)
+        try:
+            yield Spool(store)
+            if reclaim:  # the space deleted messages held goes back to the file system now
+                await asyncio.to_thread(store.reclaim)
+        finally:
+            store.close()
+        return
+    from relay.pgstore import PgStore, safe_url
+    from relay.queue.pgspool import PgSpool
+
+    url = config.storage.url
+    try:
+        pg = await PgStore(url, config.storage.password(), pool_size=2).open()
+    except StoreError as exc:
+        raise StartupError(str(exc)) from exc
+    try:
+        if not await pg.schema_version("queue"):
+            raise StartupError(
+                f"no queue in {safe_url(url)} (wrong --config? `relay db migrate` creates it)"
+            )
+        yield PgSpool(pg, node_id=config.server.node_id)
+    finally:
+        await pg.close()
+
+
+def run_on_queue(path: str, fn: Callable[[QueueSpool], Awaitable[T]], reclaim: bool = False) -> T:
+    """``fn(spool)`` on the queue of the config at ``path``; a store error is one line."""
     config = load_config(path)
-    store = open_existing_store(config)
-    return store, Spool(store)
+
+    async def main() -> T:
+        async with _spool(config, reclaim) as spool:
+            return await fn(spool)
+
+    try:
+        return asyncio.run(main())
+    except StoreError as exc:
+        raise StartupError(f"queue: {exc}") from exc
 
 
 def _iso(t: float) -> str | None:
@@ -117,11 +163,7 @@ def run_list(args: argparse.Namespace) -> int:
         print("relay: --limit and --offset must be >= 0", file=sys.stderr)
         return 2
     where = ListFilter(domain=args.domain, state=args.state, limit=args.limit, offset=args.offset)
-    store, spool = _open(args.config)
-    try:
-        msgs = spool.list_sync(where)
-    finally:
-        store.close()
+    msgs = run_on_queue(args.config, lambda spool: spool.list(where))
     if args.json:
         # indented on a terminal; compact for a script (json's C encoder: 61,000 messages
         # in under a second instead of six)
@@ -135,7 +177,8 @@ def run_list(args: argparse.Namespace) -> int:
         print(f"{m.id}  {m.size:>8}  {_iso(m.created)}  <{m.mail_from}>{held}")
         for r in m.recipients:
             nxt = f" next {_iso(r.next_attempt)}" if r.next_attempt else ""
-            print(f"    {r.address}  {r.state.value}  attempts={r.attempts}{nxt}")
+            owner = f" owner={r.lease_owner}" if r.lease_owner else ""
+            print(f"    {r.address}  {r.state.value}  attempts={r.attempts}{nxt}{owner}")
             if r.last_reply:
                 print(f"        {r.last_reply}")
     more = ""
@@ -146,11 +189,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    store, spool = _open(args.config)
-    try:
-        loaded = asyncio.run(spool.load(args.id))
-    finally:
-        store.close()
+    loaded = run_on_queue(args.config, lambda spool: spool.load(args.id))
     if loaded is None:
         print(f"relay: no message {args.id} in the queue", file=sys.stderr)
         return 1
@@ -178,14 +217,9 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_flush(args: argparse.Namespace) -> int:
-    store, spool = _open(args.config)
-    try:
-        if args.domain:
-            n = asyncio.run(spool.flush_domain(args.domain))
-        else:
-            n = asyncio.run(spool.flush())
-    finally:
-        store.close()
+    n = run_on_queue(
+        args.config, lambda spool: spool.flush_domain(args.domain) if args.domain else spool.flush()
+    )
     where = f" for {args.domain}" if args.domain else ""
     print(f"{n} recipient(s) due now{where}")
     return 0
@@ -201,17 +235,12 @@ def run_delete(args: argparse.Namespace) -> int:
     if not args.all and not args.ids:
         print("relay: which messages? give their ids (or --all --yes)", file=sys.stderr)
         return 2
-    store, spool = _open(args.config)
-    try:
-        if args.all:
-            n = asyncio.run(spool.delete_all())
-            found: list[str] = []
-        else:
-            found = asyncio.run(spool.delete_many(args.ids))
-            n = len(found)
-        store.reclaim()  # the space goes back to the file system now
-    finally:
-        store.close()
+    found: list[str] = []
+    if args.all:
+        n = run_on_queue(args.config, lambda spool: spool.delete_all(), reclaim=True)
+    else:
+        found = run_on_queue(args.config, lambda spool: spool.delete_many(args.ids), reclaim=True)
+        n = len(found)
     for qid in found:
         print(f"deleted {qid}")
     if args.all:
@@ -228,11 +257,7 @@ def _missing(asked: list[str], found: list[str]) -> int:
 
 
 def _steer(args: argparse.Namespace, verb: str, done: str) -> int:
-    store, spool = _open(args.config)
-    try:
-        found = asyncio.run(getattr(spool, verb)(args.ids))
-    finally:
-        store.close()
+    found: list[str] = run_on_queue(args.config, lambda spool: getattr(spool, verb)(args.ids))
     for qid in found:
         print(f"{done} {qid}")
     return _missing(args.ids, found)
@@ -251,11 +276,7 @@ def run_requeue(args: argparse.Namespace) -> int:
 
 
 def run_log(args: argparse.Namespace) -> int:
-    store, spool = _open(args.config)
-    try:
-        entries = asyncio.run(spool.history(args.id))
-    finally:
-        store.close()
+    entries = run_on_queue(args.config, lambda spool: spool.history(args.id))
     if not entries:
         print(
             f"relay: no history of {args.id} (never queued, or past its retention)", file=sys.stderr

@@ -1,8 +1,9 @@
 """`relay serve --config PATH`: run the relay in the foreground until SIGTERM.
 
 Before anything starts: the config is read, every file and address it names is checked
-(relay.preflight), the store is locked for this process (relay.storelock: one store,
-one running relay) and the listen sockets are bound. Any problem there is one line on
+(relay.preflight), the SQLite store is locked for this process (relay.storelock: one
+store, one running relay; a shared PostgreSQL store, ``storage.url``, takes no lock: its
+nodes coordinate by leases) and the listen sockets are bound. Any problem there is one line on
 stderr and exit code 2; only then do the workers (or the one in-process relay) start.
 """
 
@@ -10,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import signal
+from pathlib import Path
 
-from relay.config import load_config
+from relay.config import Config, load_config
 from relay.logs import bind_process, setup
 
 
@@ -34,10 +36,11 @@ def run(args: argparse.Namespace) -> int:
 
     factory = loop_factory(config, args.config)
     preflight.check(config)
-    lock = StoreLock(config.storage.path).acquire()
+    lock = None if config.storage.postgresql else StoreLock(config.storage.path).acquire()
     from relay import metrics
 
-    metrics.init(metrics.directory_for(config.storage.path))  # before the workers fork
+    mdir = _metrics_dir(config)
+    metrics.init(mdir)  # before the workers fork
     try:
         from relay.smtp.server import listeners
 
@@ -51,4 +54,21 @@ def run(args: argparse.Namespace) -> int:
         run_loop(RelayApp(config).serve_forever(sockets), factory)
         return 0
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
+        if config.storage.postgresql:
+            import shutil
+
+            shutil.rmtree(mdir.parent, ignore_errors=True)
+
+
+def _metrics_dir(config: Config) -> Path:
+    """Beside the SQLite store; on PostgreSQL (no local store) a private directory of
+    this serve's own under the temp dir (the per-process files live only as long as it)."""
+    from relay import metrics
+
+    if not config.storage.postgresql:
+        return metrics.directory_for(config.storage.path)
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="relay-metrics-")) / "metrics"

@@ -7,11 +7,18 @@ of docs/queue.md for both."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 from relay.model import QueueId
-from relay.queue.spool import NewMessage, QueuedMessage, QueuedRecipient, RecipientUpdate
+from relay.queue.spool import (
+    ListFilter,
+    LogEntry,
+    NewMessage,
+    QueuedMessage,
+    QueuedRecipient,
+    RecipientUpdate,
+)
 
 
 class QueueSpool(Protocol):
@@ -19,7 +26,12 @@ class QueueSpool(Protocol):
     lease: float
 
     async def enqueue(
-        self, msg: NewMessage, qid: QueueId | None = None, *, claimed: bool = False
+        self,
+        msg: NewMessage,
+        qid: QueueId | None = None,
+        *,
+        claimed: bool = False,
+        also: Callable[[Any], object] | None = None,
     ) -> QueueId: ...
 
     async def claim(self, qid: QueueId, addresses: Sequence[str]) -> tuple[str, ...]: ...
@@ -49,11 +61,29 @@ class QueueSpool(Protocol):
 
     async def expire_leases(self, keep: Iterable[QueueId] = ()) -> int: ...
 
+    async def heartbeat(self) -> None: ...
+
     async def release(self, qids: Iterable[QueueId]) -> int: ...
 
     async def flush(self) -> int: ...
 
     async def delete(self, qid: QueueId) -> bool: ...
+
+    # the operator's (relay queue ...)
+
+    async def flush_domain(self, domain: str) -> int: ...
+
+    async def delete_many(self, qids: Sequence[QueueId]) -> list[QueueId]: ...
+
+    async def delete_all(self) -> int: ...
+
+    async def hold(self, qids: Sequence[QueueId]) -> list[QueueId]: ...
+
+    async def unhold(self, qids: Sequence[QueueId]) -> list[QueueId]: ...
+
+    async def requeue(self, qids: Sequence[QueueId]) -> list[QueueId]: ...
+
+    async def history(self, qid: QueueId) -> list[LogEntry]: ...
 
     async def due(self, now: float, limit: int, exclude: set[QueueId]) -> list[QueueId]: ...
 
@@ -65,6 +95,6 @@ class QueueSpool(Protocol):
 
     async def get(self, qid: QueueId) -> QueuedMessage | None: ...
 
-    async def list(self) -> list[QueuedMessage]: ...
+    async def list(self, where: ListFilter | None = None) -> list[QueuedMessage]: ...
 
     async def prune_log(self, before: float) -> int: ...

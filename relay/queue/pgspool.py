@@ -26,19 +26,30 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from relay.errors import StoreError
 from relay.model import QueueId, RecipientState
 from relay.pgstore import Conn, PgStore, rowcount
 from relay.queue.spool import (
     DEFAULT_LEASE,
+    MSG_COLS,
+    N_MSG_COLS,
+    RCPT_COLS,
+    ListFilter,
+    LogEntry,
     NewMessage,
     QueuedMessage,
     QueuedRecipient,
     RecipientUpdate,
+    msg_of_row,
     new_qid,
+    rcpt_of_row,
+    received_line,
     settle_plan,
 )
+from relay.store import address_domain
 
 MIGRATIONS = [
     """
@@ -76,7 +87,52 @@ MIGRATIONS = [
     CREATE INDEX queue_recipients_owed ON queue_recipients(lease_expiry)
         WHERE state = 'failed' AND NOT dsn_done;
     """,
+    # 2: the SQLite spool's versions 3 and 4: hold, the stored envelope, the message
+    # history, the RFC 3461 DSN parameters and the "relayed" DSN owed for a delivered one
+    """
+    ALTER TABLE queue_messages
+        ADD COLUMN held boolean NOT NULL DEFAULT false,
+        ADD COLUMN client_ip text NOT NULL DEFAULT '',
+        ADD COLUMN helo text NOT NULL DEFAULT '',
+        ADD COLUMN env_from text,
+        ADD COLUMN ret text NOT NULL DEFAULT '',
+        ADD COLUMN envid text NOT NULL DEFAULT '';
+    DROP INDEX queue_messages_created;
+    CREATE INDEX queue_messages_created ON queue_messages(created, id);
+    ALTER TABLE queue_recipients
+        ADD COLUMN notify text NOT NULL DEFAULT '',
+        ADD COLUMN orcpt text NOT NULL DEFAULT '',
+        ADD COLUMN relayed_owed boolean NOT NULL DEFAULT false;
+    DROP INDEX queue_recipients_owed;
+    CREATE INDEX queue_recipients_owed ON queue_recipients(lease_expiry)
+        WHERE (state = 'failed' OR (state = 'delivered' AND relayed_owed)) AND NOT dsn_done;
+    CREATE TABLE queue_log (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        qid text NOT NULL,
+        at double precision NOT NULL,
+        address text NOT NULL DEFAULT '',
+        event text NOT NULL,
+        reply text NOT NULL DEFAULT '',
+        mx_host text NOT NULL DEFAULT '',
+        tls text NOT NULL DEFAULT ''
+    );
+    CREATE INDEX queue_log_qid ON queue_log(qid, at, id);
+    CREATE INDEX queue_log_at ON queue_log(at);
+    """,
+    # 3: the nodes (one row per lease owner: node_id:pid:random), written by the sweeper
+    """
+    CREATE TABLE relay_nodes (
+        owner text PRIMARY KEY,
+        node_id text NOT NULL,
+        started double precision NOT NULL,
+        heartbeat double precision NOT NULL
+    );
+    CREATE INDEX relay_nodes_heartbeat ON relay_nodes(heartbeat);
+    """,
 ]
+
+# a lease owner's relay_nodes row is forgotten this long after its last heartbeat
+NODE_RETENTION = 86400.0
 
 _Q, _I, _D, _F = (
     RecipientState.QUEUED.value,
@@ -89,6 +145,17 @@ _Q, _I, _D, _F = (
 # NOTIFY channel: mail became due now (queued unclaimed, leases expired or given back);
 # every node's scheduler LISTENs and wakes (polling stays the bounded fallback)
 CHANNEL = "relay_queue"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRow:
+    """One lease owner (a relay process) of the shared store, as `relay nodes` shows it."""
+
+    owner: str
+    node_id: str
+    started: float
+    heartbeat: float
+    inflight: int
 
 
 def node_owner(node_id: str | None = None) -> str:
@@ -135,10 +202,19 @@ class PgSpool:
     # ------------------------------------------------------------ writes
 
     async def enqueue(
-        self, msg: NewMessage, qid: QueueId | None = None, *, claimed: bool = False
+        self,
+        msg: NewMessage,
+        qid: QueueId | None = None,
+        *,
+        claimed: bool = False,
+        also: Callable[[Any], object] | None = None,
     ) -> QueueId:
         """Write the message and its recipients durably (synchronous_commit=on, group
-        commit); return the queue id. ``claimed``: in flight under this owner's lease."""
+        commit); return the queue id. ``claimed``: in flight under this owner's lease.
+        ``also`` (the lists' part of the SQLite transaction) has no PostgreSQL form yet:
+        lists are refused on storage.url at start (relay.unported), so it never comes."""
+        if also is not None:
+            raise StoreError("list recipients are not stored on PostgreSQL yet")
         now = self.clock()
         qid = qid or new_qid(now)
         await self.store.write(
@@ -158,7 +234,8 @@ class PgSpool:
                 "UPDATE queue_recipients r SET state=$4, updated=$3, lease_owner=$5,"
                 " lease_expiry=$6 FROM (SELECT qid, address FROM queue_recipients"
                 " WHERE qid=$1 AND address=ANY($2::text[]) AND state IN ($7, $8)"
-                " AND next_attempt<=$3 FOR UPDATE SKIP LOCKED) c"
+                " AND next_attempt<=$3 AND NOT EXISTS (SELECT 1 FROM queue_messages"
+                " WHERE id=$1 AND held) FOR UPDATE SKIP LOCKED) c"
                 " WHERE r.qid=c.qid AND r.address=c.address RETURNING r.address",
                 qid,
                 wanted,
@@ -204,7 +281,7 @@ class PgSpool:
         message is deleted when done, else the DSNs owed are claimed."""
         now = self.clock()
         owner, until = self.owner, now + self.lease
-        held = [u.state is RecipientState.FAILED for u in updates]
+        held = [u.state is RecipientState.FAILED or u.relayed for u in updates]
         cols = (
             [u.address for u in updates],
             [u.state.value for u in updates],
@@ -212,18 +289,26 @@ class PgSpool:
             [u.reply[:1000] for u in updates],
             [owner if h else "" for h in held],
             [until if h else 0.0 for h in held],
+            [u.relayed and u.state is RecipientState.DELIVERED for u in updates],
+            [u.mx_host for u in updates],
+            [u.tls for u in updates],
         )
 
         async def run(conn: Conn) -> tuple[bool, tuple[QueuedRecipient, ...]]:
             await _lock_message(conn, qid)
-            if updates:
+            if updates:  # the outcome and, for the rows it applied to, the history line
                 await conn.execute(
-                    "UPDATE queue_recipients r SET state=u.state, attempts=r.attempts+1,"
-                    " next_attempt=u.na, last_reply=u.reply, updated=$8, lease_owner=u.lo,"
-                    " lease_expiry=u.le FROM unnest($2::text[], $3::text[], $4::float8[],"
-                    " $5::text[], $6::text[], $7::float8[]) AS u(address, state, na, reply, lo, le)"
-                    " WHERE r.qid=$1 AND r.address=u.address AND (r.lease_owner=$9"
-                    " OR (r.lease_owner='' AND r.state IN ($10, $11, $12)))",
+                    "WITH done AS (UPDATE queue_recipients r SET state=u.state,"
+                    " attempts=r.attempts+1, next_attempt=u.na, last_reply=u.reply,"
+                    " updated=$11, lease_owner=u.lo, lease_expiry=u.le, relayed_owed=u.ro"
+                    " FROM unnest($2::text[], $3::text[], $4::float8[], $5::text[], $6::text[],"
+                    " $7::float8[], $8::bool[], $9::text[], $10::text[])"
+                    " WITH ORDINALITY AS u(address, state, na, reply, lo, le, ro, mx, tls, n)"
+                    " WHERE r.qid=$1 AND r.address=u.address AND (r.lease_owner=$12"
+                    " OR (r.lease_owner='' AND r.state IN ($13, $14, $15)))"
+                    " RETURNING u.n, r.address, u.state, u.reply, u.mx, u.tls)"
+                    " INSERT INTO queue_log(qid, at, address, event, reply, mx_host, tls)"
+                    " SELECT $1, $11, address, state, reply, mx, tls FROM done ORDER BY n",
                     qid,
                     *cols,
                     now,
@@ -258,17 +343,18 @@ class PgSpool:
         insert = _insert(qid, report, now, owner if claimed else "", now + self.lease)
         addrs = list(dict.fromkeys(failed))
 
+        event = "delay_dsn_queued" if delay_warning else "dsn_queued"
+
         async def run(conn: Conn) -> bool | None:
             warned = await _lock_message(conn, about)
             if delay_warning and (warned is None or warned):
                 return None
             if addrs:
                 mine = await conn.fetchval(
-                    "SELECT count(*) FROM queue_recipients WHERE qid=$1 AND address=ANY($2::text[])"
-                    " AND state=$3 AND NOT dsn_done AND lease_owner=$4",
+                    "SELECT count(*) FROM queue_recipients WHERE qid=$1"
+                    f" AND address=ANY($2::text[]) AND {_OWED} AND lease_owner=$3",
                     about,
                     addrs,
-                    _F,
                     owner,
                 )
                 if mine != len(addrs):
@@ -282,6 +368,7 @@ class PgSpool:
                     about,
                     addrs,
                 )
+            await _log(conn, [(about, now, a, event, qid, "", "") for a in addrs or ("",)])
             await insert(conn)
             if not addrs:
                 return False
@@ -328,6 +415,39 @@ class PgSpool:
 
         return await self.store.write(run, single=True)
 
+    async def heartbeat(self) -> None:
+        """Each sweeper round: this owner's row in relay_nodes says it is alive now (and
+        rows silent for NODE_RETENTION are forgotten), for `relay nodes`."""
+        now, owner = self.clock(), self.owner
+        node = owner.split(":", 1)[0]
+        await self.store.write(
+            lambda c: c.execute(
+                "WITH gone AS (DELETE FROM relay_nodes WHERE heartbeat < $4)"
+                " INSERT INTO relay_nodes(owner, node_id, started, heartbeat)"
+                " VALUES($1, $2, $3, $3) ON CONFLICT (owner) DO UPDATE SET heartbeat=$3",
+                owner,
+                node,
+                now,
+                now - NODE_RETENTION,
+            ),
+            single=True,
+        )
+
+    async def nodes(self) -> list[NodeRow]:
+        """Every lease owner heard from (newest heartbeat first), with the recipients it
+        holds in flight now."""
+
+        async def run(conn: Conn) -> list[NodeRow]:
+            rows = await conn.fetch(
+                "SELECT n.owner, n.node_id, n.started, n.heartbeat,"
+                " (SELECT count(*) FROM queue_recipients r WHERE r.lease_owner=n.owner"
+                " AND r.state=$1) FROM relay_nodes n ORDER BY n.heartbeat DESC, n.owner",
+                _I,
+            )
+            return [NodeRow(r[0], r[1], float(r[2]), float(r[3]), int(r[4])) for r in rows]
+
+        return await self.store.read(run)
+
     async def release(self, qids: Iterable[QueueId]) -> int:
         ids = list(qids)
         if not ids:
@@ -347,8 +467,7 @@ class PgSpool:
             )
             await conn.execute(
                 "UPDATE queue_recipients SET lease_expiry=0"
-                " WHERE state=$1 AND lease_owner=$2 AND qid=ANY($3::text[])",
-                _F,
+                f" WHERE {_OWED} AND lease_owner=$1 AND qid=ANY($2::text[])",
                 owner,
                 ids,
             )
@@ -368,12 +487,87 @@ class PgSpool:
             single=True,
         )
 
-    async def delete(self, qid: QueueId) -> bool:
-        n = await self.store.write(
-            lambda c: _count(c.execute("DELETE FROM queue_messages WHERE id=$1", qid)),
+    async def flush_domain(self, domain: str) -> int:
+        """Make the queued and deferred recipients of one domain due now."""
+        dom = address_domain(domain)
+        return await self.store.write(
+            lambda c: _count(
+                c.execute(
+                    "UPDATE queue_recipients SET next_attempt=0 WHERE state IN ($1, $2)"
+                    f" AND {_DOMAIN_OF}=$3",
+                    _D,
+                    _Q,
+                    dom,
+                )
+            ),
             single=True,
         )
-        return n > 0
+
+    async def delete(self, qid: QueueId) -> bool:
+        return bool(await self.delete_many([qid]))
+
+    async def delete_many(self, qids: Sequence[QueueId]) -> list[QueueId]:
+        """Delete those messages (no DSN); return the ids that existed."""
+        now, ids = self.clock(), list(qids)
+        return await self.store.write(lambda c: _delete(c, ids, now))
+
+    async def delete_all(self) -> int:
+        now = self.clock()
+
+        async def run(conn: Conn) -> int:
+            ids = [r[0] for r in await conn.fetch("SELECT id FROM queue_messages")]
+            return len(await _delete(conn, ids, now))
+
+        return await self.store.write(run)
+
+    async def hold(self, qids: Sequence[QueueId]) -> list[QueueId]:
+        """Put messages on hold (postsuper -h): not claimed by any node until released;
+        an attempt already running finishes."""
+        return await self._set_held(qids, True, "held")
+
+    async def unhold(self, qids: Sequence[QueueId]) -> list[QueueId]:
+        """Release held messages (postsuper -H); their due recipients go at once."""
+        return await self._set_held(qids, False, "released")
+
+    async def requeue(self, qids: Sequence[QueueId]) -> list[QueueId]:
+        """Release from hold and make every queued or deferred recipient due now."""
+        now, ids = self.clock(), list(qids)
+
+        async def run(conn: Conn) -> list[QueueId]:
+            rows = await conn.fetch(
+                "UPDATE queue_messages SET held=false WHERE id=ANY($1::text[]) RETURNING id", ids
+            )
+            found = [q for q in ids if q in {r[0] for r in rows}]
+            await conn.execute(
+                "UPDATE queue_recipients SET next_attempt=0 WHERE qid=ANY($1::text[])"
+                " AND state IN ($2, $3)",
+                found,
+                _Q,
+                _D,
+            )
+            await _log(conn, [(q, now, "", "requeued", "", "", "") for q in found])
+            if found:
+                await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+            return found
+
+        return await self.store.write(run)
+
+    async def _set_held(self, qids: Sequence[QueueId], held: bool, event: str) -> list[QueueId]:
+        now, ids = self.clock(), list(qids)
+
+        async def run(conn: Conn) -> list[QueueId]:
+            rows = await conn.fetch(
+                "UPDATE queue_messages SET held=$1 WHERE id=ANY($2::text[]) RETURNING id",
+                held,
+                ids,
+            )
+            found = [q for q in ids if q in {r[0] for r in rows}]
+            await _log(conn, [(q, now, "", event, "", "", "") for q in found])
+            if found and not held:
+                await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+            return found
+
+        return await self.store.write(run)
 
     # ------------------------------------------------------------ reads
 
@@ -382,6 +576,7 @@ class PgSpool:
             rows = await conn.fetch(
                 "SELECT r.qid FROM queue_recipients r JOIN queue_messages m ON m.id=r.qid"
                 " WHERE r.state IN ($1, $2) AND r.next_attempt<=$3 AND NOT m.corrupt"
+                " AND NOT m.held"
                 " AND r.qid<>ALL($4::text[]) GROUP BY r.qid ORDER BY min(r.next_attempt)"
                 " LIMIT $5",
                 _Q,
@@ -400,9 +595,8 @@ class PgSpool:
         async def run(conn: Conn) -> list[QueueId]:
             rows = await conn.fetch(
                 "SELECT DISTINCT r.qid FROM queue_recipients r JOIN queue_messages m"
-                " ON m.id=r.qid WHERE r.state=$1 AND NOT r.dsn_done AND r.lease_expiry<=$2"
-                " AND NOT m.corrupt AND r.qid<>ALL($3::text[]) LIMIT $4",
-                _F,
+                f" ON m.id=r.qid WHERE {_OWED_R} AND r.lease_expiry<=$1"
+                " AND NOT m.corrupt AND r.qid<>ALL($2::text[]) LIMIT $3",
                 now,
                 list(exclude),
                 limit,
@@ -428,17 +622,45 @@ class PgSpool:
         return None if res is None else res[0]
 
     async def prune_log(self, before: float) -> int:
-        """The message history (``queue_log``) is not ported to PostgreSQL yet
-        (docs/postgresql.md): nothing to forget."""
-        del before
-        return 0
+        """Forget the history of messages no longer queued, older than ``before``."""
+        return await self.store.write(
+            lambda c: _count(
+                c.execute(
+                    "DELETE FROM queue_log l WHERE at<$1"
+                    " AND NOT EXISTS (SELECT 1 FROM queue_messages m WHERE m.id=l.qid)",
+                    before,
+                )
+            ),
+            single=True,
+        )
 
-    async def list(self) -> list[QueuedMessage]:
-        return await self.store.read(_list)
+    async def history(self, qid: QueueId) -> list[LogEntry]:
+        """Every line of a message's history still kept, oldest first."""
+
+        async def run(conn: Conn) -> list[LogEntry]:
+            rows = await conn.fetch(
+                "SELECT qid, at, address, event, reply, mx_host, tls FROM queue_log"
+                " WHERE qid=$1 ORDER BY at, id",
+                qid,
+            )
+            return [LogEntry(*tuple(r)) for r in rows]
+
+        return await self.store.read(run)
+
+    async def list(self, where: ListFilter | None = None) -> list[QueuedMessage]:
+        """The queue (or one page of it), in arrival order."""
+        return await self.store.read(lambda c: _list(c, where or ListFilter()))
 
 
 async def _count(status: Awaitable[str]) -> int:
     return rowcount(await status)
+
+
+# a recipient whose DSN is owed: failed, or delivered with a "relayed" DSN to send
+_OWED = "(state='failed' OR (state='delivered' AND relayed_owed)) AND NOT dsn_done"
+_OWED_R = "(r.state='failed' OR (r.state='delivered' AND r.relayed_owed)) AND NOT r.dsn_done"
+# relay.store.address_domain in SQL: after the last "@", lower case, no trailing dot
+_DOMAIN_OF = "rtrim(lower(substring(address from '[^@]*$')), '.')"
 
 
 def _insert(
@@ -446,12 +668,14 @@ def _insert(
 ) -> Callable[[Conn], Awaitable[None]]:
     mid = msg.msgid()
     state, expiry = (_I, until) if owner else (_Q, 0.0)
-    pairs = msg.recipient_pairs()
+    rows = msg.recipient_rows()
+    received = received_line(msg)
 
     async def run(conn: Conn) -> None:
         await conn.execute(
-            "INSERT INTO queue_messages(id, mail_from, data, size, message_id, created, flags)"
-            " VALUES($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO queue_messages(id, mail_from, data, size, message_id, created, flags,"
+            " client_ip, helo, env_from, ret, envid)"
+            " VALUES($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
             qid,
             msg.mail_from,
             msg.data,
@@ -459,24 +683,53 @@ def _insert(
             mid,
             now,
             msg.flags,
+            msg.client_ip,
+            msg.helo,
+            msg.env_from,
+            msg.ret,
+            msg.envid,
         )
         await conn.execute(
             "INSERT INTO queue_recipients(qid, address, pos, orig, state, next_attempt,"
-            " lease_owner, lease_expiry) SELECT $1, a, p, o, $5, $6, $7, $8"
-            " FROM unnest($2::text[], $3::int[], $4::text[]) AS t(a, p, o)",
+            " lease_owner, lease_expiry, notify, orcpt) SELECT $1, a, p, o, $7, $8, $9, $10, n, c"
+            " FROM unnest($2::text[], $3::int[], $4::text[], $5::text[], $6::text[])"
+            " AS t(a, p, o, n, c)",
             qid,
-            [a for a, _ in pairs],
-            list(range(len(pairs))),
-            [o for _, o in pairs],
+            [r[0] for r in rows],
+            list(range(len(rows))),
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            [r[3] for r in rows],
             state,
             now,
             owner,
             expiry,
         )
+        await _log(conn, [(qid, now, "", "received", received, "", "")])
         if not owner:  # queued for any node's loader: wake them (delivered at commit)
             await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, qid)
 
     return run
+
+
+async def _log(conn: Conn, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Append lines to the message history (queue_log), in the caller's transaction."""
+    if rows:
+        cols = list(zip(*rows, strict=True))
+        await conn.execute(
+            "INSERT INTO queue_log(qid, at, address, event, reply, mx_host, tls)"
+            " SELECT * FROM unnest($1::text[], $2::float8[], $3::text[], $4::text[],"
+            " $5::text[], $6::text[], $7::text[])",
+            *(list(c) for c in cols),
+        )
+
+
+async def _delete(conn: Conn, ids: list[QueueId], now: float) -> list[QueueId]:
+    rows = await conn.fetch("DELETE FROM queue_messages WHERE id=ANY($1::text[]) RETURNING id", ids)
+    gone = {r[0] for r in rows}
+    found = [q for q in dict.fromkeys(ids) if q in gone]
+    await _log(conn, [(q, now, "", "removed", "deleted by the operator", "", "") for q in found])
+    return found
 
 
 async def _lock_message(conn: Conn, qid: str) -> bool | None:
@@ -509,6 +762,7 @@ async def _settle(
         )
     if plan.delete:
         await conn.execute("DELETE FROM queue_messages WHERE id=$1", qid)
+        await _log(conn, [(qid, now, "", "removed", "done", "", "")])
         return True, ()
     if plan.mine:
         await conn.execute(
@@ -522,62 +776,66 @@ async def _settle(
     return False, plan.mine
 
 
-_RCPT_COLS = (
-    "address, state, attempts, next_attempt, last_reply, orig, dsn_done, lease_owner, lease_expiry"
-)
-
-
-def _rcpt(r: Any) -> QueuedRecipient:
-    return QueuedRecipient(
-        address=r[0],
-        state=RecipientState(r[1]),
-        attempts=r[2],
-        next_attempt=r[3],
-        last_reply=r[4],
-        orig=r[5],
-        dsn_done=bool(r[6]),
-        lease_owner=r[7],
-        lease_expiry=r[8],
-    )
-
-
 async def _recipients(conn: Conn, qid: str) -> tuple[QueuedRecipient, ...]:
     rows = await conn.fetch(
-        f"SELECT {_RCPT_COLS} FROM queue_recipients WHERE qid=$1 ORDER BY pos", qid
+        f"SELECT {RCPT_COLS} FROM queue_recipients WHERE qid=$1 ORDER BY pos", qid
     )
-    return tuple(_rcpt(r) for r in rows)
-
-
-_MSG_COLS = "id, mail_from, size, message_id, created, flags, delay_warned"
-
-
-def _msg(row: Any, recipients: tuple[QueuedRecipient, ...]) -> QueuedMessage:
-    return QueuedMessage(
-        id=str(row[0]),
-        mail_from=str(row[1]),
-        size=int(row[2]),
-        message_id=str(row[3]),
-        created=float(row[4]),
-        flags=int(row[5]),
-        delay_warned=bool(row[6]),
-        recipients=recipients,
-    )
+    return tuple(rcpt_of_row(r) for r in rows)
 
 
 async def _load(conn: Conn, qid: str, with_data: bool) -> tuple[QueuedMessage, bytes] | None:
-    cols = f"{_MSG_COLS}, data" if with_data else _MSG_COLS
+    cols = f"{MSG_COLS}, data" if with_data else MSG_COLS
     row = await conn.fetchrow(f"SELECT {cols} FROM queue_messages WHERE id=$1", qid)
     if row is None:
         return None
-    data = bytes(row[7]) if with_data else b""
+    data = bytes(row[N_MSG_COLS]) if with_data else b""
     if with_data and len(data) != row[2]:
         raise ValueError(f"queue message {qid} is corrupt (size mismatch)")
-    return _msg(row, await _recipients(conn, qid)), data
+    return msg_of_row(row, await _recipients(conn, qid)), data
 
 
-async def _list(conn: Conn) -> list[QueuedMessage]:
-    msgs = await conn.fetch(f"SELECT {_MSG_COLS} FROM queue_messages ORDER BY created, id")
-    by: dict[str, list[QueuedRecipient]] = {}
-    for r in await conn.fetch(f"SELECT qid, {_RCPT_COLS} FROM queue_recipients ORDER BY qid, pos"):
-        by.setdefault(r[0], []).append(_rcpt(tuple(r)[1:]))
-    return [_msg(m, tuple(by.get(m[0], ()))) for m in msgs]
+async def _list(conn: Conn, where: ListFilter) -> list[QueuedMessage]:
+    """One query: a page of messages (those with a matching recipient) joined with their
+    matching recipients, in arrival order (as the SQLite spool's)."""
+    rcond: list[str] = []
+    args: list[Any] = []
+    if where.domain:
+        args.append(address_domain(where.domain))
+        rcond.append(f"{_DOMAIN_OF.replace('address', 'r.address')}=${len(args)}")
+    mcond: list[str] = []
+    if where.state == "held":
+        mcond.append("m.held")
+    elif where.state:
+        args.append(where.state)
+        rcond.append(f"r.state=${len(args)}")
+    rwhere = " AND ".join(rcond)
+    if rcond:
+        mcond.append(f"EXISTS (SELECT 1 FROM queue_recipients r WHERE r.qid=m.id AND {rwhere})")
+    mwhere = f" WHERE {' AND '.join(mcond)}" if mcond else ""
+    page = ""
+    if where.limit:
+        page += f" LIMIT {int(where.limit)}"
+    if where.offset:
+        page += f" OFFSET {int(where.offset)}"
+    mcols = ", ".join(f"m.{c.strip()}" for c in MSG_COLS.split(","))
+    rcols = ", ".join(f"r.{c.strip()}" for c in RCPT_COLS.split(","))
+    sql = (
+        f"SELECT {mcols}, {rcols} FROM"
+        f" (SELECT {mcols} FROM queue_messages m{mwhere} ORDER BY m.created, m.id{page}) m"
+        " LEFT JOIN queue_recipients r ON r.qid=m.id"
+        + (f" AND {rwhere}" if rcond else "")
+        + " ORDER BY m.created, m.id, r.pos"
+    )
+    out: list[QueuedMessage] = []
+    head: Sequence[Any] | None = None
+    rcpts: list[QueuedRecipient] = []
+    for row in await conn.fetch(sql, *args):
+        if head is None or row[0] != head[0]:
+            if head is not None:
+                out.append(msg_of_row(head, tuple(rcpts)))
+            head, rcpts = tuple(row)[:N_MSG_COLS], []
+        if row[N_MSG_COLS] is not None:
+            rcpts.append(rcpt_of_row(tuple(row)[N_MSG_COLS:]))
+    if head is not None:
+        out.append(msg_of_row(head, tuple(rcpts)))
+    return out

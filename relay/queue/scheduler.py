@@ -262,6 +262,7 @@ class Scheduler:
         expired leases (of any owner) to the queue, and start the messages whose DSN is
         owed. Safe with several owners on one store: each step is a conditional write."""
         running = set(self._active)
+        await self.spool.heartbeat()  # "this owner is alive" (relay nodes, shared store)
         if running:
             await self.spool.renew(running)
         expired = await self.spool.expire_leases(keep=running)

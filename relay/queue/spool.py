@@ -537,6 +537,10 @@ class Spool:
 
         return await self.store.write(run)
 
+    async def heartbeat(self) -> None:
+        """Nothing: one relay holds a SQLite store (its lock says so); the shared store's
+        spool records its owners here (relay nodes)."""
+
     def recover_sync(self) -> int:
         """At start: the leases of every other owner are stale (one relay holds a SQLite
         store), so every recipient they held in flight is queued again, due now, and
@@ -758,10 +762,7 @@ def _insert(
         for a, o, notify, orcpt in msg.recipient_rows()
     ]
 
-    received = f"from=<{msg.env_from if msg.env_from is not None else msg.mail_from}>"
-    if msg.client_ip:
-        received += f" client=[{msg.client_ip}] helo={msg.helo or '-'}"
-    received += f" size={len(msg.data)}"
+    received = received_line(msg)
 
     def run(conn: sqlite3.Connection) -> None:
         conn.execute(
@@ -790,6 +791,14 @@ def _insert(
         )
 
     return run
+
+
+def received_line(msg: NewMessage) -> str:
+    """The reply of a message's "received" history line: the envelope as given."""
+    line = f"from=<{msg.env_from if msg.env_from is not None else msg.mail_from}>"
+    if msg.client_ip:
+        line += f" client=[{msg.client_ip}] helo={msg.helo or '-'}"
+    return line + f" size={len(msg.data)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -885,17 +894,17 @@ def _dedupe(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
 
 def _recipients(conn: sqlite3.Connection, qid: str) -> tuple[QueuedRecipient, ...]:
     rows = conn.execute(
-        f"SELECT {_RCPT_COLS} FROM queue_recipients WHERE qid=? ORDER BY rowid", (qid,)
+        f"SELECT {RCPT_COLS} FROM queue_recipients WHERE qid=? ORDER BY rowid", (qid,)
     ).fetchall()
-    return tuple(_rcpt_of(r) for r in rows)
+    return tuple(rcpt_of_row(r) for r in rows)
 
 
-_MSG_COLS = (
+MSG_COLS = (
     "id, mail_from, size, message_id, created, flags, delay_warned, held, client_ip, helo,"
     " env_from, ret, envid"
 )
-_N_MSG_COLS = 13
-_RCPT_COLS = (
+N_MSG_COLS = 13
+RCPT_COLS = (
     "address, state, attempts, next_attempt, last_reply, orig, dsn_done, lease_owner,"
     " lease_expiry, notify, orcpt, relayed_owed"
 )
@@ -909,7 +918,7 @@ def wants_failure(r: QueuedRecipient) -> bool:
     return not r.notify or "FAILURE" in r.notify
 
 
-def _msg_of(row: Sequence[Any], recipients: tuple[QueuedRecipient, ...]) -> QueuedMessage:
+def msg_of_row(row: Sequence[Any], recipients: tuple[QueuedRecipient, ...]) -> QueuedMessage:
     return QueuedMessage(
         id=str(row[0]),
         mail_from=str(row[1]),
@@ -931,7 +940,7 @@ def _msg_of(row: Sequence[Any], recipients: tuple[QueuedRecipient, ...]) -> Queu
 _STATES = {s.value: s for s in RecipientState}  # a dict lookup, not an enum call per row
 
 
-def _rcpt_of(r: Sequence[Any]) -> QueuedRecipient:
+def rcpt_of_row(r: Sequence[Any]) -> QueuedRecipient:
     return QueuedRecipient(
         address=r[0],
         state=_STATES[r[1]],
@@ -949,21 +958,19 @@ def _rcpt_of(r: Sequence[Any]) -> QueuedRecipient:
 
 
 def _msg(conn: sqlite3.Connection, row: tuple[Any, ...]) -> QueuedMessage:
-    return _msg_of(row, _recipients(conn, str(row[0])))
+    return msg_of_row(row, _recipients(conn, str(row[0])))
 
 
 def _load(
     conn: sqlite3.Connection, qid: str, with_data: bool
 ) -> tuple[QueuedMessage, bytes] | None:
-    row = conn.execute(
-        f"SELECT {_MSG_COLS}, data FROM queue_messages WHERE id=?", (qid,)
-    ).fetchone()
+    row = conn.execute(f"SELECT {MSG_COLS}, data FROM queue_messages WHERE id=?", (qid,)).fetchone()
     if row is None:
         return None
-    data = row[_N_MSG_COLS] if with_data else b""
+    data = row[N_MSG_COLS] if with_data else b""
     if with_data and (not isinstance(data, bytes) or len(data) != row[2]):
         raise ValueError(f"queue message {qid} is corrupt (size mismatch)")
-    return _msg(conn, row[:_N_MSG_COLS]), data
+    return _msg(conn, row[:N_MSG_COLS]), data
 
 
 def _list(conn: sqlite3.Connection, where: ListFilter) -> list[QueuedMessage]:
@@ -993,8 +1000,8 @@ def _list(conn: sqlite3.Connection, where: ListFilter) -> list[QueuedMessage]:
     if where.limit or where.offset:
         page = " LIMIT ? OFFSET ?"
         margs += [where.limit or -1, where.offset]
-    mcols = ", ".join(f"m.{c.strip()}" for c in _MSG_COLS.split(","))
-    rcols = ", ".join(f"r.{c.strip()}" for c in _RCPT_COLS.split(","))
+    mcols = ", ".join(f"m.{c.strip()}" for c in MSG_COLS.split(","))
+    rcols = ", ".join(f"r.{c.strip()}" for c in RCPT_COLS.split(","))
     sql = (
         f"SELECT {mcols}, {rcols} FROM"
         f" (SELECT {mcols} FROM queue_messages m{mwhere} ORDER BY m.created, m.id{page}) m"
@@ -1008,12 +1015,12 @@ def _list(conn: sqlite3.Connection, where: ListFilter) -> list[QueuedMessage]:
     for row in conn.execute(sql, (*margs, *rargs)):  # EXISTS, page, then the join
         if head is None or row[0] != head[0]:
             if head is not None:
-                out.append(_msg_of(head, tuple(rcpts)))
-            head, rcpts = row[:_N_MSG_COLS], []
-        if row[_N_MSG_COLS] is not None:
-            rcpts.append(_rcpt_of(row[_N_MSG_COLS:]))
+                out.append(msg_of_row(head, tuple(rcpts)))
+            head, rcpts = row[:N_MSG_COLS], []
+        if row[N_MSG_COLS] is not None:
+            rcpts.append(rcpt_of_row(row[N_MSG_COLS:]))
     if head is not None:
-        out.append(_msg_of(head, tuple(rcpts)))
+        out.append(msg_of_row(head, tuple(rcpts)))
     return out
 
 

@@ -110,6 +110,23 @@ class PgCluster:
                 "stop",
             )
 
+    def restart(self) -> None:
+        """Stop the server the hard way (``-m immediate``: every connection cut, as a crash
+        or a failover does) and start it again with the same options."""
+        self._run(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.datadir),
+            "-l",
+            str(self.root / "log"),
+            "-m",
+            "immediate",
+            "-w",
+            "-t",
+            "30",
+            "restart",
+        )
+
     def url(self, database: str = "postgres") -> str:
         """The relay's storage.url for a database of this cluster (password not in it)."""
         return f"postgresql://{SUPERUSER}@/{database}?host={self.sockdir}"

@@ -1,6 +1,6 @@
-"""``relay db migrate --config P`` on the throwaway cluster: applies the queue's schema
-once (a second run applies nothing), and a wrong password is one line, exit 2, without
-the password."""
+"""``relay db migrate --config P`` on the throwaway cluster: applies every component's
+schema once (a second run applies nothing), upgrades a queue of the first schema with its
+mail, and a wrong password is one line, exit 2, without the password."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from relay.auth import replay_pg
 from relay.cli import main as cli_main
 from relay.pgstore import PgStore
-from relay.queue.pgspool import MIGRATIONS
+from relay.queue.pgspool import MIGRATIONS, PgSpool
 from tests.pg.pgcluster import PASSWORD
 
 
@@ -27,17 +28,50 @@ async def test_db_migrate_applies_the_schema_once(
     cfg = config(tmp_path, pg_url)
     capsys.readouterr()
     assert await asyncio.to_thread(cli_main, ["db", "migrate", "--config", cfg]) == 0
-    assert (
-        capsys.readouterr().out == f"queue: schema version {len(MIGRATIONS)} (1 step(s) applied)\n"
+    n, r = len(MIGRATIONS), len(replay_pg.MIGRATIONS)
+    assert capsys.readouterr().out == (
+        f"queue: schema version {n} ({n} step(s) applied)\n"
+        f"arc_replay: schema version {r} ({r} step(s) applied)\n"
     )
     assert await asyncio.to_thread(cli_main, ["db", "migrate", "--config", cfg]) == 0
-    assert "(0 step(s) applied)" in capsys.readouterr().out
+    assert capsys.readouterr().out.count("(0 step(s) applied)") == 2
     async with PgStore(pg_url, PASSWORD) as store:
         assert await store.schema_version("queue") == len(MIGRATIONS)
         tables = await store.read(
             lambda c: c.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")
         )
-        assert {t[0] for t in tables} == {"relay_schema", "queue_messages", "queue_recipients"}
+        assert {t[0] for t in tables} == {
+            "relay_schema",
+            "queue_messages",
+            "queue_recipients",
+            "queue_log",
+            "arc_replay_seal",
+            "arc_replay_sealer",
+            "relay_nodes",
+        }
+
+
+async def test_a_queue_of_the_first_schema_is_upgraded_with_its_mail(pg_url: str) -> None:
+    """A database migrated by the first slice (queue version 1) with mail in it: version 2
+    adds the columns with their defaults, and the mail is still there and deliverable."""
+    async with PgStore(pg_url, PASSWORD) as store:
+        await store.migrate("queue", MIGRATIONS[:1])
+        await store.write(
+            lambda c: c.execute(
+                "INSERT INTO queue_messages(id, mail_from, data, size, created)"
+                " VALUES('OLD1', 'a@x.test', 'x'::bytea, 1, 1.0);"
+                "INSERT INTO queue_recipients(qid, address, pos, state)"
+                " VALUES('OLD1', 'b@y.test', 0, 'queued')"
+            )
+        )
+        spool = await PgSpool.open(store)
+        assert await store.schema_version("queue") == len(MIGRATIONS)
+        m = await spool.get("OLD1")
+        assert m is not None and not m.held and m.env_from is None and m.ret == ""
+        assert [(r.address, r.notify, r.relayed_owed) for r in m.recipients] == [
+            ("b@y.test", (), False)
+        ]
+        assert await spool.claim("OLD1", ["b@y.test"]) == ("b@y.test",)
 
 
 async def test_db_migrate_with_a_wrong_password_is_one_line(

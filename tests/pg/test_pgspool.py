@@ -254,3 +254,32 @@ async def test_mail_queued_on_one_node_wakes_the_others(pg_url: str) -> None:
             assert qid in await b.due(clock.t, 10, set())
         finally:
             await stop()
+
+
+async def test_each_sweeper_round_is_a_heartbeat_of_its_owner(pg_url: str) -> None:
+    """relay_nodes: one row per lease owner, its heartbeat renewed by the scheduler's
+    maintenance round; the recipients it holds are counted; silent rows are forgotten."""
+    from relay.queue.pgspool import NODE_RETENTION
+    from relay.queue.scheduler import Scheduler
+    from relay.queue.spool import NewMessage
+
+    t = [1_800_000_000.0]
+    async with PgStore(pg_url, PASSWORD) as store:
+        a = await PgSpool.open(store, lambda: t[0], node_id="node-a")
+        b = await PgSpool.open(store, lambda: t[0], node_id="node-b")
+        sched = Scheduler(parse_config({}, Path("c.toml")), a, courier=None, clock=lambda: t[0])  # type: ignore[arg-type]
+        await sched.maintain()
+        await b.heartbeat()
+        qid = await a.enqueue(
+            NewMessage("x@y.test", ("r@z.test",), b"Subject: x\r\n\r\n"), claimed=True
+        )
+        t[0] += 10
+        await sched.maintain()
+        rows = {n.node_id: n for n in await a.nodes()}
+        assert set(rows) == {"node-a", "node-b"} and rows["node-a"].owner == a.owner
+        assert (rows["node-a"].started, rows["node-a"].heartbeat) == (t[0] - 10, t[0])
+        assert (rows["node-a"].inflight, rows["node-b"].inflight) == (1, 0)
+        assert await a.delete(qid)
+        t[0] += NODE_RETENTION + 1
+        await b.heartbeat()  # a's row is a day silent: forgotten
+        assert [n.node_id for n in await b.nodes()] == ["node-b"]

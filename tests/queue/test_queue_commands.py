@@ -1,28 +1,35 @@
-"""The operator's queue commands over a real store: hold/release/requeue, delete --all,
-flush --domain, show --raw, list paged in one query, the message history, space reclaimed
-as the queue drains, the default config path, --version and config show/check."""
+"""The operator's queue commands over a real store — each over both stores (SQLite, and
+PostgreSQL on the throwaway cluster): hold/release/requeue, delete --all, flush --domain,
+show --raw, list paged and filtered, the message history; on SQLite also the listing in
+one query, space reclaimed as the queue drains, the default config path, --version and
+config show/check."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from relay.cli import main
-from relay.config import write_config
+from relay.config import load_config, write_config
 from relay.model import RecipientState
+from relay.pgstore import PgStore
+from relay.queue.base import QueueSpool
+from relay.queue.pgspool import PgSpool
 from relay.queue.spool import ListFilter, NewMessage, RecipientUpdate, Spool
 from relay.store import Store
 
 
-def _doc(tmp: Path) -> dict[str, dict[str, Any]]:
+def _doc(tmp: Path, url: str = "") -> dict[str, dict[str, Any]]:
     return {
         "server": {"listen": ["127.0.0.1:0"], "hostname": "relay.lab.test"},
-        "storage": {"path": str(tmp / "relay.sqlite3")},
+        "storage": {"url": url} if url else {"path": str(tmp / "relay.sqlite3")},
         "mta_sts": {"enabled": False},
         "tlsrpt": {"enabled": False},
         "arc": {"enabled": False},
@@ -42,19 +49,33 @@ def _msg(i: int, *rcpts: str) -> NewMessage:
     )
 
 
-@pytest.fixture
-def queue(tmp_path: Path) -> tuple[Path, list[str]]:
+@contextlib.asynccontextmanager
+async def spool_of(cfg: Path) -> AsyncIterator[QueueSpool]:
+    """The queue of the store the config names (as another process sees it)."""
+    st = load_config(cfg).storage
+    if st.postgresql:
+        async with PgStore(st.url, st.password()) as pg:
+            yield await PgSpool.open(pg)
+        return
+    async with Store(st.path) as store:
+        yield Spool(store)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def queue(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, list[str]]:
     """A config and a store holding three messages (the middle one for two domains)."""
-    write_config(tmp_path / "config.toml", _doc(tmp_path))
+    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else ""
+    write_config(tmp_path / "config.toml", _doc(tmp_path, url))
 
     async def fill() -> list[str]:
-        async with Store(tmp_path / "relay.sqlite3") as store:
-            spool = Spool(store)
-            return [
-                await spool.enqueue(_msg(0, "bob@dest.test")),
-                await spool.enqueue(_msg(1, "carol@dest.test", "dan@other.test")),
-                await spool.enqueue(_msg(2, "erin@other.test")),
-            ]
+        async with spool_of(tmp_path / "config.toml") as spool:
+            ids = []
+            for i, rcpts in enumerate(
+                (("bob@dest.test",), ("carol@dest.test", "dan@other.test"), ("erin@other.test",))
+            ):
+                ids.append(await spool.enqueue(_msg(i, *rcpts)))
+                await asyncio.sleep(0.002)  # distinct arrival times: the listing's order
+            return ids
 
     return tmp_path / "config.toml", asyncio.run(fill())
 
@@ -96,9 +117,16 @@ def test_list_is_one_query_paged_and_filtered(
     code, out, _ = _cli(capsys, "queue", "list", "--config", str(cfg), "--limit", "1")
     assert code == 0 and "more may follow: --offset 1" in out
 
+
+def test_the_sqlite_listing_is_one_select(tmp_path: Path) -> None:
+    write_config(tmp_path / "config.toml", _doc(tmp_path))
+    cfg = tmp_path / "config.toml"
+
     # one SELECT for the whole listing, not one per message
     async def count() -> int:
         async with Store(cfg.parent / "relay.sqlite3") as store:
+            for i in range(3):
+                await Spool(store).enqueue(_msg(i, "bob@dest.test"))
             spool = Spool(store)
             statements: list[str] = []
             store.read_sync(lambda c: c.set_trace_callback(statements.append))
@@ -118,8 +146,7 @@ def test_hold_release_requeue_and_the_log(
     assert [m["id"] for m in _json(capsys, cfg, "--state", "held")] == [ids[0]]
 
     async def due() -> list[str]:
-        async with Store(cfg.parent / "relay.sqlite3") as store:
-            spool = Spool(store)
+        async with spool_of(cfg) as spool:
             claimed = await spool.claim(ids[0], ["bob@dest.test"])
             return [*await spool.due(1e12, 10, set()), *claimed]
 
@@ -130,8 +157,7 @@ def test_hold_release_requeue_and_the_log(
     )
 
     async def defer_then_requeue() -> tuple[float, float]:
-        async with Store(cfg.parent / "relay.sqlite3") as store:
-            spool = Spool(store)
+        async with spool_of(cfg) as spool:
             await spool.claim(ids[0], ["bob@dest.test"])
             upd = RecipientUpdate(
                 "bob@dest.test",
@@ -164,8 +190,7 @@ def test_delivered_history_outlives_the_message_until_pruned(
     cfg, ids = queue
 
     async def deliver() -> None:
-        async with Store(cfg.parent / "relay.sqlite3") as store:
-            spool = Spool(store)
+        async with spool_of(cfg) as spool:
             await spool.claim(ids[2], ["erin@other.test"])
             ok = RecipientUpdate(
                 "erin@other.test", RecipientState.DELIVERED, "250 2.0.0 Ok", 0.0, "mx.other.test"
@@ -181,8 +206,8 @@ def test_delivered_history_outlives_the_message_until_pruned(
     assert rows[1]["mx_host"] == "mx.other.test" and rows[1]["reply"] == "250 2.0.0 Ok"
 
     async def prune(before: float) -> int:
-        async with Store(cfg.parent / "relay.sqlite3") as store:
-            return await Spool(store).prune_log(before)
+        async with spool_of(cfg) as spool:
+            return await spool.prune_log(before)
 
     assert asyncio.run(prune(0.0)) == 0  # not old enough yet
     assert asyncio.run(prune(1e12)) == 3  # only the removed message's history goes
@@ -198,23 +223,36 @@ def test_show_raw_flush_domain_and_delete_all(
     raw = capsysbinary.readouterr().out
     assert raw == _msg(1).data  # exactly the stored bytes, nothing else
 
-    store = Store(cfg.parent / "relay.sqlite3").open()
-    store.write_sync(
-        lambda c: c.execute("UPDATE queue_recipients SET state='deferred', next_attempt=1e12")
-    )
-    store.close()
+    async def defer_all() -> None:
+        async with spool_of(cfg) as spool:
+            for m in await spool.list():
+                addrs = [r.address for r in m.recipients]
+                await spool.claim(m.id, addrs)
+                await spool.record(
+                    m.id, [RecipientUpdate(a, RecipientState.DEFERRED, "451", 1e12) for a in addrs]
+                )
+
+    async def due_now() -> list[str]:
+        async with spool_of(cfg) as spool:
+            return sorted(
+                r.address for m in await spool.list() for r in m.recipients if r.next_attempt == 0
+            )
+
+    async def count() -> int:
+        async with spool_of(cfg) as spool:
+            return len(await spool.list())
+
+    asyncio.run(defer_all())
     assert main(["queue", "flush", "--domain", "other.test", "--config", str(cfg)]) == 0
     assert capsysbinary.readouterr().out == b"2 recipient(s) due now for other.test\n"
-    conn = sqlite3.connect(cfg.parent / "relay.sqlite3")
-    due = conn.execute("SELECT address FROM queue_recipients WHERE next_attempt=0").fetchall()
-    assert sorted(a for (a,) in due) == ["dan@other.test", "erin@other.test"]
+    assert asyncio.run(due_now()) == ["dan@other.test", "erin@other.test"]
 
     assert main(["queue", "delete", "--all", "--config", str(cfg)]) == 2  # needs --yes
     assert b"add --yes" in capsysbinary.readouterr().err
-    assert conn.execute("SELECT count(*) FROM queue_messages").fetchone()[0] == 3
+    assert asyncio.run(count()) == 3
     assert main(["queue", "delete", "--all", "--yes", "--config", str(cfg)]) == 0
     assert capsysbinary.readouterr().out == b"deleted 3 message(s)\n"
-    assert conn.execute("SELECT count(*) FROM queue_messages").fetchone()[0] == 0
+    assert asyncio.run(count()) == 0
     assert main(["queue", "delete", ids[0], "--config", str(cfg)]) == 1
 
 

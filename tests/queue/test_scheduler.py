@@ -355,3 +355,37 @@ async def test_backlog_never_takes_the_whole_active_window(tmp_path: Path) -> No
     await sched.stop()
     task.cancel()
     store.close()
+
+
+async def test_the_scheduler_sends_relayed_and_failed_dsns_with_the_parameters(
+    harness_factory,
+) -> None:  # type: ignore[no-untyped-def]
+    """End to end over the scheduler: NOTIFY=SUCCESS delivered to a next hop without DSN
+    gives a "relayed" DSN, a failure with NOTIFY=NEVER none; ENVID and ORCPT are in it."""
+    h = harness_factory({"b@dest.test": ["ok"], "c@other.test": ["perm"]})
+    task = asyncio.create_task(h.sched.run())
+    try:
+        msg = NewMessage(
+            "a@x.test",
+            ("b@dest.test", "c@other.test"),
+            MSG,
+            notify=("SUCCESS", "NEVER"),
+            orcpts=("rfc822;b@alias.test", ""),
+            envid="env-42",
+        )
+        await h.spool.enqueue(msg)
+        h.sched.wake()
+        for _ in range(5):
+            await h.settle()
+            if h.injected and await h.spool.list() == []:
+                break
+        [(mail_from, rcpts, data)] = h.injected
+        text = data.decode()
+        assert (mail_from, rcpts) == ("", ("a@x.test",))
+        assert "Action: relayed" in text and "Original-Envelope-Id: env-42" in text
+        assert "Original-Recipient: rfc822; b@alias.test" in text
+        assert "c@other.test" not in text.split("message/delivery-status")[1].split("--=_")[0]
+        assert await h.spool.list() == []
+    finally:
+        await h.sched.stop()
+        task.cancel()
