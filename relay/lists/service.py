@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 
-from relay import logs
+from relay import logs, metrics
 from relay.auth.arc import ArcSealer
 from relay.auth.arcfields import AS, arc_instance
 from relay.auth.signer import OutboundSigner
@@ -237,11 +237,14 @@ class ListService:
         cfg = la.list
         if transform.has_our_list_id(message, cfg):
             log.warning("list_loop_refused", qid=qid, list=cfg.address)
+            metrics.list_post("rejected", cfg.address)
             raise SmtpReplyError(554, "5.4.6", "Mail loop: this post came through this list")
         if len(message) > cfg.max_message_size:
+            metrics.list_post("rejected", cfg.address)
             raise SmtpReplyError(552, "5.3.4", "Message too big for this list")
         if not env.mail_from or transform.auto_submitted(message):
             log.info("list_post_automatic_dropped", qid=qid, list=cfg.address)
+            metrics.list_post("dropped", cfg.address)
             return  # a bounce or auto-reply to the post address never goes to the list
         _, author = transform.author(message)
         now = self.clock()
@@ -255,10 +258,12 @@ class ListService:
             await self._hold(
                 cfg, env.mail_from, author, message, distributed, reason, qid, now, kept
             )
+            metrics.list_post("held", cfg.address)
             return
         post_id = qid
         await self.store.write(lambda c: self._store_post(c, cfg, post_id, distributed, now, kept))
         log.info("list_post_accepted", qid=qid, list=cfg.address, author=author)
+        metrics.list_post("distributed", cfg.address)
         self.start_fan_out(post_id)
 
     def _store_post(
@@ -596,6 +601,7 @@ class ListService:
                 functools.partial(self._commit, post_id, outs, done, now)
             )
             self._notify(queued, now)
+            metrics.list_copies(lst, len(queued))
             total += len(queued)
         log.info("list_fanout_done", qid=post_id, list=lst, copies=total)
         return total
