@@ -401,7 +401,8 @@ async def seal_async(
     message with the new set prepended (only the new fields parsed)."""
     pm = as_parsed(message)
     headers, cpu = await run_crypto(executor, _seal_job, spec, pm, auth_results_value, chain)
-    metrics.arc_seal(cpu)
+    if headers:  # () when no set is to be added
+        metrics.arc_seal(cpu)
     return pm.prepend(*headers)
 
 
