@@ -48,6 +48,12 @@ STS_OUTCOMES = ("ok", "sts-policy-fetch-error", "sts-policy-invalid", "sts-webpk
 TLSRPT_OUTCOMES = ("sent", "failed", "skipped")
 TLSRPT_METHODS = ("https", "mailto")
 LIST_OUTCOMES = ("distributed", "held", "rejected", "dropped")
+RECIPIENT_RESULTS = ("delivered", "deferred", "failed")
+# the destination domain as delivery found it: the transport policy the attempt ran
+# under (RFC 7672 DANE, RFC 8461 MTA-STS, opportunistic), the lists (local), or no host
+# to try (routing failed: NXDOMAIN, null MX, a DNS error)
+DOMAIN_CLASSES = ("dane", "mta-sts", "opportunistic", "local", "unrouted")
+_POLICY_CLASS = {"dane": "dane", "sts": "mta-sts", "none": "opportunistic"}
 
 
 def directory_for(store: Path) -> Path:
@@ -87,8 +93,8 @@ def init(directory: Path) -> None:
     )
     _m["recipients"] = Counter(
         "relay_delivery_recipients_total",
-        "recipient outcomes of delivery attempts",
-        ["result"],
+        "recipient outcomes of delivery attempts, by result and destination domain class",
+        ["result", "domain_class"],
         registry=None,
     )
     _m["attempt"] = Histogram(
@@ -152,6 +158,9 @@ def init(directory: Path) -> None:
         "relay_list_copies_total", "member copies queued, by list", ["list"], registry=None
     )
     _bound.clear()
+    _bound["recipients"] = {
+        (r, c): _m["recipients"].labels(r, c) for r in RECIPIENT_RESULTS for c in DOMAIN_CLASSES
+    }
     _bound["mtasts"] = {o: _m["mtasts"].labels(o) for o in STS_OUTCOMES}
     _bound["dns"] = {
         (t, o): _m["dns"].labels(t, o) for t in (*DNS_TYPES, "other") for o in DNS_OUTCOMES
@@ -198,9 +207,16 @@ def smtp_message(reply: str, started: float | None) -> None:
         _m["accept"].observe(max(0.0, time.monotonic() - started))
 
 
-def recipient(result: str) -> None:
-    if _m:
-        _m["recipients"].labels(result).inc()
+def recipient(result: str, tls_policy: str, mx_host: str) -> None:
+    """One recipient's outcome of an attempt (relay.model.AttemptResult's tls_policy and
+    mx_host give the destination domain class)."""
+    if not _m:
+        return
+    dclass = "local" if mx_host == "local" else _POLICY_CLASS.get(tls_policy, "unrouted")
+    child = _bound["recipients"].get((result, dclass))
+    if child is None:
+        child = _bound["recipients"][result, dclass] = _m["recipients"].labels(result, dclass)
+    child.inc()
 
 
 def attempt(seconds: float) -> None:

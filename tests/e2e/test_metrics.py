@@ -85,10 +85,17 @@ async def test_metrics_count_what_happened_across_workers(tmp_path: Path) -> Non
                 ]
                 assert accepted == 8
                 assert got[("relay_smtp_sessions_total", ())] >= 8  # + wait_listening's probe
-                delivered = got[("relay_delivery_recipients_total", (("result", "delivered"),))]
-                failed = got[("relay_delivery_recipients_total", (("result", "failed"),))]
+                rcpts = {
+                    (dict(k[1])["result"], dict(k[1])["domain_class"]): v
+                    for k, v in got.items()
+                    if k[0] == "relay_delivery_recipients_total" and v
+                }
                 # gone@ (550), and its DSN to sender.test, a domain that does not exist
-                assert failed == 2 and delivered == 8
+                assert rcpts == {
+                    ("delivered", "opportunistic"): 8,
+                    ("failed", "opportunistic"): 1,
+                    ("failed", "unrouted"): 1,
+                }
                 assert got[("relay_smtp_accept_seconds_count", ())] == 8
                 assert got[("relay_store_commit_seconds_count", ())] >= 8
                 tls = {k: v for k, v in got.items() if k[0] == "relay_tls_outcomes_total"}
@@ -233,6 +240,17 @@ async def test_metrics_of_dns_auth_arc_mtasts_and_lists(tmp_path: Path) -> None:
         assert value("relay_mtasts_cached_policies") == 1
         assert value("relay_list_posts_total", outcome="distributed", list=LIST) == 1
         assert value("relay_list_copies_total", list=LIST) == 3
+        # one.test has an MTA-STS policy (testing): its two recipients; the others not
+        assert (
+            value("relay_delivery_recipients_total", result="delivered", domain_class="mta-sts")
+            == 2
+        )
+        assert (
+            value(
+                "relay_delivery_recipients_total", result="delivered", domain_class="opportunistic"
+            )
+            == 2
+        )
         dns_seen = {
             (dict(k[1])["type"], dict(k[1])["outcome"]): int(v)
             for k, v in got.items()
