@@ -33,40 +33,32 @@ from relay.errors import ConfigError, RelayError
 
 log = logs.get("relay.reload")
 
-# Config sections taken from the new file
-RELOADED = ("aliases", "relay", "arc", "lists", "lists_http", "dkim_sign")
-RELOADED_KEYS = ("server.tls_cert", "server.tls_key")
 ERRORS = (ConfigError, RelayError, OSError, ValueError)
 
 
-def differences(
-    old: Config, new: Config, lists_live: bool = True
-) -> tuple[list[str], list[str]]:
+def differences(old: Config, new: Config, lists_live: bool = True) -> tuple[list[str], list[str]]:
     """(what is reloaded and changed, what changed but needs a restart): dotted keys.
     ``lists_live``: the running relay has its list service (it started with lists)."""
+    running = merged(old, new, lists_live)
     changed: list[str] = []
     restart: list[str] = []
     for f in dataclasses.fields(old):
         if f.name == "path":
             continue
-        a, b = getattr(old, f.name), getattr(new, f.name)
+        a, b, r = getattr(old, f.name), getattr(new, f.name), getattr(running, f.name)
         if a == b:
             continue
-        if f.name == "lists":
-            (changed if lists_live or not b else restart).extend(_list_keys(a, b))
-        elif f.name == "dkim_sign":
-            changed.append("dkim.sign")
-        elif f.name in RELOADED:
-            changed.extend(_keys(f.name, a, b))
-        elif f.name == "server":
-            for key in _keys("server", a, b):
-                (changed if key in RELOADED_KEYS else restart).append(key)
-        else:
-            restart.extend(_keys(f.name, a, b))
+        taken = _keys(f.name, a, r) if a != r else []
+        changed.extend(taken)
+        restart.extend(k for k in _keys(f.name, a, b) if k not in taken)
     return changed, restart
 
 
 def _keys(section: str, a: Any, b: Any) -> list[str]:
+    if section == "lists":
+        return [f'lists."{k}"' for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    if section == "dkim_sign":
+        return ["dkim.sign"]
     if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b):
         return [
             f"{section}.{f.name}"
@@ -74,10 +66,6 @@ def _keys(section: str, a: Any, b: Any) -> list[str]:
             if getattr(a, f.name) != getattr(b, f.name)
         ]
     return [section]
-
-
-def _list_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    return [f'lists."{k}"' for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
 def merged(old: Config, new: Config, lists_live: bool = True) -> Config:
