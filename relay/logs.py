@@ -22,7 +22,6 @@ import time
 from collections.abc import MutableMapping
 from typing import Any
 
-import orjson
 import structlog
 
 _LEVELS = {
@@ -115,17 +114,13 @@ def iso_utc_stamper(
     return event
 
 
-_ORJSON_OPTS = orjson.OPT_NON_STR_KEYS
+_ENCODER = json.JSONEncoder(default=repr)
 
 
 def json_renderer(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> str:
-    """One JSON object, like structlog's JSONRenderer (non-JSON values as their repr), with
-    orjson (about 5x the stdlib json here); falls back to json for what orjson refuses
-    (integers beyond 64 bits)."""
-    try:
-        return orjson.dumps(event, default=repr, option=_ORJSON_OPTS).decode()
-    except (TypeError, orjson.JSONEncodeError):
-        return json.dumps(event, default=repr)
+    """One JSON object, exactly as structlog's JSONRenderer writes it (json.dumps, values
+    JSON cannot hold as their repr), through one encoder built once."""
+    return _ENCODER.encode(event)
 
 
 def plain_renderer(_logger: Any, _name: str, event: dict[str, Any]) -> str:
