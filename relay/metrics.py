@@ -79,6 +79,13 @@ def init(directory: Path) -> None:
     _m["sessions"] = Counter(
         "relay_smtp_sessions_total", "SMTP connections accepted", registry=None
     )
+    _m["sessions_closed"] = Counter(
+        "relay_smtp_sessions_closed_total",
+        "SMTP connections ended, by how: quit, timeout, error_limit, deferred_421, shutdown, "
+        "refused (over a connection limit), dropped (the client went away)",
+        ["outcome"],
+        registry=None,
+    )
     _m["messages"] = Counter(
         "relay_smtp_messages_total",
         "SMTP transactions ended at DATA, by outcome and reply code",
@@ -194,6 +201,16 @@ def enabled() -> bool:
 def smtp_session() -> None:
     if _m:
         _m["sessions"].inc()
+
+
+_SESSION_ENDS = frozenset(
+    ("quit", "timeout", "error_limit", "deferred_421", "shutdown", "refused", "dropped")
+)
+
+
+def smtp_session_closed(outcome: str) -> None:
+    if _m:
+        _m["sessions_closed"].labels(outcome if outcome in _SESSION_ENDS else "dropped").inc()
 
 
 def smtp_message(reply: str, started: float | None) -> None:

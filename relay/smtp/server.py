@@ -318,6 +318,7 @@ class SmtpSession(SMTP):
         self._lim = server.session_limits
         self.closed = asyncio.Event()
         self._refused = False
+        self._end = "dropped"  # how the session ended, for relay_smtp_sessions_closed_total
         self._counted = False
         self._peer_ip = ""
         self._peer_port = 0
@@ -356,6 +357,7 @@ class SmtpSession(SMTP):
             refusal = self._server.limits.acquire(self._peer_ip)
             if refusal is not None:
                 self._refused = True
+                metrics.smtp_session_closed("refused")
                 log.info("smtp_refused", peer=self._peer_ip, reply=str(refusal))
                 cast(asyncio.Transport, transport).write(f"{refusal}\r\n".encode())
                 transport.close()
@@ -393,6 +395,7 @@ class SmtpSession(SMTP):
             self._counted = False
             self._server.limits.release(self._peer_ip)
             self._server._unregister(self)
+        metrics.smtp_session_closed(self._end)
         self.closed.set()
         super().connection_lost(error)
 
@@ -406,6 +409,7 @@ class SmtpSession(SMTP):
         """Server shutdown: close now when between transactions, else after this one."""
         self._stop_requested = True
         if self._phase == "command":
+            self._end = "shutdown"
             self._say_and_close(f"421 4.3.2 {self.hostname} Service shutting down")
 
     def _say_and_close(self, reply: str) -> None:
@@ -459,6 +463,7 @@ class SmtpSession(SMTP):
         whole = now >= self._started + self._lim.max_session_time
         what = "session time limit exceeded" if whole else "timeout exceeded"
         log.info("smtp_timeout", peer=self._peer_ip, reason=what, phase=self._phase)
+        self._end = "timeout"
         self._say_and_close(f"421 4.4.2 {self.hostname} Error: {what}")
         self._timeout_handle = self.loop.call_later(5.0, self.abort)
 
@@ -515,6 +520,7 @@ class SmtpSession(SMTP):
         self._junk += 1
         if self._junk > self._lim.max_junk_commands:
             log.info("smtp_junk_limit", peer=self._peer_ip, count=self._junk)
+            self._end = "error_limit"
             await self.push(f"421 4.7.0 {self.hostname} Error: too many errors or junk commands")
             self._close()
             return False
@@ -823,11 +829,13 @@ class SmtpSession(SMTP):
             self._phase = "command"
             await self.push(reply)
             if reply.startswith("421"):  # closing the channel (RFC 5321 3.8)
+                self._end = "deferred_421"
                 self._close()
                 return False
             if reply.startswith("250"):
                 self._junk = 0
         if self._stop_requested:
+            self._end = "shutdown"
             await self.push(f"421 4.3.2 {self.hostname} Service shutting down")
             self._close()
             return False
@@ -892,6 +900,7 @@ class SmtpSession(SMTP):
         return True
 
     async def _cmd_quit(self, arg: str) -> bool:
+        self._end = "quit"
         await self.push("221 2.0.0 Bye")
         self._close()
         return False

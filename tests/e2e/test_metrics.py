@@ -85,6 +85,9 @@ async def test_metrics_count_what_happened_across_workers(tmp_path: Path) -> Non
                 ]
                 assert accepted == 8
                 assert got[("relay_smtp_sessions_total", ())] >= 8  # + wait_listening's probe
+                # the 8 clients said QUIT; wait_listening's probe just went away
+                closed = got[("relay_smtp_sessions_closed_total", (("outcome", "quit"),))]
+                assert closed == 8
                 rcpts = {
                     (dict(k[1])["result"], dict(k[1])["domain_class"]): v
                     for k, v in got.items()
