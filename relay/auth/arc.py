@@ -52,7 +52,7 @@ from relay.auth.keys import (
     key_names,
     signature_tags,
 )
-from relay.auth.offload import run_crypto
+from relay.auth.offload import run_crypto_for
 from relay.auth.types import ArcCv, ArcResult, DkimResult
 from relay.dns import Resolver
 from relay.message import Message, ParsedMessage, as_parsed
@@ -213,7 +213,7 @@ async def validate_arc(
         return validate_arc_sync(message, KeyRecords(), structure)
     names = [n for s in structure.sets for n in s.key_names]
     keys = await fetch_keys(resolver, names)
-    return await run_crypto(executor, arc_or_fail, message, keys, structure)
+    return await run_crypto_for(executor, len(message.raw), arc_or_fail, message, keys, structure)
 
 
 # ---- sealing ----
@@ -400,7 +400,9 @@ async def seal_async(
     """ArcSealer(spec).seal(...) in executor (each worker loads the key once): the
     message with the new set prepended (only the new fields parsed)."""
     pm = as_parsed(message)
-    headers, cpu = await run_crypto(executor, _seal_job, spec, pm, auth_results_value, chain)
+    headers, cpu = await run_crypto_for(
+        executor, len(pm.raw), _seal_job, spec, pm, auth_results_value, chain
+    )
     if headers:  # () when no set is to be added
         metrics.arc_seal(cpu)
     return pm.prepend(*headers)
@@ -442,4 +444,6 @@ async def verify_dkim_and_arc(
     if not structure.failure:
         names += [n for s in structure.sets for n in s.key_names]
     keys = await fetch_keys(resolver, names)
-    return await run_crypto(executor, _verify_both_job, message, keys, structure, now)
+    return await run_crypto_for(
+        executor, len(message.raw), _verify_both_job, message, keys, structure, now
+    )

@@ -23,7 +23,7 @@ from dkim.canonicalization import CanonicalizationPolicy
 
 from relay.auth.fastrsa import FastDKIM, KeyUnavailable, StrictIdentityError, load_signing_key
 from relay.auth.keys import KeyRecords, fetch_keys, key_names, signature_tags
-from relay.auth.offload import run_crypto
+from relay.auth.offload import run_crypto_for
 from relay.auth.types import DkimResult
 from relay.dns import Resolver
 from relay.message import Message, as_parsed
@@ -109,7 +109,7 @@ async def verify_dkim(
     message = as_parsed(message)
     names = key_names(message, (b"dkim-signature",), limit=MAX_SIGNATURES)
     keys = await fetch_keys(resolver, names)
-    return await run_crypto(executor, verify_dkim_sync, message, keys, now)
+    return await run_crypto_for(executor, len(message.raw), verify_dkim_sync, message, keys, now)
 
 
 class DkimSigner:

@@ -16,11 +16,20 @@ import asyncio
 import multiprocessing
 import os
 from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+# Below this size a message's DKIM/ARC crypto runs inline even when a thread pool is
+# configured: the hand-off to a thread (a future, a queue, a wake-up, the GIL passed back
+# and forth with the loop) costs more than the ~0.3 ms RSA-2048 sign it would move, and
+# with one relay worker per core there is no idle core for the thread anyway (bench/run.py
+# --auth: 0.7 CPU ms a message less, docs/benchmark.md). Larger messages, whose body
+# hashing and canonicalisation take milliseconds, still leave the loop. A process pool
+# (one relay worker: the second core does the crypto) always gets the job.
+INLINE_BELOW = 128 * 1024
 
 
 def _warm_up() -> None:
@@ -51,3 +60,13 @@ async def run_crypto(
 
         return await loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
     return await loop.run_in_executor(executor, fn, *args)
+
+
+async def run_crypto_for(
+    executor: Executor | None, size: int, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """run_crypto for a message of ``size`` bytes: inline when a thread pool would cost
+    more than it saves (``INLINE_BELOW``)."""
+    if isinstance(executor, ThreadPoolExecutor) and size < INLINE_BELOW:
+        return fn(*args, **kwargs)
+    return await run_crypto(executor, fn, *args, **kwargs)

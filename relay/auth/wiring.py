@@ -14,7 +14,9 @@ with several relay processes in a pool of ``[auth] crypto_threads`` threads in e
 OpenSSL (``cryptography``) releases the GIL while it signs, verifies and hashes, so the
 RSA work runs beside the loop at the cost of a thread hand-off, where a process pool
 would add pickling and pipes for no gain (the worker processes already use every core;
-docs/benchmark.md). ``0`` for the setting in use means inline.
+docs/benchmark.md). Messages under ``offload.INLINE_BELOW`` (128 KiB) are done inline even
+then: the hand-off costs more than the signature it moves. ``0`` for the setting in use
+means inline.
 """
 
 from __future__ import annotations
