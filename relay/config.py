@@ -15,7 +15,7 @@ import re
 import socket
 import tomllib
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -583,9 +583,7 @@ def parse_config(doc: dict[str, Any], p: Path) -> Config:
     lists = read_lists(p, doc.get("lists", {}))
     relay = _with_list_domains(relay, lists)
     tlsrpt = read_tlsrpt(sec("tlsrpt"))
-    lists_http = read_lists_http(sec("lists_http"))
-    if lists and not lists_http.base_url:
-        raise lists_http_needed(p)
+    lists_http = _lists_http_for(read_lists_http(sec("lists_http")), lists, p)
     server = read_server(sec("server"))
     return Config(
         path=p,
@@ -609,6 +607,15 @@ def parse_config(doc: dict[str, Any], p: Path) -> Config:
         dkim_sign=read_dkim_sign(p, doc.get("dkim", {}), tlsrpt, server.hostname),
         submission=read_submission(sec("submission"), server, storage),
     )
+
+
+def _lists_http_for(
+    lists_http: ListsHttpConfig, lists: Mapping[str, ListConfig], p: Path
+) -> ListsHttpConfig:
+    """[lists_http] as read; lists need its base_url (their links point there)."""
+    if lists and not lists_http.base_url:
+        raise lists_http_needed(p)
+    return lists_http
 
 
 def read_server(s: _Section) -> ServerConfig:
