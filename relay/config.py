@@ -724,15 +724,23 @@ def read_storage(st: _Section) -> StorageConfig:
     )
 
 
-def _check_pg_url(st: _Section, url: str) -> None:
+def pg_url_problem(url: str) -> str | None:
+    """What is wrong with a PostgreSQL store URL (None: nothing)."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("postgresql", "postgres"):
-        raise st.err("url", "must be a postgresql://user@host/database URL")
+        return "must be a postgresql://user@host/database URL"
     if parts.password is not None or "password=" in parts.query:
         # a password in the URL would end up in process listings and logs
-        raise st.err("url", "must not hold a password: use RELAY_DB_PASSWORD or storage.passfile")
+        return "must not hold a password: use RELAY_DB_PASSWORD or storage.passfile"
     if not parts.path.strip("/"):
-        raise st.err("url", "must name the database (postgresql://user@host/database)")
+        return "must name the database (postgresql://user@host/database)"
+    return None
+
+
+def _check_pg_url(st: _Section, url: str) -> None:
+    problem = pg_url_problem(url)
+    if problem is not None:
+        raise st.err("url", problem)
 
 
 def read_dns(d: _Section) -> DnsConfig:

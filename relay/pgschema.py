@@ -1,18 +1,21 @@
 """The schema of every component ported to the PostgreSQL store, in the order they are
-migrated (``relay db migrate`` and the start of ``relay serve``): the queue and the ARC
-replay counters so far; docs/postgresql.md lists the components still to port."""
+migrated (``relay db migrate`` and the start of ``relay serve``): the queue, the ARC
+replay counters and the lists so far; docs/postgresql.md lists the components still to
+port."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from relay.auth import replay_pg
+from relay.lists import members as lists_db
 from relay.pgstore import PgStore
 from relay.queue import pgspool
 
 COMPONENTS: dict[str, list[str]] = {
     "queue": pgspool.MIGRATIONS,
     "arc_replay": replay_pg.MIGRATIONS,
+    "lists": lists_db.PG_MIGRATIONS,
 }
 
 

@@ -2,11 +2,11 @@
 a configuration needing it from starting (docs/postgresql.md). No asyncpg import here:
 every command imports this.
 
-Ported: the queue (relay.queue.pgspool) and the ARC replay counters
-(relay.auth.replay_pg). Not yet: the MTA-STS policy cache, the TLS-RPT ledger and the
-lists; a configuration that turns one of them on refuses to start on ``storage.url`` in
-one line naming it — never runs it silently on a local SQLite file (whose state another
-node would not share)."""
+Ported: the queue (relay.queue.pgspool), the ARC replay counters (relay.auth.replay_pg)
+and the lists (relay.lists.members over relay.lists.tx). Not yet: the MTA-STS policy
+cache and the TLS-RPT ledger; a configuration that turns one of them on refuses to
+start on ``storage.url`` in one line naming it — never runs it silently on a local SQLite
+file (whose state another node would not share)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,6 @@ def unported_parts(config: Config) -> list[str]:
         parts.append("the MTA-STS policy cache (set mta_sts.enabled = false)")
     if config.tlsrpt.enabled:
         parts.append("the TLS-RPT ledger (set tlsrpt.enabled = false)")
-    if config.lists:
-        parts.append("lists (remove the [[lists]] tables)")
     return parts
 
 

@@ -1,30 +1,35 @@
 """`relay list members|show|held|add|remove|approve|reject|archive`: run the mailing lists
-from the shell.
+from the shell, on the configured store: SQLite (``storage.path``) or PostgreSQL
+(``storage.url``).
 
-Works on the store directly (SQLite WAL allows it while the relay runs). ``add`` needs no
-confirmation (the operator's word) and may create the store; ``approve`` queues the
-copies itself (a running relay's loader delivers them within its poll interval; a
-relay that fans out the same post at once cannot double a copy: each recipient is
-claimed in the transaction that queues its copy).
+Works on the store directly (SQLite WAL allows it while the relay runs; on PostgreSQL
+every node sees the change at once). ``add`` needs no confirmation (the operator's word)
+and may create the store (on PostgreSQL: applies the schema migrations, as ``relay db
+migrate``); the other commands refuse a store without the lists' tables. ``approve``
+queues the copies itself (a running relay's loader delivers them within its poll
+interval, at once on PostgreSQL: NOTIFY; a relay that fans out the same post at once
+cannot double a copy: each recipient is claimed in the transaction that queues its copy).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
+import contextlib
 import json
-import sqlite3
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from relay.commands import open_existing_store
 from relay.config import Config, ListConfig, load_config
+from relay.errors import StartupError, StoreError
 from relay.lists import members as db
 from relay.lists.mbox import write_mbox
+from relay.lists.tx import Tx, lists_db
 from relay.store import Store
-from relay.unported import refuse_unported
 
 T = TypeVar("T")
 
@@ -67,42 +72,84 @@ def _list(config: Config, address: str) -> ListConfig | None:
     return cfg
 
 
-def _open(
-    args: argparse.Namespace, create: bool = False
-) -> tuple[Config, ListConfig, Store] | None:
-    config = load_config(args.config)
-    refuse_unported(config, "relay list", ["lists"])
-    cfg = _list(config, args.list)
-    if cfg is None:
-        return None
-    store = Store(config.storage.path).open() if create else open_existing_store(config)
-    db.open_tables(store)
-    return config, cfg, store
+@contextlib.asynccontextmanager
+async def open_lists_store(config: Config, create: bool = False) -> AsyncIterator[Any]:
+    """The configured store with the lists' tables (a ``Store`` or a ``PgStore``):
+    ``create`` makes them (SQLite: the file too; PostgreSQL: every schema migration),
+    else a store without them is refused (a wrong --config must not show empty lists)."""
+    if not config.storage.postgresql:
+        store = Store(config.storage.path).open() if create else open_existing_store(config)
+        try:
+            db.open_tables(store)
+            yield store
+        finally:
+            await asyncio.to_thread(store.close)
+        return
+    from relay.pgschema import migrate_all
+    from relay.pgstore import PgStore, safe_url
+
+    url = config.storage.url
+    pg = await PgStore(url, config.storage.password(), pool_size=2).open()
+    try:
+        if create:
+            await migrate_all(pg)
+        elif not await pg.schema_version("lists"):
+            raise StartupError(
+                f"no lists in {safe_url(url)} (wrong --config? `relay db migrate` creates them)"
+            )
+        yield pg
+    finally:
+        await pg.close()
 
 
 def _on_list(
     args: argparse.Namespace,
-    work: Callable[[Config, ListConfig, Store], T],
+    work: Callable[[Config, ListConfig, Any], Awaitable[T]],
     *,
     create: bool = False,
 ) -> tuple[ListConfig, T] | None:
-    """Open the config and store, find the list, run ``work`` and close the store; None
-    when the list is not configured (already said on stderr)."""
-    got = _open(args, create)
-    if got is None:
+    """Open the config and store, find the list, run ``work(config, list, store)`` and
+    close the store; None when the list is not configured (already said on stderr). A
+    store error is one line (exit 2)."""
+    config = load_config(args.config)
+    cfg = _list(config, args.list)
+    if cfg is None:
         return None
-    config, cfg, store = got
+
+    async def main() -> T:
+        async with open_lists_store(config, create) as store:
+            return await work(config, cfg, store)
+
     try:
-        return cfg, work(config, cfg, store)
-    finally:
-        store.close()
+        return cfg, _run(main)
+    except StoreError as exc:
+        raise StartupError(f"list: {exc}") from exc
+
+
+def _run(main: Callable[[], Awaitable[T]]) -> T:
+    """``asyncio.run(main())``, in a thread of its own when this one already runs an
+    event loop (the command called from async code: a test, an embedding program)."""
+
+    async def go() -> T:
+        return await main()
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(go())
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, go()).result()
 
 
 def _read(
-    args: argparse.Namespace, query: Callable[[sqlite3.Connection, str], T]
+    args: argparse.Namespace, query: Callable[[Tx, str], Awaitable[T]]
 ) -> tuple[ListConfig, T] | None:
-    """``_on_list`` for one read of the list's rows: ``query(connection, list address)``."""
-    return _on_list(args, lambda _c, cfg, store: store.read_sync(lambda c: query(c, cfg.address)))
+    """``_on_list`` for one read of the list's rows: ``query(transaction, list address)``."""
+
+    async def work(_c: Config, cfg: ListConfig, store: Any) -> T:
+        return await lists_db(store).read(lambda c: query(c, cfg.address))
+
+    return _on_list(args, work)
 
 
 def member_json(m: db.Member) -> dict[str, Any]:
@@ -123,13 +170,16 @@ def run_members(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    got = _on_list(
-        args,
-        lambda _c, cfg, store: (
-            store.read_sync(lambda c: db.members(c, cfg.address)),
-            store.read_sync(lambda c: db.held_posts(c, cfg.address)),
-        ),
-    )
+    async def work(
+        _c: Config, cfg: ListConfig, store: Any
+    ) -> tuple[list[db.Member], list[db.Held]]:
+        ldb = lists_db(store)
+        return (
+            await ldb.read(lambda c: db.members(c, cfg.address)),
+            await ldb.read(lambda c: db.held_posts(c, cfg.address)),
+        )
+
+    got = _on_list(args, work)
     if got is None:
         return 2
     cfg, (rows, held) = got
@@ -182,34 +232,36 @@ def run_held(args: argparse.Namespace) -> int:
 
 
 def run_add(args: argparse.Namespace) -> int:
-    def work(_c: Config, cfg: ListConfig, store: Store) -> list[bool] | None:
+    bad = [a for a in args.addresses if "@" not in a or a.startswith("@") or a.endswith("@")]
+    if bad:
+        print(f"relay: not an address: {bad[0]!r}", file=sys.stderr)
+        return 2
+
+    async def work(_c: Config, cfg: ListConfig, store: Any) -> list[bool]:
         now = time.time()
-        bad = [a for a in args.addresses if "@" not in a or a.startswith("@") or a.endswith("@")]
-        if bad:
-            print(f"relay: not an address: {bad[0]!r}", file=sys.stderr)
-            return None
-        return store.write_sync(
-            lambda c: [db.add_member(c, cfg.address, a, now) for a in args.addresses]
-        )
+
+        async def add(c: Tx) -> list[bool]:
+            return [await db.add_member(c, cfg.address, a, now) for a in args.addresses]
+
+        return await lists_db(store).write(add)
 
     got = _on_list(args, work, create=True)
     if got is None:
         return 2
     _, added = got
-    if added is None:
-        return 2
     for a, new in zip(args.addresses, added, strict=True):
         print(f"{db.normalise(a)}\t{'added' if new else 'already a member'}")
     return 0
 
 
 def run_remove(args: argparse.Namespace) -> int:
-    got = _on_list(
-        args,
-        lambda _c, cfg, store: store.write_sync(
-            lambda c: [db.remove_member(c, cfg.address, a) for a in args.addresses]
-        ),
-    )
+    async def work(_c: Config, cfg: ListConfig, store: Any) -> list[bool]:
+        async def remove(c: Tx) -> list[bool]:
+            return [await db.remove_member(c, cfg.address, a) for a in args.addresses]
+
+        return await lists_db(store).write(remove)
+
+    got = _on_list(args, work)
     if got is None:
         return 2
     _, gone = got
@@ -218,21 +270,21 @@ def run_remove(args: argparse.Namespace) -> int:
     return 0 if all(gone) else 1
 
 
-def _service(config: Config, store: Store) -> Any:
+def _service(config: Config, store: Any) -> Any:
     from relay.lists.service import ListService, build_sealer
 
     return ListService(config, store, sealer=build_sealer(config))
 
 
 def run_approve(args: argparse.Namespace) -> int:
-    async def go(config: Config, cfg: ListConfig, store: Store) -> int:
+    async def go(config: Config, cfg: ListConfig, store: Any) -> int:
         svc = _service(config, store)
         if not await svc.approve(cfg.address, args.id):
             return -1
         await svc.wait_idle()
         return 0
 
-    got = _on_list(args, lambda config, cfg, store: asyncio.run(go(config, cfg, store)))
+    got = _on_list(args, go)
     if got is None:
         return 2
     cfg, res = got
@@ -244,12 +296,10 @@ def run_approve(args: argparse.Namespace) -> int:
 
 
 def run_reject(args: argparse.Namespace) -> int:
-    got = _on_list(
-        args,
-        lambda config, cfg, store: asyncio.run(
-            _service(config, store).reject(cfg.address, args.id, args.reason)
-        ),
-    )
+    async def go(config: Config, cfg: ListConfig, store: Any) -> bool:
+        return bool(await _service(config, store).reject(cfg.address, args.id, args.reason))
+
+    got = _on_list(args, go)
     if got is None:
         return 2
     cfg, ok = got

@@ -21,11 +21,11 @@ import functools
 import os
 import re
 import secrets
-import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from relay import logs, metrics
 from relay.auth.arc import ArcSealer
@@ -39,6 +39,7 @@ from relay.lists import members as db
 from relay.lists import notices, policy, transform
 from relay.lists.addresses import ListAddress, address_of, parse_list_address
 from relay.lists.bounces import read_bounce
+from relay.lists.tx import Tx, lists_db
 from relay.model import Envelope, QueueId, SmtpReply
 from relay.queue.spool import (
     FLAG_NO_DSN,
@@ -46,7 +47,6 @@ from relay.queue.spool import (
     Spool,
     extract_message_id,
     new_qid,
-    queue_insert,
 )
 from relay.stages import Verdict
 from relay.store import Store
@@ -57,7 +57,7 @@ NotifyFn = Callable[[QueueId, NewMessage, float, bool], None]
 # what mail to one list address writes: run inside a store transaction (alone, or in
 # the one that queues the message's other recipients), it returns what to do once that
 # transaction is committed (start the fan-out, tell the scheduler, log)
-Write = Callable[[sqlite3.Connection], Callable[[], None]]
+Write = Callable[[Tx], Awaitable[Callable[[], None]]]
 BATCH = 50  # member copies per commit of the fan-out
 PARALLEL = 2  # slices of a batch signed at once (the app gives the lists two processes)
 RESUME_AFTER = 300.0  # the periodic sweep resumes fan-outs stalled this long
@@ -185,7 +185,7 @@ class ListService:
     def __init__(
         self,
         config: Config,
-        store: Store,
+        store: Any,
         *,
         resolver: Resolver | None = None,
         signer: OutboundSigner | None = None,
@@ -196,7 +196,7 @@ class ListService:
     ) -> None:
         self.config = config
         self.lists = config.lists
-        self.store = store
+        self.store = lists_db(store)  # a Store, a PgStore (relay.lists.tx) or their ListsDb
         self.resolver = resolver
         self.signer = signer or OutboundSigner.from_config(config)
         self.maker = CopyMaker(config, self.signer, sealer)
@@ -206,8 +206,9 @@ class ListService:
         self.base_url = config.lists_http.base_url
         self._running: dict[str, asyncio.Task[int]] = {}
         self._warming: asyncio.Future[list[int]] | None = None
-        db.open_tables(store)
-        Spool(store)  # the queue's tables: copies and notices are written into them
+        if isinstance(store, Store):  # PostgreSQL's tables come from relay.pgschema
+            db.open_tables(store)
+            Spool(store)  # the queue's tables: copies and notices are written into them
 
     # ------------------------------------------------------------ RCPT
 
@@ -307,8 +308,8 @@ class ListService:
             )
         post_id = qid if index == 0 else f"{qid}-{index}"
 
-        def run(c: sqlite3.Connection) -> Callable[[], None]:
-            self._store_post(c, cfg, post_id, distributed, now, kept)
+        async def run(c: Tx) -> Callable[[], None]:
+            await self._store_post(c, cfg, post_id, distributed, now, kept)
             return functools.partial(self._accepted, post_id, cfg, author)
 
         return run
@@ -318,24 +319,24 @@ class ListService:
         metrics.list_post("distributed", cfg.address)
         self.start_fan_out(post_id)
 
-    def _store_post(
+    async def _store_post(
         self,
-        c: sqlite3.Connection,
+        c: Tx,
         cfg: ListConfig,
         post_id: str,
         data: bytes,
         now: float,
         verdict: db.PostVerdict = ("", ""),
     ) -> int:
-        rcpts = db.active_addresses(c, cfg.address)
+        rcpts = await db.active_addresses(c, cfg.address)
         if cfg.archive_public:  # RFC 2369 List-Archive, RFC 5064 Archived-At
             data = transform.with_archive(data, cfg, self.base_url, post_id)
-        db.store_post(c, post_id, cfg.address, data, rcpts, now, verdict)
+        await db.store_post(c, post_id, cfg.address, data, rcpts, now, verdict)
         if cfg.archive:
             mid = extract_message_id(data).strip().strip("<>")
-            db.archive(c, cfg.address, transform.author(data)[1], data, now, post_id, mid)
+            await db.archive(c, cfg.address, transform.author(data)[1], data, now, post_id, mid)
         if not rcpts:
-            db.mark_done(c, post_id, ())
+            await db.mark_done(c, post_id, ())
         return len(rcpts)
 
     async def distributed(
@@ -416,8 +417,8 @@ class ListService:
             for o in cfg.owners
         ]
 
-        def run(c: sqlite3.Connection) -> Callable[[], None]:
-            db.hold(
+        async def run(c: Tx) -> Callable[[], None]:
+            await db.hold(
                 c,
                 held_id,
                 cfg.address,
@@ -429,7 +430,7 @@ class ListService:
                 now,
                 verdict,
             )
-            return functools.partial(done, [self._queue(c, o, now) for o in outs])
+            return functools.partial(done, [await self._queue(c, o, now) for o in outs])
 
         def done(queued: list[tuple[QueueId, NewMessage]]) -> None:
             self._notify(queued, now)
@@ -463,15 +464,15 @@ class ListService:
         now = self.clock()
         addr = db.normalise(address)
 
-        def run(c: sqlite3.Connection) -> Callable[[], None]:
+        async def run(c: Tx) -> Callable[[], None]:
             queued = []
-            m = db.get_member(c, cfg.address, addr)
-            if (m is None or m.state == "pending") and db.confirm_allowed(
+            m = await db.get_member(c, cfg.address, addr)
+            if (m is None or m.state == "pending") and await db.confirm_allowed(
                 c, cfg.address, addr, now, policy.CONFIRM_INTERVAL
             ):
-                token = db.new_confirm(c, cfg.address, addr, now)
+                token = await db.new_confirm(c, cfg.address, addr, now)
                 note = notices.confirmation(cfg, addr, token, self.base_url)
-                queued.append(self._queue(c, self.notice(cfg, addr, note), now))
+                queued.append(await self._queue(c, self.notice(cfg, addr, note), now))
             return functools.partial(done, queued)
 
         def done(queued: list[tuple[QueueId, NewMessage]]) -> None:
@@ -501,8 +502,8 @@ class ListService:
             else:
                 log.info("list_subscribed", qid=qid, list=m.list, address=m.address)
 
-        def run(c: sqlite3.Connection) -> Callable[[], None]:
-            m = db.take_confirm(c, token, now - policy.CONFIRM_VALID, now) if token else None
+        async def run(c: Tx) -> Callable[[], None]:
+            m = await db.take_confirm(c, token, now - policy.CONFIRM_VALID, now) if token else None
             return functools.partial(done, m)
 
         return run
@@ -520,8 +521,8 @@ class ListService:
         def done(gone: bool) -> None:
             log.info("list_unsubscribe_mail", qid=qid, list=cfg.address, removed=gone)
 
-        def run(c: sqlite3.Connection) -> Callable[[], None]:
-            return functools.partial(done, db.remove_member(c, cfg.address, address))
+        async def run(c: Tx) -> Callable[[], None]:
+            return functools.partial(done, await db.remove_member(c, cfg.address, address))
 
         return run
 
@@ -556,8 +557,8 @@ class ListService:
         now = self.clock()
         out = Outgoing(address_of(cfg, "bounces"), cfg.owners, message)
 
-        def run(c: sqlite3.Connection) -> Callable[[], None]:
-            return functools.partial(self._notify, [self._queue(c, out, now)], now)
+        async def run(c: Tx) -> Callable[[], None]:
+            return functools.partial(self._notify, [await self._queue(c, out, now)], now)
 
         return run
 
@@ -572,12 +573,12 @@ class ListService:
         now = self.clock()
         day = time.strftime("%Y-%m-%d", time.gmtime(now))
 
-        def score(c: sqlite3.Connection) -> tuple[str, list[tuple[QueueId, NewMessage]]]:
-            m = db.member_by_token(c, token) if token else None
+        async def score(c: Tx) -> tuple[str, list[tuple[QueueId, NewMessage]]]:
+            m = await db.member_by_token(c, token) if token else None
             if m is None or m.list != cfg.address:
                 return "stranger", []
             if report.kind == "abuse":
-                db.remove_member(c, m.list, m.address)
+                await db.remove_member(c, m.list, m.address)
                 return "removed_abuse", []
             s = policy.score_bounce(
                 m.score,
@@ -589,11 +590,11 @@ class ListService:
             )
             if not s.counted:
                 return "not_counted", []
-            db.set_score(c, m, s.score, day, now if s.disable else m.disabled_at)
+            await db.set_score(c, m, s.score, day, now if s.disable else m.disabled_at)
             if not s.disable:
                 return "scored", []
             probe = self.notice(cfg, m.address, notices.probe_notice(cfg, m.address))
-            return "disabled", [self._queue(c, probe, now)]
+            return "disabled", [await self._queue(c, probe, now)]
 
         def done(outcome: str, queued: list[tuple[QueueId, NewMessage]]) -> None:
             if outcome == "stranger":
@@ -611,8 +612,8 @@ class ListService:
                 )
             self._notify(queued, now)
 
-        def run(c: sqlite3.Connection) -> Callable[[], None]:
-            return functools.partial(done, *score(c))
+        async def run(c: Tx) -> Callable[[], None]:
+            return functools.partial(done, *await score(c))
 
         return run
 
@@ -622,11 +623,11 @@ class ListService:
         cfg = self.lists[lst]
         now = self.clock()
 
-        def run(c: sqlite3.Connection) -> bool:
-            got = db.take_held(c, lst, held_id)
+        async def run(c: Tx) -> bool:
+            got = await db.take_held(c, lst, held_id)
             if got is None:
                 return False
-            self._store_post(c, cfg, held_id, got[1], now, got[2])
+            await self._store_post(c, cfg, held_id, got[1], now, got[2])
             return True
 
         ok = await self.store.write(run)
@@ -638,15 +639,15 @@ class ListService:
         cfg = self.lists[lst]
         now = self.clock()
 
-        def run(c: sqlite3.Connection) -> tuple[QueueId, NewMessage] | None | bool:
-            got = db.take_held(c, lst, held_id)
+        async def run(c: Tx) -> tuple[QueueId, NewMessage] | None | bool:
+            got = await db.take_held(c, lst, held_id)
             if got is None:
                 return False
             held = got[0]
             if not held.mail_from:
                 return None
             note = notices.rejected_notice(cfg, held.author, held.subject, reason)
-            return self._queue(c, self.notice(cfg, held.mail_from, note), now)
+            return await self._queue(c, self.notice(cfg, held.mail_from, note), now)
 
         res = await self.store.write(run)
         if res is False:
@@ -727,20 +728,20 @@ class ListService:
         log.info("list_fanout_done", qid=post_id, list=lst, copies=total)
         return total
 
-    def _commit(
+    async def _commit(
         self,
         post_id: str,
         outs: Sequence[tuple[str, Outgoing]],
         done: Sequence[str],
         now: float,
-        c: sqlite3.Connection,
+        c: Tx,
     ) -> list[tuple[QueueId, NewMessage]]:
         """One batch: its copies queued and its recipients marked done, one transaction."""
         queued = []
         for address, out in outs:  # only copies not queued by another fan-out of the post
-            if db.claim_recipient(c, post_id, address):
-                queued.append(self._queue(c, out, now, flags=0))
-        db.mark_done(c, post_id, done)
+            if await db.claim_recipient(c, post_id, address):
+                queued.append(await self._queue(c, out, now, flags=0))
+        await db.mark_done(c, post_id, done)
         return queued
 
     async def resume(self, older_than: float | None = None) -> int:
@@ -765,16 +766,17 @@ class ListService:
         14 days, resume unfinished fan-outs."""
         now = self.clock()
 
-        def run(c: sqlite3.Connection) -> list[tuple[QueueId, NewMessage]]:
+        async def run(c: Tx) -> list[tuple[QueueId, NewMessage]]:
             queued = []
-            for h in db.expired_held(c, now - policy.HELD_EXPIRY):
+            for h in await db.expired_held(c, now - policy.HELD_EXPIRY):
                 cfg = self.lists.get(h.list)
-                db.take_held(c, h.list, h.id)
+                if await db.take_held(c, h.list, h.id) is None:
+                    continue  # taken by another node's sweep or a moderator meanwhile
                 if cfg is not None and h.mail_from:
                     note = notices.expired_notice(cfg, h.author, h.subject)
-                    queued.append(self._queue(c, self.notice(cfg, h.mail_from, note), now))
-            for m in db.expired_disabled(c, now - policy.DISABLED_REMOVE_AFTER):
-                db.remove_member(c, m.list, m.address)
+                    queued.append(await self._queue(c, self.notice(cfg, h.mail_from, note), now))
+            for m in await db.expired_disabled(c, now - policy.DISABLED_REMOVE_AFTER):
+                await db.remove_member(c, m.list, m.address)
             return queued
 
         queued = await self.store.write(run)
@@ -798,12 +800,12 @@ class ListService:
         its bounces are dropped, never looped)."""
         return Outgoing(address_of(cfg, "bounces"), (to,), self.signer.sign(data, cfg.domain))
 
-    def _queue(
-        self, c: sqlite3.Connection, out: Outgoing, now: float, flags: int = FLAG_NO_DSN
+    async def _queue(
+        self, c: Tx, out: Outgoing, now: float, flags: int = FLAG_NO_DSN
     ) -> tuple[QueueId, NewMessage]:
         qid = new_qid(now)
         new = NewMessage(out.mail_from, out.recipients, out.data, (), flags)
-        queue_insert(qid, new, now)(c)
+        await c.queue(qid, new, now)
         return qid, new
 
     def _notify(self, queued: Sequence[tuple[QueueId, NewMessage]], now: float) -> None:

@@ -4,31 +4,36 @@ locally generated mail to a list address (a DSN for a list copy, sent to its
 -bounces+TOKEN address) is handed over the same way.
 
 What the list recipients write is one ``Pending`` unit: intake runs it inside the very
-transaction that queues the message for its other recipients (relay.queue.spool
-``Spool.enqueue(..., also=)``), so a message to a list and to others is one fsync'd
-write before its 250: a crash leaves both or neither."""
+transaction that queues the message for its other recipients (``enqueue(..., also=)``
+of relay.queue.spool or relay.queue.pgspool: ``Pending.run`` is in the form that store's
+transaction takes, relay.lists.tx), so a message to a list and to others is one durable
+write before its 250, on SQLite and on PostgreSQL: a crash leaves both or neither."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import Any
 
 from relay.lists.service import ListService, Write
+from relay.lists.tx import ListsDb, Tx
 from relay.model import Envelope, QueueId
 from relay.stages import Verdict
 
 
 class Pending:
-    """The list writes of one transaction: ``run`` inside a store transaction, then
+    """The list writes of one transaction: ``run`` inside a store transaction (the
+    store's own callback: sync on a sqlite3 connection, async on an asyncpg one), then
     ``done`` once it is committed (fan-outs started, notices announced)."""
 
-    def __init__(self, writes: Sequence[Write]) -> None:
+    def __init__(self, writes: Sequence[Write], store: ListsDb) -> None:
         self.writes = tuple(writes)
+        self.store = store
         self._after: list[Callable[[], None]] = []
+        self.run: Callable[[Any], object] = store.native(self.apply)
 
-    def run(self, conn: sqlite3.Connection) -> None:
-        self._after = [w(conn) for w in self.writes]
+    async def apply(self, tx: Tx) -> None:
+        self._after = [await w(tx) for w in self.writes]
 
     def done(self) -> None:
         for after in self._after:
@@ -63,7 +68,7 @@ class ListsStage:
             posts += self._is_post(rcpt)
             if w is not None:
                 writes.append(w)
-        pending = Pending(writes) if writes else None
+        pending = Pending(writes, self.service.store) if writes else None
         if not rest:
             return None, pending
         return (replace(env, rcpt_tos=rest) if ours else env), pending
@@ -76,7 +81,7 @@ class ListsStage:
         """The list writes alone (the message had no other recipient), one transaction."""
         if pending is None:
             return
-        await self.service.store.write(pending.run)
+        await self.service.store.write(pending.apply)
         pending.done()
 
     async def take(

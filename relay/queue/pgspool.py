@@ -21,6 +21,7 @@ nodes), so a dead owner's rows come back by lease expiry only.
 
 from __future__ import annotations
 
+import inspect
 import os
 import secrets
 import socket
@@ -29,7 +30,6 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from relay.errors import StoreError
 from relay.model import QueueId, RecipientState
 from relay.pgstore import Conn, PgStore, rowcount
 from relay.queue.spool import (
@@ -211,15 +211,25 @@ class PgSpool:
     ) -> QueueId:
         """Write the message and its recipients durably (synchronous_commit=on, group
         commit); return the queue id. ``claimed``: in flight under this owner's lease.
-        ``also`` (the lists' part of the SQLite transaction) has no PostgreSQL form yet:
-        lists are refused on storage.url at start (relay.unported), so it never comes."""
-        if also is not None:
-            raise StoreError("list recipients are not stored on PostgreSQL yet")
+        ``also``: ``async also(conn)``, the caller's write in the same transaction (the
+        lists' part of a message with list and other recipients: both committed, or
+        neither); such a write locks list rows, so it runs in a transaction of its own,
+        not in a group."""
         now = self.clock()
         qid = qid or new_qid(now)
-        await self.store.write(
-            _insert(qid, msg, now, self.owner if claimed else "", now + self.lease), group=True
-        )
+        insert = _insert(qid, msg, now, self.owner if claimed else "", now + self.lease)
+        if also is None:
+            await self.store.write(insert, group=True)
+            return qid
+
+        async def both(conn: Conn) -> None:
+            result = also(conn)
+            if not inspect.isawaitable(result):
+                raise TypeError("PgSpool.enqueue: also must be an async callable")
+            await result
+            await insert(conn)
+
+        await self.store.write(both)
         return qid
 
     async def claim(self, qid: QueueId, addresses: Sequence[str]) -> tuple[str, ...]:
@@ -661,6 +671,12 @@ _OWED = "(state='failed' OR (state='delivered' AND relayed_owed)) AND NOT dsn_do
 _OWED_R = "(r.state='failed' OR (r.state='delivered' AND r.relayed_owed)) AND NOT r.dsn_done"
 # relay.store.address_domain in SQL: after the last "@", lower case, no trailing dot
 _DOMAIN_OF = "rtrim(lower(substring(address from '[^@]*$')), '.')"
+
+
+def queue_insert(qid: QueueId, msg: NewMessage, now: float) -> Callable[[Conn], Awaitable[None]]:
+    """The write that queues a message (recipients queued, every node woken at commit),
+    for callers that queue it in one transaction with their own rows (list fan-out)."""
+    return _insert(qid, msg, now, "", 0.0)
 
 
 def _insert(

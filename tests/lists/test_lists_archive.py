@@ -25,9 +25,8 @@ from relay.http_server import HttpServer
 from relay.lists import members as db
 from relay.lists.service import ListService
 from relay.model import Envelope
-from relay.queue.spool import Spool
-from relay.store import Store
 from tests.lists.test_lists_http import _chromium
+from tests.pg.backends import QueueBackend
 
 LIST = "dev@lists.example.org"
 PRIVATE = "quiet@lists.example.org"
@@ -70,11 +69,14 @@ def _config(tmp_path: Path, key: Any, **extra: Any) -> Config:
 
 
 @pytest.fixture
-async def served(tmp_path: Path, key: Any) -> Any:
+async def served(tmp_path: Path, key: Any, queue_backend: QueueBackend) -> Any:
+    """The archive over a list service on SQLite and on PostgreSQL (parametrised)."""
     config = _config(tmp_path, key)
-    store = Store(config.storage.path).open()
+    raw = await queue_backend.lists_store()
     resolver = StaticResolver({("_dmarc.author.test", "TXT"): ["v=DMARC1; p=none"]})
-    svc = ListService(config, store, resolver=resolver)
+    svc = ListService(config, raw, resolver=resolver)
+    store = svc.store
+    svc.spool = queue_backend.spool_of(raw)  # for the tests' look at the queue
     server = HttpServer(config, svc)
     await server.start((HostPort("127.0.0.1", 0),))
     host, port = server.bound[0]
@@ -83,7 +85,6 @@ async def served(tmp_path: Path, key: Any) -> Any:
     yield svc, store, f"http://{host}:{port}"
     await svc.wait_idle()
     await server.stop()
-    store.close()
 
 
 def post(
@@ -111,8 +112,8 @@ MIXED = (
 )
 
 
-async def copies(store: Store) -> list[bytes]:
-    spool = Spool(store)
+async def copies(svc: Any) -> list[bytes]:
+    spool = svc.spool
     out = []
     for m in await spool.list():
         loaded = await spool.load(m.id)
@@ -140,7 +141,7 @@ async def test_copies_carry_list_archive_and_archived_at_under_dkim(served: Any,
     await svc.receive(Envelope("alice@author.test", (LIST,)), LIST, forged, "Q1")
     await svc.receive(Envelope("alice@author.test", (PRIVATE,)), PRIVATE, post("quiet"), "Q2")
     await svc.wait_idle()
-    got = await copies(store)
+    got = await copies(svc)
     assert len(got) == 2
     public = next(c for c in got if b"List-Id: Developers" in c or b"dev.lists" in c)
     private = next(c for c in got if c is not public)

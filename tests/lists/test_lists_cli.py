@@ -3,6 +3,7 @@ approve/reject of an unknown id, archive as mbox (mboxrd quoting)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import mailbox
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from relay.cli import main
 from relay.config import dump_toml, load_config
 from relay.lists import members as db
+from relay.lists.tx import lists_db
 from relay.store import Store
 
 LIST = "dev@lists.example.org"
@@ -56,12 +58,17 @@ def test_members_add_show_remove(cfg: Path, capsys: pytest.CaptureFixture[str]) 
 def test_archive_mbox(cfg: Path, tmp_path: Path) -> None:
     assert main(["list", "add", LIST, "b@one.test", "--config", str(cfg)]) == 0
     store = Store(load_config(cfg).storage.path).open()
-    try:
+    ldb = lists_db(store)
+
+    async def put() -> None:
         body = b"From: A <a@x.test>\r\nSubject: one\r\n\r\nFrom here on\r\n>From quoted\r\n"
-        store.write_sync(lambda c: db.archive(c, LIST, "a@x.test", body, 1.8e9))
-        store.write_sync(
+        await ldb.write(lambda c: db.archive(c, LIST, "a@x.test", body, 1.8e9))
+        await ldb.write(
             lambda c: db.archive(c, LIST, "a@x.test", b"Subject: two\r\n\r\nx\r\n", 1.8e9)
         )
+
+    try:
+        asyncio.run(put())
     finally:
         store.close()
     out = tmp_path / "a.mbox"

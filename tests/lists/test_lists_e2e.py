@@ -104,7 +104,7 @@ async def arrivals(mtas: dict[str, LabMta], n: int, timeout: float = 20) -> list
 
 
 async def members(w: dict[str, Any], lst: str = LIST) -> dict[str, db.Member]:
-    store = w["app"].store
+    store = w["app"].lists.store
     return {m.address: m for m in await store.read(lambda c: db.members(c, lst))}
 
 
@@ -211,7 +211,7 @@ async def test_list_and_other_recipient_each_sealed_once(trusting_world: dict[st
 
 async def test_p_none_author_keeps_from_and_own_signature(world: dict[str, Any]) -> None:
     w, lab = world, world["lab"]
-    await w["app"].store.write(lambda c: db.add_member(c, PLAIN, "bob@nopolicy.test", 1.0))
+    await w["app"].lists.store.write(lambda c: db.add_member(c, PLAIN, "bob@nopolicy.test", 1.0))
     raw = post("bob@nopolicy.test", PLAIN, "hello")
     signed = DkimSigner("nopolicy.test", "s1", lab.nopolicy_key).sign(raw)
     host, port = w["smtp"]
@@ -297,7 +297,7 @@ async def test_held_post_approved_and_rejected(world: dict[str, Any]) -> None:
     await arrivals(w["mtas"], 1)  # the owner's notice
     notice = w["mtas"]["one.test"].messages[0]
     assert notice.rcpt_tos[0] == "owner@one.test" and b"held" in notice.data
-    store = w["app"].store
+    store = w["app"].lists.store
     held = await store.read(lambda c: db.held_posts(c, PLAIN))
     assert len(held) == 1
     assert (

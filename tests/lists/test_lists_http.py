@@ -16,8 +16,8 @@ from relay.config import Config, HostPort, parse_config
 from relay.http_server import HttpServer
 from relay.lists import members as db
 from relay.lists.service import ListService
-from relay.queue.spool import Spool
-from relay.store import Store
+from relay.lists.tx import ListsDb
+from tests.pg.backends import QueueBackend
 
 LIST = "dev@lists.example.org"
 
@@ -36,20 +36,22 @@ def config(tmp_path: Path) -> Config:
 
 
 @pytest.fixture
-async def served(config: Config) -> Any:
-    store = Store(config.storage.path).open()
-    svc = ListService(config, store)
+async def served(config: Config, queue_backend: QueueBackend) -> Any:
+    """The pages over a list service on SQLite and on PostgreSQL (parametrised)."""
+    raw = await queue_backend.lists_store()
+    svc = ListService(config, raw)
+    store = svc.store
     server = HttpServer(config, svc)
     await server.start((HostPort("127.0.0.1", 0),))
     host, port = server.bound[0]
     await store.write(lambda c: db.add_member(c, LIST, "b@one.test", 1.0))
     await store.write(lambda c: db.add_member(c, LIST, "c@two.test", 1.0))
+    svc.spool = queue_backend.spool_of(raw)  # for the tests' look at the queue
     yield svc, store, f"http://{host}:{port}"
     await server.stop()
-    store.close()
 
 
-async def _member(store: Store, addr: str) -> db.Member | None:
+async def _member(store: ListsDb, addr: str) -> db.Member | None:
     return await store.read(lambda c: db.get_member(c, LIST, addr))
 
 
@@ -89,7 +91,7 @@ async def test_one_click_post_unsubscribes_exactly_that_member(served: Any) -> N
 
 async def test_subscribe_form_and_confirm_link(served: Any, config: Config) -> None:
     svc, store, base = served
-    spool = Spool(store)
+    spool = svc.spool
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{base}/lists/subscribe/{LIST}") as r:
             assert r.status == 200 and 'name="address"' in await r.text()

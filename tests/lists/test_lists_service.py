@@ -17,9 +17,10 @@ from relay.dns import StaticResolver
 from relay.errors import SmtpReplyError
 from relay.lists import members as db
 from relay.lists.service import ListService
+from relay.lists.tx import ListsDb, Tx
 from relay.model import Envelope
-from relay.queue.spool import Spool
-from relay.store import Store
+from relay.queue.base import QueueSpool
+from tests.pg.backends import QueueBackend
 
 LIST = "dev@lists.example.org"
 BASE = "https://lists.example.org"
@@ -64,18 +65,18 @@ def config(tmp_path: Path, key: Any) -> Config:
 
 
 @pytest.fixture
-async def env(config: Config) -> Any:
-    store = Store(config.storage.path).open()
-    spool = Spool(store)
+async def env(config: Config, queue_backend: QueueBackend) -> Any:
+    """The service over SQLite and over PostgreSQL (``queue_backend``, parametrised);
+    ``store`` is its ``ListsDb`` (the same calls on both)."""
+    raw = await queue_backend.lists_store()
     resolver = StaticResolver({("_dmarc.author.test", "TXT"): ["v=DMARC1; p=reject"]})
     clock = Clock()
-    svc = ListService(config, store, resolver=resolver, clock=clock)
-    yield svc, store, spool, clock
+    svc = ListService(config, raw, resolver=resolver, clock=clock)
+    yield svc, svc.store, queue_backend.spool_of(raw), clock
     await svc.wait_idle()
-    store.close()
 
 
-async def queued(spool: Spool) -> list[tuple[str, list[str], bytes]]:
+async def queued(spool: QueueSpool) -> list[tuple[str, list[str], bytes]]:
     out = []
     for m in await spool.list():
         loaded = await spool.load(m.id)
@@ -84,8 +85,12 @@ async def queued(spool: Spool) -> list[tuple[str, list[str], bytes]]:
     return out
 
 
-async def add(store: Store, *addrs: str) -> None:
-    await store.write(lambda c: [db.add_member(c, LIST, a, 1.0) for a in addrs])
+async def add(store: ListsDb, *addrs: str) -> None:
+    async def run(c: Tx) -> None:
+        for a in addrs:
+            await db.add_member(c, LIST, a, 1.0)
+
+    await store.write(run)
 
 
 def E(mail_from: str = "alice@author.test", rcpt: str = LIST) -> Envelope:

@@ -1,5 +1,6 @@
 """The queue's two stores behind one test interface, so a queue test runs over SQLite and
-over the throwaway PostgreSQL cluster alike (``queue_backend`` fixture, parametrised)."""
+over the throwaway PostgreSQL cluster alike (``queue_backend`` fixture, parametrised);
+the lists' tests take the same fixture (``lists_store``, ``spool_of``)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,25 @@ class QueueBackend:
         if self.name == "sqlite":
             return Spool(store, clock, **kw)
         return await PgSpool.open(store, clock, **kw)
+
+    async def lists_store(self) -> Any:
+        """A store of its own with the lists' and the queue's tables (PostgreSQL: every
+        component's migrations, as ``relay serve`` applies them at start; SQLite: the
+        list service makes them)."""
+        store = await self.new_store()
+        if self.name == "postgresql":
+            from relay.pgschema import migrate_all
+
+            await migrate_all(store)
+        return store
+
+    def spool_of(self, store: Any, clock: Callable[[], float] | None = None) -> QueueSpool:
+        """The queue over an open store of this backend (no migration)."""
+        import time
+
+        if self.name == "sqlite":
+            return Spool(store, clock or time.time)
+        return PgSpool(store, clock or time.time)
 
     async def owed(self) -> int:
         """Failed recipients whose DSN is still owed, read outside the relay's code."""

@@ -11,6 +11,7 @@ import pytest
 
 from relay.auth import replay_pg
 from relay.cli import main as cli_main
+from relay.pgschema import COMPONENTS
 from relay.pgstore import PgStore
 from relay.queue.pgspool import MIGRATIONS, PgSpool
 from tests.pg.pgcluster import PASSWORD
@@ -28,19 +29,20 @@ async def test_db_migrate_applies_the_schema_once(
     cfg = config(tmp_path, pg_url)
     capsys.readouterr()
     assert await asyncio.to_thread(cli_main, ["db", "migrate", "--config", cfg]) == 0
-    n, r = len(MIGRATIONS), len(replay_pg.MIGRATIONS)
-    assert capsys.readouterr().out == (
-        f"queue: schema version {n} ({n} step(s) applied)\n"
-        f"arc_replay: schema version {r} ({r} step(s) applied)\n"
+    assert list(COMPONENTS)[:3] == ["queue", "arc_replay", "lists"]
+    assert len(replay_pg.MIGRATIONS) == len(COMPONENTS["arc_replay"])
+    assert capsys.readouterr().out == "".join(
+        f"{name}: schema version {len(steps)} ({len(steps)} step(s) applied)\n"
+        for name, steps in COMPONENTS.items()
     )
     assert await asyncio.to_thread(cli_main, ["db", "migrate", "--config", cfg]) == 0
-    assert capsys.readouterr().out.count("(0 step(s) applied)") == 2
+    assert capsys.readouterr().out.count("(0 step(s) applied)") == len(COMPONENTS)
     async with PgStore(pg_url, PASSWORD) as store:
         assert await store.schema_version("queue") == len(MIGRATIONS)
         tables = await store.read(
             lambda c: c.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")
         )
-        assert {t[0] for t in tables} == {
+        assert {t[0] for t in tables} >= {
             "relay_schema",
             "queue_messages",
             "queue_recipients",
@@ -48,6 +50,13 @@ async def test_db_migrate_applies_the_schema_once(
             "arc_replay_seal",
             "arc_replay_sealer",
             "relay_nodes",
+            "list_members",
+            "list_confirms",
+            "list_confirm_sent",
+            "list_posts",
+            "list_fanout",
+            "list_held",
+            "list_archive",
         }
 
 

@@ -1,5 +1,5 @@
 """With ``[storage] url`` set, a configuration that turns on a part not ported to
-PostgreSQL yet (MTA-STS cache, TLS-RPT ledger, lists) refuses to start with one line
+PostgreSQL yet (MTA-STS cache, TLS-RPT ledger) refuses to start with one line
 naming it — never silently on a local SQLite file at storage.path; the commands whose
 tables are not ported refuse the same way."""
 
@@ -27,7 +27,6 @@ def config(tmp_path: Path, extra: str = "") -> str:
     ("argv", "named"),
     [
         (["serve"], "MTA-STS policy cache (set mta_sts.enabled = false); the TLS-RPT ledger"),
-        (["list", "members", "x@y.test"], "lists"),
         (["sts", "cache"], "the tables it reads"),
     ],
 )
@@ -54,6 +53,11 @@ def test_the_app_refuses_exactly_the_unported_parts(tmp_path: Path) -> None:
     with pytest.raises(StartupError, match=r"not hold the TLS-RPT ledger \(set tlsrpt"):
         RelayApp(load_config(config(tmp_path, "[mta_sts]\nenabled = false\n")))
     RelayApp(load_config(config(tmp_path, off)))  # the queue and ARC counters: ported
+    lists = (
+        '[lists_http]\nbase_url = "https://lists.example.org"\n'
+        '[lists."dev@lists.example.org"]\nowners = ["o@example.org"]\n'
+    )
+    RelayApp(load_config(config(tmp_path, off + lists)))  # the lists: ported
     assert not list(tmp_path.rglob("*.sqlite3"))
 
 

@@ -1,0 +1,146 @@
+"""A mailing list served by two `relay serve` nodes on one PostgreSQL (issue 14), end to
+end: the list lab (DNS with SPF/DKIM/DMARC, the members' MTAs on loopback), members added
+with `relay list add` on storage.url, a post accepted by node A delivered once to every
+member; a member unsubscribed with the one-click POST (RFC 8058) to node A's HTTP listener
+is not sent the next post, accepted by node B (a post to the list and to another
+recipient: the post and the message in one transaction); `relay list members` on node
+B's config shows the change."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from relay.config import dump_toml
+from relay.lab.mta import LabMta, Received
+from tests.e2e.test_crash import start_relay, wait_listening
+from tests.labutil import send
+from tests.lists.listlab import AUTHOR_IP, LIST, MEMBER_IPS, ListLab, free_port, post
+
+pytestmark = pytest.mark.slow
+MEMBERS = ["b@one.test", "c@two.test", "d@three.test"]
+
+
+def cli(cfg: Path, *argv: str) -> str:
+    res = subprocess.run(
+        [sys.executable, "-m", "relay", *argv, "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+@pytest.fixture
+async def mtas(tmp_path: Path) -> AsyncIterator[dict[str, LabMta]]:
+    out: dict[str, LabMta] = {}
+    port = 0
+    for dom, ip in MEMBER_IPS.items():
+        out[dom] = await LabMta(ip, port, hostname=f"mx.{dom}").start()
+        port = out[dom].port
+    yield out
+    for m in out.values():
+        await m.stop()
+
+
+def received(mtas: dict[str, LabMta]) -> list[Received]:
+    return [r for m in mtas.values() for r in m.messages]
+
+
+async def arrivals(mtas: dict[str, LabMta], n: int, timeout: float = 30) -> list[Received]:
+    deadline = time.monotonic() + timeout
+    while len(received(mtas)) < n:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(received(mtas))} of {n} messages arrived")
+        await asyncio.sleep(0.05)
+    return received(mtas)
+
+
+def subject(r: Received) -> str:
+    return r.data.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0].decode()
+
+
+async def test_a_list_on_two_nodes_delivers_and_honours_an_unsubscribe_on_the_other(
+    tmp_path: Path, pg_url: str, mtas: dict[str, LabMta]
+) -> None:
+    lab = ListLab(tmp_path)
+    mx_port = next(iter(mtas.values())).port
+    nodes: dict[str, tuple[Path, int, int]] = {}
+    procs = []
+    try:
+        for name in ("a", "b"):
+            smtp, http = free_port(), free_port()
+            doc: dict[str, Any] = lab.doc(mx_port, smtp_port=smtp, http_port=http)
+            doc["server"]["node_id"] = name
+            doc["storage"] = {"url": pg_url, "lease": 2.0}
+            doc["relay"]["trusted_networks"] = ["127.0.0.1/32", f"{AUTHOR_IP}/32"]
+            cfg = tmp_path / f"{name}.toml"
+            cfg.write_text(dump_toml(doc))
+            nodes[name] = (cfg, smtp, http)
+        cfg_a, smtp_a, _ = nodes["a"]
+        cfg_b, smtp_b, _ = nodes["b"]
+        out = cli(cfg_a, "list", "add", LIST, *MEMBERS)  # on storage.url: migrates first
+        assert out.count("\tadded") == 3
+        for name in ("a", "b"):
+            procs.append(start_relay(nodes[name][0], tmp_path / f"{name}.log"))
+        for name in ("a", "b"):
+            await wait_listening(nodes[name][1])
+
+        raw = post("alice@author.test", LIST, "first")
+        await send("127.0.0.1", smtp_a, "alice@author.test", [LIST], raw, source=AUTHOR_IP)
+        first = await arrivals(mtas, 3)
+        assert sorted(r.rcpt_tos[0] for r in first) == MEMBERS
+        assert all(subject(r) == "[dev] first" for r in first)
+        unsub = {
+            r.rcpt_tos[0]: r.data.split(b"List-Unsubscribe: <", 1)[1].split(b">", 1)[0].decode()
+            for r in first
+        }
+        assert unsub["b@one.test"].startswith(f"http://127.0.0.1:{nodes['a'][2]}/")
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                unsub["b@one.test"], data={"List-Unsubscribe": "One-Click"}, allow_redirects=False
+            ) as resp:
+                assert resp.status == 200
+        listed = json.loads(cli(cfg_b, "list", "members", LIST, "--json"))
+        assert [m["address"] for m in listed] == ["c@two.test", "d@three.test"]
+
+        # node B: the next post, to the list and to one other recipient (one transaction)
+        raw = post("alice@author.test", LIST, "second")
+        await send(
+            "127.0.0.1",
+            smtp_b,
+            "alice@author.test",
+            [LIST, "zed@two.test"],
+            raw,
+            source=AUTHOR_IP,
+        )
+        got = await arrivals(mtas, 3 + 3)
+        await asyncio.sleep(1.0)  # nothing more may come
+        second = [r for r in received(mtas) if r not in first]
+        assert sorted((r.rcpt_tos[0], subject(r)) for r in second) == [
+            ("c@two.test", "[dev] second"),
+            ("d@three.test", "[dev] second"),
+            ("zed@two.test", "second"),  # the plain message, not a list copy
+        ]
+        assert len(got) == len(received(mtas)) == 6
+        b_copy = next(r for r in second if r.rcpt_tos[0] == "c@two.test")
+        assert f"http://127.0.0.1:{nodes['b'][2]}/".encode() in b_copy.data  # made by B
+        queue = json.loads(cli(cfg_a, "queue", "list", "--json"))
+        assert queue == []  # every copy delivered and removed, whichever node sent it
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(20)
+        lab.close()
