@@ -1,18 +1,21 @@
 """The schema of every component ported to the PostgreSQL store, in the order they are
 migrated (``relay db migrate`` and the start of ``relay serve``): the queue and the ARC
-replay counters so far; docs/postgresql.md lists the components still to port."""
+replay counters, the MTA-STS policy cache and the TLS-RPT ledger so far;
+docs/postgresql.md lists the components still to port."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from relay.auth import replay_pg
+from relay.mtasts import cache_pg
 from relay.pgstore import PgStore
 from relay.queue import pgspool
 
 COMPONENTS: dict[str, list[str]] = {
     "queue": pgspool.MIGRATIONS,
     "arc_replay": replay_pg.MIGRATIONS,
+    "mtasts": cache_pg.MIGRATIONS,
 }
 
 
