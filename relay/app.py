@@ -164,6 +164,7 @@ class RelayApp:
         self.lists: ListService | None = None
         self.http_server: Any = None
         self.policy_server: Any = None
+        self.tlsrpt_sender: Any = None  # the leader's, kept for relay.reload (its DKIM key)
 
     @property
     def bound(self) -> list[tuple[str, int]]:
@@ -261,6 +262,7 @@ class RelayApp:
         if self.ledger is not None:
             self._spawn("tlsrpt-ledger", self.ledger.run)
             sender = self._build_tlsrpt_sender() if self.leader else None
+            self.tlsrpt_sender = sender
             if sender is not None:
                 self._spawn("tlsrpt-sender", lambda: sender.run(self._stop))
         if lists is not None and self.leader:  # sweeps, resumed fan-outs, the pages

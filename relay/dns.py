@@ -35,6 +35,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
+from relay import metrics
 from relay.errors import DnsBogus, DnsError, DnsNoData, DnsNotFound, DnsTempFail
 
 DnssecStatus = Literal["secure", "insecure", "bogus"]
@@ -374,7 +375,15 @@ class DnspythonResolver:
         if rdtype == "PTR":
             name = reverse_name(name)
         qname = _qname(name, rdtype)
-        shown = _norm(name)
+        try:
+            ans = await self._ask(qname, _norm(name), rdtype)
+        except DnsError as exc:
+            metrics.dns_query(rdtype, exc)
+            raise
+        metrics.dns_query(rdtype, None)
+        return ans
+
+    async def _ask(self, qname: dns.name.Name, shown: str, rdtype: str) -> Answer:
         try:
             async with asyncio.timeout(self.timeout + 1):
                 resp, why = await self._exchange(qname, rdtype)

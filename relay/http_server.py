@@ -225,7 +225,7 @@ class ListsHttp:
         return page("Subscribed", "<p>Your subscription is confirmed.</p>")
 
     async def subscribe_page(self, request: web.Request) -> web.Response:
-        cfg = self.config.lists.get(request.match_info["list"].lower())
+        cfg = self.lists.lists.get(request.match_info["list"].lower())
         if cfg is None:
             return not_found()
         form = (
@@ -237,7 +237,7 @@ class ListsHttp:
         return page(f"Subscribe to {cfg.display_name}", form)
 
     async def subscribe(self, request: web.Request) -> web.Response:
-        cfg = self.config.lists.get(request.match_info["list"].lower())
+        cfg = self.lists.lists.get(request.match_info["list"].lower())
         if cfg is None:
             return not_found()
         form = await request.post()

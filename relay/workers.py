@@ -149,11 +149,17 @@ class _Supervisor:
         self.factory = factory
         self.backoff = backoff
         self.children: dict[int, int] = {}  # pid -> worker index
+        self.lists_live = bool(config.lists)  # the workers start their list service
         self.shutdown = False  # a real SIGTERM/SIGINT: set only by on_signal
 
     def on_hup(self, _signum: int, _frame: object) -> None:
-        """SIGHUP: each worker reloads its config (relay.reload)."""
+        """SIGHUP: each worker reloads its config (relay.reload); the parent takes the
+        reloaded config too (the old one when the new is invalid), for the workers it
+        starts after a death."""
+        from relay.reload import reload_config
+
         log.info("reload_requested", workers=list(self.children))
+        self.config = reload_config(self.config, self.lists_live)
         self.terminate(signal.SIGHUP)
 
     def on_signal(self, signum: int, _frame: object) -> None:

@@ -19,14 +19,16 @@ def exported(tmp: Path) -> set[str]:
     metrics.init(tmp / "m")
     try:
         names = set()
-        for key in ("sessions", "messages", "recipients", "tls"):
-            names.add(metrics._m[key]._name + "_total")
-        for key in ("accept", "attempt", "commit"):
-            base = metrics._m[key]._name
-            names |= {base + "_bucket", base + "_count", base + "_sum"}
+        for m in metrics._m.values():
+            if m._type == "counter":
+                names.add(m._name + "_total")
+            else:
+                assert m._type == "histogram"
+                names |= {m._name + "_bucket", m._name + "_count", m._name + "_sum"}
     finally:
         metrics.reset()
-    return names | {"relay_queue_recipients", "relay_queue_oldest_seconds"}
+    gauges = {"relay_queue_recipients", "relay_queue_oldest_seconds"}
+    return names | gauges | {"relay_mtasts_cached_policies"}
 
 
 def test_dashboard_uses_only_exported_metrics(tmp_path: Path) -> None:

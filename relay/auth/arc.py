@@ -26,6 +26,7 @@ import dkim.crypto
 import structlog
 from dkim.canonicalization import CanonicalizationPolicy
 
+from relay import metrics
 from relay.auth.arcfields import (
     AAR,
     AMS,
@@ -380,8 +381,12 @@ def _sealer(spec: SealerSpec) -> ArcSealer:
 
 def _seal_job(
     spec: SealerSpec, message: ParsedMessage, ar_value: str, chain: ArcResult
-) -> tuple[bytes, ...]:
-    return _sealer(spec).seal_headers(message, ar_value, chain)
+) -> tuple[tuple[bytes, ...], float]:
+    """The new ARC set's fields and the CPU time the seal took in this thread (where the
+    job ran: a thread or a process of the crypto pool)."""
+    started = time.thread_time()
+    headers = _sealer(spec).seal_headers(message, ar_value, chain)
+    return headers, time.thread_time() - started
 
 
 async def seal_async(
@@ -395,7 +400,9 @@ async def seal_async(
     """ArcSealer(spec).seal(...) in executor (each worker loads the key once): the
     message with the new set prepended (only the new fields parsed)."""
     pm = as_parsed(message)
-    headers = await run_crypto(executor, _seal_job, spec, pm, auth_results_value, chain)
+    headers, cpu = await run_crypto(executor, _seal_job, spec, pm, auth_results_value, chain)
+    if headers:  # () when no set is to be added
+        metrics.arc_seal(cpu)
     return pm.prepend(*headers)
 
 

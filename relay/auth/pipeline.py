@@ -40,6 +40,7 @@ from typing import Literal, TypeVar
 
 import structlog
 
+from relay import metrics
 from relay.auth.arcfields import AAR, aar_dmarc, arc_instance
 from relay.auth.dmarc import DmarcEvaluation, check_dmarc
 from relay.auth.replay import ReplayGuard, seal_fingerprint
@@ -282,6 +283,7 @@ class Authenticator:
                     )
                     override = ""
         results = AuthResults(spf, dkim, dmarc.result, arc, dmarc_override=override)
+        metrics.auth_verdict(results)
         action, reason, reply = self._action_for(results)
         if replay and action != "accept":
             reason = f"{reason} (ARC override refused: {replay})"

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from relay import metrics
 from relay.config import Config
 from relay.dns import Resolver
 from relay.errors import ConfigError
@@ -89,6 +90,7 @@ class ArcChainVerdict:
         from relay.auth.arc import validate_arc
 
         chain = await validate_arc(self.resolver, message, executor=self.executor)
+        metrics.arc_verdict(chain.cv)
         return Judged(message, self.ar_value, chain)
 
 

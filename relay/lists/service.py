@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 
-from relay import logs
+from relay import logs, metrics
 from relay.auth.arc import ArcSealer
 from relay.auth.arcfields import AS, arc_instance
 from relay.auth.signer import OutboundSigner
@@ -283,11 +283,14 @@ class ListService:
         cfg = la.list
         if transform.has_our_list_id(message, cfg):
             log.warning("list_loop_refused", qid=qid, list=cfg.address)
+            metrics.list_post("rejected", cfg.address)
             raise SmtpReplyError(554, "5.4.6", "Mail loop: this post came through this list")
         if len(message) > cfg.max_message_size:
+            metrics.list_post("rejected", cfg.address)
             raise SmtpReplyError(552, "5.3.4", "Message too big for this list")
         if not env.mail_from or transform.auto_submitted(message):
             log.info("list_post_automatic_dropped", qid=qid, list=cfg.address)
+            metrics.list_post("dropped", cfg.address)
             return None  # a bounce or auto-reply to the post address never goes there
         _, author = transform.author(message)
         now = self.clock()
@@ -312,6 +315,7 @@ class ListService:
 
     def _accepted(self, post_id: str, cfg: ListConfig, author: str) -> None:
         log.info("list_post_accepted", qid=post_id, list=cfg.address, author=author)
+        metrics.list_post("distributed", cfg.address)
         self.start_fan_out(post_id)
 
     def _store_post(
@@ -429,6 +433,7 @@ class ListService:
 
         def done(queued: list[tuple[QueueId, NewMessage]]) -> None:
             self._notify(queued, now)
+            metrics.list_post("held", cfg.address)
             log.info(
                 "list_post_held",
                 qid=qid,
@@ -717,6 +722,7 @@ class ListService:
                 functools.partial(self._commit, post_id, outs, done, now)
             )
             self._notify(queued, now)
+            metrics.list_copies(lst, len(queued))
             total += len(queued)
         log.info("list_fanout_done", qid=post_id, list=lst, copies=total)
         return total

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 
 import structlog
 
+from relay import metrics
 from relay.config import Config
 from relay.dns import Resolver
 from relay.errors import PolicyError, StoreError
@@ -343,6 +344,7 @@ class PolicyManager:
             )
         except PolicyFetchError as exc:
             self.counters.fetch_failures += 1
+            metrics.mtasts_fetch(exc.result_type)
             if exc.result_type is not TlsResultType.STS_POLICY_FETCH_ERROR:
                 self.counters.refusals += 1
             failure = FetchFailure(d, rid, self.clock(), exc.result_type, exc.reason)
@@ -355,6 +357,7 @@ class PolicyManager:
             except StoreError as serr:
                 log.error("mtasts_cache_write_failed", domain=d, error=str(serr))
             return failure, True
+        metrics.mtasts_fetch()
         at = self.clock()
         cp = CachedPolicy(
             d, rid, policy, fetched_at=at, checked_at=at, expires_at=at + policy.max_age

@@ -450,7 +450,7 @@ class Scheduler:
                 and not rr.next_hop_dsn
             )
             seen = (rr.remote_host or res.mx_host, tls, relayed)
-            metrics.recipient(rr.state.value)
+            metrics.recipient(rr.state.value, res.tls_policy, res.mx_host)
             if rr.state is RecipientState.DEFERRED:
                 nxt = now + self.retry.delay(attempts.get(rr.address, 0) + 1, self.rng)
                 nxt = min(nxt, msg.created + self.retry.lifetime)

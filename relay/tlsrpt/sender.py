@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
+from relay import metrics
 from relay.config import Config
 from relay.dns import Resolver
 from relay.errors import ConfigError, DnsError
@@ -496,6 +497,8 @@ class TlsRptSender:
                 await self._post(d.uri, gz)
                 status = DeliveryStatus.DELIVERED
         except Exception as exc:  # noqa: BLE001 - every failure is retried or logged
+            unsigned = isinstance(exc, UnsignedReportError)
+            metrics.tlsrpt_report("skipped" if unsigned else "failed", d.uri)
             error = f"{type(exc).__name__}: {exc}"
             permanent = _permanent(exc)
             nxt = now + _backoff(attempts, self.rng)
@@ -517,6 +520,7 @@ class TlsRptSender:
             )  # fmt: skip
             self._wake.set()
             return DeliveryStatus.PENDING
+        metrics.tlsrpt_report("sent", d.uri)
         blog.info("tlsrpt_report_sent", status=status.value, qid=qid or None)
         await self.ledger.update_delivery(
             d.day, d.policy_domain, d.uri, status,
