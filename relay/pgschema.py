@@ -11,11 +11,13 @@ from relay.auth import replay_pg
 from relay.mtasts import cache_pg
 from relay.pgstore import PgStore
 from relay.queue import pgspool
+from relay.tlsrpt import ledger_pg
 
 COMPONENTS: dict[str, list[str]] = {
     "queue": pgspool.MIGRATIONS,
     "arc_replay": replay_pg.MIGRATIONS,
     "mtasts": cache_pg.MIGRATIONS,
+    "tlsrpt": ledger_pg.MIGRATIONS,
 }
 
 
