@@ -2,10 +2,10 @@
 a configuration needing it from starting (docs/postgresql.md). No asyncpg import here:
 every command imports this.
 
-Ported: the queue (relay.queue.pgspool) and the ARC replay counters
-(relay.auth.replay_pg). Not yet: the MTA-STS policy cache, the TLS-RPT ledger and the
-lists; a configuration that turns one of them on refuses to start on ``storage.url`` in
-one line naming it — never runs it silently on a local SQLite file (whose state another
+Ported: the queue (relay.queue.pgspool), the ARC replay counters (relay.auth.replay_pg),
+the MTA-STS policy cache (relay.mtasts.cache_pg) and the TLS-RPT ledger
+(relay.tlsrpt.ledger_pg). Not yet: the lists; a configuration that turns them on refuses
+to start on ``storage.url`` in one line naming it — never runs it silently on a local SQLite file (whose state another
 node would not share)."""
 
 from __future__ import annotations
@@ -17,10 +17,6 @@ from relay.errors import StartupError
 def unported_parts(config: Config) -> list[str]:
     """The parts this configuration turns on that the PostgreSQL store cannot hold yet."""
     parts = []
-    if config.mta_sts.enabled:
-        parts.append("the MTA-STS policy cache (set mta_sts.enabled = false)")
-    if config.tlsrpt.enabled:
-        parts.append("the TLS-RPT ledger (set tlsrpt.enabled = false)")
     if config.lists:
         parts.append("lists (remove the [[lists]] tables)")
     return parts

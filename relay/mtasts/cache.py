@@ -233,7 +233,6 @@ class PolicyCache:
             )
         )
 
-
     async def claim_meta(self, key: str, seen: str | None, value: str) -> bool:
         """Set key to value only if it still holds ``seen`` (None: absent): the refresher
         claims a run this way, so processes sharing the cache do not run it twice."""

@@ -21,8 +21,8 @@ Concurrent calls for one domain share one lookup (single flight), and a refresh 
 domain never runs at the same time as a lookup of it. Across processes and nodes sharing
 the cache (PostgreSQL: relay.mtasts.cache_pg) a fetch is leased per domain: one fetches,
 the others wait for the lease to go and take the policy (or the failure) it stored, so a
-policy is fetched once per change or refresh, whatever the number of nodes. ``run_refresher`` renews cached
-policies in the background (relay.mtasts.refresher).
+policy is fetched once per change or refresh, whatever the number of nodes.
+``run_refresher`` renews cached policies in the background (relay.mtasts.refresher).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from relay.mtasts.fetch import (
 )
 from relay.mtasts.policy import StsPolicy
 from relay.mtasts.refresher import PolicyRefresher
+
 log = structlog.get_logger("relay.mtasts")
 
 LEASE_SLACK = 10.0  # a fetch lease outlives fetch_timeout by this much (a dead holder's)

@@ -38,16 +38,16 @@ async def test_two_nodes_fetch_a_new_policy_once(
 ) -> None:
     lab.publish("example.com", None, "v1", answer=Answer(200, policy().encode(), delay=0.4))
     ma, mb = lab.manager(nodes[0]), lab.manager(nodes[1])
-    results = await asyncio.gather(
-        *(m.get_policy("example.com") for m in (ma, mb, ma, mb, ma, mb))
-    )
+    results = await asyncio.gather(*(m.get_policy("example.com") for m in (ma, mb, ma, mb, ma, mb)))
     assert all(r.enforce and r.policy_id == "v1" for r in results)
     assert lab.fetches("example.com") == 1
     assert ma.counters.fetches + mb.counters.fetches == 1
     assert ma.counters.shared_fetches + mb.counters.shared_fetches == 1
 
     # a new id: again one fetch between the two nodes, and both apply the new policy
-    lab.publish("example.com", None, "v2", answer=Answer(200, policy("testing").encode(), delay=0.4))
+    lab.publish(
+        "example.com", None, "v2", answer=Answer(200, policy("testing").encode(), delay=0.4)
+    )
     pa, pb = await asyncio.gather(ma.get_policy("example.com"), mb.get_policy("example.com"))
     assert (pa.mode, pa.policy_id) == (pb.mode, pb.policy_id) == (StsMode.TESTING, "v2")
     assert lab.fetches("example.com") == 2

@@ -1,5 +1,5 @@
 """With ``[storage] url`` set, a configuration that turns on a part not ported to
-PostgreSQL yet (MTA-STS cache, TLS-RPT ledger, lists) refuses to start with one line
+PostgreSQL yet (lists) refuses to start with one line
 naming it — never silently on a local SQLite file at storage.path; the commands whose
 tables are not ported refuse the same way."""
 
@@ -26,9 +26,7 @@ def config(tmp_path: Path, extra: str = "") -> str:
 @pytest.mark.parametrize(
     ("argv", "named"),
     [
-        (["serve"], "MTA-STS policy cache (set mta_sts.enabled = false); the TLS-RPT ledger"),
         (["list", "members", "x@y.test"], "lists"),
-        (["sts", "cache"], "the tables it reads"),
     ],
 )
 async def test_commands_on_a_postgresql_store_refuse_in_one_line(
@@ -47,13 +45,8 @@ async def test_commands_on_a_postgresql_store_refuse_in_one_line(
 def test_the_app_refuses_exactly_the_unported_parts(tmp_path: Path) -> None:
     from relay.app import RelayApp
 
-    off = "[mta_sts]\nenabled = false\n[tlsrpt]\nenabled = false\n"
-    with pytest.raises(StartupError, match="MTA-STS policy cache") as err:
-        RelayApp(load_config(config(tmp_path)))
-    assert "lists" not in str(err.value)  # none configured: not named
-    with pytest.raises(StartupError, match=r"not hold the TLS-RPT ledger \(set tlsrpt"):
-        RelayApp(load_config(config(tmp_path, "[mta_sts]\nenabled = false\n")))
-    RelayApp(load_config(config(tmp_path, off)))  # the queue and ARC counters: ported
+    # the queue, ARC counters, MTA-STS cache and TLS-RPT ledger (on by default): ported
+    RelayApp(load_config(config(tmp_path)))
     assert not list(tmp_path.rglob("*.sqlite3"))
 
 
