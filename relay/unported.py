@@ -5,8 +5,8 @@ every command imports this.
 Ported: the queue (relay.queue.pgspool), the ARC replay counters (relay.auth.replay_pg),
 the MTA-STS policy cache (relay.mtasts.cache_pg) and the TLS-RPT ledger
 (relay.tlsrpt.ledger_pg). Not yet: the lists; a configuration that turns them on refuses
-to start on ``storage.url`` in one line naming it — never runs it silently on a local SQLite file (whose state another
-node would not share)."""
+to start on ``storage.url`` in one line naming it — never runs them silently on a local
+SQLite file (whose state another node would not share)."""
 
 from __future__ import annotations
 

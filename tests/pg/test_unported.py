@@ -12,7 +12,6 @@ import pytest
 
 from relay.cli import main as cli_main
 from relay.config import load_config
-from relay.errors import StartupError
 
 URL = "postgresql://relay@127.0.0.1:1/relay"
 
