@@ -32,9 +32,11 @@ async def test_db_migrate_applies_the_schema_once(
     assert capsys.readouterr().out == (
         f"queue: schema version {n} ({n} step(s) applied)\n"
         f"arc_replay: schema version {r} ({r} step(s) applied)\n"
+        "mtasts: schema version 1 (1 step(s) applied)\n"
+        "tlsrpt: schema version 1 (1 step(s) applied)\n"
     )
     assert await asyncio.to_thread(cli_main, ["db", "migrate", "--config", cfg]) == 0
-    assert capsys.readouterr().out.count("(0 step(s) applied)") == 2
+    assert capsys.readouterr().out.count("(0 step(s) applied)") == 4
     async with PgStore(pg_url, PASSWORD) as store:
         assert await store.schema_version("queue") == len(MIGRATIONS)
         tables = await store.read(
@@ -48,6 +50,13 @@ async def test_db_migrate_applies_the_schema_once(
             "arc_replay_seal",
             "arc_replay_sealer",
             "relay_nodes",
+            "mtasts_policy",
+            "mtasts_failure",
+            "mtasts_meta",
+            "mtasts_fetching",
+            "tlsrpt_counts",
+            "tlsrpt_reports",
+            "tlsrpt_deliveries",
         }
 
 
