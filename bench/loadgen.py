@@ -91,7 +91,7 @@ async def command(
         raise ReplyError(stage, code, text)
 
 
-async def client(args: argparse.Namespace, stats: Stats, messages: list[bytes]) -> None:
+async def client(args: argparse.Namespace, stats: Stats, messages: list[bytes], port: int) -> None:
     mail = f"MAIL FROM:<{args.mail_from}>\r\n".encode()
     rcpt = f"RCPT TO:<{args.rcpt_to}>\r\n".encode()
     while True:
@@ -100,7 +100,7 @@ async def client(args: argparse.Namespace, stats: Stats, messages: list[bytes]) 
             return
         todo = [first]
         try:
-            reader, writer = await asyncio.open_connection(args.host, args.port)
+            reader, writer = await asyncio.open_connection(args.host, port)
         except OSError as exc:
             stats.failed += 1
             stats.errors[f"connect: {exc}"] += 1
@@ -157,7 +157,10 @@ async def client(args: argparse.Namespace, stats: Stats, messages: list[bytes]) 
 async def run(args: argparse.Namespace, messages: list[bytes]) -> dict[str, object]:
     t_start = time.monotonic()
     stats = Stats(args.count, t_start + args.duration)
-    await asyncio.gather(*(client(args, stats, messages) for _ in range(args.clients)))
+    ports = [args.port, *args.also_port]  # clients spread over the ports (several nodes)
+    await asyncio.gather(
+        *(client(args, stats, messages, ports[i % len(ports)]) for i in range(args.clients))
+    )
     t_end = time.monotonic()
     ru = resource.getrusage(resource.RUSAGE_SELF)
 
@@ -188,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--host", required=True)
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--also-port", type=int, action="append", default=[], help="another node's port")
     p.add_argument("--messages", required=True, help="directory of *.eml files, used in turn")
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--count", type=int, default=5000)

@@ -51,7 +51,11 @@ class RelaySystem:
         auth: bool,
         log_level: str,
         overrides: list[str],
+        storage_url: str = "",
+        node_id: str = "",
     ) -> None:
+        """``storage_url``: the PostgreSQL store (bench/pgsys.py) instead of SQLite;
+        ``node_id``: this node's name on it."""
         self.host = host
         self.port = free_port(host)
         self.workdir = workdir
@@ -75,6 +79,10 @@ class RelaySystem:
         }
         if workers is not None:
             doc["server"]["workers"] = workers
+        if storage_url:
+            doc["storage"] = {"url": storage_url}
+        if node_id:
+            doc["server"]["node_id"] = node_id
         self.arc_record = ""
         if auth:
             arc_key = generate("rsa", 2048)

@@ -51,6 +51,7 @@ if str(ROOT) not in sys.path:
 
 from bench import rsaspeed  # noqa: E402
 from bench.messages import SINK_DOMAIN, write_messages  # noqa: E402
+from bench.pgsys import PgRelaySystem, PgServer  # noqa: E402
 from bench.postfix import PROBE_DOMAIN, PostfixSystem  # noqa: E402
 from bench.procstat import PeakMemory, cpu_seconds  # noqa: E402
 from bench.relaysys import RelaySystem  # noqa: E402
@@ -67,6 +68,7 @@ POSTFIX_IP = "127.0.0.13"
 PROBE_IP = "127.0.0.14"
 MILTER_IP = "127.0.0.15"
 RELAY, POSTFIX, RSPAMD = "relay", "postfix", "postfix+rspamd"
+RELAY_PG, RELAY_PG2 = "relay-pg", "relay-pg-x2"  # --store postgresql: one node, two nodes
 PROBE_COPIES = 3
 # Goals of issue 10 for the relay with everything on (delivered msgs/s).
 GOALS = {RSPAMD: 2.0, POSTFIX: 1.3}
@@ -85,7 +87,12 @@ class System(Protocol):
 
 
 def loadgen(
-    host: str, port: int, msgdir: Path, count: int, args: argparse.Namespace
+    host: str,
+    port: int,
+    msgdir: Path,
+    count: int,
+    args: argparse.Namespace,
+    also: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     cmd = [
         sys.executable,
@@ -107,6 +114,8 @@ def loadgen(
         "--rcpt-to",
         f"user@{SINK_DOMAIN}",
     ]
+    for p in also:  # the clients spread over the nodes
+        cmd += ["--also-port", str(p)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 120)
     if r.returncode != 0:
         raise RuntimeError(f"load generator failed: {r.stderr[-2000:]}")
@@ -118,7 +127,8 @@ def measure(system: System, sink: Sink, msgdir: Path, args: argparse.Namespace) 
     """Warm up, then one measured run of ``args.messages`` messages."""
     print(f"[{system.name}] warm-up: {args.warmup} messages", flush=True)
     base = sink.count
-    warm = loadgen(system.host, system.port, msgdir, args.warmup, args)
+    also = tuple(getattr(system, "also_ports", ()))  # the other nodes of a system of several
+    warm = loadgen(system.host, system.port, msgdir, args.warmup, args, also)
     if warm["ok"] == 0:
         raise RuntimeError(f"{system.name} accepted nothing in warm-up: {warm['errors']}")
     if not sink.wait_for(base + warm["ok"], timeout=60):
@@ -135,7 +145,7 @@ def measure(system: System, sink: Sink, msgdir: Path, args: argparse.Namespace) 
     parts = getattr(system, "parts", None)  # name -> pids, for a system of several
     parts0 = {k: cpu_seconds(p) for k, p in parts().items()} if parts else {}
     with PeakMemory(system.pids) as mem:
-        gen = loadgen(system.host, system.port, msgdir, args.messages, args)
+        gen = loadgen(system.host, system.port, msgdir, args.messages, args, also)
         complete = sink.wait_for(base + gen["ok"], timeout=args.drain_timeout)
         t_delivered = sink.last_change
         cpu1 = cpu_seconds(system.pids())
@@ -334,6 +344,7 @@ def run_system(
     msgdir: Path,
     dns: LabDnsServer,
     zone: Zone,
+    pg: PgServer | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Start a fresh sink and a fresh system, check its seals (first round), measure,
     stop both."""
@@ -343,9 +354,25 @@ def run_system(
         system: System
         # Where probe.test's mail goes: the relay delivers every MX on its [delivery]
         # port (the sink's), the Postfixes to a transport of their own.
-        probe = (PROBE_IP, sink.port if name == RELAY else free_port(PROBE_IP))
+        relayish = name in (RELAY, RELAY_PG, RELAY_PG2)
+        probe = (PROBE_IP, sink.port if relayish else free_port(PROBE_IP))
         extra = dict(kv.split("=", 1) for kv in args.postfix_set)
-        if name == RELAY:
+        if name in (RELAY_PG, RELAY_PG2):
+            assert pg is not None
+            system = PgRelaySystem(
+                name,
+                pg,
+                2 if name == RELAY_PG2 else 1,
+                RELAY_IP,
+                work / f"{name}-{rnd}",
+                dns.address,
+                sink.port,
+                workers=args.workers,
+                auth=False,
+                log_level=args.relay_log_level,
+                overrides=args.relay_set,
+            )
+        elif name == RELAY:
             relay = RelaySystem(
                 RELAY_IP,
                 work / f"relay-{rnd}",
@@ -461,6 +488,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-gil", action="store_true", help="only samples holding the GIL")
     p.add_argument("--distinct", type=int, default=200, help="distinct messages, used in turn")
     p.add_argument("--json", type=Path, help="JSON output path (default bench/out/...)")
+    p.add_argument(
+        "--store",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="postgresql: also the relay on a throwaway PostgreSQL, one node and two nodes "
+        "on one database (bench/pgsys.py), beside the SQLite store",
+    )
     return p.parse_args(argv)
 
 
@@ -475,6 +509,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     everything = [RELAY, POSTFIX, RSPAMD] if args.auth else [RELAY, POSTFIX]
     names = [n for n in (RELAY, POSTFIX, RSPAMD) if n in args.only] if args.only else everything
+    if args.store == "postgresql":
+        if args.auth:
+            print("--store postgresql measures without --auth", file=sys.stderr)
+            return 2
+        names[1:1] = [RELAY_PG, RELAY_PG2]
     if RSPAMD in names and not rspamd_available():
         print("postfix+rspamd needs Debian's rspamd package", file=sys.stderr)
         return 2
@@ -496,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     zone.add(PROBE_DOMAIN, "MX", (10, f"mx.{PROBE_DOMAIN}"))
     zone.add(f"mx.{PROBE_DOMAIN}", "A", PROBE_IP)
     dns = LabDnsServer(zone).start()
+    pg = PgServer() if args.store == "postgresql" else None
     runs: dict[str, list[dict[str, Any]]] = {}
     checks: dict[str, list[dict[str, Any]]] = {}
     try:
@@ -504,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
             order = names if rnd % 2 == 0 else names[::-1]
             for name in order:
                 print(f"--- round {rnd + 1}/{args.rounds}: {name}", flush=True)
-                result, check = run_system(name, rnd, args, work, msgdir, dns, zone)
+                result, check = run_system(name, rnd, args, work, msgdir, dns, zone, pg)
                 runs.setdefault(name, []).append(result)
                 if check is not None:
                     checks.setdefault(name, []).append(check)
@@ -516,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         dns.stop()
+        if pg is not None:
+            pg.stop()
         if os.environ.get("BENCH_KEEP"):
             print(f"kept {work}")
         else:
@@ -576,6 +618,14 @@ def main(argv: list[str] | None = None) -> int:
                 goal = GOALS[other]
                 line += f"  (goal >= {goal}x: {'met' if d >= goal else 'NOT met'})"
             print(line)
+        if RELAY_PG in results:  # issue 14's goals
+            one = ratio(results[RELAY_PG], r, "delivered_per_s")
+            two = ratio(results[RELAY_PG2], results[RELAY_PG], "delivered_per_s")
+            report["ratios"]["postgresql"] = {"one_node_vs_sqlite": one, "two_vs_one": two}
+            print(f"delivered msgs/s relay-pg/relay (SQLite): {one:.2f}  "
+                  f"(goal >= 0.8x: {'met' if one >= 0.8 else 'NOT met'})")  # fmt: skip
+            print(f"delivered msgs/s relay-pg-x2/relay-pg: {two:.2f}  "
+                  f"(goal >= 1.0x: {'met' if two >= 1.0 else 'NOT met'})")  # fmt: skip
         if POSTFIX in results:  # the keys earlier reports and the interop test read
             report["ratio_delivered"] = report["ratios"][POSTFIX]["delivered"]
             report["ratio_accepted"] = report["ratios"][POSTFIX]["accepted"]

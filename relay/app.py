@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import ssl
@@ -400,9 +401,10 @@ class RelayApp:
         self._closers.insert(0, self.policy_server.stop)
 
     def _build_ledger(self) -> Any:
-        from relay.tlsrpt.ledger import TlsRptLedger
+        from relay.tlsrpt.ledger import open_ledger
 
-        return TlsRptLedger(self.store, clock=self.clock)
+        owner = f"{self.config.server.node_id}:{os.getpid()}"
+        return open_ledger(self.store, self.clock, owner=owner)
 
     def _build_tlsrpt_sender(self) -> Any:
         try:

@@ -1,7 +1,7 @@
 """The schema of every component ported to the PostgreSQL store, in the order they are
 migrated (``relay db migrate`` and the start of ``relay serve``): the queue, the ARC
-replay counters and the lists so far; docs/postgresql.md lists the components still to
-port."""
+replay counters, the lists, the MTA-STS policy cache and the TLS-RPT ledger — every
+component the relay stores."""
 
 from __future__ import annotations
 
@@ -9,13 +9,17 @@ from dataclasses import dataclass
 
 from relay.auth import replay_pg
 from relay.lists import members as lists_db
+from relay.mtasts import cache_pg
 from relay.pgstore import PgStore
 from relay.queue import pgspool
+from relay.tlsrpt import ledger_pg
 
 COMPONENTS: dict[str, list[str]] = {
     "queue": pgspool.MIGRATIONS,
     "arc_replay": replay_pg.MIGRATIONS,
     "lists": lists_db.PG_MIGRATIONS,
+    "mtasts": cache_pg.MIGRATIONS,
+    "tlsrpt": ledger_pg.MIGRATIONS,
 }
 
 

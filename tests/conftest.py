@@ -1,7 +1,7 @@
 """Fixtures every test directory may use: the throwaway PostgreSQL cluster (started only
 when a test asks for it) and the queue's two stores as one parametrised fixture."""
 
-from tests.pg.backends import queue_backend
+from tests.pg.backends import queue_backend, store_backend
 from tests.pg.pgcluster import pg_cluster, pg_url
 
-__all__ = ["pg_cluster", "pg_url", "queue_backend"]
+__all__ = ["pg_cluster", "pg_url", "queue_backend", "store_backend"]

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
 from relay.config import Config
-from relay.errors import StartupError
+from relay.errors import StartupError, StoreError
 from relay.store import Store
 
 
@@ -19,3 +23,34 @@ def open_existing_store(config: Config) -> Store:
             f"store {path} does not exist (wrong --config? `relay serve` creates it)"
         )
     return Store(path, convert=False).open()  # the relay converts, under its lock
+
+
+@contextlib.asynccontextmanager
+async def open_store(config: Config, component: str) -> AsyncIterator[Any]:
+    """The store of a command reading ``component``'s tables: the SQLite ``Store``
+    (refused when the file does not exist) or, with ``[storage] url``, a ``PgStore``
+    (refused in one line when the database cannot be reached or has no such tables:
+    wrong --config, or `relay db migrate` not run)."""
+    if not config.storage.postgresql:
+        store = open_existing_store(config)
+        try:
+            yield store
+        finally:
+            store.close()
+        return
+    from relay.pgstore import PgStore, safe_url
+
+    url = config.storage.url
+    try:
+        pg = await PgStore(url, config.storage.password(), pool_size=2).open()
+    except StoreError as exc:
+        raise StartupError(str(exc)) from exc
+    try:
+        if not await pg.schema_version(component):
+            raise StartupError(
+                f"no {component} tables in {safe_url(url)}"
+                " (wrong --config? `relay db migrate` creates them)"
+            )
+        yield pg
+    finally:
+        await pg.close()

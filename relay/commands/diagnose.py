@@ -271,14 +271,13 @@ def _fail(text: str) -> int:
 
 def _queued(config: Config, qid: str) -> tuple[bytes, str, str, str] | None:
     """(message, client IP, HELO, MAIL FROM) of a queued message, or None."""
-    from relay.commands import open_existing_store
-    from relay.queue.spool import Spool
+    from relay.commands.queue import open_queue
 
-    store = open_existing_store(config)
-    try:
-        loaded = asyncio.run(Spool(store).load(qid))
-    finally:
-        store.close()
+    async def load() -> tuple[Any, bytes] | None:
+        async with open_queue(config) as spool:
+            return await spool.load(qid)
+
+    loaded = asyncio.run(load())
     if loaded is None:
         return None
     msg, data = loaded

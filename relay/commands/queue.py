@@ -79,7 +79,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _spool(config: Config, reclaim: bool = False) -> AsyncIterator[QueueSpool]:
+async def open_queue(config: Config, reclaim: bool = False) -> AsyncIterator[QueueSpool]:
     """The queue of the configured store: SQLite (refused when the file does not exist)
     or PostgreSQL (refused when its queue schema is not there: wrong database?)."""
     if not config.storage.postgresql:
@@ -114,7 +114,7 @@ def run_on_queue(path: str, fn: Callable[[QueueSpool], Awaitable[T]], reclaim: b
     config = load_config(path)
 
     async def main() -> T:
-        async with _spool(config, reclaim) as spool:
+        async with open_queue(config, reclaim) as spool:
             return await fn(spool)
 
     try:

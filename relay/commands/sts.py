@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from relay import logs
-from relay.commands import open_existing_store
+from relay.commands import open_store
 from relay.config import Config, load_config
 from relay.dns import DnspythonResolver, MxRecord
 from relay.errors import DnsError, DnsNoData, DnsNotFound, PolicyError
 from relay.http import SafeHttpClient
-from relay.mtasts.cache import PolicyCache
+from relay.mtasts.cache import CachedPolicy, open_cache
 from relay.mtasts.fetch import (
     Discovery,
     DiscoveryStatus,
@@ -198,11 +198,12 @@ def run_check(args: argparse.Namespace) -> int:
 def run_cache(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     _quiet_logs()
-    store = open_existing_store(config)
-    try:
-        entries = PolicyCache(store).all_sync()
-    finally:
-        store.close()
+
+    async def read() -> list[CachedPolicy]:
+        async with open_store(config, "mtasts") as store:
+            return await open_cache(store).all()
+
+    entries = asyncio.run(read())
     rows = [
         {
             "domain": e.domain,

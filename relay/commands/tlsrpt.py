@@ -21,8 +21,9 @@ import sys
 import time
 from collections.abc import Sequence
 
-from relay.commands import open_existing_store
+from relay.commands import open_store
 from relay.config import Config, load_config
+from relay.store import Store
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -71,14 +72,13 @@ def run_preview(args: argparse.Namespace) -> int:
 
 async def _preview(config: Config, day: str, domain: str | None, indent: int | None) -> int:
     from relay.dns import StaticResolver
-    from relay.tlsrpt.ledger import TlsRptLedger
+    from relay.tlsrpt.ledger import open_ledger
     from relay.tlsrpt.sender import TlsRptSender, load_signer, no_key_reason, report_meta
 
     if load_signer(config) is None:  # RFC 8460 section 3: mailto reports need a key
         print(f"relay tlsrpt: {no_key_reason(report_meta(config).submitter)}", file=sys.stderr)
-    store = open_existing_store(config)
-    try:
-        ledger = TlsRptLedger(store)
+    async with open_store(config, "tlsrpt") as store:
+        ledger = open_ledger(store)
 
         async def no_inject(_f: str, _r: Sequence[str], _d: bytes) -> str:
             raise RuntimeError("preview sends nothing")
@@ -87,8 +87,6 @@ async def _preview(config: Config, day: str, domain: str | None, indent: int | N
             config, ledger, StaticResolver({}), _NoHttp(), no_inject, signer=_NoSigner()
         )
         reports = await sender.preview(day, domain=domain)
-    finally:
-        await asyncio.to_thread(store.close)
     for r in reports:
         print(json.dumps(r.to_dict(), indent=indent))
     if not reports:
@@ -115,13 +113,18 @@ def run_send(args: argparse.Namespace) -> int:
 async def _send(config: Config, day: str, domain: str | None) -> int:
     from relay.dns import DnspythonResolver
     from relay.http import SafeHttpClient
+    from relay.queue.base import QueueSpool
+    from relay.queue.pgspool import PgSpool
     from relay.queue.spool import FLAG_NO_DSN, FLAG_NO_TLS_REQUIRED, NewMessage, Spool
-    from relay.tlsrpt.ledger import DeliveryStatus, TlsRptLedger
+    from relay.tlsrpt.ledger import DeliveryStatus, open_ledger
     from relay.tlsrpt.sender import TlsRptSender
 
-    store = open_existing_store(config)
-    try:
-        spool = Spool(store)
+    async with open_store(config, "tlsrpt") as store:
+        spool: QueueSpool
+        if isinstance(store, Store):
+            spool = Spool(store)
+        else:
+            spool = PgSpool(store, node_id=config.server.node_id)
 
         async def inject(mail_from: str, recipients: Sequence[str], data: bytes) -> str:
             # report mail carries "TLS-Required: No" and is itself a report: no DSN
@@ -130,11 +133,9 @@ async def _send(config: Config, day: str, domain: str | None) -> int:
 
         resolver = DnspythonResolver.from_config(config.dns)
         http = SafeHttpClient.from_config(config, resolver, timeout=60.0)
-        ledger = TlsRptLedger(store)
+        ledger = open_ledger(store, owner=f"{config.server.node_id}:cli")
         sender = TlsRptSender(config, ledger, resolver, http, inject)
         records = await sender.send_day(day, domain=domain)
-    finally:
-        await asyncio.to_thread(store.close)
     ok = True
     if not records:
         print(f"relay tlsrpt: no sessions recorded on {day}" + (f" for {domain}" if domain else ""))

@@ -11,12 +11,19 @@ Tables:
 - ``mtasts_failure``: last failed fetch per (domain, id), its RFC 8460 result type and
   reason, for the per-id back-off.
 - ``mtasts_meta``: small key/value rows (the refresher's last run).
+- ``mtasts_fetching``: who fetches a domain's policy right now (owner, until): a lease,
+  so that processes (or nodes, on PostgreSQL: relay.mtasts.cache_pg) sharing the cache
+  fetch a policy once and the others read the result.
+
+``PolicyCache`` is the SQLite cache; ``open_cache(store)`` gives the one for a store
+(``PgPolicyCache`` for a ``PgStore``); ``StsCache`` is what both offer.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import structlog
 
@@ -36,6 +43,8 @@ MIGRATIONS = [  # one statement per step (no executescript inside the writer's t
     "failed_at REAL NOT NULL, result_type TEXT NOT NULL, reason TEXT NOT NULL, "
     "PRIMARY KEY (domain, policy_id))",
     "CREATE TABLE mtasts_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE mtasts_fetching (domain TEXT PRIMARY KEY, owner TEXT NOT NULL, "
+    "until REAL NOT NULL)",
 ]
 
 
@@ -70,6 +79,37 @@ class FetchFailure:
     failed_at: float
     result_type: TlsResultType
     reason: str
+
+
+class StsCache(Protocol):
+    """What the manager and the refresher need of a policy cache (SQLite or PostgreSQL)."""
+
+    async def get(self, domain: str) -> CachedPolicy | None: ...
+    async def all(self) -> list[CachedPolicy]: ...
+    async def put(self, cp: CachedPolicy) -> None: ...
+    async def mark_checked(self, domain: str, checked_at: float) -> None: ...
+    async def delete(self, domain: str) -> None: ...
+    async def due(self, checked_before: float, expiring_before: float) -> list[str]: ...
+    async def record_failure(self, f: FetchFailure) -> None: ...
+    async def last_failure(self, domain: str, policy_id: str) -> FetchFailure | None: ...
+    async def get_meta(self, key: str) -> str | None: ...
+    async def set_meta(self, key: str, value: str) -> None: ...
+    async def claim_meta(self, key: str, seen: str | None, value: str) -> bool: ...
+    async def claim_fetch(self, domain: str, owner: str, now: float, until: float) -> bool: ...
+    async def fetch_claimed(self, domain: str, now: float) -> bool: ...
+    async def release_fetch(self, domain: str, owner: str) -> None: ...
+
+
+def open_cache(store: Any) -> StsCache:
+    """The policy cache on store: a ``PgStore`` (``[storage] url``, migrated at start by
+    relay.pgschema) or the SQLite ``Store`` (migrated here)."""
+    from relay.pgstore import PgStore
+
+    if isinstance(store, PgStore):
+        from relay.mtasts.cache_pg import PgPolicyCache
+
+        return PgPolicyCache(store)
+    return PolicyCache(store)
 
 
 class PolicyCache:
@@ -193,6 +233,56 @@ class PolicyCache:
             )
         )
 
+    async def claim_meta(self, key: str, seen: str | None, value: str) -> bool:
+        """Set key to value only if it still holds ``seen`` (None: absent): the refresher
+        claims a run this way, so processes sharing the cache do not run it twice."""
+
+        def fn(c: sqlite3.Connection) -> bool:
+            if seen is None:
+                cur = c.execute(
+                    "INSERT INTO mtasts_meta(key, value) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                    (key, value),
+                )
+            else:
+                cur = c.execute(
+                    "UPDATE mtasts_meta SET value=? WHERE key=? AND value=?", (value, key, seen)
+                )
+            return cur.rowcount == 1
+
+        return await self.store.write(fn)
+
+    # -------------------------------------------------------------- fetch lease
+
+    async def claim_fetch(self, domain: str, owner: str, now: float, until: float) -> bool:
+        """Take the lease on fetching domain's policy until ``until``; False while another
+        owner holds an unexpired one (it fetches; read its result)."""
+
+        def fn(c: sqlite3.Connection) -> bool:
+            cur = c.execute(
+                "INSERT INTO mtasts_fetching(domain, owner, until) VALUES (?, ?, ?) "
+                "ON CONFLICT(domain) DO UPDATE SET owner=excluded.owner, until=excluded.until "
+                "WHERE mtasts_fetching.until <= ? OR mtasts_fetching.owner = excluded.owner",
+                (domain, owner, until, now),
+            )
+            return cur.rowcount == 1
+
+        return await self.store.write(fn)
+
+    async def fetch_claimed(self, domain: str, now: float) -> bool:
+        row = await self.store.read(
+            lambda c: c.execute(
+                "SELECT 1 FROM mtasts_fetching WHERE domain=? AND until > ?", (domain, now)
+            ).fetchone()
+        )
+        return row is not None
+
+    async def release_fetch(self, domain: str, owner: str) -> None:
+        await self.store.write(
+            lambda c: c.execute(
+                "DELETE FROM mtasts_fetching WHERE domain=? AND owner=?", (domain, owner)
+            )
+        )
+
 
 def _all_rows(c: sqlite3.Connection) -> list[tuple[object, ...]]:
     return list(
@@ -203,7 +293,9 @@ def _all_rows(c: sqlite3.Connection) -> list[tuple[object, ...]]:
     )
 
 
-def _row(row: tuple[object, ...]) -> CachedPolicy | None:
+def _row(row: Any) -> CachedPolicy | None:
+    """A cached policy from a row of (domain, id, text, fetched, checked, expires) of
+    either store; None (logged) when the stored text no longer parses."""
     domain, policy_id, text, fetched_at, checked_at, expires_at = row
     try:
         policy = parse_policy(str(text))
@@ -214,7 +306,7 @@ def _row(row: tuple[object, ...]) -> CachedPolicy | None:
         domain=str(domain),
         policy_id=str(policy_id),
         policy=policy,
-        fetched_at=float(fetched_at),  # type: ignore[arg-type]
-        checked_at=float(checked_at),  # type: ignore[arg-type]
-        expires_at=float(expires_at),  # type: ignore[arg-type]
+        fetched_at=float(fetched_at),
+        checked_at=float(checked_at),
+        expires_at=float(expires_at),
     )

@@ -18,17 +18,23 @@
    never downgrades (RFC 8461 section 5, sections 3.3 and 10.2).
 
 Concurrent calls for one domain share one lookup (single flight), and a refresh of a
-domain never runs at the same time as a lookup of it. ``run_refresher`` renews cached
-policies in the background (relay.mtasts.refresher).
+domain never runs at the same time as a lookup of it. Across processes and nodes sharing
+the cache (PostgreSQL: relay.mtasts.cache_pg) a fetch is leased per domain: one fetches,
+the others wait for the lease to go and take the policy (or the failure) it stored, so a
+policy is fetched once per change or refresh, whatever the number of nodes.
+``run_refresher`` renews cached policies in the background (relay.mtasts.refresher).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import structlog
 
@@ -38,7 +44,7 @@ from relay.dns import Resolver
 from relay.errors import PolicyError, StoreError
 from relay.http import SafeHttpClient
 from relay.model import TlsPolicy, TlsResultType
-from relay.mtasts.cache import CachedPolicy, CacheUnavailable, FetchFailure, PolicyCache
+from relay.mtasts.cache import CachedPolicy, CacheUnavailable, FetchFailure, open_cache
 from relay.mtasts.fetch import (
     DiscoveryStatus,
     PolicyFetchError,
@@ -48,9 +54,11 @@ from relay.mtasts.fetch import (
 )
 from relay.mtasts.policy import StsPolicy
 from relay.mtasts.refresher import PolicyRefresher
-from relay.store import Store
 
 log = structlog.get_logger("relay.mtasts")
+
+LEASE_SLACK = 10.0  # a fetch lease outlives fetch_timeout by this much (a dead holder's)
+WAIT_POLL = 0.05  # seconds between looks at another node's fetch lease
 
 
 @dataclass
@@ -64,6 +72,7 @@ class StsCounters:
     backoff_skips: int = 0  # a fetch not tried because the last one for the id failed
     stale_kept: int = 0  # a cached policy kept because DNS or the fetch failed
     cache_unavailable: int = 0  # lookups refused because the cache could not be read
+    shared_fetches: int = 0  # a policy (or failure) another process or node fetched
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -89,16 +98,18 @@ class PolicyManager:
         self,
         config: Config,
         resolver: Resolver,
-        store: Store,
+        store: Any,
         http_client: SafeHttpClient,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``store``: the SQLite ``Store`` or a ``PgStore`` (relay.mtasts.cache.open_cache)."""
         self.config = config
         self.cfg = config.mta_sts
         self.resolver = resolver
         self.http = http_client
         self.clock = clock
-        self.cache = PolicyCache(store)
+        self.cache = open_cache(store)
+        self.owner = f"{config.server.node_id}:{os.getpid()}:{secrets.token_hex(4)}"
         self.counters = StsCounters()
         self._inflight: dict[str, asyncio.Task[TlsPolicy]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -115,7 +126,7 @@ class PolicyManager:
         cls,
         config: Config,
         resolver: Resolver,
-        store: Store,
+        store: Any,
         clock: Callable[[], float] = time.time,
     ) -> PolicyManager:
         """The manager with its verified-HTTPS client as ``[delivery] ca_file`` and
@@ -275,6 +286,59 @@ class PolicyManager:
             self.counters.backoff_skips += 1
             log.info("mtasts_fetch_backoff", domain=d, id=rid, failed_at=last.failed_at)
             return last, False
+        leased = await self._claim(d)
+        if not leased:
+            shared = await self._wait_for_other(d, rid)
+            if shared is not None:
+                return shared
+        try:
+            return await self._fetch_now(d, rid)
+        finally:
+            if leased:
+                try:
+                    await self.cache.release_fetch(d, self.owner)
+                except StoreError as exc:  # it expires by itself
+                    log.error("mtasts_cache_write_failed", domain=d, error=str(exc))
+
+    async def _claim(self, d: str) -> bool:
+        """The fetch lease on d. True also when the cache cannot be written (nobody else
+        would learn of the fetch: fetch anyway, failing closed as the caller says)."""
+        now = self.clock()
+        until = now + self.cfg.fetch_timeout + LEASE_SLACK
+        try:
+            return await self.cache.claim_fetch(d, self.owner, now, until)
+        except StoreError as exc:
+            log.error("mtasts_cache_write_failed", domain=d, error=str(exc))
+            return True
+
+    async def _wait_for_other(
+        self, d: str, rid: str
+    ) -> tuple[CachedPolicy | FetchFailure, bool] | None:
+        """Another process or node holds d's fetch lease: wait until it is gone, then take
+        what the holder stored (a policy of id rid newer than before, or a failure for
+        rid newer than before). None: nothing came (the holder died or fetched another
+        id): fetch here."""
+        try:
+            before = await self.cache.get(d)
+            failed = await self.cache.last_failure(d, rid)
+            loop = asyncio.get_running_loop()
+            give_up = loop.time() + self.cfg.fetch_timeout + LEASE_SLACK
+            while loop.time() < give_up and await self.cache.fetch_claimed(d, self.clock()):
+                await asyncio.sleep(WAIT_POLL)
+            after = await self.cache.get(d)
+            if after is not None and after.policy_id == rid and after != before:
+                self.counters.shared_fetches += 1
+                log.info("mtasts_fetch_shared", domain=d, id=rid)
+                return after, True
+            failure = await self.cache.last_failure(d, rid)
+            if failure is not None and failure != failed:
+                self.counters.shared_fetches += 1
+                return failure, True
+        except StoreError as exc:
+            log.error("mtasts_cache_read_failed", domain=d, error=str(exc))
+        return None
+
+    async def _fetch_now(self, d: str, rid: str) -> tuple[CachedPolicy | FetchFailure, bool]:
         self.counters.fetches += 1
         try:
             policy = await fetch_policy(

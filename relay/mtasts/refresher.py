@@ -8,7 +8,8 @@ would expire before the next run), at most ``refresh_concurrency`` at a time. An
 unchanged id never moves a policy's expiry: max_age counts from the fetch (RFC 8461
 section 3.2), so a policy is renewed only by fetching it again. The time of the last
 run is kept in the store, so a restart neither re-checks everything at once nor forgets
-to run.
+to run; a run is claimed by moving that time (compare-and-set), so of the processes or
+nodes sharing the cache (PostgreSQL) one runs each round.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from relay.mtasts.cache import PolicyCache
+from relay.mtasts.cache import StsCache
 
 log = structlog.get_logger("relay.mtasts.refresher")
 
@@ -30,7 +31,7 @@ ERROR_PAUSE = 60.0  # seconds before trying again after a failed run
 class PolicyRefresher:
     def __init__(
         self,
-        cache: PolicyCache,
+        cache: StsCache,
         refresh_domain: Callable[[str], Awaitable[str]],
         *,
         interval: float,
@@ -46,11 +47,7 @@ class PolicyRefresher:
         self.outcomes: dict[str, int] = {}
 
     async def last_run(self) -> float:
-        value = await self.cache.get_meta(LAST_RUN_KEY)
-        try:
-            return float(value) if value is not None else 0.0
-        except ValueError:
-            return 0.0
+        return _as_time(await self.cache.get_meta(LAST_RUN_KEY))
 
     async def run_once(self) -> dict[str, int]:
         """Refresh every due domain now; return the count of each outcome."""
@@ -80,9 +77,13 @@ class PolicyRefresher:
         """Run until stop is set. Waits for the persisted last run + interval."""
         while not stop.is_set():
             try:
-                wait = await self.last_run() + self.interval - self.clock()
+                seen = await self.cache.get_meta(LAST_RUN_KEY)
+                now = self.clock()
+                wait = _as_time(seen) + self.interval - now
                 if wait <= 0:
-                    await self.run_once()
+                    # claim the round: another process or node may have found it due too
+                    if await self.cache.claim_meta(LAST_RUN_KEY, seen, repr(now)):
+                        await self.run_once()
                     continue
             except Exception as exc:
                 log.error("mtasts_refresher_error", error=repr(exc))
@@ -91,3 +92,10 @@ class PolicyRefresher:
                 await asyncio.wait_for(stop.wait(), timeout=wait)
             except TimeoutError:
                 pass
+
+
+def _as_time(value: str | None) -> float:
+    try:
+        return float(value) if value is not None else 0.0
+    except ValueError:
+        return 0.0

@@ -306,8 +306,11 @@ class PgSpool:
 
         async def run(conn: Conn) -> tuple[bool, tuple[QueuedRecipient, ...]]:
             await _lock_message(conn, qid)
-            if updates:  # the outcome and, for the rows it applied to, the history line
-                await conn.execute(
+            rcpts: tuple[QueuedRecipient, ...] | None = None
+            if updates:  # the outcome and, for the rows it applied to, the history line;
+                # with settle, the message's recipients as they are now, in one statement
+                # (a statement after the lock: its snapshot has every other owner's rows)
+                sql = (
                     "WITH done AS (UPDATE queue_recipients r SET state=u.state,"
                     " attempts=r.attempts+1, next_attempt=u.na, last_reply=u.reply,"
                     " updated=$11, lease_owner=u.lo, lease_expiry=u.le, relayed_owed=u.ro"
@@ -316,20 +319,24 @@ class PgSpool:
                     " WITH ORDINALITY AS u(address, state, na, reply, lo, le, ro, mx, tls, n)"
                     " WHERE r.qid=$1 AND r.address=u.address AND (r.lease_owner=$12"
                     " OR (r.lease_owner='' AND r.state IN ($13, $14, $15)))"
-                    " RETURNING u.n, r.address, u.state, u.reply, u.mx, u.tls)"
-                    " INSERT INTO queue_log(qid, at, address, event, reply, mx_host, tls)"
-                    " SELECT $1, $11, address, state, reply, mx, tls FROM done ORDER BY n",
-                    qid,
-                    *cols,
-                    now,
-                    owner,
-                    _Q,
-                    _D,
-                    _I,
+                    f" RETURNING u.n, u.mx, u.tls, r.pos, {_R_RCPT_COLS}),"
+                    " lg AS (INSERT INTO queue_log(qid, at, address, event, reply, mx_host, tls)"
+                    " SELECT $1, $11, address, state, last_reply, mx, tls FROM done ORDER BY n)"
                 )
+                args = (qid, *cols, now, owner, _Q, _D, _I)
+                if not settle:
+                    await conn.execute(sql + " SELECT 1", *args)
+                    return False, ()
+                rows = await conn.fetch(
+                    sql + f" SELECT {RCPT_COLS} FROM (SELECT pos, {RCPT_COLS} FROM done"
+                    f" UNION ALL SELECT pos, {RCPT_COLS} FROM queue_recipients WHERE qid=$1"
+                    " AND address NOT IN (SELECT address FROM done)) a ORDER BY pos",
+                    *args,
+                )
+                rcpts = tuple(rcpt_of_row(r) for r in rows)
             if not settle:
                 return False, ()
-            return await _settle(conn, qid, owner, now, until)
+            return await _settle(conn, qid, owner, now, until, rcpts)
 
         return await self.store.write(run)
 
@@ -688,10 +695,19 @@ def _insert(
     received = received_line(msg)
 
     async def run(conn: Conn) -> None:
+        # one statement (one round trip): the message, its recipients, the history line
+        # and, for mail any node may take, the wake-up (sent by the server at commit)
         await conn.execute(
-            "INSERT INTO queue_messages(id, mail_from, data, size, message_id, created, flags,"
-            " client_ip, helo, env_from, ret, envid)"
-            " VALUES($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            "WITH m AS (INSERT INTO queue_messages(id, mail_from, data, size, message_id,"
+            " created, flags, client_ip, helo, env_from, ret, envid)"
+            " VALUES($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id),"
+            " r AS (INSERT INTO queue_recipients(qid, address, pos, orig, state, next_attempt,"
+            " lease_owner, lease_expiry, notify, orcpt) SELECT m.id, a, p, o, $18, $6, $19,"
+            " $20, n, c FROM m, unnest($13::text[], $14::int[], $15::text[], $16::text[],"
+            " $17::text[]) AS t(a, p, o, n, c)),"
+            " l AS (INSERT INTO queue_log(qid, at, address, event, reply, mx_host, tls)"
+            " SELECT id, $6, '', 'received', $21, '', '' FROM m)"
+            " SELECT CASE WHEN $22 THEN pg_notify($23, id) END FROM m",
             qid,
             msg.mail_from,
             msg.data,
@@ -704,26 +720,18 @@ def _insert(
             msg.env_from,
             msg.ret,
             msg.envid,
-        )
-        await conn.execute(
-            "INSERT INTO queue_recipients(qid, address, pos, orig, state, next_attempt,"
-            " lease_owner, lease_expiry, notify, orcpt) SELECT $1, a, p, o, $7, $8, $9, $10, n, c"
-            " FROM unnest($2::text[], $3::int[], $4::text[], $5::text[], $6::text[])"
-            " AS t(a, p, o, n, c)",
-            qid,
             [r[0] for r in rows],
             list(range(len(rows))),
             [r[1] for r in rows],
             [r[2] for r in rows],
             [r[3] for r in rows],
             state,
-            now,
             owner,
             expiry,
+            received,
+            not owner,
+            CHANNEL,
         )
-        await _log(conn, [(qid, now, "", "received", received, "", "")])
-        if not owner:  # queued for any node's loader: wake them (delivered at commit)
-            await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, qid)
 
     return run
 
@@ -758,12 +766,19 @@ async def _lock_message(conn: Conn, qid: str) -> bool | None:
 
 
 async def _settle(
-    conn: Conn, qid: str, owner: str, now: float, until: float
+    conn: Conn,
+    qid: str,
+    owner: str,
+    now: float,
+    until: float,
+    rcpts: tuple[QueuedRecipient, ...] | None = None,
 ) -> tuple[bool, tuple[QueuedRecipient, ...]]:
     """As spool._settle (the message row is locked by the caller; ``settle_plan``
     decides): delete the message when nothing is pending and no DSN is owed, else lease
-    the owed whose lease is free and return them."""
-    rcpts = await _recipients(conn, qid)
+    the owed whose lease is free and return them. ``rcpts``: the recipients as read
+    under the lock already (record's statement), else read here."""
+    if rcpts is None:
+        rcpts = await _recipients(conn, qid)
     owed = [r for r in rcpts if r.dsn_owed]
     sender = None
     if owed:
@@ -776,9 +791,14 @@ async def _settle(
             qid,
             [r.address for r in plan.quiet],
         )
-    if plan.delete:
-        await conn.execute("DELETE FROM queue_messages WHERE id=$1", qid)
-        await _log(conn, [(qid, now, "", "removed", "done", "", "")])
+    if plan.delete:  # one statement: the delete and its history line
+        await conn.execute(
+            "WITH d AS (DELETE FROM queue_messages WHERE id=$1 RETURNING id)"
+            " INSERT INTO queue_log(qid, at, address, event, reply, mx_host, tls)"
+            " SELECT id, $2, '', 'removed', 'done', '', '' FROM d",
+            qid,
+            now,
+        )
         return True, ()
     if plan.mine:
         await conn.execute(
@@ -790,6 +810,9 @@ async def _settle(
             [r.address for r in plan.mine],
         )
     return False, plan.mine
+
+
+_R_RCPT_COLS = ", ".join(f"r.{c.strip()}" for c in RCPT_COLS.split(","))
 
 
 async def _recipients(conn: Conn, qid: str) -> tuple[QueuedRecipient, ...]:

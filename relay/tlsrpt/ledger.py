@@ -15,6 +15,10 @@ The ledger also keeps the sent-report state, so that a restart neither resends n
 loses a report: one row per (day, domain) with the report-id, the report JSON exactly as
 first built, and its state; one row per (day, domain, rua URI) with the delivery status,
 attempts, next attempt and last error.
+
+``TlsLedger`` is the counting half and the interface; ``TlsRptLedger`` keeps the rows in
+the SQLite store, ``PgTlsRptLedger`` (relay.tlsrpt.ledger_pg) in PostgreSQL, shared by
+several nodes; ``open_ledger(store)`` picks the one for a store.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -178,24 +183,17 @@ def _row(r: tuple[object, ...]) -> CountRow:
     )
 
 
-class TlsRptLedger:
-    """Counts TLS sessions per policy domain and UTC day; keeps report delivery state."""
+class TlsLedger:
+    """Counts TLS sessions per policy domain and UTC day in memory, writes them with
+    ``_add_counts`` (the store's); the report-state methods are the store's too."""
 
-    def __init__(
-        self,
-        store: Store,
-        clock: Callable[[], float] = time.time,
-        *,
-        flush_interval: float = 1.0,
-    ) -> None:
-        self.store = store
+    def __init__(self, clock: Callable[[], float] = time.time, *, flush_interval: float = 1.0):
         self.clock = clock
         self.flush_interval = flush_interval
         self._pending: Counter[CountKey] = Counter()
         self._flush_lock = asyncio.Lock()
         self.recorded = 0  # outcomes handed to record()
         self.dropped = 0  # outcomes lost because the store kept failing (logged)
-        store.migrate("tlsrpt", MIGRATIONS)
 
     # ---------------------------------------------------------------- counting
 
@@ -222,23 +220,18 @@ class TlsRptLedger:
             if not self._pending:
                 return 0
             batch, self._pending = self._pending, Counter()
-            rows = [(*k, n) for k, n in batch.items()]
-
-            def run(conn: sqlite3.Connection) -> None:
-                conn.executemany(
-                    f"INSERT INTO tlsrpt_counts({_KEY_COLUMNS}, count) "
-                    "VALUES(?,?,?,?,?,?,?,?,?,?,?) "
-                    f"ON CONFLICT({_KEY_COLUMNS}) DO UPDATE SET count = count + excluded.count",
-                    rows,
-                )
-
+            rows = sorted((*k, n) for k, n in batch.items())  # one lock order on every node
             try:
-                await self.store.write(run)
+                await self._add_counts(rows)
             except StoreError:  # rolled back: keep the counts for the next flush
                 batch.update(self._pending)
                 self._pending = batch
                 raise
             return sum(batch.values())
+
+    async def _add_counts(self, rows: list[tuple[Any, ...]]) -> None:
+        """Add rows of (key columns..., n) to the stored counts, in one transaction."""
+        raise NotImplementedError
 
     async def run(self) -> None:
         """Flush about every ``flush_interval`` seconds until cancelled."""
@@ -255,6 +248,115 @@ class TlsRptLedger:
             await self.flush()
         except StoreError as exc:
             log.error("tlsrpt_flush_failed", error=str(exc), pending=self.pending, lost=True)
+
+    # ---------------------------------------------------------------- the store's
+
+    async def days(self, before: str | None = None) -> list[str]:
+        raise NotImplementedError
+
+    async def domains(self, day: str) -> list[str]:
+        raise NotImplementedError
+
+    async def counts(self, day: str, domain: str | None = None) -> list[CountRow]:
+        raise NotImplementedError
+
+    async def prune(self, before_day: str) -> int:
+        raise NotImplementedError
+
+    async def report(self, day: str, domain: str) -> ReportRecord | None:
+        raise NotImplementedError
+
+    async def reports(self, day: str | None = None) -> list[ReportRecord]:
+        raise NotImplementedError
+
+    async def set_report_state(
+        self,
+        day: str,
+        domain: str,
+        state: ReportState,
+        *,
+        next_attempt: float = 0.0,
+        error: str = "",
+    ) -> None:
+        raise NotImplementedError
+
+    async def save_report(
+        self,
+        day: str,
+        domain: str,
+        report_id: str,
+        report_json: bytes,
+        uris: Sequence[str],
+        *,
+        next_attempt: float = 0.0,
+    ) -> ReportRecord:
+        raise NotImplementedError
+
+    async def update_delivery(
+        self,
+        day: str,
+        domain: str,
+        uri: str,
+        status: DeliveryStatus,
+        *,
+        attempts: int,
+        first_attempt: float,
+        next_attempt: float = 0.0,
+        error: str = "",
+        qid: str = "",
+    ) -> ReportState:
+        raise NotImplementedError
+
+    async def due_deliveries(self, now: float) -> list[Delivery]:
+        raise NotImplementedError
+
+    async def next_due(self) -> float | None:
+        raise NotImplementedError
+
+    async def claim_delivery(self, d: Delivery, until: float) -> Delivery | None:
+        """Take delivery d for one try (until ``until``): the delivery as stored now, or
+        None when another node tries it (or tried it since d was read). One process
+        sends the SQLite store's reports: every claim is granted."""
+        return d
+
+
+def open_ledger(store: Any, clock: Callable[[], float] = time.time, **kw: Any) -> TlsLedger:
+    """The ledger on store: ``PgTlsRptLedger`` for a ``PgStore`` (migrated at start by
+    relay.pgschema; ``owner`` names this node in its claims), else ``TlsRptLedger``."""
+    from relay.pgstore import PgStore
+
+    if isinstance(store, PgStore):
+        from relay.tlsrpt.ledger_pg import PgTlsRptLedger
+
+        return PgTlsRptLedger(store, clock, **kw)
+    kw.pop("owner", None)
+    return TlsRptLedger(store, clock, **kw)
+
+
+class TlsRptLedger(TlsLedger):
+    """The ledger in the SQLite store (migrated here)."""
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Callable[[], float] = time.time,
+        *,
+        flush_interval: float = 1.0,
+    ) -> None:
+        super().__init__(clock, flush_interval=flush_interval)
+        self.store = store
+        store.migrate("tlsrpt", MIGRATIONS)
+
+    async def _add_counts(self, rows: list[tuple[Any, ...]]) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                f"INSERT INTO tlsrpt_counts({_KEY_COLUMNS}, count) "
+                "VALUES(?,?,?,?,?,?,?,?,?,?,?) "
+                f"ON CONFLICT({_KEY_COLUMNS}) DO UPDATE SET count = count + excluded.count",
+                rows,
+            )
+
+        await self.store.write(run)
 
     # ---------------------------------------------------------------- reading counts
 

@@ -57,7 +57,7 @@ from relay.tlsrpt.ledger import (
     DeliveryStatus,
     ReportRecord,
     ReportState,
-    TlsRptLedger,
+    TlsLedger,
     utc_day,
 )
 from relay.tlsrpt.report import (
@@ -86,6 +86,7 @@ MIN_DELAY = 10.0  # after midnight, so the last outcomes of the day are flushed
 CATCH_UP_DAYS = 7  # days missed while the relay was down are still reported
 KEEP_DAYS = 14  # ledger rows older than this are pruned
 CLI_HOLD = 300.0  # deliveries the send command tries itself are not due elsewhere before
+CLAIM_HOLD = 180.0  # a delivery claimed for a try is nobody else's for this long
 POST_TIMEOUT = 60.0
 MAX_RESPONSE = 64 * 1024
 REPORT_MAIL_FROM = ""  # the null reverse-path: reports never bounce
@@ -261,7 +262,7 @@ class TlsRptSender:
     def __init__(
         self,
         config: Config,
-        ledger: TlsRptLedger,
+        ledger: TlsLedger,
         resolver: Resolver,
         http_client: HttpPoster,
         inject: Inject,
@@ -476,7 +477,14 @@ class TlsRptSender:
         return len(due)
 
     async def deliver(self, d: Delivery) -> DeliveryStatus:
-        """One try of one delivery; records the outcome."""
+        """One try of one delivery; records the outcome. The delivery is claimed first:
+        on a store several nodes share, the node that gets the claim sends, the others
+        skip it (one report per rua URI, not one per node)."""
+        claimed = await self.ledger.claim_delivery(d, self.clock() + CLAIM_HOLD)
+        if claimed is None:
+            log.debug("tlsrpt_delivery_claimed_elsewhere", day=d.day, domain=d.policy_domain)
+            return d.status
+        d = claimed
         rec = await self.ledger.report(d.day, d.policy_domain)
         if rec is None or not rec.report_id:
             return d.status

@@ -8,6 +8,9 @@ lab DNS server and a receiving MTA on loopback.
   poll); node A killed with SIGKILL while it holds a recipient in flight (the sink holds
   its DATA): node B delivers it once A's lease has expired; `relay queue list` names the
   lease owner and `relay nodes` the nodes, alive until their heartbeat is a lease old;
+- two nodes with MTA-STS (a lab policy host over real HTTPS) and TLS-RPT on: mail to one
+  STS domain through both at once: the policy host sees one fetch of the policy file,
+  every delivery is over verified TLS, `relay sts cache` on either node shows the policy;
 - PostgreSQL restarted (immediate mode: every connection cut) during a stream of
   submissions: the messages whose commit failed get 451, never 250, and every 250 is
   delivered (a cluster of the test's own).
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -27,12 +31,14 @@ from typing import Any
 
 import aiosmtplib
 import pytest
+import trustme
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay.lab.dnsserver import LabDnsServer, Zone
 from relay.lab.mta import LabMta, _Handler
 from tests.e2e.test_crash import free_port, start_relay, wait_listening
 from tests.labutil import base_doc, message, write_config
+from tests.mtasts.sts_https_server import Answer, HttpsServer
 from tests.pg.pgcluster import PASSWORD, PgCluster, remove_cluster, start_cluster
 
 pytestmark = pytest.mark.slow
@@ -83,7 +89,7 @@ class Node:
         doc["storage"] = {"url": url, "lease": LEASE}
         doc["delivery"].update({"retry_first": 1, "retry_max": 2, "retry_jitter": 0.0})
         for k, v in over.items():
-            doc[k].update(v)
+            doc.setdefault(k, {}).update(v)
         self.config = tmp / f"{name}.toml"
         write_config(self.config, doc)
         self.log = tmp / f"{name}.log"
@@ -228,6 +234,61 @@ async def test_two_nodes_deliver_once_and_take_over_a_killed_node(
         a.kill()
         b.kill()
         await mx.stop()
+
+
+async def test_two_sts_nodes_fetch_the_policy_once_and_deliver_over_tls(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Issue 14: two nodes, one MTA-STS domain: one policy fetch between them (the fetch
+    lease in the shared cache), enforce applied by both (verified TLS to the MX)."""
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    mx_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("mx.dest.test").configure_cert(mx_ctx)
+    mx_port = free_port("127.0.0.2")
+    policy = b"version: STSv1\nmode: enforce\nmx: mx.dest.test\nmax_age: 86400\n"
+    https = await HttpsServer(ca, "127.0.0.3").start()
+    # slow enough that both nodes' first lookups overlap
+    https.route("mta-sts.dest.test", "/.well-known/mta-sts.txt", Answer(200, policy, delay=0.5))
+    zone = Zone()
+    zone.add("dest.test", "MX", (10, "mx.dest.test"))
+    zone.add("mx.dest.test", "A", "127.0.0.2")
+    zone.add("_mta-sts.dest.test", "TXT", "v=STSv1; id=20261202;")
+    zone.add("mta-sts.dest.test", "A", "127.0.0.3")
+    over: dict[str, Any] = {
+        "mta_sts": {"enabled": True, "https_port": https.port, "fetch_timeout": 5},
+        "tlsrpt": {"enabled": True},
+        "http": {"allow_private_addresses": True},
+        "delivery": {"ca_file": str(ca_file)},
+    }
+    mx = LabMta("127.0.0.2", mx_port, tls_context=mx_ctx, hostname="mx.dest.test")
+    with LabDnsServer(zone) as dns:
+        a = Node(tmp_path, "sts-a", pg_url, dns.address, mx_port, **over)
+        b = Node(tmp_path, "sts-b", pg_url, dns.address, mx_port, **over)
+        try:
+            await mx.start()
+            await asyncio.gather(a.start(), b.start())
+            codes = await asyncio.gather(
+                *(submit(n.port, f"{n.name}-{i}") for i in range(5) for n in (a, b))
+            )
+            assert codes == [250] * 10
+            await mx.wait_for(10, timeout=30)
+            fetches = [s for s in https.seen if s.host == "mta-sts.dest.test"]
+            assert len(fetches) == 1, fetches
+            assert all(m.tls_version and m.tls_version.startswith("TLSv1.") for m in mx.messages)
+            assert sorted(mids(mx)) == sorted(
+                f"<{n}-{i}@sender.test>" for i in range(5) for n in ("sts-a", "sts-b")
+            )
+            for n in (a, b):  # both read the one cached policy
+                [row] = json.loads(n.cli("sts", "cache", "--json"))
+                assert (row["domain"], row["mode"], row["id"]) == ("dest.test", "enforce",
+                                                                   "20261202")  # fmt: skip
+        finally:
+            a.kill()
+            b.kill()
+            await mx.stop()
+            await https.stop()
 
 
 async def test_postgresql_restarted_during_a_run_gives_451_never_250(

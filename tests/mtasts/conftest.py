@@ -3,19 +3,24 @@ host on 127.0.0.2 (one listener, certificate by SNI, answer by Host), a store, a
 
 from __future__ import annotations
 
+import os
+import re
 import tomllib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
 
+from relay import pgschema
 from relay.config import Config, parse_config
 from relay.dns import DnspythonResolver, MxRecord
 from relay.http import SafeHttpClient
 from relay.lab.dnsserver import LabDnsServer, Zone
 from relay.mtasts.manager import PolicyManager
+from relay.pgstore import PgStore
 from relay.store import Store
 from tests.mtasts.sts_https_server import Answer, HttpsServer
 
@@ -117,7 +122,7 @@ class StsLab:
     def resolver(self) -> FreshResolver:
         return FreshResolver(self.dns.address)
 
-    def manager(self, store: Store, **mta_sts: object) -> PolicyManager:
+    def manager(self, store: Any, **mta_sts: object) -> PolicyManager:
         cfg = self.config(**mta_sts)
         resolver = self.resolver()
         return PolicyManager(
@@ -160,3 +165,45 @@ def store(tmp_path: Path) -> Iterator[Store]:
     s = Store(tmp_path / "relay.sqlite3").open()
     yield s
     s.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def sts_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    """The policy cache's store: SQLite, or a fresh database of the throwaway PostgreSQL
+    cluster migrated as ``relay serve`` migrates it (relay.pgschema)."""
+    if request.param == "sqlite":
+        s = Store(tmp_path / "relay.sqlite3").open()
+        yield s
+        s.close()
+        return
+    url = request.getfixturevalue("pg_url")
+    pg = await new_pg_store(url)
+    yield pg
+    await pg.close()
+
+
+async def new_pg_store(url: str) -> PgStore:
+    """Another connection pool on the database (another node), migrated."""
+    pg = await PgStore(url, os.environ["RELAY_DB_PASSWORD"]).open()
+    await pgschema.migrate_all(pg)
+    return pg
+
+
+async def execute(store: Any, sql: str, *args: object) -> None:
+    """Run one SQL statement (``?`` placeholders) on either store, outside the cache."""
+    if isinstance(store, PgStore):
+        n = 0
+
+        def number(_m: re.Match[str]) -> str:
+            nonlocal n
+            n += 1
+            return f"${n}"
+
+        pg_sql = re.sub(r"\?", number, sql)
+
+        async def run(c: Any) -> None:
+            await c.execute(pg_sql, *args)
+
+        await store.write(run)
+        return
+    await store.write(lambda c: c.execute(sql, args))

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from relay.model import StsMode, TlsResultType
-from relay.mtasts.cache import PolicyCache
+from relay.mtasts.cache import open_cache
 from relay.store import Store
-from tests.mtasts.conftest import StsLab
+from tests.mtasts.conftest import StsLab, execute
 from tests.mtasts.sts_https_server import Answer
 
 
@@ -17,9 +18,9 @@ def policy(mode: str = "enforce", mx: str = "mx.example.com", max_age: int = 864
     return f"version: STSv1\nmode: {mode}\nmx: {mx}\nmax_age: {max_age}\n"
 
 
-async def test_unchanged_id_skips_fetch_and_new_id_refetches(lab: StsLab, store: Store) -> None:
+async def test_unchanged_id_skips_fetch_and_new_id_refetches(lab: StsLab, sts_store: Any) -> None:
     lab.publish("example.com", policy("testing"), "v1")
-    m = lab.manager(store)
+    m = lab.manager(sts_store)
     assert (await m.get_policy("example.com")).mode is StsMode.TESTING
     for _ in range(3):
         assert (await m.get_policy("example.com")).mode is StsMode.TESTING
@@ -39,9 +40,9 @@ async def test_unchanged_id_skips_fetch_and_new_id_refetches(lab: StsLab, store:
     assert cached.expires_at == lab.clock.now + 86400
 
 
-async def test_failed_fetch_keeps_cache_and_backs_off_per_id(lab: StsLab, store: Store) -> None:
+async def test_failed_fetch_keeps_cache_and_backs_off_per_id(lab: StsLab, sts_store: Any) -> None:
     lab.publish("example.com", policy(), "v1")
-    m = lab.manager(store, failed_fetch_backoff=300)
+    m = lab.manager(sts_store, failed_fetch_backoff=300)
     assert (await m.get_policy("example.com")).enforce
     lab.publish("example.com", None, "v2", answer=Answer(500, b"oops"))
     for _ in range(3):  # the old policy still applies; only one fetch for id v2
@@ -60,10 +61,10 @@ async def test_failed_fetch_keeps_cache_and_backs_off_per_id(lab: StsLab, store:
 
 
 async def test_no_cache_failure_reports_result_type_and_backs_off(
-    lab: StsLab, store: Store
+    lab: StsLab, sts_store: Any
 ) -> None:
     lab.publish("example.com", None, "v1", answer=Answer(404, b""))
-    m = lab.manager(store)
+    m = lab.manager(sts_store)
     first = await m.get_policy("example.com")
     second = await m.get_policy("example.com")
     for pol in (first, second):
@@ -108,9 +109,9 @@ async def test_cache_survives_restart_without_dns_or_policy_host(
     assert lab.fetches("example.com") == 1
 
 
-async def test_expired_cache_no_longer_applies(lab: StsLab, store: Store) -> None:
+async def test_expired_cache_no_longer_applies(lab: StsLab, sts_store: Any) -> None:
     lab.publish("example.com", policy(max_age=600), "v1")
-    m = lab.manager(store)
+    m = lab.manager(sts_store)
     assert (await m.get_policy("example.com")).enforce
     lab.zone.fail("_mta-sts.example.com", "SERVFAIL")
     lab.clock.advance(599)
@@ -120,26 +121,26 @@ async def test_expired_cache_no_longer_applies(lab: StsLab, store: Store) -> Non
     assert pol.mode is None and pol.fetch_error is None
 
 
-async def test_concurrent_lookups_share_one_fetch(lab: StsLab, store: Store) -> None:
+async def test_concurrent_lookups_share_one_fetch(lab: StsLab, sts_store: Any) -> None:
     lab.publish("example.com", None, "v1", answer=Answer(200, policy().encode(), delay=0.3))
-    m = lab.manager(store)
+    m = lab.manager(sts_store)
     results = await asyncio.gather(*(m.get_policy("example.com") for _ in range(10)))
     assert all(r.enforce for r in results)
     assert lab.fetches("example.com") == 1
     assert m.counters.lookups == 1
 
 
-async def test_corrupt_cache_row_is_ignored(lab: StsLab, store: Store) -> None:
+async def test_corrupt_cache_row_is_ignored(lab: StsLab, sts_store: Any) -> None:
     lab.publish("example.com", policy(), "v1")
-    m = lab.manager(store)
+    m = lab.manager(sts_store)
     await m.get_policy("example.com")
-    await store.write(lambda c: c.execute("UPDATE mtasts_policy SET policy_text='mode: evil'"))
-    assert await PolicyCache(store).get("example.com") is None
-    assert await PolicyCache(store).all() == []
+    await execute(sts_store, "UPDATE mtasts_policy SET policy_text='mode: evil'")
+    assert await open_cache(sts_store).get("example.com") is None
+    assert await open_cache(sts_store).all() == []
 
 
-async def test_disabled_means_no_policy(lab: StsLab, store: Store) -> None:
+async def test_disabled_means_no_policy(lab: StsLab, sts_store: Any) -> None:
     lab.publish("example.com", policy(), "v1")
-    pol = await lab.manager(store, enabled=False).get_policy("example.com")
+    pol = await lab.manager(sts_store, enabled=False).get_policy("example.com")
     assert pol.mode is None
     assert lab.https.seen == []

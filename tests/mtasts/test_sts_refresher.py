@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 from relay.model import StsMode
-from relay.mtasts.cache import PolicyCache
+from relay.mtasts.cache import PolicyCache, open_cache
 from relay.mtasts.refresher import LAST_RUN_KEY, PolicyRefresher
 from relay.store import Store
-from tests.mtasts.conftest import StsLab
+from tests.mtasts.conftest import StsLab, execute
 
 
 def policy(mode: str = "enforce", max_age: int = 7200) -> str:
@@ -19,11 +20,11 @@ def policy(mode: str = "enforce", max_age: int = 7200) -> str:
 
 
 async def test_refresh_skips_the_fetch_on_unchanged_id_and_fetches_on_new(
-    lab: StsLab, store: Store
+    lab: StsLab, sts_store: Any
 ) -> None:
     for d in ("a.example", "b.example", "c.example"):
         lab.publish(d, policy(), "v1")
-    m = lab.manager(store, refresh_interval=1800)
+    m = lab.manager(sts_store, refresh_interval=1800)
     t0 = lab.clock.now
     for d in ("a.example", "b.example", "c.example"):
         await m.get_policy(d)
@@ -56,14 +57,14 @@ async def test_refresh_skips_the_fetch_on_unchanged_id_and_fetches_on_new(
 
 
 async def test_unchanged_id_does_not_push_the_expiry_and_the_policy_is_refetched_in_time(
-    lab: StsLab, store: Store
+    lab: StsLab, sts_store: Any
 ) -> None:
     """RFC 8461 3.2: max_age counts from the fetch. Fetched at t0 with max_age M, the TXT
     id unchanged at t0+M/2: the expiry stays t0+M; the refresher fetches the policy again
     before t0+M (3.3: proactive refresh), so enforce never lapses, and only then moves."""
     big_m = 7200
     lab.publish("a.example", policy(max_age=big_m), "v1")
-    m = lab.manager(store, refresh_interval=600)
+    m = lab.manager(sts_store, refresh_interval=600)
     t0 = lab.clock.now
     assert (await m.get_policy("a.example")).enforce
     lab.clock.advance(big_m / 2)
@@ -83,34 +84,28 @@ async def test_unchanged_id_does_not_push_the_expiry_and_the_policy_is_refetched
     assert (await m.get_policy("a.example")).enforce
 
 
-async def test_refresh_failure_keeps_cached_policy(lab: StsLab, store: Store) -> None:
+async def test_refresh_failure_keeps_cached_policy(lab: StsLab, sts_store: Any) -> None:
     lab.publish("a.example", policy(), "v1")
-    m = lab.manager(store, refresh_interval=600, failed_fetch_backoff=300)
+    m = lab.manager(sts_store, refresh_interval=600, failed_fetch_backoff=300)
     await m.get_policy("a.example")
     lab.clock.advance(600)
     lab.set_id("a.example", "v2")
     lab.zone.remove("mta-sts.a.example")
     assert await m.refresh_once() == {"failed": 1}
     lab.clock.advance(100)
-    await store.write(lambda c: c.execute("UPDATE mtasts_policy SET checked_at=0"))
+    await execute(sts_store, "UPDATE mtasts_policy SET checked_at=0")
     assert await m.refresh_once() == {"backoff": 1}
     pol = await m.get_policy("a.example")
     assert (pol.enforce, pol.policy_id) == (True, "v1")
 
 
-async def test_concurrency_is_bounded(store: Store) -> None:
-    cache = PolicyCache(store)
+async def test_concurrency_is_bounded(sts_store: Any) -> None:
+    cache = open_cache(sts_store)
     now = 1000.0
     names = [f"d{i}.example" for i in range(12)]
-
-    def seed(c) -> None:  # type: ignore[no-untyped-def]
-        for n in names:
-            c.execute(
-                "INSERT INTO mtasts_policy VALUES (?, 'x', ?, 0, 0, 5000)",
-                (n, policy()),
-            )
-
-    await store.write(seed)
+    for n in names:
+        await execute(sts_store, "INSERT INTO mtasts_policy VALUES (?, 'x', ?, 0, 0, 5000)", n,
+                      policy())  # fmt: skip
     active = peak = 0
     done: list[str] = []
 
@@ -129,14 +124,11 @@ async def test_concurrency_is_bounded(store: Store) -> None:
     assert float(await cache.get_meta(LAST_RUN_KEY) or 0) == now
 
 
-async def test_one_failing_domain_does_not_stop_the_run(store: Store) -> None:
-    cache = PolicyCache(store)
-    await store.write(
-        lambda c: c.executemany(
-            "INSERT INTO mtasts_policy VALUES (?, 'x', ?, 0, 0, 5000)",
-            [("bad.example", policy()), ("good.example", policy())],
-        )
-    )
+async def test_one_failing_domain_does_not_stop_the_run(sts_store: Any) -> None:
+    cache = open_cache(sts_store)
+    for n in ("bad.example", "good.example"):
+        await execute(sts_store, "INSERT INTO mtasts_policy VALUES (?, 'x', ?, 0, 0, 5000)", n,
+                      policy())  # fmt: skip
 
     async def refresh(domain: str) -> str:
         if domain == "bad.example":

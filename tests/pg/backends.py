@@ -4,6 +4,7 @@ the lists' tests take the same fixture (``lists_store``, ``spool_of``)."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -101,3 +102,38 @@ async def queue_backend(
         yield backend
     finally:
         await backend.close()
+
+
+class StoreBackend:
+    """One database of either store for the components other than the queue (the TLS-RPT
+    ledger, the MTA-STS cache): ``open()`` is another connection to it — a restart, or
+    another node — migrated as ``relay serve`` migrates it."""
+
+    def __init__(self, name: str, tmp: Path, url: str = "") -> None:
+        self.name = name
+        self.path = tmp / "relay.sqlite3"
+        self.url = url
+
+    @contextlib.asynccontextmanager
+    async def open(self) -> AsyncIterator[Any]:
+        if self.name == "sqlite":
+            store = Store(self.path).open()
+            try:
+                yield store
+            finally:
+                store.close()
+            return
+        from relay import pgschema
+
+        pg = await PgStore(self.url, _password()).open()
+        try:
+            await pgschema.migrate_all(pg)
+            yield pg
+        finally:
+            await pg.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_backend(request: pytest.FixtureRequest, tmp_path: Path) -> StoreBackend:
+    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else ""
+    return StoreBackend(request.param, tmp_path, url)

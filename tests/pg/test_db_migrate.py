@@ -29,7 +29,7 @@ async def test_db_migrate_applies_the_schema_once(
     cfg = config(tmp_path, pg_url)
     capsys.readouterr()
     assert await asyncio.to_thread(cli_main, ["db", "migrate", "--config", cfg]) == 0
-    assert list(COMPONENTS)[:3] == ["queue", "arc_replay", "lists"]
+    assert list(COMPONENTS) == ["queue", "arc_replay", "lists", "mtasts", "tlsrpt"]
     assert len(replay_pg.MIGRATIONS) == len(COMPONENTS["arc_replay"])
     assert capsys.readouterr().out == "".join(
         f"{name}: schema version {len(steps)} ({len(steps)} step(s) applied)\n"
@@ -57,6 +57,13 @@ async def test_db_migrate_applies_the_schema_once(
             "list_fanout",
             "list_held",
             "list_archive",
+            "mtasts_policy",
+            "mtasts_failure",
+            "mtasts_meta",
+            "mtasts_fetching",
+            "tlsrpt_counts",
+            "tlsrpt_reports",
+            "tlsrpt_deliveries",
         }
 
 

@@ -1,17 +1,17 @@
 """The TLS-RPT ledger: non-blocking counting, batched flushes, exact counts per key and
-UTC day, restarts, store failures, and the report delivery state."""
+UTC day, restarts, store failures, and the report delivery state; over both stores
+(``store_backend``: SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 
 from relay.errors import StoreError
 from relay.model import PolicyType, TlsOutcome, TlsResultType
-from relay.store import Store
-from relay.tlsrpt.ledger import DeliveryStatus, ReportState, TlsRptLedger
+from relay.tlsrpt.ledger import DeliveryStatus, ReportState, open_ledger
+from tests.pg.backends import StoreBackend
 
 DAY1 = 1795305600.0 + 3600  # 2026-11-22T01:00:00Z
 DAY2 = DAY1 + 86400  # 2026-11-23
@@ -38,10 +38,10 @@ def bad(result: TlsResultType, mx: str = "mx1.dest.test", ip: str = "192.0.2.1",
                       sending_mta_ip="198.51.100.1")  # fmt: skip
 
 
-async def test_record_is_buffered_then_flushed_exactly(tmp_path: Path) -> None:
+async def test_record_is_buffered_then_flushed_exactly(store_backend: StoreBackend) -> None:
     clock = Clock(DAY1)
-    async with Store(tmp_path / "s.db") as store:
-        ledger = TlsRptLedger(store, clock)
+    async with store_backend.open() as store:
+        ledger = open_ledger(store, clock)
         writes = store.writes
         for _ in range(500):
             ledger.record(ok())
@@ -71,10 +71,10 @@ async def test_record_is_buffered_then_flushed_exactly(tmp_path: Path) -> None:
         assert [r.count for r in rows if not r.result_type] == [501]
 
 
-async def test_days_are_utc_days_of_the_clock(tmp_path: Path) -> None:
+async def test_days_are_utc_days_of_the_clock(store_backend: StoreBackend) -> None:
     clock = Clock(DAY1)
-    async with Store(tmp_path / "s.db") as store:
-        ledger = TlsRptLedger(store, clock)
+    async with store_backend.open() as store:
+        ledger = open_ledger(store, clock)
         ledger.record(ok())
         clock.t = DAY1 + 86400 - 3600 - 0.001  # 23:59:59.999 the same day
         ledger.record(ok())
@@ -87,10 +87,10 @@ async def test_days_are_utc_days_of_the_clock(tmp_path: Path) -> None:
         assert [r.count for r in await ledger.counts("2026-11-23")] == [1]
 
 
-async def test_background_flush_and_restart(tmp_path: Path) -> None:
+async def test_background_flush_and_restart(store_backend: StoreBackend) -> None:
     clock = Clock(DAY1)
-    async with Store(tmp_path / "s.db") as store:
-        ledger = TlsRptLedger(store, clock, flush_interval=0.02)
+    async with store_backend.open() as store:
+        ledger = open_ledger(store, clock, flush_interval=0.02)
         task = asyncio.create_task(ledger.run())
         for _ in range(3):
             ledger.record(ok())
@@ -103,8 +103,8 @@ async def test_background_flush_and_restart(tmp_path: Path) -> None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await ledger.close()
-    async with Store(tmp_path / "s.db") as store:  # a restart
-        ledger = TlsRptLedger(store, clock)
+    async with store_backend.open() as store:  # a restart
+        ledger = open_ledger(store, clock)
         rows = await ledger.counts("2026-11-22")
         assert sorted((r.result_type, r.count) for r in rows) == [
             ("", 3), ("validation-failure", 1)]  # fmt: skip
@@ -115,9 +115,9 @@ async def test_background_flush_and_restart(tmp_path: Path) -> None:
             ("", 4), ("validation-failure", 1)]  # fmt: skip
 
 
-async def test_store_failure_keeps_counts_for_the_next_flush(tmp_path: Path) -> None:
-    async with Store(tmp_path / "s.db") as store:
-        ledger = TlsRptLedger(store, Clock(DAY1))
+async def test_store_failure_keeps_counts_for_the_next_flush(store_backend: StoreBackend) -> None:
+    async with store_backend.open() as store:
+        ledger = open_ledger(store, Clock(DAY1))
         for _ in range(5):
             ledger.record(ok())
         store.fail_writes = lambda: True
@@ -130,10 +130,10 @@ async def test_store_failure_keeps_counts_for_the_next_flush(tmp_path: Path) -> 
         assert [r.count for r in await ledger.counts("2026-11-22")] == [6]
 
 
-async def test_report_state_survives_restart(tmp_path: Path) -> None:
+async def test_report_state_survives_restart(store_backend: StoreBackend) -> None:
     clock = Clock(DAY2)
-    async with Store(tmp_path / "s.db") as store:
-        ledger = TlsRptLedger(store, clock)
+    async with store_backend.open() as store:
+        ledger = open_ledger(store, clock)
         uris = ["https://c.example/r", "mailto:r@d.example"]
         rec = await ledger.save_report("2026-11-22", "Dest.Test", "rid-1", b"{}", uris)
         assert rec.state is ReportState.SENDING and rec.report_id == "rid-1"
@@ -154,8 +154,8 @@ async def test_report_state_survives_restart(tmp_path: Path) -> None:
                                           first_attempt=clock.t, qid="Q1")  # fmt: skip
         assert st is ReportState.SENDING
         await ledger.set_report_state("2026-11-22", "nope.test", ReportState.NO_RECORD)
-    async with Store(tmp_path / "s.db") as store:
-        ledger = TlsRptLedger(store, clock)
+    async with store_backend.open() as store:
+        ledger = open_ledger(store, clock)
         rec2 = await ledger.report("2026-11-22", "dest.test")
         assert rec2 is not None and rec2.report_json == b"{}"
         by_uri = {d.uri: d for d in rec2.deliveries}
