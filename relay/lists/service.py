@@ -732,6 +732,7 @@ class ListService:
         else:
             job = self.maker.batch
         loop = asyncio.get_running_loop()
+        mid = extract_message_id(distributed)  # every copy's (its own fields go on top)
         slots = asyncio.Semaphore(IN_FLIGHT)
         running: set[asyncio.Task[int]] = set()
         failed: list[BaseException] = []
@@ -742,7 +743,7 @@ class ListService:
                 made = await loop.run_in_executor(
                     self.executor, job, cfg, distributed, todo, verdict
                 )
-                return await self._queue_batch(post_id, cfg, made, [a for a, _ in todo])
+                return await self._queue_batch(post_id, cfg, made, [a for a, _ in todo], mid)
             finally:
                 slots.release()
 
@@ -790,6 +791,7 @@ class ListService:
         cfg: ListConfig,
         copies: Sequence[tuple[str, str, bytes]],
         done: Sequence[str],
+        message_id: str | None = None,
     ) -> int:
         """One signed batch committed: its copies queued (in flight under our lease, in
         the places of the window reserved for them, when we have those), its recipients
@@ -803,7 +805,9 @@ class ListService:
         claim = self.lease() if places and self.lease is not None else None
         try:
             queued = await self.store.write(
-                lambda c: self._commit(post_id, outs, done, now, c, claim=claim, places=places)
+                lambda c: self._commit(
+                    post_id, outs, done, now, c, claim=claim, places=places, message_id=message_id
+                )
             )
         except BaseException:
             for _ in range(places):
@@ -829,16 +833,21 @@ class ListService:
         *,
         claim: tuple[str, float] | None = None,
         places: int = 0,
+        message_id: str | None = None,
     ) -> list[tuple[QueueId, NewMessage, bool]]:
         """One batch: its copies queued and its recipients marked done, one transaction.
         With ``claim`` (owner, lease seconds), the first ``places`` copies queued are
-        written in flight under that lease (claimed: True in the result)."""
+        written in flight under that lease (claimed: True in the result).
+        ``message_id``: the copies' Message-ID when known (the list-wide copy's), else
+        read from each."""
         queued: list[tuple[QueueId, NewMessage, bool]] = []
         for address, out in outs:  # only copies not queued by another fan-out of the post
             if db.claim_recipient(c, post_id, address):
                 mine = claim is not None and len(queued) < places
                 qid = new_qid(now)
-                new = NewMessage(out.mail_from, out.recipients, out.data, (), 0)
+                new = NewMessage(
+                    out.mail_from, out.recipients, out.data, (), 0, message_id=message_id
+                )
                 if mine and claim is not None:
                     queue_insert(qid, new, now, owner=claim[0], until=now + claim[1])(c)
                 else:

@@ -345,6 +345,7 @@ async def test_copies_are_handed_over_claimed_while_the_window_has_room(
         by_qid = {m.id: m for m in await spool.list()}
         for qid, _, claimed in window.handed:
             (r,) = by_qid[qid].recipients
+            assert by_qid[qid].message_id == "<plan@author.test>"  # read once, the post's
             if claimed:
                 assert (r.state.value, r.lease_owner) == ("inflight", spool.owner)
             else:
