@@ -41,6 +41,7 @@ from relay.lists import notices, policy, transform
 from relay.lists.addresses import ListAddress, address_of, parse_list_address
 from relay.lists.bounces import read_bounce
 from relay.model import Envelope, QueueId, SmtpReply
+from relay.queue.scheduler import LOADED_SHARE
 from relay.queue.spool import (
     FLAG_NO_DSN,
     NewMessage,
@@ -800,7 +801,7 @@ class ListService:
         outs = [(a, Outgoing(address_of(cfg, "bounces", t), (a,), data)) for a, t, data in copies]
         places = 0
         if self.queue is not None and self.lease is not None:
-            while places < len(outs) and self.queue.reserve():
+            while places < len(outs) and self.queue.reserve(LOADED_SHARE):
                 places += 1
         claim = self.lease() if places and self.lease is not None else None
         try:

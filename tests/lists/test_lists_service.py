@@ -302,7 +302,8 @@ class Window:
         self.reserved = 0
         self.handed: list[tuple[str, tuple[str, ...], bool]] = []
 
-    def reserve(self) -> bool:
+    def reserve(self, share: float = 1.0) -> bool:
+        assert share == 0.75  # the fan-out leaves a quarter of the window to new mail
         if self.reserved >= self.room:
             return False
         self.reserved += 1
