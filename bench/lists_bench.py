@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procstat import cpu_seconds, tree
+from bench.rsaspeed import cryptography_sign_ms
 from bench.sink import Sink
 from relay.commands.keygen import generate
 from relay.config import dump_toml
@@ -37,6 +39,7 @@ from tests.labutil import send
 LIST = "dev@lists.bench.test"
 SINK_HOST = "127.0.0.40"
 RELAY_HOST = "127.0.0.41"
+SIGNATURES_PER_COPY = 3  # DKIM-Signature, ARC-Message-Signature, ARC-Seal
 POSTFIX_HOST = "127.0.0.42"
 POST = (
     b"From: Alice <alice@author.test>\r\nTo: dev@lists.bench.test\r\nSubject: plan\r\n"
@@ -102,12 +105,16 @@ def run_relay(work: Path, dns: LabDnsServer, zone: Zone, members: list[str]) -> 
         settle(proc.pid)  # start-up done (workers, the signing pools keyed): an idle relay
         pids = tree(proc.pid)
         cpu0 = cpu_seconds(pids)
+        parts0 = cpu_parts(pids)
         t0 = time.monotonic()
         asyncio.run(send(RELAY_HOST, port, "alice@author.test", [LIST], POST))
         accepted = time.monotonic() - t0
         ok = sink.wait_for(len(members), timeout=240)
         elapsed = (sink.last_change or time.monotonic()) - t0
-        cpu = cpu_seconds(tree(proc.pid)) - cpu0
+        pids = tree(proc.pid)
+        cpu = cpu_seconds(pids) - cpu0
+        parts = {k: v - parts0.get(k, 0.0) for k, v in cpu_parts(pids).items()}
+        per = 1000 / max(sink.count, 1)
         return {
             "delivered": sink.count,
             "complete": ok,
@@ -115,6 +122,10 @@ def run_relay(work: Path, dns: LabDnsServer, zone: Zone, members: list[str]) -> 
             "post_250_seconds": round(accepted, 3),
             "deliveries_per_s": round(sink.count / elapsed, 1),
             "cpu_ms_per_copy": round(1000 * cpu / max(sink.count, 1), 2),
+            # where it went: the signing pool's processes (copies made, signed, sealed)
+            # and the relay workers (fan-out commits, scheduler, courier, store)
+            "cpu_ms_per_copy_signing_pool": round(per * parts.get("pool", 0.0), 2),
+            "cpu_ms_per_copy_workers": round(per * parts.get("workers", 0.0), 2),
         }
     finally:
         proc.terminate()
@@ -123,6 +134,34 @@ def run_relay(work: Path, dns: LabDnsServer, zone: Zone, members: list[str]) -> 
         except subprocess.TimeoutExpired:
             proc.kill()
         sink.stop()
+
+
+def cpu_parts(pids: list[int]) -> dict[str, float]:
+    """CPU seconds of the signing pool (the forkserver and the pool processes it forks)
+    and of the rest of the relay's process tree."""
+    out = {"pool": 0.0, "workers": 0.0}
+    for pid in pids:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        out["pool" if b"forkserver" in cmd else "workers"] += cpu_seconds([pid])
+    return out
+
+
+def signing_ceiling(postfix_rate: float) -> dict[str, Any]:
+    """RSA-2048 sign time measured now, and the copies a second the machine's cores could
+    sign at most (three signatures a copy: DKIM, ARC-Message-Signature, ARC-Seal), also as
+    a ratio to Postfix's rate: what signing alone allows, before any other work."""
+    ms = cryptography_sign_ms()
+    cores = os.cpu_count() or 1
+    ceiling = cores * 1000 / (SIGNATURES_PER_COPY * ms)
+    return {
+        "rsa2048_sign_ms": ms,
+        "cores": cores,
+        "signing_ceiling_copies_per_s": round(ceiling),
+        "signing_ceiling_ratio": round(ceiling / postfix_rate, 2),
+    }
 
 
 def settle(pid: int, timeout: float = 30.0) -> None:
@@ -202,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         "relay": relay,
         "postfix": postfix,
         "ratio": round(relay["deliveries_per_s"] / postfix["deliveries_per_s"], 2),
+        "ceiling": signing_ceiling(postfix["deliveries_per_s"]),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     text = json.dumps(result, indent=2)
     print(text)

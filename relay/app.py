@@ -213,7 +213,7 @@ class RelayApp:
         self.auth = auth  # kept for relay.reload (SIGHUP)
         self._closers.append(auth.close)
         queue = QueueLink()  # intake -> scheduler (DSNs are queued by the spool itself)
-        lists = self._build_lists(queue)
+        lists = self._build_lists(queue, spool)
         rules = RelayRules(
             cfg,
             extra_local_check=auth.local_check,
@@ -342,11 +342,12 @@ class RelayApp:
 
     # ------------------------------------------------------------ optional parts
 
-    def _build_lists(self, queue: QueueLink) -> ListsStage | None:
+    def _build_lists(self, queue: QueueLink, spool: QueueSpool) -> ListsStage | None:
         """The mailing lists (relay.lists) when any is configured. Copies are signed and
         sealed in a pool of two processes of their own (the Python around each signature
         costs as much as the RSA, so threads would share one core); new copies are
-        announced to the scheduler through the queue link."""
+        handed to the scheduler through the queue link, claimed under the spool's lease
+        while the active window has room."""
         if not self.config.lists:
             return None
         from relay.auth.offload import make_crypto_pool
@@ -365,7 +366,8 @@ class RelayApp:
             resolver=self.resolver,
             sealer=build_sealer(self.config),
             executor=pool,
-            notify=queue.submit_new,
+            queue=queue,
+            lease=lambda: (spool.owner, spool.lease),
             clock=self.clock,
         )
         self.lists.start_warm()  # the pool's processes started and keyed before any post

@@ -95,7 +95,7 @@ class SealStage(Protocol):
 class QueueSink(Protocol):
     """The scheduler as intake sees it: a place in the active window, and new mail."""
 
-    def reserve(self) -> bool: ...
+    def reserve(self, share: float = 1.0) -> bool: ...
 
     def release(self) -> None: ...
 
@@ -149,8 +149,8 @@ class QueueLink:
             raise RuntimeError("QueueLink used before the scheduler was built")
         return self._sink
 
-    def reserve(self) -> bool:
-        return self.sink.reserve()
+    def reserve(self, share: float = 1.0) -> bool:
+        return self.sink.reserve(share)
 
     def release(self) -> None:
         self.sink.release()

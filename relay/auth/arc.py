@@ -39,6 +39,7 @@ from relay.auth.arcfields import (
 from relay.auth.dkim import MAX_SIGNATURES, verify_dkim_sync
 from relay.auth.fastrsa import (
     FastARC,
+    PrependView,
     SigningKey,
     canonical_body,
     canonicalize_headers,
@@ -265,8 +266,35 @@ class ArcSealer:
         """The new (ARC-Seal, ARC-Message-Signature, ARC-Authentication-Results) lines;
         () when no set is to be added."""
         message = as_parsed(message)
-        signer = FastARC(message)
-        linesep = _linesep(message.raw)
+        return self._seal(FastARC(message), _linesep(message.raw), auth_results_value, chain)
+
+    def seal_headers_prepended(
+        self,
+        top: bytes,
+        view: PrependView,
+        signer: FastARC,
+        auth_results_value: str,
+        chain: ArcResult,
+    ) -> tuple[bytes, ...]:
+        """``seal_headers(top + view.base, ...)``, the same bytes, with the base's parse
+        and body hash reused from ``view`` (``view.usual`` must be true; top: whole header
+        fields). ``signer``: a ``FastARC(b"")`` the caller keeps for its messages (one
+        thread at a time)."""
+        signer.headers, signer.body = view.view(top)
+        signer.headers_relaxed = False
+        canon = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+        bodyhash = view.bodyhash(canon, self.key.algorithm)
+        linesep = _linesep(top if b"\n" in top else top + view.base)  # its first line end
+        return self._seal(signer, linesep, auth_results_value, chain, bodyhash)
+
+    def _seal(
+        self,
+        signer: FastARC,
+        linesep: bytes,
+        auth_results_value: str,
+        chain: ArcResult,
+        bodyhash: bytes | None = None,
+    ) -> tuple[bytes, ...]:
         signer.linesep = linesep
         canon = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
         signer.headers = canonicalize_headers(canon, signer.headers)  # once, not per signature
@@ -306,7 +334,8 @@ class ArcSealer:
         arc_headers.insert(0, (b"ARC-Authentication-Results", aar))
         signer.headers = canonicalize_headers(canon, arc_headers[:1]) + signer.headers
 
-        bodyhash = base64.b64encode(signer.hasher(canonical_body(canon, signer.body)).digest())
+        if bodyhash is None:
+            bodyhash = base64.b64encode(signer.hasher(canonical_body(canon, signer.body)).digest())
         timestamp = str(int(self.clock())).encode("ascii")
         ams_fields = [
             (b"i", str(instance).encode("ascii")),

@@ -21,7 +21,13 @@ import dkim
 import dkim.crypto
 from dkim.canonicalization import CanonicalizationPolicy
 
-from relay.auth.fastrsa import FastDKIM, KeyUnavailable, StrictIdentityError, load_signing_key
+from relay.auth.fastrsa import (
+    FastDKIM,
+    KeyUnavailable,
+    PrependView,
+    StrictIdentityError,
+    load_signing_key,
+)
 from relay.auth.keys import KeyRecords, fetch_keys, key_names, signature_tags
 from relay.auth.offload import run_crypto_for
 from relay.auth.types import DkimResult
@@ -112,6 +118,11 @@ async def verify_dkim(
     return await run_crypto_for(executor, len(message.raw), verify_dkim_sync, message, keys, now)
 
 
+def _linesep(message: bytes) -> bytes:
+    """The line end a signature is written with: CRLF unless the message uses bare LF."""
+    return b"\r\n" if b"\r\n" in message[:1000] or b"\n" not in message else b"\n"
+
+
 class DkimSigner:
     """Signs messages with one key: DKIM-Signature, relaxed/relaxed, no l= (RFC 8460 safe)."""
 
@@ -133,8 +144,20 @@ class DkimSigner:
 
     def signature_header(self, message: bytes) -> bytes:
         """The DKIM-Signature header line (CRLF or LF ended, like the message) for message."""
-        linesep = b"\r\n" if b"\r\n" in message[:1000] or b"\n" not in message else b"\n"
-        signer = FastDKIM(message)
+        return self._signature(FastDKIM(message), _linesep(message), None)
+
+    def signature_header_prepended(self, top: bytes, view: PrependView, signer: FastDKIM) -> bytes:
+        """``signature_header(top + view.base)``, the same bytes, with the base's parse and
+        body hash reused from ``view`` (``view.usual`` must be true). ``signer``: a
+        ``FastDKIM(b"")`` the caller keeps for its messages (one thread at a time)."""
+        message_start = top + view.base[:1000]
+        signer.headers, signer.body = view.view(top)
+        canon = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+        return self._signature(
+            signer, _linesep(message_start), view.bodyhash(canon, self.key.algorithm)
+        )
+
+    def _signature(self, signer: FastDKIM, linesep: bytes, bodyhash: bytes | None) -> bytes:
         signer.linesep = linesep
         canon = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
         algorithm = self.key.algorithm
@@ -143,7 +166,10 @@ class DkimSigner:
         include = self.include_headers or tuple(x.lower() for x in signer.default_sign_headers())
         if b"from" not in include:
             raise ValueError("the From header field must be signed (message has no From?)")
-        bodyhash = base64.b64encode(signer.hasher(canon.canonicalize_body(signer.body)).digest())
+        if bodyhash is None:
+            bodyhash = base64.b64encode(
+                signer.hasher(canon.canonicalize_body(signer.body)).digest()
+            )
         fields = [
             (b"v", b"1"),
             (b"a", algorithm),

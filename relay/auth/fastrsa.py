@@ -442,6 +442,37 @@ def parse_head(head: bytes) -> list[list[bytes]]:
     return headers
 
 
+class PrependView:
+    """dkimpy's (headers, body) of messages made of a few whole header fields on top of
+    one base message (list copies: a member's List-Unsubscribe, then a DKIM-Signature,
+    above the list-wide copy): the base is parsed once and its canonical body hashed
+    once; each message's own fields are parsed alone (``parse_head``). ``view(top)`` is
+    what ``rfc822_parse(top + base)`` gives; ``usual`` is False for a base that
+    ``dkim_view`` hands to dkimpy whole (no field, no empty line, a line end first),
+    whose messages are then to be parsed whole."""
+
+    def __init__(self, base: bytes) -> None:
+        self.base = base
+        pm = ParsedMessage.parse(base)
+        self.usual = bool(pm.fields) and pm.has_empty_line and base[:1] not in (b"\r", b"\n")
+        self.headers, self.body = dkim_view(pm)
+        self._bodyhash: dict[tuple[object, bytes], bytes] = {}
+
+    def view(self, top: bytes) -> tuple[list[list[bytes]], bytes]:
+        """(headers, body) of top + base; top: whole header fields, each line CRLF-ended."""
+        return parse_head(top) + [list(h) for h in self.headers], self.body
+
+    def bodyhash(self, canon_policy: Any, algorithm: bytes) -> bytes:
+        """base64 of the hash (algorithm's, DKIM a=) of the canonical body: bh=."""
+        key = (canon_policy.body_algorithm, algorithm)
+        known = self._bodyhash.get(key)
+        if known is None:
+            hasher = dkim.crypto.HASH_ALGORITHMS[algorithm]
+            known = base64.b64encode(hasher(canonical_body(canon_policy, self.body)).digest())
+            self._bodyhash[key] = known
+        return known
+
+
 # ---- dkimpy subclasses ----
 
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from relay.auth.dkim import DkimSigner
+from relay.auth.fastrsa import FastDKIM, PrependView
 from relay.config import Config, DkimSignConfig
 from relay.errors import ConfigError
 
@@ -113,6 +114,20 @@ class OutboundSigner:
             return message
         headers = [s.signature_header(message) for d, s in self._signers if d == domain]
         return b"".join(headers) + message
+
+    def signatures_prepended(
+        self, top: bytes, view: PrependView, from_domain: str, signer: FastDKIM
+    ) -> bytes:
+        """The DKIM-Signature lines ``sign(top + view.base, from_domain)`` puts on top, the
+        same bytes, the base's parse and body hash reused (relay.auth.fastrsa
+        PrependView); b"" when no key fits. ``signer``: a ``FastDKIM(b"")`` kept by the
+        caller."""
+        domain = self.domain_for(from_domain)
+        if domain is None:
+            return b""
+        return b"".join(
+            s.signature_header_prepended(top, view, signer) for d, s in self._signers if d == domain
+        )
 
 
 def domain_of(address: str) -> str:

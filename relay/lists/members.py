@@ -434,14 +434,16 @@ async def post_verdict(c: Tx, post_id: str) -> PostVerdict:
     return ("", "") if row is None else (str(row[0]), str(row[1]))
 
 
-async def fanout_todo(c: Tx, post_id: str, limit: int) -> list[tuple[str, str]]:
-    """(address, token) of recipients still to get their copy; a recipient who left the
-    list since the post is marked done without a copy."""
+async def fanout_todo(c: Tx, post_id: str, limit: int, after: str = "") -> list[tuple[str, str]]:
+    """(address, token) of recipients still to get their copy, in address order, those
+    after ``after`` only (the next page); a recipient who left the list since the post
+    is marked done without a copy."""
     rows = await c.fetchall(
         "SELECT f.address, m.token FROM list_fanout f JOIN list_posts p ON p.id=f.post "
         "LEFT JOIN list_members m ON m.list=p.list AND m.address=f.address "
-        "WHERE f.post=? AND f.done=0 ORDER BY f.address LIMIT ?",
+        "WHERE f.post=? AND f.done=0 AND f.address>? ORDER BY f.address LIMIT ?",
         post_id,
+        after,
         limit,
     )
     return [(str(r[0]), str(r[1] or "")) for r in rows]

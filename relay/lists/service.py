@@ -30,6 +30,7 @@ from typing import Any
 from relay import logs, metrics
 from relay.auth.arc import ArcSealer
 from relay.auth.arcfields import AS, arc_instance
+from relay.auth.fastrsa import FastARC, FastDKIM, PrependView, rfc822_parse
 from relay.auth.signer import OutboundSigner
 from relay.auth.types import ArcCv, ArcResult
 from relay.config import Config, ListConfig
@@ -41,6 +42,7 @@ from relay.lists.addresses import ListAddress, address_of, parse_list_address
 from relay.lists.bounces import read_bounce
 from relay.lists.tx import Tx, lists_db
 from relay.model import Envelope, QueueId, SmtpReply
+from relay.queue.scheduler import LOADED_SHARE
 from relay.queue.spool import (
     FLAG_NO_DSN,
     NewMessage,
@@ -48,7 +50,7 @@ from relay.queue.spool import (
     extract_message_id,
     new_qid,
 )
-from relay.stages import Verdict
+from relay.stages import QueueSink, Verdict
 from relay.store import Store
 
 log = logs.get("relay.lists")
@@ -58,8 +60,10 @@ NotifyFn = Callable[[QueueId, NewMessage, float, bool], None]
 # the one that queues the message's other recipients), it returns what to do once that
 # transaction is committed (start the fan-out, tell the scheduler, log)
 Write = Callable[[Tx], Awaitable[Callable[[], None]]]
-BATCH = 50  # member copies per commit of the fan-out
-PARALLEL = 2  # slices of a batch signed at once (the app gives the lists two processes)
+BATCH = 50  # member copies per commit of the fan-out (one signing job each)
+PARALLEL = 2  # signing processes the app gives the lists
+IN_FLIGHT = 2 * PARALLEL  # signing jobs outstanding: a process never waits for a commit
+TODO_PAGE = 1000  # recipients read from the store at once
 RESUME_AFTER = 300.0  # the periodic sweep resumes fan-outs stalled this long
 
 _ARC_SEAL_CV = re.compile(rb"(?:^|;)\s*cv\s*=\s*([a-z]+)", re.IGNORECASE)
@@ -136,8 +140,32 @@ class CopyMaker:
         rcpts: Sequence[tuple[str, str]],
         verdict: Verdict | None = None,
     ) -> list[tuple[str, str, bytes]]:
+        """The copies of (address, token) recipients (none for an empty token): the same
+        bytes ``copy`` makes, with the list-wide copy parsed and its body hashed once for
+        the batch (only each copy's own fields on top, List-Unsubscribe and the
+        DKIM-Signature, are parsed per copy)."""
         v = verdict or Verdict(*chain_of(distributed))
-        return [(a, t, self.copy(cfg, distributed, t, v.ar, v.chain)) for a, t in rcpts if t]
+        todo = [(a, t) for a, t in rcpts if t]
+        view = PrependView(distributed)
+        if not todo or not view.usual or not self._composes(cfg, view, todo[0][1]):
+            return [(a, t, self.copy(cfg, distributed, t, v.ar, v.chain)) for a, t in todo]
+        ar = v.ar or f"{self.config.authserv_id}; none"
+        dkim_signer, arc_signer = FastDKIM(b""), FastARC(b"")
+        out = []
+        for a, t in todo:
+            top = transform.unsubscribe_field(cfg, self.config.lists_http.base_url, t)
+            top = self.signer.signatures_prepended(top, view, cfg.domain, dkim_signer) + top
+            if self.sealer is not None:
+                seal = self.sealer.seal_headers_prepended(top, view, arc_signer, ar, v.chain)
+                top = b"".join(seal) + top
+            out.append((a, t, top + distributed))
+        return out
+
+    def _composes(self, cfg: ListConfig, view: PrependView, token: str) -> bool:
+        """Whether the parse of a copy's own fields beside the reused parse of the list-wide
+        copy is the parse of the whole copy (checked once a batch)."""
+        top = transform.unsubscribe_field(cfg, self.config.lists_http.base_url, token)
+        return view.view(top) == rfc822_parse(top + view.base)
 
 
 _MAKERS: dict[tuple[object, ...], CopyMaker] = {}
@@ -192,8 +220,15 @@ class ListService:
         sealer: ArcSealer | None = None,
         executor: Executor | None = None,
         notify: NotifyFn | None = None,
+        queue: QueueSink | None = None,
+        lease: Callable[[], tuple[str, float]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``queue`` and ``lease`` (the scheduler's window and the spool's owner id and
+        lease seconds): copies of a post are written in flight under that lease, each in
+        a place of the window it reserved, and handed to the scheduler in memory (as
+        intake does with new mail), so no loader reads them back; without a place left
+        (or without these) a copy is queued for the loader."""
         self.config = config
         self.lists = config.lists
         self.store = lists_db(store)  # a Store, a PgStore (relay.lists.tx) or their ListsDb
@@ -201,7 +236,9 @@ class ListService:
         self.signer = signer or OutboundSigner.from_config(config)
         self.maker = CopyMaker(config, self.signer, sealer)
         self.executor = executor
-        self.notify = notify
+        self.notify = notify if notify is not None or queue is None else queue.submit_new
+        self.queue = queue
+        self.lease = lease
         self.clock = clock
         self.base_url = config.lists_http.base_url
         self._running: dict[str, asyncio.Task[int]] = {}
@@ -678,7 +715,11 @@ class ListService:
         self._running[post_id] = task
 
     async def fan_out(self, post_id: str) -> int:
-        """Queue every remaining member copy of a post; returns how many were queued."""
+        """Queue every remaining member copy of a post; returns how many were queued.
+        Recipients are taken BATCH at a time, one signing job each, IN_FLIGHT jobs at
+        once; each batch's copies are committed (with their recipients marked done) as
+        soon as its job returns, in whatever order the jobs finish: the marks, not the
+        order, say what is left after a crash."""
         got = await self.store.read(lambda c: db.post_data(c, post_id))
         if got is None:
             return 0
@@ -689,44 +730,106 @@ class ListService:
         if cfg is None:
             log.warning("list_gone_fanout_dropped", qid=post_id, list=lst)
             return 0
-        total = 0
+        job: Callable[
+            [ListConfig, bytes, Sequence[tuple[str, str]], Verdict | None],
+            list[tuple[str, str, bytes]],
+        ]
+        if isinstance(self.executor, ProcessPoolExecutor):
+            job = functools.partial(make_copies, self.config)
+        else:
+            job = self.maker.batch
         loop = asyncio.get_running_loop()
-        while True:
-            todo = await self.store.read(lambda c: db.fanout_todo(c, post_id, BATCH))
-            if not todo:
-                break
-            # the batch in PARALLEL slices, one per signing thread (OpenSSL signs
-            # without the GIL)
-            slices = [todo[i::PARALLEL] for i in range(PARALLEL) if todo[i::PARALLEL]]
-            job: Callable[
-                [ListConfig, bytes, Sequence[tuple[str, str]], Verdict | None],
-                list[tuple[str, str, bytes]],
-            ]
-            if isinstance(self.executor, ProcessPoolExecutor):
-                job = functools.partial(make_copies, self.config)
-            else:
-                job = self.maker.batch
-            made = await asyncio.gather(
-                *(
-                    loop.run_in_executor(self.executor, job, cfg, distributed, p, verdict)
-                    for p in slices
-                )
-            )
-            copies = [c for part in made for c in part]
-            now = self.clock()
-            outs = [
-                (a, Outgoing(address_of(cfg, "bounces", t), (a,), data)) for a, t, data in copies
-            ]
+        mid = extract_message_id(distributed)  # every copy's (its own fields go on top)
+        slots = asyncio.Semaphore(IN_FLIGHT)
+        running: set[asyncio.Task[int]] = set()
+        failed: list[BaseException] = []
+        total = 0
 
-            done = [a for a, _ in todo]
-            queued = await self.store.write(
-                functools.partial(self._commit, post_id, outs, done, now)
-            )
-            self._notify(queued, now)
-            metrics.list_copies(lst, len(queued))
-            total += len(queued)
+        async def one(todo: list[tuple[str, str]]) -> int:
+            try:
+                made = await loop.run_in_executor(
+                    self.executor, job, cfg, distributed, todo, verdict
+                )
+                return await self._queue_batch(post_id, cfg, made, [a for a, _ in todo], mid)
+            finally:
+                slots.release()
+
+        def finished(task: asyncio.Task[int]) -> None:
+            nonlocal total
+            running.discard(task)
+            if task.cancelled():
+                return
+            exc = task.exception()
+            if exc is not None:
+                failed.append(exc)
+            else:
+                total += task.result()
+
+        after = ""
+        try:
+            while not failed:
+                page = await self.store.read(
+                    functools.partial(_todo_page, post_id=post_id, after=after)
+                )
+                if not page:
+                    break
+                after = page[-1][0]
+                for i in range(0, len(page), BATCH):
+                    await slots.acquire()
+                    if failed:
+                        slots.release()
+                        break
+                    task = asyncio.create_task(one(page[i : i + BATCH]))
+                    running.add(task)
+                    task.add_done_callback(finished)
+            while running:
+                await asyncio.wait(set(running))
+        finally:
+            for task in list(running):
+                task.cancel()
+        if failed:
+            raise failed[0]
         log.info("list_fanout_done", qid=post_id, list=lst, copies=total)
         return total
+
+    async def _queue_batch(
+        self,
+        post_id: str,
+        cfg: ListConfig,
+        copies: Sequence[tuple[str, str, bytes]],
+        done: Sequence[str],
+        message_id: str | None = None,
+    ) -> int:
+        """One signed batch committed: its copies queued (in flight under our lease, in
+        the places of the window reserved for them, when we have those), its recipients
+        marked done; the scheduler told. Returns how many copies were queued."""
+        now = self.clock()
+        outs = [(a, Outgoing(address_of(cfg, "bounces", t), (a,), data)) for a, t, data in copies]
+        places = 0
+        if self.queue is not None and self.lease is not None:
+            while places < len(outs) and self.queue.reserve(LOADED_SHARE):
+                places += 1
+        claim = self.lease() if places and self.lease is not None else None
+        try:
+            queued = await self.store.write(
+                lambda c: self._commit(
+                    post_id, outs, done, now, c, claim=claim, places=places, message_id=message_id
+                )
+            )
+        except BaseException:
+            for _ in range(places):
+                assert self.queue is not None
+                self.queue.release()
+            raise
+        metrics.list_copies(cfg.address, len(queued))
+        mine = sum(1 for _, _, claimed in queued if claimed)
+        for _ in range(places - mine):  # copies another fan-out had queued already
+            assert self.queue is not None
+            self.queue.release()
+        if self.notify is not None:
+            for qid, new, claimed in queued:
+                self.notify(qid, new, now, claimed)
+        return len(queued)
 
     async def _commit(
         self,
@@ -735,12 +838,29 @@ class ListService:
         done: Sequence[str],
         now: float,
         c: Tx,
-    ) -> list[tuple[QueueId, NewMessage]]:
-        """One batch: its copies queued and its recipients marked done, one transaction."""
-        queued = []
+        *,
+        claim: tuple[str, float] | None = None,
+        places: int = 0,
+        message_id: str | None = None,
+    ) -> list[tuple[QueueId, NewMessage, bool]]:
+        """One batch: its copies queued and its recipients marked done, one transaction.
+        With ``claim`` (owner, lease seconds), the first ``places`` copies queued are
+        written in flight under that lease (claimed: True in the result).
+        ``message_id``: the copies' Message-ID when known (the list-wide copy's), else
+        read from each."""
+        queued: list[tuple[QueueId, NewMessage, bool]] = []
         for address, out in outs:  # only copies not queued by another fan-out of the post
             if await db.claim_recipient(c, post_id, address):
-                queued.append(await self._queue(c, out, now, flags=0))
+                mine = claim is not None and len(queued) < places
+                qid = new_qid(now)
+                new = NewMessage(
+                    out.mail_from, out.recipients, out.data, (), 0, message_id=message_id
+                )
+                if mine and claim is not None:
+                    await c.queue(qid, new, now, owner=claim[0], until=now + claim[1])
+                else:
+                    await c.queue(qid, new, now)
+                queued.append((qid, new, mine))
         await db.mark_done(c, post_id, done)
         return queued
 
@@ -813,6 +933,10 @@ class ListService:
             return
         for qid, new in queued:
             self.notify(qid, new, now, False)
+
+
+async def _todo_page(c: Tx, *, post_id: str, after: str) -> list[tuple[str, str]]:
+    return await db.fanout_todo(c, post_id, TODO_PAGE, after=after)
 
 
 def _warm_done(task: asyncio.Future[list[int]]) -> None:

@@ -204,9 +204,14 @@ def unsubscribe_value(cfg: ListConfig, base_url: str, token: str) -> str:
     )
 
 
+def unsubscribe_field(cfg: ListConfig, base_url: str, token: str) -> bytes:
+    """This member's List-Unsubscribe field, CRLF-ended."""
+    return f"List-Unsubscribe: {unsubscribe_value(cfg, base_url, token)}\r\n".encode()
+
+
 def personalise(distributed: bytes, cfg: ListConfig, base_url: str, token: str) -> bytes:
     """The list-wide copy with this member's List-Unsubscribe on top."""
-    return f"List-Unsubscribe: {unsubscribe_value(cfg, base_url, token)}\r\n".encode() + distributed
+    return unsubscribe_field(cfg, base_url, token) + distributed
 
 
 def _add_footer(fields: list[Field], body: bytes, footer: str) -> bytes | None:

@@ -47,8 +47,12 @@ class Tx(Protocol):
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None: ...
 
-    async def queue(self, qid: QueueId, msg: NewMessage, now: float) -> None:
-        """Queue msg (recipients queued, no lease) in this transaction."""
+    async def queue(
+        self, qid: QueueId, msg: NewMessage, now: float, *, owner: str = "", until: float = 0.0
+    ) -> None:
+        """Queue msg in this transaction: its recipients queued for the loader, or
+        (``owner``) in flight under owner's lease until ``until`` (the fan-out hands such
+        a copy to its own scheduler at once)."""
         ...
 
 
@@ -82,10 +86,12 @@ class SqliteTx:
     async def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
         self.conn.executemany(sql, rows)
 
-    async def queue(self, qid: QueueId, msg: NewMessage, now: float) -> None:
+    async def queue(
+        self, qid: QueueId, msg: NewMessage, now: float, *, owner: str = "", until: float = 0.0
+    ) -> None:
         from relay.queue.spool import queue_insert
 
-        queue_insert(qid, msg, now)(self.conn)
+        queue_insert(qid, msg, now, owner=owner, until=until)(self.conn)
 
 
 @functools.lru_cache(maxsize=512)
@@ -124,10 +130,12 @@ class PgTx:
         if rows:
             await self.conn.executemany(pg_sql(sql), rows)
 
-    async def queue(self, qid: QueueId, msg: NewMessage, now: float) -> None:
+    async def queue(
+        self, qid: QueueId, msg: NewMessage, now: float, *, owner: str = "", until: float = 0.0
+    ) -> None:
         from relay.queue.pgspool import queue_insert
 
-        await queue_insert(qid, msg, now)(self.conn)
+        await queue_insert(qid, msg, now, owner=owner, until=until)(self.conn)
 
 
 TxFn = Callable[[Tx], Awaitable[T]]

@@ -680,10 +680,14 @@ _OWED_R = "(r.state='failed' OR (r.state='delivered' AND r.relayed_owed)) AND NO
 _DOMAIN_OF = "rtrim(lower(substring(address from '[^@]*$')), '.')"
 
 
-def queue_insert(qid: QueueId, msg: NewMessage, now: float) -> Callable[[Conn], Awaitable[None]]:
-    """The write that queues a message (recipients queued, every node woken at commit),
-    for callers that queue it in one transaction with their own rows (list fan-out)."""
-    return _insert(qid, msg, now, "", 0.0)
+def queue_insert(
+    qid: QueueId, msg: NewMessage, now: float, *, owner: str = "", until: float = 0.0
+) -> Callable[[Conn], Awaitable[None]]:
+    """The write that queues a message, for callers that queue it in one transaction with
+    their own rows (list fan-out): recipients queued (every node woken at commit), or
+    (``owner``) in flight under owner's lease until ``until``, for that owner's scheduler
+    that is handed the message at once."""
+    return _insert(qid, msg, now, owner, until)
 
 
 def _insert(

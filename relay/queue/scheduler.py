@@ -167,9 +167,13 @@ class Scheduler:
         self._backlog = True
         self._wake.set()
 
-    def reserve(self) -> bool:
-        """Claim a place in the active window for a message about to be queued."""
-        if self._stopping or len(self._active) + self._reserved >= self.window:
+    def reserve(self, share: float = 1.0) -> bool:
+        """Claim a place in the active window for a message about to be queued; with
+        ``share`` < 1 only while the window is fuller than that share of it (a list
+        fan-out takes LOADED_SHARE, like mail loaded from the store, so new mail still
+        finds room at once)."""
+        limit = max(1, int(self.window * share))
+        if self._stopping or len(self._active) + self._reserved >= limit:
             return False
         self._reserved += 1
         return True

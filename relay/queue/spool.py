@@ -744,10 +744,14 @@ class Spool:
         return await self.store.read(lambda c: _list(c, where or ListFilter()))
 
 
-def queue_insert(qid: QueueId, msg: NewMessage, now: float) -> Callable[[sqlite3.Connection], None]:
-    """The write that queues a message (recipients queued, for the loader), for callers
-    that must queue it in one transaction with their own rows (list fan-out)."""
-    return _insert(qid, msg, now, "", 0.0)
+def queue_insert(
+    qid: QueueId, msg: NewMessage, now: float, *, owner: str = "", until: float = 0.0
+) -> Callable[[sqlite3.Connection], None]:
+    """The write that queues a message, for callers that must queue it in one
+    transaction with their own rows (list fan-out): its recipients queued for the
+    loader, or (``owner``) in flight under owner's lease until ``until``, for a
+    scheduler of that owner that is handed the message at once (``claimed``)."""
+    return _insert(qid, msg, now, owner, until)
 
 
 def _insert(

@@ -295,3 +295,92 @@ async def test_the_verdicts_dmarc_policy_is_used_not_looked_up_again(env: Any) -
         "known": "Alice <alice@author.test>",
         "other": '"Alice via Developers" <dev@lists.example.org>',
     }
+
+
+class Window:
+    """The scheduler as the fan-out sees it (a unit-test stand-in): ``room`` places in
+    the active window; a claimed message handed over gives its place back, as
+    Scheduler.submit_new does."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.reserved = 0
+        self.handed: list[tuple[str, tuple[str, ...], bool]] = []
+
+    def reserve(self, share: float = 1.0) -> bool:
+        assert share == 0.75  # the fan-out leaves a quarter of the window to new mail
+        if self.reserved >= self.room:
+            return False
+        self.reserved += 1
+        return True
+
+    def release(self) -> None:
+        self.reserved -= 1
+
+    def submit_new(self, qid: str, msg: Any, created: float, claimed: bool) -> None:
+        if claimed:
+            self.release()
+            self.room -= 1  # the copy now holds its place until delivered
+        self.handed.append((qid, msg.recipients, claimed))
+
+
+async def test_copies_are_handed_over_claimed_while_the_window_has_room(
+    config: Config,
+) -> None:
+    """With the scheduler's window and the spool's lease, copies are written in flight
+    under that lease and handed over claimed (no loader reads them back); once the window
+    is full the rest are queued for the loader; every place reserved is given back."""
+    from relay.queue.spool import Spool
+    from relay.store import Store
+
+    store = Store(config.storage.path).open()
+    try:
+        spool = Spool(store)
+        window = Window(room=2)
+        svc = ListService(
+            config,
+            store,
+            resolver=StaticResolver({("_dmarc.author.test", "TXT"): ["v=DMARC1; p=none"]}),
+            queue=window,
+            lease=lambda: (spool.owner, 60.0),
+        )
+        members = sorted(["alice@author.test", *(f"m{i}@one.test" for i in range(4))])
+        await add(svc.store, *members)
+        await svc.receive(E(), LIST, post(), "Q9")
+        await svc.wait_idle()
+        assert sorted(r[0] for _, r, _ in window.handed) == members
+        assert [c for _, _, c in window.handed].count(True) == 2
+        assert window.reserved == 0
+        by_qid = {m.id: m for m in await spool.list()}
+        for qid, _, claimed in window.handed:
+            (r,) = by_qid[qid].recipients
+            assert by_qid[qid].message_id == "<plan@author.test>"  # read once, the post's
+            if claimed:
+                assert (r.state.value, r.lease_owner) == ("inflight", spool.owner)
+            else:
+                assert (r.state.value, r.lease_owner) == ("queued", "")
+        # the loader sees only the copies queued unclaimed (a claimed one comes back by
+        # the sweep of expired leases, should its owner die)
+        loader = sorted(q for q, _, c in window.handed if not c)
+        assert sorted(await spool.due(2e9, 10, set())) == loader
+    finally:
+        store.close()
+
+
+async def test_pages_and_batches_in_flight_give_each_member_one_copy(
+    env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recipients read a page at a time and signed a batch per job with several jobs in
+    flight (committed in whatever order they finish): each member gets one copy."""
+    from relay.lists import service as service_mod
+
+    monkeypatch.setattr(service_mod, "TODO_PAGE", 7)
+    monkeypatch.setattr(service_mod, "BATCH", 3)
+    svc, store, spool, _ = env
+    many = ["alice@author.test", *(f"m{i:02d}@one.test" for i in range(40))]
+    await add(store, *many)
+    await svc.receive(E(), LIST, post(), "Q3")
+    await svc.wait_idle()
+    rcpts = sorted(r[0] for _, r, _ in await queued(spool))
+    assert rcpts == sorted(many)
+    assert await store.read(lambda c: db.unfinished_posts(c)) == []

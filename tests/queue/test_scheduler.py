@@ -339,6 +339,8 @@ async def test_backlog_never_takes_the_whole_active_window(tmp_path: Path) -> No
             break
     await asyncio.sleep(0.1)
     assert len(courier.started) == 6  # 75 % of the window: the backlog waits in the store
+    # a list fan-out's copies (share 0.75) find no room beside it either
+    assert not sched.reserve(0.75)
     # new mail is claimed and started at once, ahead of the backlog
     assert sched.reserve()
     new = NewMessage("a@example.com", ("fresh@example.org",), MSG)
