@@ -55,6 +55,7 @@ _RETRY = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 class _Job:
     fn: Callable[[Conn], Awaitable[Any]]
     future: asyncio.Future[Any]
+    single: bool = False
     result: Any = None
     error: BaseException | None = field(default=None)
 
@@ -178,7 +179,7 @@ class PgStore:
         if not group:
             return await self._transaction(fn, single)
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._jobs.put_nowait(_Job(fn, fut))
+        self._jobs.put_nowait(_Job(fn, fut, single))
         return await fut
 
     async def _transaction(self, fn: Callable[[Conn], Awaitable[T]], single: bool) -> T:
@@ -255,18 +256,27 @@ class PgStore:
                 return
 
     async def _commit_batch(self, batch: list[_Job]) -> None:
+        """One transaction for the batch. First without savepoints (one round trip per
+        job); if a job fails on its own error, that attempt is rolled back (nothing of it
+        is written) and the batch runs again with each job in its own savepoint. A batch
+        of one single-statement job runs alone, in autocommit."""
         conn: Conn = None
         try:
             if self.fail_writes is not None and self.fail_writes():
                 raise OSError("connection lost (injected)")
             conn = await self._pool.acquire()
-            tr = conn.transaction()
-            await tr.start()
-            for job in batch:
-                await self._run_job(conn, job, savepoint=len(batch) > 1)
-            if self.before_commit is not None:
-                await self.before_commit(conn)
-            await tr.commit()
+            if len(batch) == 1 and batch[0].single:
+                if self.before_commit is not None:  # the statement commits itself
+                    await self.before_commit(conn)
+                await self._run_job(conn, batch[0], savepoint=False, own=True)
+            elif not await self._try_batch(conn, batch):
+                tr = conn.transaction()
+                await tr.start()
+                for job in batch:
+                    await self._run_job(conn, job, savepoint=len(batch) > 1)
+                if self.before_commit is not None:
+                    await self.before_commit(conn)
+                await tr.commit()
             self.commits += 1
             self.writes += len(batch)
         except Exception as exc:  # BEGIN, a savepoint or COMMIT failed: nothing is known durable
@@ -280,9 +290,39 @@ class PgStore:
             if conn is not None:
                 await self._release(conn)
 
+    async def _try_batch(self, conn: Conn, batch: list[_Job]) -> bool:
+        """The batch in one transaction, no savepoints: True once committed; False when a
+        job failed on its own error (rolled back; the results are cleared)."""
+        if len(batch) == 1:
+            return False  # the savepoint-free path below is the same for one job
+        tr = conn.transaction()
+        await tr.start()
+        try:
+            for job in batch:
+                job.result = await job.fn(conn)
+        except (asyncpg.PostgresError, ValueError):
+            await tr.rollback()
+            for job in batch:
+                job.result = None
+            return False
+        if self.before_commit is not None:
+            await self.before_commit(conn)
+        await tr.commit()
+        return True
+
     @staticmethod
-    async def _run_job(conn: Conn, job: _Job, *, savepoint: bool) -> None:
+    async def _run_job(conn: Conn, job: _Job, *, savepoint: bool, own: bool = False) -> None:
         for attempt in (1, 2):
+            if own:  # alone, in autocommit: its own error is its own (nothing written)
+                try:
+                    job.result = await job.fn(conn)
+                except _RETRY as exc:
+                    if attempt == 2:
+                        job.error = _wrap(exc)
+                    continue
+                except (asyncpg.PostgresError, ValueError) as exc:
+                    job.error = exc if isinstance(exc, StoreError) else _wrap(exc)
+                return
             if not savepoint:  # the job is the whole transaction: its error fails the group
                 job.result = await job.fn(conn)
                 return

@@ -129,6 +129,66 @@ MIGRATIONS = [
     );
     CREATE INDEX relay_nodes_heartbeat ON relay_nodes(heartbeat);
     """,
+    # 4: an attempt's outcome as one server-side function, called in autocommit (a
+    # function call is one statement: atomic on its own, one round trip, durable at its
+    # commit). It locks the message row (serialising the settles of one message across
+    # nodes), applies the outcome to the rows this owner holds (or nobody holds), writes
+    # their history lines and, with settle, reads every recipient (a statement after the
+    # lock: a volatile function takes a fresh snapshot per statement, so it sees every
+    # other owner's committed rows) and deletes the message when nothing is pending and
+    # no DSN is owed. Returns the recipients (gone=true on each: deleted); no rows: the
+    # message was gone already. Where a DSN is owed the caller settles in a transaction
+    # of its own (relay/queue/spool.py settle_plan decides).
+    """
+    CREATE FUNCTION relay_record(p_qid text, p_addr text[], p_state text[], p_na float8[],
+        p_reply text[], p_lo text[], p_le float8[], p_ro bool[], p_mx text[], p_tls text[],
+        p_now float8, p_owner text, p_settle bool)
+    RETURNS TABLE(gone bool, address text, state text, attempts integer,
+        next_attempt float8, last_reply text, orig text, dsn_done bool, lease_owner text,
+        lease_expiry float8, notify text, orcpt text, relayed_owed bool)
+    LANGUAGE plpgsql AS $fn$
+    #variable_conflict use_column
+    BEGIN
+        PERFORM 1 FROM queue_messages m WHERE m.id=p_qid FOR NO KEY UPDATE;
+        IF NOT FOUND THEN
+            RETURN;
+        END IF;
+        IF cardinality(p_addr) > 0 THEN
+            WITH done AS (
+                UPDATE queue_recipients r SET state=u.st, attempts=r.attempts+1,
+                    next_attempt=u.na, last_reply=u.reply, updated=p_now,
+                    lease_owner=u.lo, lease_expiry=u.le, relayed_owed=u.ro
+                FROM unnest(p_addr, p_state, p_na, p_reply, p_lo, p_le, p_ro, p_mx, p_tls)
+                    WITH ORDINALITY AS u(address, st, na, reply, lo, le, ro, mx, tls, n)
+                WHERE r.qid=p_qid AND r.address=u.address AND (r.lease_owner=p_owner
+                    OR (r.lease_owner='' AND r.state IN ('queued', 'deferred', 'inflight')))
+                RETURNING u.n, u.address, u.st, u.reply, u.mx, u.tls)
+            INSERT INTO queue_log(qid, at, address, event, reply, mx_host, tls)
+                SELECT p_qid, p_now, d.address, d.st, d.reply, d.mx, d.tls
+                FROM done d ORDER BY d.n;
+        END IF;
+        IF NOT p_settle THEN
+            RETURN;
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM queue_recipients r WHERE r.qid=p_qid
+                AND (r.state IN ('queued', 'deferred', 'inflight')
+                OR ((r.state='failed' OR (r.state='delivered' AND r.relayed_owed))
+                    AND NOT r.dsn_done))) THEN
+            DELETE FROM queue_messages m WHERE m.id=p_qid;
+            INSERT INTO queue_log(qid, at, address, event, reply, mx_host, tls)
+                VALUES (p_qid, p_now, '', 'removed', 'done', '', '');
+            RETURN QUERY SELECT true, NULL::text, NULL::text, NULL::integer, NULL::float8,
+                NULL::text, NULL::text, NULL::bool, NULL::text, NULL::float8, NULL::text,
+                NULL::text, NULL::bool;
+            RETURN;
+        END IF;
+        RETURN QUERY SELECT false, r.address, r.state, r.attempts, r.next_attempt,
+            r.last_reply, r.orig, r.dsn_done, r.lease_owner, r.lease_expiry, r.notify,
+            r.orcpt, r.relayed_owed
+            FROM queue_recipients r WHERE r.qid=p_qid ORDER BY r.pos;
+    END
+    $fn$;
+    """,
 ]
 
 # a lease owner's relay_nodes row is forgotten this long after its last heartbeat
@@ -304,39 +364,42 @@ class PgSpool:
             [u.tls for u in updates],
         )
 
+        async def run(conn: Conn) -> list[Any]:
+            # one statement, committed by itself: lock, outcome, history and, with settle,
+            # the delete of a finished message (migration 4, relay_record)
+            return list(
+                await conn.fetch(
+                    "SELECT * FROM relay_record($1, $2::text[], $3::text[], $4::float8[],"
+                    " $5::text[], $6::text[], $7::float8[], $8::bool[], $9::text[],"
+                    " $10::text[], $11, $12, $13)",
+                    qid,
+                    *cols,
+                    now,
+                    owner,
+                    settle,
+                )
+            )
+
+        rows = await self.store.write(run, single=True)
+        if not settle:
+            return False, ()
+        if not rows or rows[0][0]:  # deleted now, or gone already
+            return True, ()
+        rcpts = tuple(rcpt_of_row(tuple(r)[1:]) for r in rows)
+        if not any(r.dsn_owed for r in rcpts):
+            return False, ()  # others pending (another owner's, or retried later)
+        # a DSN is owed: settle_plan decides under the lock, in a transaction of its own
+        # (a crash in between leaves the failed rows under this owner's lease: they come
+        # back by lease expiry, as any owed DSN whose owner died)
+        return await self._settle_now(qid)
+
+    async def _settle_now(self, qid: QueueId) -> tuple[bool, tuple[QueuedRecipient, ...]]:
+        now = self.clock()
+        owner, until = self.owner, now + self.lease
+
         async def run(conn: Conn) -> tuple[bool, tuple[QueuedRecipient, ...]]:
             await _lock_message(conn, qid)
-            rcpts: tuple[QueuedRecipient, ...] | None = None
-            if updates:  # the outcome and, for the rows it applied to, the history line;
-                # with settle, the message's recipients as they are now, in one statement
-                # (a statement after the lock: its snapshot has every other owner's rows)
-                sql = (
-                    "WITH done AS (UPDATE queue_recipients r SET state=u.state,"
-                    " attempts=r.attempts+1, next_attempt=u.na, last_reply=u.reply,"
-                    " updated=$11, lease_owner=u.lo, lease_expiry=u.le, relayed_owed=u.ro"
-                    " FROM unnest($2::text[], $3::text[], $4::float8[], $5::text[], $6::text[],"
-                    " $7::float8[], $8::bool[], $9::text[], $10::text[])"
-                    " WITH ORDINALITY AS u(address, state, na, reply, lo, le, ro, mx, tls, n)"
-                    " WHERE r.qid=$1 AND r.address=u.address AND (r.lease_owner=$12"
-                    " OR (r.lease_owner='' AND r.state IN ($13, $14, $15)))"
-                    f" RETURNING u.n, u.mx, u.tls, r.pos, {_R_RCPT_COLS}),"
-                    " lg AS (INSERT INTO queue_log(qid, at, address, event, reply, mx_host, tls)"
-                    " SELECT $1, $11, address, state, last_reply, mx, tls FROM done ORDER BY n)"
-                )
-                args = (qid, *cols, now, owner, _Q, _D, _I)
-                if not settle:
-                    await conn.execute(sql + " SELECT 1", *args)
-                    return False, ()
-                rows = await conn.fetch(
-                    sql + f" SELECT {RCPT_COLS} FROM (SELECT pos, {RCPT_COLS} FROM done"
-                    f" UNION ALL SELECT pos, {RCPT_COLS} FROM queue_recipients WHERE qid=$1"
-                    " AND address NOT IN (SELECT address FROM done)) a ORDER BY pos",
-                    *args,
-                )
-                rcpts = tuple(rcpt_of_row(r) for r in rows)
-            if not settle:
-                return False, ()
-            return await _settle(conn, qid, owner, now, until, rcpts)
+            return await _settle(conn, qid, owner, now, until)
 
         return await self.store.write(run)
 
@@ -814,9 +877,6 @@ async def _settle(
             [r.address for r in plan.mine],
         )
     return False, plan.mine
-
-
-_R_RCPT_COLS = ", ".join(f"r.{c.strip()}" for c in RCPT_COLS.split(","))
 
 
 async def _recipients(conn: Conn, qid: str) -> tuple[QueuedRecipient, ...]:
