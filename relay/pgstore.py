@@ -29,6 +29,7 @@ passfile) and is never logged; log lines name the database by its URL without it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
@@ -349,26 +350,17 @@ class PgStore:
     ) -> Callable[[], Awaitable[None]]:
         """LISTEN on channel on a connection of its own; ``callback(payload)`` runs on the
         event loop for each NOTIFY (sent by any node, delivered only once its transaction
-        commits). Returns the coroutine function that stops listening. A lost connection
-        loses wake-ups only: the caller's polling stays the bounded fallback."""
+        commits). Returns the coroutine function that stops listening.
 
-        def on_notify(_conn: Conn, _pid: int, _channel: str, payload: str) -> None:
-            callback(payload)
-
-        try:
-            conn = await self._pool.acquire()
-            await conn.add_listener(channel, on_notify)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise _wrap(exc) from exc
-
-        async def stop() -> None:
-            try:
-                await conn.remove_listener(channel, on_notify)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, KeyError):
-                pass
-            await self._release(conn)
-
-        return stop
+        A lost LISTEN connection (the backend terminated, the server restarted, the
+        network cut: asyncpg's termination listener, or a failed liveness check every
+        ``LISTEN_CHECK`` seconds) is re-established with back-off (0.1 s doubling up to
+        5 s), and ``callback("")`` runs once it is back: NOTIFYs sent meanwhile are lost,
+        so the caller looks for work it may have missed. Until then the caller's polling
+        is the bounded fallback."""
+        listener = _Listener(self, channel, callback)
+        await listener.start()
+        return listener.stop
 
     # -------------------------------------------------------------- reads
 
@@ -385,6 +377,112 @@ class PgStore:
                 return await fn(conn)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise _wrap(exc) from exc
+
+
+LISTEN_CHECK = 30.0  # seconds between liveness checks of an idle LISTEN connection
+LISTEN_BACKOFF = (0.1, 5.0)  # first and largest delay between reconnect attempts
+
+
+class _Listener:
+    """One LISTEN of a PgStore, kept alive: its connection, re-established when lost."""
+
+    def __init__(self, store: PgStore, channel: str, callback: Callable[[str], None]) -> None:
+        self.store = store
+        self.channel = channel
+        self.callback = callback
+        self.conn: Conn = None
+        self.lost = asyncio.Event()
+        self.stopped = False
+        self.task: asyncio.Task[None] | None = None
+        self.reconnects = 0
+
+    def _on_notify(self, _conn: Conn, _pid: int, _channel: str, payload: str) -> None:
+        self.callback(payload)
+
+    def _on_terminated(self, conn: Conn) -> None:
+        if conn is self.conn:
+            self.lost.set()
+
+    async def _attach(self) -> None:
+        pool = self.store._pool
+        if pool is None:
+            raise StoreError("store is not open")
+        conn = await pool.acquire()
+        try:
+            conn.add_termination_listener(self._on_terminated)
+            await conn.add_listener(self.channel, self._on_notify)
+        except BaseException:
+            _terminate(conn)
+            await self.store._release(conn)
+            raise
+        self.conn = conn
+        self.lost.clear()
+
+    async def start(self) -> None:
+        try:
+            await self._attach()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise _wrap(exc) from exc
+        self.task = asyncio.create_task(self._watch(), name=f"pgstore-listen-{self.channel}")
+
+    async def _alive(self) -> bool:
+        try:
+            await asyncio.wait_for(self.conn.execute("SELECT 1"), LISTEN_CHECK / 3)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return False
+        return True
+
+    async def _watch(self) -> None:
+        while not self.stopped:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.lost.wait(), LISTEN_CHECK)
+            if self.stopped:
+                return
+            if not self.lost.is_set() and await self._alive():
+                continue
+            log.warning("listen_lost", channel=self.channel, store=safe_url(self.store.url))
+            await self._detach(lost=True)
+            await self._reconnect()
+
+    async def _reconnect(self) -> None:
+        delay, cap = LISTEN_BACKOFF
+        tries = 0
+        while not self.stopped:
+            tries += 1
+            try:
+                await self._attach()
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                if tries == 1:
+                    log.warning("listen_reconnect_failed", channel=self.channel, error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(cap, delay * 2)
+                continue
+            self.reconnects += 1
+            log.info("listen_restored", channel=self.channel, attempts=tries)
+            self.callback("")  # NOTIFYs sent while it was down are lost: look again
+            return
+
+    async def _detach(self, *, lost: bool = False) -> None:
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        with contextlib.suppress(Exception):
+            conn.remove_termination_listener(self._on_terminated)
+        if lost:  # never reuse a connection in an unknown state
+            _terminate(conn)
+        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError, KeyError):
+            if not conn.is_closed():
+                await conn.remove_listener(self.channel, self._on_notify)
+        await self.store._release(conn)
+
+    async def stop(self) -> None:
+        self.stopped = True
+        self.lost.set()
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        await self._detach()
 
 
 def safe_url(url: str) -> str:
