@@ -17,7 +17,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from relay.commands import open_existing_store
 from relay.config import Config, load_config
 from relay.errors import StartupError, StoreError
 from relay.model import RecipientState
@@ -82,31 +81,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 async def open_queue(config: Config, reclaim: bool = False) -> AsyncIterator[QueueSpool]:
     """The queue of the configured store: SQLite (refused when the file does not exist)
     or PostgreSQL (refused when its queue schema is not there: wrong database?)."""
-    if not config.storage.postgresql:
-        store = open_existing_store(config)
-        try:
+    from relay.commands import open_store
+
+    async with open_store(config, "queue") as store:
+        if not config.storage.postgresql:
             yield Spool(store)
             if reclaim:  # the space deleted messages held goes back to the file system now
                 await asyncio.to_thread(store.reclaim)
-        finally:
-            store.close()
-        return
-    from relay.pgstore import PgStore, safe_url
-    from relay.queue.pgspool import PgSpool
+            return
+        from relay.queue.pgspool import PgSpool
 
-    url = config.storage.url
-    try:
-        pg = await PgStore(url, config.storage.password(), pool_size=2).open()
-    except StoreError as exc:
-        raise StartupError(str(exc)) from exc
-    try:
-        if not await pg.schema_version("queue"):
-            raise StartupError(
-                f"no queue in {safe_url(url)} (wrong --config? `relay db migrate` creates it)"
-            )
-        yield PgSpool(pg, node_id=config.server.node_id)
-    finally:
-        await pg.close()
+        yield PgSpool(store, node_id=config.server.node_id)
 
 
 def run_on_queue(path: str, fn: Callable[[QueueSpool], Awaitable[T]], reclaim: bool = False) -> T:
