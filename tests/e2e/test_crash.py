@@ -96,12 +96,17 @@ async def test_kill_9_loses_nothing_acknowledged(tmp_path: Path) -> None:
 
             proc = start_relay(cfg, log)
             await wait_listening(relay_port)
-            stream = asyncio.create_task(submit(relay_port, 400, "stream", acked))
-            await asyncio.sleep(1.0)  # kill in the middle of the stream
+            # The stream is longer than any machine finishes before the kill; the kill
+            # comes once 30 of it were acknowledged (by count, not by a sleep that a fast
+            # machine outruns), in the middle of the next session.
+            stream = asyncio.create_task(submit(relay_port, 100_000, "stream", acked))
+            deadline = time.monotonic() + 30
+            while len(acked) < 50 and time.monotonic() < deadline and not stream.done():
+                await asyncio.sleep(0.005)
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(10)
             await asyncio.wait_for(stream, 30)
-            assert 20 < len(acked) < 420
+            assert 50 <= len(acked) < 20 + 100_000, "the kill did not land inside the stream"
 
             async with LabMta("127.0.0.2", mx_port, hostname="mx.dest.test") as mx:
                 proc = start_relay(cfg, log)
