@@ -288,9 +288,7 @@ async def test_a_lost_listen_connection_is_re_established_and_still_wakes_the_no
         await mx.stop()
 
 
-async def test_arc_replay_limits_are_counted_once_across_nodes(
-    tmp_path: Path, pg_url: str
-) -> None:
+async def test_arc_replay_limits_are_counted_once_across_nodes(tmp_path: Path, pg_url: str) -> None:
     lab = AuthLab(tmp_path)
     try:
         mx = await lab.mta("127.0.0.2")

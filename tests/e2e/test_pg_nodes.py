@@ -7,26 +7,23 @@ lab DNS server and a receiving MTA on loopback.
   node A (its active window is full) is delivered by node B at once (NOTIFY, not B's
   poll); node A killed with SIGKILL while it holds a recipient in flight (the sink holds
   its DATA): node B delivers it once A's lease has expired; `relay queue list` names the
-  lease owner and `relay nodes` the nodes, alive until their heartbeat is a lease old;
-- PostgreSQL restarted (immediate mode: every connection cut) during a stream of
-  submissions: the messages whose commit failed get 451, never 250, and every 250 is
-  delivered (a cluster of the test's own).
+  lease owner and `relay nodes` the nodes, alive until their heartbeat is a lease old.
+
+The faults under load (a node killed, PostgreSQL restarted, LISTEN lost) are in
+test_pg_faults.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import time
 from pathlib import Path
 
-import aiosmtplib
 import pytest
 
 from relay.lab.mta import LabMta
 from tests.e2e.pgharness import LEASE, Node, Sink, mids, submit, until
-from tests.pg.pgcluster import PASSWORD, PgCluster, remove_cluster, start_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -116,53 +113,3 @@ async def test_two_nodes_deliver_once_and_take_over_a_killed_node(
         a.kill()
         b.kill()
         await mx.stop()
-
-
-async def test_postgresql_restarted_during_a_run_gives_451_never_250(
-    tmp_path: Path, lab_dns: tuple[str, int], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    dns, mx_port = lab_dns
-    cluster: PgCluster = await asyncio.to_thread(start_cluster)  # this test's own
-    monkeypatch.setenv("RELAY_DB_PASSWORD", PASSWORD)
-    try:
-        url = cluster.url(await asyncio.to_thread(cluster.create_database))
-        node = Node(tmp_path, "node-r", url, dns, mx_port)
-        async with LabMta("127.0.0.2", mx_port, hostname="mx.dest.test") as mx:
-            await node.start()
-            codes: dict[str, int] = {}
-            stop = asyncio.Event()
-
-            async def stream() -> None:
-                i = 0
-                while not stop.is_set():
-                    mid = f"s-{i}"
-                    try:
-                        codes[mid] = await submit(node.port, mid)
-                    except (aiosmtplib.SMTPException, OSError) as exc:
-                        raise AssertionError(f"{mid}: the relay broke the session: {exc}") from exc
-                    i += 1
-
-            task = asyncio.create_task(stream())
-            try:
-                await until(lambda: len(codes) >= 10, 30, "first messages")
-                await asyncio.to_thread(cluster.restart)
-                # until the relay accepts again on the restarted server
-                n = len(codes)
-                await until(
-                    lambda: len(codes) > n + 10 and 250 in list(codes.values())[-5:], 60, "back"
-                )
-            finally:
-                stop.set()
-                await task
-            refused = [m for m, c in codes.items() if c != 250]
-            accepted = [m for m, c in codes.items() if c == 250]
-            print(f"{len(accepted)} accepted, {len(refused)} refused during the restart")
-            assert refused, "no submission met the restart"
-            assert {codes[m] for m in refused} <= {451}, codes
-            want = {f"<{m}@sender.test>" for m in accepted}
-            await until(lambda: want <= set(mids(mx)), 60, "every 250 delivered")
-            node.kill(signal.SIGTERM)
-    finally:
-        if "node" in locals():
-            node.kill()
-        await asyncio.to_thread(remove_cluster, cluster)
