@@ -136,7 +136,7 @@ class RelayApp:
         *,
         resolver: Resolver | None = None,
         clock: Callable[[], float] = time.time,
-        poll_interval: float = 1.0,
+        poll_interval: float | None = None,
         leader: bool = True,
         recover: bool = True,
     ) -> None:
@@ -151,7 +151,9 @@ class RelayApp:
         self.recover = recover
         self.clock = clock
         self._resolver = resolver  # the dnspython one is made in start()
-        self.poll_interval = poll_interval
+        self.poll_interval = (
+            config.storage.poll_interval if poll_interval is None else poll_interval
+        )
         self.store: Any = Store(config.storage.path)  # or a PgStore (storage.url), at start
         self._unlisten: Callable[[], Awaitable[None]] | None = None
         self._stop = asyncio.Event()

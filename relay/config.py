@@ -72,6 +72,9 @@ class StorageConfig:
     # seconds a claimed recipient stays this process's without renewal: on a shared store,
     # how soon another node takes over the mail of a node that died
     lease: float = 60.0
+    # seconds between the loader's reads of the store for due mail nobody woke it for
+    # (retries coming due; on PostgreSQL, mail of a NOTIFY that was lost)
+    poll_interval: float = 1.0
 
     @property
     def postgresql(self) -> bool:
@@ -443,7 +446,7 @@ _KNOWN = {
         "node_id",
     },
     "relay": {"trusted_networks", "local_domains"},
-    "storage": {"path", "log_retention", "url", "passfile", "lease"},
+    "storage": {"path", "log_retention", "url", "passfile", "lease", "poll_interval"},
     "dns": {
         "nameservers",
         "timeout",
@@ -710,6 +713,9 @@ def read_storage(st: _Section) -> StorageConfig:
     path = path if path.is_absolute() else st.path.parent / path
     log_retention = st.positive("log_retention", float, 7 * 86400.0, 0.0)
     lease = st.positive("lease", float, 60.0, 1.0)
+    poll = st.positive("poll_interval", float, 1.0, 0.05)
+    if poll > 60:
+        raise st.err("poll_interval", f"must be at most 60 seconds; got {poll}")
     url = st.get("url", str, "")
     passfile = st.path_value("passfile", None)
     if not url:
@@ -717,10 +723,17 @@ def read_storage(st: _Section) -> StorageConfig:
             raise st.err("url", "must not be empty (omit it for the SQLite store)")
         if passfile is not None:
             raise st.err("passfile", "only with storage.url")
-        return StorageConfig(path=path, log_retention=log_retention, lease=lease)
+        return StorageConfig(
+            path=path, log_retention=log_retention, lease=lease, poll_interval=poll
+        )
     _check_pg_url(st, url)
     return StorageConfig(
-        path=path, url=url, passfile=passfile, log_retention=log_retention, lease=lease
+        path=path,
+        url=url,
+        passfile=passfile,
+        log_retention=log_retention,
+        lease=lease,
+        poll_interval=poll,
     )
 
 

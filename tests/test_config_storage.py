@@ -27,6 +27,13 @@ def test_url_selects_postgresql(tmp_path: Path) -> None:
     assert st.postgresql and st.url == "postgresql://relay@db.example.net/relay"
 
 
+def test_poll_interval_on_both_stores(tmp_path: Path) -> None:
+    assert storage(tmp_path).poll_interval == 1.0
+    assert storage(tmp_path, poll_interval=10).poll_interval == 10.0
+    st = storage(tmp_path, url="postgresql://relay@db/relay", poll_interval=0.5)
+    assert st.poll_interval == 0.5
+
+
 @pytest.mark.parametrize(
     ("st", "problem"),
     [
@@ -37,6 +44,8 @@ def test_url_selects_postgresql(tmp_path: Path) -> None:
         ({"url": "postgresql://relay@db"}, "database"),
         ({"url": ""}, "empty"),
         ({"passfile": "pw"}, "only with storage.url"),
+        ({"poll_interval": 0.01}, "poll_interval.*>= 0.05"),
+        ({"poll_interval": 61}, "poll_interval.*at most 60"),
     ],
 )
 def test_storage_errors(tmp_path: Path, st: dict[str, object], problem: str) -> None:

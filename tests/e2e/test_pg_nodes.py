@@ -10,10 +10,10 @@ lab DNS server and a receiving MTA on loopback.
   lease owner and `relay nodes` the nodes, alive until their heartbeat is a lease old;
 - two nodes with MTA-STS (a lab policy host over real HTTPS) and TLS-RPT on: mail to one
   STS domain through both at once: the policy host sees one fetch of the policy file,
-  every delivery is over verified TLS, `relay sts cache` on either node shows the policy;
-- PostgreSQL restarted (immediate mode: every connection cut) during a stream of
-  submissions: the messages whose commit failed get 451, never 250, and every 250 is
-  delivered (a cluster of the test's own).
+  every delivery is over verified TLS, `relay sts cache` on either node shows the policy.
+
+The faults under load (a node killed, PostgreSQL restarted, LISTEN lost) are in
+test_pg_faults.py.
 """
 
 from __future__ import annotations
@@ -22,130 +22,20 @@ import asyncio
 import json
 import signal
 import ssl
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiosmtplib
 import pytest
 import trustme
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay.lab.dnsserver import LabDnsServer, Zone
-from relay.lab.mta import LabMta, _Handler
-from tests.e2e.test_crash import free_port, start_relay, wait_listening
-from tests.labutil import base_doc, message, write_config
+from relay.lab.mta import LabMta
+from tests.e2e.pgharness import LEASE, Node, Sink, mids, submit, until
+from tests.e2e.test_crash import free_port
 from tests.mtasts.sts_https_server import Answer, HttpsServer
-from tests.pg.pgcluster import PASSWORD, PgCluster, remove_cluster, start_cluster
 
 pytestmark = pytest.mark.slow
-LEASE = 2.0
-
-
-class HoldFirstMta(LabMta):
-    """Holds the DATA of the first message (never answers it); accepts every other one.
-    Remembers when each message arrived."""
-
-    holding = False
-    arrived_at: dict[str, float]
-
-    def _factory(self) -> SMTP:
-        proto = super()._factory()
-        mta = self
-
-        class Hold(_Handler):
-            async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-                if not mta.holding:
-                    mta.holding = True
-                    await asyncio.sleep(3600)  # the sender dies before an answer
-                mta.arrived_at[_mid(bytes(envelope.content or b""))] = time.monotonic()
-                return await super().handle_DATA(server, session, envelope)
-
-        hold = Hold(self)
-        proto.event_handler = hold
-        proto._handle_hooks["DATA"] = hold.handle_DATA  # aiosmtpd binds hooks at init
-        return proto
-
-
-def _mid(data: bytes) -> str:
-    return data.split(b"Message-ID: ")[1].split(b"\r\n")[0].decode()
-
-
-def mids(mx: LabMta) -> list[str]:
-    return [_mid(m.data) for m in mx.messages]
-
-
-class Node:
-    """One `relay serve` process with a config of its own on the shared database."""
-
-    def __init__(self, tmp: Path, name: str, url: str, dns: str, mx_port: int, **over: Any):
-        self.name = name
-        self.port = free_port()
-        doc = base_doc(tmp, dns, mx_port)
-        doc["server"].update({"listen": [f"127.0.0.1:{self.port}"], "node_id": name})
-        doc["storage"] = {"url": url, "lease": LEASE}
-        doc["delivery"].update({"retry_first": 1, "retry_max": 2, "retry_jitter": 0.0})
-        for k, v in over.items():
-            doc.setdefault(k, {}).update(v)
-        self.config = tmp / f"{name}.toml"
-        write_config(self.config, doc)
-        self.log = tmp / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    async def start(self) -> Node:
-        self.proc = start_relay(self.config, self.log)
-        await wait_listening(self.port)
-        return self
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(20)
-
-    def cli(self, *argv: str) -> str:
-        res = subprocess.run(
-            [sys.executable, "-m", "relay", *argv, "--config", str(self.config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert res.returncode == 0, res.stderr
-        return res.stdout
-
-
-async def submit(port: int, mid: str) -> int:
-    """Send one message; the code of the reply to DATA (or to the first refusal)."""
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=10)
-    try:
-        async with client:
-            await client.sendmail(
-                "alice@sender.test", ["bob@dest.test"], message(msgid=f"<{mid}@sender.test>")
-            )
-    except aiosmtplib.SMTPResponseException as exc:
-        return exc.code
-    return 250
-
-
-async def until(cond: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out: {what}")
-        await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-def lab_dns() -> Iterator[tuple[str, int]]:
-    zone = Zone()
-    mx_port = free_port("127.0.0.2")
-    zone.add("dest.test", "MX", (10, "mx.dest.test"))
-    zone.add("mx.dest.test", "A", "127.0.0.2")
-    with LabDnsServer(zone) as dns:
-        yield dns.address, mx_port
 
 
 async def test_one_node_on_postgresql_accepts_and_delivers(
@@ -181,8 +71,7 @@ async def test_two_nodes_deliver_once_and_take_over_a_killed_node(
     tmp_path: Path, pg_url: str, lab_dns: tuple[str, int]
 ) -> None:
     dns, mx_port = lab_dns
-    mx = HoldFirstMta("127.0.0.2", mx_port, hostname="mx.dest.test")
-    mx.arrived_at = {}
+    mx = Sink("127.0.0.2", mx_port, hold_first=True)
     await mx.start()
     # A holds one attempt at a time: what it accepts while the sink holds that one is
     # queued unclaimed, for any node's loader
@@ -289,53 +178,3 @@ async def test_two_sts_nodes_fetch_the_policy_once_and_deliver_over_tls(
             b.kill()
             await mx.stop()
             await https.stop()
-
-
-async def test_postgresql_restarted_during_a_run_gives_451_never_250(
-    tmp_path: Path, lab_dns: tuple[str, int], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    dns, mx_port = lab_dns
-    cluster: PgCluster = await asyncio.to_thread(start_cluster)  # this test's own
-    monkeypatch.setenv("RELAY_DB_PASSWORD", PASSWORD)
-    try:
-        url = cluster.url(await asyncio.to_thread(cluster.create_database))
-        node = Node(tmp_path, "node-r", url, dns, mx_port)
-        async with LabMta("127.0.0.2", mx_port, hostname="mx.dest.test") as mx:
-            await node.start()
-            codes: dict[str, int] = {}
-            stop = asyncio.Event()
-
-            async def stream() -> None:
-                i = 0
-                while not stop.is_set():
-                    mid = f"s-{i}"
-                    try:
-                        codes[mid] = await submit(node.port, mid)
-                    except (aiosmtplib.SMTPException, OSError) as exc:
-                        raise AssertionError(f"{mid}: the relay broke the session: {exc}") from exc
-                    i += 1
-
-            task = asyncio.create_task(stream())
-            try:
-                await until(lambda: len(codes) >= 10, 30, "first messages")
-                await asyncio.to_thread(cluster.restart)
-                # until the relay accepts again on the restarted server
-                n = len(codes)
-                await until(
-                    lambda: len(codes) > n + 10 and 250 in list(codes.values())[-5:], 60, "back"
-                )
-            finally:
-                stop.set()
-                await task
-            refused = [m for m, c in codes.items() if c != 250]
-            accepted = [m for m, c in codes.items() if c == 250]
-            print(f"{len(accepted)} accepted, {len(refused)} refused during the restart")
-            assert refused, "no submission met the restart"
-            assert {codes[m] for m in refused} <= {451}, codes
-            want = {f"<{m}@sender.test>" for m in accepted}
-            await until(lambda: want <= set(mids(mx)), 60, "every 250 delivered")
-            node.kill(signal.SIGTERM)
-    finally:
-        if "node" in locals():
-            node.kill()
-        await asyncio.to_thread(remove_cluster, cluster)
