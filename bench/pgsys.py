@@ -22,11 +22,48 @@ from tests.pg.pgcluster import PASSWORD, PgCluster, remove_cluster, start_cluste
 
 
 class PgServer:
-    """The run's PostgreSQL cluster; ``database()`` a fresh database's URL."""
+    """The run's PostgreSQL cluster; ``database()`` a fresh database's URL. With
+    ``stats``, pg_stat_statements (nested statements too: those of relay_record) is loaded
+    and ``top_statements()`` reads and resets it."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, stats: bool = False) -> None:
         self.cluster: PgCluster = start_cluster()
+        self.stats = stats
         os.environ["RELAY_DB_PASSWORD"] = PASSWORD  # the relay reads it at connect time
+        if stats:
+            self.cluster.psql("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+            self.cluster.psql("ALTER SYSTEM SET pg_stat_statements.track = 'all'")
+            self.cluster.psql("ALTER SYSTEM SET track_io_timing = on")
+            self.cluster.restart()
+
+    def top_statements(self, database: str, n: int = 15) -> list[dict[str, Any]]:
+        """The ``n`` statements of ``database`` that took the most server time since the
+        last call (calls, total and mean ms, rows, WAL bytes), then reset."""
+        if not self.stats:
+            return []
+        self.cluster.psql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements", database)
+        out = self.cluster.psql(
+            "SELECT calls, round(total_exec_time::numeric, 1), round(mean_exec_time::numeric,"
+            " 4), rows, wal_bytes, regexp_replace(left(query, 160), '\\s+', ' ', 'g')"
+            " FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid"
+            f" WHERE d.datname = '{database}' ORDER BY total_exec_time DESC LIMIT {n}",
+            database,
+        )
+        self.cluster.psql("SELECT pg_stat_statements_reset()", database)
+        rows = []
+        for line in out.splitlines():
+            calls, total, mean, nrows, wal, query = line.split("|", 5)
+            rows.append(
+                {
+                    "calls": int(calls),
+                    "total_ms": float(total),
+                    "mean_ms": float(mean),
+                    "rows": int(nrows),
+                    "wal_bytes": int(wal),
+                    "query": query,
+                }
+            )
+        return rows
 
     def database(self) -> str:
         return self.cluster.url(self.cluster.create_database())
@@ -71,6 +108,7 @@ class PgRelaySystem:
             )
             for i in range(nodes)
         ]
+        self.database = self.url.split("/", 3)[3].split("?", 1)[0]
         self.host = host
         self.port = self.nodes[0].port
         self.also_ports = [n.port for n in self.nodes[1:]]
@@ -82,6 +120,10 @@ class PgRelaySystem:
         except BaseException:
             self.stop()
             raise
+
+    def statements(self) -> list[dict[str, Any]]:
+        """The database's costliest statements since the last call (``--pg-stats``)."""
+        return self.server.top_statements(self.database)
 
     def relay_pids(self) -> list[int]:
         return [p for n in self.nodes for p in n.pids()]

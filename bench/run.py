@@ -138,6 +138,9 @@ def measure(system: System, sink: Sink, msgdir: Path, args: argparse.Namespace) 
         )
     time.sleep(0.5)
     base = sink.count
+    statements = getattr(system, "statements", None)  # --pg-stats: reset before the run
+    if statements is not None:
+        statements()
     print(f"[{system.name}] measured: {args.messages} messages, {args.clients} clients", flush=True)
     profiler = start_profiler(system, args) if args.profile else None
     cpu0 = cpu_seconds(system.pids())
@@ -187,6 +190,15 @@ def measure(system: System, sink: Sink, msgdir: Path, args: argparse.Namespace) 
         }
     if profile is not None:
         result["profile"] = profile
+    top = statements() if statements is not None else []
+    if top:
+        result["pg_statements"] = top
+        print(f"[{system.name}] server time per statement (pg_stat_statements, measured run):")
+        for st in top:
+            print(
+                f"  {st['calls']:7d} calls {st['total_ms']:9.1f} ms {st['mean_ms']:.4f} ms/call"
+                f" {st['wal_bytes'] / max(1, ok):8.0f} WAL B/msg  {st['query'][:110]}"
+            )
     if not complete:
         print(f"[{system.name}] NOT all delivered: {delivered}/{ok}\n{system.log_tail()}")
     return result
@@ -458,9 +470,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         action="append",
-        choices=(RELAY, POSTFIX, RSPAMD),
+        choices=(RELAY, POSTFIX, RSPAMD, RELAY_PG, RELAY_PG2),
         help="measure this system only (repeatable; default: relay, postfix and, with "
-        "--auth, postfix+rspamd)",
+        "--auth, postfix+rspamd; with --store postgresql also relay-pg, relay-pg-x2)",
     )
     p.add_argument(
         "--rspamd-workers",
@@ -484,6 +496,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="set a Postfix main.cf parameter (repeatable)",
     )
     p.add_argument("--profile", action="store_true", help="py-spy the relay (skews figures)")
+    p.add_argument(
+        "--pg-stats",
+        action="store_true",
+        help="--store postgresql: print the server time per statement (pg_stat_statements)",
+    )
     p.add_argument("--profile-top", type=int, default=25, help="functions listed (25)")
     p.add_argument("--profile-gil", action="store_true", help="only samples holding the GIL")
     p.add_argument("--distinct", type=int, default=200, help="distinct messages, used in turn")
@@ -513,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.auth:
             print("--store postgresql measures without --auth", file=sys.stderr)
             return 2
-        names[1:1] = [RELAY_PG, RELAY_PG2]
+        pgs = [n for n in (RELAY_PG, RELAY_PG2) if not args.only or n in args.only]
+        names[1:1] = pgs
     if RSPAMD in names and not rspamd_available():
         print("postfix+rspamd needs Debian's rspamd package", file=sys.stderr)
         return 2
@@ -535,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     zone.add(PROBE_DOMAIN, "MX", (10, f"mx.{PROBE_DOMAIN}"))
     zone.add(f"mx.{PROBE_DOMAIN}", "A", PROBE_IP)
     dns = LabDnsServer(zone).start()
-    pg = PgServer() if args.store == "postgresql" else None
+    pg = PgServer(stats=args.pg_stats) if args.store == "postgresql" else None
     runs: dict[str, list[dict[str, Any]]] = {}
     checks: dict[str, list[dict[str, Any]]] = {}
     try:
