@@ -32,9 +32,9 @@ class PgServer:
         os.environ["RELAY_DB_PASSWORD"] = PASSWORD  # the relay reads it at connect time
         if stats:
             self.cluster.psql("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+            self.cluster.restart()  # the library is loaded at start; then its settings
             self.cluster.psql("ALTER SYSTEM SET pg_stat_statements.track = 'all'")
-            self.cluster.psql("ALTER SYSTEM SET track_io_timing = on")
-            self.cluster.restart()
+            self.cluster.psql("SELECT pg_reload_conf()")
 
     def top_statements(self, database: str, n: int = 15) -> list[dict[str, Any]]:
         """The ``n`` statements of ``database`` that took the most server time since the

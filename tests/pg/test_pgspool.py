@@ -283,3 +283,61 @@ async def test_each_sweeper_round_is_a_heartbeat_of_its_owner(pg_url: str) -> No
         t[0] += NODE_RETENTION + 1
         await b.heartbeat()  # a's row is a day silent: forgotten
         assert [n.node_id for n in await b.nodes()] == ["node-b"]
+
+
+async def test_the_one_read_outcome_deletes_only_what_this_owner_finished(pg_url: str) -> None:
+    """Migration 5's path (every recipient of the attempt delivered, all held by the
+    recorder, nothing else pending): the message deleted without updating its rows, the
+    history as before; a recorder whose lease was taken over, or a message with another
+    recipient pending, takes the full path and deletes nothing."""
+    clock = Clock()
+    done = RecipientState.DELIVERED
+    async with PgStore(pg_url, PASSWORD) as s1, PgStore(pg_url, PASSWORD) as s2:
+        old = await PgSpool.open(s1, clock, node_id="old", lease=30)
+        new = await PgSpool.open(s2, clock, node_id="new", lease=30)
+        pair = ("b@x.org", "c@x.org")
+        qid = await old.enqueue(NewMessage("a@example.com", pair, MSG), claimed=True)
+        clock.t += 31
+        assert await new.expire_leases() == 2
+        assert await new.claim(qid, pair) == pair
+        # the old owner's late outcome for both: not its rows any more
+        assert await old.record(qid, [RecipientUpdate(a, done, "250 ok") for a in pair]) == (
+            False,
+            (),
+        )
+        m = await new.get(qid)
+        assert m is not None and {(r.state, r.lease_owner) for r in m.recipients} == {
+            (INFLIGHT, new.owner)
+        }
+        # one recipient finished, the other still in flight: kept, that one delivered
+        assert await new.record(qid, [RecipientUpdate(pair[0], done, "250 one")]) == (False, ())
+        m = await new.get(qid)
+        assert m is not None and [r.state for r in m.recipients] == [done, INFLIGHT]
+        assert await new.record(qid, [RecipientUpdate(pair[1], done, "250 two")]) == (True, ())
+        assert await new.get(qid) is None
+
+        both = await new.enqueue(NewMessage("a@example.com", pair, MSG), claimed=True)
+        updates = [RecipientUpdate(a, done, f"250 {a}", mx_host="mx.x.org") for a in pair]
+        assert await new.record(both, updates) == (True, ())
+        assert await new.get(both) is None
+        lines = [(e.address, e.event, e.reply) for e in await new.history(both)]
+        assert lines == [
+            ("", "received", lines[0][2]),
+            ("b@x.org", "delivered", "250 b@x.org"),
+            ("c@x.org", "delivered", "250 c@x.org"),
+            ("", "removed", "done"),
+        ]
+        assert [(e.address, e.event) for e in await new.history(qid)] == [
+            ("", "received"),
+            ("b@x.org", "delivered"),
+            ("c@x.org", "delivered"),
+            ("", "removed"),
+        ]
+        # and the bodies are compressed with lz4 (Debian's server has it)
+        method = await s1.read(
+            lambda c: c.fetchval(
+                "SELECT attcompression FROM pg_attribute WHERE attname = 'data'"
+                " AND attrelid = 'queue_messages'::regclass"
+            )
+        )
+        assert method in (b"l", "l")
