@@ -36,7 +36,7 @@ class PgServer:
             self.cluster.psql("ALTER SYSTEM SET pg_stat_statements.track = 'all'")
             self.cluster.psql("SELECT pg_reload_conf()")
 
-    def top_statements(self, database: str, n: int = 15) -> list[dict[str, Any]]:
+    def top_statements(self, database: str, n: int = 25) -> list[dict[str, Any]]:
         """The ``n`` statements of ``database`` that took the most server time since the
         last call (calls, total and mean ms, rows, WAL bytes), then reset."""
         if not self.stats:

@@ -379,7 +379,9 @@ def run_system(
                 work / f"{name}-{rnd}",
                 dns.address,
                 sink.port,
-                workers=args.workers,
+                workers=args.pg2_workers
+                if name == RELAY_PG2 and args.pg2_workers
+                else args.workers,
                 auth=False,
                 log_level=args.relay_log_level,
                 overrides=args.relay_set,
@@ -496,6 +498,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="set a Postfix main.cf parameter (repeatable)",
     )
     p.add_argument("--profile", action="store_true", help="py-spy the relay (skews figures)")
+    p.add_argument(
+        "--pg2-workers",
+        type=int,
+        default=None,
+        help="[server] workers of each node of relay-pg-x2 (default: as --workers; 1 splits"
+        " a 2-core machine's cores between the two nodes)",
+    )
     p.add_argument(
         "--pg-stats",
         action="store_true",
