@@ -156,7 +156,7 @@ def measure(system: System, sink: Sink, msgdir: Path, args: argparse.Namespace) 
         parts1 = {k: cpu_seconds(p) for k, p in parts().items()} if parts else {}
     time.sleep(0.5)  # late duplicates would show now
     delivered = sink.count - base
-    profile = stop_profiler(profiler, args) if profiler else None
+    profile = stop_profiler(profiler, system, args) if profiler else None
     ok = gen["ok"]
     accept_s = max(1e-9, gen["t_last_ok"] - gen["t_start"])
     deliver_s = max(1e-9, t_delivered - gen["t_start"])
@@ -207,35 +207,46 @@ def measure(system: System, sink: Sink, msgdir: Path, args: argparse.Namespace) 
 # ------------------------------------------------------------------ profiling (py-spy)
 
 
-def start_profiler(system: System, args: argparse.Namespace) -> subprocess.Popen[bytes] | None:
+def start_profiler(system: System, args: argparse.Namespace) -> list[subprocess.Popen[bytes]]:
+    """py-spy on each relay node's process tree (relay, relay-pg, relay-pg-x2)."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    pids = system.pids()
-    if not os.path.exists(spy) or not pids or system.name != "relay":
-        return None
+    nodes = getattr(system, "nodes", None) or [system]
+    roots = [n.pids()[0] for n in nodes if n.pids()]
+    if not os.path.exists(spy) or not roots or system.name not in (RELAY, RELAY_PG, RELAY_PG2):
+        return []
     OUT.mkdir(parents=True, exist_ok=True)
-    cmd = [spy, "record", "--pid", str(pids[0]), "--subprocesses", "--rate", "200"]
-    cmd += ["--format", "raw", "--output", str(OUT / "relay-profile.txt"), "--nonblocking"]
-    if args.profile_gil:
-        cmd.append("--gil")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs = []
+    for i, pid in enumerate(roots):
+        out = OUT / f"relay-profile-{system.name}-{i}.txt"
+        out.unlink(missing_ok=True)
+        cmd = [spy, "record", "--pid", str(pid), "--subprocesses", "--rate", "200"]
+        cmd += ["--format", "raw", "--output", str(out), "--nonblocking"]
+        if args.profile_gil:
+            cmd.append("--gil")
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     time.sleep(1.0)
-    return proc
+    return procs
 
 
-def stop_profiler(proc: subprocess.Popen[bytes], args: argparse.Namespace) -> dict[str, Any]:
-    proc.send_signal(signal.SIGINT)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(30)
-    path = OUT / "relay-profile.txt"
-    return summarize_profile(path, args.profile_top) if path.exists() else {}
+def stop_profiler(
+    procs: list[subprocess.Popen[bytes]], system: System, args: argparse.Namespace
+) -> dict[str, Any]:
+    for proc in procs:
+        proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+    paths = sorted(OUT.glob(f"relay-profile-{system.name}-*.txt"))
+    return summarize_profile(paths, args.profile_top) if paths else {}
 
 
-def summarize_profile(path: Path, top: int) -> dict[str, Any]:
+def summarize_profile(paths: list[Path], top: int) -> dict[str, Any]:
     """Self and inclusive sample shares per function from py-spy's collapsed stacks."""
     own: dict[str, int] = {}
     incl: dict[str, int] = {}
     total = 0
-    for line in path.read_text(errors="replace").splitlines():
+    lines = [ln for p in paths for ln in p.read_text(errors="replace").splitlines()]
+    for line in lines:
         stack, _, n_s = line.rpartition(" ")
         if not n_s.isdigit():
             continue

@@ -4,8 +4,10 @@ The counterpart of relay/store.py for PostgreSQL, over asyncpg. Every session ru
 ``synchronous_commit = on`` (a commit returns once it is durable on the server, so the
 250 may follow). ``write(fn, group=True)`` is group commit, as the SQLite writer does, for
 the writes that only insert (intake's messages): one writer task takes every such write
-waiting at that moment and runs them in one transaction, each in its own savepoint (a
-job's own error rolls back only that job), then commits once. Every other write (claims,
+waiting at that moment and commits them at once — as one multi-row statement when they
+are of one kind (intake's inserts: one round trip for the group), else in one transaction;
+if one job fails on its own error, the group runs again with each job in its own savepoint
+(that job's error rolls back only that job). Every other write (claims,
 outcomes, sweeps: they lock existing rows) is its own short transaction, so two nodes never
 hold each other's row locks in a cycle; one that still meets a deadlock or serialization
 failure (rolled back by the server, nothing written) is retried, up to three times.
@@ -52,11 +54,19 @@ MIGRATION_LOCK = int.from_bytes(b"relaySCH", "big", signed=True)
 _RETRY = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 
 
+# A group write that can be merged with others of its kind: (merger, item). A batch whose
+# jobs all name the same merger runs as ``await merger(conn, items)``: ONE statement in
+# autocommit (atomic: every item or none), instead of BEGIN, one statement a job, COMMIT.
+Merger = Callable[[Conn, list[Any]], Awaitable[None]]
+Merge = tuple[Merger, Any]
+
+
 @dataclass
 class _Job:
     fn: Callable[[Conn], Awaitable[Any]]
     future: asyncio.Future[Any]
     single: bool = False
+    merge: Merge | None = None
     result: Any = None
     error: BaseException | None = field(default=None)
 
@@ -166,7 +176,12 @@ class PgStore:
     # -------------------------------------------------------------- writes
 
     async def write(
-        self, fn: Callable[[Conn], Awaitable[T]], *, group: bool = False, single: bool = False
+        self,
+        fn: Callable[[Conn], Awaitable[T]],
+        *,
+        group: bool = False,
+        single: bool = False,
+        merge: Merge | None = None,
     ) -> T:
         """Run ``await fn(conn)`` in a transaction; return its result once committed.
 
@@ -175,13 +190,16 @@ class PgStore:
         Writes that lock existing rows (claims, outcomes, sweeps) run alone, in a short
         transaction of their own: two nodes' groups locking rows of the same messages in
         different orders would deadlock. ``single``: fn runs exactly one statement, which
-        commits by itself (no BEGIN/COMMIT round trips: claims, renewals, sweeps)."""
+        commits by itself (no BEGIN/COMMIT round trips: claims, renewals, sweeps).
+        ``merge`` (group writes): ``(merger, item)``, so that a group of such writes runs
+        as one statement of all their items (``fn`` is this write alone, the fallback when
+        that statement fails on an item's own error)."""
         if self._pool is None:
             raise StoreError("store is not open")
         if not group:
             return await self._transaction(fn, single)
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._jobs.put_nowait(_Job(fn, fut, single))
+        self._jobs.put_nowait(_Job(fn, fut, single, merge))
         return await fut
 
     async def _transaction(self, fn: Callable[[Conn], Awaitable[T]], single: bool) -> T:
@@ -293,10 +311,22 @@ class PgStore:
                 await self._release(conn)
 
     async def _try_batch(self, conn: Conn, batch: list[_Job]) -> bool:
-        """The batch in one transaction, no savepoints: True once committed; False when a
-        job failed on its own error (rolled back; the results are cleared)."""
+        """The batch in one transaction, no savepoints (as one merged statement when its
+        jobs allow): True once committed; False when a job failed on its own error (rolled
+        back; the results are cleared)."""
         if len(batch) == 1:
             return False  # the savepoint-free path below is the same for one job
+        first = batch[0].merge
+        if first is not None and all(j.merge is not None and j.merge[0] is first[0] for j in batch):
+            if self.before_commit is not None:  # the statement commits itself
+                await self.before_commit(conn)
+            try:  # one statement, autocommit: all of the batch or none of it
+                await first[0](conn, [j.merge[1] for j in batch if j.merge is not None])
+            except (asyncpg.PostgresError, ValueError):
+                return False  # rolled back by the server; each job again, in a savepoint
+            for job in batch:
+                job.result = None
+            return True
         tr = conn.transaction()
         await tr.start()
         try:

@@ -367,9 +367,10 @@ class PgSpool:
         not in a group."""
         now = self.clock()
         qid = qid or new_qid(now)
-        insert = _insert(qid, msg, now, self.owner if claimed else "", now + self.lease)
+        row = _row(qid, msg, now, self.owner if claimed else "", now + self.lease)
+        insert = _insert_of(row)
         if also is None:
-            await self.store.write(insert, group=True)
+            await self.store.write(insert, group=True, merge=(_insert_rows, row))
             return qid
 
         async def both(conn: Conn) -> None:
@@ -843,33 +844,41 @@ def queue_insert(
     return _insert(qid, msg, now, owner, until)
 
 
+@dataclass(frozen=True)
+class _Row:
+    """One message to insert: its columns, its recipients' columns, the history line."""
+
+    msg: tuple[Any, ...]  # id, mail_from, data, size, message_id, created, flags,
+    # client_ip, helo, env_from, ret, envid
+    rcpts: tuple[tuple[Any, ...], ...]  # address, pos, orig, notify, orcpt
+    state: str
+    owner: str
+    expiry: float
+    received: str
+
+
 def _insert(
     qid: QueueId, msg: NewMessage, now: float, owner: str, until: float
 ) -> Callable[[Conn], Awaitable[None]]:
-    mid = msg.msgid()
-    state, expiry = (_I, until) if owner else (_Q, 0.0)
-    rows = msg.recipient_rows()
-    received = received_line(msg)
+    return _insert_of(_row(qid, msg, now, owner, until))
 
+
+def _insert_of(row: _Row) -> Callable[[Conn], Awaitable[None]]:
     async def run(conn: Conn) -> None:
-        # one statement (one round trip): the message, its recipients, the history line
-        # and, for mail any node may take, the wake-up (sent by the server at commit)
-        await conn.execute(
-            "WITH m AS (INSERT INTO queue_messages(id, mail_from, data, size, message_id,"
-            " created, flags, client_ip, helo, env_from, ret, envid)"
-            " VALUES($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id),"
-            " r AS (INSERT INTO queue_recipients(qid, address, pos, orig, state, next_attempt,"
-            " lease_owner, lease_expiry, notify, orcpt) SELECT m.id, a, p, o, $18, $6, $19,"
-            " $20, n, c FROM m, unnest($13::text[], $14::int[], $15::text[], $16::text[],"
-            " $17::text[]) AS t(a, p, o, n, c)),"
-            " l AS (INSERT INTO queue_log(qid, at, address, event, reply, mx_host, tls)"
-            " SELECT id, $6, '', 'received', $21, '', '' FROM m)"
-            " SELECT CASE WHEN $22 THEN pg_notify($23, id) END FROM m",
+        await _insert_rows(conn, [row])
+
+    return run
+
+
+def _row(qid: QueueId, msg: NewMessage, now: float, owner: str, until: float) -> _Row:
+    state, expiry = (_I, until) if owner else (_Q, 0.0)
+    return _Row(
+        msg=(
             qid,
             msg.mail_from,
             msg.data,
             len(msg.data),
-            mid,
+            msg.msgid(),
             now,
             msg.flags,
             msg.client_ip,
@@ -877,20 +886,61 @@ def _insert(
             msg.env_from,
             msg.ret,
             msg.envid,
-            [r[0] for r in rows],
-            list(range(len(rows))),
-            [r[1] for r in rows],
-            [r[2] for r in rows],
-            [r[3] for r in rows],
-            state,
-            owner,
-            expiry,
-            received,
-            not owner,
-            CHANNEL,
-        )
+        ),
+        rcpts=tuple((a, pos, o, n, c) for pos, (a, o, n, c) in enumerate(msg.recipient_rows())),
+        state=state,
+        owner=owner,
+        expiry=expiry,
+        received=received_line(msg),
+    )
 
-    return run
+
+# unnest()'s column types of queue_messages, in _Row.msg order
+_MSG_TYPES = (
+    "text", "text", "bytea", "int", "text", "float8", "int", "text", "text", "text", "text",
+    "text",
+)  # fmt: skip
+_N_MSG = len(_MSG_TYPES)
+_INSERT_SQL = (
+    # one statement (one round trip) for any number of messages: the messages, their
+    # recipients, their history lines and, for mail any node may take, the wake-up (sent
+    # by the server at commit). In autocommit it is one transaction: all or none.
+    "WITH m AS (INSERT INTO queue_messages(id, mail_from, data, size, message_id, created,"
+    " flags, client_ip, helo, env_from, ret, envid) SELECT * FROM unnest("
+    + ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_MSG_TYPES))
+    + ") RETURNING id, created),"
+    f" r AS (INSERT INTO queue_recipients(qid, address, pos, orig, state, next_attempt,"
+    f" lease_owner, lease_expiry, notify, orcpt) SELECT m.id, t.a, t.p, t.o, t.s,"
+    f" m.created, t.w, t.e, t.n, t.c FROM unnest(${_N_MSG + 1}::text[], ${_N_MSG + 2}::text[],"
+    f" ${_N_MSG + 3}::int[], ${_N_MSG + 4}::text[], ${_N_MSG + 5}::text[], ${_N_MSG + 6}::text[],"
+    f" ${_N_MSG + 7}::text[], ${_N_MSG + 8}::text[], ${_N_MSG + 9}::float8[])"
+    " AS t(q, a, p, o, n, c, s, w, e) JOIN m ON m.id = t.q),"
+    " l AS (INSERT INTO queue_log(qid, at, address, event, reply, mx_host, tls)"
+    f" SELECT m.id, m.created, '', 'received', u.rc, '', '' FROM m JOIN unnest($1::text[],"
+    f" ${_N_MSG + 10}::text[]) AS u(i, rc) ON u.i = m.id)"
+    f" SELECT pg_notify(${_N_MSG + 12}, m.id) FROM m JOIN unnest($1::text[],"
+    f" ${_N_MSG + 11}::bool[]) AS k(i, wake) ON k.i = m.id WHERE k.wake"
+)
+
+
+async def _insert_rows(conn: Conn, rows: list[_Row]) -> None:
+    """Queue ``rows`` (the group commit's merger: ``PgStore.write(merge=...)``)."""
+    msg_cols = [list(c) for c in zip(*(r.msg for r in rows), strict=True)]
+    rc: list[list[Any]] = [[] for _ in range(9)]
+    for r in rows:
+        for a, pos, o, n, c in r.rcpts:
+            for col, v in zip(
+                rc, (r.msg[0], a, pos, o, n, c, r.state, r.owner, r.expiry), strict=True
+            ):
+                col.append(v)
+    await conn.execute(
+        _INSERT_SQL,
+        *msg_cols,
+        *rc,
+        [r.received for r in rows],
+        [not r.owner for r in rows],
+        CHANNEL,
+    )
 
 
 async def _log(conn: Conn, rows: Sequence[tuple[Any, ...]]) -> None:

@@ -137,6 +137,64 @@ async def test_concurrent_enqueues_share_one_transaction(pg_url: str) -> None:
         assert store.commits - commits < 10  # grouped (first alone, the rest together)
 
 
+async def test_a_group_of_enqueues_is_one_statement_with_every_row(pg_url: str) -> None:
+    """Concurrent enqueues are merged into one multi-row statement (one round trip, one
+    transaction): the rows of one group share a transaction id AND a command id. Each
+    message keeps its own recipients, their order and DSN parameters, its history line,
+    and its wake-up (sent only for mail any node may take, not for claimed mail)."""
+    async with PgStore(pg_url, PASSWORD) as store:
+        spool = await PgSpool.open(store, Clock())
+        woken: list[str] = []
+        listener = await asyncpg.connect(pg_url, password=PASSWORD)
+        await listener.add_listener("relay_queue", lambda *a: woken.append(a[3]))
+        try:
+            await spool.enqueue(NewMessage("w@example.com", ("w@x.org",), MSG), "WARM")
+            msgs = {
+                f"G{i}": NewMessage(
+                    f"s{i}@example.com",
+                    tuple(f"r{j}-{i}@x.org" for j in range(i % 3 + 1)),
+                    MSG + f"X-N: {i}\r\n".encode(),
+                    notify=tuple("SUCCESS" if j else "" for j in range(i % 3 + 1)),
+                    orcpts=tuple(f"rfc822;o{j}-{i}@y.org" for j in range(i % 3 + 1)),
+                    envid=f"E{i}",
+                )
+                for i in range(12)
+            }
+            await asyncio.gather(
+                *(spool.enqueue(m, q, claimed=int(q[1:]) % 2 == 1) for q, m in msgs.items())
+            )
+            rows = await listener.fetch(
+                "SELECT id, xmin::text AS x, cmin::text AS c FROM queue_messages WHERE id LIKE 'G%'"
+            )
+            groups: dict[str, set[str]] = {}
+            for r in rows:
+                groups.setdefault(r["x"], set()).add(r["c"])
+            assert len(rows) == 12 and len(groups) < 12  # grouped
+            assert all(len(c) == 1 for c in groups.values())  # each group: one statement
+            for q, m in msgs.items():
+                loaded = await spool.load(q)
+                assert loaded is not None and loaded[1] == m.data
+                got = loaded[0]
+                assert (got.mail_from, got.envid) == (m.mail_from, m.envid)
+                rcpts = got.recipients
+                assert [r.address for r in rcpts] == list(m.recipients)
+                assert [",".join(r.notify) for r in rcpts] == list(m.notify)
+                assert [r.orcpt for r in rcpts] == list(m.orcpts)
+                claimed = int(q[1:]) % 2 == 1
+                assert {r.state for r in rcpts} == {
+                    RecipientState.INFLIGHT if claimed else RecipientState.QUEUED
+                }
+                log = await spool.history(q)
+                assert [e.event for e in log] == ["received"]
+                assert f"from=<{m.mail_from}>" in log[0].reply
+            await asyncio.sleep(0.2)
+            assert sorted(w for w in woken if w.startswith("G")) == sorted(
+                f"G{i}" for i in range(0, 12, 2)
+            )
+        finally:
+            await listener.close()
+
+
 async def test_one_failing_write_of_a_group_leaves_the_others(pg_url: str) -> None:
     async with PgStore(pg_url, PASSWORD) as store:
         spool = await PgSpool.open(store, Clock())
