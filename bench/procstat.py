@@ -18,6 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from relay.lab.postfix import descendants
 
@@ -47,6 +48,26 @@ def cpu_seconds(pids: list[int]) -> float:
         # after "pid (comm)": state=0 ... utime=11 stime=12 cutime=13 cstime=14
         ticks += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
     return ticks / _TICK
+
+
+def context_switches(pids: list[int]) -> int:
+    """Voluntary + involuntary context switches of ``pids`` (every thread): how often the
+    processes slept and woke, a cost that grows as a load is split over more of them."""
+    n = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                text = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if "ctxt_switches:" in line:
+                    n += int(line.split()[-1])
+    return n
 
 
 def memory_kib(pids: list[int]) -> tuple[int, int]:

@@ -53,7 +53,7 @@ from bench import rsaspeed  # noqa: E402
 from bench.messages import SINK_DOMAIN, write_messages  # noqa: E402
 from bench.pgsys import PgRelaySystem, PgServer  # noqa: E402
 from bench.postfix import PROBE_DOMAIN, PostfixSystem  # noqa: E402
-from bench.procstat import PeakMemory, cpu_seconds  # noqa: E402
+from bench.procstat import PeakMemory, context_switches, cpu_seconds  # noqa: E402
 from bench.relaysys import RelaySystem  # noqa: E402
 from bench.rspamdsys import SEAL_DOMAIN, SEAL_SELECTOR, PostfixRspamdSystem  # noqa: E402
 from bench.rspamdsys import available as rspamd_available  # noqa: E402
@@ -144,6 +144,7 @@ def measure(system: System, sink: Sink, msgdir: Path, args: argparse.Namespace) 
     print(f"[{system.name}] measured: {args.messages} messages, {args.clients} clients", flush=True)
     profiler = start_profiler(system, args) if args.profile else None
     cpu0 = cpu_seconds(system.pids())
+    csw0 = context_switches(system.pids())
     own0 = time.process_time()  # this process: the lab DNS server's threads, the sink reader
     parts = getattr(system, "parts", None)  # name -> pids, for a system of several
     parts0 = {k: cpu_seconds(p) for k, p in parts().items()} if parts else {}
@@ -152,6 +153,7 @@ def measure(system: System, sink: Sink, msgdir: Path, args: argparse.Namespace) 
         complete = sink.wait_for(base + gen["ok"], timeout=args.drain_timeout)
         t_delivered = sink.last_change
         cpu1 = cpu_seconds(system.pids())
+        csw1 = context_switches(system.pids())
         own1 = time.process_time()
         parts1 = {k: cpu_seconds(p) for k, p in parts().items()} if parts else {}
     time.sleep(0.5)  # late duplicates would show now
@@ -177,6 +179,7 @@ def measure(system: System, sink: Sink, msgdir: Path, args: argparse.Namespace) 
         "commit_ms": gen["commit_ms"],
         "cpu_seconds": round(cpu, 3),
         "cpu_ms_per_msg": round(cpu * 1000 / max(1, ok), 3),
+        "context_switches_per_msg": round((csw1 - csw0) / max(1, ok), 1),
         "peak_rss_mib": round(mem.peak_rss_kib / 1024, 1),
         "peak_pss_mib": round(mem.peak_pss_kib / 1024, 1),
         "peak_processes": mem.peak_processes,
@@ -306,6 +309,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         ("commit latency p50 ms", ("commit_ms", "p50"), "{:.1f}"),
         ("commit latency p99 ms", ("commit_ms", "p99"), "{:.1f}"),
         ("CPU ms / message", "cpu_ms_per_msg", "{:.2f}"),
+        ("context switches / message", "context_switches_per_msg", "{:.1f}"),
         ("peak RSS MiB (sum)", "peak_rss_mib", "{:.0f}"),
         ("peak PSS MiB (sum)", "peak_pss_mib", "{:.0f}"),
         ("processes (peak)", "peak_processes", "{:.0f}"),
