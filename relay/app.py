@@ -300,7 +300,12 @@ class RelayApp:
             from relay.pgstore import PgStore
             from relay.queue.pgspool import PgSpool
 
-            pg: PgStore = await PgStore(cfg.storage.url, cfg.storage.password()).open()
+            pg: PgStore = await PgStore(
+                cfg.storage.url,
+                cfg.storage.password(),
+                pool_size=cfg.storage.pool_size,
+                application_name=f"relay:{cfg.server.node_id}",
+            ).open()
             self.store = pg
             try:
                 await migrate_all(pg)

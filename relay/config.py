@@ -75,6 +75,9 @@ class StorageConfig:
     # seconds between the loader's reads of the store for due mail nobody woke it for
     # (retries coming due; on PostgreSQL, mail of a NOTIFY that was lost)
     poll_interval: float = 1.0
+    # connections of each process's PostgreSQL pool (url only; the leader's LISTEN
+    # connection is one of them): max_connections must cover nodes x workers x pool_size
+    pool_size: int = 16
 
     @property
     def postgresql(self) -> bool:
@@ -446,7 +449,15 @@ _KNOWN = {
         "node_id",
     },
     "relay": {"trusted_networks", "local_domains"},
-    "storage": {"path", "log_retention", "url", "passfile", "lease", "poll_interval"},
+    "storage": {
+        "path",
+        "log_retention",
+        "url",
+        "passfile",
+        "lease",
+        "poll_interval",
+        "pool_size",
+    },
     "dns": {
         "nameservers",
         "timeout",
@@ -718,11 +729,17 @@ def read_storage(st: _Section) -> StorageConfig:
         raise st.err("poll_interval", f"must be at most 60 seconds; got {poll}")
     url = st.get("url", str, "")
     passfile = st.path_value("passfile", None)
+    # the leader's LISTEN connection and the group-commit writer each hold one while busy
+    pool_size = st.positive("pool_size", int, 16, 4)
+    if pool_size > 1000:
+        raise st.err("pool_size", f"must be at most 1000; got {pool_size}")
     if not url:
         if "url" in st.data:
             raise st.err("url", "must not be empty (omit it for the SQLite store)")
         if passfile is not None:
             raise st.err("passfile", "only with storage.url")
+        if "pool_size" in st.data:
+            raise st.err("pool_size", "only with storage.url (SQLite has one writer)")
         return StorageConfig(
             path=path, log_retention=log_retention, lease=lease, poll_interval=poll
         )
@@ -734,6 +751,7 @@ def read_storage(st: _Section) -> StorageConfig:
         log_retention=log_retention,
         lease=lease,
         poll_interval=poll,
+        pool_size=pool_size,
     )
 
 

@@ -82,8 +82,12 @@ class PgStore:
         pool_size: int = 16,
         command_timeout: float = 30.0,
         connect_timeout: float = 10.0,
+        application_name: str = "relay",
     ) -> None:
+        """``application_name``: what pg_stat_activity shows for this store's
+        connections (``relay:NODE_ID`` for a node; the server truncates it to 63 bytes)."""
         self.url = url
+        self._application_name = application_name
         self._password = password
         self._pool_size = pool_size
         self._command_timeout = command_timeout
@@ -109,7 +113,10 @@ class PgStore:
                 max_size=self._pool_size,
                 timeout=self._connect_timeout,
                 command_timeout=self._command_timeout,
-                server_settings={"synchronous_commit": "on", "application_name": "relay"},
+                server_settings={
+                    "synchronous_commit": "on",
+                    "application_name": self._application_name,
+                },
                 reset=_keep_session,
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:

@@ -34,6 +34,11 @@ def test_poll_interval_on_both_stores(tmp_path: Path) -> None:
     assert st.poll_interval == 0.5
 
 
+def test_pool_size_only_on_postgresql(tmp_path: Path) -> None:
+    assert storage(tmp_path, url="postgresql://relay@db/relay").pool_size == 16
+    assert storage(tmp_path, url="postgresql://relay@db/relay", pool_size=40).pool_size == 40
+
+
 @pytest.mark.parametrize(
     ("st", "problem"),
     [
@@ -46,6 +51,9 @@ def test_poll_interval_on_both_stores(tmp_path: Path) -> None:
         ({"passfile": "pw"}, "only with storage.url"),
         ({"poll_interval": 0.01}, "poll_interval.*>= 0.05"),
         ({"poll_interval": 61}, "poll_interval.*at most 60"),
+        ({"pool_size": 8}, "pool_size.*only with storage.url"),
+        ({"url": "postgresql://relay@db/relay", "pool_size": 3}, "pool_size.*>= 4"),
+        ({"url": "postgresql://relay@db/relay", "pool_size": 1001}, "pool_size.*at most 1000"),
     ],
 )
 def test_storage_errors(tmp_path: Path, st: dict[str, object], problem: str) -> None:

@@ -31,7 +31,7 @@ import trustme
 
 from relay.lab.dnsserver import LabDnsServer, Zone
 from relay.lab.mta import LabMta
-from tests.e2e.pgharness import LEASE, Node, Sink, mids, submit, until
+from tests.e2e.pgharness import LEASE, Node, Sink, mids, sql, submit, until
 from tests.e2e.test_crash import free_port
 from tests.mtasts.sts_https_server import Answer, HttpsServer
 
@@ -57,6 +57,52 @@ async def test_one_node_on_postgresql_accepts_and_delivers(
             assert node.proc is not None and node.proc.returncode == 0
         finally:
             node.kill()
+
+
+async def test_a_node_keeps_its_pool_to_storage_pool_size(
+    tmp_path: Path, pg_url: str, lab_dns: tuple[str, int]
+) -> None:
+    """[storage] pool_size bounds the connections each worker of a node opens (the
+    leader's LISTEN connection among them), seen in pg_stat_activity under the node's
+    application_name while 40 deliveries finish at once (the sink answers every DATA
+    after 0.3 s): two workers with the default pool of 16 open more than 2 x 4 (checked);
+    with pool_size = 4 never more, and every message is delivered."""
+    dns, mx_port = lab_dns
+    seen: dict[str, int] = {}
+    for name, size in (("pool-default", None), ("pool-four", 4)):
+        over: dict[str, Any] = {"delivery": {"active_window": 100}, "server": {"workers": 2}}
+        if size is not None:
+            over["storage"] = {"pool_size": size}
+        node = Node(tmp_path, name, pg_url, dns, mx_port, **over)
+        mx = Sink("127.0.0.2", mx_port, delay=0.3)
+        await mx.start()
+        stop = asyncio.Event()
+        try:
+            await node.start()
+            watcher = asyncio.create_task(_peak_connections(pg_url, f"relay:{name}", stop))
+            codes = await asyncio.gather(*(submit(node.port, f"{name}-{i}") for i in range(40)))
+            assert codes == [250] * 40
+            await mx.wait_for(40, timeout=30)
+            stop.set()
+            seen[name] = await watcher
+            assert sorted(mids(mx)) == sorted(f"<{name}-{i}@sender.test>" for i in range(40))
+        finally:
+            node.kill()
+            await mx.stop()
+    assert seen["pool-default"] > 8, seen  # the load needs more than 2 x 4 connections
+    assert 2 <= seen["pool-four"] <= 8, seen
+
+
+async def _peak_connections(url: str, app: str, stop: asyncio.Event) -> int:
+    """The most connections named ``app`` seen in pg_stat_activity until ``stop``."""
+    peak = 0
+    while not stop.is_set():
+        rows = await sql(
+            url, "SELECT count(*) FROM pg_stat_activity WHERE application_name=$1", app
+        )
+        peak = max(peak, int(rows[0][0]))
+        await asyncio.sleep(0.02)
+    return peak
 
 
 def _qid(log: Path) -> str:
