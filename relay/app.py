@@ -297,14 +297,11 @@ class RelayApp:
         cfg = self.config
         if cfg.storage.postgresql:
             from relay.pgschema import migrate_all
-            from relay.pgstore import PgStore
+            from relay.pgstore import store_for
             from relay.queue.pgspool import PgSpool
 
-            pg: PgStore = await PgStore(
-                cfg.storage.url,
-                cfg.storage.password(),
-                pool_size=cfg.storage.pool_size,
-                application_name=f"relay:{cfg.server.node_id}",
+            pg: PgStore = await store_for(
+                cfg.storage, application_name=f"relay:{cfg.server.node_id}"
             ).open()
             self.store = pg
             try:

@@ -78,6 +78,11 @@ class StorageConfig:
     # connections of each process's PostgreSQL pool (url only; the leader's LISTEN
     # connection is one of them): max_connections must cover nodes x workers x pool_size
     pool_size: int = 16
+    # url is a pgbouncer in transaction pooling mode: no prepared-statement cache, no
+    # per-session settings (synchronous_commit must be the role's or database's default,
+    # checked at start), LISTEN only over listen_url (a direct connection), else polling
+    pgbouncer: bool = False
+    listen_url: str = ""
 
     @property
     def postgresql(self) -> bool:
@@ -457,6 +462,8 @@ _KNOWN = {
         "lease",
         "poll_interval",
         "pool_size",
+        "pgbouncer",
+        "listen_url",
     },
     "dns": {
         "nameservers",
@@ -738,12 +745,19 @@ def read_storage(st: _Section) -> StorageConfig:
             raise st.err("url", "must not be empty (omit it for the SQLite store)")
         if passfile is not None:
             raise st.err("passfile", "only with storage.url")
-        if "pool_size" in st.data:
-            raise st.err("pool_size", "only with storage.url (SQLite has one writer)")
+        for key in ("pool_size", "pgbouncer", "listen_url"):
+            if key in st.data:
+                raise st.err(key, "only with storage.url")
         return StorageConfig(
             path=path, log_retention=log_retention, lease=lease, poll_interval=poll
         )
     _check_pg_url(st, url)
+    pgbouncer = st.get("pgbouncer", bool, False)
+    listen_url = st.get("listen_url", str, "")
+    if listen_url:
+        problem = pg_url_problem(listen_url)
+        if problem is not None:
+            raise st.err("listen_url", problem)
     return StorageConfig(
         path=path,
         url=url,
@@ -752,6 +766,8 @@ def read_storage(st: _Section) -> StorageConfig:
         lease=lease,
         poll_interval=poll,
         pool_size=pool_size,
+        pgbouncer=pgbouncer,
+        listen_url=listen_url,
     )
 
 

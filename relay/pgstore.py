@@ -36,12 +36,15 @@ import re
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
 from relay import logs
 from relay.errors import StoreError
+
+if TYPE_CHECKING:
+    from relay.config import StorageConfig
 
 T = TypeVar("T")
 log = logs.get("relay.pgstore")
@@ -83,11 +86,22 @@ class PgStore:
         command_timeout: float = 30.0,
         connect_timeout: float = 10.0,
         application_name: str = "relay",
+        pgbouncer: bool = False,
+        listen_url: str = "",
     ) -> None:
         """``application_name``: what pg_stat_activity shows for this store's
-        connections (``relay:NODE_ID`` for a node; the server truncates it to 63 bytes)."""
+        connections (``relay:NODE_ID`` for a node; the server truncates it to 63 bytes).
+        ``pgbouncer``: ``url`` is a pgbouncer in transaction pooling mode, where a
+        client's consecutive transactions may run on different server connections: no
+        prepared-statement cache (a statement prepared on one server connection does not
+        exist on the next), no session settings (synchronous_commit must be on by the
+        role's or database's default: checked at open), and LISTEN only over
+        ``listen_url``, a direct connection (a LISTEN through the pooler would be left
+        on whichever server connection ran it); without one, no LISTEN (polling)."""
         self.url = url
         self._application_name = application_name
+        self.pgbouncer = pgbouncer
+        self.listen_url = listen_url
         self._password = password
         self._pool_size = pool_size
         self._command_timeout = command_timeout
@@ -113,18 +127,49 @@ class PgStore:
                 max_size=self._pool_size,
                 timeout=self._connect_timeout,
                 command_timeout=self._command_timeout,
-                server_settings={
-                    "synchronous_commit": "on",
-                    "application_name": self._application_name,
-                },
+                server_settings=self._server_settings(),
                 reset=_keep_session,
+                **({"statement_cache_size": 0} if self.pgbouncer else {}),
             )
+            if self.pgbouncer:
+                await self._check_durable_defaults()
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            await self._drop_pool()
             raise StoreError(
                 f"cannot open store {safe_url(self.url)}: {type(exc).__name__}: {exc}"
             ) from exc
+        except StoreError:
+            await self._drop_pool()
+            raise
         self._writer = asyncio.create_task(self._run_writer(), name="pgstore-writer")
         return self
+
+    def _server_settings(self) -> dict[str, str]:
+        """Settings sent at connect time. Directly: synchronous_commit on for every
+        session, whatever the database's default. Through pgbouncer only what it passes
+        on (it refuses other startup parameters): the default is checked instead."""
+        settings = {"application_name": self._application_name}
+        if not self.pgbouncer:
+            settings["synchronous_commit"] = "on"
+        return settings
+
+    async def _check_durable_defaults(self) -> None:
+        """Behind pgbouncer no session setting survives a transaction, so the 250's
+        promise rests on the server's default for this role and database."""
+        value = await self._pool.fetchval("SELECT current_setting('synchronous_commit')")
+        if value != "on":
+            raise StoreError(
+                f"store {safe_url(self.url)}: synchronous_commit is {value!r} for this role"
+                " and database, and through pgbouncer the relay cannot set it per session"
+                " (a 250 must follow a durable commit): ALTER ROLE ... SET"
+                " synchronous_commit = on, or connect directly"
+            )
+
+    async def _drop_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                await pool.close()
 
     async def __aenter__(self) -> PgStore:
         return await self.open()
@@ -395,7 +440,17 @@ class PgStore:
         ``LISTEN_CHECK`` seconds) is re-established with back-off (0.1 s doubling up to
         5 s), and ``callback("")`` runs once it is back: NOTIFYs sent meanwhile are lost,
         so the caller looks for work it may have missed. Until then the caller's polling
-        is the bounded fallback."""
+        is the bounded fallback. With ``listen_url`` the LISTEN has a direct connection of
+        its own (not one of the pool's); behind pgbouncer without it there is no LISTEN
+        and the caller's polling is all (each node finds other nodes' mail within its
+        poll interval)."""
+        if self.pgbouncer and not self.listen_url:
+            log.info("listen_off", channel=channel, reason="pgbouncer without listen_url")
+
+            async def nothing() -> None:
+                return None
+
+            return nothing
         listener = _Listener(self, channel, callback)
         await listener.start()
         return listener.stop
@@ -445,16 +500,36 @@ class _Listener:
         pool = self.store._pool
         if pool is None:
             raise StoreError("store is not open")
-        conn = await pool.acquire()
+        conn = await self._connect(pool)
         try:
             conn.add_termination_listener(self._on_terminated)
             await conn.add_listener(self.channel, self._on_notify)
         except BaseException:
             _terminate(conn)
-            await self.store._release(conn)
+            await self._give_back(conn)
             raise
         self.conn = conn
         self.lost.clear()
+
+    async def _connect(self, pool: Any) -> Conn:
+        """A connection of the pool, or (``listen_url``) a direct one of its own."""
+        st = self.store
+        if not st.listen_url:
+            return await pool.acquire()
+        return await asyncpg.connect(
+            st.listen_url,
+            password=st._password,
+            timeout=st._connect_timeout,
+            command_timeout=st._command_timeout,
+            server_settings={"application_name": st._application_name},
+        )
+
+    async def _give_back(self, conn: Conn) -> None:
+        if not self.store.listen_url:
+            await self.store._release(conn)
+            return
+        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            await conn.close(timeout=5)
 
     async def start(self) -> None:
         try:
@@ -511,7 +586,7 @@ class _Listener:
         with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError, KeyError):
             if not conn.is_closed():
                 await conn.remove_listener(self.channel, self._on_notify)
-        await self.store._release(conn)
+        await self._give_back(conn)
 
     async def stop(self) -> None:
         self.stopped = True
@@ -521,6 +596,20 @@ class _Listener:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
         await self._detach()
+
+
+def store_for(
+    st: StorageConfig, *, pool_size: int | None = None, application_name: str = "relay"
+) -> PgStore:
+    """The PgStore of a ``[storage]`` section (url, password, pgbouncer, listen_url)."""
+    return PgStore(
+        st.url,
+        st.password(),
+        pool_size=st.pool_size if pool_size is None else pool_size,
+        application_name=application_name,
+        pgbouncer=st.pgbouncer,
+        listen_url=st.listen_url,
+    )
 
 
 def safe_url(url: str) -> str:

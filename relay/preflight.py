@@ -3,8 +3,9 @@
 Everything a worker would otherwise find out on its own (and die of, over and over,
 with several workers) is checked here once, so a wrong setup is one line and exit 2:
 the SRS secret, the ARC key, the TLS-RPT DKIM key, the TLS certificate and key, the CA
-file, the outbound source address and the store directory. Then the listen sockets are
-bound here (the workers share them): an address in use is one line naming it.
+file, the outbound source address and the store directory, or (``storage.url``) that the
+database answers and, behind pgbouncer, commits synchronously by default. Then the listen
+sockets are bound here (the workers share them): an address in use is one line naming it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,28 @@ def check(config: Config) -> None:
     check_tls(config)
     check_delivery(config)
     check_store_dir(config)
+    check_database(config)
     check_submission(config)
+
+
+def check_database(config: Config) -> None:
+    """``storage.url``: open the store once and close it (a refused connection, a wrong
+    password, or synchronous_commit off behind pgbouncer is StartupError, one line)."""
+    if not config.storage.postgresql:
+        return
+    import asyncio
+
+    from relay.errors import StoreError
+    from relay.pgstore import store_for
+
+    async def probe() -> None:
+        store = await store_for(config.storage, pool_size=1).open()
+        await store.close()
+
+    try:
+        asyncio.run(probe())
+    except StoreError as exc:
+        raise StartupError(str(exc)) from exc
 
 
 def _err(config: Config, key: str, problem: str) -> ConfigError:

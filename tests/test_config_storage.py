@@ -39,6 +39,18 @@ def test_pool_size_only_on_postgresql(tmp_path: Path) -> None:
     assert storage(tmp_path, url="postgresql://relay@db/relay", pool_size=40).pool_size == 40
 
 
+def test_pgbouncer_and_listen_url(tmp_path: Path) -> None:
+    st = storage(tmp_path, url="postgresql://relay@pgb/relay")
+    assert (st.pgbouncer, st.listen_url) == (False, "")
+    st = storage(
+        tmp_path,
+        url="postgresql://relay@pgb:6432/relay",
+        pgbouncer=True,
+        listen_url="postgresql://relay@db/relay",
+    )
+    assert (st.pgbouncer, st.listen_url) == (True, "postgresql://relay@db/relay")
+
+
 @pytest.mark.parametrize(
     ("st", "problem"),
     [
@@ -52,6 +64,13 @@ def test_pool_size_only_on_postgresql(tmp_path: Path) -> None:
         ({"poll_interval": 0.01}, "poll_interval.*>= 0.05"),
         ({"poll_interval": 61}, "poll_interval.*at most 60"),
         ({"pool_size": 8}, "pool_size.*only with storage.url"),
+        ({"pgbouncer": True}, "pgbouncer.*only with storage.url"),
+        ({"listen_url": "postgresql://relay@db/relay"}, "listen_url.*only with storage.url"),
+        (
+            {"url": "postgresql://relay@db/relay", "listen_url": "postgresql://r:secret@db/r"},
+            "listen_url.*password",
+        ),
+        ({"url": "postgresql://relay@db/relay", "pgbouncer": "yes"}, "pgbouncer"),
         ({"url": "postgresql://relay@db/relay", "pool_size": 3}, "pool_size.*>= 4"),
         ({"url": "postgresql://relay@db/relay", "pool_size": 1001}, "pool_size.*at most 1000"),
     ],

@@ -38,11 +38,11 @@ async def open_store(config: Config, component: str) -> AsyncIterator[Any]:
         finally:
             store.close()
         return
-    from relay.pgstore import PgStore, safe_url
+    from relay.pgstore import safe_url, store_for
 
     url = config.storage.url
     try:
-        pg = await PgStore(url, config.storage.password(), pool_size=2).open()
+        pg = await store_for(config.storage, pool_size=4).open()
     except StoreError as exc:
         raise StartupError(str(exc)) from exc
     try:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from relay.config import StorageConfig, load_config, pg_url_problem
 from relay.errors import StartupError, StoreError
 from relay.pgschema import Migrated, migrate_all
-from relay.pgstore import PgStore, safe_url
+from relay.pgstore import PgStore, safe_url, store_for
 
 if TYPE_CHECKING:
     from relay.dbcopy import Outcome
@@ -54,7 +54,7 @@ def run_migrate(args: argparse.Namespace) -> int:
         print(f"storage.path {st.path}: the SQLite store migrates itself at start", file=sys.stderr)
         return 0
     try:
-        done = asyncio.run(_migrate(st.url, st.password()))
+        done = asyncio.run(_migrate(st))
     except StoreError as exc:
         raise StartupError(f"db migrate: {exc}") from exc
     for m in done:
@@ -62,8 +62,8 @@ def run_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _migrate(url: str, password: str | None) -> list[Migrated]:
-    async with PgStore(url, password, pool_size=1) as store:
+async def _migrate(st: StorageConfig) -> list[Migrated]:
+    async with store_for(st, pool_size=1) as store:
         return await migrate_all(store)
 
 

@@ -86,10 +86,10 @@ async def open_lists_store(config: Config, create: bool = False) -> AsyncIterato
             await asyncio.to_thread(store.close)
         return
     from relay.pgschema import migrate_all
-    from relay.pgstore import PgStore, safe_url
+    from relay.pgstore import safe_url, store_for
 
     url = config.storage.url
-    pg = await PgStore(url, config.storage.password(), pool_size=2).open()
+    pg = await store_for(config.storage, pool_size=4).open()
     try:
         if create:
             await migrate_all(pg)
