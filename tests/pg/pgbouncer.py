@@ -63,7 +63,7 @@ def start_bouncer(cluster: PgCluster) -> Bouncer:
     (root / "users.txt").write_text(f'"{SUPERUSER}" "{PASSWORD}"\n')
     (root / "pgbouncer.ini").write_text(
         "[databases]\n"
-        f"* = host={cluster.sockdir} port=5432\n"
+        f"* = host={cluster.sockdir} port={cluster.port}\n"
         "[pgbouncer]\n"
         "listen_addr =\n"
         f"listen_port = {port}\n"

@@ -1,8 +1,9 @@
 """A throwaway PostgreSQL cluster for the tests: Debian's binaries, ``initdb`` into a temp
 dir as an unprivileged user (``postgres`` when the tests run as root), ``pg_ctl`` on a Unix
-socket in that dir only (no TCP port to collide with), password authentication
-(scram-sha-256) so the relay's password path is the one used, stopped and removed at the
-end. If it cannot start, the test fails and says why (never a skip)."""
+socket in that dir, and TLS on a free TCP port of 127.0.0.1 with a test CA's certificate
+(``tls_url``), password authentication (scram-sha-256) so the relay's password path is
+the one used, stopped and removed at the end. If it cannot start, the test fails and
+says why (never a skip)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import pwd
 import secrets
 import shutil
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trustme
 
 PASSWORD = "relay-test-" + secrets.token_hex(8)
 SUPERUSER = "relay"
@@ -38,6 +41,7 @@ class PgCluster:
     root: Path
     bindir: Path
     user: str | None  # run the server as this user (we are root), else as ourselves
+    port: int = 5432  # the TCP port on 127.0.0.1 (TLS), which also names the Unix socket
 
     @property
     def datadir(self) -> Path:
@@ -63,9 +67,10 @@ class PgCluster:
         self.sockdir.mkdir()
         pwfile = self.root / "pw"
         pwfile.write_text(PASSWORD + "\n")
+        tls = self._write_tls()
         if self.user is not None:
             info = pwd.getpwnam(self.user)
-            for p in (self.root, self.sockdir, pwfile):
+            for p in (self.root, self.sockdir, pwfile, *tls):
                 os.chown(p, info.pw_uid, info.pw_gid)
         self._run(
             str(self.bindir / "initdb"),
@@ -81,7 +86,9 @@ class PgCluster:
             "--no-sync",  # a throwaway cluster; the relay's own commits still fsync
         )
         opts = (
-            f"-c listen_addresses='' -c unix_socket_directories='{self.sockdir}'"
+            f"-c listen_addresses='127.0.0.1' -c port={self.port}"
+            f" -c unix_socket_directories='{self.sockdir}'"
+            f" -c ssl=on -c ssl_cert_file='{tls[0]}' -c ssl_key_file='{tls[1]}'"
             " -c max_connections=100 -c fsync=on -c synchronous_commit=on"
         )
         self._run(
@@ -127,9 +134,30 @@ class PgCluster:
             "restart",
         )
 
+    def _write_tls(self) -> tuple[Path, Path]:
+        """A test CA's certificate for 127.0.0.1 and localhost (trustme): the server's
+        certificate and key; the CA's certificate in ca.pem, for ``tls_url``."""
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1", "localhost")
+        crt, key = self.root / "server.crt", self.root / "server.key"
+        cert.cert_chain_pems[0].write_to_path(str(crt))
+        cert.private_key_pem.write_to_path(str(key))
+        os.chmod(key, 0o600)
+        ca.cert_pem.write_to_path(str(self.root / "ca.pem"))
+        return crt, key
+
     def url(self, database: str = "postgres") -> str:
-        """The relay's storage.url for a database of this cluster (password not in it)."""
-        return f"postgresql://{SUPERUSER}@/{database}?host={self.sockdir}"
+        """The relay's storage.url for a database of this cluster (password not in it):
+        the Unix socket."""
+        return f"postgresql://{SUPERUSER}@/{database}?host={self.sockdir}&port={self.port}"
+
+    def tls_url(self, database: str, ca: Path | None = None) -> str:
+        """The same database over TCP on 127.0.0.1 with TLS, the server's certificate
+        verified against ``ca`` (default: the CA that issued it) and its name."""
+        return (
+            f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
+            f"?sslmode=verify-full&sslrootcert={ca or self.root / 'ca.pem'}"
+        )
 
     def log_tail(self) -> str:
         try:
@@ -144,6 +172,8 @@ class PgCluster:
                 str(self.bindir / "psql"),
                 "-h",
                 str(self.sockdir),
+                "-p",
+                str(self.port),
                 "-U",
                 SUPERUSER,
                 "-d",
@@ -185,7 +215,7 @@ def start_cluster() -> PgCluster:
             raise RuntimeError("running as root and no unprivileged user/runuser to run PostgreSQL")
     root = Path(tempfile.mkdtemp(prefix="relay-pg-"))
     os.chmod(root, 0o755)
-    cluster = PgCluster(root, bindir, user)
+    cluster = PgCluster(root, bindir, user, _free_port())
     try:
         cluster.start()
     except Exception as exc:
@@ -193,6 +223,12 @@ def start_cluster() -> PgCluster:
         shutil.rmtree(root, ignore_errors=True)
         raise RuntimeError(f"cannot start PostgreSQL: {exc} {tail}") from exc
     return cluster
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def remove_cluster(cluster: PgCluster) -> None:
