@@ -7,7 +7,13 @@ it is safe while other nodes start or run. Prints one line per component. The SQ
 PostgreSQL (relay.dbcopy): the source's store lock held for the copy (refused while a
 relay runs on it), the target migrated, then every table copied in one transaction
 (refused while a node of the target has a heartbeat within ``--lease``, or when the target
-already holds data, unless ``--force``). Prints one line per table."""
+already holds data, unless ``--force``). Prints one line per table.
+
+``relay db copy --from postgresql://... --to sqlite:PATH``: the other way, from several
+nodes back to one (relay.dbcopy_back): a new SQLite store built beside PATH from one
+snapshot of the database and renamed onto it (refused while a node has a heartbeat
+within ``--lease``, when the database's schema is not this relay's, and when PATH exists
+unless ``--force``)."""
 
 from __future__ import annotations
 
@@ -33,9 +39,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     mig = ds.add_parser("migrate", help="apply the schema migrations of storage.url")
     mig.add_argument("--config", required=True)
     mig.set_defaults(func=run_migrate)
-    cp = ds.add_parser("copy", help="copy a SQLite store into a PostgreSQL store")
-    cp.add_argument("--from", dest="source", required=True, metavar="sqlite:PATH")
-    cp.add_argument("--to", dest="target", required=True, metavar="postgresql://USER@HOST/DB")
+    cp = ds.add_parser(
+        "copy", help="copy a SQLite store into a PostgreSQL store, or a PostgreSQL store back"
+    )
+    cp.add_argument(
+        "--from", dest="source", required=True, metavar="sqlite:PATH | postgresql://USER@HOST/DB"
+    )
+    cp.add_argument(
+        "--to", dest="target", required=True, metavar="postgresql://USER@HOST/DB | sqlite:PATH"
+    )
     cp.add_argument("--passfile", help="the database password's file (else RELAY_DB_PASSWORD)")
     cp.add_argument(
         "--lease",
@@ -81,6 +93,8 @@ def _sqlite_versions() -> dict[str, int]:
 
 
 def run_copy(args: argparse.Namespace) -> int:
+    if args.source.startswith(("postgresql:", "postgres:")):
+        return run_copy_back(args)
     from relay import dbcopy
     from relay.pgschema import COMPONENTS
     from relay.storelock import StoreLock, StoreLocked
@@ -130,6 +144,61 @@ def run_copy(args: argparse.Namespace) -> int:
     messages = next((c.rows for c in out.copied if c.table == "queue_messages"), 0)
     print(f"copied {args.source} to {safe_url(args.target)}: {messages} messages")
     return 0
+
+
+def run_copy_back(args: argparse.Namespace) -> int:
+    """PostgreSQL (``--from``) to a new SQLite store (``--to sqlite:PATH``)."""
+    from relay import dbcopy_back
+    from relay.storelock import StoreLock, StoreLocked
+
+    problem = pg_url_problem(args.source)
+    if problem is not None:
+        raise StartupError(f"db copy: --from {problem}")
+    target = dbcopy_back.parse_target(args.target)
+    if args.lease <= 0:
+        raise StartupError("db copy: --lease must be > 0")
+    dbcopy_back.check_target(target, args.force)
+    st = StorageConfig(url=args.source, passfile=Path(args.passfile) if args.passfile else None)
+    try:
+        lock = StoreLock(target).acquire()  # no relay starts on PATH during the copy
+    except StoreLocked as exc:
+        raise StartupError(f"db copy: {exc}: stop it first") from None
+    except OSError as exc:
+        raise StartupError(f"db copy: cannot lock {target}: {exc}") from None
+    try:
+        out = asyncio.run(_copy_back(st, target, args))
+    finally:
+        lock.release()
+    for c in out.copied:
+        print(f"{c.table}: {c.rows} rows")
+    messages = next((c.rows for c in out.copied if c.table == "queue_messages"), 0)
+    print(f"copied {safe_url(args.source)} to sqlite:{target}: {messages} messages")
+    return 0
+
+
+async def _copy_back(st: StorageConfig, target: Path, args: argparse.Namespace) -> Outcome:
+    from relay import dbcopy_back
+    from relay.pgschema import COMPONENTS
+
+    try:
+        async with store_for(st, pool_size=1) as store:
+            components = []
+            for comp, steps in COMPONENTS.items():
+                have = await store.schema_version(comp)
+                if have and have != len(steps):
+                    raise StartupError(
+                        f"db copy: {safe_url(st.url)} has the {comp} schema version {have},"
+                        f" this relay {len(steps)}: run `relay db migrate` on it first"
+                    )
+                if have:
+                    components.append(comp)
+            if "queue" not in components:
+                raise StartupError(f"db copy: {safe_url(st.url)} holds no relay queue")
+            return await dbcopy_back.copy_to_sqlite(
+                store, target, components, lease=args.lease, force=args.force
+            )
+    except StoreError as exc:
+        raise StartupError(f"db copy: {exc}") from exc
 
 
 async def _copy(

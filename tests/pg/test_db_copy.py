@@ -245,6 +245,80 @@ async def test_a_queue_in_every_state_is_copied_without_loss(
     assert rc == 2 and err.count("\n") == 1 and "a relay runs on" in err and "b (b:1:x)" in err
 
 
+async def test_a_postgresql_store_is_copied_back_to_sqlite(
+    tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """From several nodes back to one: SQLite → PostgreSQL → a new SQLite store reads
+    the same (`queue list`, `--state held`, `queue log`, `queue show`, the lists, the ARC
+    counters), a recipient in flight queued again; refused while a node runs, onto an
+    existing file without --force, and a failure leaves no file behind."""
+    db = tmp_path / "relay.sqlite3"
+    kinds = await build_store(db)
+    sq, _pg = write_configs(tmp_path, db, pg_url)
+    rc, _out, err = await run(capsys, "db", "copy", "--from", f"sqlite:{db}", "--to", pg_url)
+    assert rc == 0, err
+    # a dead node's lease on the recipients of Q0002 (in flight in the SQLite original)
+    async with PgStore(pg_url, PASSWORD, pool_size=1) as store:
+        status = await store.write(
+            lambda c: c.execute(
+                "UPDATE queue_recipients SET state='inflight', lease_owner='dead:1:x',"
+                " lease_expiry=$1, next_attempt=$1 WHERE qid='Q0002'",
+                time.time() + 600,
+            )
+        )
+        assert status != "UPDATE 0"
+    back = tmp_path / "back.sqlite3"
+    bq = tmp_path / "back.toml"
+    bq.write_text(f'[storage]\npath = "{back}"\n')
+
+    rc, out, err = await run(capsys, "db", "copy", "--from", pg_url, "--to", f"sqlite:{back}")
+    assert rc == 0, err
+    assert f"queue_messages: {N - kinds['gone']} rows" in out and "list_members: 1 rows" in out
+    assert out.splitlines()[-1] == (
+        f"copied {pg_url} to sqlite:{back}: {N - kinds['gone']} messages"
+    )
+    assert sorted(p.name for p in tmp_path.glob(".back*")) == []  # no temporary left
+    for args in ([], ["--state", "held"], ["--domain", "other.test"]):
+        rc, a, _ = await run(capsys, "queue", "list", "--json", *args, "--config", sq)
+        rc2, b, err = await run(capsys, "queue", "list", "--json", *args, "--config", str(bq))
+        assert rc == rc2 == 0, err
+        assert json.loads(b) and without_leases(json.loads(a)) == json.loads(b)
+    for qid in ("Q0004", "Q0005", "Q0002"):
+        rc, a, _ = await run(capsys, "queue", "log", qid, "--json", "--config", sq)
+        rc2, b, _ = await run(capsys, "queue", "log", qid, "--json", "--config", str(bq))
+        assert rc == rc2 == 0 and json.loads(a) == json.loads(b) and json.loads(a)
+    rc, a, _ = await run(capsys, "queue", "show", "Q0003", "--raw", "--config", sq)
+    rc2, b, _ = await run(capsys, "queue", "show", "Q0003", "--raw", "--config", str(bq))
+    assert rc == rc2 == 0 and a == b and a
+    with sqlite3.connect(back) as conn:
+        assert conn.execute("SELECT count(*) FROM arc_replay_sealer").fetchone() == (1,)
+        assert conn.execute("SELECT address FROM list_members").fetchall() == [("m1@one.test",)]
+        assert conn.execute("SELECT count(*) FROM list_archive").fetchone() == (2,)
+        versions = dict(conn.execute("SELECT component, version FROM schema_version"))
+    assert {"queue", "lists", "arc_replay", "mtasts", "tlsrpt"} <= set(versions)
+
+    # the file exists now: refused; --force replaces it
+    rc, out, err = await run(capsys, "db", "copy", "--from", pg_url, "--to", f"sqlite:{back}")
+    assert rc == 2 and err.count("\n") == 1 and "exists" in err and "--force" in err, err
+    rc, out, err = await run(
+        capsys, "db", "copy", "--from", pg_url, "--to", f"sqlite:{back}", "--force"
+    )
+    assert rc == 0, err
+    # a node of the source is alive: refused, and no file is made
+    async with PgStore(pg_url, PASSWORD, pool_size=1) as store:
+        await store.write(
+            lambda c: c.execute(
+                "INSERT INTO relay_nodes(owner, node_id, started, heartbeat)"
+                " VALUES('b:1:x', 'b', $1, $1)",
+                time.time(),
+            )
+        )
+    fresh = tmp_path / "fresh.sqlite3"
+    rc, out, err = await run(capsys, "db", "copy", "--from", pg_url, "--to", f"sqlite:{fresh}")
+    assert rc == 2 and err.count("\n") == 1 and "a relay runs on" in err, err
+    assert not fresh.exists() and list(tmp_path.glob(".fresh*")) == []
+
+
 async def test_bad_arguments_are_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
