@@ -82,7 +82,7 @@ class Outcome:
 
 
 @dataclass(frozen=True, slots=True)
-class _Column:
+class Column:
     name: str
     type: str
     nullable: bool
@@ -122,7 +122,7 @@ def _count(src: sqlite3.Connection, name: str) -> int:
     return int(src.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0])
 
 
-async def _columns(conn: Conn, table: str) -> list[_Column]:
+async def target_columns(conn: Conn, table: str) -> list[Column]:
     rows = await conn.fetch(
         "SELECT column_name, data_type, is_nullable, coalesce(identity_generation, '')"
         " FROM information_schema.columns WHERE table_schema = current_schema()"
@@ -130,11 +130,11 @@ async def _columns(conn: Conn, table: str) -> list[_Column]:
         table,
     )
     if not rows:
-        raise _Failed(f"no table {table} in the target (schema not migrated?)")
-    return [_Column(r[0], r[1], r[2] == "YES", r[3]) for r in rows]
+        raise CopyFailed(f"no table {table} in the target (schema not migrated?)")
+    return [Column(r[0], r[1], r[2] == "YES", r[3]) for r in rows]
 
 
-def _converter(col: _Column) -> Any:
+def _converter(col: Column) -> Any:
     t = col.type
     if t == "boolean":
         conv: Any = bool
@@ -152,7 +152,7 @@ def _converter(col: _Column) -> Any:
 
 
 def _rows(
-    src: sqlite3.Connection, table: Table, cols: list[_Column], total: int
+    src: sqlite3.Connection, table: Table, cols: list[Column], total: int
 ) -> Iterator[tuple[Any, ...]]:
     select = ", ".join(table.exprs.get(c.name, f'"{c.name}"') for c in cols)
     convs = [_converter(c) for c in cols]
@@ -164,11 +164,11 @@ def _rows(
             try:
                 yield tuple(f(v) for f, v in zip(convs, row, strict=True))
             except (TypeError, ValueError) as exc:
-                raise _Failed(f"{table.name} row {n} of {total}: {exc}") from exc
+                raise CopyFailed(f"{table.name} row {n} of {total}: {exc}") from exc
 
 
 async def _copy_table(conn: Conn, src: sqlite3.Connection, table: Table) -> Copied:
-    cols = [c for c in await _columns(conn, table.name) if c.identity != "ALWAYS"]
+    cols = [c for c in await target_columns(conn, table.name) if c.identity != "ALWAYS"]
     total = _count(src, table.name)
     try:
         status = await conn.copy_records_to_table(
@@ -177,10 +177,10 @@ async def _copy_table(conn: Conn, src: sqlite3.Connection, table: Table) -> Copi
             columns=[c.name for c in cols],
         )
     except sqlite3.Error as exc:  # a column the target has and the source lacks
-        raise _Failed(f"{table.name}: the source store does not match: {exc}") from exc
+        raise CopyFailed(f"{table.name}: the source store does not match: {exc}") from exc
     copied = rowcount(status)
     if copied != total:
-        raise _Failed(f"{table.name}: {copied} rows copied of {total}")
+        raise CopyFailed(f"{table.name}: {copied} rows copied of {total}")
     for c in cols:
         if c.identity == "BY DEFAULT":
             await conn.execute(
@@ -222,7 +222,7 @@ async def copy_store(
         )
         if alive:
             who = ", ".join(f"{r[0]} ({r[1]})" for r in alive)
-            raise _Refused(
+            raise Refused(
                 f"a relay runs on {safe_url(target.url)}: {who} (a heartbeat within"
                 f" {lease:g} s; stop every node first)"
             )
@@ -233,7 +233,7 @@ async def copy_store(
                 held.append(Copied(name, n))
         if held and not force:
             what = ", ".join(f"{h.table}: {h.rows} rows" for h in held)
-            raise _Refused(
+            raise Refused(
                 f"{safe_url(target.url)} already holds data ({what}): copy into an empty"
                 " database, or add --force to replace it"
             )
@@ -245,17 +245,17 @@ async def copy_store(
     try:
         return await target.write(run)
     except StoreError as exc:
-        if isinstance(exc.__cause__, _Refused | _Failed):
+        if isinstance(exc.__cause__, Refused | CopyFailed):
             raise StartupError(f"db copy: {exc.__cause__}") from None
         raise StartupError(f"db copy: {exc} (nothing was copied)") from exc
 
 
-class _Refused(ValueError):
+class Refused(ValueError):
     """A refusal inside the copy's transaction (a ValueError is a write's own error to
     the store: rolled back, nothing written)."""
 
 
-class _Failed(ValueError):
+class CopyFailed(ValueError):
     """A row or table that cannot be copied (rolled back the same way)."""
 
     def __str__(self) -> str:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from relay.dbcopy import COPIES, Copied, Outcome, _columns, _Failed, _Refused
+from relay.dbcopy import COPIES, Copied, CopyFailed, Outcome, Refused, target_columns
 from relay.errors import StartupError, StoreError
 from relay.pgstore import Conn, PgStore, safe_url
 from relay.store import Store
@@ -96,7 +96,7 @@ async def copy_to_sqlite(
             )
             if alive:
                 who = ", ".join(f"{r[0]} ({r[1]})" for r in alive)
-                raise _Refused(
+                raise Refused(
                     f"a relay runs on {safe_url(source.url)}: {who} (a heartbeat within"
                     f" {lease:g} s; stop every node first)"
                 )
@@ -106,10 +106,10 @@ async def copy_to_sqlite(
 
         try:
             copied = await source.read(run)
-        except (_Refused, _Failed) as exc:  # raised inside the read: nothing was written
+        except (Refused, CopyFailed) as exc:  # raised inside the read: nothing was written
             raise StartupError(f"db copy: {exc}") from None
         except StoreError as exc:
-            if isinstance(exc.__cause__, _Refused | _Failed):
+            if isinstance(exc.__cause__, Refused | CopyFailed):
                 raise StartupError(f"db copy: {exc.__cause__}") from None
             raise StartupError(f"db copy: {exc} (nothing was copied)") from exc
     except BaseException:
@@ -127,12 +127,12 @@ async def copy_to_sqlite(
 
 
 async def _copy_table(conn: Conn, store: Store, table: str) -> Copied:
-    pg_cols = [c.name for c in await _columns(conn, table)]
+    pg_cols = [c.name for c in await target_columns(conn, table)]
     sq_cols = await store.read(
         lambda c: [r[1] for r in c.execute(f'PRAGMA table_info("{table}")').fetchall()]
     )
     if not sq_cols:
-        raise _Failed(f"no table {table} in this relay's SQLite schema")
+        raise CopyFailed(f"no table {table} in this relay's SQLite schema")
     cols = [c for c in pg_cols if c in sq_cols]
     requeue = (
         [(cols.index(k), v) for k, v in _REQUEUE.items() if k in cols]
@@ -157,7 +157,7 @@ async def _copy_table(conn: Conn, store: Store, table: str) -> Copied:
     if batch:
         n += _write(store, table, insert, batch, n, total)
     if n != total:
-        raise _Failed(f"{table}: {n} rows copied of {total}")
+        raise CopyFailed(f"{table}: {n} rows copied of {total}")
     return Copied(table, n)
 
 
@@ -167,7 +167,7 @@ def _write(
     try:
         store.write_sync(lambda c: c.executemany(insert, rows))
     except Exception as exc:  # noqa: BLE001 - any refusal of SQLite's, named with the table
-        raise _Failed(f"{table} rows {done + 1}-{done + len(rows)} of {total}: {exc}") from exc
+        raise CopyFailed(f"{table} rows {done + 1}-{done + len(rows)} of {total}: {exc}") from exc
     return len(rows)
 
 

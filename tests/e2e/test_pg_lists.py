@@ -67,6 +67,23 @@ async def arrivals(mtas: dict[str, LabMta], n: int, timeout: float = 30) -> list
     return received(mtas)
 
 
+async def _wait_http(port: int, timeout: float = 20) -> None:
+    """Until the node's HTTP listener (started by the leader once its store is open)
+    answers /health."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while True:
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/health") as resp:
+                    if resp.status in (200, 503):
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no HTTP listener on port {port}")
+            await asyncio.sleep(0.05)
+
+
 def subject(r: Received) -> str:
     return r.data.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0].decode()
 
@@ -96,6 +113,7 @@ async def test_a_list_on_two_nodes_delivers_and_honours_an_unsubscribe_on_the_ot
             procs.append(start_relay(nodes[name][0], tmp_path / f"{name}.log"))
         for name in ("a", "b"):
             await wait_listening(nodes[name][1])
+            await _wait_http(nodes[name][2])  # the leader's listener, up after the SMTP one
 
         raw = post("alice@author.test", LIST, "first")
         await send("127.0.0.1", smtp_a, "alice@author.test", [LIST], raw, source=AUTHOR_IP)
