@@ -93,6 +93,24 @@ def test_missing_arc_key_with_several_workers_is_one_line_exit_2(tmp_path: Path)
     assert not lock_path(tmp_path / "relay.sqlite3").exists() or not _locked(tmp_path)
 
 
+def test_an_unreachable_database_is_one_line_exit_2_before_workers(tmp_path: Path) -> None:
+    """storage.url with no server behind it (a socket directory with none): `relay serve`
+    (two workers) and `relay config check` say so in one line and exit 2, at once —
+    the parent opens the database before any worker would die of it, over and over."""
+    url = f"postgresql://relay@/relay?host={tmp_path}/nowhere"
+    (tmp_path / "nowhere").mkdir()
+    doc = base_doc(tmp_path, "127.0.0.1:53", 25)
+    doc["server"].update({"listen": [f"127.0.0.1:{free_port()}"], "workers": 2})
+    doc["storage"] = {"url": url}
+    cfg = tmp_path / "pg.toml"
+    write_config(cfg, doc)
+    for args in (("serve", "--config", str(cfg)), ("config", "check", "--config", str(cfg))):
+        res = _relay(*args)
+        assert res.returncode == 2, (args, res.stderr[-1000:])
+        line = _one_line(res.stderr)
+        assert "cannot open store" in line and "nowhere" in line, line
+
+
 def _alive(pid: str) -> bool:
     """Running (a zombie holds no files any more)."""
     try:
