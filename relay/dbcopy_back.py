@@ -10,7 +10,8 @@ have); rows in the order that keeps their meaning (a message's recipients by ``p
 the history by ``id``, the archive by ``seq``); a recipient in flight is queued again,
 due now, without a lease, as ``relay db copy`` the other way and a SQLite relay's start
 do. Refused while a node of the source has a heartbeat within ``lease``, and when PATH
-exists unless ``force`` (then it is replaced, under its store lock, its WAL removed).
+exists unless ``force`` (then it is replaced, under its store lock, its WAL checkpointed
+into it first so the old file is whole until the rename).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -118,9 +120,7 @@ async def copy_to_sqlite(
         raise
     store.close()
     _fsync(tmp)
-    for suffix in ("-wal", "-shm"):  # the replaced store's: never applied to the new file
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"{target}{suffix}")
+    _settle(target)
     os.replace(tmp, target)
     _fsync(target.parent)
     return Outcome(tuple(copied), (), ())
@@ -169,6 +169,25 @@ def _write(
     except Exception as exc:  # noqa: BLE001 - any refusal of SQLite's, named with the table
         raise CopyFailed(f"{table} rows {done + 1}-{done + len(rows)} of {total}: {exc}") from exc
     return len(rows)
+
+
+def _settle(target: Path) -> None:
+    """A store about to be replaced (``force``): its WAL checkpointed into the file and
+    gone, so nothing of it is applied to the new file, and the old file is whole until
+    the rename."""
+    if not target.exists():
+        return
+    try:
+        conn = sqlite3.connect(target)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()  # the last connection: SQLite removes the (empty) WAL
+    except sqlite3.Error as exc:
+        raise StartupError(f"db copy: cannot settle {target} before replacing it: {exc}") from exc
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{target}{suffix}")
 
 
 def _fsync(path: Path) -> None:
