@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,16 +216,7 @@ async def copy_store(
         await conn.execute("SET LOCAL lock_timeout = '10s'")
         # nodes starting meanwhile wait for the copy, then find its rows
         await conn.execute(f"LOCK TABLE {', '.join(names)}, relay_nodes IN EXCLUSIVE MODE")
-        alive = await conn.fetch(
-            "SELECT node_id, owner FROM relay_nodes WHERE heartbeat > $1 ORDER BY heartbeat DESC",
-            now - lease,
-        )
-        if alive:
-            who = ", ".join(f"{r[0]} ({r[1]})" for r in alive)
-            raise Refused(
-                f"a relay runs on {safe_url(target.url)}: {who} (a heartbeat within"
-                f" {lease:g} s; stop every node first)"
-            )
+        await refuse_if_alive(conn, target.url, now, lease)
         held = []
         for name in names:
             n = int(await conn.fetchval(f"SELECT count(*) FROM {name}"))
@@ -248,6 +239,38 @@ async def copy_store(
         if isinstance(exc.__cause__, Refused | CopyFailed):
             raise StartupError(f"db copy: {exc.__cause__}") from None
         raise StartupError(f"db copy: {exc} (nothing was copied)") from exc
+
+
+async def refuse_if_alive(conn: Conn, url: str, now: float, lease: float) -> None:
+    """Refused while a node of the database at ``url`` has a heartbeat within ``lease``
+    seconds of ``now`` (a copy either way needs every node stopped)."""
+    alive = await conn.fetch(
+        "SELECT node_id, owner FROM relay_nodes WHERE heartbeat > $1 ORDER BY heartbeat DESC",
+        now - lease,
+    )
+    if alive:
+        who = ", ".join(f"{r[0]} ({r[1]})" for r in alive)
+        raise Refused(
+            f"a relay runs on {safe_url(url)}: {who} (a heartbeat within"
+            f" {lease:g} s; stop every node first)"
+        )
+
+
+def sqlite_schemas() -> dict[str, Sequence[str]]:
+    """Each component's SQLite schema steps (what its store applies when it opens)."""
+    from relay.auth import replay
+    from relay.lists import members
+    from relay.mtasts import cache
+    from relay.queue import spool
+    from relay.tlsrpt import ledger
+
+    return {
+        "queue": spool.MIGRATIONS,
+        "arc_replay": replay.MIGRATIONS,
+        "lists": members.MIGRATIONS,
+        "mtasts": cache.MIGRATIONS,
+        "tlsrpt": ledger.MIGRATIONS,
+    }
 
 
 class Refused(ValueError):

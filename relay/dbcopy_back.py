@@ -21,36 +21,27 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from relay.dbcopy import COPIES, Copied, CopyFailed, Outcome, Refused, target_columns
+from relay.dbcopy import (
+    COPIES,
+    Copied,
+    CopyFailed,
+    Outcome,
+    Refused,
+    refuse_if_alive,
+    sqlite_schemas,
+    target_columns,
+)
 from relay.errors import StartupError, StoreError
-from relay.pgstore import Conn, PgStore, safe_url
+from relay.pgstore import Conn, PgStore
 from relay.store import Store
 
 BATCH = 500
 _ORDER = {"queue_recipients": "qid, pos", "queue_log": "id", "list_archive": "seq"}
 # a recipient in flight at the copy: queued again, due now, no lease
 _REQUEUE = {"state": "queued", "next_attempt": 0.0, "lease_owner": "", "lease_expiry": 0.0}
-
-
-def sqlite_schemas() -> dict[str, Sequence[str]]:
-    """Each component's SQLite schema steps (what its store applies when it opens)."""
-    from relay.auth import replay
-    from relay.lists import members
-    from relay.mtasts import cache
-    from relay.queue import spool
-    from relay.tlsrpt import ledger
-
-    return {
-        "queue": spool.MIGRATIONS,
-        "arc_replay": replay.MIGRATIONS,
-        "lists": members.MIGRATIONS,
-        "mtasts": cache.MIGRATIONS,
-        "tlsrpt": ledger.MIGRATIONS,
-    }
 
 
 def parse_target(value: str) -> Path:
@@ -91,17 +82,7 @@ async def copy_to_sqlite(
             store.migrate(comp, schemas[comp])
 
         async def run(conn: Conn) -> list[Copied]:
-            alive = await conn.fetch(
-                "SELECT node_id, owner FROM relay_nodes WHERE heartbeat > $1"
-                " ORDER BY heartbeat DESC",
-                now - lease,
-            )
-            if alive:
-                who = ", ".join(f"{r[0]} ({r[1]})" for r in alive)
-                raise Refused(
-                    f"a relay runs on {safe_url(source.url)}: {who} (a heartbeat within"
-                    f" {lease:g} s; stop every node first)"
-                )
+            await refuse_if_alive(conn, source.url, now, lease)
             return [
                 await _copy_table(conn, store, t.name) for comp in components for t in COPIES[comp]
             ]
@@ -111,8 +92,6 @@ async def copy_to_sqlite(
         except (Refused, CopyFailed) as exc:  # raised inside the read: nothing was written
             raise StartupError(f"db copy: {exc}") from None
         except StoreError as exc:
-            if isinstance(exc.__cause__, Refused | CopyFailed):
-                raise StartupError(f"db copy: {exc.__cause__}") from None
             raise StartupError(f"db copy: {exc} (nothing was copied)") from exc
     except BaseException:
         store.close()

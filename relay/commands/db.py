@@ -81,15 +81,9 @@ async def _migrate(st: StorageConfig) -> list[Migrated]:
 
 def _sqlite_versions() -> dict[str, int]:
     """The SQLite components whose schema the copy reads: each at this relay's version."""
-    from relay.auth import replay
-    from relay.lists import members
-    from relay.queue import spool
+    from relay.dbcopy import sqlite_schemas
 
-    return {
-        "queue": len(spool.MIGRATIONS),
-        "arc_replay": len(replay.MIGRATIONS),
-        "lists": len(members.MIGRATIONS),
-    }
+    return {comp: len(steps) for comp, steps in sqlite_schemas().items()}
 
 
 def run_copy(args: argparse.Namespace) -> int:
@@ -157,7 +151,6 @@ def run_copy_back(args: argparse.Namespace) -> int:
     target = dbcopy_back.parse_target(args.target)
     if args.lease <= 0:
         raise StartupError("db copy: --lease must be > 0")
-    dbcopy_back.check_target(target, args.force)
     st = StorageConfig(url=args.source, passfile=Path(args.passfile) if args.passfile else None)
     try:
         lock = StoreLock(target).acquire()  # no relay starts on PATH during the copy

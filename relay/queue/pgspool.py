@@ -851,10 +851,13 @@ class _Row:
     msg: tuple[Any, ...]  # id, mail_from, data, size, message_id, created, flags,
     # client_ip, helo, env_from, ret, envid
     rcpts: tuple[tuple[Any, ...], ...]  # address, pos, orig, notify, orcpt
-    state: str
-    owner: str
+    owner: str  # in flight under this owner's lease until expiry; "" queued for anyone
     expiry: float
     received: str
+
+    @property
+    def state(self) -> str:
+        return _I if self.owner else _Q
 
 
 def _insert(
@@ -871,7 +874,6 @@ def _insert_of(row: _Row) -> Callable[[Conn], Awaitable[None]]:
 
 
 def _row(qid: QueueId, msg: NewMessage, now: float, owner: str, until: float) -> _Row:
-    state, expiry = (_I, until) if owner else (_Q, 0.0)
     return _Row(
         msg=(
             qid,
@@ -888,9 +890,8 @@ def _row(qid: QueueId, msg: NewMessage, now: float, owner: str, until: float) ->
             msg.envid,
         ),
         rcpts=tuple((a, pos, o, n, c) for pos, (a, o, n, c) in enumerate(msg.recipient_rows())),
-        state=state,
         owner=owner,
-        expiry=expiry,
+        expiry=until if owner else 0.0,
         received=received_line(msg),
     )
 
@@ -901,32 +902,38 @@ _MSG_TYPES = (
     "text",
 )  # fmt: skip
 _N_MSG = len(_MSG_TYPES)
+# and of queue_recipients: qid, address, pos, orig, notify, orcpt, state, owner, expiry
+_RCPT_TYPES = ("text", "text", "int", "text", "text", "text", "text", "text", "float8")
+_N_RCPT = len(_RCPT_TYPES)
+
+
+def _params(first: int, types: Sequence[str]) -> str:
+    return ", ".join(f"${first + i}::{t}[]" for i, t in enumerate(types))
+
+
 _INSERT_SQL = (
     # one statement (one round trip) for any number of messages: the messages, their
     # recipients, their history lines and, for mail any node may take, the wake-up (sent
     # by the server at commit). In autocommit it is one transaction: all or none.
     "WITH m AS (INSERT INTO queue_messages(id, mail_from, data, size, message_id, created,"
-    " flags, client_ip, helo, env_from, ret, envid) SELECT * FROM unnest("
-    + ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_MSG_TYPES))
-    + ") RETURNING id, created),"
-    f" r AS (INSERT INTO queue_recipients(qid, address, pos, orig, state, next_attempt,"
-    f" lease_owner, lease_expiry, notify, orcpt) SELECT m.id, t.a, t.p, t.o, t.s,"
-    f" m.created, t.w, t.e, t.n, t.c FROM unnest(${_N_MSG + 1}::text[], ${_N_MSG + 2}::text[],"
-    f" ${_N_MSG + 3}::int[], ${_N_MSG + 4}::text[], ${_N_MSG + 5}::text[], ${_N_MSG + 6}::text[],"
-    f" ${_N_MSG + 7}::text[], ${_N_MSG + 8}::text[], ${_N_MSG + 9}::float8[])"
+    f" flags, client_ip, helo, env_from, ret, envid) SELECT * FROM unnest({_params(1, _MSG_TYPES)})"
+    " RETURNING id, created),"
+    " r AS (INSERT INTO queue_recipients(qid, address, pos, orig, state, next_attempt,"
+    " lease_owner, lease_expiry, notify, orcpt) SELECT m.id, t.a, t.p, t.o, t.s,"
+    f" m.created, t.w, t.e, t.n, t.c FROM unnest({_params(_N_MSG + 1, _RCPT_TYPES)})"
     " AS t(q, a, p, o, n, c, s, w, e) JOIN m ON m.id = t.q),"
     " l AS (INSERT INTO queue_log(qid, at, address, event, reply, mx_host, tls)"
-    f" SELECT m.id, m.created, '', 'received', u.rc, '', '' FROM m JOIN unnest($1::text[],"
-    f" ${_N_MSG + 10}::text[]) AS u(i, rc) ON u.i = m.id)"
-    f" SELECT pg_notify(${_N_MSG + 12}, m.id) FROM m JOIN unnest($1::text[],"
-    f" ${_N_MSG + 11}::bool[]) AS k(i, wake) ON k.i = m.id WHERE k.wake"
+    " SELECT m.id, m.created, '', 'received', u.rc, '', '' FROM m JOIN unnest($1::text[],"
+    f" ${_N_MSG + _N_RCPT + 1}::text[]) AS u(i, rc) ON u.i = m.id)"
+    f" SELECT pg_notify(${_N_MSG + _N_RCPT + 3}, m.id) FROM m JOIN unnest($1::text[],"
+    f" ${_N_MSG + _N_RCPT + 2}::bool[]) AS k(i, wake) ON k.i = m.id WHERE k.wake"
 )
 
 
 async def _insert_rows(conn: Conn, rows: list[_Row]) -> None:
     """Queue ``rows`` (the group commit's merger: ``PgStore.write(merge=...)``)."""
     msg_cols = [list(c) for c in zip(*(r.msg for r in rows), strict=True)]
-    rc: list[list[Any]] = [[] for _ in range(9)]
+    rc: list[list[Any]] = [[] for _ in range(_N_RCPT)]
     for r in rows:
         for a, pos, o, n, c in r.rcpts:
             for col, v in zip(

@@ -142,6 +142,20 @@ def without_leases(listing: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return listing
 
 
+async def node_alive(url: str, node_id: str, owner: str) -> None:
+    """A node of the database with a heartbeat now (a running relay, to the copy)."""
+    async with PgStore(url, PASSWORD, pool_size=1) as store:
+        await store.write(
+            lambda c: c.execute(
+                "INSERT INTO relay_nodes(owner, node_id, started, heartbeat)"
+                " VALUES($1, $2, $3, $3)",
+                owner,
+                node_id,
+                time.time(),
+            )
+        )
+
+
 async def count(url: str, table: str) -> int:
     async with PgStore(url, PASSWORD, pool_size=1) as store:
         if await store.schema_version("queue") == 0:
@@ -233,14 +247,7 @@ async def test_a_queue_in_every_state_is_copied_without_loss(
     assert json.loads(pg_again) == pg_list
 
     # a node of the target is alive (a recent heartbeat): refused, even with --force
-    async with PgStore(pg_url, PASSWORD, pool_size=1) as store:
-        await store.write(
-            lambda c: c.execute(
-                "INSERT INTO relay_nodes(owner, node_id, started, heartbeat)"
-                " VALUES('b:1:x', 'b', $1, $1)",
-                time.time(),
-            )
-        )
+    await node_alive(pg_url, "b", "b:1:x")
     rc, out, err = await run(capsys, "db", "copy", "--from", src, "--to", dst, "--force")
     assert rc == 2 and err.count("\n") == 1 and "a relay runs on" in err and "b (b:1:x)" in err
 
@@ -305,14 +312,7 @@ async def test_a_postgresql_store_is_copied_back_to_sqlite(
     )
     assert rc == 0, err
     # a node of the source is alive: refused, and no file is made
-    async with PgStore(pg_url, PASSWORD, pool_size=1) as store:
-        await store.write(
-            lambda c: c.execute(
-                "INSERT INTO relay_nodes(owner, node_id, started, heartbeat)"
-                " VALUES('b:1:x', 'b', $1, $1)",
-                time.time(),
-            )
-        )
+    await node_alive(pg_url, "b", "b:1:x")
     fresh = tmp_path / "fresh.sqlite3"
     rc, out, err = await run(capsys, "db", "copy", "--from", pg_url, "--to", f"sqlite:{fresh}")
     assert rc == 2 and err.count("\n") == 1 and "a relay runs on" in err, err
