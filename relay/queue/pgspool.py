@@ -21,6 +21,7 @@ nodes), so a dead owner's rows come back by lease expiry only.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import secrets
@@ -329,6 +330,10 @@ class PgSpool:
         self.clock = clock
         self.owner = owner or node_owner(node_id)
         self.lease = lease
+        # the group commit's merger (one object: PgStore merges jobs naming the same one);
+        # a claimed row's lease runs from when its statement is sent, not from when the
+        # write was asked for: the group may wait for the writer or a pooled connection
+        self._merge_insert = functools.partial(_insert_rows_now, clock)
 
     @classmethod
     async def open(
@@ -367,10 +372,10 @@ class PgSpool:
         not in a group."""
         now = self.clock()
         qid = qid or new_qid(now)
-        row = _row(qid, msg, now, self.owner if claimed else "", now + self.lease)
-        insert = _insert_of(row)
+        row = _row(qid, msg, now, self.owner if claimed else "", self.lease)
+        insert = _insert_of(row, self.clock)
         if also is None:
-            await self.store.write(insert, group=True, merge=(_insert_rows, row))
+            await self.store.write(insert, group=True, merge=(self._merge_insert, row))
             return qid
 
         async def both(conn: Conn) -> None:
@@ -386,11 +391,11 @@ class PgSpool:
     async def claim(self, qid: QueueId, addresses: Sequence[str]) -> tuple[str, ...]:
         """Lease those recipients still queued or deferred and due, skipping rows another
         transaction holds (SKIP LOCKED); return the addresses claimed, in the given order."""
-        now = self.clock()
-        owner, until = self.owner, now + self.lease
-        wanted = list(addresses)
+        owner, wanted = self.owner, list(addresses)
 
         async def run(conn: Conn) -> tuple[str, ...]:
+            now = self.clock()  # the lease runs from the statement, not from the call
+            until = now + self.lease
             rows = await conn.fetch(
                 "UPDATE queue_recipients r SET state=$4, updated=$3, lease_owner=$5,"
                 " lease_expiry=$6 FROM (SELECT qid, address FROM queue_recipients"
@@ -419,14 +424,14 @@ class PgSpool:
         ids = list(qids)
         if not ids:
             return 0
-        until, owner = self.clock() + self.lease, self.owner
+        owner = self.owner
 
         async def run(conn: Conn) -> int:
             return rowcount(
                 await conn.execute(
                     "UPDATE queue_recipients SET lease_expiry=$1 WHERE lease_owner=$2"
                     " AND qid=ANY($3::text[])",
-                    until,
+                    self.clock() + self.lease,
                     owner,
                     ids,
                 )
@@ -441,21 +446,22 @@ class PgSpool:
         nobody holds); a failed row keeps the lease until its DSN; with ``settle``, the
         message is deleted when done, else the DSNs owed are claimed."""
         now = self.clock()
-        owner, until = self.owner, now + self.lease
+        owner = self.owner
         held = [u.state is RecipientState.FAILED or u.relayed for u in updates]
-        cols = (
-            [u.address for u in updates],
-            [u.state.value for u in updates],
-            [u.next_attempt for u in updates],
-            [u.reply[:1000] for u in updates],
-            [owner if h else "" for h in held],
-            [until if h else 0.0 for h in held],
-            [u.relayed and u.state is RecipientState.DELIVERED for u in updates],
-            [u.mx_host for u in updates],
-            [u.tls for u in updates],
-        )
 
         async def run(conn: Conn) -> list[Any]:
+            until = self.clock() + self.lease  # from the statement, as in claim
+            cols = (
+                [u.address for u in updates],
+                [u.state.value for u in updates],
+                [u.next_attempt for u in updates],
+                [u.reply[:1000] for u in updates],
+                [owner if h else "" for h in held],
+                [until if h else 0.0 for h in held],
+                [u.relayed and u.state is RecipientState.DELIVERED for u in updates],
+                [u.mx_host for u in updates],
+                [u.tls for u in updates],
+            )
             # one statement, committed by itself: lock, outcome, history and, with settle,
             # the delete of a finished message (migration 4, relay_record)
             return list(
@@ -485,12 +491,12 @@ class PgSpool:
         return await self._settle_now(qid)
 
     async def _settle_now(self, qid: QueueId) -> tuple[bool, tuple[QueuedRecipient, ...]]:
-        now = self.clock()
-        owner, until = self.owner, now + self.lease
+        owner = self.owner
 
         async def run(conn: Conn) -> tuple[bool, tuple[QueuedRecipient, ...]]:
             await _lock_message(conn, qid)
-            return await _settle(conn, qid, owner, now, until)
+            now = self.clock()  # after the lock wait: the lease runs from here
+            return await _settle(conn, qid, owner, now, now + self.lease)
 
         return await self.store.write(run)
 
@@ -511,7 +517,9 @@ class PgSpool:
         transaction, only while this owner holds those rows; None when it no longer does."""
         now = self.clock()
         owner = self.owner
-        insert = _insert(qid, report, now, owner if claimed else "", now + self.lease)
+        insert = _insert_of(
+            _row(qid, report, now, owner if claimed else "", self.lease), self.clock
+        )
         addrs = list(dict.fromkeys(failed))
 
         event = "delay_dsn_queued" if delay_warning else "dsn_queued"
@@ -543,7 +551,7 @@ class PgSpool:
             await insert(conn)
             if not addrs:
                 return False
-            return (await _settle(conn, about, owner, now, now + self.lease))[0]
+            return (await _settle(conn, about, owner, now, self.clock() + self.lease))[0]
 
         return await self.store.write(run)
 
@@ -840,8 +848,9 @@ def queue_insert(
     """The write that queues a message, for callers that queue it in one transaction with
     their own rows (list fan-out): recipients queued (every node woken at commit), or
     (``owner``) in flight under owner's lease until ``until``, for that owner's scheduler
-    that is handed the message at once."""
-    return _insert(qid, msg, now, owner, until)
+    that is handed the message at once (the caller's transaction is running: ``until``
+    is computed in it)."""
+    return _insert_of(_row(qid, msg, now, owner, until - now), lambda: now)
 
 
 @dataclass(frozen=True)
@@ -851,8 +860,8 @@ class _Row:
     msg: tuple[Any, ...]  # id, mail_from, data, size, message_id, created, flags,
     # client_ip, helo, env_from, ret, envid
     rcpts: tuple[tuple[Any, ...], ...]  # address, pos, orig, notify, orcpt
-    owner: str  # in flight under this owner's lease until expiry; "" queued for anyone
-    expiry: float
+    owner: str  # in flight under this owner's lease; "" queued for anyone
+    lease: float  # seconds the lease runs from the statement that inserts the row
     received: str
 
     @property
@@ -860,20 +869,14 @@ class _Row:
         return _I if self.owner else _Q
 
 
-def _insert(
-    qid: QueueId, msg: NewMessage, now: float, owner: str, until: float
-) -> Callable[[Conn], Awaitable[None]]:
-    return _insert_of(_row(qid, msg, now, owner, until))
-
-
-def _insert_of(row: _Row) -> Callable[[Conn], Awaitable[None]]:
+def _insert_of(row: _Row, clock: Callable[[], float]) -> Callable[[Conn], Awaitable[None]]:
     async def run(conn: Conn) -> None:
-        await _insert_rows(conn, [row])
+        await _insert_rows(conn, [row], clock())
 
     return run
 
 
-def _row(qid: QueueId, msg: NewMessage, now: float, owner: str, until: float) -> _Row:
+def _row(qid: QueueId, msg: NewMessage, now: float, owner: str, lease: float) -> _Row:
     return _Row(
         msg=(
             qid,
@@ -891,7 +894,7 @@ def _row(qid: QueueId, msg: NewMessage, now: float, owner: str, until: float) ->
         ),
         rcpts=tuple((a, pos, o, n, c) for pos, (a, o, n, c) in enumerate(msg.recipient_rows())),
         owner=owner,
-        expiry=until if owner else 0.0,
+        lease=lease if owner else 0.0,
         received=received_line(msg),
     )
 
@@ -930,14 +933,21 @@ _INSERT_SQL = (
 )
 
 
-async def _insert_rows(conn: Conn, rows: list[_Row]) -> None:
-    """Queue ``rows`` (the group commit's merger: ``PgStore.write(merge=...)``)."""
+async def _insert_rows_now(clock: Callable[[], float], conn: Conn, rows: list[_Row]) -> None:
+    """The group commit's merger (``PgStore.write(merge=...)``): ``rows`` queued, the
+    leases of claimed ones running from now."""
+    await _insert_rows(conn, rows, clock())
+
+
+async def _insert_rows(conn: Conn, rows: list[_Row], at: float) -> None:
+    """Queue ``rows`` in one statement; a claimed row's lease expires ``at`` + its lease."""
     msg_cols = [list(c) for c in zip(*(r.msg for r in rows), strict=True)]
     rc: list[list[Any]] = [[] for _ in range(_N_RCPT)]
     for r in rows:
+        expiry = at + r.lease if r.owner else 0.0
         for a, pos, o, n, c in r.rcpts:
             for col, v in zip(
-                rc, (r.msg[0], a, pos, o, n, c, r.state, r.owner, r.expiry), strict=True
+                rc, (r.msg[0], a, pos, o, n, c, r.state, r.owner, expiry), strict=True
             ):
                 col.append(v)
     await conn.execute(

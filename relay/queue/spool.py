@@ -336,7 +336,7 @@ class Spool:
         a message with list and other recipients: both are committed, or neither)."""
         now = self.clock()
         qid = qid or new_qid(now)
-        write = _insert(qid, msg, now, self.owner if claimed else "", now + self.lease)
+        write = _insert(qid, msg, now, self.owner if claimed else "", self.lease, self.clock)
         if also is not None:
             await self.store.write(lambda c: (also(c), write(c)))
         else:
@@ -346,10 +346,11 @@ class Spool:
     async def claim(self, qid: QueueId, addresses: Sequence[str]) -> tuple[str, ...]:
         """Take the lease of those recipients that are still queued or deferred and due;
         return the addresses claimed (another owner may have taken the others)."""
-        now = self.clock()
-        owner, until = self.owner, now + self.lease
+        owner = self.owner
 
         def run(conn: sqlite3.Connection) -> tuple[str, ...]:
+            now = self.clock()  # the lease runs from the write, not from the call
+            until = now + self.lease
             got = []
             for a in addresses:
                 cur = conn.execute(
@@ -374,10 +375,10 @@ class Spool:
         ids = list(qids)
         if not ids:
             return 0
-        until = self.clock() + self.lease
         owner = self.owner
 
         def run(conn: sqlite3.Connection) -> int:
+            until = self.clock() + self.lease
             n = 0
             for part in _chunks(ids):
                 n += conn.execute(
@@ -400,7 +401,7 @@ class Spool:
         pending and no DSN is owed. Returns (removed, failed recipients whose DSN this
         owner must now queue)."""
         now = self.clock()
-        owner, until = self.owner, now + self.lease
+        owner = self.owner
         rows = []
         logged = []
         for u in updates:
@@ -413,7 +414,7 @@ class Spool:
                     u.reply[:1000],
                     now,
                     owner if held else "",
-                    until if held else 0.0,
+                    0.0,  # the lease's expiry, set when the write runs
                     int(u.relayed and u.state is RecipientState.DELIVERED),
                     qid,
                     u.address,
@@ -425,8 +426,11 @@ class Spool:
             )
 
         def run(conn: sqlite3.Connection) -> tuple[bool, tuple[QueuedRecipient, ...]]:
+            until = self.clock() + self.lease  # from the write, as in claim
             done = []
             for row, entry in zip(rows, logged, strict=True):
+                if row[4]:  # held: under this owner's lease
+                    row = (*row[:5], until, *row[6:])
                 if conn.execute(
                     "UPDATE queue_recipients SET state=?, attempts=attempts+1, next_attempt=?,"
                     " last_reply=?, updated=?, lease_owner=?, lease_expiry=?, relayed_owed=?"
@@ -465,7 +469,7 @@ class Spool:
         report (another owner did it), else whether ``about`` was removed."""
         now = self.clock()
         owner = self.owner
-        insert = _insert(qid, report, now, owner if claimed else "", now + self.lease)
+        insert = _insert(qid, report, now, owner if claimed else "", self.lease, self.clock)
         addrs = tuple(failed)
 
         def run(conn: sqlite3.Connection) -> bool | None:
@@ -498,7 +502,7 @@ class Spool:
             insert(conn)
             if not addrs:
                 return False
-            return _settle(conn, about, owner, now, now + self.lease)[0]
+            return _settle(conn, about, owner, now, self.clock() + self.lease)[0]
 
         return await self.store.write(run)
 
@@ -750,25 +754,33 @@ def queue_insert(
     """The write that queues a message, for callers that must queue it in one
     transaction with their own rows (list fan-out): its recipients queued for the
     loader, or (``owner``) in flight under owner's lease until ``until``, for a
-    scheduler of that owner that is handed the message at once (``claimed``)."""
-    return _insert(qid, msg, now, owner, until)
+    scheduler of that owner that is handed the message at once (``claimed``; the caller's
+    transaction is running: ``until`` is computed in it)."""
+    return _insert(qid, msg, now, owner, until - now, lambda: now)
 
 
 def _insert(
-    qid: QueueId, msg: NewMessage, now: float, owner: str, until: float
+    qid: QueueId,
+    msg: NewMessage,
+    now: float,
+    owner: str,
+    lease: float,
+    clock: Callable[[], float],
 ) -> Callable[[sqlite3.Connection], None]:
     """The write that inserts a message; its recipients in flight under owner's lease
-    when owner is given, else queued."""
+    when owner is given (``lease`` seconds from when the write runs: it may wait for the
+    writer), else queued."""
     mid = msg.msgid()
-    state, expiry = (_I, until) if owner else (_Q, 0.0)
-    rows = [
-        (qid, a, o, state, now, owner, expiry, notify, orcpt)
-        for a, o, notify, orcpt in msg.recipient_rows()
-    ]
-
+    state = _I if owner else _Q
+    recipients = msg.recipient_rows()
     received = received_line(msg)
 
     def run(conn: sqlite3.Connection) -> None:
+        expiry = clock() + lease if owner else 0.0
+        rows = [
+            (qid, a, o, state, now, owner, expiry, notify, orcpt)
+            for a, o, notify, orcpt in recipients
+        ]
         conn.execute(
             "INSERT INTO queue_messages(id, mail_from, data, size, message_id, created, flags,"
             " client_ip, helo, env_from, ret, envid) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",

@@ -399,3 +399,54 @@ async def test_the_one_read_outcome_deletes_only_what_this_owner_finished(pg_url
             )
         )
         assert method in (b"l", "l")
+
+
+async def test_a_lease_runs_from_its_write_not_from_a_wait_for_the_database(pg_url: str) -> None:
+    """A claimed write that waited (the group writer busy, every pooled connection in
+    use) still holds its lease for the whole lease after it is written: another node's
+    sweeper must not take a recipient this node is about to deliver (it would be sent
+    twice). Seen on a loaded machine: intake's claimed enqueue waited 2 s behind the
+    writer with a 2 s lease, the other node swept it and both delivered."""
+    clock = Clock()
+    msg = NewMessage("a@example.com", ("b@x.org",), MSG)
+    async with PgStore(pg_url, PASSWORD, pool_size=4) as s1, PgStore(pg_url, PASSWORD) as s2:
+        busy = await PgSpool.open(s1, clock, node_id="busy", lease=10)
+        other = await PgSpool.open(s2, clock, node_id="other", lease=10)
+        gate = asyncio.Event()
+
+        async def slow(_conn: Any) -> None:
+            await gate.wait()
+
+        # intake: the claimed enqueue waits behind a group write that takes 30 s
+        blocker = asyncio.create_task(s1.write(slow, group=True))
+        await asyncio.sleep(0.1)
+        enqueue = asyncio.create_task(busy.enqueue(msg, "WAITED", claimed=True))
+        await asyncio.sleep(0.1)
+        clock.t += 30
+        gate.set()
+        await blocker
+        assert await enqueue == "WAITED"
+        written = clock.t
+        clock.t += 5
+        assert await other.expire_leases() == 0
+        m = await other.get("WAITED")
+        assert m is not None and [r.lease_expiry for r in m.recipients] == [written + 10]
+
+        await busy.record("WAITED", [RecipientUpdate("b@x.org", RecipientState.DELIVERED, "250")])
+
+        # the loader: a claim waits for a pooled connection (all four in use) for 30 s
+        qid = await busy.enqueue(msg, "QUEUED")
+        gate.clear()
+        holders = [asyncio.create_task(s1.read(slow)) for _ in range(4)]
+        await asyncio.sleep(0.1)
+        claim = asyncio.create_task(busy.claim(qid, ["b@x.org"]))
+        await asyncio.sleep(0.1)
+        clock.t += 30
+        gate.set()
+        await asyncio.gather(*holders)
+        assert await claim == ("b@x.org",)
+        written = clock.t
+        clock.t += 5
+        assert await other.expire_leases() == 0
+        m = await other.get(qid)
+        assert m is not None and [r.lease_expiry for r in m.recipients] == [written + 10]

@@ -336,3 +336,33 @@ async def test_queue_list_json_keeps_its_keys_and_shows_the_states(
         "dsn_owed",
     }
     assert m["recipients"][1]["dsn_owed"] is True
+
+
+async def test_a_lease_runs_from_its_write_not_from_a_wait_for_the_writer(store: Store) -> None:
+    """The SQLite writer busy (a slow fsync) while intake's claimed enqueue and a claim
+    wait for it: each lease runs its whole length from the write, so another worker's
+    sweeper does not take what this one is about to deliver (tests/pg/test_pgspool.py
+    has the same for PostgreSQL)."""
+    import threading
+
+    clock = Clock()
+    busy = Spool(store, clock, lease=10)
+    other = Spool(store, clock, lease=10)
+    msg = NewMessage("a@example.com", ("b@x.org",), MSG)
+    qid = await busy.enqueue(msg, "QUEUED")
+    gate = threading.Event()
+    blocker = asyncio.create_task(store.write(lambda _conn: gate.wait(5)))
+    await asyncio.sleep(0.05)
+    enqueue = asyncio.create_task(busy.enqueue(msg, "WAITED", claimed=True))
+    claim = asyncio.create_task(busy.claim(qid, ["b@x.org"]))
+    await asyncio.sleep(0.05)
+    clock.t += 30
+    gate.set()
+    await blocker
+    assert await enqueue == "WAITED" and await claim == ("b@x.org",)
+    written = clock.t
+    clock.t += 5
+    assert await other.expire_leases() == 0
+    for q in ("WAITED", qid):
+        m = await other.get(q)
+        assert m is not None and [r.lease_expiry for r in m.recipients] == [written + 10]
