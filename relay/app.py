@@ -316,6 +316,12 @@ class RelayApp:
             recovered = await asyncio.to_thread(spool.recover_sync)
             if recovered:
                 log.info("recovered_inflight", recipients=recovered)
+            if cfg.lists:  # and the lists' fan-outs the dead processes had leased
+                from relay.lists.members import release_fanouts
+
+                released = await asyncio.to_thread(release_fanouts, self.store)
+                if released:
+                    log.info("fanouts_released", posts=released)
         return spool
 
     async def _listen(self, spool: QueueSpool, scheduler: Scheduler) -> None:

@@ -54,13 +54,21 @@ def bind(hp: HostPort) -> socket.socket:
 
 
 def recover(config: Config) -> int:
-    """Requeue what a crash left in flight on the SQLite store (one relay holds it). On
-    a shared PostgreSQL store nothing: other nodes' leases may be live (they expire)."""
+    """Requeue what a crash left in flight on the SQLite store (one relay holds it), and
+    free the fan-outs it had leased. On a shared PostgreSQL store nothing: other nodes'
+    leases may be live (they expire)."""
     if config.storage.postgresql:
         return 0
     store = Store(config.storage.path).open()
     try:
-        return Spool(store).recover_sync()
+        n = Spool(store).recover_sync()
+        if config.lists:  # and the lists' fan-outs the dead processes had leased
+            from relay.lists.members import release_fanouts
+
+            released = release_fanouts(store)
+            if released:
+                log.info("fanouts_released", posts=released)
+        return n
     finally:
         store.close()
 

@@ -99,6 +99,12 @@ MIGRATIONS = [
     CREATE INDEX list_archive_id ON list_archive(list, archive_id);
     CREATE INDEX list_archive_mid ON list_archive(list, message_id)
     """,
+    # the fan-out's lease: the owner (a worker of a node) making a post's copies, until
+    # when; another owner takes an unfinished post over only once the lease has expired
+    """
+    ALTER TABLE list_posts ADD COLUMN lease_owner TEXT NOT NULL DEFAULT '';
+    ALTER TABLE list_posts ADD COLUMN lease_expiry REAL NOT NULL DEFAULT 0
+    """,
 ]
 
 # PostgreSQL (relay.pgschema): the SQLite schema after its steps above, the same tables
@@ -166,6 +172,10 @@ PG_MIGRATIONS = [
     );
     CREATE INDEX list_archive_id ON list_archive(list, archive_id);
     CREATE INDEX list_archive_mid ON list_archive(list, message_id)
+    """,
+    """
+    ALTER TABLE list_posts ADD COLUMN lease_owner text NOT NULL DEFAULT '',
+        ADD COLUMN lease_expiry float8 NOT NULL DEFAULT 0
     """,
 ]
 
@@ -392,14 +402,20 @@ async def store_post(
     rcpts: Sequence[str],
     now: float,
     verdict: PostVerdict = ("", ""),
+    lease: tuple[str, float] = ("", 0.0),
 ) -> None:
+    """The post and its recipients; ``lease`` (owner, expiry): the fan-out's, taken by
+    the owner that will start it once this write is committed."""
     await c.execute(
-        "INSERT INTO list_posts(id, list, data, created, ar, arc_cv) VALUES(?,?,?,?,?,?)",
+        "INSERT INTO list_posts(id, list, data, created, ar, arc_cv, lease_owner,"
+        " lease_expiry) VALUES(?,?,?,?,?,?,?,?)",
         post_id,
         lst,
         data,
         float(now),
         *verdict,
+        lease[0],
+        float(lease[1]),
     )
     await c.executemany(
         "INSERT INTO list_fanout(post, address) VALUES(?,?) ON CONFLICT DO NOTHING",
@@ -414,14 +430,59 @@ async def active_addresses(c: Tx, lst: str) -> list[str]:
     return [str(r[0]) for r in rows]
 
 
-async def unfinished_posts(c: Tx, before: float | None = None) -> list[str]:
-    """Posts with recipients still to get their copy (stored before ``before`` if given)."""
+async def unfinished_posts(c: Tx, now: float | None = None, owner: str = "") -> list[str]:
+    """Posts with recipients still to get their copy (with ``now``: only those whose
+    fan-out lease has expired by then, was never taken, or is ``owner``'s)."""
     rows = await c.fetchall(
-        "SELECT DISTINCT f.post FROM list_fanout f JOIN list_posts p ON p.id=f.post "
-        "WHERE f.done=0 AND p.created<? ORDER BY f.post",
-        float("inf") if before is None else float(before),
+        "SELECT p.id FROM list_posts p WHERE (p.lease_expiry<? OR p.lease_owner=?)"
+        " AND EXISTS (SELECT 1 FROM list_fanout f WHERE f.post=p.id AND f.done=0)"
+        " ORDER BY p.id",
+        float("inf") if now is None else float(now),
+        owner,  # "" matches only posts never leased, which the expiry matches too
     )
     return [str(r[0]) for r in rows]
+
+
+async def take_fanout(c: Tx, post_id: str, owner: str, now: float, until: float) -> bool:
+    """The fan-out's lease of a post for ``owner`` until ``until``: True when it was
+    free, expired or already ``owner``'s (one statement: of two owners at once, one
+    wins), False while another owner's lease runs or the post is gone."""
+    n = await c.execute(
+        "UPDATE list_posts SET lease_owner=?, lease_expiry=? WHERE id=?"
+        " AND (lease_owner=? OR lease_expiry<?)",
+        owner,
+        float(until),
+        post_id,
+        owner,
+        float(now),
+    )
+    return n > 0
+
+
+async def renew_fanout(c: Tx, post_id: str, owner: str, until: float) -> bool:
+    """Push ``owner``'s fan-out lease to ``until``; False when another owner took the
+    post over meanwhile (or it is finished and gone)."""
+    n = await c.execute(
+        "UPDATE list_posts SET lease_expiry=? WHERE id=? AND lease_owner=?",
+        float(until),
+        post_id,
+        owner,
+    )
+    return n > 0
+
+
+def release_fanouts(store: Store) -> int:
+    """At the start of a relay on a SQLite store (which one relay holds): the fan-out
+    leases of the processes before it are stale; every unfinished post is free to take
+    at once. Returns how many were released."""
+    open_tables(store)
+    return store.write_sync(
+        lambda conn: (
+            conn.execute(
+                "UPDATE list_posts SET lease_owner='', lease_expiry=0 WHERE lease_owner!=''"
+            ).rowcount
+        )
+    )
 
 
 async def post_data(c: Tx, post_id: str) -> tuple[str, bytes] | None:

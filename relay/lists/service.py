@@ -35,7 +35,7 @@ from relay.auth.signer import OutboundSigner
 from relay.auth.types import ArcCv, ArcResult
 from relay.config import Config, ListConfig
 from relay.dns import Resolver
-from relay.errors import SmtpReplyError
+from relay.errors import SmtpReplyError, StoreError
 from relay.lists import members as db
 from relay.lists import notices, policy, transform
 from relay.lists.addresses import ListAddress, address_of, parse_list_address
@@ -64,7 +64,7 @@ BATCH = 50  # member copies per commit of the fan-out (one signing job each)
 PARALLEL = 2  # signing processes the app gives the lists
 IN_FLIGHT = 2 * PARALLEL  # signing jobs outstanding: a process never waits for a commit
 TODO_PAGE = 1000  # recipients read from the store at once
-RESUME_AFTER = 300.0  # the periodic sweep resumes fan-outs stalled this long
+FANOUT_LEASE = 60.0  # a fan-out's lease without a spool's (tests, commands)
 
 _ARC_SEAL_CV = re.compile(rb"(?:^|;)\s*cv\s*=\s*([a-z]+)", re.IGNORECASE)
 
@@ -239,9 +239,11 @@ class ListService:
         self.notify = notify if notify is not None or queue is None else queue.submit_new
         self.queue = queue
         self.lease = lease
+        self._own = (f"lists:{os.getpid()}:{secrets.token_hex(4)}", FANOUT_LEASE)
         self.clock = clock
         self.base_url = config.lists_http.base_url
         self._running: dict[str, asyncio.Task[int]] = {}
+        self._lost: set[str] = set()  # fan-outs whose lease another owner took over
         self._warming: asyncio.Future[list[int]] | None = None
         if isinstance(store, Store):  # PostgreSQL's tables come from relay.pgschema
             db.open_tables(store)
@@ -368,7 +370,9 @@ class ListService:
         rcpts = await db.active_addresses(c, cfg.address)
         if cfg.archive_public:  # RFC 2369 List-Archive, RFC 5064 Archived-At
             data = transform.with_archive(data, cfg, self.base_url, post_id)
-        await db.store_post(c, post_id, cfg.address, data, rcpts, now, verdict)
+        owner, seconds = self.fanout_lease()  # we start the fan-out after the commit
+        lease = (owner, self.clock() + seconds)
+        await db.store_post(c, post_id, cfg.address, data, rcpts, now, verdict, lease)
         if cfg.archive:
             mid = extract_message_id(data).strip().strip("<>")
             await db.archive(c, cfg.address, transform.author(data)[1], data, now, post_id, mid)
@@ -707,6 +711,11 @@ class ListService:
         task.add_done_callback(_warm_done)
         self._warming = task
 
+    def fanout_lease(self) -> tuple[str, float]:
+        """(owner, seconds) of this process's fan-out leases: the spool's lease owner and
+        length when the relay gave them, else this service's own."""
+        return self.lease() if self.lease is not None else self._own
+
     def start_fan_out(self, post_id: str) -> None:
         if post_id in self._running and not self._running[post_id].done():
             return
@@ -719,7 +728,18 @@ class ListService:
         Recipients are taken BATCH at a time, one signing job each, IN_FLIGHT jobs at
         once; each batch's copies are committed (with their recipients marked done) as
         soon as its job returns, in whatever order the jobs finish: the marks, not the
-        order, say what is left after a crash."""
+        order, say what is left after a crash. The post's fan-out lease is taken first
+        (renewed with each batch): while another owner's runs, that owner is making the
+        copies and this returns 0."""
+        owner, seconds = self.fanout_lease()
+
+        async def take(c: Tx) -> bool:
+            now = self.clock()
+            return await db.take_fanout(c, post_id, owner, now, now + seconds)
+
+        if not await self.store.write(take):
+            log.info("list_fanout_elsewhere", qid=post_id)
+            return 0
         got = await self.store.read(lambda c: db.post_data(c, post_id))
         if got is None:
             return 0
@@ -767,7 +787,7 @@ class ListService:
 
         after = ""
         try:
-            while not failed:
+            while not failed and post_id not in self._lost:
                 page = await self.store.read(
                     functools.partial(_todo_page, post_id=post_id, after=after)
                 )
@@ -776,7 +796,7 @@ class ListService:
                 after = page[-1][0]
                 for i in range(0, len(page), BATCH):
                     await slots.acquire()
-                    if failed:
+                    if failed or post_id in self._lost:
                         slots.release()
                         break
                     task = asyncio.create_task(one(page[i : i + BATCH]))
@@ -789,6 +809,10 @@ class ListService:
                 task.cancel()
         if failed:
             raise failed[0]
+        if post_id in self._lost:
+            self._lost.discard(post_id)
+            log.warning("list_fanout_taken_over", qid=post_id, list=lst, copies=total)
+            return total
         log.info("list_fanout_done", qid=post_id, list=lst, copies=total)
         return total
 
@@ -856,21 +880,29 @@ class ListService:
                 new = NewMessage(
                     out.mail_from, out.recipients, out.data, (), 0, message_id=message_id
                 )
-                if mine and claim is not None:
-                    await c.queue(qid, new, now, owner=claim[0], until=now + claim[1])
+                if mine and claim is not None:  # the lease runs from this write
+                    until = self.clock() + claim[1]
+                    await c.queue(qid, new, now, owner=claim[0], until=until)
                 else:
                     await c.queue(qid, new, now)
                 queued.append((qid, new, mine))
-        await db.mark_done(c, post_id, done)
+        owner, seconds = self.fanout_lease()
+        if not await db.renew_fanout(c, post_id, owner, self.clock() + seconds):
+            # taken over (this owner stalled past its lease): these copies are queued
+            # (each recipient was claimed here), the new owner makes the rest
+            self._lost.add(post_id)
+        await db.mark_done(c, post_id, done)  # the last one deletes the post
         return queued
 
-    async def resume(self, older_than: float | None = None) -> int:
-        """Start the fan-out of every unfinished post (at start: all of them; from the
-        periodic sweep only those older than ``older_than`` seconds, so a post another
-        worker process is fanning out right now is left to it; were both to run, no copy
-        would be doubled, each recipient being claimed in the write of its copy)."""
-        before = None if older_than is None else self.clock() - older_than
-        posts = await self.store.read(lambda c: db.unfinished_posts(c, before))
+    async def resume(self) -> int:
+        """Start the fan-out of every unfinished post whose fan-out lease has expired
+        (its owner died or stalled: another node's, or a relay's before a restart, whose
+        leases the restart released) or is this process's own (a fan-out that failed);
+        the others are being fanned out by their owners. Were two to run at once, no copy
+        would be doubled: each recipient is claimed in the write of its copy."""
+        owner, _ = self.fanout_lease()
+        now = self.clock()
+        posts = await self.store.read(lambda c: db.unfinished_posts(c, now, owner))
         for p in posts:
             self.start_fan_out(p)
         return len(posts)
@@ -901,14 +933,25 @@ class ListService:
 
         queued = await self.store.write(run)
         self._notify(queued, now)
-        await self.resume(older_than=RESUME_AFTER)
+        await self.resume()
 
     async def run(self, stop: asyncio.Event, interval: float = 60.0) -> None:
-        await self.resume()  # a crash left these: their 250 was given
+        """The sweep every ``interval``; between sweeps, every half fan-out lease, the
+        fan-outs whose owner stopped renewing are resumed (a node that died in the
+        middle of a post's copies: another node finishes them within about 1.5 leases)."""
+        check = min(interval, self.fanout_lease()[1] / 2)
+        next_sweep = 0.0
         while not stop.is_set():
-            await self.sweep()
             try:
-                await asyncio.wait_for(stop.wait(), interval)
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + interval
+                    await self.sweep()
+                else:
+                    await self.resume()
+            except StoreError as exc:  # the store down: the next round tries again
+                log.error("list_sweep_failed", error=str(exc))
+            try:
+                await asyncio.wait_for(stop.wait(), check)
             except TimeoutError:
                 pass
         await self.wait_idle()

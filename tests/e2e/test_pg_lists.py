@@ -9,6 +9,7 @@ B's config shows the change."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 
 from relay.config import dump_toml
@@ -25,6 +27,7 @@ from relay.lab.mta import LabMta, Received
 from tests.e2e.test_crash import start_relay, wait_listening
 from tests.labutil import send
 from tests.lists.listlab import AUTHOR_IP, LIST, MEMBER_IPS, ListLab, free_port, post
+from tests.pg.pgcluster import PASSWORD
 
 pytestmark = pytest.mark.slow
 MEMBERS = ["b@one.test", "c@two.test", "d@three.test"]
@@ -163,6 +166,77 @@ async def test_a_list_on_two_nodes_delivers_and_honours_an_unsubscribe_on_the_ot
         assert queue == []  # every copy delivered and removed, whichever node sent it
     finally:
         for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(20)
+        lab.close()
+
+
+async def test_a_node_killed_in_the_middle_of_a_fan_out_leaves_the_rest_to_the_other(
+    tmp_path: Path, pg_url: str, mtas: dict[str, LabMta]
+) -> None:
+    """Node A accepts a post to a 900-member list and is killed (-9, every process)
+    after its first batches of copies are committed; node B, which left A's fan-out
+    alone while A renewed its lease, takes the post over once the lease has expired and
+    makes the rest: every member gets the post, duplicates only for copies A was
+    sending at the kill."""
+    lab = ListLab(tmp_path)
+    mx_port = next(iter(mtas.values())).port
+    domains = list(MEMBER_IPS)
+    members = [f"m{i:04d}@{domains[i % len(domains)]}" for i in range(900)]
+    window = 20
+    nodes: dict[str, tuple[Path, int]] = {}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for name in ("a", "b"):
+            smtp, http = free_port(), free_port()
+            doc: dict[str, Any] = lab.doc(mx_port, smtp_port=smtp, http_port=http)
+            doc["server"]["node_id"] = name
+            doc["storage"] = {"url": pg_url, "lease": 2.0}
+            doc["delivery"]["active_window"] = window
+            doc["logging"] = {"level": "info"}
+            doc["relay"]["trusted_networks"] = ["127.0.0.1/32", f"{AUTHOR_IP}/32"]
+            cfg = tmp_path / f"{name}.toml"
+            cfg.write_text(dump_toml(doc))
+            nodes[name] = (cfg, smtp)
+        cli(nodes["a"][0], "list", "add", LIST, *members)
+        for name in ("a", "b"):
+            procs[name] = start_relay(nodes[name][0], tmp_path / f"{name}.log")
+        for name in ("a", "b"):
+            await wait_listening(nodes[name][1])
+
+        raw = post("alice@author.test", LIST, "big")
+        await send("127.0.0.1", nodes["a"][1], "alice@author.test", [LIST], raw, source=AUTHOR_IP)
+        conn = await asyncpg.connect(pg_url, password=PASSWORD)
+        try:
+            deadline = time.monotonic() + 30
+            while True:  # the first batch committed: A is in the middle of the fan-out
+                done = await conn.fetchval("SELECT count(*) FROM list_fanout WHERE done=1")
+                if done:
+                    break
+                assert time.monotonic() < deadline, "A never committed a batch"
+                await asyncio.sleep(0.005)
+            procs["a"].kill()  # the parent; its workers die with it (PR_SET_PDEATHSIG)
+            procs["a"].wait(20)
+            left = await conn.fetchval("SELECT count(*) FROM list_fanout WHERE done=0")
+            assert left, "A finished the whole fan-out before the kill"
+        finally:
+            await conn.close()
+
+        got = await arrivals(mtas, len(members), timeout=120)
+        await asyncio.sleep(1.0)  # late duplicates would show now
+        got = received(mtas)
+        per_member = collections.Counter(r.rcpt_tos[0] for r in got)
+        assert set(per_member) == set(members)  # nobody missed the post
+        doubled = sum(n - 1 for n in per_member.values())
+        assert doubled <= 2 * window, f"{doubled} duplicates (A had at most {2 * window} in flight)"
+        b_log = (tmp_path / "b.log").read_text()
+        assert '"list_fanout_done"' in b_log  # B finished A's post
+        assert '"list_fanout_taken_over"' not in b_log
+        queue = json.loads(cli(nodes["b"][0], "queue", "list", "--json"))
+        assert queue == []
+    finally:
+        for p in procs.values():
             if p.poll() is None:
                 p.terminate()
                 p.wait(20)

@@ -17,7 +17,7 @@ from relay.dns import StaticResolver
 from relay.errors import SmtpReplyError
 from relay.lists import members as db
 from relay.lists.service import ListService
-from relay.lists.tx import ListsDb, Tx
+from relay.lists.tx import ListsDb, Tx, lists_db
 from relay.model import Envelope
 from relay.queue.base import QueueSpool
 from tests.pg.backends import QueueBackend
@@ -384,3 +384,51 @@ async def test_pages_and_batches_in_flight_give_each_member_one_copy(
     rcpts = sorted(r[0] for _, r, _ in await queued(spool))
     assert rcpts == sorted(many)
     assert await store.read(lambda c: db.unfinished_posts(c)) == []
+
+
+async def test_a_fan_out_another_owner_leases_is_left_to_it_until_the_lease_expires(
+    env: Any, config: Config
+) -> None:
+    """Two owners (two nodes, or two workers) on one store: the one that stored the post
+    holds its fan-out lease; the other's resume leaves the post alone while that lease
+    runs and takes it over (making every copy, once) when it has expired."""
+    svc, store, spool, clock = env
+    await add(store, "alice@author.test", "b@one.test", "c@two.test")
+    svc.start_fan_out = lambda post_id: None  # stored, then the owner stalls
+    await svc.receive(E(), LIST, post(), "Q9")
+    other = ListService(config, svc.store, resolver=svc.resolver, clock=clock)
+    assert await other.resume() == 0  # svc's lease runs
+    assert await other.fan_out("Q9") == 0  # and a direct try is refused
+    assert await queued(spool) == []
+    clock.t += 61  # svc's 60 s lease expired without a renewal
+    assert await other.resume() == 1
+    await other.wait_idle()
+    assert sorted(r[0] for _, r, _ in await queued(spool)) == [
+        "alice@author.test",
+        "b@one.test",
+        "c@two.test",
+    ]
+    del svc.start_fan_out
+    assert await svc.fan_out("Q9") == 0  # finished: nothing for the stalled owner
+
+
+async def test_a_restart_frees_the_fan_outs_of_the_relay_before_it(tmp_path: Path) -> None:
+    """On SQLite (one relay holds the file) the parent releases every fan-out lease at
+    start (relay.workers.recover): a post whose fan-out the killed relay held is resumed
+    at once, not a lease later."""
+    from relay.store import Store
+
+    store = Store(tmp_path / "s.sqlite3").open()
+    try:
+        db.open_tables(store)
+        lists = lists_db(store)
+        await lists.write(
+            lambda c: db.store_post(
+                c, "P1", LIST, b"x", ["b@one.test"], 1.0, ("", ""), ("dead:1:x", 2e9)
+            )
+        )
+        assert await lists.read(lambda c: db.unfinished_posts(c, 1_800_000_000.0, "new")) == []
+        assert db.release_fanouts(store) == 1
+        assert await lists.read(lambda c: db.unfinished_posts(c, 1_800_000_000.0, "new")) == ["P1"]
+    finally:
+        store.close()
