@@ -215,23 +215,39 @@ class TlsLedger:
 
     async def flush(self) -> int:
         """Write the counts held in memory; returns how many outcomes were written.
-        On a store failure the counts stay in memory and StoreError is raised."""
+        On a store failure the counts stay in memory and StoreError is raised. Every
+        outcome counted before the flush began is then stored: on a shared store the
+        write also says so (``through``, the flush's start), for ``settled``."""
         async with self._flush_lock:
+            through = self.clock()
             if not self._pending:
+                if self._wants_mark(through):
+                    await self._add_counts([], through)
                 return 0
             batch, self._pending = self._pending, Counter()
             rows = sorted((*k, n) for k, n in batch.items())  # one lock order on every node
             try:
-                await self._add_counts(rows)
+                await self._add_counts(rows, through)
             except StoreError:  # rolled back: keep the counts for the next flush
                 batch.update(self._pending)
                 self._pending = batch
                 raise
             return sum(batch.values())
 
-    async def _add_counts(self, rows: list[tuple[Any, ...]]) -> None:
-        """Add rows of (key columns..., n) to the stored counts, in one transaction."""
+    async def _add_counts(self, rows: list[tuple[Any, ...]], through: float) -> None:
+        """Add rows of (key columns..., n) to the stored counts, in one transaction;
+        every outcome this ledger counted before ``through`` is stored once it commits."""
         raise NotImplementedError
+
+    def _wants_mark(self, through: float) -> bool:
+        """Whether an idle flush should still store ``through`` (a shared store's)."""
+        return False
+
+    async def settled(self, day_end: float, now: float) -> bool:
+        """Whether the counts of a day ending at ``day_end`` are all stored, so its
+        reports can be built: on a store of one relay, once its own flush is done (the
+        sender flushes first); a shared store waits for the other nodes too."""
+        return True
 
     async def run(self) -> None:
         """Flush about every ``flush_interval`` seconds until cancelled."""
@@ -347,7 +363,7 @@ class TlsRptLedger(TlsLedger):
         self.store = store
         store.migrate("tlsrpt", MIGRATIONS)
 
-    async def _add_counts(self, rows: list[tuple[Any, ...]]) -> None:
+    async def _add_counts(self, rows: list[tuple[Any, ...]], through: float) -> None:
         def run(conn: sqlite3.Connection) -> None:
             conn.executemany(
                 f"INSERT INTO tlsrpt_counts({_KEY_COLUMNS}, count) "

@@ -20,6 +20,7 @@ PostgreSQL store (``[storage] url``), shared by every node.
 
 from __future__ import annotations
 
+import datetime
 import os
 import secrets
 import time
@@ -87,7 +88,23 @@ MIGRATIONS = [
     );
     CREATE INDEX tlsrpt_deliveries_due ON tlsrpt_deliveries(status, next_attempt);
     """,
+    # each ledger's (a worker of a node) watermark: every outcome it counted before
+    # ``through`` is in tlsrpt_counts; a day's reports wait for the nodes that were
+    # counting shortly before its midnight to have flushed past it
+    """
+    CREATE TABLE tlsrpt_flushed (
+        owner text PRIMARY KEY,
+        through double precision NOT NULL
+    );
+    """,
 ]
+
+# A ledger whose watermark was this close before a day's end was counting then: the
+# day's reports wait for it to flush past the midnight (its counts in memory), at most
+# SETTLE_MAX after the midnight (a node that died then: its counts are lost anyway).
+ALIVE_BEFORE_MIDNIGHT = 600.0
+SETTLE_MAX = 3600.0
+MARK_EVERY = 60.0  # an idle ledger still stores its watermark this often
 
 _DELIVERY_COLUMNS = (
     "day, policy_domain, uri, status, attempts, first_attempt, next_attempt, last_error, qid"
@@ -108,18 +125,52 @@ class PgTlsRptLedger(TlsLedger):
         super().__init__(clock, flush_interval=flush_interval)
         self.store = store
         self.owner = owner or f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._marked = 0.0  # the watermark last stored
 
-    async def _add_counts(self, rows: list[tuple[Any, ...]]) -> None:
+    async def _add_counts(self, rows: list[tuple[Any, ...]], through: float) -> None:
+        """The counts and this ledger's watermark, in one transaction."""
+
         async def run(c: Conn) -> None:
-            await c.executemany(
-                f"INSERT INTO tlsrpt_counts({_KEY_COLUMNS}, count)"
-                " VALUES($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)"
-                f" ON CONFLICT ({_KEY_COLUMNS})"
-                " DO UPDATE SET count = tlsrpt_counts.count + excluded.count",
-                rows,
+            if rows:
+                await c.executemany(
+                    f"INSERT INTO tlsrpt_counts({_KEY_COLUMNS}, count)"
+                    " VALUES($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)"
+                    f" ON CONFLICT ({_KEY_COLUMNS})"
+                    " DO UPDATE SET count = tlsrpt_counts.count + excluded.count",
+                    rows,
+                )
+            await c.execute(
+                "INSERT INTO tlsrpt_flushed(owner, through) VALUES($1, $2) ON CONFLICT (owner)"
+                " DO UPDATE SET through = GREATEST(tlsrpt_flushed.through, excluded.through)",
+                self.owner,
+                through,
             )
 
         await self.store.write(run)
+        self._marked = max(self._marked, through)
+
+    def _wants_mark(self, through: float) -> bool:
+        """Idle: the watermark every MARK_EVERY seconds, and at once past a midnight (the
+        day's reports wait for it)."""
+        if through - self._marked >= MARK_EVERY:
+            return True
+        return int(through // 86400) != int(self._marked // 86400)
+
+    async def settled(self, day_end: float, now: float) -> bool:
+        """True once no ledger that was counting in the last ALIVE_BEFORE_MIDNIGHT
+        seconds of the day is still behind its end (or SETTLE_MAX after it)."""
+        if now >= day_end + SETTLE_MAX:
+            return True
+
+        async def run(c: Conn) -> bool:
+            behind = await c.fetchval(
+                "SELECT count(*) FROM tlsrpt_flushed WHERE through >= $1 AND through < $2",
+                day_end - ALIVE_BEFORE_MIDNIGHT,
+                day_end,
+            )
+            return not behind
+
+        return await self.store.read(run)
 
     # ---------------------------------------------------------------- reading counts
 
@@ -162,6 +213,13 @@ class PgTlsRptLedger(TlsLedger):
         async def run(c: Conn) -> int:
             a = await c.execute("DELETE FROM tlsrpt_counts WHERE day < $1", before_day)
             b = await c.execute("DELETE FROM tlsrpt_reports WHERE day < $1", before_day)
+            # the watermarks of ledgers gone since before that day
+            await c.execute(
+                "DELETE FROM tlsrpt_flushed WHERE through < $1",
+                datetime.datetime.fromisoformat(before_day)
+                .replace(tzinfo=datetime.UTC)
+                .timestamp(),
+            )
             return rowcount(a) + rowcount(b)
 
         return await self.store.write(run)

@@ -83,6 +83,7 @@ RETRY_WINDOW = 86400.0  # section 5.5: retry for up to 24 hours
 RETRY_FIRST = 300.0
 RETRY_MAX = 3600.0
 MIN_DELAY = 10.0  # after midnight, so the last outcomes of the day are flushed
+SETTLE_POLL = 15.0  # while a day's counts wait for a node, look again this often
 CATCH_UP_DAYS = 7  # days missed while the relay was down are still reported
 KEEP_DAYS = 14  # ledger rows older than this are pruned
 CLI_HOLD = 300.0  # deliveries the send command tries itself are not due elsewhere before
@@ -309,12 +310,12 @@ class TlsRptSender:
             today = utc_day(now)
             at = self.send_time(today)
             if now >= at and self._daily_done != today:
-                await self.daily(today)
-                self._daily_done = today
+                if await self.daily(today, wait_for_nodes=True) is not None:
+                    self._daily_done = today
             await self.retry_due()
             wake = _day_start(_shift(today, 1)) + MIN_DELAY
             if self._daily_done != today:
-                wake = at
+                wake = at if now < at else now + SETTLE_POLL
             nxt = await self.ledger.next_due()
             if nxt is not None:
                 wake = min(wake, nxt)
@@ -332,21 +333,33 @@ class TlsRptSender:
                     with contextlib.suppress(asyncio.CancelledError):
                         await f
 
-    async def daily(self, today: str) -> list[ReportRecord]:
-        """Report every day before today (up to CATCH_UP_DAYS back) not yet reported."""
+    async def daily(self, today: str, *, wait_for_nodes: bool = False) -> list[ReportRecord] | None:
+        """Report every day before today (up to CATCH_UP_DAYS back) not yet reported.
+        ``wait_for_nodes``: on a shared store, a day whose counts some node has not
+        stored yet (it was counting before the midnight and has not flushed past it:
+        the database unreachable from it, say) is left for a later round, at most
+        an hour; returns None when a day was left so."""
         with contextlib.suppress(Exception):
             await self.ledger.flush()
         out: list[ReportRecord] = []
         oldest = _shift(today, -CATCH_UP_DAYS)
+        waiting = False
         for day in await self.ledger.days(before=today):
-            if day >= oldest:
-                out += await self.prepare_day(day)
+            if day < oldest:
+                continue
+            if wait_for_nodes and not await self.ledger.settled(
+                _day_start(_shift(day, 1)), self.clock()
+            ):
+                log.info("tlsrpt_waiting_for_nodes", day=day)
+                waiting = True
+                continue
+            out += await self.prepare_day(day)
         await self.deliver_due()
         try:
             await self.ledger.prune(_shift(today, -KEEP_DAYS))
         except Exception as exc:  # noqa: BLE001 - pruning is housekeeping
             log.warning("tlsrpt_prune_failed", error=str(exc))
-        return out
+        return None if waiting else out
 
     async def retry_due(self) -> None:
         """Discovery retries and deliveries whose time has come."""

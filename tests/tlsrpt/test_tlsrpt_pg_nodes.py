@@ -18,6 +18,7 @@ import pytest
 
 from relay import pgschema
 from relay.dns import DnspythonResolver
+from relay.errors import StoreError
 from relay.http import SafeHttpClient
 from relay.model import TlsResultType
 from relay.pgstore import PgStore
@@ -25,7 +26,7 @@ from relay.tlsrpt.ledger import DeliveryStatus, ReportState, TlsLedger, open_led
 from relay.tlsrpt.report import parse_report, report_attachments
 from relay.tlsrpt.sender import TlsRptSender
 from tests.mtasts.sts_https_server import Answer
-from tests.tlsrpt.test_tlsrpt_sender import DAY, NEXT_MORNING, Lab, lab, outcome
+from tests.tlsrpt.test_tlsrpt_sender import DAY, NEXT_MORNING, T_DAY, Lab, lab, outcome
 
 __all__ = ["lab"]
 
@@ -133,3 +134,49 @@ async def test_a_claimed_delivery_is_skipped_by_the_other_node_until_the_claim_e
     await la.set_report_state(DAY, "https.test", ReportState.NO_RECORD)
     got = await lb.report(DAY, "https.test")
     assert got is not None and got.state is ReportState.DONE and got.report_id == "rid-a"
+
+
+async def test_a_days_reports_wait_for_a_node_that_could_not_flush_before_midnight(
+    lab: Lab, stores: list[PgStore]
+) -> None:
+    """Node B counted sessions in the last seconds of the day but could not write them
+    (the database unreachable from it over midnight): node A's daily job leaves the day
+    until B has flushed past the midnight, then one report carries both nodes' counts. A
+    node that never comes back holds the day at most an hour."""
+    lab.collector.route("collector.lab.test", "/v1/tlsrpt", Answer(201, b"", None))
+    lab.publish("https.test", f"https://collector.lab.test:{lab.collector.port}/v1/tlsrpt")
+    (la, sa), (lb, _sb) = node(lab, stores[0], "node-a", 1), node(lab, stores[1], "node-b", 2)
+    midnight = T_DAY + 86400
+    lab.clock.t = midnight - 30
+    record(la, ok=5, failed=0, mail=0)
+    record(lb, ok=3, failed=0, mail=0)
+    await asyncio.gather(la.flush(), lb.flush())
+    lab.clock.t = midnight - 5
+    record(lb, ok=4, failed=1, mail=0)  # B's last sessions of the day
+    stores[1].fail_writes = lambda: True
+    lab.clock.t = midnight + 15
+    with pytest.raises(StoreError):
+        await lb.flush()
+    assert lb.pending == 5  # kept in memory
+
+    assert await sa.daily("2026-11-23", wait_for_nodes=True) is None  # waits for B
+    assert [s for s in lab.collector.seen if s.method == "POST"] == []
+    assert await la.reports(DAY) == []
+
+    stores[1].fail_writes = None  # B reaches the database again and flushes
+    lab.clock.t = midnight + 40
+    await lb.flush()
+    assert await sa.daily("2026-11-23", wait_for_nodes=True) is not None
+    posts = [s for s in lab.collector.seen if s.method == "POST"]
+    assert len(posts) == 1
+    [pol] = json.loads(gzip.decompress(posts[0].body))["policies"]
+    assert pol["summary"] == {"total-successful-session-count": 12,
+                              "total-failure-session-count": 1}  # fmt: skip
+
+    # a node that was counting before the next midnight and never returns
+    lab.clock.t = midnight + 86400 - 20
+    record(lb, ok=1, failed=0, mail=0)
+    await lb.flush()  # its watermark: 20 s before the midnight; then it dies
+    lab.clock.t = midnight + 86400 + 60
+    assert not await la.settled(midnight + 86400, lab.clock.t)
+    assert await la.settled(midnight + 86400, midnight + 86400 + 3600)
