@@ -215,7 +215,10 @@ def start_profiler(system: System, args: argparse.Namespace) -> list[subprocess.
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     nodes = getattr(system, "nodes", None) or [system]
     roots = [n.pids()[0] for n in nodes if n.pids()]
-    if not os.path.exists(spy) or not roots or system.name not in (RELAY, RELAY_PG, RELAY_PG2):
+    if not os.path.exists(spy):
+        print("--profile: py-spy is not installed (.venv/bin/pip install py-spy)", file=sys.stderr)
+        return []
+    if not roots or system.name not in (RELAY, RELAY_PG, RELAY_PG2):
         return []
     OUT.mkdir(parents=True, exist_ok=True)
     procs = []
