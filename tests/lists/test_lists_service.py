@@ -432,3 +432,42 @@ async def test_a_restart_frees_the_fan_outs_of_the_relay_before_it(tmp_path: Pat
         assert await lists.read(lambda c: db.unfinished_posts(c, 1_800_000_000.0, "new")) == ["P1"]
     finally:
         store.close()
+
+
+async def test_a_fan_out_taken_over_while_it_runs_stops_and_no_copy_is_doubled(
+    env: Any, config: Config
+) -> None:
+    """The owner stalls past its lease while it makes its first batch and another owner
+    takes the post over: the first owner commits what it made (each recipient claimed),
+    starts no more batches, and the new owner makes the rest: every member once."""
+    import asyncio
+
+    svc, store, spool, clock = env
+    many = [f"m{i:03d}@one.test" for i in range(400)]
+    await add(store, "alice@author.test", *many)
+    svc.start_fan_out = lambda post_id: None
+    await svc.receive(E(), LIST, post(), "Q7")
+    del svc.start_fan_out
+    loop = asyncio.get_running_loop()
+    orig, calls = svc.maker.batch, [0]
+
+    def batch(*args: Any) -> Any:  # in the executor's thread
+        calls[0] += 1
+        if calls[0] == 1:
+            clock.t += 61
+            took = asyncio.run_coroutine_threadsafe(
+                store.write(lambda c: db.take_fanout(c, "Q7", "other", clock.t, clock.t + 60)),
+                loop,
+            ).result(10)
+            assert took
+        return orig(*args)
+
+    svc.maker.batch = batch  # type: ignore[method-assign]
+    first = await svc.fan_out("Q7")
+    assert 0 < first < 401 and calls[0] < 9  # stopped before the last batches
+    other = ListService(config, store, resolver=svc.resolver, clock=clock,
+                        lease=lambda: ("other", 60.0))  # fmt: skip
+    rest = await other.fan_out("Q7")
+    assert first + rest == 401
+    rcpts = sorted(r[0] for _, r, _ in await queued(spool))
+    assert rcpts == sorted(["alice@author.test", *many])
