@@ -835,7 +835,7 @@ class ListService:
                 places += 1
         claim = self.lease() if places and self.lease is not None else None
         try:
-            queued = await self.store.write(
+            queued, leased = await self.store.write(
                 lambda c: self._commit(
                     post_id, outs, done, now, c, claim=claim, places=places, message_id=message_id
                 )
@@ -845,7 +845,9 @@ class ListService:
                 assert self.queue is not None
                 self.queue.release()
             raise
-        metrics.list_copies(cfg.address, len(queued))
+        if not leased:  # taken over (this owner stalled past its lease): these copies
+            self._lost.add(post_id)  # are queued (each recipient claimed), the new owner
+        metrics.list_copies(cfg.address, len(queued))  # makes the rest
         mine = sum(1 for _, _, claimed in queued if claimed)
         for _ in range(places - mine):  # copies another fan-out had queued already
             assert self.queue is not None
@@ -866,8 +868,9 @@ class ListService:
         claim: tuple[str, float] | None = None,
         places: int = 0,
         message_id: str | None = None,
-    ) -> list[tuple[QueueId, NewMessage, bool]]:
-        """One batch: its copies queued and its recipients marked done, one transaction.
+    ) -> tuple[list[tuple[QueueId, NewMessage, bool]], bool]:
+        """One batch: its copies queued and its recipients marked done, one transaction;
+        with whether this owner still held the post's fan-out lease (now renewed).
         With ``claim`` (owner, lease seconds), the first ``places`` copies queued are
         written in flight under that lease (claimed: True in the result).
         ``message_id``: the copies' Message-ID when known (the list-wide copy's), else
@@ -887,12 +890,9 @@ class ListService:
                     await c.queue(qid, new, now)
                 queued.append((qid, new, mine))
         owner, seconds = self.fanout_lease()
-        if not await db.renew_fanout(c, post_id, owner, self.clock() + seconds):
-            # taken over (this owner stalled past its lease): these copies are queued
-            # (each recipient was claimed here), the new owner makes the rest
-            self._lost.add(post_id)
+        leased = await db.renew_fanout(c, post_id, owner, self.clock() + seconds)
         await db.mark_done(c, post_id, done)  # the last one deletes the post
-        return queued
+        return queued, leased
 
     async def resume(self) -> int:
         """Start the fan-out of every unfinished post whose fan-out lease has expired
