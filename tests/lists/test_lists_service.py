@@ -471,3 +471,68 @@ async def test_a_fan_out_taken_over_while_it_runs_stops_and_no_copy_is_doubled(
     assert first + rest == 401
     rcpts = sorted(r[0] for _, r, _ in await queued(spool))
     assert rcpts == sorted(["alice@author.test", *many])
+
+
+async def test_claimed_copies_hold_their_lease_from_the_write_not_from_before_a_wait(
+    tmp_path: Path, config: Config
+) -> None:
+    """Copies handed to the scheduler in flight (claimed under the worker's lease): a
+    batch whose write waited for a busy store writer still holds each copy's lease for
+    the whole lease after the write, so another worker's sweeper cannot take a copy this
+    one is about to deliver."""
+    import asyncio
+    import threading
+
+    from relay.queue.spool import Spool
+    from relay.store import Store
+
+    class Window:
+        def __init__(self) -> None:
+            self.handed: list[str] = []
+
+        def reserve(self, share: float = 1.0) -> bool:
+            return True
+
+        def release(self) -> None:
+            pass
+
+        def submit_new(self, qid: str, msg: Any, created: float, claimed: bool) -> None:
+            self.handed.append(qid)
+
+    raw = Store(tmp_path / "q.sqlite3").open()
+    try:
+        clock = Clock()
+        spool = Spool(raw, clock, lease=10)
+        window = Window()
+        svc = ListService(config, raw, clock=clock, queue=window,
+                          lease=lambda: (spool.owner, spool.lease))  # fmt: skip
+        await add(svc.store, "alice@author.test", "b@one.test", "c@two.test")
+        svc.start_fan_out = lambda post_id: None
+        await svc.receive(E(), LIST, post(), "Q8")
+        del svc.start_fan_out
+        loop = asyncio.get_running_loop()
+        orig, gate = svc.maker.batch, threading.Event()
+
+        def batch(*args: Any) -> Any:  # the writer gets busy while the copies are made
+            asyncio.run_coroutine_threadsafe(raw.write(lambda _c: gate.wait(5)), loop)
+
+            def later() -> None:  # 30 s pass before the writer is free again
+                clock.t += 30
+                gate.set()
+
+            threading.Timer(0.3, later).start()
+            return orig(*args)
+
+        svc.maker.batch = batch  # type: ignore[method-assign]
+        assert await svc.fan_out("Q8") == 3
+        written = clock.t
+        assert len(window.handed) == 3
+        other = Spool(raw, clock, lease=10)
+        clock.t += 5
+        assert await other.expire_leases() == 0
+        for qid in window.handed:
+            m = await spool.get(qid)
+            assert m is not None
+            assert [r.lease_expiry for r in m.recipients] == [written + 10]
+    finally:
+        raw.close()
