@@ -172,17 +172,18 @@ def run_members(args: argparse.Namespace) -> int:
 def run_show(args: argparse.Namespace) -> int:
     async def work(
         _c: Config, cfg: ListConfig, store: Any
-    ) -> tuple[list[db.Member], list[db.Held]]:
+    ) -> tuple[list[db.Member], list[db.Held], list[db.Fanout]]:
         ldb = lists_db(store)
         return (
             await ldb.read(lambda c: db.members(c, cfg.address)),
             await ldb.read(lambda c: db.held_posts(c, cfg.address)),
+            await ldb.read(lambda c: db.fanouts(c, cfg.address)),
         )
 
     got = _on_list(args, work)
     if got is None:
         return 2
-    cfg, (rows, held) = got
+    cfg, (rows, held, running) = got
     counts = {s: sum(1 for m in rows if m.state == s) for s in ("active", "disabled", "pending")}
     out = {
         "address": cfg.address,
@@ -198,6 +199,16 @@ def run_show(args: argparse.Namespace) -> int:
         "max_message_size": cfg.max_message_size,
         "members": counts,
         "held": len(held),
+        # posts whose copies are still being made, by which worker of which node
+        "fanouts": [
+            {
+                "post": f.post,
+                "left": f.left,
+                "lease_owner": f.lease_owner,
+                "lease_expiry": _iso(f.lease_expiry),
+            }
+            for f in running
+        ],
     }
     if args.json:
         print(json.dumps(out, indent=2))

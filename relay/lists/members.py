@@ -443,6 +443,26 @@ async def unfinished_posts(c: Tx, now: float | None = None, owner: str = "") -> 
     return [str(r[0]) for r in rows]
 
 
+@dataclass(frozen=True, slots=True)
+class Fanout:
+    """A post whose copies are still being made: recipients left, the fan-out's lease."""
+
+    post: str
+    left: int
+    lease_owner: str
+    lease_expiry: float
+
+
+async def fanouts(c: Tx, lst: str) -> list[Fanout]:
+    """The list's unfinished posts, oldest first."""
+    rows = await c.fetchall(
+        "SELECT p.id, (SELECT count(*) FROM list_fanout f WHERE f.post=p.id AND f.done=0),"
+        " p.lease_owner, p.lease_expiry FROM list_posts p WHERE p.list=? ORDER BY p.created, p.id",
+        lst,
+    )
+    return [Fanout(str(r[0]), int(r[1]), str(r[2]), float(r[3])) for r in rows if int(r[1])]
+
+
 async def take_fanout(c: Tx, post_id: str, owner: str, now: float, until: float) -> bool:
     """The fan-out's lease of a post for ``owner`` until ``until``: True when it was
     free, expired or already ``owner``'s (one statement: of two owners at once, one

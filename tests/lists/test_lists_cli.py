@@ -47,6 +47,7 @@ def test_members_add_show_remove(cfg: Path, capsys: pytest.CaptureFixture[str]) 
     shown = json.loads(capsys.readouterr().out)
     assert shown["members"] == {"active": 2, "disabled": 0, "pending": 0}
     assert shown["name"] == "Developers" and shown["held"] == 0
+    assert shown["fanouts"] == []
     assert main(["list", "remove", LIST, "b@one.test", "--config", str(cfg)]) == 0
     assert main(["list", "remove", LIST, "b@one.test", "--config", str(cfg)]) == 1
     assert main(["list", "held", LIST, "--json", "--config", str(cfg)]) == 0

@@ -396,6 +396,8 @@ async def test_a_fan_out_another_owner_leases_is_left_to_it_until_the_lease_expi
     await add(store, "alice@author.test", "b@one.test", "c@two.test")
     svc.start_fan_out = lambda post_id: None  # stored, then the owner stalls
     await svc.receive(E(), LIST, post(), "Q9")
+    shown = await store.read(lambda c: db.fanouts(c, LIST))  # `relay list show`'s
+    assert shown == [db.Fanout("Q9", 3, svc.fanout_lease()[0], clock.t + 60)]
     other = ListService(config, svc.store, resolver=svc.resolver, clock=clock)
     assert await other.resume() == 0  # svc's lease runs
     assert await other.fan_out("Q9") == 0  # and a direct try is refused
@@ -410,6 +412,7 @@ async def test_a_fan_out_another_owner_leases_is_left_to_it_until_the_lease_expi
     ]
     del svc.start_fan_out
     assert await svc.fan_out("Q9") == 0  # finished: nothing for the stalled owner
+    assert await store.read(lambda c: db.fanouts(c, LIST)) == []
 
 
 async def test_a_restart_frees_the_fan_outs_of_the_relay_before_it(tmp_path: Path) -> None:
