@@ -220,6 +220,9 @@ async def test_a_node_killed_in_the_middle_of_a_fan_out_leaves_the_rest_to_the_o
             procs["a"].wait(20)
             left = await conn.fetchval("SELECT count(*) FROM list_fanout WHERE done=0")
             assert left, "A finished the whole fan-out before the kill"
+            [running] = json.loads(cli(nodes["b"][0], "list", "show", LIST, "--json"))["fanouts"]
+            # A's lease until it expires, then B's (the command takes a second to start)
+            assert running["left"] > 0 and running["lease_owner"].split(":")[0] in ("a", "b")
         finally:
             await conn.close()
 
@@ -235,6 +238,8 @@ async def test_a_node_killed_in_the_middle_of_a_fan_out_leaves_the_rest_to_the_o
         assert '"list_fanout_taken_over"' not in b_log
         queue = json.loads(cli(nodes["b"][0], "queue", "list", "--json"))
         assert queue == []
+        shown = json.loads(cli(nodes["b"][0], "list", "show", LIST, "--json"))
+        assert shown["fanouts"] == []  # the post finished, whoever made its copies
     finally:
         for p in procs.values():
             if p.poll() is None:
