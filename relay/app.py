@@ -313,15 +313,9 @@ class RelayApp:
         await asyncio.to_thread(self.store.open)
         spool = Spool(self.store, self.clock)
         if self.recover:
-            recovered = await asyncio.to_thread(spool.recover_sync)
-            if recovered:
-                log.info("recovered_inflight", recipients=recovered)
-            if cfg.lists:  # and the lists' fan-outs the dead processes had leased
-                from relay.lists.members import release_fanouts
+            from relay.workers import recover_store
 
-                released = await asyncio.to_thread(release_fanouts, self.store)
-                if released:
-                    log.info("fanouts_released", posts=released)
+            await asyncio.to_thread(recover_store, cfg, spool)
         return spool
 
     async def _listen(self, spool: QueueSpool, scheduler: Scheduler) -> None:

@@ -54,23 +54,31 @@ def bind(hp: HostPort) -> socket.socket:
 
 
 def recover(config: Config) -> int:
-    """Requeue what a crash left in flight on the SQLite store (one relay holds it), and
-    free the fan-outs it had leased. On a shared PostgreSQL store nothing: other nodes'
-    leases may be live (they expire)."""
+    """``recover_store`` on the SQLite store, opened for it. On a shared PostgreSQL store
+    nothing: other nodes' leases may be live (they expire)."""
     if config.storage.postgresql:
         return 0
     store = Store(config.storage.path).open()
     try:
-        n = Spool(store).recover_sync()
-        if config.lists:  # and the lists' fan-outs the dead processes had leased
-            from relay.lists.members import release_fanouts
-
-            released = release_fanouts(store)
-            if released:
-                log.info("fanouts_released", posts=released)
-        return n
+        return recover_store(config, Spool(store))
     finally:
         store.close()
+
+
+def recover_store(config: Config, spool: Spool) -> int:
+    """At the start of a relay on its SQLite store (which one relay holds, so every
+    other owner is dead): requeue what they left in flight and free the lists' fan-outs
+    they had leased. Returns how many recipients were requeued (both logged)."""
+    n = spool.recover_sync()
+    if n:
+        log.info("recovered_inflight", recipients=n)
+    if config.lists:
+        from relay.lists.members import release_fanouts
+
+        released = release_fanouts(spool.store)
+        if released:
+            log.info("fanouts_released", posts=released)
+    return n
 
 
 @dataclass(frozen=True)
@@ -241,9 +249,7 @@ class _Supervisor:
     def run(self) -> int:
         delay: float | None = None
         while not self.shutdown:
-            n_rec = recover(self.config)
-            if n_rec:
-                log.info("recovered_inflight", recipients=n_rec)
+            recover(self.config)
             started = time.monotonic()
             self.start_workers()
             if self.shutdown:

@@ -402,19 +402,22 @@ class Spool:
         owner must now queue)."""
         now = self.clock()
         owner = self.owner
-        rows = []
-        logged = []
-        for u in updates:
-            logged.append((qid, now, u.address, u.state.value, u.reply[:1000], u.mx_host, u.tls))
-            held = u.state is RecipientState.FAILED or u.relayed
-            rows.append(
-                (
+        logged = [
+            (qid, now, u.address, u.state.value, u.reply[:1000], u.mx_host, u.tls) for u in updates
+        ]
+
+        def run(conn: sqlite3.Connection) -> tuple[bool, tuple[QueuedRecipient, ...]]:
+            until = self.clock() + self.lease  # from the write, as in claim
+            done = []
+            for u, entry in zip(updates, logged, strict=True):
+                held = u.state is RecipientState.FAILED or u.relayed  # kept for its DSN
+                row = (
                     u.state.value,
                     u.next_attempt,
                     u.reply[:1000],
                     now,
                     owner if held else "",
-                    0.0,  # the lease's expiry, set when the write runs
+                    until if held else 0.0,
                     int(u.relayed and u.state is RecipientState.DELIVERED),
                     qid,
                     u.address,
@@ -423,14 +426,6 @@ class Spool:
                     _D,
                     _I,
                 )
-            )
-
-        def run(conn: sqlite3.Connection) -> tuple[bool, tuple[QueuedRecipient, ...]]:
-            until = self.clock() + self.lease  # from the write, as in claim
-            done = []
-            for row, entry in zip(rows, logged, strict=True):
-                if row[4]:  # held: under this owner's lease
-                    row = (*row[:5], until, *row[6:])
                 if conn.execute(
                     "UPDATE queue_recipients SET state=?, attempts=attempts+1, next_attempt=?,"
                     " last_reply=?, updated=?, lease_owner=?, lease_expiry=?, relayed_owed=?"

@@ -24,6 +24,7 @@ several nodes; ``open_ledger(store)`` picks the one for a store.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import enum
 import json
 import sqlite3
@@ -148,6 +149,11 @@ class ReportRecord:
 
 def utc_day(t: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(t))
+
+
+def day_start(day: str) -> float:
+    """The UTC midnight that starts ``day`` (YYYY-MM-DD), as a timestamp."""
+    return dt.datetime.combine(dt.date.fromisoformat(day), dt.time(), tzinfo=dt.UTC).timestamp()
 
 
 def outcome_key(outcome: TlsOutcome, day: str) -> CountKey:

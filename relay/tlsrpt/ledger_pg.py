@@ -20,7 +20,6 @@ PostgreSQL store (``[storage] url``), shared by every node.
 
 from __future__ import annotations
 
-import datetime
 import os
 import secrets
 import time
@@ -37,6 +36,8 @@ from relay.tlsrpt.ledger import (
     TlsLedger,
     _delivery,
     _row,
+    day_start,
+    utc_day,
 )
 from relay.tlsrpt.report import CountRow
 
@@ -152,9 +153,7 @@ class PgTlsRptLedger(TlsLedger):
     def _wants_mark(self, through: float) -> bool:
         """Idle: the watermark every MARK_EVERY seconds, and at once past a midnight (the
         day's reports wait for it)."""
-        if through - self._marked >= MARK_EVERY:
-            return True
-        return int(through // 86400) != int(self._marked // 86400)
+        return through - self._marked >= MARK_EVERY or utc_day(through) != utc_day(self._marked)
 
     async def settled(self, day_end: float, now: float) -> bool:
         """True once no ledger that was counting in the last ALIVE_BEFORE_MIDNIGHT
@@ -216,9 +215,7 @@ class PgTlsRptLedger(TlsLedger):
             # the watermarks of ledgers gone since before that day
             await c.execute(
                 "DELETE FROM tlsrpt_flushed WHERE through < $1",
-                datetime.datetime.fromisoformat(before_day)
-                .replace(tzinfo=datetime.UTC)
-                .timestamp(),
+                day_start(before_day),
             )
             return rowcount(a) + rowcount(b)
 

@@ -58,6 +58,7 @@ from relay.tlsrpt.ledger import (
     ReportRecord,
     ReportState,
     TlsLedger,
+    day_start,
     utc_day,
 )
 from relay.tlsrpt.report import (
@@ -249,10 +250,6 @@ def _backoff(attempts: int, rng: random.Random) -> float:
     return base * rng.uniform(0.9, 1.1)
 
 
-def _day_start(day: str) -> float:
-    return dt.datetime.combine(dt.date.fromisoformat(day), dt.time(), tzinfo=dt.UTC).timestamp()
-
-
 def _shift(day: str, days: int) -> str:
     return (dt.date.fromisoformat(day) + dt.timedelta(days=days)).isoformat()
 
@@ -300,7 +297,7 @@ class TlsRptSender:
         if self._delay_day != day:
             self._delay_day = day
             self._delay = max(MIN_DELAY, self.rng.uniform(0, self.config.tlsrpt.send_delay_max))
-        return _day_start(day) + self._delay
+        return day_start(day) + self._delay
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Daily reports and retries until stop is set (or the task is cancelled)."""
@@ -313,7 +310,7 @@ class TlsRptSender:
                 if await self.daily(today, wait_for_nodes=True) is not None:
                     self._daily_done = today
             await self.retry_due()
-            wake = _day_start(_shift(today, 1)) + MIN_DELAY
+            wake = day_start(_shift(today, 1)) + MIN_DELAY
             if self._daily_done != today:
                 wake = at if now < at else now + SETTLE_POLL
             nxt = await self.ledger.next_due()
@@ -348,7 +345,7 @@ class TlsRptSender:
             if day < oldest:
                 continue
             if wait_for_nodes and not await self.ledger.settled(
-                _day_start(_shift(day, 1)), self.clock()
+                day_start(_shift(day, 1)), self.clock()
             ):
                 log.info("tlsrpt_waiting_for_nodes", day=day)
                 waiting = True

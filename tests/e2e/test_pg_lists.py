@@ -87,6 +87,26 @@ async def _wait_http(port: int, timeout: float = 20) -> None:
             await asyncio.sleep(0.05)
 
 
+def node_configs(
+    lab: ListLab, tmp_path: Path, pg_url: str, mx_port: int, **over: dict[str, Any]
+) -> dict[str, tuple[Path, int, int]]:
+    """Configs of nodes "a" and "b" on the one database: name -> (config, SMTP port, HTTP
+    port); ``over``: sections updated on both."""
+    nodes = {}
+    for name in ("a", "b"):
+        smtp, http = free_port(), free_port()
+        doc: dict[str, Any] = lab.doc(mx_port, smtp_port=smtp, http_port=http)
+        doc["server"]["node_id"] = name
+        doc["storage"] = {"url": pg_url, "lease": 2.0}
+        doc["relay"]["trusted_networks"] = ["127.0.0.1/32", f"{AUTHOR_IP}/32"]
+        for section, values in over.items():
+            doc.setdefault(section, {}).update(values)
+        cfg = tmp_path / f"{name}.toml"
+        cfg.write_text(dump_toml(doc))
+        nodes[name] = (cfg, smtp, http)
+    return nodes
+
+
 def subject(r: Received) -> str:
     return r.data.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0].decode()
 
@@ -96,18 +116,9 @@ async def test_a_list_on_two_nodes_delivers_and_honours_an_unsubscribe_on_the_ot
 ) -> None:
     lab = ListLab(tmp_path)
     mx_port = next(iter(mtas.values())).port
-    nodes: dict[str, tuple[Path, int, int]] = {}
     procs = []
     try:
-        for name in ("a", "b"):
-            smtp, http = free_port(), free_port()
-            doc: dict[str, Any] = lab.doc(mx_port, smtp_port=smtp, http_port=http)
-            doc["server"]["node_id"] = name
-            doc["storage"] = {"url": pg_url, "lease": 2.0}
-            doc["relay"]["trusted_networks"] = ["127.0.0.1/32", f"{AUTHOR_IP}/32"]
-            cfg = tmp_path / f"{name}.toml"
-            cfg.write_text(dump_toml(doc))
-            nodes[name] = (cfg, smtp, http)
+        nodes = node_configs(lab, tmp_path, pg_url, mx_port)
         cfg_a, smtp_a, _ = nodes["a"]
         cfg_b, smtp_b, _ = nodes["b"]
         out = cli(cfg_a, "list", "add", LIST, *MEMBERS)  # on storage.url: migrates first
@@ -185,20 +196,12 @@ async def test_a_node_killed_in_the_middle_of_a_fan_out_leaves_the_rest_to_the_o
     domains = list(MEMBER_IPS)
     members = [f"m{i:04d}@{domains[i % len(domains)]}" for i in range(900)]
     window = 20
-    nodes: dict[str, tuple[Path, int]] = {}
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        for name in ("a", "b"):
-            smtp, http = free_port(), free_port()
-            doc: dict[str, Any] = lab.doc(mx_port, smtp_port=smtp, http_port=http)
-            doc["server"]["node_id"] = name
-            doc["storage"] = {"url": pg_url, "lease": 2.0}
-            doc["delivery"]["active_window"] = window
-            doc["logging"] = {"level": "info"}
-            doc["relay"]["trusted_networks"] = ["127.0.0.1/32", f"{AUTHOR_IP}/32"]
-            cfg = tmp_path / f"{name}.toml"
-            cfg.write_text(dump_toml(doc))
-            nodes[name] = (cfg, smtp)
+        nodes = node_configs(
+            lab, tmp_path, pg_url, mx_port,
+            delivery={"active_window": window}, logging={"level": "info"},
+        )  # fmt: skip
         cli(nodes["a"][0], "list", "add", LIST, *members)
         for name in ("a", "b"):
             procs[name] = start_relay(nodes[name][0], tmp_path / f"{name}.log")
