@@ -254,19 +254,32 @@ class ArcSealer:
         self.clock = clock
         self.standardize = standardize
 
-    def seal(self, message: Message, auth_results_value: str, chain: ArcResult) -> bytes:
+    def seal(
+        self,
+        message: Message,
+        auth_results_value: str,
+        chain: ArcResult,
+        unsigned: Sequence[bytes] = (),
+    ) -> bytes:
         """message with a new ARC set prepended: AAR (``i=N+1; `` + auth_results_value),
-        AMS and AS (cv from ``chain``). Unchanged when the chain already has 50 sets."""
+        AMS and AS (cv from ``chain``). Unchanged when the chain already has 50 sets.
+        ``unsigned``: lower-case field names the AMS leaves out (a list copy's own
+        List-Unsubscribe, which the list's DKIM signature covers)."""
         pm = as_parsed(message)
-        return pm.prepend(*self.seal_headers(pm, auth_results_value, chain)).raw
+        return pm.prepend(*self.seal_headers(pm, auth_results_value, chain, unsigned)).raw
 
     def seal_headers(
-        self, message: Message, auth_results_value: str, chain: ArcResult
+        self,
+        message: Message,
+        auth_results_value: str,
+        chain: ArcResult,
+        unsigned: Sequence[bytes] = (),
     ) -> tuple[bytes, ...]:
         """The new (ARC-Seal, ARC-Message-Signature, ARC-Authentication-Results) lines;
         () when no set is to be added."""
         message = as_parsed(message)
-        return self._seal(FastARC(message), _linesep(message.raw), auth_results_value, chain)
+        signer = FastARC(message)
+        return self._seal(signer, _linesep(message.raw), auth_results_value, chain, None, unsigned)
 
     def seal_headers_prepended(
         self,
@@ -275,17 +288,18 @@ class ArcSealer:
         signer: FastARC,
         auth_results_value: str,
         chain: ArcResult,
+        unsigned: Sequence[bytes] = (),
     ) -> tuple[bytes, ...]:
         """``seal_headers(top + view.base, ...)``, the same bytes, with the base's parse
         and body hash reused from ``view`` (``view.usual`` must be true; top: whole header
-        fields). ``signer``: a ``FastARC(b"")`` the caller keeps for its messages (one
-        thread at a time)."""
+        fields, or b""). ``signer``: a ``FastARC(b"")`` the caller keeps for its messages
+        (one thread at a time)."""
         signer.headers, signer.body = view.view(top)
         signer.headers_relaxed = False
         canon = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
         bodyhash = view.bodyhash(canon, self.key.algorithm)
         linesep = _linesep(top if b"\n" in top else top + view.base)  # its first line end
-        return self._seal(signer, linesep, auth_results_value, chain, bodyhash)
+        return self._seal(signer, linesep, auth_results_value, chain, bodyhash, unsigned)
 
     def _seal(
         self,
@@ -294,6 +308,7 @@ class ArcSealer:
         auth_results_value: str,
         chain: ArcResult,
         bodyhash: bytes | None = None,
+        unsigned: Sequence[bytes] = (),
     ) -> tuple[bytes, ...]:
         signer.linesep = linesep
         canon = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
@@ -321,6 +336,7 @@ class ArcSealer:
         signer.hasher = dkim.crypto.HASH_ALGORITHMS[algorithm]
         signer.add_should_not(("Authentication-Results",))
         include = self.include_headers or tuple(x.lower() for x in signer.default_sign_headers())
+        include = tuple(x for x in include if x not in unsigned)
         if b"from" not in include:
             raise ValueError("the From header field must be signed (message has no From?)")
         bad = set(include) & (signer.should_not_sign | set(ARC_HEADERS))

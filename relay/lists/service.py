@@ -115,6 +115,12 @@ def verdict_of(post: bytes, stored: db.PostVerdict) -> Verdict:
     return Verdict(ar, ArcResult(ArcCv(cv), instances=top))
 
 
+# the fields of a list copy that differ from member to member: the list's DKIM signature
+# covers them (RFC 8058 section 4), the ARC set does not (RFC 8617 section 4.1.2 leaves
+# the AMS's fields to the sealer, as DKIM's h=), so one set serves every copy of a post
+PER_MEMBER = (b"list-unsubscribe",)
+
+
 class CopyMaker:
     """Per-member copies: personalise, DKIM-sign by the list domain, ARC-seal. Plain
     function of its inputs (runs in a thread: OpenSSL releases the GIL)."""
@@ -130,7 +136,8 @@ class CopyMaker:
         msg = transform.personalise(distributed, cfg, self.config.lists_http.base_url, token)
         msg = self.signer.sign(msg, cfg.domain)
         if self.sealer is not None:
-            msg = self.sealer.seal(msg, ar or f"{self.config.authserv_id}; none", chain)
+            ar = ar or f"{self.config.authserv_id}; none"
+            msg = self.sealer.seal(msg, ar, chain, unsigned=PER_MEMBER)
         return msg
 
     def batch(
@@ -143,22 +150,29 @@ class CopyMaker:
         """The copies of (address, token) recipients (none for an empty token): the same
         bytes ``copy`` makes, with the list-wide copy parsed and its body hashed once for
         the batch (only each copy's own fields on top, List-Unsubscribe and the
-        DKIM-Signature, are parsed per copy)."""
+        DKIM-Signature, are parsed per copy) and the ARC set made once for the batch: it
+        signs none of a copy's own fields (PER_MEMBER; the DKIM-Signature is never in an
+        AMS), so it is the same set on every copy, and a copy costs one RSA signature,
+        not three."""
         v = verdict or Verdict(*chain_of(distributed))
         todo = [(a, t) for a, t in rcpts if t]
         view = PrependView(distributed)
         if not todo or not view.usual or not self._composes(cfg, view, todo[0][1]):
             return [(a, t, self.copy(cfg, distributed, t, v.ar, v.chain)) for a, t in todo]
         ar = v.ar or f"{self.config.authserv_id}; none"
-        dkim_signer, arc_signer = FastDKIM(b""), FastARC(b"")
+        dkim_signer = FastDKIM(b"")
+        seal = b""
+        if self.sealer is not None:
+            seal = b"".join(
+                self.sealer.seal_headers_prepended(
+                    b"", view, FastARC(b""), ar, v.chain, unsigned=PER_MEMBER
+                )
+            )
         out = []
         for a, t in todo:
             top = transform.unsubscribe_field(cfg, self.config.lists_http.base_url, t)
             top = self.signer.signatures_prepended(top, view, cfg.domain, dkim_signer) + top
-            if self.sealer is not None:
-                seal = self.sealer.seal_headers_prepended(top, view, arc_signer, ar, v.chain)
-                top = b"".join(seal) + top
-            out.append((a, t, top + distributed))
+            out.append((a, t, seal + top + distributed))
         return out
 
     def _composes(self, cfg: ListConfig, view: PrependView, token: str) -> bool:

@@ -287,3 +287,41 @@ def test_a_batch_makes_the_bytes_copy_makes(
         assert dkim.DKIM(data).verify(idx=0, dnsfunc=_dns(keys))
         cv, _, reason = dkim.arc_verify(data, dnsfunc=_dns(keys))
         assert cv == dkim.CV_Pass, (case, reason)
+
+
+def test_one_arc_set_serves_a_batch_and_the_dkim_signature_covers_each_members_field(
+    tmp_path: Path, keys: dict[str, Any]
+) -> None:
+    """The copies of a batch carry one ARC set (made once: a copy costs one RSA signature,
+    the list's DKIM one); its AMS signs every list-wide field but not List-Unsubscribe,
+    which differs per member and which the list's DKIM signature covers (RFC 8058 section
+    4). Changing one member's List-Unsubscribe breaks that copy's DKIM signature."""
+    config = _config(tmp_path, keys, subject_prefix="[dev]")
+    cfg = config.lists["dev@lists.example.org"]
+    dist = transform.distribute(POST, cfg, BASE, mitigate=True)
+    maker = CopyMaker(config, OutboundSigner.from_config(config), _sealer(keys))
+    verdict_ar, chain = "relay.example.org; dmarc=fail", ArcResult(ArcCv.NONE)
+    from relay.stages import Verdict
+
+    rcpts = [(f"m{i}@one.test", f"{i:032x}") for i in range(4)]
+    made = maker.batch(cfg, dist, rcpts, Verdict(verdict_ar, chain))
+    sets = set()
+    for _, token, data in made:
+        head = data.split(b"\r\n\r\n", 1)[0]
+        cut = head.index(b"\r\nDKIM-Signature:")
+        sets.add(head[:cut])
+        assert head[:cut].startswith(b"ARC-Seal: i=1")
+        msg = email.message_from_bytes(data)
+        ams = dkim.util.parse_tag_value(msg["ARC-Message-Signature"].encode())
+        in_ams = [h.strip().lower() for h in ams[b"h"].split(b":")]
+        assert b"list-unsubscribe" not in in_ams and b"dkim-signature" not in in_ams
+        for field in (b"from", b"subject", b"list-id", b"list-post", b"reply-to"):
+            assert field in in_ams, field
+        sig = dkim.util.parse_tag_value(msg["DKIM-Signature"].encode())
+        assert b"list-unsubscribe" in [h.strip().lower() for h in sig[b"h"].split(b":")]
+        assert token.encode() in msg["List-Unsubscribe"].encode()
+        assert dkim.DKIM(data).verify(dnsfunc=_dns(keys))
+        assert dkim.arc_verify(data, dnsfunc=_dns(keys))[0] == dkim.CV_Pass
+        forged = data.replace(token.encode(), b"f" * 32, 1)
+        assert not dkim.DKIM(forged).verify(dnsfunc=_dns(keys))
+    assert len(sets) == 1 and len(made) == 4
