@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,13 +36,16 @@ from relay.commands.keygen import generate
 from relay.config import dump_toml
 from relay.lab.dnsserver import LabDnsServer, Zone
 from relay.lab.postfix import PostfixInstance, PostfixSpec, free_port, wait_port
+from relay.lists.service import BATCH
 from tests.labutil import send
 
 LIST = "dev@lists.bench.test"
 SINK_HOST = "127.0.0.40"
 RELAY_HOST = "127.0.0.41"
-SIGNATURES_PER_COPY = 3  # DKIM-Signature, ARC-Message-Signature, ARC-Seal
+# a copy's own DKIM-Signature, and its share of the batch's one ARC set (AMS + AS)
+SIGNATURES_PER_COPY = 1 + 2 / BATCH
 POSTFIX_HOST = "127.0.0.42"
+PROFILE = Path(__file__).resolve().parent / "out" / "lists-profile.txt"  # py-spy raw stacks
 POST = (
     b"From: Alice <alice@author.test>\r\nTo: dev@lists.bench.test\r\nSubject: plan\r\n"
     b"Message-ID: <bench@author.test>\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n\r\n"
@@ -84,7 +89,9 @@ def relay_config(work: Path, dns: str, sink_port: int, port: int, zone: Zone) ->
     return cfg
 
 
-def run_relay(work: Path, dns: LabDnsServer, zone: Zone, members: list[str]) -> dict[str, Any]:
+def run_relay(
+    work: Path, dns: LabDnsServer, zone: Zone, members: list[str], profile: bool = False
+) -> dict[str, Any]:
     sink_port = free_port(SINK_HOST)
     sink = Sink(SINK_HOST, sink_port).start()
     port = free_port(RELAY_HOST)
@@ -106,6 +113,7 @@ def run_relay(work: Path, dns: LabDnsServer, zone: Zone, members: list[str]) -> 
         pids = tree(proc.pid)
         cpu0 = cpu_seconds(pids)
         parts0 = cpu_parts(pids)
+        spy = start_spy(proc.pid) if profile else None
         t0 = time.monotonic()
         asyncio.run(send(RELAY_HOST, port, "alice@author.test", [LIST], POST))
         accepted = time.monotonic() - t0
@@ -115,7 +123,8 @@ def run_relay(work: Path, dns: LabDnsServer, zone: Zone, members: list[str]) -> 
         cpu = cpu_seconds(pids) - cpu0
         parts = {k: v - parts0.get(k, 0.0) for k, v in cpu_parts(pids).items()}
         per = 1000 / max(sink.count, 1)
-        return {
+        extra = {"profile": stop_spy(spy)} if spy is not None else {}
+        return extra | {
             "delivered": sink.count,
             "complete": ok,
             "seconds": round(elapsed, 2),
@@ -126,6 +135,15 @@ def run_relay(work: Path, dns: LabDnsServer, zone: Zone, members: list[str]) -> 
             # and the relay workers (fan-out commits, scheduler, courier, store)
             "cpu_ms_per_copy_signing_pool": round(per * parts.get("pool", 0.0), 2),
             "cpu_ms_per_copy_workers": round(per * parts.get("workers", 0.0), 2),
+            # each worker process's share of the workers' CPU (the leader fans out)
+            "workers_cpu_split": sorted(
+                (
+                    round(v / max(parts.get("workers", 0.0), 1e-9), 2)
+                    for k, v in parts.items()
+                    if k.startswith("worker ")
+                ),
+                reverse=True,
+            ),
         }
     finally:
         proc.terminate()
@@ -134,6 +152,30 @@ def run_relay(work: Path, dns: LabDnsServer, zone: Zone, members: list[str]) -> 
         except subprocess.TimeoutExpired:
             proc.kill()
         sink.stop()
+
+
+def start_spy(pid: int) -> subprocess.Popen[bytes] | None:
+    """py-spy on the relay's process tree (workers and signing pool) for the fan-out."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not os.path.exists(spy):
+        print("--profile: py-spy is not installed (.venv/bin/pip install py-spy)", file=sys.stderr)
+        return None
+    cmd = [spy, "record", "--pid", str(pid), "--subprocesses", "--rate", "200", "--format"]
+    cmd += ["raw", "--output", str(PROFILE), "--nonblocking"]
+    PROFILE.parent.mkdir(parents=True, exist_ok=True)
+    PROFILE.unlink(missing_ok=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    return proc
+
+
+def stop_spy(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
+    from bench.run import summarize_profile
+
+    proc.send_signal(signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(30)
+    return summarize_profile([PROFILE], 30) if PROFILE.exists() else {}
 
 
 def cpu_parts(pids: list[int]) -> dict[str, float]:
@@ -145,14 +187,18 @@ def cpu_parts(pids: list[int]) -> dict[str, float]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        out["pool" if b"forkserver" in cmd else "workers"] += cpu_seconds([pid])
+        cpu = cpu_seconds([pid])
+        out["pool" if b"forkserver" in cmd else "workers"] += cpu
+        if b"forkserver" not in cmd and pid != pids[0]:
+            out[f"worker {pid}"] = cpu
     return out
 
 
 def signing_ceiling(postfix_rate: float) -> dict[str, Any]:
     """RSA-2048 sign time measured now, and the copies a second the machine's cores could
-    sign at most (three signatures a copy: DKIM, ARC-Message-Signature, ARC-Seal), also as
-    a ratio to Postfix's rate: what signing alone allows, before any other work."""
+    sign at most (a copy's DKIM signature and 1/BATCH of the batch's ARC-Message-Signature
+    and ARC-Seal), also as a ratio to Postfix's rate: what signing alone allows, before
+    any other work."""
     ms = cryptography_sign_ms()
     cores = os.cpu_count() or 1
     ceiling = cores * 1000 / (SIGNATURES_PER_COPY * ms)
@@ -220,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--members", type=int, default=5000)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--profile", action="store_true", help="py-spy the relay (skews figures)")
     args = ap.parse_args(argv)
     members = [f"m{i:05d}@sink.test" for i in range(args.members)]
     work = Path(tempfile.mkdtemp(prefix="lists-bench-"))
@@ -232,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     dns = LabDnsServer(zone).start()
     try:
         postfix = run_postfix(work, members)
-        relay = run_relay(work, dns, zone, members)
+        relay = run_relay(work, dns, zone, members, args.profile)
     finally:
         dns.stop()
         shutil.rmtree(work, ignore_errors=True)
