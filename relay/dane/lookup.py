@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from relay.dane.policy import DaneHostPolicy, DaneInputs, DaneState, Lookup, host_policy
-from relay.dns import Answer, DnssecResolver, Resolver, TlsaRecord
+from relay.dns import Answer, DnssecResolver, Resolver, TlsaRecord, peek_pair
 from relay.errors import DnsBogus, DnsError, DnsNoData, DnsNotFound
 
 
@@ -74,7 +74,9 @@ async def host_dane(resolver: Resolver, host: str, mx: Lookup) -> DaneHost:
         pol = host_policy(DaneInputs(mx, Lookup.INSECURE, Lookup.INSECURE))
         return DaneHost(host, "insecure", "", (), (host,), pol)
     r = cast(DnssecResolver, resolver)
-    a, aaaa = await asyncio.gather(_answer(r, host, "A"), _answer(r, host, "AAAA"))
+    a, aaaa = peek_pair(r, host) or await asyncio.gather(
+        _answer(r, host, "A"), _answer(r, host, "AAAA")
+    )
     got = [x for x in (a, aaaa) if isinstance(x, Answer)]
     steps = [_status(x) for x in (a, aaaa)]
     if Lookup.BOGUS in steps:

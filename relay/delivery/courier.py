@@ -93,6 +93,18 @@ POOL_MAX_IDLE = 32  # idle connections kept in all
 MAX_TRANSACTIONS_PER_CONNECTION = 100
 MAX_CONNECTION_AGE = 300.0
 MAX_ADDRESSES_PER_HOST = 2
+# seconds a domain's MTA-STS lookup result is reused for its next messages (a list's
+# thousands of copies): never an unavailable cache (that defers each time, RFC 8461
+# section 5), only what the lookup returned; as stale as a DNS answer a second old
+POLICY_MEMO_SECONDS = 1.0
+POLICY_MEMO_MAX = 4096  # domains remembered at once
+
+
+class _Miss:
+    """No fresh memo: look the policy up."""
+
+
+_MISS = _Miss()
 
 
 # ---------------------------------------------------------------------- connection pool
@@ -262,6 +274,8 @@ class Courier:
         self.config = config
         self.resolver = resolver
         self.policy_lookup = policy_lookup
+        # domain -> (expiry, the lookup that answered, its answer)
+        self._policy_memo: dict[str, tuple[float, PolicyLookup, TlsPolicy]] = {}
         self.outcome_sink = outcome_sink
         self.local_addresses = tuple(local_addresses)
         self.clock = clock
@@ -340,19 +354,23 @@ class Courier:
         async with self.destinations.slot(job.domain):
             if self.destinations.is_dead(job.domain):
                 return self._dead_result(job, blog)
-            # the policy lookup runs alongside the MX lookup (maddy's PrepareDomain)
-            route, policy = await asyncio.gather(
-                resolve_route(
-                    self.resolver,
-                    job.domain,
-                    port=self.config.delivery.port,
-                    local_addresses=self.local_addresses,
-                    max_mx=self.config.delivery.max_mx,
-                    rng=self.rng,
-                    allow_loopback=self.allow_loopback,
-                ),
-                self._policy(job.domain, blog),
+            # the policy lookup runs alongside the MX lookup (maddy's PrepareDomain); a
+            # policy held in memory is taken without a task
+            policy_now = self._policy_cached(job.domain)
+            routing = resolve_route(
+                self.resolver,
+                job.domain,
+                port=self.config.delivery.port,
+                local_addresses=self.local_addresses,
+                max_mx=self.config.delivery.max_mx,
+                rng=self.rng,
+                allow_loopback=self.allow_loopback,
             )
+            policy: TlsPolicy | None | _Unavailable
+            if isinstance(policy_now, _Miss):
+                route, policy = await asyncio.gather(routing, self._policy(job.domain, blog))
+            else:
+                route, policy = await routing, policy_now
             if isinstance(policy, _Unavailable):
                 return self._unavailable(job, policy, blog)
             plan = tlspolicy.decide(
@@ -379,13 +397,28 @@ class Courier:
         cache unreadable, or the lookup itself broke)."""
         if self.policy_lookup is None:
             return None
+        lookup = self.policy_lookup
         try:
-            return await self.policy_lookup(domain)
+            policy = await lookup(domain)
+            if len(self._policy_memo) >= POLICY_MEMO_MAX:
+                self._policy_memo.clear()
+            self._policy_memo[domain] = (time.monotonic() + POLICY_MEMO_SECONDS, lookup, policy)
+            return policy
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a broken lookup must not downgrade
             blog.error("policy_lookup_failed", error=f"{type(exc).__name__}: {exc}")
             return _Unavailable(str(exc) or type(exc).__name__)
+
+    def _policy_cached(self, domain: str) -> TlsPolicy | None | _Miss:
+        """The domain's policy from a lookup under POLICY_MEMO_SECONDS ago, None without
+        MTA-STS, else _MISS."""
+        if self.policy_lookup is None:
+            return None
+        hit = self._policy_memo.get(domain)
+        if hit is None or hit[0] <= time.monotonic() or hit[1] is not self.policy_lookup:
+            return _MISS  # none, stale, or from a lookup since replaced (relay reload)
+        return hit[2]
 
     def _unavailable(self, job: DeliveryJob, why: _Unavailable, blog: Any) -> AttemptResult:
         # RFC 8461 section 5 (fail closed, see tlspolicy.decide): an unknown policy is

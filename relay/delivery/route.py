@@ -235,7 +235,10 @@ async def resolve_route(
             skipped=tuple(skipped),
         )
 
-    looked_up = await asyncio.gather(*(_host_addresses(resolver, r.host) for r in chosen))
+    if len(chosen) == 1:  # one MX host (the usual case): no task to gather
+        looked_up = [await _host_addresses(resolver, chosen[0].host)]
+    else:
+        looked_up = await asyncio.gather(*(_host_addresses(resolver, r.host) for r in chosen))
     hosts: list[MxHost] = []
     temp_fail: list[str] = []
     loopback_only = 0

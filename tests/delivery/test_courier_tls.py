@@ -386,3 +386,50 @@ async def test_idle_connection_expires(lab: MxLab) -> None:
     finally:
         await courier.close()
     assert srv.connections == 2
+
+
+async def test_policy_memo_reuses_an_answer_briefly_but_never_an_unavailable_cache(
+    lab: MxLab,
+) -> None:
+    """A list's copies to one domain: the lookup runs once for messages within
+    POLICY_MEMO_SECONDS; an unreadable cache is asked again on the next message and
+    defers it (RFC 8461 section 5), even right after an enforce policy was memoised;
+    a replaced lookup (relay reload) is used at once."""
+    srv = await lab.add_mx("d.lab.test", "mx.d.lab.test", "none")  # no STARTTLS
+    calls: list[str] = []
+    broken = False
+
+    async def lookup(domain: str) -> TlsPolicy:
+        calls.append(domain)
+        if broken:
+            raise CacheUnavailable(domain, "StoreError: database is locked")
+        return sts(domain, StsMode.ENFORCE, "mx.d.lab.test")
+
+    courier = Courier(lab.config(), lab.resolver(), policy_lookup=lookup, outcome_sink=lab.sink)
+    try:
+        first = await courier.deliver(job("d.lab.test", qid="Q1"))
+        second = await courier.deliver(job("d.lab.test", qid="Q2"))
+        assert len(calls) == 1  # the second message took the memo
+        courier._policy_memo.clear()  # past the memo's second
+        broken = True
+        third = await courier.deliver(job("d.lab.test", qid="Q3"))
+        fourth = await courier.deliver(job("d.lab.test", qid="Q4"))
+        assert len(calls) == 3  # no memo of an unavailable cache: asked each time
+
+        async def none(domain: str) -> TlsPolicy:
+            calls.append("replaced")
+            return TlsPolicy(domain=domain)
+
+        broken = False
+        await courier.deliver(job("d.lab.test", qid="Q5"))  # enforce memoised again
+        courier.policy_lookup = none
+        fifth = await courier.deliver(job("d.lab.test", qid="Q6"))
+    finally:
+        await courier.close()
+    for res in (first, second):  # enforce, MX without STARTTLS: never in clear
+        assert res.recipients[0].state is RecipientState.DEFERRED, res
+    for res in (third, fourth):
+        assert res.recipients[0].reply.startswith("451 4.7.0 TLS policy of d.lab.test"), res
+    assert calls[-1] == "replaced"
+    assert fifth.recipients[0].state is RecipientState.DELIVERED  # no policy: opportunistic
+    assert len(srv.recorder.messages) == 1 and srv.recorder.messages[0].tls_version is None

@@ -7,7 +7,14 @@ import asyncio
 
 import pytest
 
-from relay.dns import CachingResolver, DnspythonResolver, MxRecord, StaticResolver
+from relay.dns import (
+    CachingResolver,
+    DnspythonResolver,
+    MxRecord,
+    StaticResolver,
+    addresses,
+    peek_pair,
+)
 from relay.errors import DnsNoData, DnsNotFound, DnsTempFail
 from relay.lab.dnsserver import LabDnsServer, Zone
 
@@ -111,3 +118,30 @@ async def test_concurrent_queries_share_one_lookup_and_callers_own_their_lists()
     answers[0].clear()
     assert await res.a("d.test") == ["192.0.2.1", "192.0.2.2"]
     assert inner.queries == [("d.test", "A")]
+
+
+async def test_addresses_from_a_fresh_cache_pair_match_a_lookup_and_expire() -> None:
+    """``addresses`` takes both families from the cache when both are fresh (no lookup
+    tasks), with the same answers and errors as the lookups give; one family expired
+    sends both to the resolver again."""
+    inner = StaticResolver({("v4.test", "A"): ["192.0.2.1"]})
+    clock = Clock()
+    res = CachingResolver(inner, max_ttl=10, negative_ttl=5, clock=clock)
+    assert peek_pair(res, "v4.test") is None
+    assert await addresses(res, "v4.test") == ["192.0.2.1"]  # AAAA: no data, kept 5 s
+    pair = peek_pair(res, "V4.test.")
+    assert pair is not None and isinstance(pair[1], DnsNoData)
+    misses = res.misses
+    inner.records[("v4.test", "A")] = ["192.0.2.9"]
+    assert await addresses(res, "v4.test") == ["192.0.2.1"]
+    assert res.misses == misses
+    with pytest.raises(DnsNotFound):
+        await addresses(res, "gone.test")
+    with pytest.raises(DnsNotFound):  # the cached NXDOMAIN pair, raised the same way
+        await addresses(res, "gone.test")
+    clock.now += 6  # the AAAA denial expired, the A answer not yet
+    assert peek_pair(res, "v4.test") is None
+    assert await addresses(res, "v4.test") == ["192.0.2.1"]
+    clock.now += 5
+    assert await addresses(res, "v4.test") == ["192.0.2.9"]
+    assert peek_pair(StaticResolver({}), "v4.test") is None  # a resolver without a cache
