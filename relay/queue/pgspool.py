@@ -417,6 +417,33 @@ class PgSpool:
 
         return await self.store.write(run, single=True)
 
+    async def claim_due(self, qid: QueueId) -> tuple[str, ...]:
+        """Lease every recipient of the message still queued or deferred and due (not
+        held, not corrupt), skipping rows another transaction holds: the loader's claim,
+        before the message is read (``Spool.claim_due``)."""
+        owner = self.owner
+
+        async def run(conn: Conn) -> tuple[str, ...]:
+            now = self.clock()  # the lease runs from the statement, not from the call
+            rows = await conn.fetch(
+                "UPDATE queue_recipients r SET state=$3, updated=$2, lease_owner=$4,"
+                " lease_expiry=$5 FROM (SELECT qid, address FROM queue_recipients"
+                " WHERE qid=$1 AND state IN ($6, $7) AND next_attempt<=$2"
+                " AND NOT EXISTS (SELECT 1 FROM queue_messages WHERE id=$1"
+                " AND (held OR corrupt)) FOR UPDATE SKIP LOCKED) c"
+                " WHERE r.qid=c.qid AND r.address=c.address RETURNING r.address",
+                qid,
+                now,
+                _I,
+                owner,
+                now + self.lease,
+                _Q,
+                _D,
+            )
+            return tuple(r[0] for r in rows)
+
+        return await self.store.write(run, single=True)
+
     async def mark_inflight(self, qid: QueueId, addresses: Sequence[str]) -> tuple[str, ...]:
         return await self.claim(qid, addresses)
 

@@ -328,15 +328,19 @@ class Scheduler:
             if qid not in self._active:
                 log.debug("loaded", qid=qid)
                 self._loaded.add(qid)
-                self._start(qid, None)
+                self._start(qid, None, due=True)
 
-    def _start(self, qid: QueueId, preloaded: tuple[QueuedMessage, bytes] | None) -> None:
-        task = asyncio.get_running_loop().create_task(self._run_one(qid, preloaded))
+    def _start(
+        self, qid: QueueId, preloaded: tuple[QueuedMessage, bytes] | None, *, due: bool = False
+    ) -> None:
+        task = asyncio.get_running_loop().create_task(self._run_one(qid, preloaded, due))
         self._active[qid] = task
 
-    async def _run_one(self, qid: QueueId, preloaded: tuple[QueuedMessage, bytes] | None) -> None:
+    async def _run_one(
+        self, qid: QueueId, preloaded: tuple[QueuedMessage, bytes] | None, due: bool = False
+    ) -> None:
         try:
-            await self._process(qid, preloaded)
+            await self._process(qid, preloaded, due)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - one bad message must not stop the queue
@@ -351,20 +355,35 @@ class Scheduler:
             if self._backlog and self.loader:
                 self._wake.set()
 
-    async def _process(self, qid: QueueId, preloaded: tuple[QueuedMessage, bytes] | None) -> None:
-        if preloaded is None:
+    async def _process(
+        self, qid: QueueId, preloaded: tuple[QueuedMessage, bytes] | None, due: bool = False
+    ) -> None:
+        """One message: ``preloaded`` (written in flight under our lease: intake, a list's
+        fan-out), else ``due`` (picked by the loader: its due recipients are claimed before
+        it is read; none claimed means another owner has them, or they are done), else
+        read, then its due recipients claimed (a DSN owed, found by the sweeper)."""
+        if preloaded is None and due:
+            got = set(await self.spool.claim_due(qid))
+            if not got:
+                return  # another loader's, or no longer due: that owner settles it
+            loaded = await self.spool.load(qid)
+            if loaded is None:
+                return  # deleted meanwhile (relay queue delete): nothing to deliver
+            msg, data = loaded
+            pending = [r for r in msg.recipients if r.address in got]
+        elif preloaded is None:
             loaded = await self.spool.load(qid)
             if loaded is None:
                 return
             msg, data = loaded
             now = self.clock()
-            due = [
+            wanted = [
                 r.address
                 for r in msg.recipients
                 if r.state in (RecipientState.QUEUED, RecipientState.DEFERRED)
                 and r.next_attempt <= now
             ]
-            claimed = set(await self.spool.claim(qid, due)) if due else set()
+            claimed = set(await self.spool.claim(qid, wanted)) if wanted else set()
             pending = [r for r in msg.recipients if r.address in claimed]
         else:
             msg, data = preloaded

@@ -366,6 +366,26 @@ class Spool:
 
         return await self.store.write(run)
 
+    async def claim_due(self, qid: QueueId) -> tuple[str, ...]:
+        """Take the lease of every recipient of the message that is queued or deferred
+        and due (not held, not corrupt): the loader's claim, made before the message is
+        read, so of several loaders that picked the same message one reads it and the
+        others have spent one small write. Returns the addresses claimed."""
+        owner = self.owner
+
+        def run(conn: sqlite3.Connection) -> tuple[str, ...]:
+            now = self.clock()  # the lease runs from the write, not from the call
+            rows = conn.execute(
+                "UPDATE queue_recipients SET state=?, updated=?, lease_owner=?,"
+                " lease_expiry=? WHERE qid=? AND state IN (?,?) AND next_attempt<=?"
+                " AND qid NOT IN (SELECT id FROM queue_messages WHERE id=?"
+                " AND (held=1 OR corrupt=1)) RETURNING address",
+                (_I, now, owner, now + self.lease, qid, _Q, _D, now, qid),
+            ).fetchall()
+            return tuple(r[0] for r in rows)
+
+        return await self.store.write(run)
+
     async def mark_inflight(self, qid: QueueId, addresses: Sequence[str]) -> tuple[str, ...]:
         """Former name of ``claim``."""
         return await self.claim(qid, addresses)

@@ -366,3 +366,67 @@ async def test_a_lease_runs_from_its_write_not_from_a_wait_for_the_writer(store:
     for q in ("WAITED", qid):
         m = await other.get(q)
         assert m is not None and [r.lease_expiry for r in m.recipients] == [written + 10]
+
+
+async def test_claim_due_leases_the_due_recipients_once_of_two_owners(
+    queue_backend: QueueBackend,
+) -> None:
+    """The loader's claim: every due recipient of the message, to one owner only; none
+    of a recipient not yet due, none of a held or corrupt message."""
+    clock = Clock()
+    a = await queue_backend.spool(clock)
+    b = await queue_backend.spool(clock)
+    rcpts = tuple(f"r{i}@example.org" for i in range(10))
+    qid = await a.enqueue(NewMessage("a@example.com", rcpts, MSG))
+    assert await a.claim(qid, [rcpts[0]]) == (rcpts[0],)  # deferred for an hour
+    later = RecipientUpdate(rcpts[0], RecipientState.DEFERRED, "451 later", clock.t + 3600)
+    await a.record(qid, [later])
+    got_a, got_b = await asyncio.gather(a.claim_due(qid), b.claim_due(qid))
+    assert not set(got_a) & set(got_b) and set(got_a) | set(got_b) == set(rcpts[1:])
+    m = await a.get(qid)
+    assert m is not None
+    owners = {r.address: r.lease_owner for r in m.recipients}
+    assert all(owners[x] == a.owner for x in got_a) and all(owners[x] == b.owner for x in got_b)
+    assert await a.claim_due(qid) == ()  # nothing due left
+    held = await a.enqueue(NewMessage("a@example.com", ("h@example.org",), MSG))
+    assert await a.hold([held]) == [held]
+    assert await b.claim_due(held) == ()
+    bad = await a.enqueue(NewMessage("a@example.com", ("c@example.org",), MSG))
+    await a.mark_corrupt(bad)
+    assert await b.claim_due(bad) == ()
+
+
+async def test_two_loaders_read_each_message_once(
+    tmp_path: Path, queue_backend: QueueBackend
+) -> None:
+    """Two schedulers loading from one store (worker processes, nodes) pick the same due
+    messages; each message is read (and delivered) by the one whose claim won, the other
+    spends only the claim."""
+    clock = Clock()
+    courier = CountingCourier(delay=0.005)
+    spools = [await queue_backend.spool(clock), await queue_backend.spool(clock)]
+    reads: collections.Counter[str] = collections.Counter()
+    for s in spools:
+        plain = s.load
+
+        async def load(qid: str, plain: Callable[..., object] = plain) -> object:
+            reads[qid] += 1
+            return await plain(qid)  # type: ignore[misc]
+
+        s.load = load  # type: ignore[method-assign]
+    qids = [
+        await spools[0].enqueue(NewMessage("a@example.com", (f"r{i}@a.example",), MSG))
+        for i in range(40)
+    ]
+    scheds = [scheduler(tmp_path, s, courier, clock, lease=60) for s in spools]
+    tasks = [asyncio.create_task(s.run()) for s in scheds]
+    try:
+        await until(lambda: sum(courier.count.values()) >= len(qids), 10)
+        await until(lambda: all(s.active == 0 for s in scheds))
+        assert await spools[0].list() == []
+        assert max(courier.count.values()) == 1 and len(courier.count) == len(qids)
+        assert set(reads) == set(qids) and max(reads.values()) == 1, reads
+    finally:
+        for s, t in zip(scheds, tasks, strict=True):
+            await s.stop()
+            t.cancel()
