@@ -2,15 +2,16 @@
 to Postfix's smtp-sink, beside Postfix expanding the same 5,000 recipients as one virtual
 alias, in the same run.
 
-Our relay (``relay serve`` subprocess: durable store, lab DNS, [auth] and [arc] on) makes
-one copy per member: its own List-Unsubscribe, a DKIM signature by the list domain, an ARC
-seal, a VERP envelope sender, its own SMTP transaction. Postfix gets the post to an
-alias of the same 5,000 addresses and sends it as it does (up to 50 recipients per
-transaction, no signing). Measured from the 250 of the post to the last delivery:
-deliveries (recipients) per second, and CPU milliseconds per copy (the relay process
-tree's utime + stime over the fan-out, divided by the members).
+Our relay (``relay serve`` subprocess: durable store, lab DNS, [auth] and [arc] on)
+makes one copy per member: its own List-Unsubscribe, a DKIM signature by the list domain
+over it, the ARC set its batch of 50 shares, a VERP envelope sender, its own SMTP
+transaction. Postfix gets the post to an alias of the same 5,000 addresses and sends it
+as it does (up to 50 recipients per transaction, no signing). Measured from the 250 of
+the post to the last delivery: deliveries (recipients) per second, and CPU milliseconds
+per copy (the relay process tree's utime + stime over the fan-out, divided by the
+members).
 
-    python -m bench.lists_bench [--members 5000] [--out results.json]
+    python -m bench.lists_bench [--members 5000] [--out results.json] [--profile]
 """
 
 from __future__ import annotations

@@ -4,11 +4,12 @@
 checked (loop, size, who may post), made into the list-wide copy (relay.lists.transform)
 and stored with the recipients it goes to, in one fsync'd write (or held, with the
 owners' notices queued in the same write); the 250 follows. ``fan_out`` then makes each
-member's copy (List-Unsubscribe with the member's token, DKIM by the list domain, ARC
-sealed over the final headers) in batches; each batch's copies are queued in the same
-transaction that marks their recipients done, so after a crash the fan-out resumes
-where the last commit left it: every member gets one copy (duplicates only for copies
-whose delivery was in flight at the crash, as for any queued mail).
+member's copy (List-Unsubscribe with the member's token, DKIM by the list domain over
+it, and one ARC set per batch over the list-wide fields: PER_MEMBER) in batches; each
+batch's copies are queued in the same transaction that marks their recipients done, so
+after a crash the fan-out resumes where the last commit left it: every member gets one
+copy (duplicates only for copies whose delivery was in flight at the crash, as for any
+queued mail).
 
 Bounces, confirmations, unsubscriptions and owner mail are handled here too; periodic
 ``sweep`` expires held posts, removes long-disabled members and resumes fan-outs.
