@@ -9,6 +9,7 @@ reads, so the tests can see what arrived in one segment."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -582,3 +583,33 @@ async def test_552_to_a_pipelined_rcpt_is_temporary(raw_factory: Any) -> None:
         await s.quit()
     assert [(a, r.code) for a, r in tx.replies] == [(f"a@{D}", 250), (f"b@{D}", 452)]
     assert tx.data_sent and [m.rcpts for m in mx.stored] == [[f"a@{D}"]]
+
+
+async def test_a_silent_server_times_out_each_read_and_the_session_is_left_closed(
+    raw_factory: Any,
+) -> None:
+    """A server that takes the pipelined commands and never answers costs the command
+    timeout, no more: the reply read raises the timeout, the connection is given up and
+    nothing was stored."""
+    mx = await raw_factory()
+    s = await SmtpSession.open(
+        mx_host="mx.d.lab.test",
+        ip=mx.ip,
+        port=mx.port,
+        helo="relay.lab.test",
+        tls_context=None,
+        require_tls=False,
+        connect_timeout=2.0,
+        command_timeout=0.3,
+    )
+    mx.mute = True
+    started = time.monotonic()
+    try:
+        with pytest.raises(ConnectionLost, match="timeout"):
+            await asyncio.wait_for(s.send("alice@sender.test", [f"a@{D}"], DATA), 3)
+    finally:
+        await s.quit()
+    assert 0.25 <= time.monotonic() - started < 2.0
+    protocol = s._smtp.protocol
+    assert protocol is None or protocol._response_pending is False
+    assert mx.stored == []
