@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,22 @@ import aiosmtplib
 from relay.config import write_config
 
 __all__ = ["base_doc", "message", "send", "write_config"]
+
+
+_GIVEN: set[int] = set()  # ports free_port has handed out in this test process
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on host now, and never one handed out before in this process: nothing
+    holds a port between two calls, so two calls in a row could otherwise give the same
+    one (two nodes' configs then name one listen address and the second fails to start)."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def base_doc(

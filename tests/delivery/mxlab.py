@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import socket
 import ssl
 import warnings
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from relay.config import Config, DeliveryConfig, ServerConfig
 from relay.dns import DnspythonResolver
 from relay.lab.dnsserver import LabDnsServer, Zone
 from relay.model import TlsOutcome
+from tests.labutil import free_port
 
 
 @dataclass
@@ -138,12 +138,6 @@ class MxServer:
         if self._server is not None:
             self._server.close()
             self._server = None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class MxLab:

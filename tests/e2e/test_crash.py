@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,15 +21,9 @@ import pytest
 
 from relay.lab.dnsserver import LabDnsServer, Zone
 from relay.lab.mta import LabMta
-from tests.labutil import base_doc, message, write_config
+from tests.labutil import base_doc, free_port, message, write_config
 
 pytestmark = pytest.mark.slow
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def start_relay(config: Path, log: Path) -> subprocess.Popen[bytes]:

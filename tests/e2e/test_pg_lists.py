@@ -25,8 +25,8 @@ import pytest
 from relay.config import dump_toml
 from relay.lab.mta import LabMta, Received
 from tests.e2e.test_crash import start_relay, wait_listening
-from tests.labutil import send
-from tests.lists.listlab import AUTHOR_IP, LIST, MEMBER_IPS, ListLab, free_port, post
+from tests.labutil import free_port, send
+from tests.lists.listlab import AUTHOR_IP, LIST, MEMBER_IPS, ListLab, post
 from tests.pg.pgcluster import PASSWORD
 
 pytestmark = pytest.mark.slow

@@ -4,7 +4,6 @@ config of a relay serving lists with list-domain DKIM and ARC."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +15,6 @@ AUTHOR_IP = "127.0.0.5"
 MEMBER_IPS = {"one.test": "127.0.0.2", "two.test": "127.0.0.3", "three.test": "127.0.0.6"}
 LIST = "dev@lists.lab.test"
 PLAIN = "plain@lists.lab.test"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class ListLab:

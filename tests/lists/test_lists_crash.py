@@ -19,8 +19,8 @@ from relay.cli import main as cli
 from relay.config import dump_toml
 from relay.lab.mta import LabMta
 from tests.e2e.test_crash import start_relay, wait_listening
-from tests.labutil import send
-from tests.lists.listlab import AUTHOR_IP, LIST, ListLab, free_port, post
+from tests.labutil import free_port, send
+from tests.lists.listlab import AUTHOR_IP, LIST, ListLab, post
 
 pytestmark = pytest.mark.slow
 

@@ -29,8 +29,8 @@ from relay.commands.diagnose import diagnose
 from relay.config import dump_toml, load_config
 from relay.lab.mta import LabMta, Received
 from relay.lists import members as db
-from tests.labutil import send
-from tests.lists.listlab import AUTHOR_IP, LIST, MEMBER_IPS, PLAIN, ListLab, free_port, post
+from tests.labutil import free_port, send
+from tests.lists.listlab import AUTHOR_IP, LIST, MEMBER_IPS, PLAIN, ListLab, post
 
 pytestmark = pytest.mark.slow
 MEMBERS = ["b@one.test", "c@two.test", "d@three.test"]
