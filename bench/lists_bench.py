@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +30,7 @@ from typing import Any
 
 from bench.procstat import cpu_seconds, tree
 from bench.rsaspeed import cryptography_sign_ms
+from bench.run import end_recordings, record_tree, summarize_profile
 from bench.sink import Sink
 from relay.commands.keygen import generate
 from relay.config import dump_toml
@@ -157,25 +156,14 @@ def run_relay(
 
 def start_spy(pid: int) -> subprocess.Popen[bytes] | None:
     """py-spy on the relay's process tree (workers and signing pool) for the fan-out."""
-    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not os.path.exists(spy):
-        print("--profile: py-spy is not installed (.venv/bin/pip install py-spy)", file=sys.stderr)
-        return None
-    cmd = [spy, "record", "--pid", str(pid), "--subprocesses", "--rate", "200", "--format"]
-    cmd += ["raw", "--output", str(PROFILE), "--nonblocking"]
-    PROFILE.parent.mkdir(parents=True, exist_ok=True)
-    PROFILE.unlink(missing_ok=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1.0)
+    proc = record_tree(pid, PROFILE)
+    if proc is not None:
+        time.sleep(1.0)
     return proc
 
 
 def stop_spy(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
-    from bench.run import summarize_profile
-
-    proc.send_signal(signal.SIGINT)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(30)
+    end_recordings([proc])
     return summarize_profile([PROFILE], 30) if PROFILE.exists() else {}
 
 

@@ -210,26 +210,44 @@ def measure(system: System, sink: Sink, msgdir: Path, args: argparse.Namespace) 
 # ------------------------------------------------------------------ profiling (py-spy)
 
 
-def start_profiler(system: System, args: argparse.Namespace) -> list[subprocess.Popen[bytes]]:
-    """py-spy on each relay node's process tree (relay, relay-pg, relay-pg-x2)."""
+def record_tree(pid: int, out: Path, gil: bool = False) -> subprocess.Popen[bytes] | None:
+    """py-spy recording the process tree of pid (raw stacks, 200 Hz) into out; None, said
+    on stderr, when py-spy is not installed."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    nodes = getattr(system, "nodes", None) or [system]
-    roots = [n.pids()[0] for n in nodes if n.pids()]
     if not os.path.exists(spy):
         print("--profile: py-spy is not installed (.venv/bin/pip install py-spy)", file=sys.stderr)
-        return []
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    cmd = [spy, "record", "--pid", str(pid), "--subprocesses", "--rate", "200"]
+    cmd += ["--format", "raw", "--output", str(out), "--nonblocking"]
+    if gil:
+        cmd.append("--gil")
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def end_recordings(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Stop py-spy recorders (SIGINT: they write their output) and wait for them."""
+    for proc in procs:
+        proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+
+
+def start_profiler(system: System, args: argparse.Namespace) -> list[subprocess.Popen[bytes]]:
+    """py-spy on each relay node's process tree (relay, relay-pg, relay-pg-x2)."""
+    nodes = getattr(system, "nodes", None) or [system]
+    roots = [n.pids()[0] for n in nodes if n.pids()]
     if not roots or system.name not in (RELAY, RELAY_PG, RELAY_PG2):
         return []
-    OUT.mkdir(parents=True, exist_ok=True)
     procs = []
     for i, pid in enumerate(roots):
         out = OUT / f"relay-profile-{system.name}-{i}.txt"
-        out.unlink(missing_ok=True)
-        cmd = [spy, "record", "--pid", str(pid), "--subprocesses", "--rate", "200"]
-        cmd += ["--format", "raw", "--output", str(out), "--nonblocking"]
-        if args.profile_gil:
-            cmd.append("--gil")
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        proc = record_tree(pid, out, args.profile_gil)
+        if proc is None:
+            return []
+        procs.append(proc)
     time.sleep(1.0)
     return procs
 
@@ -237,11 +255,7 @@ def start_profiler(system: System, args: argparse.Namespace) -> list[subprocess.
 def stop_profiler(
     procs: list[subprocess.Popen[bytes]], system: System, args: argparse.Namespace
 ) -> dict[str, Any]:
-    for proc in procs:
-        proc.send_signal(signal.SIGINT)
-    for proc in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(30)
+    end_recordings(procs)
     paths = sorted(OUT.glob(f"relay-profile-{system.name}-*.txt"))
     return summarize_profile(paths, args.profile_top) if paths else {}
 
