@@ -359,32 +359,18 @@ class Scheduler:
         self, qid: QueueId, preloaded: tuple[QueuedMessage, bytes] | None, due: bool = False
     ) -> None:
         """One message: ``preloaded`` (written in flight under our lease: intake, a list's
-        fan-out), else ``due`` (picked by the loader: its due recipients are claimed before
-        it is read; none claimed means another owner has them, or they are done), else
-        read, then its due recipients claimed (a DSN owed, found by the sweeper)."""
-        if preloaded is None and due:
+        fan-out), else its due recipients claimed before it is read. Picked by the loader
+        (``due``), none claimed means another owner has them, or they are done: that
+        owner settles it; found by the sweeper (a DSN owed), it is read and settled."""
+        if preloaded is None:
             got = set(await self.spool.claim_due(qid))
-            if not got:
-                return  # another loader's, or no longer due: that owner settles it
+            if due and not got:
+                return
             loaded = await self.spool.load(qid)
             if loaded is None:
                 return  # deleted meanwhile (relay queue delete): nothing to deliver
             msg, data = loaded
             pending = [r for r in msg.recipients if r.address in got]
-        elif preloaded is None:
-            loaded = await self.spool.load(qid)
-            if loaded is None:
-                return
-            msg, data = loaded
-            now = self.clock()
-            wanted = [
-                r.address
-                for r in msg.recipients
-                if r.state in (RecipientState.QUEUED, RecipientState.DEFERRED)
-                and r.next_attempt <= now
-            ]
-            claimed = set(await self.spool.claim(qid, wanted)) if wanted else set()
-            pending = [r for r in msg.recipients if r.address in claimed]
         else:
             msg, data = preloaded
             pending = list(msg.pending())  # written in flight under our lease by intake
