@@ -278,8 +278,9 @@ class ArcSealer:
         """The new (ARC-Seal, ARC-Message-Signature, ARC-Authentication-Results) lines;
         () when no set is to be added."""
         message = as_parsed(message)
-        signer = FastARC(message)
-        return self._seal(signer, _linesep(message.raw), auth_results_value, chain, None, unsigned)
+        return self._seal(
+            FastARC(message), _linesep(message.raw), auth_results_value, chain, unsigned=unsigned
+        )
 
     def seal_headers_prepended(
         self,
