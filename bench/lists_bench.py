@@ -90,7 +90,12 @@ def relay_config(work: Path, dns: str, sink_port: int, port: int, zone: Zone) ->
 
 
 def run_relay(
-    work: Path, dns: LabDnsServer, zone: Zone, members: list[str], profile: bool = False
+    work: Path,
+    dns: LabDnsServer,
+    zone: Zone,
+    members: list[str],
+    profile: bool = False,
+    gil: bool = False,
 ) -> dict[str, Any]:
     sink_port = free_port(SINK_HOST)
     sink = Sink(SINK_HOST, sink_port).start()
@@ -113,7 +118,7 @@ def run_relay(
         pids = tree(proc.pid)
         cpu0 = cpu_seconds(pids)
         parts0 = cpu_parts(pids)
-        spy = start_spy(proc.pid) if profile else None
+        spy = start_spy(proc.pid, gil) if profile else None
         t0 = time.monotonic()
         asyncio.run(send(RELAY_HOST, port, "alice@author.test", [LIST], POST))
         accepted = time.monotonic() - t0
@@ -154,9 +159,10 @@ def run_relay(
         sink.stop()
 
 
-def start_spy(pid: int) -> subprocess.Popen[bytes] | None:
-    """py-spy on the relay's process tree (workers and signing pool) for the fan-out."""
-    proc = record_tree(pid, PROFILE)
+def start_spy(pid: int, gil: bool = False) -> subprocess.Popen[bytes] | None:
+    """py-spy on the relay's process tree (workers and signing pool) for the fan-out;
+    with ``gil``, only the thread holding each process's GIL (CPU, not waits)."""
+    proc = record_tree(pid, PROFILE, gil=gil)
     if proc is not None:
         time.sleep(1.0)
     return proc
@@ -256,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--members", type=int, default=5000)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--profile", action="store_true", help="py-spy the relay (skews figures)")
+    ap.add_argument("--profile-gil", action="store_true", help="--profile, GIL holders only")
     args = ap.parse_args(argv)
     members = [f"m{i:05d}@sink.test" for i in range(args.members)]
     work = Path(tempfile.mkdtemp(prefix="lists-bench-"))
@@ -268,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     dns = LabDnsServer(zone).start()
     try:
         postfix = run_postfix(work, members)
-        relay = run_relay(work, dns, zone, members, args.profile)
+        profile = args.profile or args.profile_gil
+        relay = run_relay(work, dns, zone, members, profile, args.profile_gil)
     finally:
         dns.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -209,6 +209,9 @@ class _Attempt:
     dane: dict[str, DaneHost] = field(default_factory=dict)  # per MX host (RFC 7672)
     dane_refusals: list[str] = field(default_factory=list)  # why a DANE host was refused
     requiretls_refusals: list[str] = field(default_factory=list)  # RFC 8689 4.2.1 refusals
+    # deliver_many: the session of a finished transaction is handed back, not pooled
+    keep: bool = False
+    kept: tuple[MxHost, SmtpSession] | None = None
 
     @property
     def mode(self) -> Mode:
@@ -309,6 +312,104 @@ class Courier:
     # ------------------------------------------------------------------ deliver
 
     async def deliver(self, job: DeliveryJob) -> AttemptResult:
+        return await self._guarded(job, self._deliver)
+
+    async def deliver_many(
+        self,
+        next_job: Callable[[], DeliveryJob | None],
+        done: Callable[[DeliveryJob, AttemptResult], None],
+    ) -> None:
+        """One domain's jobs of several messages (a list's copies, a burst of mail), taken
+        with ``next_job`` until it has none, one after another under one slot of the
+        domain: the first goes the whole way (route, policy, DANE, the TLS decision, a
+        connection taken or opened); each next one with the same TLS inputs is sent on
+        the session the one before it ended with, as a pooled connection would be reused,
+        without routing again. Any other job (the guard refuses an address, REQUIRETLS,
+        other TLS inputs, a policy with a fetch error, the session gone) takes the whole
+        way too. ``done(job, result)`` is called as each transaction ends, so its outcome
+        can be written while the next one is sent."""
+        job = next_job()
+        if job is None:
+            return
+        if self.is_dead(job.domain):
+            while job is not None:
+                done(job, await self.deliver(job))
+                job = next_job()
+            return
+        kept: _Kept | None = None
+        try:
+            async with self.destinations.slot(job.domain):
+                while job is not None:
+                    res: AttemptResult | None = None
+                    if kept is not None and _same_inputs(kept.att, job) and not _guard(job):
+                        hand, kept = kept, None  # in a transaction: never pooled as idle
+                        res, kept = await self._next_on(hand, job)
+                    if res is None:
+                        if kept is not None:
+                            self.pool.put(kept.session)
+                            kept = None
+                        res, kept = await self._whole_way(job)
+                    done(job, res)
+                    job = next_job()
+        finally:
+            if kept is not None:
+                self.pool.put(kept.session)
+
+    async def _whole_way(self, job: DeliveryJob) -> tuple[AttemptResult, _Kept | None]:
+        """deliver() inside the slot deliver_many holds; with the session it ended on."""
+        attempts: list[_Attempt] = []
+
+        async def run(job: DeliveryJob, blog: Any) -> AttemptResult:
+            res, att = await self._deliver_slotted(job, blog, keep=True)
+            if att is not None:
+                attempts.append(att)
+            return res
+
+        res = await self._guarded(job, run)
+        att = attempts[-1] if attempts else None
+        if att is None or att.kept is None:
+            return res, None
+        return res, _Kept(att, *att.kept)
+
+    async def _next_on(
+        self, hand: _Kept, job: DeliveryJob
+    ) -> tuple[AttemptResult | None, _Kept | None]:
+        """The job's transaction on the session the job before it ended with (same domain,
+        same TLS inputs: the same decision, the same host; a reused connection gives no
+        new TLS outcome, RFC 8460). None when the session was lost before MAIL was
+        accepted: the job then takes the whole way."""
+        blog = log.bind(qid=job.qid, message_id=job.message_id, domain=job.domain)
+        prev, host, session = hand.att, hand.host, hand.session
+        att = _Attempt(job, prev.policy, prev.plan, blog, dane=prev.dane, keep=True)
+        try:
+            async with asyncio.timeout(self.config.delivery.attempt_timeout):
+                tx = await _send(session, job)
+        except TimeoutError:
+            session.close()
+            blog.warning("attempt_deadline", mx=host.name, ip=session.ip, phase="transaction")
+            text = (
+                f"451 4.4.2 {host.name}[{session.ip}] attempt deadline exceeded during the "
+                "transaction"
+            )
+            return _all(job, RecipientState.DEFERRED, text, (), host.name), None
+        except ConnectionLost as exc:
+            session.close()
+            blog.info("reused_connection_lost", mx=host.name, ip=session.ip, error=exc.detail)
+            return None, None
+        except asyncio.CancelledError:
+            session.close()  # in the middle of a transaction: never reused
+            raise
+        except Exception as exc:  # noqa: BLE001 - the courier's boundary: defer, never lose
+            session.close()
+            blog.error("delivery_internal_error", error=f"{type(exc).__name__}: {exc}")
+            return _all(job, RecipientState.DEFERRED, "451 4.3.0 internal error in delivery"), None
+        att.sessions += 1
+        res = self._finish(att, host, session, tx, True)
+        return res, (_Kept(att, *att.kept) if att.kept is not None else None)
+
+    async def _guarded(
+        self, job: DeliveryJob, run: Callable[[DeliveryJob, Any], Awaitable[AttemptResult]]
+    ) -> AttemptResult:
         blog = log.bind(qid=job.qid, message_id=job.message_id, domain=job.domain)
         refused = _guard(job)
         if refused:
@@ -323,15 +424,20 @@ class Courier:
             if len(refused) == len(set(job.recipients)):
                 return AttemptResult(job.domain, tuple(refused[a] for a in job.recipients))
             sendable = tuple(a for a in job.recipients if a not in refused)
-            res = await self._deliver_guarded(dataclasses.replace(job, recipients=sendable), blog)
+            res = await self._boundary(dataclasses.replace(job, recipients=sendable), blog, run)
             got = {r.address: r for r in res.recipients}
             merged = tuple(refused.get(a) or got[a] for a in job.recipients)
             return dataclasses.replace(res, recipients=merged)
-        return await self._deliver_guarded(job, blog)
+        return await self._boundary(job, blog, run)
 
-    async def _deliver_guarded(self, job: DeliveryJob, blog: Any) -> AttemptResult:
+    async def _boundary(
+        self,
+        job: DeliveryJob,
+        blog: Any,
+        run: Callable[[DeliveryJob, Any], Awaitable[AttemptResult]],
+    ) -> AttemptResult:
         try:
-            return await self._deliver(job, blog)
+            return await run(job, blog)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the courier's boundary: defer, never lose
@@ -352,45 +458,53 @@ class Courier:
         if self.destinations.is_dead(job.domain):
             return self._dead_result(job, blog)
         async with self.destinations.slot(job.domain):
-            if self.destinations.is_dead(job.domain):
-                return self._dead_result(job, blog)
-            # the policy lookup runs alongside the MX lookup (maddy's PrepareDomain); a
-            # policy held in memory is taken without a task
-            policy_now = self._policy_cached(job.domain)
-            routing = resolve_route(
-                self.resolver,
-                job.domain,
-                port=self.config.delivery.port,
-                local_addresses=self.local_addresses,
-                max_mx=self.config.delivery.max_mx,
-                rng=self.rng,
-                allow_loopback=self.allow_loopback,
+            res, _ = await self._deliver_slotted(job, blog)
+            return res
+
+    async def _deliver_slotted(
+        self, job: DeliveryJob, blog: Any, *, keep: bool = False
+    ) -> tuple[AttemptResult, _Attempt | None]:
+        """The job's delivery in a slot of its domain; with ``keep``, the session of a
+        finished transaction is left on the attempt (``kept``) instead of pooled."""
+        if self.destinations.is_dead(job.domain):
+            return self._dead_result(job, blog), None
+        # the policy lookup runs alongside the MX lookup (maddy's PrepareDomain); a
+        # policy held in memory is taken without a task
+        policy_now = self._policy_cached(job.domain)
+        routing = resolve_route(
+            self.resolver,
+            job.domain,
+            port=self.config.delivery.port,
+            local_addresses=self.local_addresses,
+            max_mx=self.config.delivery.max_mx,
+            rng=self.rng,
+            allow_loopback=self.allow_loopback,
+        )
+        policy: TlsPolicy | None | _Unavailable
+        if isinstance(policy_now, _Miss):
+            route, policy = await asyncio.gather(routing, self._policy(job.domain, blog))
+        else:
+            route, policy = await routing, policy_now
+        if isinstance(policy, _Unavailable):
+            return self._unavailable(job, policy, blog), None
+        plan = tlspolicy.decide(
+            TlsInputs(_sts_mode(policy, job), tls_required_no=not job.tls_required)
+        )
+        att = _Attempt(job, policy, plan, blog, keep=keep)
+        if policy is not None and policy.fetch_error is not None:
+            self._emit(
+                att,
+                TlsOutcome(
+                    policy_domain=job.domain,
+                    policy_type=PolicyType.STS,
+                    mx_host="",
+                    result_type=policy.fetch_error,
+                    failure_reason=policy.fetch_error_reason,
+                    policy_strings=policy.policy_strings,
+                    mx_patterns=policy.mx_patterns,
+                ),
             )
-            policy: TlsPolicy | None | _Unavailable
-            if isinstance(policy_now, _Miss):
-                route, policy = await asyncio.gather(routing, self._policy(job.domain, blog))
-            else:
-                route, policy = await routing, policy_now
-            if isinstance(policy, _Unavailable):
-                return self._unavailable(job, policy, blog)
-            plan = tlspolicy.decide(
-                TlsInputs(_sts_mode(policy, job), tls_required_no=not job.tls_required)
-            )
-            att = _Attempt(job, policy, plan, blog)
-            if policy is not None and policy.fetch_error is not None:
-                self._emit(
-                    att,
-                    TlsOutcome(
-                        policy_domain=job.domain,
-                        policy_type=PolicyType.STS,
-                        mx_host="",
-                        result_type=policy.fetch_error,
-                        failure_reason=policy.fetch_error_reason,
-                        policy_strings=policy.policy_strings,
-                        mx_patterns=policy.mx_patterns,
-                    ),
-                )
-            return await self._deliver_route(att, route)
+        return await self._deliver_route(att, route), att
 
     async def _policy(self, domain: str, blog: Any) -> TlsPolicy | None | _Unavailable:
         """The domain's policy; _Unavailable when the lookup could not say (the policy
@@ -783,10 +897,12 @@ class Courier:
                 outcome=outcome,
                 policy=policy,
             )
-        if tx.usable:
-            self.pool.put(session)
-        else:
+        if not tx.usable:
             session.close()
+        elif att.keep and _reusable(session):
+            att.kept = (host, session)
+        else:
+            self.pool.put(session)
         return AttemptResult(
             domain=job.domain,
             recipients=tuple(results),
@@ -941,6 +1057,40 @@ class Courier:
 
 
 _ENCRYPTED = ("dane", "verified", "encrypted")
+
+
+@dataclass(frozen=True, slots=True)
+class _Kept:
+    """A session between two transactions of deliver_many, and the attempt it served."""
+
+    att: _Attempt
+    host: MxHost
+    session: SmtpSession
+
+
+def _same_inputs(att: _Attempt, job: DeliveryJob) -> bool:
+    """The job would get the TLS decision the attempt got, on the same hosts: the same
+    domain (so the same MX hosts, MTA-STS policy and DANE state), the same
+    "TLS-Required: No" (RFC 8689 section 5), no REQUIRETLS (whose session checks,
+    RFC 8689 section 4.2.1, run on the whole way), and no policy fetch error to record
+    for the attempt (RFC 8460: one per attempt)."""
+    prev = att.job
+    return (
+        job.domain == prev.domain
+        and job.tls_required == prev.tls_required
+        and not job.requiretls
+        and not prev.requiretls
+        and (att.policy is None or att.policy.fetch_error is None)
+    )
+
+
+def _reusable(session: SmtpSession) -> bool:
+    """The session may carry another transaction (the pool's limits)."""
+    return (
+        session.connected
+        and session.transactions < MAX_TRANSACTIONS_PER_CONNECTION
+        and time.monotonic() - session.created <= MAX_CONNECTION_AGE
+    )
 
 
 def _sts_mode(policy: TlsPolicy | None, job: DeliveryJob) -> PolicyMode:

@@ -7,6 +7,7 @@ refuses to deliver to (a loop)."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from relay import logs
@@ -21,17 +22,42 @@ class Courier(Protocol):
     async def deliver(self, job: DeliveryJob) -> AttemptResult: ...
 
 
+Done = Callable[[DeliveryJob, AttemptResult], None]
+NextJob = Callable[[], DeliveryJob | None]
+
+
 class ListsLocal:
     """A courier that delivers list-domain jobs to the lists and the rest through the
-    real courier."""
+    real courier. ``deliver_many`` (one domain's jobs, one after another) is there when
+    the real courier has it."""
+
+    deliver_many: Callable[[NextJob, Done], Awaitable[None]] | None
 
     def __init__(self, courier: Courier, lists: ListsStage) -> None:
         self.courier = courier
         self.lists = lists
         self.domains = frozenset(c.domain for c in lists.service.lists.values())
+        many = getattr(courier, "deliver_many", None)
+        self.deliver_many = self._deliver_many if many is not None else None
+
+    async def _deliver_many(self, next_job: NextJob, done: Done) -> None:
+        job = next_job()
+        if job is None:
+            return
+        many = getattr(self.courier, "deliver_many", None)
+        if many is None or self._local(job):  # a lane is one domain
+            while job is not None:
+                done(job, await self.deliver(job))
+                job = next_job()
+            return
+        first = [job]
+        await many(lambda: first.pop() if first else next_job(), done)
+
+    def _local(self, job: DeliveryJob) -> bool:
+        return job.domain.lower().rstrip(".") in self.domains
 
     async def deliver(self, job: DeliveryJob) -> AttemptResult:
-        if job.domain.lower().rstrip(".") not in self.domains:
+        if not self._local(job):
             return await self.courier.deliver(job)
         results = []
         for rcpt in job.recipients:

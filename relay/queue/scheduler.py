@@ -19,8 +19,9 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from relay import logs, metrics
@@ -61,6 +62,21 @@ class CourierLike(Protocol):
     async def deliver(self, job: DeliveryJob) -> AttemptResult: ...
 
 
+Done = Callable[[DeliveryJob, AttemptResult], None]
+NextJob = Callable[[], DeliveryJob | None]
+DeliverMany = Callable[[NextJob, Done], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _Lane:
+    """New messages for one domain waiting for a runner: at most the domain's concurrency
+    of runners, each sending one message after another on its connection (qmgr's
+    per-destination queue, and Postfix's connection reuse)."""
+
+    waiting: deque[tuple[QueuedMessage, bytes]] = field(default_factory=deque)
+    runners: list[asyncio.Task[None]] = field(default_factory=list)
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     first: float = 300.0
@@ -92,6 +108,17 @@ def attempt_tls(res: AttemptResult) -> str:
     if failures:
         return str(failures[-1].result_type)
     return "none" if res.mx_host else ""
+
+
+def _internal_error(job: DeliveryJob) -> AttemptResult:
+    """What a courier bug gives every recipient of the job: deferred, never lost."""
+    return AttemptResult(
+        domain=job.domain,
+        recipients=tuple(
+            RecipientResult(a, RecipientState.DEFERRED, "451 4.3.0 internal error")
+            for a in job.recipients
+        ),
+    )
 
 
 def domain_of(address: str) -> str:
@@ -138,6 +165,8 @@ class Scheduler:
         self._stopping = False
         self._reserved = 0
         self._loaded: set[QueueId] = set()
+        self._lanes: dict[str, _Lane] = {}  # by domain, while it has runners
+        self._per_domain = max(1, config.delivery.concurrency_per_domain)
         self.loader = loader
         self.bounce_to = bounce_to or (lambda address: address)
         # the store may hold due messages beyond the active window: a finished message
@@ -213,7 +242,7 @@ class Scheduler:
                 ret=msg.ret,
                 envid=msg.envid,
             )
-            self._start(qid, (qm, msg.data))
+            self._start_new(qm, msg.data)
         else:
             self._backlog = True
             self._wake.set()
@@ -241,21 +270,29 @@ class Scheduler:
     async def stop(self, grace: float = 10.0) -> None:
         """Stop taking messages; let attempts in flight finish for ``grace`` seconds, then
         cancel the rest and give their leases back (their recipients are queued again; if
-        that write fails too, the leases expire)."""
+        that write fails too, the leases expire). A group's outcomes are written by tasks
+        of their own, started as its transactions end: waited for too."""
         self._stopping = True
         self._wake.set()
-        tasks = list(self._active.values())
-        if tasks:
-            _done, pending = await asyncio.wait(tasks, timeout=grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        pending: set[asyncio.Task[None]] = set()
+        while True:
+            tasks = {t for t in self._active.values() if not t.done()}
+            remaining = deadline - loop.time()
+            if not tasks or remaining <= 0:
+                pending = tasks
+                break
+            await asyncio.wait(tasks, timeout=remaining)
+        if pending:
             cancelled = [q for q, t in self._active.items() if t in pending]
             for t in pending:
                 t.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
-                try:
-                    await self.spool.release(cancelled)
-                except RelayError as exc:
-                    log.error("lease_release_failed", error=str(exc), qids=cancelled)
+            await asyncio.gather(*pending, return_exceptions=True)
+            try:
+                await self.spool.release(cancelled)
+            except RelayError as exc:
+                log.error("lease_release_failed", error=str(exc), qids=cancelled)
 
     @property
     def active(self) -> int:
@@ -336,11 +373,98 @@ class Scheduler:
         task = asyncio.get_running_loop().create_task(self._run_one(qid, preloaded, due))
         self._active[qid] = task
 
+    def _start_new(self, msg: QueuedMessage, data: bytes) -> None:
+        """A message handed over in memory: alone (several domains, or a courier that sends
+        one message a connection), or in its domain's lane: a new runner while the domain
+        has fewer than its concurrency, else the next free runner takes it."""
+        domains = {domain_of(r.address) for r in msg.recipients}
+        if len(domains) != 1 or getattr(self.courier, "deliver_many", None) is None:
+            self._start(msg.id, (msg, data))
+            return
+        domain = domains.pop()
+        lane = self._lanes.get(domain)
+        if lane is None:
+            lane = self._lanes[domain] = _Lane()
+        lane.waiting.append((msg, data))
+        if len(lane.runners) < self._per_domain:
+            runner = asyncio.get_running_loop().create_task(self._run_lane(domain, lane))
+            lane.runners.append(runner)
+        self._active[msg.id] = lane.runners[-1]  # a live runner; the one that takes it next
+
+    async def _run_lane(self, domain: str, lane: _Lane) -> None:
+        """One runner of a domain's lane: the courier sends the lane's messages one after
+        another on one connection while there are any; each outcome is written by a task
+        of its own as soon as its transaction ends (so a crash later never sends it
+        again). A message with nothing pending, or past the queue lifetime, goes the
+        single way."""
+        me = asyncio.current_task()
+        assert me is not None
+        many: DeliverMany | None = getattr(self.courier, "deliver_many", None)
+        taken: dict[QueueId, tuple[QueuedMessage, bytes, dict[str, int]]] = {}
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+
+        def next_job() -> DeliveryJob | None:
+            nonlocal started
+            while lane.waiting:
+                msg, data = lane.waiting.popleft()
+                pending = list(msg.pending())
+                if not pending or self.clock() - msg.created >= self.retry.lifetime:
+                    self._start(msg.id, (msg, data))
+                    continue
+                self._active[msg.id] = me
+                taken[msg.id] = (msg, data, {r.address: r.attempts for r in pending})
+                started = time.monotonic()
+                return self._job(msg, data, domain, pending)
+            return None
+
+        def done(job: DeliveryJob, res: AttemptResult) -> None:
+            metrics.attempt(time.monotonic() - started)
+            item = taken.pop(job.qid, None)
+            if item is not None:
+                msg, data, attempts = item
+                work = self._conclude(msg, data, res, attempts)
+                self._active[job.qid] = loop.create_task(self._guarded(job.qid, work))
+
+        try:
+            while lane.waiting:
+                try:
+                    if many is None:
+                        while (job := next_job()) is not None:
+                            done(job, await self._deliver(job))
+                    else:
+                        await many(next_job, done)
+                except Exception as exc:  # noqa: BLE001 - a courier bug defers, never loses
+                    log.error("courier_failed", domain=domain, error=str(exc), exc_info=True)
+                    for msg, data, _ in list(taken.values()):
+                        pending = list(msg.pending())
+                        job = self._job(msg, data, domain, pending)
+                        done(job, _internal_error(job))
+        finally:
+            lane.runners.remove(me)
+            if lane.waiting and lane.runners:
+                for msg, _ in lane.waiting:  # what this runner would have taken
+                    if self._active.get(msg.id) is me:
+                        self._active[msg.id] = lane.runners[-1]
+            elif not lane.runners and self._lanes.get(domain) is lane:
+                del self._lanes[domain]
+                for msg, _ in lane.waiting:  # cancelled: stop() gives their leases back
+                    if self._active.get(msg.id) is me:
+                        del self._active[msg.id]
+            for qid in taken:  # in flight when cancelled
+                if self._active.get(qid) is me:
+                    del self._active[qid]
+                self._loaded.discard(qid)
+
     async def _run_one(
         self, qid: QueueId, preloaded: tuple[QueuedMessage, bytes] | None, due: bool = False
     ) -> None:
+        await self._guarded(qid, self._process(qid, preloaded, due))
+
+    async def _guarded(self, qid: QueueId, work: Awaitable[None]) -> None:
+        """One message's work; its failure is logged and never stops the queue."""
         try:
-            await self._process(qid, preloaded, due)
+            await work
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - one bad message must not stop the queue
@@ -398,39 +522,52 @@ class Scheduler:
         by_domain: dict[str, list[QueuedRecipient]] = {}
         for r in pending:
             by_domain.setdefault(domain_of(r.address), []).append(r)
-        no_tls = bool(msg.flags & FLAG_NO_TLS_REQUIRED)
-        jobs = [
-            DeliveryJob(
-                qid=qid,
-                domain=dom,
-                mail_from=msg.mail_from,
-                recipients=tuple(r.address for r in rs),
-                data=data,
-                message_id=msg.message_id,
-                tls_required=not no_tls,
-                record_tls=not no_tls,
-                requiretls=bool(msg.flags & FLAG_REQUIRETLS),
-                dsn=MailDsn(msg.ret, msg.envid),
-                rcpt_dsn=tuple(outbound_dsn(r) for r in rs),
-            )
-            for dom, rs in by_domain.items()
-        ]
+        jobs = [self._job(msg, data, dom, rs) for dom, rs in by_domain.items()]
         attempts = {r.address: r.attempts for r in pending}
         if len(jobs) == 1:  # the usual case: one domain, one write for outcome and settle
-            res = await self._deliver(jobs[0])
-            updates = self._updates(msg, res, attempts)
-            removed, failed = await self.spool.record(qid, updates)
-        else:
-            # each domain's outcome is written as soon as it is known, so a crash while
-            # another domain's server stalls never sends the finished ones again
-            outcomes = await asyncio.gather(
-                *(self._attempt(msg, j, attempts) for j in jobs), return_exceptions=True
-            )
-            errors = [o for o in outcomes if isinstance(o, BaseException)]
-            if errors:
-                raise errors[0]
-            updates = [u for o in outcomes if not isinstance(o, BaseException) for u in o]
-            removed, failed = await self.spool.settle(qid)
+            await self._conclude(msg, data, await self._deliver(jobs[0]), attempts)
+            return
+        # each domain's outcome is written as soon as it is known, so a crash while
+        # another domain's server stalls never sends the finished ones again
+        outcomes = await asyncio.gather(
+            *(self._attempt(msg, j, attempts) for j in jobs), return_exceptions=True
+        )
+        errors = [o for o in outcomes if isinstance(o, BaseException)]
+        if errors:
+            raise errors[0]
+        updates = [u for o in outcomes if not isinstance(o, BaseException) for u in o]
+        removed, failed = await self.spool.settle(qid)
+        self._failures_committed(msg, updates, failed)
+        await self._maybe_delay_warning(msg, data, updates, self.clock())
+        await self._report(msg, data, removed, failed)
+
+    @staticmethod
+    def _job(
+        msg: QueuedMessage, data: bytes, domain: str, rs: Sequence[QueuedRecipient]
+    ) -> DeliveryJob:
+        """One destination domain's pending recipients of the message, for the courier."""
+        no_tls = bool(msg.flags & FLAG_NO_TLS_REQUIRED)
+        return DeliveryJob(
+            qid=msg.id,
+            domain=domain,
+            mail_from=msg.mail_from,
+            recipients=tuple(r.address for r in rs),
+            data=data,
+            message_id=msg.message_id,
+            tls_required=not no_tls,
+            record_tls=not no_tls,
+            requiretls=bool(msg.flags & FLAG_REQUIRETLS),
+            dsn=MailDsn(msg.ret, msg.envid),
+            rcpt_dsn=tuple(outbound_dsn(r) for r in rs),
+        )
+
+    async def _conclude(
+        self, msg: QueuedMessage, data: bytes, res: AttemptResult, attempts: dict[str, int]
+    ) -> None:
+        """A one-domain attempt's outcome and the message settled, in one write; then the
+        DSNs and delay warnings it owes."""
+        updates = self._updates(msg, res, attempts)
+        removed, failed = await self.spool.record(msg.id, updates)
         self._failures_committed(msg, updates, failed)
         await self._maybe_delay_warning(msg, data, updates, self.clock())
         await self._report(msg, data, removed, failed)
@@ -509,13 +646,7 @@ class Scheduler:
             log.error(
                 "courier_failed", qid=job.qid, domain=job.domain, error=str(exc), exc_info=True
             )
-            return AttemptResult(
-                domain=job.domain,
-                recipients=tuple(
-                    RecipientResult(a, RecipientState.DEFERRED, "451 4.3.0 internal error")
-                    for a in job.recipients
-                ),
-            )
+            return _internal_error(job)
         finally:
             metrics.attempt(time.monotonic() - started)
 

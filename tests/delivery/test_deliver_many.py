@@ -1,0 +1,128 @@
+"""Courier.deliver_many over loopback: one domain's jobs of several messages sent one
+after another on one connection, each with its own outcome; a job that cannot share the
+connection (other TLS inputs, an address the guard refuses, the session gone) takes the
+whole way, and nothing goes out under a weaker TLS decision than deliver() would make."""
+
+from __future__ import annotations
+
+from relay.delivery.courier import Courier
+from relay.model import AttemptResult, DeliveryJob, RecipientState, StsMode, TlsPolicy
+from tests.delivery.mxlab import MxLab
+from tests.delivery.test_courier_tls import job, sts
+
+D = "d.lab.test"
+
+
+def feeder(jobs: list[DeliveryJob]) -> tuple[list[tuple[str, AttemptResult]], object, object]:
+    """next_job and done over ``jobs``; the results land in the returned list, in order."""
+    todo = list(jobs)
+    results: list[tuple[str, AttemptResult]] = []
+
+    def next_job() -> DeliveryJob | None:
+        return todo.pop(0) if todo else None
+
+    def done(j: DeliveryJob, res: AttemptResult) -> None:
+        results.append((j.qid, res))
+
+    return results, next_job, done
+
+
+async def test_one_domains_jobs_share_one_connection_and_one_policy_lookup(lab: MxLab) -> None:
+    srv = await lab.add_mx(D, f"mx.{D}", "good")
+    lookups: list[str] = []
+
+    async def lookup(domain: str) -> TlsPolicy:
+        lookups.append(domain)
+        return sts(domain, StsMode.ENFORCE, f"mx.{D}")
+
+    courier = Courier(lab.config(), lab.resolver(), policy_lookup=lookup, outcome_sink=lab.sink)
+    jobs = [job(D, f"m{i}@{D}", qid=f"Q{i}") for i in range(5)]
+    results, next_job, done = feeder(jobs)
+    try:
+        await courier.deliver_many(next_job, done)  # type: ignore[arg-type]
+    finally:
+        await courier.close()
+    assert [q for q, _ in results] == [f"Q{i}" for i in range(5)]
+    for _, res in results:
+        assert [r.state for r in res.recipients] == [RecipientState.DELIVERED]
+        assert res.mx_host == f"mx.{D}" and res.tls_policy == "sts"
+    msgs = srv.recorder.messages
+    assert [m.rcpt_tos for m in msgs] == [[f"m{i}@{D}"] for i in range(5)]
+    assert srv.connections == 1 and len({m.conn for m in msgs}) == 1
+    assert all(m.tls_version for m in msgs)  # enforce: every one over verified TLS
+    assert len(lab.outcomes) == 1  # one TLS session, one outcome (RFC 8460)
+    assert lookups == [D]
+
+
+async def test_other_tls_inputs_and_refused_addresses_take_the_whole_way(lab: MxLab) -> None:
+    """Under enforce, a "TLS-Required: No" job (testing, RFC 8689 section 5) is decided
+    anew; an address the guard refuses fails alone (553 5.1.3, nothing of it written);
+    the jobs after them still arrive, each once, over TLS."""
+    srv = await lab.add_mx(D, f"mx.{D}", "good")
+
+    async def lookup(domain: str) -> TlsPolicy:
+        return sts(domain, StsMode.ENFORCE, f"mx.{D}")
+
+    courier = Courier(lab.config(), lab.resolver(), policy_lookup=lookup, outcome_sink=lab.sink)
+    jobs = [
+        job(D, f"a@{D}", qid="Q1"),
+        job(D, f"b@{D}", qid="Q2", tls_required=False, record_tls=False),
+        job(D, "bad\r\nRCPT TO:<x@evil.test>@" + D, qid="Q3"),
+        job(D, f"c@{D}", qid="Q4"),
+    ]
+    results, next_job, done = feeder(jobs)
+    try:
+        await courier.deliver_many(next_job, done)  # type: ignore[arg-type]
+    finally:
+        await courier.close()
+    states = {q: [r.state for r in res.recipients] for q, res in results}
+    assert states == {
+        "Q1": [RecipientState.DELIVERED],
+        "Q2": [RecipientState.DELIVERED],
+        "Q3": [RecipientState.FAILED],
+        "Q4": [RecipientState.DELIVERED],
+    }
+    refused = dict(results)["Q3"].recipients[0]
+    assert refused.reply.startswith("553 5.1.3") and refused.enhanced == "5.1.3"
+    assert [m.rcpt_tos for m in srv.recorder.messages] == [[f"a@{D}"], [f"b@{D}"], [f"c@{D}"]]
+    assert all(m.tls_version for m in srv.recorder.messages)
+    assert not any(b"evil" in m.data for m in srv.recorder.messages)
+
+
+async def test_a_session_lost_between_two_jobs_sends_the_next_on_a_new_connection(
+    lab: MxLab,
+) -> None:
+    """The server closes with 421 at every second MAIL on a connection: each job after
+    the first finds the shared session gone before MAIL was accepted, and goes the whole
+    way on a new connection; every message arrives once."""
+    srv = await lab.add_mx(D, f"mx.{D}", "good")
+    srv.recorder.fail_mail_on_reuse = True
+    courier = Courier(lab.config(), lab.resolver())
+    jobs = [job(D, f"m{i}@{D}", qid=f"Q{i}") for i in range(3)]
+    results, next_job, done = feeder(jobs)
+    try:
+        await courier.deliver_many(next_job, done)  # type: ignore[arg-type]
+    finally:
+        await courier.close()
+    assert [[r.state for r in res.recipients] for _, res in results] == [
+        [RecipientState.DELIVERED]
+    ] * 3
+    assert [m.rcpt_tos for m in srv.recorder.messages] == [[f"m{i}@{D}"] for i in range(3)]
+    assert srv.connections == 3
+
+
+async def test_a_refused_transaction_does_not_stop_the_next(lab: MxLab) -> None:
+    """A 550 to one job's recipient is that job's outcome; the connection carries on."""
+    srv = await lab.add_mx(D, f"mx.{D}", "good")
+    srv.recorder.rcpt_replies[f"gone@{D}"] = "550 5.1.1 no such user"
+    courier = Courier(lab.config(), lab.resolver())
+    jobs = [job(D, f"a@{D}", qid="Q1"), job(D, f"gone@{D}", qid="Q2"), job(D, f"c@{D}", qid="Q3")]
+    results, next_job, done = feeder(jobs)
+    try:
+        await courier.deliver_many(next_job, done)  # type: ignore[arg-type]
+    finally:
+        await courier.close()
+    replies = {q: res.recipients[0] for q, res in results}
+    assert replies["Q2"].state is RecipientState.FAILED and replies["Q2"].reply.startswith("550")
+    assert replies["Q1"].state is replies["Q3"].state is RecipientState.DELIVERED
+    assert srv.connections == 1 and len(srv.recorder.messages) == 2
