@@ -18,6 +18,7 @@ family below or into ``SmtpReply`` values; nothing above this module sees aiosmt
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import ssl
@@ -95,6 +96,20 @@ class Transaction:
     dsn: bool = False  # the server offers DSN and got the parameters (RFC 3461)
 
 
+@dataclass(frozen=True, slots=True)
+class NextTransaction:
+    """The transaction to send after this one on the same connection. With PIPELINING
+    its MAIL, RCPT and DATA go out in the write of this one's content (RFC 2920 section
+    3.1: the content may be followed by more commands in the same group, DATA last), so
+    a run of messages costs one write each; the next ``send`` must be for exactly it."""
+
+    mail_from: str
+    recipients: tuple[str, ...]
+    data: bytes
+    dsn: MailDsn | None = None
+    rcpt_dsn: Mapping[str, RcptDsn] | None = None
+
+
 def reply_of(code: int, message: str) -> SmtpReply:
     """A server reply as one line: the lines joined with spaces, bounded in length."""
     text = " ".join(line.strip() for line in message.splitlines() if line.strip())
@@ -151,6 +166,9 @@ class SmtpSession:
         self.transactions = 0
         # RSET owed before the next MAIL; with PIPELINING it goes out in the same write
         self.pending_rset = False
+        # the next transaction's commands, written after the last content (NextTransaction)
+        self._ahead: NextTransaction | None = None
+        self._held: _Replies | None = None  # the reader those replies come to
         self.dane = False  # set by the courier once the chain matched TLSA (RFC 7672 3)
 
     # ------------------------------------------------------------------ opening
@@ -303,6 +321,12 @@ class SmtpSession:
             return False
         return resp.code == 250
 
+    @property
+    def ahead(self) -> bool:
+        """The next transaction's commands are on the wire already: only ``send`` of that
+        transaction may follow (never RSET, QUIT or the pool)."""
+        return self._ahead is not None
+
     async def quit(self, timeout: float = 2.0) -> None:
         await _quit_quietly(self._smtp, timeout)
 
@@ -324,9 +348,12 @@ class SmtpSession:
         rcpt_dsn: Mapping[str, RcptDsn] | None = None,
         *,
         requiretls: bool = False,
+        then: NextTransaction | None = None,
     ) -> Transaction:
         """One transaction: MAIL, RCPT for each recipient, DATA once for all accepted
         (pipelined when the server offers PIPELINING); a ``pending_rset`` goes first.
+        ``then``: the transaction to be sent next on this connection; with PIPELINING its
+        commands follow this one's content in the same write (NextTransaction).
 
         Raises ConnectionLost only when the connection failed (or the pending RSET was
         refused) before MAIL was accepted and before any content was sent (safe to retry on
@@ -335,6 +362,12 @@ class SmtpSession:
         ``requiretls``: MAIL FROM carries REQUIRETLS (RFC 8689 section 4.2.1); a server
         that does not advertise it gets nothing, every recipient 550 5.7.30.
         """
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead != NextTransaction(
+            mail_from, tuple(recipients), data, dsn, rcpt_dsn
+        ):  # its commands are on the wire: this one cannot go on this connection
+            self.close()
+            raise ConnectionLost(f"{self.mx_host}[{self.ip}] another transaction was pipelined")
         problem = address_problem(mail_from)
         if problem is not None:  # threats row 3: nothing of it is written
             reply = _local_reply(553, "5.1.7", f"sender address {problem}; not sent")
@@ -362,28 +395,20 @@ class SmtpSession:
         if utf8 and not smtp.supports_extension("smtputf8"):
             reply = _local_reply(553, "5.6.7", f"{where} does not support SMTPUTF8 addresses")
             return Transaction(tuple((r, reply) for r in recipients), False, True)
-        options: list[str] = []
-        if smtp.supports_extension("size"):
-            options.append(f"SIZE={len(data)}")
-        if smtp.supports_extension("8bitmime") and not data.isascii():
-            options.append("BODY=8BITMIME")
-        if utf8:
-            options.append("SMTPUTF8")
-        if requiretls:
-            if not smtp.supports_extension("requiretls"):
-                reply = _local_reply(550, "5.7.30", f"{where} does not support REQUIRETLS")
-                return Transaction(tuple((r, reply) for r in recipients), False, True)
-            options.append("REQUIRETLS")
-        # RFC 3461 5.2: the DSN parameters go on to a next hop that offers DSN
-        passed = dsn is not None and smtp.supports_extension("dsn")
-        if passed and dsn is not None:
-            options.extend(mail_options(dsn))
+        if requiretls and not smtp.supports_extension("requiretls"):
+            reply = _local_reply(550, "5.7.30", f"{where} does not support REQUIRETLS")
+            return Transaction(tuple((r, reply) for r in recipients), False, True)
+        options, passed = self._mail_options(data, utf8, requiretls, dsn)
         ropts = _rcpt_dsn_options(recipients, rcpt_dsn if passed else None)
         encoding = "utf-8" if utf8 else "ascii"
         self.transactions += 1
         if self.pipelining:
-            tx = await self._send_pipelined(mail_from, recipients, data, options, encoding, ropts)
+            batch = _batch(mail_from, recipients, options, encoding, ropts)
+            tx = await self._send_pipelined(batch, recipients, data, ahead is not None, then)
             return dataclasses.replace(tx, dsn=passed)
+        if ahead is not None:  # cannot happen: only a pipelining session pipelines ahead
+            self.close()
+            raise ConnectionLost(f"{where} pipelined ahead without PIPELINING")
         if self.pending_rset and not await self.reset():
             self.close()
             raise ConnectionLost(f"{where} RSET before reuse failed")
@@ -444,50 +469,72 @@ class SmtpSession:
             tuple((r, replies[r]) for r in recipients), data_sent, smtp.is_connected, passed
         )
 
+    def _mail_options(
+        self, data: bytes, utf8: bool, requiretls: bool, dsn: MailDsn | None
+    ) -> tuple[list[str], bool]:
+        """MAIL FROM's parameters for this server, and whether the DSN ones were passed
+        (RFC 3461 5.2: they go on to a next hop that offers DSN)."""
+        smtp = self._smtp
+        options: list[str] = []
+        if smtp.supports_extension("size"):
+            options.append(f"SIZE={len(data)}")
+        if smtp.supports_extension("8bitmime") and not data.isascii():
+            options.append("BODY=8BITMIME")
+        if utf8:
+            options.append("SMTPUTF8")
+        if requiretls:
+            options.append("REQUIRETLS")
+        passed = dsn is not None and smtp.supports_extension("dsn")
+        if passed and dsn is not None:
+            options.extend(mail_options(dsn))
+        return options, passed
+
+    def _group_ahead(self, nt: NextTransaction) -> bytes | None:
+        """The commands of ``nt`` to write after this transaction's content, or None when
+        ``send`` would not write them as they are (an address the guard refuses, SMTPUTF8
+        not offered): it is then sent on its own."""
+        if not self.pipelining or address_problem(nt.mail_from) is not None:
+            return None
+        if any(address_problem(r) is not None for r in nt.recipients):
+            return None
+        utf8 = _needs_utf8(nt.mail_from, *nt.recipients)
+        if utf8 and not self._smtp.supports_extension("smtputf8"):
+            return None
+        options, passed = self._mail_options(nt.data, utf8, False, nt.dsn)
+        ropts = _rcpt_dsn_options(nt.recipients, nt.rcpt_dsn if passed else None)
+        encoding = "utf-8" if utf8 else "ascii"
+        return b"".join(_batch(nt.mail_from, nt.recipients, options, encoding, ropts))
+
     async def _send_pipelined(
         self,
-        mail_from: str,
+        batch: list[bytes],
         recipients: Sequence[str],
         data: bytes,
-        options: list[str],
-        encoding: str,
-        ropts: Mapping[str, list[str]],
+        written: bool = False,
+        then: NextTransaction | None = None,
     ) -> Transaction:
         """``send`` over PIPELINING (RFC 2920 3.1): one write of [RSET] MAIL RCPT... DATA,
         the replies read in order; the content follows only when DATA got 354 and some
         recipient was accepted. When DATA got 354 but no recipient was, a lone "." ends the
-        transaction (its reply is read and ignored)."""
+        transaction (its reply is read and ignored). ``written``: the batch went out after
+        the previous transaction's content (NextTransaction); only its replies are read."""
         smtp = self._smtp
         where = f"{self.mx_host}[{self.ip}]"
-        batch = [
-            _command(
-                b"MAIL",
-                b"FROM:" + wire_address(mail_from).encode(encoding),
-                *(o.encode("ascii") for o in options),
-            )
-        ]
-        batch.extend(
-            _command(
-                b"RCPT",
-                b"TO:" + wire_address(r).encode(encoding),
-                *(o.encode("ascii") for o in ropts[r]),
-            )
-            for r in recipients
-        )
-        batch.append(b"DATA\r\n")
-        rset = self.pending_rset
+        rset = self.pending_rset and not written
         if rset:
             batch.insert(0, b"RSET\r\n")
         self.pending_rset = False
+        held, self._held = self._held, None
         protocol = smtp.protocol
         lock = protocol._command_lock if protocol is not None else None
         if protocol is None or lock is None:
             self.close()
             raise ConnectionLost(f"{where} MAIL FROM: Server not connected")
-        async with lock, _Replies(smtp, protocol, len(batch)) as replies:
+        async with lock, _Replies(smtp, protocol, len(batch), held if written else None) as replies:
             phase = "RSET" if rset else "MAIL FROM"
             try:
-                protocol.write(b"".join(batch))
+                if not written:
+                    protocol.write(b"".join(batch))
                 if rset:
                     resp = await replies.next()
                     if resp.code != 250:
@@ -506,7 +553,7 @@ class SmtpSession:
                     raise ConnectionLost(f"{where} MAIL FROM: {mail}", mail)
                 await self._drain_refused(replies, len(recipients))
                 return Transaction(tuple((r, mail) for r in recipients), False, smtp.is_connected)
-            return await self._rcpt_and_data(replies, recipients, data, where)
+            return await self._rcpt_and_data(replies, recipients, data, where, then)
 
     async def _drain_refused(self, replies: _Replies, count: int) -> None:
         """MAIL was refused: read the replies to the RCPTs and the DATA sent with it."""
@@ -520,7 +567,12 @@ class SmtpSession:
             self.close()
 
     async def _rcpt_and_data(
-        self, replies: _Replies, recipients: Sequence[str], data: bytes, where: str
+        self,
+        replies: _Replies,
+        recipients: Sequence[str],
+        data: bytes,
+        where: str,
+        then: NextTransaction | None = None,
     ) -> Transaction:
         """MAIL was accepted: the RCPT replies, the DATA reply, then content or a lone dot."""
         smtp = self._smtp
@@ -556,7 +608,12 @@ class SmtpSession:
                     final = reply_of(resp.code, resp.message)
                     self.pending_rset = smtp.is_connected  # the server may hold the envelope
                 elif accepted:
-                    resp = await replies.send(data_payload(data))
+                    payload = data_payload(data)
+                    group = self._group_ahead(then) if then is not None else None
+                    if group is not None:  # the next transaction's replies stay buffered
+                        payload += group
+                        self._ahead, self._held, replies.keep = then, replies, True
+                    resp = await replies.send(payload)
                     final = reply_of(resp.code, resp.message)
                     data_sent = resp.code == 250
                 else:  # RFC 2920 3.1: DATA accepted without recipients: end it with "."
@@ -597,22 +654,41 @@ class _Replies:
         "_set_response_exception",
     )
 
-    def __init__(self, smtp: aiosmtplib.SMTP, protocol: SMTPProtocol, commands: int) -> None:
+    def __init__(
+        self,
+        smtp: aiosmtplib.SMTP,
+        protocol: SMTPProtocol,
+        commands: int,
+        held: _Replies | None = None,
+    ) -> None:
+        """``held``: the reader of the previous transaction, left in place because this
+        one's commands followed its content (NextTransaction): its buffer is this one's."""
         self._smtp = smtp
         self._protocol = protocol
-        self._limit = MAX_RESPONSE_LENGTH * min(commands + 1, 32)
+        self._limit = MAX_RESPONSE_LENGTH * min(commands + 4, 32)
         self._prev: Callable[[bytes], None] | None = None
         self._tap: SessionTap | None = None
+        self._held = held
+        self.keep = False  # on exit, stay in place for the next transaction's replies
 
     async def __aenter__(self) -> _Replies:
         # a wire tap (relay.delivery.wiretap) wraps data_received: kept, and put back
-        self._prev = self._protocol.__dict__.get("data_received")
-        self._tap = self._protocol.__dict__.get(TAP_ATTRIBUTE)
+        held = self._held
+        if held is not None and self._protocol.__dict__.get("data_received") == (
+            held._data_received
+        ):
+            self._prev, self._tap = held._prev, held._tap
+        else:
+            self._prev = self._protocol.__dict__.get("data_received")
+            self._tap = self._protocol.__dict__.get(TAP_ATTRIBUTE)
+        self._held = None
         self._protocol.__dict__["data_received"] = self._data_received
         _rebind(self._protocol)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self.keep and exc[0] is None:
+            return  # the next transaction's replies are on their way to this buffer
         protocol = self._protocol
         protocol.__dict__.pop("data_received", None)
         if self._prev is not None:
@@ -622,9 +698,20 @@ class _Replies:
         del protocol._buffer[:]  # anything left over was not asked for
 
     async def next(self) -> aiosmtplib.SMTPResponse:
-        """The next reply; a 421 closes the connection (as aiosmtplib does)."""
+        """The next reply; a 421 closes the connection (as aiosmtplib does). A reply
+        parsed while no one was reading (between two transactions) waits in the response
+        waiter, ahead of what the buffer holds."""
         protocol = self._protocol
-        resp = protocol._read_response_from_buffer()
+        waiter = protocol._response_waiter
+        resp: aiosmtplib.SMTPResponse | None
+        if waiter is not None and waiter.done():
+            fresh = protocol.transport is not None
+            protocol._response_waiter = (
+                asyncio.get_running_loop().create_future() if fresh else None
+            )
+            resp = waiter.result()
+        else:
+            resp = protocol._read_response_from_buffer()
         if resp is None:
             protocol._response_pending = True
             resp = await protocol.read_response(timeout=self._smtp.timeout)
@@ -665,6 +752,33 @@ class _Replies:
         else:
             if resp is not None:
                 waiter.set_result(resp)
+
+
+def _batch(
+    mail_from: str,
+    recipients: Sequence[str],
+    options: Sequence[str],
+    encoding: str,
+    ropts: Mapping[str, list[str]],
+) -> list[bytes]:
+    """MAIL, one RCPT a recipient, DATA: a transaction's pipelined command group."""
+    batch = [
+        _command(
+            b"MAIL",
+            b"FROM:" + wire_address(mail_from).encode(encoding),
+            *(o.encode("ascii") for o in options),
+        )
+    ]
+    batch.extend(
+        _command(
+            b"RCPT",
+            b"TO:" + wire_address(r).encode(encoding),
+            *(o.encode("ascii") for o in ropts[r]),
+        )
+        for r in recipients
+    )
+    batch.append(b"DATA\r\n")
+    return batch
 
 
 def _rebind(protocol: SMTPProtocol) -> None:

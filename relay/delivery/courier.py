@@ -59,6 +59,7 @@ from relay.dane.tlsa import match_chain
 from relay.delivery import guard, requiretls, tlspolicy
 from relay.delivery.client import (
     ConnectionLost,
+    NextTransaction,
     SessionError,
     SmtpSession,
     StartTlsMissing,
@@ -148,6 +149,9 @@ class ConnectionPool:
         return None
 
     def put(self, session: SmtpSession) -> bool:
+        if session.ahead:  # another transaction's commands are on the wire
+            session.close()
+            return False
         if (
             self.idle_timeout <= 0
             or not session.connected
@@ -341,16 +345,18 @@ class Courier:
             async with self.destinations.slot(job.domain):
                 while job is not None:
                     res: AttemptResult | None = None
+                    upcoming = next_job()  # its commands may follow this one's content
                     if kept is not None and _same_inputs(kept.att, job) and not _guard(job):
                         hand, kept = kept, None  # in a transaction: never pooled as idle
-                        res, kept = await self._next_on(hand, job)
+                        then = upcoming if _can_follow(hand, upcoming) else None
+                        res, kept = await self._next_on(hand, job, then)
                     if res is None:
                         if kept is not None:
                             self.pool.put(kept.session)
                             kept = None
                         res, kept = await self._whole_way(job)
                     done(job, res)
-                    job = next_job()
+                    job = upcoming
         finally:
             if kept is not None:
                 self.pool.put(kept.session)
@@ -372,18 +378,19 @@ class Courier:
         return res, _Kept(att, *att.kept)
 
     async def _next_on(
-        self, hand: _Kept, job: DeliveryJob
+        self, hand: _Kept, job: DeliveryJob, then: DeliveryJob | None = None
     ) -> tuple[AttemptResult | None, _Kept | None]:
         """The job's transaction on the session the job before it ended with (same domain,
         same TLS inputs: the same decision, the same host; a reused connection gives no
         new TLS outcome, RFC 8460). None when the session was lost before MAIL was
-        accepted: the job then takes the whole way."""
+        accepted: the job then takes the whole way. ``then``: the job to be sent next on
+        this session (its commands go out with this one's content)."""
         blog = log.bind(qid=job.qid, message_id=job.message_id, domain=job.domain)
         prev, host, session = hand.att, hand.host, hand.session
         att = _Attempt(job, prev.policy, prev.plan, blog, dane=prev.dane, keep=True)
         try:
             async with asyncio.timeout(self.config.delivery.attempt_timeout):
-                tx = await _send(session, job)
+                tx = await _send(session, job, then)
         except TimeoutError:
             session.close()
             blog.warning("attempt_deadline", mx=host.name, ip=session.ip, phase="transaction")
@@ -1138,8 +1145,9 @@ def _guard(job: DeliveryJob) -> dict[str, RecipientResult]:
     return out
 
 
-async def _send(s: SmtpSession, job: DeliveryJob) -> Transaction:
-    """The job's one transaction on session ``s`` (its DSN parameters and REQUIRETLS)."""
+async def _send(s: SmtpSession, job: DeliveryJob, then: DeliveryJob | None = None) -> Transaction:
+    """The job's one transaction on session ``s`` (its DSN parameters and REQUIRETLS);
+    ``then``: the job sent next on ``s`` (NextTransaction)."""
     return await s.send(
         job.mail_from,
         job.recipients,
@@ -1147,6 +1155,25 @@ async def _send(s: SmtpSession, job: DeliveryJob) -> Transaction:
         job.dsn,
         job.rcpt_dsn_map(),
         requiretls=job.requiretls,
+        then=_next_transaction(then) if then is not None else None,
+    )
+
+
+def _next_transaction(job: DeliveryJob) -> NextTransaction:
+    return NextTransaction(job.mail_from, job.recipients, job.data, job.dsn, job.rcpt_dsn_map())
+
+
+def _can_follow(hand: _Kept, job: DeliveryJob | None) -> bool:
+    """``job`` would be sent on this session right after the transaction now starting on
+    it: the same TLS inputs, nothing the guard refuses, and room for one more
+    transaction after this one (the session is then kept, not pooled or closed)."""
+    s = hand.session
+    return (
+        job is not None
+        and _same_inputs(hand.att, job)
+        and not _guard(job)
+        and s.transactions + 2 <= MAX_TRANSACTIONS_PER_CONNECTION
+        and time.monotonic() - s.created <= MAX_CONNECTION_AGE - 60
     )
 
 

@@ -5,9 +5,14 @@ whole way, and nothing goes out under a weaker TLS decision than deliver() would
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+
 from relay.delivery.courier import Courier
 from relay.model import AttemptResult, DeliveryJob, RecipientState, StsMode, TlsPolicy
 from tests.delivery.mxlab import MxLab
+from tests.delivery.test_client_pipelining import DATA, STUFFED, commands
 from tests.delivery.test_courier_tls import job, sts
 
 D = "d.lab.test"
@@ -126,3 +131,95 @@ async def test_a_refused_transaction_does_not_stop_the_next(lab: MxLab) -> None:
     assert replies["Q2"].state is RecipientState.FAILED and replies["Q2"].reply.startswith("550")
     assert replies["Q1"].state is replies["Q3"].state is RecipientState.DELIVERED
     assert srv.connections == 1 and len(srv.recorder.messages) == 2
+
+
+def raw_jobs(*names: str) -> list[DeliveryJob]:
+    return [
+        DeliveryJob(f"Q{n}", D, "alice@sender.test", (f"{n}@{D}",), DATA, message_id=f"<{n}@x>")
+        for n in names
+    ]
+
+
+@pytest.mark.parametrize("trickle", ["", "turn", "ms"])
+async def test_the_next_transactions_commands_go_out_with_the_content(
+    lab: MxLab, raw_factory: Any, trickle: str
+) -> None:
+    """RFC 2920 section 3.1: the content may be followed by more commands in one group.
+    Four messages on one connection to a server that pipelines: from the third on, each
+    one's MAIL, RCPT and DATA went out in the segment of the content before it; every
+    reply is read in order whether they come together, one per loop turn or 2 ms apart."""
+    mx = await raw_factory(port=lab.port, trickle=trickle)
+    lab.zone.add(D, "MX", (10, f"mx.{D}"))
+    lab.zone.set(f"mx.{D}", "A", [mx.ip])
+    courier = Courier(lab.config(), lab.resolver())
+    results, next_job, done = feeder(raw_jobs("a", "b", "c", "d"))
+    try:
+        await courier.deliver_many(next_job, done)  # type: ignore[arg-type]
+    finally:
+        await courier.close()
+    assert [[r.state for r in res.recipients] for _, res in results] == [
+        [RecipientState.DELIVERED]
+    ] * 4
+    assert [m.rcpts for m in mx.stored] == [[f"{n}@{D}"] for n in "abcd"]
+    assert all(m.data == DATA for m in mx.stored)
+    (conn,) = mx.chunks
+    # EHLO; a: commands, content; b: commands, content + c's commands; c: content + d's
+    # commands; d: content; QUIT
+    assert conn[1] == commands(f"a@{D}") and conn[3] == commands(f"b@{D}")
+    assert conn[4] == STUFFED + commands(f"c@{D}")
+    assert conn[5] == STUFFED + commands(f"d@{D}")
+    assert conn[6] == STUFFED and conn[7:] == [b"QUIT\r\n"]
+
+
+async def test_a_refused_content_does_not_disturb_the_transaction_pipelined_after_it(
+    lab: MxLab, raw_factory: Any
+) -> None:
+    """b's RCPT is refused (nothing to send: its DATA gets 554, no content, nothing
+    pipelined after it); c's content is refused by its size at end of data: d, whose
+    commands followed c's content, is still delivered on the same connection."""
+    mx = await raw_factory(port=lab.port)
+    mx.rcpt_replies[f"b@{D}"] = "550 5.1.1 no such user"
+    lab.zone.add(D, "MX", (10, f"mx.{D}"))
+    lab.zone.set(f"mx.{D}", "A", [mx.ip])
+    courier = Courier(lab.config(), lab.resolver())
+    results, next_job, done = feeder(raw_jobs("a", "b", "c", "d", "e"))
+    try:
+        await courier.deliver_many(next_job, done)  # type: ignore[arg-type]
+    finally:
+        await courier.close()
+    got = {q: res.recipients[0] for q, res in results}
+    assert got["Qb"].state is RecipientState.FAILED and got["Qb"].reply.startswith("550")
+    for n in "acde":
+        assert got[f"Q{n}"].state is RecipientState.DELIVERED, got[f"Q{n}"]
+    assert [m.rcpts for m in mx.stored] == [[f"{n}@{D}"] for n in "acde"]
+    assert mx.connections == 1
+
+
+async def test_a_connection_closed_after_the_content_sends_the_pipelined_one_anew(
+    lab: MxLab, raw_factory: Any
+) -> None:
+    """The server answers c's content and closes (its idle limit, say) although d's
+    commands followed it: d goes the whole way on a new connection, once."""
+    mx = await raw_factory(port=lab.port)
+    lab.zone.add(D, "MX", (10, f"mx.{D}"))
+    lab.zone.set(f"mx.{D}", "A", [mx.ip])
+    courier = Courier(lab.config(), lab.resolver())
+    results, next_job, done = feeder(raw_jobs("a", "b", "c", "d"))
+    sent = 0
+
+    def count(job: DeliveryJob, res: AttemptResult) -> None:
+        nonlocal sent
+        sent += 1
+        if sent == 2:  # b done: c's commands are out, c's content is next
+            mx.on_command["MAIL FROM:<alice@sender.test>"] = "close"
+        done(job, res)  # type: ignore[operator]
+
+    try:
+        await courier.deliver_many(next_job, count)  # type: ignore[arg-type]
+    finally:
+        await courier.close()
+    assert [[r.state for r in res.recipients] for _, res in results] == [
+        [RecipientState.DELIVERED]
+    ] * 4
+    assert sorted(m.rcpts[0] for m in mx.stored) == [f"{n}@{D}" for n in "abcd"]
+    assert mx.connections == 2

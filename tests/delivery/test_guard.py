@@ -16,7 +16,8 @@ from relay.delivery.courier import Courier
 from relay.delivery.guard import address_problem
 from relay.model import DeliveryJob, RecipientState
 from tests.delivery.mxlab import MxLab
-from tests.delivery.test_client_pipelining import RawMx, open_session
+from tests.delivery.rawmx import RawMx
+from tests.delivery.test_client_pipelining import open_session
 
 D = "d.lab.test"
 DATA = b"Subject: t\r\n\r\nhello\r\n"
