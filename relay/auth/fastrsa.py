@@ -320,6 +320,28 @@ def select_headers(headers: Sequence[Any], include_headers: Sequence[bytes]) -> 
     return sign_headers
 
 
+def select_canonical(
+    canon_policy: Any, headers: Sequence[Any], include_headers: Sequence[bytes]
+) -> list[Any]:
+    """``select_headers(canonicalize_headers(canon_policy, headers), include_headers)``,
+    the same list, with only the selected fields canonicalised under relaxed: selection
+    looks at names only, and a relaxed name is the name lower-cased and right-stripped
+    (a message's unsigned fields, most of a list copy's, are never canonicalised)."""
+    if canon_policy.header_algorithm is not Relaxed:
+        return select_headers(canonicalize_headers(canon_policy, list(headers)), include_headers)
+    below: dict[bytes, list[int]] = {}  # relaxed name -> its fields' indices, top first
+    for i, field in enumerate(headers):
+        below.setdefault(field[0].lower().rstrip(), []).append(i)
+    selected = []
+    for h in include_headers:
+        assert h == h.lower()  # as dkimpy
+        found = below.get(h)
+        if found:
+            field = headers[found.pop()]
+            selected.append(relaxed_header((field[0], field[1])))
+    return selected
+
+
 def hash_headers(
     hasher: Any,
     canon_policy: Any,
@@ -328,12 +350,17 @@ def hash_headers(
     sigheader: tuple[bytes, bytes],
     *,
     b_stripped: bool = False,
+    canonical: bool = True,
 ) -> list[Any]:
     """``dkim.hash_headers`` (same bytes hashed), the signature field canonicalised through
     ``canonicalize_headers``. ``b_stripped``: the signature field's b= value has been
     removed already (``strip_b_value`` is idempotent, so removing it again changes
-    nothing)."""
-    sign_headers = select_headers(headers, include_headers)
+    nothing). ``canonical``: ``headers`` are canonicalised already; else they are raw and
+    only the selected ones are canonicalised (``select_canonical``)."""
+    if canonical:
+        sign_headers = select_headers(headers, include_headers)
+    else:
+        sign_headers = select_canonical(canon_policy, headers, include_headers)
     value = sigheader[1] if b_stripped else strip_b_value(sigheader[1])
     cheaders = canonicalize_headers(canon_policy, [(sigheader[0], value)])
     for x, y in sign_headers:
@@ -345,6 +372,25 @@ def hash_headers(
         hasher.update(b":")
         hasher.update(y.rstrip())
     return sign_headers
+
+
+_UNSIGNED_MEMO: dict[tuple[bytes, int, bool], bytes] = {}
+_UNSIGNED_MEMO_MAX = 256
+
+
+def _unsigned_value(value: bytes, namelen: int, standardize: bool) -> bytes:
+    """A new signature's value as hashed: folded (unless ``standardize``), b= emptied.
+    Remembered: the copies of a list post signed in the same second share every tag
+    but b= (t=, h= and bh= too), so this is worked out once for them."""
+    key = (value, namelen, standardize)
+    out = _UNSIGNED_MEMO.get(key)
+    if out is None:
+        folded = value if standardize else fold(value, namelen=namelen, linesep=b"\r\n")
+        out = strip_b_value(folded)
+        if len(_UNSIGNED_MEMO) >= _UNSIGNED_MEMO_MAX:
+            _UNSIGNED_MEMO.clear()
+        _UNSIGNED_MEMO[key] = out
+    return out
 
 
 def fold(header: bytes, namelen: int = 0, linesep: bytes = b"\r\n") -> bytes:
@@ -651,20 +697,22 @@ class _FastCrypto:
             reg = [(x, y.replace(b" ", b"")) for (x, y) in fields if x == b"bh"]
             fields = sorted(lower + reg, key=lambda x: x[0])
         header_value = b"; ".join(b"=".join(x) for x in fields)
-        if not standardize:
-            header_value = fold(header_value, namelen=len(header_name), linesep=b"\r\n")
-        header_value = strip_b_value(header_value)
+        header_value = _unsigned_value(header_value, len(header_name), standardize)
         header = (header_name, b" " + header_value)
         h = self.hasher()
-        if self.headers_relaxed and canon_policy.header_algorithm is Relaxed:
-            headers = self.headers  # already canonical (relaxed is idempotent)
-        else:
-            headers = canonicalize_headers(canon_policy, self.headers)
+        # already canonical (relaxed is idempotent), or raw: only the signed ones are made so
+        relaxed = self.headers_relaxed and canon_policy.header_algorithm is Relaxed
         # b= removed above: the space put before the value can only make a new b= tag
         # match when the value starts with "b"
         stripped = not header_value.startswith(b"b")
         self.signed_headers = hash_headers(
-            h, canon_policy, headers, include_headers, header, b_stripped=stripped
+            h,
+            canon_policy,
+            self.headers,
+            include_headers,
+            header,
+            b_stripped=stripped,
+            canonical=relaxed,
         )
         signature = pk.sign(h.digest())
         idx = [i for i in range(len(fields)) if fields[i][0] == b"b"][0]
@@ -747,8 +795,9 @@ class _FastCrypto:
         if b"from" in include_headers:
             include_headers.append(b"from")  # dkimpy: any extra From breaks the signature
         h = hasher()
-        headers = canonicalize_headers(canon_policy, self.headers)
-        self.signed_headers = hash_headers(h, canon_policy, headers, include_headers, sig_header)
+        self.signed_headers = hash_headers(
+            h, canon_policy, self.headers, include_headers, sig_header, canonical=False
+        )
         try:
             signature = base64.b64decode(_no_space(sig[b"b"]))
         except (binascii.Error, ValueError) as e:
