@@ -170,6 +170,10 @@ class SmtpSession:
         self._ahead: NextTransaction | None = None
         self._held: _Replies | None = None  # the reader those replies come to
         self.dane = False  # set by the courier once the chain matched TLSA (RFC 7672 3)
+        # every transaction runs under a deadline of the caller's (the courier's attempt
+        # deadline, asyncio.timeout): a pipelined reply is then awaited without a timer
+        # of its own; otherwise each read is bounded by the command timeout
+        self.deadline_outside = False
 
     # ------------------------------------------------------------------ opening
 
@@ -530,7 +534,9 @@ class SmtpSession:
         if protocol is None or lock is None:
             self.close()
             raise ConnectionLost(f"{where} MAIL FROM: Server not connected")
-        async with lock, _Replies(smtp, protocol, len(batch), held if written else None) as replies:
+        reader = _Replies(smtp, protocol, len(batch), held if written else None)
+        reader.bounded = self.deadline_outside
+        async with lock, reader as replies:
             phase = "RSET" if rset else "MAIL FROM"
             try:
                 if not written:
@@ -670,6 +676,7 @@ class _Replies:
         self._tap: SessionTap | None = None
         self._held = held
         self.keep = False  # on exit, stay in place for the next transaction's replies
+        self.bounded = False  # the caller's deadline bounds every wait (no timer per read)
 
     async def __aenter__(self) -> _Replies:
         # a wire tap (relay.delivery.wiretap) wraps data_received: kept, and put back
@@ -714,10 +721,30 @@ class _Replies:
             resp = protocol._read_response_from_buffer()
         if resp is None:
             protocol._response_pending = True
-            resp = await protocol.read_response(timeout=self._smtp.timeout)
+            if self.bounded:
+                resp = await self._waited(protocol)
+            else:
+                resp = await protocol.read_response(timeout=self._smtp.timeout)
         if resp.code == 421:
             self._smtp.close()
         return resp
+
+    @staticmethod
+    async def _waited(protocol: SMTPProtocol) -> aiosmtplib.SMTPResponse:
+        """``protocol.read_response()`` without its wait_for: the same waiter awaited, the
+        same state after (a fresh waiter unless the connection is gone); the caller's
+        deadline cancels the wait."""
+        waiter = protocol._response_waiter
+        if waiter is None:
+            raise SMTPServerDisconnected("Connection lost")
+        try:
+            return await waiter
+        finally:
+            protocol._response_pending = False
+            if protocol.transport is None:
+                protocol._response_waiter = None
+            else:
+                protocol._response_waiter = asyncio.get_running_loop().create_future()
 
     async def send(self, payload: bytes) -> aiosmtplib.SMTPResponse:
         """Write ``payload`` (the content after 354, or a lone dot) and read its reply."""

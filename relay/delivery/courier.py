@@ -1147,7 +1147,9 @@ def _guard(job: DeliveryJob) -> dict[str, RecipientResult]:
 
 async def _send(s: SmtpSession, job: DeliveryJob, then: DeliveryJob | None = None) -> Transaction:
     """The job's one transaction on session ``s`` (its DSN parameters and REQUIRETLS);
-    ``then``: the job sent next on ``s`` (NextTransaction)."""
+    ``then``: the job sent next on ``s`` (NextTransaction). Always under the attempt
+    deadline (asyncio.timeout in the callers), so the replies need no timer each."""
+    s.deadline_outside = True
     return await s.send(
         job.mail_from,
         job.recipients,

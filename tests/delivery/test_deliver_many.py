@@ -5,6 +5,7 @@ whole way, and nothing goes out under a weaker TLS decision than deliver() would
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -223,3 +224,33 @@ async def test_a_connection_closed_after_the_content_sends_the_pipelined_one_ane
     ] * 4
     assert sorted(m.rcpts[0] for m in mx.stored) == [f"{n}@{D}" for n in "abcd"]
     assert mx.connections == 2
+
+
+async def test_a_server_silent_in_the_middle_of_a_lane_meets_the_attempt_deadline(
+    lab: MxLab, raw_factory: Any
+) -> None:
+    """The replies on a shared session are awaited under the courier's attempt deadline
+    alone: a server that stops answering after the first message defers the second with
+    4.4.2 once the deadline passes, and the session is not used again."""
+    mx = await raw_factory(port=lab.port)
+    lab.zone.add(D, "MX", (10, f"mx.{D}"))
+    lab.zone.set(f"mx.{D}", "A", [mx.ip])
+    courier = Courier(lab.config(attempt_timeout=0.5), lab.resolver())
+    results, next_job, done = feeder(raw_jobs("a", "b"))
+
+    def mute_after_first(job: DeliveryJob, res: AttemptResult) -> None:
+        mx.mute = True
+        done(job, res)  # type: ignore[operator]
+
+    started = asyncio.get_running_loop().time()
+    try:
+        await courier.deliver_many(next_job, mute_after_first)  # type: ignore[arg-type]
+    finally:
+        await courier.close()
+    took = asyncio.get_running_loop().time() - started
+    (qa, ra), (qb, rb) = results
+    assert ra.recipients[0].state is RecipientState.DELIVERED
+    b = rb.recipients[0]
+    assert b.state is RecipientState.DEFERRED and b.enhanced == "4.4.2", b
+    assert "deadline" in b.reply and took < 3.0
+    assert [m.rcpts for m in mx.stored] == [[f"a@{D}"]] and len(courier.pool) == 0
