@@ -168,6 +168,8 @@ class SmtpSession:
         self.pending_rset = False
         # the next transaction's commands, written after the last content (NextTransaction)
         self._ahead: NextTransaction | None = None
+        self._ahead_batch: list[bytes] = []  # its commands, as written
+        self._pipelining: bool | None = None
         self._held: _Replies | None = None  # the reader those replies come to
         self.dane = False  # set by the courier once the chain matched TLSA (RFC 7672 3)
         # every transaction runs under a deadline of the caller's (the courier's attempt
@@ -312,8 +314,14 @@ class SmtpSession:
 
     @property
     def pipelining(self) -> bool:
-        """The server advertised PIPELINING (RFC 2920) in its last EHLO reply."""
-        return self._smtp.supports_extension("pipelining") and _can_pipeline(self._smtp.protocol)
+        """The server advertised PIPELINING (RFC 2920) in its last EHLO reply (the session
+        is made after the last EHLO: worked out once)."""
+        if self._pipelining is None:
+            smtp = self._smtp
+            self._pipelining = bool(
+                smtp.supports_extension("pipelining") and _can_pipeline(smtp.protocol)
+            )
+        return self._pipelining
 
     async def reset(self) -> bool:
         """RSET before reusing the connection; False when it is no longer usable."""
@@ -407,7 +415,10 @@ class SmtpSession:
         encoding = "utf-8" if utf8 else "ascii"
         self.transactions += 1
         if self.pipelining:
-            batch = _batch(mail_from, recipients, options, encoding, ropts)
+            if ahead is not None:  # written already, the same envelope: the same commands
+                batch, self._ahead_batch = self._ahead_batch, []
+            else:
+                batch = _batch(mail_from, recipients, options, encoding, ropts)
             tx = await self._send_pipelined(batch, recipients, data, ahead is not None, then)
             return dataclasses.replace(tx, dsn=passed)
         if ahead is not None:  # cannot happen: only a pipelining session pipelines ahead
@@ -493,7 +504,7 @@ class SmtpSession:
             options.extend(mail_options(dsn))
         return options, passed
 
-    def _group_ahead(self, nt: NextTransaction) -> bytes | None:
+    def _group_ahead(self, nt: NextTransaction) -> list[bytes] | None:
         """The commands of ``nt`` to write after this transaction's content, or None when
         ``send`` would not write them as they are (an address the guard refuses, SMTPUTF8
         not offered): it is then sent on its own."""
@@ -507,7 +518,7 @@ class SmtpSession:
         options, passed = self._mail_options(nt.data, utf8, False, nt.dsn)
         ropts = _rcpt_dsn_options(nt.recipients, nt.rcpt_dsn if passed else None)
         encoding = "utf-8" if utf8 else "ascii"
-        return b"".join(_batch(nt.mail_from, nt.recipients, options, encoding, ropts))
+        return _batch(nt.mail_from, nt.recipients, options, encoding, ropts)
 
     async def _send_pipelined(
         self,
@@ -617,8 +628,9 @@ class SmtpSession:
                     payload = data_payload(data)
                     group = self._group_ahead(then) if then is not None else None
                     if group is not None:  # the next transaction's replies stay buffered
-                        payload += group
+                        payload += b"".join(group)
                         self._ahead, self._held, replies.keep = then, replies, True
+                        self._ahead_batch = group
                     resp = await replies.send(payload)
                     final = reply_of(resp.code, resp.message)
                     data_sent = resp.code == 250
