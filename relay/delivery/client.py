@@ -10,7 +10,10 @@ per-recipient outcomes.
 When the server advertises PIPELINING (RFC 2920), a transaction is one write of
 ``[RSET] MAIL RCPT... DATA`` (DATA last in the group, section 3.1), every reply read in
 order, and then the message content: two round trips instead of one per command. A RSET
-before reusing a pooled connection is deferred into that write (``pending_rset``).
+before reusing a pooled connection is deferred into that write (``pending_rset``). With
+``send(..., then=NextTransaction(...))`` the next transaction's MAIL, RCPT and DATA follow
+this one's content in the same write (section 3.1: the content may be followed by more
+commands in one group), so a run of messages on one connection costs one write each.
 
 aiosmtplib's exceptions are translated here, once, into the typed ``SessionError``
 family below or into ``SmtpReply`` values; nothing above this module sees aiosmtplib.

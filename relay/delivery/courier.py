@@ -34,7 +34,9 @@ a TCP connect failure gives none (it is no TLS result).
 
 Also: connection reuse (an idle connection per (ip, port, MX name, TLS level) kept for a
 few seconds, RSET before reuse, one retry on a new connection when a reused one fails
-before MAIL is accepted), the global and per-domain concurrency limits and the
+before MAIL is accepted), ``deliver_many`` (a scheduler lane's messages for one domain,
+one after another on one connection under one slot, each next one's commands written
+with the content before it), the global and per-domain concurrency limits and the
 dead-destination breaker (destinations.py), one structlog line per failed attempt
 (a successful one is logged at debug: the scheduler logs each recipient's outcome).
 """
