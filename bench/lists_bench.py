@@ -11,7 +11,11 @@ the post to the last delivery: deliveries (recipients) per second, and CPU milli
 per copy (the relay process tree's utime + stime over the fan-out, divided by the
 members).
 
-    python -m bench.lists_bench [--members 5000] [--out results.json] [--profile]
+    python -m bench.lists_bench [--members 5000] [--runs N] [--out results.json] [--profile]
+
+With ``--runs N``, N pairs of runs (Postfix, then the relay, each on a fresh work
+directory), every run's figures and the medians: on a shared machine whose speed drifts
+from minute to minute, one pair says little.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import asyncio
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,7 +63,7 @@ def relay_config(work: Path, dns: str, sink_port: int, port: int, zone: Zone) ->
     keys = {}
     for name, sel, dom in (("list", "s1", "lists.bench.test"), ("arc", "arc", "relay.bench.test")):
         k = generate("rsa", 2048)
-        zone.add(f"{sel}._domainkey.{dom}", "TXT", k.record())
+        zone.set(f"{sel}._domainkey.{dom}", "TXT", [k.record()])  # this run's key
         (work / f"{name}.pem").write_bytes(k.private_pem)
         keys[name] = str(work / f"{name}.pem")
     doc: dict[str, Any] = {
@@ -257,9 +262,38 @@ def run_postfix(work: Path, members: list[str]) -> dict[str, Any]:
         sink.stop()
 
 
+def summary_line(run: dict[str, Any]) -> str:
+    r, p = run["relay"], run["postfix"]
+    return (
+        f"relay {r['deliveries_per_s']}/s at {r['cpu_ms_per_copy']} ms a copy "
+        f"(pool {r['cpu_ms_per_copy_signing_pool']}, workers {r['cpu_ms_per_copy_workers']}), "
+        f"Postfix {p['deliveries_per_s']}/s, ratio {run['ratio']}, "
+        f"RSA-2048 {run['ceiling']['rsa2048_sign_ms']} ms"
+    )
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """The median of each figure over the runs (the ratio: the median of each run's own)."""
+
+    def med(values: list[float]) -> float:
+        return round(statistics.median(values), 2)
+
+    rel = [r["relay"] for r in runs]
+    return {
+        "relay_deliveries_per_s": med([r["deliveries_per_s"] for r in rel]),
+        "cpu_ms_per_copy": med([r["cpu_ms_per_copy"] for r in rel]),
+        "cpu_ms_per_copy_signing_pool": med([r["cpu_ms_per_copy_signing_pool"] for r in rel]),
+        "cpu_ms_per_copy_workers": med([r["cpu_ms_per_copy_workers"] for r in rel]),
+        "postfix_deliveries_per_s": med([r["postfix"]["deliveries_per_s"] for r in runs]),
+        "ratio": med([r["ratio"] for r in runs]),
+        "rsa2048_sign_ms": med([r["ceiling"]["rsa2048_sign_ms"] for r in runs]),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--members", type=int, default=5000)
+    ap.add_argument("--runs", type=int, default=1, help="pairs of runs (medians reported)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--profile", action="store_true", help="py-spy the relay (skews figures)")
     ap.add_argument("--profile-gil", action="store_true", help="--profile, GIL holders only")
@@ -273,21 +307,32 @@ def main(argv: list[str] | None = None) -> int:
     zone.add("_dmarc.author.test", "TXT", "v=DMARC1; p=reject")  # munged copies
     zone.add("author.test", "TXT", "v=spf1 ip4:127.0.0.0/8 -all")
     dns = LabDnsServer(zone).start()
+    runs: list[dict[str, Any]] = []
     try:
-        postfix = run_postfix(work, members)
-        profile = args.profile or args.profile_gil
-        relay = run_relay(work, dns, zone, members, profile, args.profile_gil)
+        for i in range(args.runs):
+            here = work / f"run-{i}"
+            here.mkdir()
+            here.chmod(0o755)
+            postfix = run_postfix(here, members)
+            profile = args.profile or args.profile_gil
+            relay = run_relay(here, dns, zone, members, profile, args.profile_gil)
+            runs.append(
+                {
+                    "relay": relay,
+                    "postfix": postfix,
+                    "ratio": round(relay["deliveries_per_s"] / postfix["deliveries_per_s"], 2),
+                    "ceiling": signing_ceiling(postfix["deliveries_per_s"]),
+                    "load_average": [round(x, 2) for x in os.getloadavg()],
+                }
+            )
+            if args.runs > 1:
+                print(f"run {i + 1}/{args.runs}: {summary_line(runs[-1])}", file=sys.stderr)
     finally:
         dns.stop()
         shutil.rmtree(work, ignore_errors=True)
-    result = {
-        "members": args.members,
-        "relay": relay,
-        "postfix": postfix,
-        "ratio": round(relay["deliveries_per_s"] / postfix["deliveries_per_s"], 2),
-        "ceiling": signing_ceiling(postfix["deliveries_per_s"]),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-    }
+    result: dict[str, Any] = {"members": args.members, **runs[0]}
+    if args.runs > 1:
+        result = {"members": args.members, "runs": runs, "median": medians(runs)}
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
