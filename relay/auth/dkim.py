@@ -34,6 +34,8 @@ from relay.auth.types import DkimResult
 from relay.dns import Resolver
 from relay.message import Message, as_parsed
 
+_RELAXED_RELAXED = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")  # c= of ours
+
 # Signatures checked per message; the rest get result "policy" (DoS bound, as chasquid).
 MAX_SIGNATURES = 5
 B_PREFIX = 8  # characters of b= in header.b (RFC 6008)
@@ -152,14 +154,14 @@ class DkimSigner:
         ``FastDKIM(b"")`` the caller keeps for its messages (one thread at a time)."""
         message_start = top + view.base[:1000]
         signer.headers, signer.body = view.view(top)
-        canon = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+        canon = _RELAXED_RELAXED
         return self._signature(
             signer, _linesep(message_start), view.bodyhash(canon, self.key.algorithm)
         )
 
     def _signature(self, signer: FastDKIM, linesep: bytes, bodyhash: bytes | None) -> bytes:
         signer.linesep = linesep
-        canon = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+        canon = _RELAXED_RELAXED
         algorithm = self.key.algorithm
         signer.signature_algorithm = algorithm
         signer.hasher = dkim.crypto.HASH_ALGORITHMS[algorithm]

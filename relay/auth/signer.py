@@ -86,6 +86,7 @@ class OutboundSigner:
 
     def __init__(self, signers: Sequence[tuple[str, DkimSigner]]) -> None:
         self._signers = list(signers)
+        self._domains: dict[str, str | None] = {}  # From domain -> key domain (pick_domain)
 
     @classmethod
     def from_config(
@@ -100,7 +101,13 @@ class OutboundSigner:
         return cls(out)
 
     def domain_for(self, from_domain: str) -> str | None:
-        return pick_domain(from_domain, [d for d, _ in self._signers])
+        if from_domain in self._domains:
+            return self._domains[from_domain]
+        found = pick_domain(from_domain, [d for d, _ in self._signers])
+        if len(self._domains) >= 1024:
+            self._domains.clear()
+        self._domains[from_domain] = found
+        return found
 
     def covers(self, from_domain: str) -> bool:
         """Whether a message from this domain would be signed."""

@@ -906,7 +906,9 @@ class ListService:
                 queued.append((qid, new, mine))
         owner, seconds = self.fanout_lease()
         leased = await db.renew_fanout(c, post_id, owner, self.clock() + seconds)
-        await db.mark_done(c, post_id, done)  # the last one deletes the post
+        claimed = {address for address, _ in outs}  # marked done by claim_recipient above
+        rest = [a for a in done if a not in claimed]  # members without a copy (no token)
+        await db.mark_done(c, post_id, rest)  # the last one deletes the post
         return queued, leased
 
     async def resume(self) -> int:
