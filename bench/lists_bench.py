@@ -308,13 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     zone.add("author.test", "TXT", "v=spf1 ip4:127.0.0.0/8 -all")
     dns = LabDnsServer(zone).start()
     runs: list[dict[str, Any]] = []
+    profile = args.profile or args.profile_gil
     try:
         for i in range(args.runs):
             here = work / f"run-{i}"
             here.mkdir()
             here.chmod(0o755)
             postfix = run_postfix(here, members)
-            profile = args.profile or args.profile_gil
             relay = run_relay(here, dns, zone, members, profile, args.profile_gil)
             runs.append(
                 {

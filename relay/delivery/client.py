@@ -113,6 +113,16 @@ class NextTransaction:
     rcpt_dsn: Mapping[str, RcptDsn] | None = None
 
 
+@dataclass(slots=True)
+class _Ahead:
+    """A NextTransaction whose commands are on the wire: the commands as written, and the
+    reader left in place for their replies."""
+
+    next: NextTransaction
+    batch: list[bytes]
+    reader: _Replies
+
+
 def reply_of(code: int, message: str) -> SmtpReply:
     """A server reply as one line: the lines joined with spaces, bounded in length."""
     text = " ".join(line.strip() for line in message.splitlines() if line.strip())
@@ -170,10 +180,8 @@ class SmtpSession:
         # RSET owed before the next MAIL; with PIPELINING it goes out in the same write
         self.pending_rset = False
         # the next transaction's commands, written after the last content (NextTransaction)
-        self._ahead: NextTransaction | None = None
-        self._ahead_batch: list[bytes] = []  # its commands, as written
+        self._ahead: _Ahead | None = None
         self._pipelining: bool | None = None
-        self._held: _Replies | None = None  # the reader those replies come to
         self.dane = False  # set by the courier once the chain matched TLSA (RFC 7672 3)
         # every transaction runs under a deadline of the caller's (the courier's attempt
         # deadline, asyncio.timeout): a pipelined reply is then awaited without a timer
@@ -378,7 +386,7 @@ class SmtpSession:
         that does not advertise it gets nothing, every recipient 550 5.7.30.
         """
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead != NextTransaction(
+        if ahead is not None and ahead.next != NextTransaction(
             mail_from, tuple(recipients), data, dsn, rcpt_dsn
         ):  # its commands are on the wire: this one cannot go on this connection
             self.close()
@@ -417,16 +425,13 @@ class SmtpSession:
         ropts = _rcpt_dsn_options(recipients, rcpt_dsn if passed else None)
         encoding = "utf-8" if utf8 else "ascii"
         self.transactions += 1
-        if self.pipelining:
-            if ahead is not None:  # written already, the same envelope: the same commands
-                batch, self._ahead_batch = self._ahead_batch, []
-            else:
+        if self.pipelining:  # (only a pipelining session has commands ahead)
+            if ahead is None:
                 batch = _batch(mail_from, recipients, options, encoding, ropts)
-            tx = await self._send_pipelined(batch, recipients, data, ahead is not None, then)
+            else:  # written already, the same envelope: the same commands
+                batch = ahead.batch
+            tx = await self._send_pipelined(batch, recipients, data, ahead, then)
             return dataclasses.replace(tx, dsn=passed)
-        if ahead is not None:  # cannot happen: only a pipelining session pipelines ahead
-            self.close()
-            raise ConnectionLost(f"{where} pipelined ahead without PIPELINING")
         if self.pending_rset and not await self.reset():
             self.close()
             raise ConnectionLost(f"{where} RSET before reuse failed")
@@ -528,32 +533,31 @@ class SmtpSession:
         batch: list[bytes],
         recipients: Sequence[str],
         data: bytes,
-        written: bool = False,
+        ahead: _Ahead | None = None,
         then: NextTransaction | None = None,
     ) -> Transaction:
         """``send`` over PIPELINING (RFC 2920 3.1): one write of [RSET] MAIL RCPT... DATA,
         the replies read in order; the content follows only when DATA got 354 and some
         recipient was accepted. When DATA got 354 but no recipient was, a lone "." ends the
-        transaction (its reply is read and ignored). ``written``: the batch went out after
+        transaction (its reply is read and ignored). ``ahead``: the batch went out after
         the previous transaction's content (NextTransaction); only its replies are read."""
         smtp = self._smtp
         where = f"{self.mx_host}[{self.ip}]"
-        rset = self.pending_rset and not written
+        rset = self.pending_rset and ahead is None
         if rset:
             batch.insert(0, b"RSET\r\n")
         self.pending_rset = False
-        held, self._held = self._held, None
         protocol = smtp.protocol
         lock = protocol._command_lock if protocol is not None else None
         if protocol is None or lock is None:
             self.close()
             raise ConnectionLost(f"{where} MAIL FROM: Server not connected")
-        reader = _Replies(smtp, protocol, len(batch), held if written else None)
+        reader = _Replies(smtp, protocol, len(batch), ahead.reader if ahead else None)
         reader.bounded = self.deadline_outside
         async with lock, reader as replies:
             phase = "RSET" if rset else "MAIL FROM"
             try:
-                if not written:
+                if ahead is None:
                     protocol.write(b"".join(batch))
                 if rset:
                     resp = await replies.next()
@@ -630,10 +634,9 @@ class SmtpSession:
                 elif accepted:
                     payload = data_payload(data)
                     group = self._group_ahead(then) if then is not None else None
-                    if group is not None:  # the next transaction's replies stay buffered
+                    if then is not None and group is not None:  # their replies stay buffered
                         payload += b"".join(group)
-                        self._ahead, self._held, replies.keep = then, replies, True
-                        self._ahead_batch = group
+                        self._ahead, replies.keep = _Ahead(then, group, replies), True
                     resp = await replies.send(payload)
                     final = reply_of(resp.code, resp.message)
                     data_sent = resp.code == 250
@@ -727,10 +730,7 @@ class _Replies:
         waiter = protocol._response_waiter
         resp: aiosmtplib.SMTPResponse | None
         if waiter is not None and waiter.done():
-            fresh = protocol.transport is not None
-            protocol._response_waiter = (
-                asyncio.get_running_loop().create_future() if fresh else None
-            )
+            _renew_waiter(protocol)
             resp = waiter.result()
         else:
             resp = protocol._read_response_from_buffer()
@@ -756,10 +756,7 @@ class _Replies:
             return await waiter
         finally:
             protocol._response_pending = False
-            if protocol.transport is None:
-                protocol._response_waiter = None
-            else:
-                protocol._response_waiter = asyncio.get_running_loop().create_future()
+            _renew_waiter(protocol)
 
     async def send(self, payload: bytes) -> aiosmtplib.SMTPResponse:
         """Write ``payload`` (the content after 354, or a lone dot) and read its reply."""
@@ -794,6 +791,13 @@ class _Replies:
         else:
             if resp is not None:
                 waiter.set_result(resp)
+
+
+def _renew_waiter(protocol: SMTPProtocol) -> None:
+    """A fresh response waiter after one was used, none once the connection is gone (as
+    ``SMTPProtocol.read_response`` leaves it)."""
+    gone = protocol.transport is None
+    protocol._response_waiter = None if gone else asyncio.get_running_loop().create_future()
 
 
 def _batch(

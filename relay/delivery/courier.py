@@ -154,13 +154,7 @@ class ConnectionPool:
         if session.ahead:  # another transaction's commands are on the wire
             session.close()
             return False
-        if (
-            self.idle_timeout <= 0
-            or not session.connected
-            or session.transactions >= MAX_TRANSACTIONS_PER_CONNECTION
-            or time.monotonic() - session.created > MAX_CONNECTION_AGE
-            or len(self) >= self.max_idle
-        ):
+        if self.idle_timeout <= 0 or not _reusable(session) or len(self) >= self.max_idle:
             self._quit(session)
             return False
         key = (session.ip, session.port, session.mx_host, session.level)
@@ -1093,11 +1087,11 @@ def _same_inputs(att: _Attempt, job: DeliveryJob) -> bool:
     )
 
 
-def _reusable(session: SmtpSession) -> bool:
-    """The session may carry another transaction (the pool's limits)."""
+def _reusable(session: SmtpSession, more: int = 1) -> bool:
+    """The session may carry ``more`` transactions (the limits of a connection's use)."""
     return (
         session.connected
-        and session.transactions < MAX_TRANSACTIONS_PER_CONNECTION
+        and session.transactions + more <= MAX_TRANSACTIONS_PER_CONNECTION
         and time.monotonic() - session.created <= MAX_CONNECTION_AGE
     )
 
@@ -1170,14 +1164,13 @@ def _next_transaction(job: DeliveryJob) -> NextTransaction:
 def _can_follow(hand: _Kept, job: DeliveryJob | None) -> bool:
     """``job`` would be sent on this session right after the transaction now starting on
     it: the same TLS inputs, nothing the guard refuses, and room for one more
-    transaction after this one (the session is then kept, not pooled or closed)."""
-    s = hand.session
+    transaction after this one (the session is then kept, not pooled or closed; should
+    it pass its age meanwhile, it is closed, which drops the commands written ahead)."""
     return (
         job is not None
         and _same_inputs(hand.att, job)
         and not _guard(job)
-        and s.transactions + 2 <= MAX_TRANSACTIONS_PER_CONNECTION
-        and time.monotonic() - s.created <= MAX_CONNECTION_AGE - 60
+        and _reusable(hand.session, more=2)
     )
 
 

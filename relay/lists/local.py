@@ -37,14 +37,16 @@ class ListsLocal:
         self.courier = courier
         self.lists = lists
         self.domains = frozenset(c.domain for c in lists.service.lists.values())
-        many = getattr(courier, "deliver_many", None)
-        self.deliver_many = self._deliver_many if many is not None else None
+        self._many: Callable[[NextJob, Done], Awaitable[None]] | None = getattr(
+            courier, "deliver_many", None
+        )
+        self.deliver_many = self._deliver_many if self._many is not None else None
 
     async def _deliver_many(self, next_job: NextJob, done: Done) -> None:
         job = next_job()
         if job is None:
             return
-        many = getattr(self.courier, "deliver_many", None)
+        many = self._many
         if many is None or self._local(job):  # a lane is one domain
             while job is not None:
                 done(job, await self.deliver(job))

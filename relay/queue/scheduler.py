@@ -167,6 +167,8 @@ class Scheduler:
         self._loaded: set[QueueId] = set()
         self._lanes: dict[str, _Lane] = {}  # by domain, while it has runners
         self._per_domain = max(1, config.delivery.concurrency_per_domain)
+        # lanes when the courier sends several messages on one connection
+        self._many: DeliverMany | None = getattr(courier, "deliver_many", None)
         self.loader = loader
         self.bounce_to = bounce_to or (lambda address: address)
         # the store may hold due messages beyond the active window: a finished message
@@ -270,7 +272,7 @@ class Scheduler:
     async def stop(self, grace: float = 10.0) -> None:
         """Stop taking messages; let attempts in flight finish for ``grace`` seconds, then
         cancel the rest and give their leases back (their recipients are queued again; if
-        that write fails too, the leases expire). A group's outcomes are written by tasks
+        that write fails too, the leases expire). A lane's outcomes are written by tasks
         of their own, started as its transactions end: waited for too."""
         self._stopping = True
         self._wake.set()
@@ -378,7 +380,7 @@ class Scheduler:
         one message a connection), or in its domain's lane: a new runner while the domain
         has fewer than its concurrency, else the next free runner takes it."""
         domains = {domain_of(r.address) for r in msg.recipients}
-        if len(domains) != 1 or getattr(self.courier, "deliver_many", None) is None:
+        if len(domains) != 1 or self._many is None:
             self._start(msg.id, (msg, data))
             return
         domain = domains.pop()
@@ -398,9 +400,10 @@ class Scheduler:
         again). A message with nothing pending, or past the queue lifetime, goes the
         single way."""
         me = asyncio.current_task()
-        assert me is not None
-        many: DeliverMany | None = getattr(self.courier, "deliver_many", None)
-        taken: dict[QueueId, tuple[QueuedMessage, bytes, dict[str, int]]] = {}
+        assert me is not None and self._many is not None
+        many = self._many
+        # taken from the lane, outcome not yet handed on: message, data, attempts, job
+        taken: dict[QueueId, tuple[QueuedMessage, bytes, dict[str, int], DeliveryJob]] = {}
         loop = asyncio.get_running_loop()
         started = time.monotonic()
 
@@ -413,32 +416,27 @@ class Scheduler:
                     self._start(msg.id, (msg, data))
                     continue
                 self._active[msg.id] = me
-                taken[msg.id] = (msg, data, {r.address: r.attempts for r in pending})
+                job = self._job(msg, data, domain, pending)
+                taken[msg.id] = (msg, data, {r.address: r.attempts for r in pending}, job)
                 started = time.monotonic()
-                return self._job(msg, data, domain, pending)
+                return job
             return None
 
         def done(job: DeliveryJob, res: AttemptResult) -> None:
             metrics.attempt(time.monotonic() - started)
             item = taken.pop(job.qid, None)
             if item is not None:
-                msg, data, attempts = item
+                msg, data, attempts, _ = item
                 work = self._conclude(msg, data, res, attempts)
                 self._active[job.qid] = loop.create_task(self._guarded(job.qid, work))
 
         try:
             while lane.waiting:
                 try:
-                    if many is None:
-                        while (job := next_job()) is not None:
-                            done(job, await self._deliver(job))
-                    else:
-                        await many(next_job, done)
+                    await many(next_job, done)
                 except Exception as exc:  # noqa: BLE001 - a courier bug defers, never loses
                     log.error("courier_failed", domain=domain, error=str(exc), exc_info=True)
-                    for msg, data, _ in list(taken.values()):
-                        pending = list(msg.pending())
-                        job = self._job(msg, data, domain, pending)
+                    for *_, job in list(taken.values()):
                         done(job, _internal_error(job))
         finally:
             lane.runners.remove(me)

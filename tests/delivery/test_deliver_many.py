@@ -6,6 +6,7 @@ whole way, and nothing goes out under a weaker TLS decision than deliver() would
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -13,24 +14,42 @@ import pytest
 from relay.delivery.courier import Courier
 from relay.model import AttemptResult, DeliveryJob, RecipientState, StsMode, TlsPolicy
 from tests.delivery.mxlab import MxLab
+from tests.delivery.rawmx import RawMx
 from tests.delivery.test_client_pipelining import DATA, STUFFED, commands
 from tests.delivery.test_courier_tls import job, sts
 
 D = "d.lab.test"
 
 
-def feeder(jobs: list[DeliveryJob]) -> tuple[list[tuple[str, AttemptResult]], object, object]:
-    """next_job and done over ``jobs``; the results land in the returned list, in order."""
+async def send_all(
+    courier: Courier,
+    jobs: Sequence[DeliveryJob],
+    between: Callable[[int], None] | None = None,
+) -> list[tuple[str, AttemptResult]]:
+    """``courier.deliver_many`` over ``jobs`` (the courier closed after); the results in
+    order. ``between(n)``: called when the n-th result is in, before the next transaction
+    (the test's move on the server)."""
     todo = list(jobs)
     results: list[tuple[str, AttemptResult]] = []
 
-    def next_job() -> DeliveryJob | None:
-        return todo.pop(0) if todo else None
-
     def done(j: DeliveryJob, res: AttemptResult) -> None:
         results.append((j.qid, res))
+        if between is not None:
+            between(len(results))
 
-    return results, next_job, done
+    try:
+        await courier.deliver_many(lambda: todo.pop(0) if todo else None, done)
+    finally:
+        await courier.close()
+    return results
+
+
+async def raw_mx(lab: MxLab, raw_factory: Any, **kw: Any) -> RawMx:
+    """A RawMx (PIPELINING) as the one MX of D."""
+    mx: RawMx = await raw_factory(port=lab.port, **kw)
+    lab.zone.add(D, "MX", (10, f"mx.{D}"))
+    lab.zone.set(f"mx.{D}", "A", [mx.ip])
+    return mx
 
 
 async def test_one_domains_jobs_share_one_connection_and_one_policy_lookup(lab: MxLab) -> None:
@@ -43,11 +62,7 @@ async def test_one_domains_jobs_share_one_connection_and_one_policy_lookup(lab: 
 
     courier = Courier(lab.config(), lab.resolver(), policy_lookup=lookup, outcome_sink=lab.sink)
     jobs = [job(D, f"m{i}@{D}", qid=f"Q{i}") for i in range(5)]
-    results, next_job, done = feeder(jobs)
-    try:
-        await courier.deliver_many(next_job, done)  # type: ignore[arg-type]
-    finally:
-        await courier.close()
+    results = await send_all(courier, jobs)
     assert [q for q, _ in results] == [f"Q{i}" for i in range(5)]
     for _, res in results:
         assert [r.state for r in res.recipients] == [RecipientState.DELIVERED]
@@ -76,11 +91,7 @@ async def test_other_tls_inputs_and_refused_addresses_take_the_whole_way(lab: Mx
         job(D, "bad\r\nRCPT TO:<x@evil.test>@" + D, qid="Q3"),
         job(D, f"c@{D}", qid="Q4"),
     ]
-    results, next_job, done = feeder(jobs)
-    try:
-        await courier.deliver_many(next_job, done)  # type: ignore[arg-type]
-    finally:
-        await courier.close()
+    results = await send_all(courier, jobs)
     states = {q: [r.state for r in res.recipients] for q, res in results}
     assert states == {
         "Q1": [RecipientState.DELIVERED],
@@ -105,11 +116,7 @@ async def test_a_session_lost_between_two_jobs_sends_the_next_on_a_new_connectio
     srv.recorder.fail_mail_on_reuse = True
     courier = Courier(lab.config(), lab.resolver())
     jobs = [job(D, f"m{i}@{D}", qid=f"Q{i}") for i in range(3)]
-    results, next_job, done = feeder(jobs)
-    try:
-        await courier.deliver_many(next_job, done)  # type: ignore[arg-type]
-    finally:
-        await courier.close()
+    results = await send_all(courier, jobs)
     assert [[r.state for r in res.recipients] for _, res in results] == [
         [RecipientState.DELIVERED]
     ] * 3
@@ -123,11 +130,7 @@ async def test_a_refused_transaction_does_not_stop_the_next(lab: MxLab) -> None:
     srv.recorder.rcpt_replies[f"gone@{D}"] = "550 5.1.1 no such user"
     courier = Courier(lab.config(), lab.resolver())
     jobs = [job(D, f"a@{D}", qid="Q1"), job(D, f"gone@{D}", qid="Q2"), job(D, f"c@{D}", qid="Q3")]
-    results, next_job, done = feeder(jobs)
-    try:
-        await courier.deliver_many(next_job, done)  # type: ignore[arg-type]
-    finally:
-        await courier.close()
+    results = await send_all(courier, jobs)
     replies = {q: res.recipients[0] for q, res in results}
     assert replies["Q2"].state is RecipientState.FAILED and replies["Q2"].reply.startswith("550")
     assert replies["Q1"].state is replies["Q3"].state is RecipientState.DELIVERED
@@ -149,15 +152,9 @@ async def test_the_next_transactions_commands_go_out_with_the_content(
     Four messages on one connection to a server that pipelines: from the third on, each
     one's MAIL, RCPT and DATA went out in the segment of the content before it; every
     reply is read in order whether they come together, one per loop turn or 2 ms apart."""
-    mx = await raw_factory(port=lab.port, trickle=trickle)
-    lab.zone.add(D, "MX", (10, f"mx.{D}"))
-    lab.zone.set(f"mx.{D}", "A", [mx.ip])
+    mx = await raw_mx(lab, raw_factory, trickle=trickle)
     courier = Courier(lab.config(), lab.resolver())
-    results, next_job, done = feeder(raw_jobs("a", "b", "c", "d"))
-    try:
-        await courier.deliver_many(next_job, done)  # type: ignore[arg-type]
-    finally:
-        await courier.close()
+    results = await send_all(courier, raw_jobs("a", "b", "c", "d"))
     assert [[r.state for r in res.recipients] for _, res in results] == [
         [RecipientState.DELIVERED]
     ] * 4
@@ -172,22 +169,15 @@ async def test_the_next_transactions_commands_go_out_with_the_content(
     assert conn[6] == STUFFED and conn[7:] == [b"QUIT\r\n"]
 
 
-async def test_a_refused_content_does_not_disturb_the_transaction_pipelined_after_it(
+async def test_a_refused_recipient_does_not_disturb_the_transactions_pipelined_around_it(
     lab: MxLab, raw_factory: Any
 ) -> None:
-    """b's RCPT is refused (nothing to send: its DATA gets 554, no content, nothing
-    pipelined after it); c's content is refused by its size at end of data: d, whose
-    commands followed c's content, is still delivered on the same connection."""
-    mx = await raw_factory(port=lab.port)
+    """b's RCPT is refused (its DATA gets 554: no content, so nothing is pipelined after
+    it): c, d and e after it are still delivered on the same connection."""
+    mx = await raw_mx(lab, raw_factory)
     mx.rcpt_replies[f"b@{D}"] = "550 5.1.1 no such user"
-    lab.zone.add(D, "MX", (10, f"mx.{D}"))
-    lab.zone.set(f"mx.{D}", "A", [mx.ip])
     courier = Courier(lab.config(), lab.resolver())
-    results, next_job, done = feeder(raw_jobs("a", "b", "c", "d", "e"))
-    try:
-        await courier.deliver_many(next_job, done)  # type: ignore[arg-type]
-    finally:
-        await courier.close()
+    results = await send_all(courier, raw_jobs("a", "b", "c", "d", "e"))
     got = {q: res.recipients[0] for q, res in results}
     assert got["Qb"].state is RecipientState.FAILED and got["Qb"].reply.startswith("550")
     for n in "acde":
@@ -201,24 +191,14 @@ async def test_a_connection_closed_after_the_content_sends_the_pipelined_one_ane
 ) -> None:
     """The server answers c's content and closes (its idle limit, say) although d's
     commands followed it: d goes the whole way on a new connection, once."""
-    mx = await raw_factory(port=lab.port)
-    lab.zone.add(D, "MX", (10, f"mx.{D}"))
-    lab.zone.set(f"mx.{D}", "A", [mx.ip])
+    mx = await raw_mx(lab, raw_factory)
     courier = Courier(lab.config(), lab.resolver())
-    results, next_job, done = feeder(raw_jobs("a", "b", "c", "d"))
-    sent = 0
 
-    def count(job: DeliveryJob, res: AttemptResult) -> None:
-        nonlocal sent
-        sent += 1
-        if sent == 2:  # b done: c's commands are out, c's content is next
+    def close_at_c(n: int) -> None:
+        if n == 2:  # b done: c's commands are out, c's content is next
             mx.on_command["MAIL FROM:<alice@sender.test>"] = "close"
-        done(job, res)  # type: ignore[operator]
 
-    try:
-        await courier.deliver_many(next_job, count)  # type: ignore[arg-type]
-    finally:
-        await courier.close()
+    results = await send_all(courier, raw_jobs("a", "b", "c", "d"), close_at_c)
     assert [[r.state for r in res.recipients] for _, res in results] == [
         [RecipientState.DELIVERED]
     ] * 4
@@ -232,21 +212,14 @@ async def test_a_server_silent_in_the_middle_of_a_lane_meets_the_attempt_deadlin
     """The replies on a shared session are awaited under the courier's attempt deadline
     alone: a server that stops answering after the first message defers the second with
     4.4.2 once the deadline passes, and the session is not used again."""
-    mx = await raw_factory(port=lab.port)
-    lab.zone.add(D, "MX", (10, f"mx.{D}"))
-    lab.zone.set(f"mx.{D}", "A", [mx.ip])
+    mx = await raw_mx(lab, raw_factory)
     courier = Courier(lab.config(attempt_timeout=0.5), lab.resolver())
-    results, next_job, done = feeder(raw_jobs("a", "b"))
 
-    def mute_after_first(job: DeliveryJob, res: AttemptResult) -> None:
+    def mute_after_first(n: int) -> None:
         mx.mute = True
-        done(job, res)  # type: ignore[operator]
 
     started = asyncio.get_running_loop().time()
-    try:
-        await courier.deliver_many(next_job, mute_after_first)  # type: ignore[arg-type]
-    finally:
-        await courier.close()
+    results = await send_all(courier, raw_jobs("a", "b"), mute_after_first)
     took = asyncio.get_running_loop().time() - started
     (qa, ra), (qb, rb) = results
     assert ra.recipients[0].state is RecipientState.DELIVERED

@@ -14,16 +14,7 @@ from relay.model import AttemptResult, DeliveryJob, RecipientResult, RecipientSt
 from relay.queue.scheduler import Scheduler
 from relay.queue.spool import NewMessage, Spool
 from relay.store import Store
-
-MSG = b"From: a@example.com\r\nTo: b@example.org\r\nMessage-ID: <m1@x>\r\nSubject: t\r\n\r\nhi\r\n"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.t
+from tests.queue.test_scheduler import MSG, Clock
 
 
 def delivered(job: DeliveryJob) -> AttemptResult:
