@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 _LINE = re.compile(r"^rsa\s+2048\s+bits\s+([0-9.]+)s\s+([0-9.]+)s", re.MULTILINE)
+# the summary line: sign time, verify time, signs a second, verifies a second
+_MULTI = re.compile(r"^rsa\s+2048\s+bits\s+[0-9.]+s\s+[0-9.]+s\s+([0-9.]+)\s", re.MULTILINE)
 
 
 def openssl_sign_ms(seconds: int = 2) -> float | None:
@@ -38,6 +40,27 @@ def openssl_sign_ms(seconds: int = 2) -> float | None:
         return None
     m = _LINE.search(out)
     return round(float(m.group(1)) * 1000, 3) if m else None
+
+
+def openssl_parallel_signs_per_s(processes: int, seconds: int = 2) -> float | None:
+    """RSA-2048 signs a second with ``processes`` processes signing at once (``openssl
+    speed -multi``): what all the cores together sign, which on a virtual machine whose
+    cores share a host is less than one core's rate times the cores (None when openssl
+    is missing)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        return None
+    try:
+        out = subprocess.run(
+            [openssl, "speed", "-seconds", str(seconds), "-multi", str(processes), "rsa2048"],
+            capture_output=True,
+            text=True,
+            timeout=seconds * 4 + 30,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = _MULTI.search(out)
+    return float(m.group(1)) if m else None
 
 
 def cryptography_sign_ms(batches: int = 5, per_batch: int = 40) -> float:
